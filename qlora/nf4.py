@@ -323,13 +323,24 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     """Rebuild the tensor: ``code[q] * absmax[block]`` in fp32, cast to ``dtype`` (default: the
     original dtype), shaped like the original."""
     n = state.numel
-    q = unpack_4bit(packed, n)
     absmax = state.absmax_fp32().to(packed.device)
-    vals = state.code.to(packed.device)[q.long()]
+    # One lookup per byte gives both of its values (high nibble first).
+    pairs = _pair_table(state.code.to(packed.device))[packed.reshape(-1).long()]
+    vals = pairs.reshape(-1)
     nblocks = absmax.numel()
-    vals = torch.nn.functional.pad(vals, (0, nblocks * state.blocksize - n)).view(nblocks, state.blocksize)
-    out = (vals * absmax[:, None]).reshape(-1)[:n]
+    size = nblocks * state.blocksize
+    if vals.numel() != size:
+        vals = torch.nn.functional.pad(vals[:n], (0, size - n))
+    out = (vals.view(nblocks, state.blocksize) * absmax[:, None]).reshape(-1)
+    if out.numel() != n:
+        out = out[:n]
     return out.to(dtype or state.dtype).reshape(state.shape)
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """[256, 2] fp32: byte b -> (code[b >> 4], code[b & 15])."""
+    b = torch.arange(256, device=code.device)
+    return torch.stack((code[b >> 4], code[b & 15]), dim=1)
 
 
 def quant_error(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4", double_quant: bool = True) -> float:

@@ -1,0 +1,190 @@
+"""QLoRALinear: a frozen 4-bit (or 16-bit) base weight plus trainable LoRA factors.
+
+    y = x @ dequant(W).T + bias + scaling * dropout(x) @ A.T @ B.T
+
+* ``W`` [out, in] is stored packed (see :mod:`qlora.nf4`) and never receives a gradient;
+  the custom autograd function below saves only the packed weight (not a 16-bit copy) and
+  dequantizes again in backward to form ``grad_x = grad_y @ dequant(W)``.
+* ``A`` [r, in] starts Kaiming-uniform (a = sqrt 5), ``B`` [out, r] starts at zero, so a fresh
+  adapter leaves the base model unchanged (PEFT's initialisation).
+* ``scaling = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+* Matmuls run in ``compute_dtype`` (bf16 default); LoRA factors are kept in ``lora_dtype``
+  (fp32 default, so optimizer updates are not lost to bf16 rounding) and cast for the matmul.
+  The output has the input's dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import nf4
+from .errors import QLoraError
+
+
+def _dequant(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dtype) -> torch.Tensor:
+    if packed.is_cuda:
+        try:
+            from . import kernels
+            if kernels.available():
+                return kernels.dequantize_4bit(packed, state, dtype)
+        except ImportError:
+            pass
+    return nf4.dequantize_4bit(packed, state, dtype)
+
+
+class _FrozenMatmul4bit(torch.autograd.Function):
+    """y = x @ dequant(W).T with W frozen; saves only the packed weight (no activations)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, state_holder):
+        w = _dequant(packed, state_holder.state, x.dtype)
+        ctx.state_holder = state_holder
+        ctx.save_for_backward(packed)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ _dequant(packed, ctx.state_holder.state, grad_y.dtype)
+        return grad_x, None, None
+
+
+class QLoRALinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` inside a transformer block (see module docstring).
+
+    Build with :meth:`from_linear` / :meth:`from_weight` (quantizes) or :meth:`from_quantized`
+    (already packed). ``r = 0`` gives a frozen 4-bit layer without adapter.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, r: int = 16, alpha: float = 16.0,
+                 dropout: float = 0.0, use_rslora: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
+                 lora_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if not isinstance(r, int) or r < 0:
+            raise QLoraError(f"LoRA rank must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.compute_dtype = compute_dtype
+        self.scaling = (alpha / math.sqrt(r) if use_rslora else alpha / r) if r > 0 else 0.0
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disable_adapter = False
+        self.quant_type: str | None = None
+        self._meta: dict = {}
+        # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
+        # non-persistent: the base is always re-read from its source, adapters are saved apart).
+        self.register_buffer("weight_packed", None, persistent=False)
+        self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+        for k in ("absmax", "code", "nested_absmax", "nested_code"):
+            self.register_buffer(k, None, persistent=False)
+        if r > 0:
+            self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=lora_dtype, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=lora_dtype, device=device))
+            self.reset_lora_parameters()
+        else:
+            self.lora_A = self.lora_B = None
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, *, quant_type: str | None = "nf4",
+                    blocksize: int = 64, double_quant: bool = True, **lora_kwargs) -> "QLoRALinear":
+        """Quantize ``weight`` [out, in] (on its device) — or keep it 16-bit when quant_type is None."""
+        out_f, in_f = weight.shape
+        m = cls(in_f, out_f, device=weight.device, **lora_kwargs)
+        if quant_type is None:
+            m.weight = weight.detach().to(m.compute_dtype)
+        else:
+            packed, state = nf4.quantize_4bit(weight.detach(), blocksize, quant_type, double_quant)
+            m._set_quantized(packed, state)
+        if bias is not None:
+            m.bias = bias.detach().to(m.compute_dtype)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QLoRALinear":
+        return cls.from_weight(linear.weight, linear.bias, **kwargs)
+
+    @classmethod
+    def from_quantized(cls, packed: torch.Tensor, state: nf4.QuantState, bias: torch.Tensor | None = None,
+                       **lora_kwargs) -> "QLoRALinear":
+        if len(state.shape) != 2:
+            raise QLoraError(f"a quantized linear weight must be 2-D, got shape {tuple(state.shape)}")
+        out_f, in_f = state.shape
+        m = cls(in_f, out_f, device=packed.device, **lora_kwargs)
+        m._set_quantized(packed, state)
+        if bias is not None:
+            m.bias = bias.detach().to(m.compute_dtype)
+        return m
+
+    def _set_quantized(self, packed: torch.Tensor, state: nf4.QuantState) -> None:
+        self.weight_packed = packed
+        self.absmax, self.code = state.absmax, state.code
+        self.nested_absmax, self.nested_code = state.nested_absmax, state.nested_code
+        self.quant_type = state.quant_type
+        self._meta = dict(shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                          nested_blocksize=state.nested_blocksize, offset=state.offset)
+
+    @property
+    def state(self) -> nf4.QuantState | None:
+        """The quantization state, rebuilt from the (device-following) buffers."""
+        if self.weight_packed is None:
+            return None
+        return nf4.QuantState(quant_type=self.quant_type, code=self.code, absmax=self.absmax,
+                              nested_absmax=self.nested_absmax, nested_code=self.nested_code, **self._meta)
+
+    def reset_lora_parameters(self) -> None:
+        if self.r > 0:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    # -- math ------------------------------------------------------------------------------
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen base weight [out, in] as a float tensor (dequantized if 4-bit)."""
+        dtype = dtype or self.compute_dtype
+        if self.weight_packed is None:
+            return self.weight.to(dtype)
+        return _dequant(self.weight_packed, self.state, dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32 (zeros without an adapter)."""
+        if self.r == 0:
+            return torch.zeros(self.out_features, self.in_features, device=self._device())
+        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    def merged_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """dequant(W) + scaling * B @ A, summed in fp32, then cast."""
+        return (self.base_weight(torch.float32) + self.delta_weight()).to(dtype)
+
+    def _device(self) -> torch.device:
+        t = self.weight_packed if self.weight_packed is not None else self.weight
+        return t.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        xc = x.to(self.compute_dtype)
+        if self.weight_packed is not None:
+            y = _FrozenMatmul4bit.apply(xc, self.weight_packed, self)
+        else:
+            y = F.linear(xc, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.r > 0 and not self.disable_adapter:
+            a = self.lora_A.to(self.compute_dtype)
+            b = self.lora_B.to(self.compute_dtype)
+            y = y + (self.lora_dropout(xc) @ a.t()) @ b.t() * self.scaling
+        return y.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        base = f"{self.quant_type}, block={self._meta.get('blocksize')}, dq={self.nested_absmax is not None}" \
+            if self.weight_packed is not None else "16-bit"
+        return (f"in={self.in_features}, out={self.out_features}, base={base}, r={self.r}, "
+                f"alpha={self.alpha:g}{', rslora' if self.use_rslora else ''}")

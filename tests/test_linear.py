@@ -1,0 +1,131 @@
+"""QLoRALinear against a plain float LoRA computed on the dequantized weight."""
+import math
+
+import pytest
+import torch
+
+from qlora import nf4
+from qlora.errors import QLoraError
+from qlora.linear import QLoRALinear
+
+
+def _layer(out_f=48, in_f=80, r=8, alpha=16, dtype=torch.float32, quant_type="nf4", bias=True, **kw):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    b = torch.randn(out_f, generator=g) if bias else None
+    m = QLoRALinear.from_weight(w, b, quant_type=quant_type, r=r, alpha=alpha, compute_dtype=dtype, **kw)
+    with torch.no_grad():
+        m.lora_B.normal_(generator=g)  # non-zero B so the LoRA path matters
+    return m, w, b
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4", None])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_and_grads_equal_float_lora_on_dequantized_weight(quant_type, rslora):
+    m, w, b = _layer(quant_type=quant_type, use_rslora=rslora)
+    x = torch.randn(3, 5, 80, requires_grad=True)
+    y = m(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+
+    wd = m.base_weight(torch.float32).clone() if quant_type else w
+    if quant_type:  # the reference dequantizes independently through nf4
+        wd = nf4.dequantize_4bit(m.weight_packed, m.state, torch.float32)
+    A = m.lora_A.detach().clone().requires_grad_()
+    B = m.lora_B.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    scale = 16 / math.sqrt(8) if rslora else 16 / 8
+    y2 = x2 @ wd.t() + b + scale * (x2 @ A.t()) @ B.t()
+    y2.backward(gy)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.lora_A.grad, A.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.lora_B.grad, B.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_compute_close_to_fp32():
+    m, w, b = _layer(dtype=torch.bfloat16)
+    x = torch.randn(4, 80)
+    ref = x @ m.base_weight(torch.float32).t() + b + m.scaling * (x @ m.lora_A.t()) @ m.lora_B.t()
+    y = m(x)
+    assert y.dtype == torch.float32  # output follows the input dtype
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=5e-2)  # bf16 rounding of x, W, A, B
+
+
+def test_zero_B_gives_base_output_and_init_matches_peft_convention():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 64, generator=g)
+    m = QLoRALinear.from_weight(w, quant_type="nf4", r=4, compute_dtype=torch.float32)
+    assert torch.count_nonzero(m.lora_B) == 0
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) on fan_in 64
+    assert m.lora_A.abs().max() <= bound and m.lora_A.std() > bound / 3
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(m(x), x @ nf4.dequantize_4bit(m.weight_packed, m.state, torch.float32).t())
+
+
+def test_packed_weight_unchanged_by_training_step_and_gets_no_grad():
+    m, _, _ = _layer()
+    before = m.weight_packed.clone(), m.absmax.clone(), m.nested_absmax.clone()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    assert {n for n, p in m.named_parameters()} == {"lora_A", "lora_B"}
+    for _ in range(3):
+        m(torch.randn(4, 80)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(m.weight_packed, before[0]) and torch.equal(m.absmax, before[1])
+    assert torch.equal(m.nested_absmax, before[2])
+
+
+def test_merge_equals_base_plus_scaled_BA():
+    m, _, _ = _layer()
+    ref = nf4.dequantize_4bit(m.weight_packed, m.state, torch.float32) + m.scaling * m.lora_B @ m.lora_A
+    torch.testing.assert_close(m.merged_weight(torch.float32), ref, rtol=0, atol=1e-6)
+    x = torch.randn(2, 80)
+    torch.testing.assert_close(m(x), x @ m.merged_weight(torch.float32).t() + m.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_graph_holds_no_16bit_copy_of_W():
+    out_f, in_f = 256, 512
+    m = QLoRALinear.from_weight(torch.randn(out_f, in_f), quant_type="nf4", r=8,
+                                compute_dtype=torch.bfloat16)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(4, in_f, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    assert saved, "hooks saw nothing"
+    big = [t for t in saved if t.is_floating_point() and t.numel() >= out_f * in_f]
+    assert not big, [(t.shape, t.dtype) for t in big]
+    assert any(t.dtype == torch.uint8 and t.numel() == out_f * in_f // 2 for t in saved)
+    y.sum().backward()  # and backward still works after the graph was built
+    assert x.grad is not None and m.lora_A.grad is not None
+
+
+def test_dropout_only_on_lora_path():
+    m, _, _ = _layer(dropout=0.5)
+    m.train()
+    x = torch.randn(16, 80)
+    m.disable_adapter = True
+    torch.testing.assert_close(m(x), m(x))  # base path is deterministic
+    m.disable_adapter = False
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5])
+def test_bad_rank(bad):
+    with pytest.raises(QLoraError, match="rank"):
+        QLoRALinear(8, 8, r=bad)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    m, _, _ = _layer(dtype=torch.float32)
+    x = torch.randn(6, 80)
+    y = m(x)
+    mc = m.to("cuda")
+    torch.testing.assert_close(mc(x.cuda()).cpu(), y, rtol=1e-4, atol=1e-4)
