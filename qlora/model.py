@@ -1,0 +1,288 @@
+"""Turn a Hugging Face causal LM into a QLoRA model, without subclassing it.
+
+The model's skeleton is built on the ``meta`` device (no memory), then filled tensor by tensor
+from a :class:`qlora.sources.Source`: every ``nn.Linear`` inside the transformer blocks becomes a
+:class:`QLoRALinear` quantized on the target device as soon as its weight is read, so the full
+model never exists in 16-bit; embeddings, norms and lm_head stay in ``dtype`` (bf16 default),
+frozen. LoRA factors go on the layers chosen by a filter (``all-linear`` or names such as
+``q_proj,v_proj``); the other block linears are frozen 4-bit layers without adapter.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .errors import QLoraError
+from .linear import QLoRALinear
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class QuantSettings:
+    quant_type: str | None = "nf4"  # nf4 | fp4 | int4 | None (16-bit LoRA, same code path)
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target: str = "all-linear"
+    rslora: bool = False
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise QLoraError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing and swapping layers
+
+_BLOCK = re.compile(r"(^|\.)\d+(\.|$)")  # a module under a numbered block (layers.N.)
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Names of the linear layers inside the transformer blocks (lm_head and embeddings excluded)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, QLoRALinear)) and m is not out and _BLOCK.search(n)]
+
+
+def select_targets(linear_names: list[str], target: str | list[str]) -> set[str]:
+    """``all-linear`` → every block linear; else a comma list of layer names (``q_proj,v_proj``)
+    matched against the last component of each module name."""
+    if target in ("all-linear", "all", ["all-linear"]):
+        return set(linear_names)
+    wanted = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
+    available = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+    unknown = [t for t in wanted if t not in available]
+    if not wanted or unknown:
+        raise QLoraError(f"unknown target module(s) {', '.join(unknown) or repr(target)}: this model's "
+                         f"block linears are {', '.join(available)} (or use all-linear)")
+    return {n for n in linear_names if n.rsplit(".", 1)[-1] in wanted}
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _lora_kwargs(lora: LoraSettings | None, quant: QuantSettings, on: bool) -> dict:
+    kw = dict(compute_dtype=parse_dtype(quant.compute_dtype))
+    if lora is not None and on:
+        if not isinstance(lora.r, int) or lora.r <= 0:
+            raise QLoraError(f"LoRA rank must be a positive integer, got {lora.r!r}")
+        kw.update(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, use_rslora=lora.rslora)
+    else:
+        kw.update(r=0)
+    return kw
+
+
+def apply_qlora(model: nn.Module, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
+                seed: int | None = None) -> nn.Module:
+    """Swap, in place, the block linears of a loaded model for QLoRALinear (quantizing their weights
+    on their current device) and freeze everything but the LoRA factors."""
+    names = block_linear_names(model)
+    if not names:
+        raise QLoraError(f"no linear layers found inside transformer blocks of {type(model).__name__}")
+    targets = select_targets(names, lora.target) if lora is not None else set()
+    if seed is not None:
+        torch.manual_seed(seed)
+    for n in names:
+        lin = model.get_submodule(n)
+        if isinstance(lin, QLoRALinear):
+            continue
+        q = QLoRALinear.from_linear(lin, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                    double_quant=quant.double_quant, **_lora_kwargs(lora, quant, n in targets))
+        set_module(model, n, q)
+    freeze_base(model)
+    return model
+
+
+def freeze_base(model: nn.Module) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith("lora_A") or n.endswith("lora_B"))
+
+
+def lora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear) and m.r > 0}
+
+
+def count_params(model: nn.Module) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen_4bit = sum(m.in_features * m.out_features for m in model.modules()
+                      if isinstance(m, QLoRALinear) and m.weight_packed is not None)
+    other = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return dict(trainable=trainable, quantized=frozen_4bit, other_frozen=other,
+                total=trainable + frozen_4bit + other)
+
+
+# ---------------------------------------------------------------------------------------------
+# building from a source, tensor by tensor
+
+
+def skeleton(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The model on the meta device (no memory). Unknown architectures → QLoraError."""
+    from transformers import AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, attn_implementation="sdpa")
+    except (ValueError, KeyError) as e:
+        raise QLoraError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: {e}") from None
+    model.config.use_cache = False
+    return model
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> bool:
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return False
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        return False
+    return True
+
+
+def _donor_buffers(config, dtype) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers (rotary tables, embedding scales...) are computed from the config at
+    construction, so the meta skeleton lacks them. Build a one-layer, tiny-vocabulary twin of the
+    model on the CPU and take its buffers (layer 0's stand for every layer)."""
+    from transformers import AutoModelForCausalLM
+    small = copy.deepcopy(config)
+    small.num_hidden_layers = 1
+    for attr, val in (("vocab_size", 8), ("intermediate_size", 8)):
+        if hasattr(small, attr):
+            setattr(small, attr, val)
+    if isinstance(getattr(small, "layer_types", None), list):
+        small.layer_types = small.layer_types[:1]
+    twin = AutoModelForCausalLM.from_config(small, torch_dtype=dtype, attn_implementation="sdpa")
+    return {n: b for n, b in twin.named_buffers()}
+
+
+def _finish(model: nn.Module, config, device, dtype) -> None:
+    """Tie embeddings, fill non-persistent buffers left on meta, check completeness."""
+    if getattr(config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    meta_buffers = [n for n, b in model.named_buffers() if b.is_meta]
+    if meta_buffers:
+        donor = _donor_buffers(config, dtype)
+        for n in meta_buffers:
+            src = donor.get(_BLOCK.sub(lambda m: f"{m.group(1)}0{m.group(2)}", n, count=1))
+            if src is not None:
+                _set_tensor(model, n, src.to(device))
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise QLoraError(f"the model files lack {len(missing)} tensor(s) the architecture needs, "
+                         f"e.g. {', '.join(missing[:3])}")
+
+
+def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
+                      device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16",
+                      seed: int = 0, progress: bool = True) -> nn.Module:
+    """Fill a meta skeleton from ``source`` (HF dir, GGUF or 4-bit checkpoint), quantizing block
+    linears on ``device`` one at a time. LoRA init uses ``seed``."""
+    from tqdm.auto import tqdm
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    config = source.config
+    model = skeleton(config, dtype)
+    linears = block_linear_names(model)
+    targets = select_targets(linears, lora.target) if lora is not None else set()
+    by_weight = {n + ".weight": n for n in linears}
+    biases = {}
+    gen = torch.Generator().manual_seed(seed)
+    unused = []
+    for name in tqdm(source.names(), desc="loading", unit="tensor", disable=not progress, leave=False):
+        mod_name = by_weight.get(name)
+        if mod_name is not None:
+            kw = _lora_kwargs(lora, quant, mod_name in targets)
+            q = source.quantized(name) if hasattr(source, "quantized") else None
+            if q is not None:
+                packed, state = q
+                layer = QLoRALinear.from_quantized(packed.to(device), state.to(device), **kw)
+            else:
+                w = source.get(name).to(device)
+                layer = QLoRALinear.from_weight(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                                double_quant=quant.double_quant, **kw)
+                del w
+            if layer.r > 0:  # deterministic LoRA init, independent of device
+                a = torch.empty_like(layer.lora_A, device="cpu")
+                bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=sqrt 5)
+                a.uniform_(-bound, bound, generator=gen)
+                layer.lora_A.data.copy_(a)
+            set_module(model, mod_name, layer)
+        elif name.endswith(".bias") and name[:-5] in linears:
+            biases[name[:-5]] = source.get(name)
+        else:
+            t = source.get(name)
+            if t.is_floating_point():
+                t = t.to(dtype)
+            if not _set_tensor(model, name, t.to(device)):
+                unused.append(name)
+    for mod_name, b in biases.items():
+        model.get_submodule(mod_name).bias = b.to(device, parse_dtype(quant.compute_dtype))
+    _finish(model, config, device, dtype)
+    freeze_base(model)
+    model.qlora_unused_tensors = unused
+    return model
+
+
+def build_random(config, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
+                 device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16", seed: int = 0,
+                 std: float = 0.02, progress: bool = True) -> nn.Module:
+    """A model with random weights built directly in 4-bit, one layer at a time (for benchmarks of
+    8B–70B shapes): each linear's random 16-bit weight exists only until it is quantized."""
+    dtype, device = parse_dtype(dtype), torch.device(device)
+
+    class _Random:
+        def __init__(self, model):
+            self.config, self.shapes = config, {n: (t.shape, t.dtype) for n, t in model.state_dict().items()}
+            self.g = torch.Generator(device=device).manual_seed(seed)
+
+        def names(self):
+            return list(self.shapes)
+
+        def get(self, name):
+            shape, dt = self.shapes[name]
+            if name.endswith("norm.weight") or re.search(r"norm[^.]*\.weight$", name):
+                return torch.ones(shape, dtype=dtype, device=device)
+            if not dt.is_floating_point:
+                return torch.zeros(shape, dtype=dt, device=device)
+            return torch.randn(shape, generator=self.g, dtype=dtype, device=device) * std
+
+    src = _Random(skeleton(config, dtype))
+    return build_from_source(src, quant, lora, device, dtype, seed, progress)
+
+
+def load_model(src=None, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
+               device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16", seed: int = 0,
+               progress: bool = True):
+    """Load ``src`` (HF dir, GGUF file, 4-bit checkpoint; None = the embedded SmolLM2-135M) as a
+    QLoRA model. Returns ``(model, tokenizer)``."""
+    from .sources import open_source
+    if src is None:
+        from .embedded import embedded_model_path
+        src = embedded_model_path()
+    source = open_source(src)
+    model = build_from_source(source, quant, lora, device, dtype, seed, progress)
+    tokenizer = source.load_tokenizer()
+    model.qlora_source = str(src)
+    return model, tokenizer
