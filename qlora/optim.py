@@ -1,0 +1,549 @@
+"""AdamW with 32-bit or 8-bit blockwise states, optionally paged to (pinned) host memory.
+
+Update (decoupled weight decay, bias correction as ``torch.optim.AdamW``), per element, step t:
+
+    p <- p * (1 - lr * wd)
+    m <- b1 * m + (1 - b1) * g            v <- b2 * v + (1 - b2) * g^2
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+* **32-bit** (``adamw``): ``exp_avg`` / ``exp_avg_sq`` are fp32 tensors shaped like the parameter
+  (8 bytes per parameter). For fp32 parameters the arithmetic is op for op that of
+  ``torch.optim.AdamW`` (single-tensor path), so results are bit-identical to it and the state
+  dict uses its keys; other parameter dtypes are updated in fp32 and cast back.
+* **8-bit** (``adamw8bit``): each moment is stored as uint8 codes shaped like the parameter plus
+  one fp32 ``absmax`` per block of 256 elements (``ceil(n / 256)``), ~2.03 bytes per parameter.
+  ``m`` uses the signed dynamic code, ``v`` the unsigned one (bitsandbytes' ``create_dynamic_map
+  (signed=True/False)``); a value is ``code[q] * absmax[block]``. Each step dequantizes, runs the
+  fp32 update with bitsandbytes' 8-bit formula (``m.mul_(b1).add_(g, alpha=1 - b1)``), and
+  re-quantizes with bitsandbytes' CPU rounding (see :func:`quantize_8bit`), so on the CPU it is
+  bit-identical to ``bitsandbytes.optim.AdamW8bit``. Parameters with fewer than
+  ``min_8bit_size`` (4096) elements keep 32-bit state, as bitsandbytes does.
+* **Paged** (``paged_*``): each parameter's state tensors form a *page*. A :class:`Pager` keeps at
+  most a byte budget of pages on the parameter's device; pages over budget are copied to pinned
+  host memory (on a side CUDA stream) and their device memory is freed; a page comes back right
+  before its parameter's update, prefetched on the side stream while the previous parameter
+  updates. No CUDA managed memory is used. See ``docs/optim.md``.
+
+State dict: ``torch.optim`` layout. Per parameter ``step`` (fp32 0-dim CPU tensor) and either
+``exp_avg`` / ``exp_avg_sq`` (fp32) or ``exp_avg_q8`` / ``exp_avg_absmax`` / ``exp_avg_sq_q8`` /
+``exp_avg_sq_absmax`` (uint8 / fp32), wherever they currently live (device or pinned host).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from functools import lru_cache
+from itertools import chain
+
+import torch
+
+from . import nf4
+from .errors import QLoraError
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+BLOCKSIZE = 256
+MIN_8BIT_SIZE = 4096
+KEYS_32 = ("exp_avg", "exp_avg_sq")
+KEYS_8 = ("exp_avg_q8", "exp_avg_absmax", "exp_avg_sq_q8", "exp_avg_sq_absmax")
+_CHUNK = 1 << 20  # elements quantized at a time (a multiple of BLOCKSIZE): bounds temporaries
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit dynamic codes and blockwise quantization
+
+
+@lru_cache(maxsize=None)
+def _unsigned_code_cpu() -> torch.Tensor:
+    """Unsigned 8-bit dynamic code: 256 sorted values in [0, 1]. Without a sign bit each exponent
+    e = 0..6 gets twice the fraction values of the signed code: midpoints of
+    ``linspace(0.1, 1, 2**(e + 1) + 1)`` (fp32) times ``10**(e - 6)``; plus 0 and 1."""
+    values: list[float] = []
+    for e in range(7):
+        b = torch.linspace(0.1, 1, 2 ** (e + 1) + 1, dtype=torch.float32)
+        values += ((10 ** (e - 6)) * ((b[:-1] + b[1:]) / 2.0)).tolist()
+    values += [0.0, 1.0]
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@lru_cache(maxsize=None)
+def state_code(signed: bool, device: str = "cpu") -> torch.Tensor:
+    """fp32 [256] code of the first (signed) or second (unsigned) moment, cached per device."""
+    code = nf4.dynamic_code() if signed else _unsigned_code_cpu()
+    return code.to(device)
+
+
+@lru_cache(maxsize=None)
+def _lut(signed: bool, device: str = "cpu") -> torch.Tensor:
+    """uint8 [65536]: slot i stands for ``-1 + 2i/65535`` and holds the index of the nearest code
+    value (ties to the lower one) -- the table bitsandbytes' CPU quantizer rounds through."""
+    code = state_code(signed)
+    mids = 0.5 * (code[:-1] + code[1:])
+    slots = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    return torch.bucketize(slots, mids).to(torch.uint8).to(device)
+
+
+def quantize_8bit(x: torch.Tensor, signed: bool, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of ``x`` with the signed or unsigned dynamic code.
+
+    Returns ``(q, absmax)``: uint8 codes shaped like ``x`` and fp32 ``[ceil(n / blocksize)]``.
+    ``absmax[b] = max |x|`` over block b; an element becomes ``s = x * (1 / absmax)`` clamped to
+    [-1, 1], then ``q = LUT[trunc(fma((s + 1) * 0.5, 65535, 0.5))]`` (see :func:`_lut`), which is
+    bitsandbytes' CPU kernel rounding (its result is the nearest code value to within 1/65535);
+    an all-zero block encodes as index 0. Generalizes ``nf4.quantize_blockwise`` to both codes.
+    """
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    dev = str(flat.device)
+    lut = _lut(signed, dev)
+    q = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    chunk = _CHUNK - _CHUNK % blocksize
+    for start in range(0, n, chunk):
+        part = flat[start:start + chunk]
+        m = part.numel()
+        nb = -(-m // blocksize)
+        blocks = torch.nn.functional.pad(part, (0, nb * blocksize - m)).view(nb, blocksize)
+        am = blocks.abs().amax(dim=1)
+        scaled = (blocks * (1.0 / am)[:, None]).clamp_(-1.0, 1.0)
+        # The C kernel fuses the last multiply-add: one rounding of the exact value, emulated in fp64.
+        idx = (((scaled + 1.0) * 0.5).double() * 65535.0 + 0.5).float().nan_to_num_(0.0)
+        qq = lut[idx.to(torch.int32).clamp_(0, 65535)]
+        qq[am == 0] = 0
+        q[start:start + m] = qq.reshape(-1)[:m]
+        absmax[start // blocksize: start // blocksize + nb] = am
+    return q.view(x.shape), absmax
+
+
+def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, signed: bool, blocksize: int = BLOCKSIZE) -> torch.Tensor:
+    """fp32 ``code[q] * absmax[block]``, shaped like ``q``."""
+    code = state_code(signed, str(q.device))
+    return nf4.dequantize_blockwise(q, absmax, code, blocksize).view(q.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paging
+
+
+class Page:
+    """The state tensors of one parameter (``state`` is the optimizer's dict for it)."""
+
+    def __init__(self, state: dict, keys: tuple[str, ...], device: torch.device, resident: bool):
+        self.state, self.keys, self.device, self.resident = state, keys, device, resident
+        self.nbytes = sum(state[k].numel() * state[k].element_size() for k in keys)
+        self.host: dict[str, torch.Tensor] = {} if self.resident else {k: state[k] for k in keys}
+        self.ready = None  # CUDA event: host->device copy finished
+
+
+class Pager:
+    """Keeps at most ``budget_bytes`` of optimizer state per device resident; the rest waits in
+    host memory (pinned for CUDA parameters).
+
+    ``budget_bytes=None``: on CUDA, decided at each step from free memory
+    (``free + reserved - allocated - reserve_fraction * total``, plus what state already holds);
+    on the CPU, unlimited. On a CPU "device" with an explicit budget the same logic runs with
+    synchronous copies between separate CPU tensors, which is how the tests exercise it.
+
+    Which pages leave: parameters are updated in the same order every step, so the page needed
+    furthest in the future is the one updated most recently; evicting it first keeps a stable set
+    resident and moves only the excess, once out and once in per step.
+    """
+
+    def __init__(self, budget_bytes: int | None = None, reserve_fraction: float = 0.1):
+        self.budget_bytes, self.reserve_fraction = budget_bytes, reserve_fraction
+        self.pages: dict[torch.Tensor, Page] = {}
+        self.resident_bytes: Counter = Counter()
+        self.stats: Counter = Counter()  # fetches, evictions, bytes_in, bytes_out
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._begin([])
+
+    def _begin(self, order: list) -> None:
+        self._order = [self.pages.get(p) for p in order]
+        self._budget: dict[torch.device, int | None] = {}
+        self._updated: dict[torch.device, list[Page]] = defaultdict(list)
+        used = {id(pg) for pg in self._order if pg is not None}
+        self._idle = [pg for pg in self.pages.values() if id(pg) not in used]
+        self._tail = len(order) - 1
+        self._next: Page | None = None
+
+    def begin_step(self, order: list[torch.Tensor]) -> None:
+        """Start a step that updates the parameters ``order`` in that order."""
+        self._begin(order)
+
+    def register(self, p: torch.Tensor, state: dict, keys: tuple[str, ...], resident: bool = True,
+                 position: int | None = None) -> None:
+        """Track ``state[keys]``: on ``p``'s device if ``resident``, else already host buffers."""
+        page = self.pages[p] = Page(state, keys, p.device, resident)
+        if page.resident:
+            self.resident_bytes[page.device] += page.nbytes
+        if position is not None:
+            self._order[position] = page
+
+    def clear(self) -> None:
+        self.synchronize()
+        self.pages.clear()
+        self.resident_bytes.clear()
+        self._begin([])
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def fetch(self, p: torch.Tensor, wait: bool = True) -> None:
+        """Bring ``p``'s page to its device (async on CUDA); ``wait``: order the current stream after it."""
+        page = self.pages.get(p)
+        if page is None:
+            return
+        if not page.resident:
+            dev = page.device
+            if dev.type == "cuda":
+                side = self._stream(dev)
+                fresh = {k: torch.empty_like(h, device=dev) for k, h in page.host.items()}
+                side.wait_stream(torch.cuda.current_stream(dev))  # fresh memory's previous users are done
+                with torch.cuda.stream(side):
+                    for k, t in fresh.items():
+                        t.copy_(page.host[k], non_blocking=True)
+                page.ready = torch.cuda.Event()
+                page.ready.record(side)
+            else:
+                fresh = {k: h.clone() for k, h in page.host.items()}
+            page.state.update(fresh)
+            page.resident = True
+            self.resident_bytes[dev] += page.nbytes
+            self.stats.update(fetches=1, bytes_in=page.nbytes)
+        if wait and page.ready is not None:
+            torch.cuda.current_stream(page.device).wait_event(page.ready)
+            page.ready = None
+
+    def prefetch(self, p: torch.Tensor) -> None:
+        self.fetch(p, wait=False)
+        self._next = self.pages.get(p)
+
+    def evict(self, page: Page) -> None:
+        """Copy a resident page to host memory and drop its device tensors."""
+        dev = page.device
+        if not page.host:
+            pin = dev.type == "cuda"
+            page.host = {k: torch.empty(page.state[k].shape, dtype=page.state[k].dtype, pin_memory=pin)
+                         for k in page.keys}
+        if dev.type == "cuda":
+            side = self._stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))  # the update has been issued before
+            with torch.cuda.stream(side):
+                for k in page.keys:
+                    page.host[k].copy_(page.state[k], non_blocking=True)
+                    page.state[k].record_stream(side)  # freed memory is reused only after the copy
+        else:
+            for k in page.keys:
+                page.host[k].copy_(page.state[k])
+        page.state.update(page.host)
+        page.resident = False
+        self.resident_bytes[dev] -= page.nbytes
+        self.stats.update(evictions=1, bytes_out=page.nbytes)
+
+    def budget(self, device: torch.device) -> int | None:
+        if device not in self._budget:
+            b = self.budget_bytes
+            if b is None and device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(device)
+                cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+                b = self.resident_bytes[device] + free + cached - int(self.reserve_fraction * total)
+            self._budget[device] = b
+        return self._budget[device]
+
+    def release(self, p: torch.Tensor, position: int) -> None:
+        """After ``p``'s update (at ``position`` in this step's order): evict pages over budget."""
+        page = self.pages[p]
+        dev = page.device
+        self._updated[dev].append(page)
+        budget = self.budget(dev)
+        while budget is not None and self.resident_bytes[dev] > budget:
+            victim = self._victim(dev, position)
+            if victim is None:
+                break
+            self.evict(victim)
+
+    def _victim(self, dev: torch.device, position: int) -> Page | None:
+        # 1. pages not updated this step; 2. pages updated this step, latest first;
+        # 3. pages still to come, last first (never the one being prefetched).
+        for pool in (self._idle, self._updated[dev]):
+            while pool:
+                pg = pool.pop()
+                if pg.resident and pg.device == dev:
+                    return pg
+        while self._tail > position:
+            pg = self._order[self._tail]
+            self._tail -= 1
+            if pg is not None and pg.resident and pg.device == dev and pg is not self._next:
+                return pg
+        return None
+
+    def evict_all(self) -> None:
+        for page in self.pages.values():
+            if page.resident:
+                self.evict(page)
+
+    def synchronize(self) -> None:
+        """Wait for copies in flight, so that host copies are complete and readable."""
+        for s in self._streams.values():
+            s.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with 32-bit (``optim_bits=32``) or 8-bit blockwise (``optim_bits=8``) state, paged to
+    host memory when ``paged`` (budget: ``page_budget_bytes``, see :class:`Pager`)."""
+
+    def __init__(self, params, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, optim_bits: int = 32, paged: bool = False,
+                 page_budget_bytes: int | None = None, min_8bit_size: int = MIN_8BIT_SIZE):
+        _check_hparams(lr, betas, eps, weight_decay, page_budget_bytes)
+        if optim_bits not in (8, 32):
+            raise QLoraError(f"optimizer state must be 8 or 32 bits, got {optim_bits!r}")
+        super().__init__(params, dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])),
+                                      eps=float(eps), weight_decay=float(weight_decay)))
+        self.optim_bits, self.min_8bit_size = optim_bits, int(min_8bit_size)
+        self.pager = Pager(page_budget_bytes) if paged else None
+
+    def state_keys(self, p: torch.Tensor) -> tuple[str, ...]:
+        """Names of ``p``'s state tensors besides ``step``."""
+        return KEYS_8 if self.optim_bits == 8 and p.numel() >= self.min_8bit_size else KEYS_32
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if self.state_keys(p) is KEYS_8:
+            nblocks = -(-p.numel() // BLOCKSIZE)
+            for name in KEYS_32:
+                state[f"{name}_q8"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                state[f"{name}_absmax"] = torch.zeros(nblocks, dtype=torch.float32, device=p.device)
+        else:
+            for name in KEYS_32:
+                state[name] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        pager = self.pager
+        if pager is not None:
+            pager.begin_step([p for _, p in work])
+        for i, (group, p) in enumerate(work):
+            if p.grad.is_sparse or p.is_complex() or not p.is_floating_point():
+                raise QLoraError(f"AdamW here needs real floating-point parameters with dense gradients "
+                                 f"(got {p.dtype}{', sparse gradient' if p.grad.is_sparse else ''})")
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+                if pager is not None:
+                    pager.register(p, state, self.state_keys(p), resident=True, position=i)
+            elif pager is not None:
+                pager.fetch(p)
+            if pager is not None and i + 1 < len(work):
+                pager.prefetch(work[i + 1][1])
+            if "exp_avg_q8" in state:
+                self._update_8bit(group, p, state)
+            else:
+                self._update_32bit(group, p, state)
+            if pager is not None:
+                pager.release(p, i)
+        return loss
+
+    @staticmethod
+    def _update_32bit(group: dict, p: torch.Tensor, state: dict) -> None:
+        # Op for op torch.optim.adam._single_tensor_adam (decoupled weight decay, no amsgrad).
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        param = p if p.dtype == torch.float32 else p.float()
+        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+        state["step"] += 1
+        step = state["step"].item()
+        if wd != 0:
+            param.mul_(1 - lr * wd)
+        m.lerp_(grad, 1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        step_size = lr / (1 - b1 ** step)
+        denom = (v.sqrt() / (1 - b2 ** step) ** 0.5).add_(eps)
+        param.addcdiv_(m, denom, value=-step_size)
+        if param is not p:
+            p.copy_(param)
+
+    @staticmethod
+    def _update_8bit(group: dict, p: torch.Tensor, state: dict) -> None:
+        # bitsandbytes' 8-bit blockwise Adam: dequantize, fp32 update, re-quantize.
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        m = dequantize_8bit(state["exp_avg_q8"], state["exp_avg_absmax"], signed=True)
+        v = dequantize_8bit(state["exp_avg_sq_q8"], state["exp_avg_sq_absmax"], signed=False)
+        param = p if p.dtype == torch.float32 else p.float()
+        grad = p.grad.float()
+        state["step"] += 1
+        step = state["step"].item()
+        m.mul_(b1).add_(grad, alpha=1.0 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+        denom = (v.sqrt() / math.sqrt(1.0 - b2 ** step)).add_(eps)
+        if wd > 0.0:
+            param.mul_(1.0 - lr * wd)
+        param.addcdiv_(m, denom, value=-lr / (1.0 - b1 ** step))
+        if param is not p:
+            p.copy_(param)
+        for name, t, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+            q, absmax = quantize_8bit(t, signed)
+            state[f"{name}_q8"].copy_(q)
+            state[f"{name}_absmax"].copy_(absmax)
+
+    def state_dict(self) -> dict:
+        """``torch.optim`` layout; state tensors are live references (save or clone them before the
+        next step), on the device or in (pinned) host memory, wherever their page is."""
+        if self.pager is not None:
+            self.pager.synchronize()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Exact inverse of :meth:`state_dict` (tensors are copied, never cast lossily). A paged
+        optimizer puts loaded pages in host memory; they move in at their first update."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise QLoraError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        saved_groups = state_dict["param_groups"]
+        have = [len(g["params"]) for g in self.param_groups]
+        got = [len(g.get("params", ())) for g in saved_groups]
+        if have != got:
+            raise QLoraError(f"optimizer state was saved for parameter groups of sizes {got}, "
+                             f"but this optimizer has {have}: resume with the same trainable parameters")
+        params = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        if self.pager is not None:
+            self.pager.clear()
+        state: defaultdict = defaultdict(dict)
+        for pid, saved in state_dict["state"].items():
+            if pid not in params:
+                raise QLoraError(f"optimizer state has an entry for unknown parameter {pid!r}")
+            p = params[pid]
+            keys = self.state_keys(p)
+            if set(saved) != {"step", *keys}:
+                raise QLoraError(f"optimizer state for a parameter of shape {tuple(p.shape)} holds {sorted(saved)}, "
+                                 f"this optimizer ({self.optim_bits}-bit) expects {sorted(('step',) + keys)}: "
+                                 "resume with the optimizer the run was started with")
+            st = state[p]
+            st["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+            for k in keys:
+                t = _checked_state_tensor(k, saved[k], p)
+                if self.pager is not None:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=p.device.type == "cuda")
+                    st[k] = host.copy_(t)
+                else:
+                    st[k] = t.to(device=p.device, copy=True)
+            if self.pager is not None:
+                self.pager.register(p, st, keys, resident=False)
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+        self.state = state
+
+    def evict_all(self) -> None:
+        """Move every page to host memory now (e.g. after catching ``torch.cuda.OutOfMemoryError``,
+        before retrying the batch); each comes back at its parameter's next update. No-op unless paged."""
+        if self.pager is not None:
+            self.pager.evict_all()
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of moment state on the parameters' devices and in host memory."""
+        out = {"device": 0, "host": 0}
+        for p, st in self.state.items():
+            page = self.pager.pages.get(p) if self.pager is not None else None
+            where = "device" if page is None or page.resident else "host"
+            out[where] += sum(t.numel() * t.element_size() for k, t in st.items() if k != "step")
+        return out
+
+
+class AdamW8bit(AdamW):
+    """:class:`AdamW` with 8-bit blockwise state (32-bit for tensors under ``min_8bit_size``)."""
+
+    def __init__(self, params, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, paged: bool = False, page_budget_bytes: int | None = None,
+                 min_8bit_size: int = MIN_8BIT_SIZE):
+        super().__init__(params, lr, betas, eps, weight_decay, optim_bits=8, paged=paged,
+                         page_budget_bytes=page_budget_bytes, min_8bit_size=min_8bit_size)
+
+
+def make_optimizer(params, name: str = "paged_adamw", lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                   weight_decay: float = 0.0, page_budget_bytes: int | None = None) -> torch.optim.Optimizer:
+    """Build one of :data:`OPTIMIZERS` over ``params`` (tensors or param-group dicts)."""
+    if name not in OPTIMIZERS:
+        raise QLoraError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    paged = name.startswith("paged_")
+    if page_budget_bytes is not None and not paged:
+        raise QLoraError(f"page_budget_bytes applies to paged optimizers only, not {name}")
+    params = list(params)
+    if not params:
+        raise QLoraError("no trainable parameters to optimize (did the LoRA target filter match no layer?)")
+    cls = AdamW8bit if name.endswith("8bit") else AdamW
+    return cls(params, lr, betas, eps, weight_decay, paged=paged, page_budget_bytes=page_budget_bytes)
+
+
+def _check_hparams(lr, betas, eps, weight_decay, page_budget_bytes) -> None:
+    def bad(what: str) -> QLoraError:
+        return QLoraError(f"invalid optimizer setting: {what}")
+    if not isinstance(lr, (int, float)) or not lr >= 0:
+        raise bad(f"learning rate must be a number >= 0, got {lr!r}")
+    if len(tuple(betas)) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise bad(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise bad(f"eps must be >= 0, got {eps!r}")
+    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+        raise bad(f"weight decay must be >= 0, got {weight_decay!r}")
+    if page_budget_bytes is not None and (isinstance(page_budget_bytes, bool) or
+                                          not isinstance(page_budget_bytes, int) or page_budget_bytes < 0):
+        raise bad(f"page_budget_bytes must be an integer >= 0, got {page_budget_bytes!r}")
+
+
+def _checked_state_tensor(key: str, t, p: torch.Tensor) -> torch.Tensor:
+    if not torch.is_tensor(t):
+        raise QLoraError(f"optimizer state {key!r} is not a tensor")
+    if key.endswith("_q8"):
+        ok, want = t.dtype == torch.uint8 and t.shape == p.shape, f"uint8 {tuple(p.shape)}"
+    elif key.endswith("_absmax"):
+        n = -(-p.numel() // BLOCKSIZE)
+        ok, want = t.dtype == torch.float32 and t.shape == (n,), f"float32 ({n},)"
+    else:
+        ok, want = t.is_floating_point() and t.shape == p.shape, f"float {tuple(p.shape)}"
+        t = t.float()
+    if not ok:
+        raise QLoraError(f"optimizer state {key!r} is {t.dtype} {tuple(t.shape)}, expected {want}")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat form for safetensors
+
+
+def state_dict_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten an optimizer state dict for ``safetensors.torch.save_file``: tensors named
+    ``state.{param index}.{key}`` (CPU, contiguous) and metadata ``{"param_groups": JSON}``."""
+    tensors = {}
+    for pid, st in state_dict["state"].items():
+        for k, v in st.items():
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"state.{pid}.{k}"] = t.detach().to("cpu").contiguous()
+    try:
+        groups = json.dumps(state_dict["param_groups"])
+    except TypeError as e:
+        raise QLoraError(f"optimizer settings cannot be saved as JSON ({e})") from None
+    return tensors, {"format": "qlora.optim", "param_groups": groups}
+
+
+def state_dict_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
+    """Inverse of :func:`state_dict_to_tensors`."""
+    if not metadata or "param_groups" not in metadata:
+        raise QLoraError("optimizer state file lacks its 'param_groups' metadata")
+    state: defaultdict = defaultdict(dict)
+    for name, t in tensors.items():
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "state" or not parts[1].isdigit():
+            raise QLoraError(f"unexpected tensor {name!r} in optimizer state file")
+        state[int(parts[1])][parts[2]] = t
+    return {"state": dict(state), "param_groups": json.loads(metadata["param_groups"])}
