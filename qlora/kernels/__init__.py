@@ -1,0 +1,107 @@
+"""GPU kernels (Triton), each beside its pure-torch reference, and dispatch functions.
+
+Every function here takes the Triton path when :func:`available` (CUDA present, Triton
+importable, and not switched off with ``QLORA_KERNELS=0``) and the tensors are on a CUDA
+device; otherwise it runs the torch reference, so callers never branch themselves.
+
+=============================  ============================  ===================================
+function                       Triton kernel                 reference
+=============================  ============================  ===================================
+dequantize_4bit                dequant.py (bit-exact)         qlora.nf4.dequantize_4bit
+matmul_4bit                    gemv.py (1..16 rows) or        x @ dequantize_4bit(W).T
+                               Triton dequant + matmul
+rms_norm                       norm_act.RMSNormFunction       norm_act.rms_norm_reference
+swiglu                         norm_act.SwiGLUFunction        norm_act.swiglu_reference
+rope                           norm_act.RoPEFunction          norm_act.rope_reference
+chunked_linear_cross_entropy   (pure torch, CPU and GPU)      loss.linear_cross_entropy_reference
+=============================  ============================  ===================================
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from ..nf4 import QuantState
+from ..nf4 import dequantize_4bit as _dequantize_4bit_torch
+from . import norm_act
+from .loss import chunked_linear_cross_entropy, linear_cross_entropy_reference
+
+__all__ = [
+    "available", "dequantize_4bit", "matmul_4bit", "rms_norm", "swiglu", "rope",
+    "chunked_linear_cross_entropy", "linear_cross_entropy_reference",
+]
+
+
+@lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when the Triton kernels can run: CUDA, Triton, and ``QLORA_KERNELS`` is not ``0``."""
+    if os.environ.get("QLORA_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return torch.cuda.is_available() and _triton_importable()
+
+
+def _use(t: torch.Tensor) -> bool:
+    return t.is_cuda and available()
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize a packed 4-bit tensor (see :mod:`qlora.nf4` for the format), optionally into the
+    preallocated contiguous buffer ``out`` (numel >= n; its dtype wins; a view of it is returned)."""
+    if _use(packed):
+        from .dequant import dequantize_4bit_triton
+        return dequantize_4bit_triton(packed, state, dtype, out=out)
+    w = _dequantize_4bit_torch(packed, state, out.dtype if out is not None else dtype)
+    if out is None:
+        return w
+    from .dequant import check_quantized
+    check_quantized(packed, state)
+    if not out.is_contiguous() or out.numel() < w.numel():
+        from ..errors import QLoraError
+        raise QLoraError(f"out buffer must be contiguous with at least {w.numel()} elements")
+    dest = out.view(-1)[:w.numel()]
+    dest.copy_(w.reshape(-1))
+    return dest.view(w.shape)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T``: fused GEMV for 1..16 rows on CUDA, else dequantize + matmul."""
+    from .gemv import matmul_4bit as _mm
+    if _use(x):
+        return _mm(x, packed, state, workspace)
+    from .gemv import gemv_4bit_reference, _check
+    _check(x, packed, state)
+    return gemv_4bit_reference(x, packed, state)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``LlamaRMSNorm``: ``weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)``."""
+    if _use(x) and weight.is_cuda:
+        return norm_act.RMSNormFunction.apply(x, weight, eps)
+    return norm_act.rms_norm_reference(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (LlamaMLP's activation)."""
+    if _use(gate) and up.is_cuda:
+        return norm_act.SwiGLUFunction.apply(gate, up)
+    return norm_act.swiglu_reference(gate, up)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` [B, H, S, D] and cos/sin [B or 1, S, D] or [S, D]."""
+    if _use(x) and cos.is_cuda and cos.dtype == x.dtype and sin.dtype == x.dtype \
+            and cos.stride(-1) == 1 and sin.stride(-1) == 1:
+        return norm_act.RoPEFunction.apply(x, cos, sin)
+    return norm_act.rope_reference(x, cos, sin)

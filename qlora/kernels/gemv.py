@@ -1,0 +1,236 @@
+"""Fused 4-bit matmul for a few rows (decoding): ``y = x @ dequant(W).T`` without materializing W.
+
+``x`` is ``[..., K]`` with 1..16 rows in all (``M``); ``W`` is a 4-bit ``[N, K]`` weight in the
+format of :mod:`qlora.nf4` (packed row-major, two codes per byte, high nibble first, one scale per
+``blocksize`` consecutive elements, optional Double Quantization). ``y`` is ``[..., N]`` in x's dtype.
+
+Math. With ``k`` split into even and odd positions (the high and low nibble of each byte)::
+
+    y[m, n] = sum_blocks scale[n, b] * sum_{j in b} (code[hi_nj] * x[m, 2j] + code[lo_nj] * x[m, 2j + 1])
+
+Two kernels share the tiling (each program: ``BLOCK_N`` output rows, ``G`` quantization blocks of
+``K`` per loop step, one scale per row and block, so each scale is decoded once per tile):
+
+* M <= 4 (``_gemv_fma_kernel``): CUDA-core fp32 multiply-adds; the block's partial dot product is
+  formed with the unscaled code values and multiplied by the block scale once. More exact than
+  the reference (no bf16 rounding of the weights), so it matches it to bf16 matmul tolerance.
+* 4 < M <= 16 (``_gemv_dot_kernel``): the weights are rebuilt exactly as the reference rounds them
+  (``(code * scale).to(x.dtype)``) and fed to tensor-core dots, ``x`` padded to 16 rows.
+
+``K`` must be a multiple of the block size (true of every linear layer we know); other shapes and
+more rows go to :func:`matmul_4bit`'s dequantize-then-matmul path. Optionally split over ``K``
+into fp32 partial sums when there are too few row blocks to fill the GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import QLoraError
+from ..nf4 import FLOAT_DTYPES, QuantState, dequantize_4bit
+from .dequant import _device_state, check_quantized, dequantize_4bit_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+MAX_GEMV_ROWS = 16
+# Launch parameters, chosen on an H100 with bench/kernels.py: (rows per program, K elements per
+# loop step, warps). The split over K is chosen from the SM count.
+FMA_CONFIG = (16, 512, 4)
+DOT_CONFIG = (64, 256, 4)
+
+
+def gemv_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """``x @ dequantize_4bit(W, x.dtype).T``: the weights rounded to x's dtype, then a plain matmul."""
+    return x @ dequantize_4bit(packed, state, x.dtype).t()
+
+
+def _check(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> tuple[int, int]:
+    check_quantized(packed, state)
+    if len(state.shape) != 2:
+        raise QLoraError(f"4-bit matmul needs a 2-D [out, in] weight, got shape {tuple(state.shape)}")
+    n_out, k = (int(s) for s in state.shape)
+    if x.dtype not in FLOAT_DTYPES:
+        raise QLoraError(f"input must be float32/float16/bfloat16, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise QLoraError(f"input's last dimension is {x.shape[-1] if x.dim() else None}, the weight has {k} input features")
+    return n_out, k
+
+
+def gemv_supported(x: torch.Tensor, state: QuantState) -> bool:
+    """True when the fused kernel handles this call (otherwise use dequantize + matmul)."""
+    if triton is None or len(state.shape) != 2:
+        return False
+    n_out, k = (int(s) for s in state.shape)
+    m = x.numel() // max(1, x.shape[-1])
+    return 1 <= m <= MAX_GEMV_ROWS and k % state.blocksize == 0 and n_out * k < 2 ** 31
+
+
+def _split_k(n_programs: int, k_steps: int, device: torch.device) -> int:
+    """Split K until there are about four programs per SM (never below one loop step each)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    split = 1
+    while n_programs * split < 4 * sms and split * 2 <= k_steps:
+        split *= 2
+    return split
+
+
+def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                     config: tuple[int, int, int] | None = None, split_k: int | None = None) -> torch.Tensor:
+    """Fused ``x @ dequant(W).T`` for 1..16 rows; ``config`` = (BLOCK_N, K per step, warps)."""
+    if triton is None:
+        raise QLoraError("Triton is not installed; use qlora.kernels.matmul_4bit, which falls back to torch")
+    n_out, k = _check(x, packed, state)
+    if not gemv_supported(x, state):
+        raise QLoraError(f"fused 4-bit GEMV needs 1..{MAX_GEMV_ROWS} rows and K a multiple of the block "
+                         f"size {state.blocksize}; got {x.numel() // k} rows, K={k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    use_dot = m > 4
+    block_n, tke, warps = config or (DOT_CONFIG if use_dot else FMA_CONFIG)
+    bs = state.blocksize
+    tke = min(tke, triton.next_power_of_2(k))
+    # one step covers G whole blocks, or part of one block when blocks are longer than a step
+    g = max(1, tke // bs)
+    hbt = min(bs, tke) // 2
+    tke = 2 * g * hbt
+    k_steps = triton.cdiv(k, tke)
+    n_prog = triton.cdiv(n_out, block_n)
+    split = split_k or _split_k(n_prog, k_steps, x.device)
+    split = max(1, min(split, k_steps))
+    steps_per_split = triton.cdiv(k_steps, split)
+    split = triton.cdiv(k_steps, steps_per_split)
+    code, absmax, nested_absmax, nested_code = _device_state(state, x.device)
+    if split == 1:
+        out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(split, m, n_out, dtype=torch.float32, device=x.device)
+    m_pad = 16 if use_dot else triton.next_power_of_2(m)
+    kernel, extra = _gemv_fma_kernel, {}
+    if use_dot:  # fp32 inputs: true fp32 products, not tf32
+        kernel, extra = _gemv_dot_kernel, {"PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
+    kernel[(n_prog, split)](
+        x2, packed.reshape(-1), absmax, nested_absmax, nested_code, code, out,
+        float(state.offset) if state.double_quant else 0.0,
+        m, n_out, k, x2.stride(0), k // 2, k // bs, steps_per_split * tke // 2,
+        BS=bs, NESTED_BS=state.nested_blocksize, DQ=state.double_quant, M_PAD=m_pad,
+        BLOCK_N=block_n, G=g, HBT=hbt, EVEN_N=n_out % block_n == 0, EVEN_K=k % (steps_per_split * tke) == 0,
+        num_warps=warps, **extra,
+    )
+    if split > 1:
+        out = out.sum(0).to(x.dtype)
+    return out.view(*lead, n_out)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T`` for any number of rows: the fused GEMV for 1..16 rows on CUDA, otherwise
+    dequantize (with the Triton kernel on CUDA, into ``workspace`` if given) and matmul."""
+    _check(x, packed, state)
+    on_gpu = x.is_cuda and triton is not None
+    if on_gpu and gemv_supported(x, state):
+        return gemv_4bit_triton(x, packed, state)
+    if on_gpu:
+        w = dequantize_4bit_triton(packed, state, x.dtype,
+                                   out=workspace if workspace is not None and workspace.dtype == x.dtype else None)
+    else:
+        w = dequantize_4bit(packed, state, x.dtype)
+    return x @ w.t()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                     rows, kb0, N, KH, KBLK, kb_end,
+                     BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr,
+                     G: tl.constexpr, HBT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        """Packed bytes [BLOCK_N, G, HBT] from byte column ``kb0``, and the fp32 scales [BLOCK_N, G]."""
+        g = tl.arange(0, G)
+        j = tl.arange(0, HBT)
+        col = kb0 + g[:, None] * HBT + j[None, :]                     # [G, HBT] byte column
+        ptrs = packed_ptr + rows[:, None, None] * KH + col[None, :, :]
+        blk = rows[:, None] * KBLK + (kb0 + g[None, :] * HBT) // (BS // 2)  # [BLOCK_N, G]
+        if EVEN_N and EVEN_K:
+            p = tl.load(ptrs, eviction_policy="evict_first")
+            am = tl.load(absmax_ptr + blk)
+        else:
+            row_ok = rows < N
+            col_ok = (kb0 + g * HBT) < kb_end
+            p = tl.load(ptrs, mask=row_ok[:, None, None] & col_ok[None, :, None], other=0,
+                        eviction_policy="evict_first")
+            am = tl.load(absmax_ptr + blk, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        if DQ:
+            s = tl.load(nested_code_ptr + am) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + offset
+        else:
+            s = am
+        return p, s
+
+    @triton.jit
+    def _x_tile(x_ptr, kb0, M, stride_xm, kb_end,
+                M_PAD: tl.constexpr, G: tl.constexpr, HBT: tl.constexpr):
+        """x at the even and odd positions of the step, [M_PAD, G, HBT] each (0 outside)."""
+        m = tl.arange(0, M_PAD)
+        col = kb0 + tl.arange(0, G)[:, None] * HBT + tl.arange(0, HBT)[None, :]
+        ptrs = x_ptr + m[:, None, None] * stride_xm + 2 * col[None, :, :]
+        ok = (m[:, None, None] < M) & (col[None, :, :] < kb_end)
+        return tl.load(ptrs, mask=ok, other=0.0), tl.load(ptrs + 1, mask=ok, other=0.0)
+
+    @triton.jit
+    def _store_out(out_ptr, acc, rows, M, N, M_PAD: tl.constexpr):
+        split = tl.program_id(1)
+        m = tl.arange(0, M_PAD)
+        ptrs = out_ptr + split * M * N + m[:, None] * N + rows[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(m[:, None] < M) & (rows[None, :] < N))
+
+    @triton.jit
+    def _gemv_fma_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
+                         offset, M, N, K, stride_xm, KH, KBLK, split_bytes,
+                         BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, M_PAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr, G: tl.constexpr, HBT: tl.constexpr,
+                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kb_start = tl.program_id(1) * split_bytes
+        kb_end = KH  # bound for masks; the last split's loop may run past it, fully masked
+        acc = tl.zeros((M_PAD, BLOCK_N, G), dtype=tl.float32)
+        for kb0 in range(kb_start, kb_start + split_bytes, G * HBT):
+            p, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                rows, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, G, HBT, EVEN_N, EVEN_K)
+            xe, xo = _x_tile(x_ptr, kb0, M, stride_xm, kb_end, M_PAD, G, HBT)
+            hi = tl.load(code_ptr + (p >> 4))
+            lo = tl.load(code_ptr + (p & 15))
+            part = tl.sum(hi[None, :, :, :] * xe.to(tl.float32)[:, None, :, :]
+                          + lo[None, :, :, :] * xo.to(tl.float32)[:, None, :, :], axis=3)
+            acc += part * s[None, :, :]
+        _store_out(out_ptr, tl.sum(acc, axis=2), rows, M, N, M_PAD)
+
+    @triton.jit
+    def _gemv_dot_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
+                         offset, M, N, K, stride_xm, KH, KBLK, split_bytes,
+                         BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, M_PAD: tl.constexpr,
+                         BLOCK_N: tl.constexpr, G: tl.constexpr, HBT: tl.constexpr,
+                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kb_start = tl.program_id(1) * split_bytes
+        kb_end = KH  # bound for masks; the last split's loop may run past it, fully masked
+        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        for kb0 in range(kb_start, kb_start + split_bytes, G * HBT):
+            p, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                                rows, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, G, HBT, EVEN_N, EVEN_K)
+            xe, xo = _x_tile(x_ptr, kb0, M, stride_xm, kb_end, M_PAD, G, HBT)
+            dt = xe.dtype
+            # the weights exactly as the reference rounds them: (code * scale) in fp32, then to x's dtype
+            hi = (tl.load(code_ptr + (p >> 4)) * s[:, :, None]).to(dt)
+            lo = (tl.load(code_ptr + (p & 15)) * s[:, :, None]).to(dt)
+            hi = tl.reshape(hi, (BLOCK_N, G * HBT))
+            lo = tl.reshape(lo, (BLOCK_N, G * HBT))
+            xe = tl.reshape(xe, (M_PAD, G * HBT))
+            xo = tl.reshape(xo, (M_PAD, G * HBT))
+            acc = tl.dot(xe, tl.trans(hi), acc, input_precision=PRECISION)
+            acc = tl.dot(xo, tl.trans(lo), acc, input_precision=PRECISION)
+        _store_out(out_ptr, acc, rows, M, N, M_PAD)

@@ -1,0 +1,392 @@
+"""Kernels (qlora/kernels) against their references.
+
+* The Triton kernels run on a CUDA GPU (``-m gpu``). For development without one they also run
+  on the CPU through Triton's interpreter: ``TRITON_INTERPRET=1 pytest tests/test_kernels.py``
+  (there the interpreter's own fp32->bf16 cast truncates and its bf16 dot is wrong, so bf16 is
+  compared with a tolerance and the bf16 dot path is skipped).
+* The torch references are checked against transformers (LlamaRMSNorm, apply_rotary_pos_emb)
+  and the chunked loss against F.cross_entropy, on the CPU.
+
+Tolerances: dequantization and RoPE are bit-exact on the GPU; RMSNorm/SwiGLU use the GPU's fast
+exp/rsqrt and must match the same-dtype reference to one unit in the last place; GEMV and the
+backward passes are compared with a float64 computation by relative error ||out - ref|| / ||ref||.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora import nf4
+from qlora import kernels as K
+from qlora.errors import QLoraError
+from qlora.kernels import loss as loss_mod
+from qlora.kernels import norm_act as na
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAVE_TRITON and not torch.cuda.is_available()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Kernel tests: GPU tests, or plain tests when run through the interpreter.
+kernel = (lambda f: f) if INTERPRET else pytest.mark.gpu
+
+if INTERPRET:  # the interpreter calls int() on 1-element arrays, which numpy 2 refuses
+    import triton.runtime.interpreter as _ti
+    _orig_patch = _ti._patch_lang_tensor
+
+    def _patch(tensor, scope):
+        _orig_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    _ti._patch_lang_tensor = _patch
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape, seed=0, scale=1.0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=_gen(seed)) * scale).to(dtype).to(DEV)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _ulp_close(out, ref, ulps=1, bf16_inside=False):
+    """|out - ref| <= ``ulps`` units in the last place of ref's dtype (relative), plus a tiny floor."""
+    if INTERPRET and (ref.dtype == torch.bfloat16 or out.dtype == torch.bfloat16 or bf16_inside):
+        assert _rel(out, ref) < 1e-2  # the interpreter truncates fp32 -> bf16, at every step
+        return
+    eps = torch.finfo(ref.dtype).eps
+    tol = ref.double().abs() * eps * ulps + torch.finfo(ref.dtype).tiny * 4
+    bad = (out.double() - ref.double()).abs() > tol
+    assert not bad.any(), f"{int(bad.sum())} elements differ by more than {ulps} ulp, e.g. {out[bad][:4]} vs {ref[bad][:4]}"
+
+
+def _exact_or_ulp(out, ref):
+    if INTERPRET and ref.dtype == torch.bfloat16:
+        _ulp_close(out, ref)  # a tolerance: see _ulp_close
+    else:
+        assert torch.equal(out, ref), f"{int((out != ref).sum())} of {ref.numel()} elements differ"
+
+
+# ---------------------------------------------------------------------------------------------
+# dequantization
+
+DQ_CASES = [
+    # shape, blocksize, quant type, double quant
+    ((64, 64), 64, "nf4", True), ((33, 17), 64, "nf4", True), ((1, 1), 64, "nf4", True), ((3,), 32, "fp4", False),
+    ((257, 129), 128, "int4", True), ((300, 97), 64, "fp4", True), ((2, 3, 40), 32, "nf4", False),
+    ((5, 4097), 4096, "nf4", True), ((70, 256), 256, "nf4", True), ((129, 64), 64, "nf4", False),
+]
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,bs,qt,dq", DQ_CASES)
+def test_dequant_bit_exact(shape, bs, qt, dq, dtype):
+    from qlora.kernels.dequant import dequantize_4bit_triton
+    w = _rand(*shape, seed=sum(shape) + bs, scale=0.02, dtype=dtype)
+    if w.numel() >= 128:
+        w.view(-1)[:64] = 0  # an all-zero block
+        w.view(-1)[100] = 0.7  # an outlier
+    packed, st = nf4.quantize_4bit(w, bs, qt, dq)
+    ref = nf4.dequantize_4bit(packed, st)
+    out = dequantize_4bit_triton(packed, st)
+    assert out.shape == ref.shape and out.dtype == dtype
+    _exact_or_ulp(out, ref)
+    assert torch.equal(dequantize_4bit_triton(packed, st, torch.float32), nf4.dequantize_4bit(packed, st, torch.float32))
+
+
+@kernel
+def test_dequant_into_reused_buffer():
+    """One workspace for two layers of different sizes; only the first n elements are written."""
+    from qlora.kernels.dequant import dequantize_4bit_triton
+    buf = torch.full((9000,), float("nan"), dtype=torch.bfloat16, device=DEV)
+    for shape, seed in (((70, 128), 1), ((33, 65), 2)):
+        packed, st = nf4.quantize_4bit(_rand(*shape, seed=seed, dtype=torch.bfloat16), 64, "nf4", True)
+        out = dequantize_4bit_triton(packed, st, out=buf)
+        assert out.data_ptr() == buf.data_ptr() and out.shape == shape
+        _exact_or_ulp(out, nf4.dequantize_4bit(packed, st))
+    assert torch.isnan(buf[70 * 128:]).all()
+    with pytest.raises(QLoraError):
+        dequantize_4bit_triton(packed, st, out=torch.empty(10, dtype=torch.bfloat16, device=DEV))
+
+
+@pytest.mark.gpu
+def test_dequant_matches_bitsandbytes_gpu():
+    """Weights quantized by bitsandbytes on the GPU dequantize to the same bits as its own kernel."""
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    w = _rand(512, 320, seed=3, scale=0.05, dtype=torch.bfloat16)
+    packed, bst = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    st = nf4.QuantState.from_state_dict({f"w.{k}": v for k, v in bst.as_dict(packed=True).items()}, "w")
+    assert torch.equal(K.dequantize_4bit(packed, st), bnbF.dequantize_4bit(packed, bst))
+
+
+@pytest.mark.gpu
+def test_dequant_large_gpu():
+    w = _rand(4096, 1000, seed=5, scale=0.03, dtype=torch.bfloat16)
+    packed, st = nf4.quantize_4bit(w, 64, "nf4", True)
+    assert torch.equal(K.dequantize_4bit(packed, st), nf4.dequantize_4bit(packed, st))
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMV
+
+GEMV_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+GEMV_CASES = [
+    # (N, K), blocksize, rows, split_k
+    ((64, 256), 64, 1, None), ((48, 576), 64, 3, 2), ((40, 576), 64, 8, None), ((33, 128), 128, 1, None),
+    ((16, 8192), 4096, 2, None), ((70, 192), 64, 16, 3), ((130, 64), 64, 4, None), ((17, 1024), 32, 5, 4),
+]
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nk,bs,m,split", GEMV_CASES)
+def test_gemv_matches_float64(nk, bs, m, split, dtype):
+    from qlora.kernels.gemv import gemv_4bit_reference, gemv_4bit_triton
+    if INTERPRET and dtype == torch.bfloat16 and m > 4:
+        pytest.skip("the Triton interpreter's bf16 dot is wrong")
+    n, k = nk
+    packed, st = nf4.quantize_4bit(_rand(n, k, seed=n + k, scale=0.05, dtype=dtype), bs, "nf4", bs != 32)
+    x = _rand(m, k, seed=m, dtype=dtype)
+    y = gemv_4bit_triton(x, packed, st, split_k=split)
+    exact = x.double() @ nf4.dequantize_4bit(packed, st, torch.float32).double().t()
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel(y, exact) < GEMV_TOL[dtype]
+    assert _rel(y, gemv_4bit_reference(x, packed, st)) < 2 * GEMV_TOL[dtype]
+
+
+@kernel
+def test_matmul_4bit_paths():
+    """3-D input through the GEMV; more than 16 rows and K not a multiple of the block size take
+    the dequantize + matmul path; all equal the reference."""
+    from qlora.kernels.gemv import gemv_4bit_reference, gemv_supported, matmul_4bit
+    packed, st = nf4.quantize_4bit(_rand(96, 128, seed=1, scale=0.05), 64, "nf4", True)
+    for x in (_rand(2, 3, 128, seed=2), _rand(40, 128, seed=3)):
+        assert _rel(matmul_4bit(x, packed, st), gemv_4bit_reference(x, packed, st)) < 1e-5
+    p2, st2 = nf4.quantize_4bit(_rand(8, 96, seed=4, scale=0.05), 64, "nf4", True)  # K % 64 != 0
+    x2 = _rand(1, 96, seed=5)
+    assert not gemv_supported(x2, st2)
+    assert _rel(matmul_4bit(x2, p2, st2), gemv_4bit_reference(x2, p2, st2)) < 1e-5
+    with pytest.raises(QLoraError):
+        matmul_4bit(_rand(1, 64, seed=6), packed, st)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm / SwiGLU / RoPE kernels
+
+BWD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,wdtype", [((3, 5, 96), None), ((7, 1000), None), ((1, 77), torch.float32), ((300, 64), None)])
+def test_rms_norm(shape, wdtype, dtype):
+    x = _rand(*shape, seed=shape[-1], dtype=dtype).requires_grad_()
+    w = (1 + 0.1 * _rand(shape[-1], seed=1)).to(wdtype or dtype).requires_grad_()
+    y = na.RMSNormFunction.apply(x, w, 1e-5)
+    ref = na.rms_norm_reference(x.detach(), w.detach(), 1e-5)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    # fp32: the sum order and rsqrt differ by a few ulps
+    _ulp_close(y, ref, ulps=8 if ref.dtype == torch.float32 else 1, bf16_inside=dtype == torch.bfloat16)
+    dy = _rand(*y.shape, seed=9, dtype=y.dtype)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    na.rms_norm_reference(x64, w64, 1e-5).backward(dy.double())
+    assert x.grad.dtype == dtype and w.grad.dtype == w.dtype
+    assert _rel(x.grad, x64.grad) < BWD_TOL[dtype]
+    assert _rel(w.grad, w64.grad) < BWD_TOL[dtype]
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(4, 77), (2, 3, 1024), (5000,)])
+def test_swiglu(shape, dtype):
+    g = (2 * _rand(*shape, seed=1, dtype=dtype)).requires_grad_()
+    u = _rand(*shape, seed=2, dtype=dtype).requires_grad_()
+    out = na.SwiGLUFunction.apply(g, u)
+    ref = na.swiglu_reference(g.detach(), u.detach())
+    # silu is rounded to the dtype before the product, so the product inherits up to one ulp
+    silu_ref = F.silu(g.detach())
+    if dtype == torch.float32:
+        _ulp_close(out, ref, ulps=4)  # exp differs by an ulp or two
+    else:
+        _ulp_close(out, (silu_ref.double() * u.detach().double()).to(dtype))
+    do = _rand(*shape, seed=3, dtype=dtype)
+    out.backward(do)
+    g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+    na.swiglu_reference(g64, u64).backward(do.double())
+    assert _rel(g.grad, g64.grad) < BWD_TOL[dtype]
+    assert _rel(u.grad, u64.grad) < BWD_TOL[dtype]
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bhsd,table,transposed", [
+    ((2, 3, 7, 16), "batch", True), ((1, 4, 33, 64), "seq", False), ((3, 2, 5, 128), "one", True), ((1, 1, 1, 8), "batch", False),
+])
+def test_rope_bit_exact(bhsd, table, transposed, dtype):
+    b, h, s, d = bhsd
+    if transposed:  # [B, S, H, D] viewed as [B, H, S, D], as attention layers produce it
+        x = _rand(b, s, h, d, seed=d, dtype=dtype).transpose(1, 2)
+    else:
+        x = _rand(b, h, s, d, seed=d, dtype=dtype)
+    x = x.detach().requires_grad_()
+    tshape = {"batch": (b, s, d), "seq": (s, d), "one": (1, s, d)}[table]
+    cos, sin = _rand(*tshape, seed=1, dtype=dtype), _rand(*tshape, seed=2, dtype=dtype)
+    y = na.RoPEFunction.apply(x, cos, sin)
+    xr = x.detach().clone().requires_grad_()
+    ref = na.rope_reference(xr, cos, sin)
+    _exact_or_ulp(y, ref)
+    dy = _rand(*y.shape, seed=3, dtype=dtype)
+    y.backward(dy)
+    ref.backward(dy)
+    _exact_or_ulp(x.grad, xr.grad)
+
+
+@kernel
+def test_rope_rejects_bad_tables():
+    x = _rand(1, 2, 4, 8)
+    with pytest.raises(QLoraError):
+        na.RoPEFunction.apply(x, _rand(4, 6), _rand(4, 6))
+    with pytest.raises(QLoraError):
+        na.RoPEFunction.apply(x, _rand(4, 8, dtype=torch.float16), _rand(4, 8, dtype=torch.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch references vs transformers (CPU)
+
+
+def test_references_match_transformers():
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    g = _gen(0)
+    for dtype in DTYPES:
+        x = torch.randn(2, 5, 48, generator=g).to(dtype)
+        norm = llama.LlamaRMSNorm(48, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(48, generator=g))
+        assert torch.equal(na.rms_norm_reference(x.cpu(), norm.weight, 1e-5), norm(x.cpu()))
+        q, k = torch.randn(2, 3, 5, 16, generator=g).to(dtype), torch.randn(2, 1, 5, 16, generator=g).to(dtype)
+        cos, sin = torch.randn(2, 5, 16, generator=g).to(dtype), torch.randn(2, 5, 16, generator=g).to(dtype)
+        q_ref, k_ref = llama.apply_rotary_pos_emb(q, k, cos, sin)
+        assert torch.equal(na.rope_reference(q, cos, sin), q_ref)
+        assert torch.equal(na.rope_reference(k, cos, sin), k_ref)
+
+
+def test_dispatch_falls_back_on_cpu(monkeypatch):
+    monkeypatch.setenv("QLORA_KERNELS", "0")
+    assert not K.available()
+    w = torch.randn(40, 64, generator=_gen(1)) * 0.05
+    packed, st = nf4.quantize_4bit(w, 64, "nf4", True)
+    assert torch.equal(K.dequantize_4bit(packed, st), nf4.dequantize_4bit(packed, st))
+    buf = torch.zeros(3000, dtype=torch.float16)
+    out = K.dequantize_4bit(packed, st, out=buf)
+    assert out.data_ptr() == buf.data_ptr() and torch.equal(out, nf4.dequantize_4bit(packed, st, torch.float16))
+    x = torch.randn(3, 64, generator=_gen(2))
+    assert torch.equal(K.matmul_4bit(x, packed, st), x @ nf4.dequantize_4bit(packed, st).t())
+    h = torch.randn(4, 64, generator=_gen(3))
+    assert torch.equal(K.rms_norm(h, torch.ones(64)), na.rms_norm_reference(h, torch.ones(64)))
+    assert torch.equal(K.swiglu(h, x[:1].expand(4, 64)), F.silu(h) * x[:1])
+    with pytest.raises(QLoraError):
+        K.matmul_4bit(torch.randn(2, 63), packed, st)
+
+
+@pytest.mark.gpu
+def test_dispatch_uses_kernels_on_gpu():
+    assert K.available() == HAVE_TRITON
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked linear + cross-entropy (CPU)
+
+
+def _ce_case(n, h, v, dtype, seed=0, ignore_every=4):
+    g = _gen(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.3).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::ignore_every] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-6), (torch.float16, 1e-6)])
+@pytest.mark.parametrize("chunk", [1, 7, 37, 100])
+def test_chunked_ce_matches_cross_entropy(dtype, tol, chunk):
+    hidden, weight, labels = _ce_case(37, 24, 101, dtype)
+    h1 = hidden.clone().requires_grad_()
+    loss = K.chunked_linear_cross_entropy(h1, weight, labels, chunk_size=chunk)
+    loss.backward()
+    h2 = hidden.clone().requires_grad_()
+    ref = F.cross_entropy((h2 @ weight.t()).float(), labels)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) <= tol * abs(ref.item())
+    gtol = 1e-6 if dtype == torch.float32 else 1e-2  # the 16-bit matmul's own rounding
+    assert _rel(h1.grad, h2.grad) < gtol
+    assert h1.grad.dtype == dtype
+
+
+def test_chunked_ce_weight_grad_and_frozen_head():
+    hidden, weight, labels = _ce_case(20, 16, 50, torch.float32, seed=1)
+    w1 = weight.clone().requires_grad_()
+    h1 = hidden.clone().requires_grad_()
+    (2.5 * K.chunked_linear_cross_entropy(h1, w1, labels, chunk_size=6)).backward()
+    w2 = weight.clone().requires_grad_()
+    h2 = hidden.clone().requires_grad_()
+    (2.5 * F.cross_entropy(h2 @ w2.t(), labels)).backward()
+    assert _rel(w1.grad, w2.grad) < 1e-6 and _rel(h1.grad, h2.grad) < 1e-6
+    # frozen lm_head: no weight gradient is formed
+    h3 = hidden.clone().requires_grad_()
+    K.chunked_linear_cross_entropy(h3, weight, labels, chunk_size=6).backward()
+    assert weight.grad is None and _rel(h3.grad, h2.grad / 2.5) < 1e-6
+
+
+def test_chunked_ce_sum_leading_dims_and_ignored():
+    hidden, weight, labels = _ce_case(24, 8, 30, torch.float32, seed=2, ignore_every=3)
+    h1 = hidden.view(4, 6, 8).clone().requires_grad_()
+    loss = K.chunked_linear_cross_entropy(h1, weight, labels.view(4, 6), chunk_size=5, reduction="sum")
+    loss.backward()
+    h2 = hidden.clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ weight.t(), labels, reduction="sum")
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    assert _rel(h1.grad.view(24, 8), h2.grad) < 1e-6
+    assert (h1.grad.view(24, 8)[labels == -100] == 0).all()
+    all_ignored = torch.full((24,), -100)
+    assert torch.isnan(K.chunked_linear_cross_entropy(hidden, weight, all_ignored)).item() == \
+        torch.isnan(F.cross_entropy(hidden @ weight.t(), all_ignored)).item()
+
+
+def test_chunked_ce_never_forms_full_logits(monkeypatch):
+    seen = []
+    real = loss_mod._chunk_logits
+
+    def spy(h, w):
+        seen.append(h.shape[0])
+        return real(h, w)
+    monkeypatch.setattr(loss_mod, "_chunk_logits", spy)
+    hidden, weight, labels = _ce_case(50, 8, 64, torch.float32, seed=3)
+    K.chunked_linear_cross_entropy(hidden.requires_grad_(), weight, labels, chunk_size=16).backward()
+    assert max(seen) <= 16 and sum(seen) == 2 * 50  # forward + recompute in backward
+
+
+def test_chunked_ce_rejects_bad_input():
+    hidden, weight, labels = _ce_case(6, 8, 10, torch.float32)
+    bad = labels.clone()
+    bad[1] = 10
+    with pytest.raises(QLoraError, match="labels"):
+        K.chunked_linear_cross_entropy(hidden, weight, bad)
+    with pytest.raises(QLoraError):
+        K.chunked_linear_cross_entropy(hidden, weight[:, :4], labels)
+    with pytest.raises(QLoraError):
+        K.chunked_linear_cross_entropy(hidden, weight, labels[:5])
+    with pytest.raises(QLoraError):
+        K.chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=0)
