@@ -304,20 +304,24 @@ class _Tok:
     def render(self, msgs, gen: bool) -> str:
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
-    def encode(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
-        """Token ids, the trained span of each token (-1: none) and each token's first character.
-
-        A token belongs to a span when its last character lies inside it (so a byte-level
-        token " word" whose space precedes the span still counts as the span's)."""
-        if self.offsets:
-            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids, offs = list(enc["input_ids"]), enc["offset_mapping"]
+    def encode(self, layouts: list[tuple[str, list]]) -> list[tuple[list[int], list[int], list[int]]]:
+        """For each ``(text, spans)``: token ids, the trained span of each token (-1: none) and
+        each token's first character. A token belongs to a span when its last character lies
+        inside it (so a byte-level token " word" whose space precedes the span counts)."""
+        if not self.offsets:
+            return [self._encode_pieces(text, spans) for text, spans in layouts]
+        enc = self.tok([t for t, _ in layouts], add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for (_, spans), ids, offs in zip(layouts, enc["input_ids"], enc["offset_mapping"]):
             span_starts = [s for s, _ in spans]
             span_of = []
             for s, e in offs:
                 k = bisect.bisect_right(span_starts, e - 1) - 1
                 span_of.append(k if e > s and k >= 0 and e - 1 < spans[k][1] else -1)
-            return ids, span_of, [s for s, _ in offs]
+            out.append((list(ids), span_of, [s for s, _ in offs]))
+        return out
+
+    def _encode_pieces(self, text: str, spans: list) -> tuple[list[int], list[int], list[int]]:
         cuts = sorted({0, len(text), *(c for sp in spans for c in sp)})
         ids, span_of, starts = [], [], []
         for a, b in zip(cuts, cuts[1:]):
@@ -381,8 +385,8 @@ def _chat_layout(tk: _Tok, msgs: list[dict], where: str) -> tuple[str, list[tupl
     return text, spans, True
 
 
-def _example(tk: _Tok, text: str, spans, prefix: list[int], train_all: bool) -> Example:
-    ids, span_of, starts = tk.encode(text, spans)
+def _example(tk: _Tok, encoded, spans, prefix: list[int], train_all: bool) -> Example:
+    ids, span_of, starts = encoded
     last = {}
     for i, k in enumerate(span_of):
         if k >= 0:
@@ -426,35 +430,39 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
     stats = {"records": len(records), "examples": 0, "truncated": 0, "dropped": 0, "longest": 0,
              "tokens": 0, "trained_tokens": 0, "template": "none" if fmt == "text" else
              ("chat" if use_chat else "plain"), "template_fallback": 0}
-    examples, too_long = [], 0
+    layouts = []  # (text, trained spans, prefix ids, train on all tokens)
     for n, rec in enumerate(records, 1):
         where = getattr(rec, "where", f"record {n}")
         if fmt == "text":
             text = rec.get("text")
             if not isinstance(text, str):
                 raise QLoraError(f"{where}: missing field 'text' (format text needs text)")
-            ex = _example(tk, text, [(0, len(text))], tk.prefix, True)
-        else:
-            if fmt != "chat":
-                _check_fields(rec if isinstance(rec, Record) else _record(rec, where), fmt)
-            msgs = to_messages(rec, fmt)
-            if use_chat:
-                text, spans, fell_back = _chat_layout(tk, msgs, where)
-                stats["template_fallback"] += fell_back
-                prefix = []
-            else:
-                (text, spans), prefix = _plain_layout(msgs), tk.prefix
-            ex = _example(tk, text, spans, prefix, train_on_prompt)
-        stats["longest"] = max(stats["longest"], len(ex))
-        if len(ex) > max_length:
-            too_long += 1
-            ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
-        if not any(t != IGNORE for t in ex.labels):
-            stats["dropped"] += 1
+            layouts.append((text, [(0, len(text))], tk.prefix, True))
             continue
-        examples.append(ex)
-        stats["tokens"] += len(ex)
-        stats["trained_tokens"] += sum(t != IGNORE for t in ex.labels)
+        if fmt != "chat":
+            _check_fields(rec if isinstance(rec, Record) else _record(rec, where), fmt)
+        msgs = to_messages(rec, fmt)
+        if use_chat:
+            text, spans, fell_back = _chat_layout(tk, msgs, where)
+            stats["template_fallback"] += fell_back
+            layouts.append((text, spans, [], train_on_prompt))
+        else:
+            layouts.append((*_plain_layout(msgs), tk.prefix, train_on_prompt))
+    examples, too_long = [], 0
+    for c in range(0, len(layouts), 1024):  # the tokenizer encodes a chunk at once (in parallel)
+        chunk = layouts[c:c + 1024]
+        for (text, spans, prefix, train_all), enc in zip(chunk, tk.encode([(t, sp) for t, sp, _, _ in chunk])):
+            ex = _example(tk, enc, spans, prefix, train_all)
+            stats["longest"] = max(stats["longest"], len(ex))
+            if len(ex) > max_length:
+                too_long += 1
+                ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
+            if not any(t != IGNORE for t in ex.labels):
+                stats["dropped"] += 1
+                continue
+            examples.append(ex)
+            stats["tokens"] += len(ex)
+            stats["trained_tokens"] += sum(t != IGNORE for t in ex.labels)
     if too_long and not truncate:
         raise QLoraError(f"{too_long} of {len(records)} records are longer than max_length={max_length} tokens "
                          f"(longest: {stats['longest']}): raise --max-length or allow truncation")

@@ -273,13 +273,18 @@ def test_eos_added_when_template_has_no_end_token(bpe):
     assert trained_runs(tok, ex) == ["B.</s>", 'D, "quoted".</s>']
 
 
-def test_token_straddling_prompt_and_response_is_trained(bpe):
+def test_token_straddling_prompt_and_response_is_trained(smol):
     # "assistant: B." -- the byte-level token " B" starts in the prompt's space but ends in the
     # response: it is trained (else the response would lose its first token)
-    tok = with_template(bpe, "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                             "{% if add_generation_prompt %}assistant: {% endif %}")
-    ex = tokenize_records(CHAT, "chat", tok)[0][0]
-    assert trained_runs(tok, ex) == [" B.</s>", ' D, "quoted".</s>']
+    saved = smol.chat_template
+    smol.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}<|im_end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    try:
+        ex = tokenize_records(CHAT, "chat", smol)[0][0]
+    finally:
+        smol.chat_template = saved
+    assert smol.convert_ids_to_tokens(smol(" B.")["input_ids"])[0] == "ĠB"  # one token " B"
+    assert trained_runs(smol, ex) == [" B.<|im_end|>", ' D, "quoted".<|im_end|>']
 
 
 def test_non_incremental_template_falls_back(bpe):
