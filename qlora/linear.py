@@ -65,18 +65,12 @@ class QLoRALinear(nn.Module):
                  dropout: float = 0.0, use_rslora: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
                  lora_dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
-        if not isinstance(r, int) or r < 0:
-            raise QLoraError(f"LoRA rank must be a positive integer, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.compute_dtype = compute_dtype
-        self.scaling = (alpha / math.sqrt(r) if use_rslora else alpha / r) if r > 0 else 0.0
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disable_adapter = False
         self.quant_type: str | None = None
         self._meta: dict = {}
+        self._wcache: torch.Tensor | None = None  # see dequant_cache()
         # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
         # non-persistent: the base is always re-read from its source, adapters are saved apart).
         self.register_buffer("weight_packed", None, persistent=False)
@@ -84,9 +78,21 @@ class QLoRALinear(nn.Module):
         self.register_buffer("bias", None, persistent=False)
         for k in ("absmax", "code", "nested_absmax", "nested_code"):
             self.register_buffer(k, None, persistent=False)
+        self.set_lora(r, alpha, dropout, use_rslora, lora_dtype, device)
+
+    def set_lora(self, r: int, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
+                 lora_dtype: torch.dtype = torch.float32, device=None) -> None:
+        """(Re)create the adapter: fresh A (Kaiming uniform) and B = 0; r = 0 removes it."""
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise QLoraError(f"LoRA rank must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.scaling = (alpha / math.sqrt(r) if use_rslora else alpha / r) if r > 0 else 0.0
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if r > 0:
-            self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=lora_dtype, device=device))
-            self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=lora_dtype, device=device))
+            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=lora_dtype, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=lora_dtype, device=device))
             self.reset_lora_parameters()
         else:
             self.lora_A = self.lora_B = None
@@ -171,7 +177,9 @@ class QLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         xc = x.to(self.compute_dtype)
-        if self.weight_packed is not None:
+        if self._wcache is not None and not torch.is_grad_enabled():
+            y = F.linear(xc, self._wcache)
+        elif self.weight_packed is not None:
             y = _FrozenMatmul4bit.apply(xc, self.weight_packed, self)
         else:
             y = F.linear(xc, self.weight)
@@ -188,3 +196,23 @@ class QLoRALinear(nn.Module):
             if self.weight_packed is not None else "16-bit"
         return (f"in={self.in_features}, out={self.out_features}, base={base}, r={self.r}, "
                 f"alpha={self.alpha:g}{', rslora' if self.use_rslora else ''}")
+
+
+class dequant_cache:
+    """Context manager for inference (generation, evaluation) under ``torch.no_grad()``: each 4-bit
+    weight is dequantized once to ``compute_dtype`` and reused for every token, instead of once per
+    forward. Costs a 16-bit copy of the weights while active (released on exit); ignored whenever
+    gradients are enabled, so training never sees it."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.layers = [m for m in model.modules() if isinstance(m, QLoRALinear)] if enabled else []
+
+    def __enter__(self):
+        with torch.no_grad():
+            for m in self.layers:
+                m._wcache = m.base_weight()
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m._wcache = None

@@ -129,3 +129,19 @@ def test_cuda_matches_cpu():
     y = m(x)
     mc = m.to("cuda")
     torch.testing.assert_close(mc(x.cuda()).cpu(), y, rtol=1e-4, atol=1e-4)
+
+
+def test_dequant_cache_same_output_and_inactive_with_grad():
+    from qlora.linear import dequant_cache
+    m, _, _ = _layer(dtype=torch.float32)
+    x = torch.randn(3, 80)
+    with torch.no_grad():
+        ref = m(x)
+    with dequant_cache(m):
+        assert m._wcache is not None
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), ref, rtol=0, atol=0)
+        xg = x.clone().requires_grad_()
+        m(xg).sum().backward()  # with grad enabled the cache is not used
+        assert xg.grad is not None
+    assert m._wcache is None

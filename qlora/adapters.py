@@ -1,0 +1,286 @@
+"""LoRA adapters in the PEFT format, and merging them into a plain 16-bit model.
+
+An adapter directory holds ``adapter_config.json`` (PEFT's ``LoraConfig``) and
+``adapter_model.safetensors`` with, per adapted layer ``M`` (a module name such as
+``model.layers.0.self_attn.q_proj``), ``base_model.model.M.lora_A.weight`` [r, in] and
+``base_model.model.M.lora_B.weight`` [out, r]. ``peft.PeftModel.from_pretrained`` loads it onto
+the transformers model, and adapters peft saved load here. We also write ``qlora_config.json``
+(how the base was quantized while training), which peft ignores and ``merge`` uses.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import QLoraError
+from .linear import QLoRALinear
+from .model import LoraSettings, QuantSettings, block_linear_names, lora_modules, parse_dtype
+
+PREFIX = "base_model.model."
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+QCONFIG = "qlora_config.json"
+
+
+def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = None,
+                 quant: QuantSettings | None = None, extra: dict | None = None) -> Path:
+    """Write the model's LoRA factors as a PEFT adapter directory, atomically (temp dir, rename)."""
+    mods = lora_modules(model)
+    if not mods:
+        raise QLoraError("the model has no LoRA layers to save")
+    ranks = {m.r for m in mods.values()}
+    alphas = {m.alpha for m in mods.values()}
+    rs = {m.use_rslora for m in mods.values()}
+    if len(ranks) != 1 or len(alphas) != 1 or len(rs) != 1:
+        raise QLoraError("saving adapters with per-layer ranks/alphas is not supported")
+    dropout = next(iter(mods.values())).lora_dropout
+    tensors = {}
+    for name, m in mods.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": ranks.pop(),
+        "lora_alpha": alphas.pop(),
+        "lora_dropout": getattr(dropout, "p", 0.0),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
+        "use_rslora": rs.pop(),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if quant is not None or extra:
+            q = dict(quant.__dict__) if quant is not None else {}
+            (tmp / QCONFIG).write_text(json.dumps({"quant": q, **(extra or {})}, indent=2, default=str) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(peft config, {module name: (A, B)}) with every check a user may need to see."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise QLoraError(f"adapter directory not found: {d}")
+    if not (d / CONFIG).is_file():
+        raise QLoraError(f"{d} is not a PEFT adapter: no {CONFIG}")
+    try:
+        cfg = json.loads((d / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise QLoraError(f"{d / CONFIG}: invalid JSON ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise QLoraError(f"{d}: only LoRA adapters are supported, this is {cfg.get('peft_type')}")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise QLoraError(f"{d}: adapters with rank_pattern/alpha_pattern are not supported")
+    if cfg.get("modules_to_save"):
+        raise QLoraError(f"{d}: adapters with modules_to_save ({cfg['modules_to_save']}) are not supported")
+    wfile = d / WEIGHTS
+    if not wfile.is_file():
+        if (d / "adapter_model.bin").exists():
+            raise QLoraError(f"{d}: only a pickle adapter_model.bin is there; it is refused (never unpickled) — "
+                             "save it again with safetensors")
+        raise QLoraError(f"{d}: no {WEIGHTS}")
+    try:
+        sd = load_file(str(wfile))
+    except (SafetensorError, OSError) as e:
+        raise QLoraError(f"{wfile}: corrupt safetensors file ({e})") from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        key = k[len(PREFIX):] if k.startswith(PREFIX) else k
+        for part in ("lora_A", "lora_B"):
+            for suffix in (f".{part}.weight", f".{part}.default.weight"):
+                if key.endswith(suffix):
+                    pairs.setdefault(key[: -len(suffix)], {})[part] = v
+                    break
+    if not pairs:
+        raise QLoraError(f"{wfile}: holds no lora_A/lora_B weights")
+    out = {}
+    for name, p in pairs.items():
+        if set(p) != {"lora_A", "lora_B"}:
+            raise QLoraError(f"{wfile}: {name} has only {', '.join(p)}")
+        out[name] = (p["lora_A"], p["lora_B"])
+    return cfg, out
+
+
+def load_adapter(model, adapter_dir: str | os.PathLike, trainable: bool = False):
+    """Put the adapter's factors on the model's block linears (creating the LoRA layers the adapter
+    has). Module or shape mismatches → QLoraError naming them."""
+    cfg, pairs = read_adapter(adapter_dir)
+    linears = set(block_linear_names(model))
+    missing = sorted(set(pairs) - linears)
+    if missing:
+        raise QLoraError(f"adapter {adapter_dir} does not fit this base model: it has layers the model "
+                         f"lacks, e.g. {', '.join(missing[:3])} ({len(missing)} in all)")
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    for name, (a, b) in pairs.items():
+        m = model.get_submodule(name)
+        if not isinstance(m, QLoRALinear):
+            raise QLoraError(f"{name} is not a QLoRA linear layer")
+        if a.shape != (r, m.in_features) or b.shape != (m.out_features, r):
+            raise QLoraError(f"adapter {adapter_dir} does not fit this base model: {name} expects "
+                             f"A {(r, m.in_features)} and B {(m.out_features, r)}, the adapter has "
+                             f"A {tuple(a.shape)} and B {tuple(b.shape)}")
+    for m in model.modules():  # layers not in the adapter carry no LoRA
+        if isinstance(m, QLoRALinear) and m.r:
+            m.set_lora(0)
+    for name, (a, b) in pairs.items():
+        m = model.get_submodule(name)
+        dev = m.weight_packed.device if m.weight_packed is not None else m.weight.device
+        m.set_lora(r, alpha, float(cfg.get("lora_dropout", 0.0) or 0.0), rslora, device=dev)
+        m.lora_A.data.copy_(a)
+        m.lora_B.data.copy_(b)
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable and n.endswith(("lora_A", "lora_B")))
+    return model
+
+
+def adapter_quant_settings(adapter_dir) -> QuantSettings:
+    """How the base was quantized when the adapter was trained (defaults if unknown)."""
+    p = Path(adapter_dir) / QCONFIG
+    if p.is_file():
+        q = json.loads(p.read_text()).get("quant", {})
+        return QuantSettings(**{k: v for k, v in q.items() if k in QuantSettings.__dataclass_fields__})
+    return QuantSettings()
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str | torch.dtype = "bf16",
+                   quant: QuantSettings | None = None):
+    """Stream the merged model: ``(config, tokenizer, iterator of (name, tensor))``.
+
+    Block linear weights become ``dequant(quant(W))`` — the 4-bit base the adapter was trained on,
+    quantized as in ``qlora_config.json`` — plus ``scaling * B @ A`` where adapted, summed in fp32
+    and cast to ``dtype``; every other tensor passes through in ``dtype``. One weight is in memory
+    at a time.
+    """
+    from . import nf4
+    from .sources import open_source
+    if model_src is None:
+        from .embedded import embedded_model_path
+        model_src = embedded_model_path()
+    source = open_source(model_src)
+    dtype = parse_dtype(dtype)
+    cfg, pairs = read_adapter(adapter_dir) if adapter_dir else ({}, {})
+    quant = quant or (adapter_quant_settings(adapter_dir) if adapter_dir else QuantSettings())
+    r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    scaling = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    names = source.names()
+    weight_names = {f"{n}.weight": n for n in pairs}
+    absent = [n for n in weight_names if n not in names]
+    if absent:
+        raise QLoraError(f"adapter {adapter_dir} does not fit base {model_src}: the base has no "
+                         f"{', '.join(absent[:3])}")
+
+    from .sources import quantizable_linear_names
+    block_weights = set(quantizable_linear_names(source.config))
+
+    def gen():
+        for name in names:
+            q = source.quantized(name)
+            if q is not None:
+                w = nf4.dequantize_4bit(q[0], q[1], torch.float32)
+            elif name in block_weights and quant.quant_type:  # the 4-bit base that was trained on
+                p, st = nf4.quantize_4bit(source.get(name), quant.blocksize, quant.quant_type, quant.double_quant)
+                w = nf4.dequantize_4bit(p, st, torch.float32)
+            else:
+                w = source.get(name)
+            if name in weight_names:
+                a, b = pairs[weight_names[name]]
+                if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]:
+                    raise QLoraError(f"adapter {adapter_dir} does not fit base {model_src}: {name} is "
+                                     f"{tuple(w.shape)}, the adapter has A {tuple(a.shape)}, B {tuple(b.shape)}")
+                w = w.float() + scaling * (b.float() @ a.float())
+            yield name, w.to(dtype) if w.is_floating_point() else w
+
+    return source.config, source, gen()
+
+
+def merge(model_src, adapter_dir, output, dtype: str = "bf16", quantize: bool = False, force: bool = False,
+          max_shard_size: str = "5GB", progress: bool = True) -> dict:
+    """Write a plain Hugging Face model directory (or, with ``quantize``, a 4-bit checkpoint of the
+    merged weights) with the tokenizer; transformers loads it without qlora installed."""
+    from tqdm.auto import tqdm
+
+    from . import nf4
+    from .checkpoint import CheckpointWriter, quantization_config
+    from .sources import quantizable_linear_names
+    config, source, tensors = merged_tensors(model_src, adapter_dir, dtype)
+    out = Path(output)
+    if out.exists() and not force:
+        raise QLoraError(f"output {out} already exists (use --force to replace it)")
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = cfg["dtype"] = str(parse_dtype(dtype)).split(".")[-1]
+    q = adapter_quant_settings(adapter_dir) if adapter_dir else QuantSettings()
+    qnames = set(quantizable_linear_names(config)) if quantize else set()
+    n = 0
+    with CheckpointWriter(out, max_shard_size=max_shard_size, force=force) as w:
+        for name, t in tqdm(tensors, total=len(source.names()), desc="merging", unit="tensor", disable=not progress):
+            if name in qnames:
+                packed, st = nf4.quantize_4bit(t, q.blocksize, q.quant_type or "nf4", q.double_quant)
+                w.add_quantized(name, packed, st)
+            else:
+                w.add(name, t.contiguous())
+            n += 1
+        if quantize:
+            cfg["quantization_config"] = quantization_config(q.quant_type or "nf4", q.double_quant,
+                                                             parse_dtype(q.compute_dtype))
+        files = w.finish(cfg)
+    source.save_tokenizer(out)
+    return dict(output=str(out), tensors=n, files=[str(f) for f in files])
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model (plain 16-bit HF model)",
+                       description="Write base + adapter as a plain Hugging Face model directory: each adapted "
+                                   "weight becomes dequant(W) + scale*B@A (the 4-bit base the adapter was trained "
+                                   "on), tensor by tensor; the tokenizer is copied. transformers loads the result "
+                                   "without qlora.")
+    p.add_argument("--model", default=None, help="base model: HF directory, GGUF file or 4-bit checkpoint "
+                                                 "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--output", required=True, help="output directory (must not exist unless --force)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged weights (default bf16)")
+    p.add_argument("--quantize", action="store_true",
+                   help="re-quantize the merged linear weights to a 4-bit checkpoint (lossy: see docs/merge.md)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=_run_merge)
+
+
+def _run_merge(args) -> int:
+    s = merge(args.model, args.adapter, args.output, args.dtype, args.quantize, args.force, args.max_shard_size)
+    print(f"merged {s['tensors']} tensors into {s['output']} ({len(s['files'])} file(s))")
+    return 0
