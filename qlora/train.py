@@ -1,0 +1,473 @@
+"""`qlora train`: the training loop, readable top to bottom.
+
+load model (4-bit base + LoRA) → read and tokenize data → batches → optimizer + schedule →
+for each step: accumulate gradients over micro-batches (loss normalised by the step's trained
+tokens) → clip → update → log → eval / checkpoint every N steps → final adapter (PEFT format).
+
+Output directory::
+
+    OUT/config.yaml            the resolved configuration
+    OUT/metrics.jsonl          one JSON object per step (and per evaluation)
+    OUT/loss.png               train/eval loss curves, redrawn as training goes
+    OUT/checkpoints/step-N/    adapter + optimizer + scheduler + RNG + data position, checksummed
+    OUT/adapter/               the final adapter (PEFT directory, loads with peft)
+
+Checkpoints are written to a temp directory and renamed into place, so an interrupted run never
+leaves a half-written one; ``--resume`` takes the newest checkpoint whose checksums verify and
+continues exactly (same losses as an uninterrupted run). Ctrl-C / SIGTERM saves and exits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import add_dataclass_args, build_config, opt, to_yaml
+from .errors import QLoraError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = opt(None, "training data file: JSONL, JSON, CSV or Parquet", group="data", metavar="FILE")
+    format: str | None = opt(None, "record format (default: detected)", ["alpaca", "chat", "completion", "text"], group="data")
+    val_data: str | None = opt(None, "validation data file (instead of --val-split)", group="data", metavar="FILE")
+    val_split: float = opt(0.0, "fraction of the data held out for validation", group="data")
+    max_length: int = opt(1024, "maximum tokens per example", group="data")
+    truncate: bool = opt(True, "truncate longer examples (and count them); false: refuse them", group="data")
+    train_on_prompt: bool = opt(False, "also train on prompt tokens (default: response tokens only)", group="data")
+    template: str = opt("auto", "prompt rendering: tokenizer chat template, or a plain template", ["auto", "chat", "plain"], group="data")
+    packing: bool = opt(False, "pack several examples per row (attention stays inside each example)", group="data")
+    # model
+    model: str | None = opt(None, "base model: HF dir, GGUF file or 4-bit checkpoint (default: embedded SmolLM2-135M-Instruct)", group="model", metavar="SRC")
+    quant_type: str = opt("nf4", "4-bit code of the frozen base; none = 16-bit LoRA", ["nf4", "fp4", "int4", "none"], group="model")
+    blocksize: int = opt(64, "quantization block size", group="model")
+    double_quant: bool = opt(True, "double-quantize the block scales", group="model")
+    compute_dtype: str = opt("bf16", "matmul dtype (fp16 uses loss scaling)", ["bf16", "fp16", "fp32"], group="model")
+    rank: int = opt(64, "LoRA rank r", group="lora")
+    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)", group="lora")
+    dropout: float = opt(0.05, "LoRA dropout", group="lora")
+    target: str = opt("all-linear", "layers that get LoRA: all-linear or names like q_proj,v_proj", group="lora")
+    rslora: bool = opt(False, "rank-stabilised LoRA (scale = alpha / sqrt(r))", group="lora")
+    # optimisation
+    optim: str = opt("paged_adamw", "optimizer", ["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"], group="optimization")
+    lr: float = opt(2e-4, "peak learning rate", group="optimization")
+    weight_decay: float = opt(0.0, "AdamW weight decay", group="optimization")
+    schedule: str = opt("constant", "learning-rate schedule after warmup", ["constant", "cosine", "linear"], group="optimization")
+    warmup_ratio: float = opt(0.03, "fraction of steps for linear warmup", group="optimization")
+    max_grad_norm: float = opt(0.3, "gradient clipping norm (0: off)", group="optimization")
+    batch_size: int = opt(4, "examples (or packed rows) per micro-batch", group="optimization")
+    grad_accum: int = opt(4, "micro-batches per optimizer step", group="optimization")
+    epochs: float = opt(1.0, "passes over the data (ignored if --max-steps is set)", group="optimization")
+    max_steps: int | None = opt(None, "optimizer steps to run", group="optimization")
+    grad_checkpointing: bool = opt(True, "recompute activations in backward to save memory", group="optimization")
+    seed: int = opt(42, "random seed (LoRA init, dropout, data order)", group="optimization")
+    # run
+    output: str | None = opt(None, "output directory", group="run", metavar="DIR")
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end, when there is validation data)", group="run")
+    save_every: int = opt(100, "checkpoint every N steps (0: only at the end)", group="run")
+    keep_last: int = opt(3, "checkpoints to keep", group="run")
+    log_every: int = opt(1, "write metrics every N steps", group="run")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto", group="run")
+    resume: bool = opt(False, "continue from the newest good checkpoint in --output", group="run")
+    overwrite: bool = opt(False, "replace a previous run in --output", group="run")
+    progress: bool = opt(True, "show a progress bar", group="run")
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule, checkpoints
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    frac = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - frac)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, step: int, model, opt_, state: dict, quant, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically; files are checksummed (checksums.json written last)."""
+    from safetensors.torch import save_file
+
+    from .adapters import save_adapter
+    from .optim import state_dict_to_tensors
+    ck_root = run_dir / "checkpoints"
+    ck_root.mkdir(parents=True, exist_ok=True)
+    final = ck_root / f"step-{step:07d}"
+    tmp = ck_root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_adapter(model, tmp / "adapter", quant=quant)
+        tensors, meta = state_dict_to_tensors(opt_.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        sums = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+        for p in files + [tmp / "checksums.json"]:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = latest_checkpoint(run_dir)
+        raise QLoraError(f"could not save the checkpoint of step {step} ({e.strerror or e}); "
+                         f"the previous checkpoint {good.name if good else '(none)'} is intact") from None
+    for old in sorted(ck_root.glob("step-*"))[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(ck: Path) -> bool:
+    try:
+        sums = json.loads((ck / "checksums.json").read_text())
+        return all(_sha256(ck / rel) == h for rel, h in sums.items())
+    except (OSError, ValueError):
+        return False
+
+
+def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
+    """The newest checkpoint whose checksums verify (corrupt ones are reported and skipped)."""
+    for ck in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
+        if verify_checkpoint(ck):
+            return ck
+        if warn:
+            warn(f"checkpoint {ck.name} is corrupt (checksum mismatch or missing files): skipping it")
+    return None
+
+
+def load_checkpoint(ck: Path, model, opt_) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .adapters import read_adapter
+    from .optim import state_dict_from_tensors
+    _, pairs = read_adapter(ck / "adapter")
+    for name, (a, b) in pairs.items():
+        m = model.get_submodule(name)
+        m.lora_A.data.copy_(a)
+        m.lora_B.data.copy_(b)
+    with safe_open(str(ck / "optimizer.safetensors"), "pt") as f:
+        meta = f.metadata()
+    opt_.load_state_dict(state_dict_from_tensors(load_file(str(ck / "optimizer.safetensors")), meta))
+    rng = load_file(str(ck / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    return json.loads((ck / "trainer_state.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# loss
+
+
+def _chunked_loss_ok(model) -> bool:
+    cfg = model.config
+    return (hasattr(model, "model") and model.get_output_embeddings() is not None
+            and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
+            and cfg.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"))
+
+
+def loss_sum(model, batch: dict, device) -> torch.Tensor:
+    """Sum of token cross-entropies over the batch's trained tokens (labels != -100), computed
+    without a full fp32 logits tensor where the architecture allows."""
+    from .kernels.loss import chunked_linear_cross_entropy
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    labels = batch["labels"].to(device)
+    if _chunked_loss_ok(model):
+        h = model.model(**inputs, use_cache=False).last_hidden_state
+        h = h[:, :-1].reshape(-1, h.shape[-1])
+        return chunked_linear_cross_entropy(h, model.get_output_embeddings().weight, labels[:, 1:].reshape(-1),
+                                            reduction="sum")
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, device) -> float:
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for b in batches:
+        total += loss_sum(model, b, device).item()
+        n += int(b["num_tokens"])
+    model.train(was)
+    return total / max(1, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QLoraError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _prepare_output(cfg: TrainConfig) -> Path:
+    if not cfg.output:
+        raise QLoraError("--output DIR is required")
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise QLoraError(f"--output {out} is a file")
+    previous = out.is_dir() and any(out.iterdir())
+    if previous and not (cfg.resume or cfg.overwrite):
+        raise QLoraError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    if cfg.resume and not (out / "checkpoints").is_dir():
+        raise QLoraError(f"--resume: {out} has no checkpoints to resume from")
+    if previous and cfg.overwrite and not cfg.resume:
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss")
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run training as configured; returns a summary dict (also printed by the CLI)."""
+    from tqdm.auto import tqdm
+
+    from .adapters import save_adapter
+    from .data import Batches, load_examples, split_validation
+    from .model import LoraSettings, QuantSettings, load_model
+    from .optim import make_optimizer
+
+    t_start = time.time()
+    if not cfg.data:
+        raise QLoraError("--data FILE is required")
+    for name in ("batch_size", "grad_accum", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise QLoraError(f"--{name.replace('_', '-')} must be >= 1")
+    out = _prepare_output(cfg)
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    quant = QuantSettings(None if cfg.quant_type == "none" else cfg.quant_type, cfg.blocksize, cfg.double_quant,
+                          cfg.compute_dtype)
+    lora = LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target, cfg.rslora)
+    dtype = "fp32" if cfg.compute_dtype == "fp32" else cfg.compute_dtype
+    (out / "config.yaml").write_text(to_yaml(cfg))
+
+    model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress)
+    if tok is None:
+        raise QLoraError("the model has no tokenizer")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tok_kw = dict(max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt, truncate=cfg.truncate,
+                  template=cfg.template)
+    examples, stats = load_examples(cfg.data, tok, cfg.format, **tok_kw)
+    if cfg.val_data:
+        val, vstats = load_examples(cfg.val_data, tok, cfg.format, **tok_kw)
+    else:
+        examples, val = split_validation(examples, cfg.val_split, cfg.seed)
+    log(f"data: {stats['examples']} examples ({stats['format']}, {stats['trained_tokens']} trained tokens), "
+        f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; {len(val)} for validation")
+    batches = Batches(examples, cfg.batch_size, pad_id, packing=cfg.packing, max_length=cfg.max_length, seed=cfg.seed)
+    val_batches = list(Batches(val, cfg.batch_size, pad_id, max_length=cfg.max_length, shuffle=False).epoch(0)) \
+        if val else []
+    per_epoch = max(1, len(batches) // cfg.grad_accum)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batches) / cfg.grad_accum))
+    warmup = math.ceil(cfg.warmup_ratio * total)
+
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if cfg.compute_dtype == "fp16" else None
+    n_trainable = sum(p.numel() for p in params)
+    log(f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} on {device}, {quant.quant_type or '16-bit'} base, "
+        f"LoRA r={cfg.rank} on {cfg.target}: {n_trainable / 1e6:.2f}M trainable parameters; "
+        f"{total} steps of {cfg.batch_size}x{cfg.grad_accum}")
+
+    step, rows = 0, []
+    if cfg.resume:
+        ck = latest_checkpoint(out, warn=log)
+        if ck is None:
+            raise QLoraError(f"--resume: no intact checkpoint in {out / 'checkpoints'}")
+        st = load_checkpoint(ck, model, optimizer)
+        step = st["step"]
+        mpath = out / "metrics.jsonl"
+        if mpath.exists():  # keep the metrics up to the checkpoint
+            rows = [r for r in map(json.loads, mpath.read_text().splitlines()) if r.get("step", 0) <= step]
+            mpath.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log(f"resumed from {ck.name} (step {step})")
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
+    epochs: dict = {}
+
+    def checkpoint():
+        return save_checkpoint(out, step, model, optimizer,
+                               {"step": step, "total": total, "epoch_size": len(batches)}, quant, cfg.keep_last)
+
+    try:
+        while step < total:
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
+            micro = []
+            for i in range(cfg.grad_accum):  # the data position follows from the step: exact resume
+                gi = step * cfg.grad_accum + i
+                ep = gi // len(batches)
+                if epochs.get("k") != ep:
+                    epochs.update(k=ep, batches=batches.epoch(ep))
+                micro.append(epochs["batches"][gi % len(batches)])
+            n_tok = sum(int(b["num_tokens"]) for b in micro)
+            step_loss = 0.0
+            for b in micro:
+                loss = loss_sum(model, b, device) / n_tok
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += loss.item()
+                tokens_seen += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
+                    else int(b["attention_mask"].sum())
+            if not math.isfinite(step_loss):
+                good = latest_checkpoint(out)
+                raise QLoraError(f"the loss became {step_loss} at step {step + 1}; stopped. Last good checkpoint: "
+                                 f"{good if good else 'none'}. Try a lower --lr or --compute-dtype bf16")
+            if scaler:
+                scaler.unscale_(optimizer)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = step_loss
+            elapsed = time.time() - t_loop
+            row = {"step": step, "epoch": round(step / per_epoch, 3), "loss": round(step_loss, 5),
+                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(gnorm), 4),
+                   "tokens": tokens_seen, "tok_s": round(tokens_seen / max(elapsed, 1e-9), 1)}
+            if device.type == "cuda":
+                row["mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            if cfg.eval_every and val_batches and step % cfg.eval_every == 0:
+                last_eval = evaluate_loss(model, val_batches, device)
+                row["eval_loss"] = round(last_eval, 5)
+            rows.append(row)
+            if step % cfg.log_every == 0 or "eval_loss" in row:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
+                            **({"mem": f"{row['mem_gib']}G"} if "mem_gib" in row else {}))
+            bar.update(1)
+            if "eval_loss" in row or step % max(10, total // 50) == 0:
+                _plot(out / "loss.png", rows)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                ck_path = checkpoint()
+            if stop["signal"]:
+                ck_path = checkpoint()
+                bar.close()
+                log(f"{stop['signal']}: saved {ck_path} at step {step}; continue with --resume")
+                return {"interrupted": True, "step": step, "checkpoint": str(ck_path)}
+    finally:
+        bar.close()
+        metrics.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    if val_batches and (not cfg.eval_every or step % cfg.eval_every):
+        last_eval = evaluate_loss(model, val_batches, device)
+        rows.append({"step": step, "eval_loss": round(last_eval, 5)})
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
+    ck_path = checkpoint()
+    adapter = save_adapter(model, out / "adapter", base_model=cfg.model or "embedded:SmolLM2-135M-Instruct",
+                           quant=quant, extra={"train": dataclasses.asdict(cfg)})
+    tok.save_pretrained(out / "adapter")
+    _plot(out / "loss.png", rows)
+    took = time.time() - t_start
+    summary = {"steps": step, "time_s": round(took, 1), "train_time_s": round(time.time() - t_loop, 1),
+               "tokens": tokens_seen, "tok_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
+               "final_loss": round(last_loss, 4), "eval_loss": None if last_eval is None else round(last_eval, 4),
+               "adapter": str(adapter), "checkpoint": str(ck_path), "output": str(out), "model": model,
+               "tokenizer": tok}
+    if device.type == "cuda":
+        summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model on a data file (QLoRA)",
+                       description="Fine-tune with QLoRA: the base model frozen in 4-bit NF4 with double quantization, "
+                                   "LoRA adapters on every linear layer, paged AdamW. Defaults are the QLoRA paper's "
+                                   "recipe. Every option is also a key of the YAML file given with --config.")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (keys as below, with underscores)")
+    add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    cfg = build_config(TrainConfig, args.config, args)
+    s = train(cfg, log=lambda m: print(m, file=sys.stderr))
+    if s.get("interrupted"):
+        return 130
+    print(f"done: {s['steps']} steps in {s['time_s']}s ({s['tok_s']:.0f} tokens/s), final loss {s['final_loss']}"
+          + (f", eval loss {s['eval_loss']}" if s["eval_loss"] is not None else "")
+          + (f", peak GPU memory {s['peak_mem_gib']} GiB" if "peak_mem_gib" in s else ""))
+    print(f"adapter: {s['adapter']}")
+    return 0
