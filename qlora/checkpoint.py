@@ -344,7 +344,7 @@ class CheckpointWriter:
                 spool.seek(offset)
                 left = nbytes
                 while left:
-                    chunk = spool.read(min(left, 64 << 20))
+                    chunk = spool.read(min(left, 8 << 20))
                     f.write(chunk)
                     left -= len(chunk)
         spool.close()

@@ -259,9 +259,10 @@ def quantizable_linear_names(config) -> list[str]:
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - ValueError for unknown configs, others for broken ones
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QLoraError(f"unsupported architecture {getattr(config, 'model_type', None)!r}: "
-                         f"transformers has no causal LM for it ({e})") from None
+                         f"transformers cannot build a causal LM for it ({first})") from None
     head = model.get_output_embeddings()
     names = []
     for block_list_name, mod in model.named_modules():
