@@ -10,7 +10,7 @@ Update (decoupled weight decay, bias correction as ``torch.optim.AdamW``), per e
   (8 bytes per parameter). For fp32 parameters the arithmetic is op for op that of
   ``torch.optim.AdamW`` (single-tensor path), so results are bit-identical to it and the state
   dict uses its keys; other parameter dtypes are updated in fp32 and cast back.
-* **8-bit** (``adamw8bit``): each moment is stored as uint8 codes shaped like the parameter plus
+* **8-bit** (``adamw8bit``): each moment is stored as uint8 codes, flat ``[numel]``, plus
   one fp32 ``absmax`` per block of 256 elements (``ceil(n / 256)``), ~2.03 bytes per parameter.
   ``m`` uses the signed dynamic code, ``v`` the unsigned one (bitsandbytes' ``create_dynamic_map
   (signed=True/False)``); a value is ``code[q] * absmax[block]``. Each step dequantizes, runs the
@@ -44,9 +44,11 @@ from .errors import QLoraError
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 BLOCKSIZE = 256
 MIN_8BIT_SIZE = 4096
+CHUNK_ELEMS = 1 << 22  # parameters updated together at most (bounds the 8-bit path's temporaries)
+PAGED_CHUNK_BYTES = 8 << 20  # state paged in together at least (when a quarter budget is smaller)
 KEYS_32 = ("exp_avg", "exp_avg_sq")
 KEYS_8 = ("exp_avg_q8", "exp_avg_absmax", "exp_avg_sq_q8", "exp_avg_sq_absmax")
-_CHUNK = 1 << 20  # elements quantized at a time (a multiple of BLOCKSIZE): bounds temporaries
+_CHUNK = CHUNK_ELEMS  # elements quantized at a time (a multiple of BLOCKSIZE): bounds temporaries
 
 # ---------------------------------------------------------------------------------------------
 # 8-bit dynamic codes and blockwise quantization
@@ -87,38 +89,48 @@ def quantize_8bit(x: torch.Tensor, signed: bool, blocksize: int = BLOCKSIZE) -> 
     """Blockwise 8-bit quantization of ``x`` with the signed or unsigned dynamic code.
 
     Returns ``(q, absmax)``: uint8 codes shaped like ``x`` and fp32 ``[ceil(n / blocksize)]``.
-    ``absmax[b] = max |x|`` over block b; an element becomes ``s = x * (1 / absmax)`` clamped to
-    [-1, 1], then ``q = LUT[trunc(fma((s + 1) * 0.5, 65535, 0.5))]`` (see :func:`_lut`), which is
-    bitsandbytes' CPU kernel rounding (its result is the nearest code value to within 1/65535);
-    an all-zero block encodes as index 0. Generalizes ``nf4.quantize_blockwise`` to both codes.
+    ``absmax[b] = max |x|`` over block b; an element becomes ``s = x * (1 / absmax)`` (fp32), then
+    ``q = LUT[trunc(fma((s + 1) * 0.5, 65535, 0.5))]`` clamped to the table (see :func:`_lut`),
+    which is bitsandbytes' CPU kernel rounding: the nearest code value to within 1/65535.
+    An all-zero block encodes as index 0. Generalizes ``nf4.quantize_blockwise`` to both codes.
     """
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
-    dev = str(flat.device)
-    lut = _lut(signed, dev)
+    lut = _lut(signed, str(flat.device))
+    chunk = _CHUNK - _CHUNK % blocksize
+    if n <= chunk:
+        q, absmax = _quantize_part(flat, lut, blocksize)
+        return q.view(x.shape), absmax
     q = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
-    chunk = _CHUNK - _CHUNK % blocksize
     for start in range(0, n, chunk):
-        part = flat[start:start + chunk]
-        m = part.numel()
-        nb = -(-m // blocksize)
-        blocks = torch.nn.functional.pad(part, (0, nb * blocksize - m)).view(nb, blocksize)
-        am = blocks.abs().amax(dim=1)
-        scaled = (blocks * (1.0 / am)[:, None]).clamp_(-1.0, 1.0)
-        # The C kernel fuses the last multiply-add: one rounding of the exact value, emulated in fp64.
-        idx = (((scaled + 1.0) * 0.5).double() * 65535.0 + 0.5).float().nan_to_num_(0.0)
-        qq = lut[idx.to(torch.int32).clamp_(0, 65535)]
-        qq[am == 0] = 0
-        q[start:start + m] = qq.reshape(-1)[:m]
-        absmax[start // blocksize: start // blocksize + nb] = am
+        qq, am = _quantize_part(flat[start:start + chunk], lut, blocksize)
+        q[start:start + qq.numel()] = qq
+        absmax[start // blocksize: start // blocksize + am.numel()] = am
     return q.view(x.shape), absmax
+
+
+def _quantize_part(part: torch.Tensor, lut: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m = part.numel()
+    nb = -(-m // blocksize)
+    if m % blocksize:
+        part = torch.nn.functional.pad(part, (0, nb * blocksize - m))
+    blocks = part.view(nb, blocksize)
+    am = torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1)  # max |x|
+    t = (blocks * (1.0 / am)[:, None]).add_(1.0)
+    # fma(t * 0.5, 65535, 0.5) == t * 32767.5 + 0.5 rounded once to fp32: exact in fp64, then rounded.
+    # Scaled values just past +-1 land on the end slots after the clamp, as if clamped before.
+    idx = torch.add(0.5, t.double(), alpha=32767.5).float().to(torch.int32).clamp_(0, 65535)
+    q = torch.where(am[:, None] == 0, 0, lut[idx])  # zero block -> index 0; no host sync
+    return q.view(-1)[:m], am
 
 
 def dequantize_8bit(q: torch.Tensor, absmax: torch.Tensor, signed: bool, blocksize: int = BLOCKSIZE) -> torch.Tensor:
     """fp32 ``code[q] * absmax[block]``, shaped like ``q``."""
     code = state_code(signed, str(q.device))
-    return nf4.dequantize_blockwise(q, absmax, code, blocksize).view(q.shape)
+    if q.numel() % blocksize:
+        return nf4.dequantize_blockwise(q, absmax, code, blocksize).view(q.shape)
+    return (code[q.reshape(-1).int()].view(-1, blocksize) * absmax[:, None]).view(q.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +176,7 @@ class Pager:
         used = {id(pg) for pg in self._order if pg is not None}
         self._idle = [pg for pg in self.pages.values() if id(pg) not in used]
         self._tail = len(order) - 1
-        self._next: Page | None = None
+        self._next: set[int] = set()  # ids of the pages being prefetched
 
     def begin_step(self, order: list[torch.Tensor]) -> None:
         """Start a step that updates the parameters ``order`` in that order."""
@@ -190,57 +202,67 @@ class Pager:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
-    def fetch(self, p: torch.Tensor, wait: bool = True) -> None:
-        """Bring ``p``'s page to its device (async on CUDA); ``wait``: order the current stream after it."""
-        page = self.pages.get(p)
-        if page is None:
-            return
-        if not page.resident:
-            dev = page.device
+    def fetch(self, params: list[torch.Tensor], wait: bool = True) -> None:
+        """Bring the pages of ``params`` (one device) in, asynchronously on CUDA; ``wait``: order
+        the current stream after their copies."""
+        pages = [self.pages[p] for p in params if p in self.pages]
+        absent = [pg for pg in pages if not pg.resident]
+        if absent:
+            dev = absent[0].device
             if dev.type == "cuda":
+                fresh = [{k: torch.empty_like(h, device=dev) for k, h in pg.host.items()} for pg in absent]
                 side = self._stream(dev)
-                fresh = {k: torch.empty_like(h, device=dev) for k, h in page.host.items()}
                 side.wait_stream(torch.cuda.current_stream(dev))  # fresh memory's previous users are done
                 with torch.cuda.stream(side):
-                    for k, t in fresh.items():
-                        t.copy_(page.host[k], non_blocking=True)
-                page.ready = torch.cuda.Event()
-                page.ready.record(side)
+                    for pg, new in zip(absent, fresh):
+                        for k, t in new.items():
+                            t.copy_(pg.host[k], non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(side)
             else:
-                fresh = {k: h.clone() for k, h in page.host.items()}
-            page.state.update(fresh)
-            page.resident = True
-            self.resident_bytes[dev] += page.nbytes
-            self.stats.update(fetches=1, bytes_in=page.nbytes)
-        if wait and page.ready is not None:
-            torch.cuda.current_stream(page.device).wait_event(page.ready)
-            page.ready = None
+                fresh, ready = [{k: h.clone() for k, h in pg.host.items()} for pg in absent], None
+            for pg, new in zip(absent, fresh):
+                pg.state.update(new)
+                pg.resident, pg.ready = True, ready
+                self.resident_bytes[dev] += pg.nbytes
+                self.stats.update(fetches=1, bytes_in=pg.nbytes)
+        if wait:
+            for ev in {id(pg.ready): pg.ready for pg in pages if pg.ready is not None}.values():
+                torch.cuda.current_stream(pages[0].device).wait_event(ev)
+            for pg in pages:
+                pg.ready = None
 
-    def prefetch(self, p: torch.Tensor) -> None:
-        self.fetch(p, wait=False)
-        self._next = self.pages.get(p)
+    def prefetch(self, params: list[torch.Tensor]) -> None:
+        """Start bringing the pages of the next parameters in; they are not evicted meanwhile."""
+        self.fetch(params, wait=False)
+        self._next = {id(self.pages[p]) for p in params if p in self.pages}
 
-    def evict(self, page: Page) -> None:
-        """Copy a resident page to host memory and drop its device tensors."""
-        dev = page.device
-        if not page.host:
-            pin = dev.type == "cuda"
-            page.host = {k: torch.empty(page.state[k].shape, dtype=page.state[k].dtype, pin_memory=pin)
-                         for k in page.keys}
+    def _evict(self, pages: list[Page]) -> None:
+        """Copy resident pages (one device) to host memory and drop their device tensors."""
+        if not pages:
+            return
+        dev = pages[0].device
+        for pg in pages:
+            if not pg.host:
+                pg.host = {k: torch.empty(pg.state[k].shape, dtype=pg.state[k].dtype, pin_memory=dev.type == "cuda")
+                           for k in pg.keys}
         if dev.type == "cuda":
             side = self._stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))  # the update has been issued before
+            side.wait_stream(torch.cuda.current_stream(dev))  # the updates have been issued before
             with torch.cuda.stream(side):
-                for k in page.keys:
-                    page.host[k].copy_(page.state[k], non_blocking=True)
-                    page.state[k].record_stream(side)  # freed memory is reused only after the copy
+                for pg in pages:
+                    for k in pg.keys:
+                        pg.host[k].copy_(pg.state[k], non_blocking=True)
+                        pg.state[k].record_stream(side)  # freed memory is reused only after the copy
         else:
-            for k in page.keys:
-                page.host[k].copy_(page.state[k])
-        page.state.update(page.host)
-        page.resident = False
-        self.resident_bytes[dev] -= page.nbytes
-        self.stats.update(evictions=1, bytes_out=page.nbytes)
+            for pg in pages:
+                for k in pg.keys:
+                    pg.host[k].copy_(pg.state[k])
+        for pg in pages:
+            pg.state.update(pg.host)
+            pg.resident = False
+            self.resident_bytes[dev] -= pg.nbytes
+            self.stats.update(evictions=1, bytes_out=pg.nbytes)
 
     def budget(self, device: torch.device) -> int | None:
         if device not in self._budget:
@@ -252,17 +274,23 @@ class Pager:
             self._budget[device] = b
         return self._budget[device]
 
-    def release(self, p: torch.Tensor, position: int) -> None:
-        """After ``p``'s update (at ``position`` in this step's order): evict pages over budget."""
-        page = self.pages[p]
-        dev = page.device
-        self._updated[dev].append(page)
+    def release(self, params: list[torch.Tensor], position: int) -> None:
+        """After the update of ``params`` (one device; ``position``: the last one updated so far in
+        this step's order): evict pages until the device is within budget."""
+        if not params:
+            return
+        dev = params[0].device
+        self._updated[dev].extend(self.pages[p] for p in params)
         budget = self.budget(dev)
-        while budget is not None and self.resident_bytes[dev] > budget:
+        victims, resident = [], self.resident_bytes[dev]
+        while budget is not None and resident > budget:
             victim = self._victim(dev, position)
             if victim is None:
                 break
-            self.evict(victim)
+            victim.resident = False  # leaving: not a candidate again; _evict does the rest
+            victims.append(victim)
+            resident -= victim.nbytes
+        self._evict(victims)
 
     def _victim(self, dev: torch.device, position: int) -> Page | None:
         # 1. pages not updated this step; 2. pages updated this step, latest first;
@@ -275,14 +303,17 @@ class Pager:
         while self._tail > position:
             pg = self._order[self._tail]
             self._tail -= 1
-            if pg is not None and pg.resident and pg.device == dev and pg is not self._next:
+            if pg is not None and pg.resident and pg.device == dev and id(pg) not in self._next:
                 return pg
         return None
 
     def evict_all(self) -> None:
+        by_device = defaultdict(list)
         for page in self.pages.values():
             if page.resident:
-                self.evict(page)
+                by_device[page.device].append(page)
+        for pages in by_device.values():
+            self._evict(pages)
 
     def synchronize(self) -> None:
         """Wait for copies in flight, so that host copies are complete and readable."""
@@ -318,7 +349,7 @@ class AdamW(torch.optim.Optimizer):
         if self.state_keys(p) is KEYS_8:
             nblocks = -(-p.numel() // BLOCKSIZE)
             for name in KEYS_32:
-                state[f"{name}_q8"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                state[f"{name}_q8"] = torch.zeros(p.numel(), dtype=torch.uint8, device=p.device)
                 state[f"{name}_absmax"] = torch.zeros(nblocks, dtype=torch.float32, device=p.device)
         else:
             for name in KEYS_32:
@@ -331,71 +362,124 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        pager = self.pager
-        if pager is not None:
-            pager.begin_step([p for _, p in work])
-        for i, (group, p) in enumerate(work):
+        for _, p in work:
             if p.grad.is_sparse or p.is_complex() or not p.is_floating_point():
                 raise QLoraError(f"AdamW here needs real floating-point parameters with dense gradients "
                                  f"(got {p.dtype}{', sparse gradient' if p.grad.is_sparse else ''})")
-            state = self.state[p]
-            if not state:
-                self._init_state(p, state)
-                if pager is not None:
-                    pager.register(p, state, self.state_keys(p), resident=True, position=i)
-            elif pager is not None:
-                pager.fetch(p)
-            if pager is not None and i + 1 < len(work):
-                pager.prefetch(work[i + 1][1])
-            if "exp_avg_q8" in state:
-                self._update_8bit(group, p, state)
-            else:
-                self._update_32bit(group, p, state)
+        pager = self.pager
+        if pager is not None:
+            pager.begin_step([p for _, p in work])
+        chunks = self._chunks(work)
+        for c, chunk in enumerate(chunks):
+            for pos, p in chunk:
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                    if pager is not None:
+                        pager.register(p, state, self.state_keys(p), resident=True, position=pos)
             if pager is not None:
-                pager.release(p, i)
+                pager.fetch([p for _, p in chunk])
+            if pager is not None and c + 1 < len(chunks):
+                pager.prefetch([p for _, p in chunks[c + 1]])
+            group = work[chunk[0][0]][0]
+            params = [p for _, p in chunk]
+            states = [self.state[p] for p in params]
+            if "exp_avg_q8" in states[0]:
+                self._update_8bit(group, params, states)
+            else:
+                self._update_32bit(group, params, states)
+            if pager is not None:
+                pager.release(params, chunk[-1][0])
         return loss
 
-    @staticmethod
-    def _update_32bit(group: dict, p: torch.Tensor, state: dict) -> None:
-        # Op for op torch.optim.adam._single_tensor_adam (decoupled weight decay, no amsgrad).
-        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        param = p if p.dtype == torch.float32 else p.float()
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        state["step"] += 1
-        step = state["step"].item()
-        if wd != 0:
-            param.mul_(1 - lr * wd)
-        m.lerp_(grad, 1 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        step_size = lr / (1 - b1 ** step)
-        denom = (v.sqrt() / (1 - b2 ** step) ** 0.5).add_(eps)
-        param.addcdiv_(m, denom, value=-step_size)
-        if param is not p:
-            p.copy_(param)
+    def _chunks(self, work: list) -> list[list[tuple[int, torch.Tensor]]]:
+        """Split this step's (position, parameter) list into runs updated together: same group,
+        device, dtype and state kind, at most CHUNK_ELEMS elements and, when paged with a budget,
+        at most max(budget / 4, PAGED_CHUNK_BYTES) of state (at least one parameter each)."""
+        budget = self.pager.budget_bytes if self.pager is not None else None
+        chunks: list = []
+        key, elems, nbytes = None, 0, 0
+        for pos, (group, p) in enumerate(work):
+            eight = self.state_keys(p) is KEYS_8
+            k = (id(group), p.device, p.dtype, eight)
+            b = p.numel() * (2 if eight else 8)
+            if (not chunks or k != key or elems + p.numel() > CHUNK_ELEMS
+                    or (budget is not None and nbytes + b > max(budget // 4, PAGED_CHUNK_BYTES))):
+                chunks.append([])
+                elems, nbytes = 0, 0
+            chunks[-1].append((pos, p))
+            key, elems, nbytes = k, elems + p.numel(), nbytes + b
+        return chunks
 
     @staticmethod
-    def _update_8bit(group: dict, p: torch.Tensor, state: dict) -> None:
-        # bitsandbytes' 8-bit blockwise Adam: dequantize, fp32 update, re-quantize.
+    def _update_32bit(group: dict, params: list, states: list) -> None:
+        # Op for op torch.optim.adam._multi_tensor_adam (decoupled weight decay, no amsgrad); on
+        # the CPU the foreach ops run tensor by tensor, i.e. as torch's default single-tensor path.
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        m = dequantize_8bit(state["exp_avg_q8"], state["exp_avg_absmax"], signed=True)
-        v = dequantize_8bit(state["exp_avg_sq_q8"], state["exp_avg_sq_absmax"], signed=False)
-        param = p if p.dtype == torch.float32 else p.float()
-        grad = p.grad.float()
-        state["step"] += 1
-        step = state["step"].item()
-        m.mul_(b1).add_(grad, alpha=1.0 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-        denom = (v.sqrt() / math.sqrt(1.0 - b2 ** step)).add_(eps)
+        fp32 = params[0].dtype == torch.float32
+        ps = params if fp32 else [p.float() for p in params]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        steps = _advance([s["step"] for s in states])
+        if wd != 0:
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_lerp_(ms, grads, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - b2)
+        step_size = [(lr / (1 - b1 ** t)) * -1 for t in steps]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [(1 - b2 ** t) ** 0.5 for t in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, ms, denom, step_size)
+        if not fp32:
+            torch._foreach_copy_(params, ps)
+
+    @staticmethod
+    def _update_8bit(group: dict, params: list, states: list) -> None:
+        # bitsandbytes' 8-bit blockwise Adam: dequantize, fp32 update, re-quantize. The chunk's
+        # states are concatenated with each tensor padded to whole blocks (zeros do not change a
+        # block's absmax), so one (de)quantization serves all and the blocks are the per-tensor ones.
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        sizes = [p.numel() for p in params]
+        spans = [-(-n // BLOCKSIZE) * BLOCKSIZE for n in sizes]
+        padded = [i for i, (n, span) in enumerate(zip(sizes, spans)) if span > n]
+        flat, segs = {}, {}
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            qs = [s[f"{name}_q8"] for s in states]
+            for i in padded:
+                qs[i] = torch.nn.functional.pad(qs[i], (0, spans[i] - sizes[i]))
+            x = dequantize_8bit(torch.cat(qs), torch.cat([s[f"{name}_absmax"] for s in states]), signed)
+            parts = list(x.split(spans))
+            for i in padded:
+                parts[i][sizes[i]:].zero_()
+                parts[i] = parts[i][:sizes[i]]
+            flat[name], segs[name] = x, parts
+        ms = [t.view(p.shape) for t, p in zip(segs["exp_avg"], params)]
+        vs = [t.view(p.shape) for t, p in zip(segs["exp_avg_sq"], params)]
+        fp32 = params[0].dtype == torch.float32
+        ps = params if fp32 else [p.float() for p in params]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        steps = _advance([s["step"] for s in states])
+        torch._foreach_mul_(ms, b1)
+        torch._foreach_add_(ms, grads, alpha=1.0 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, grads, grads, 1.0 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, [math.sqrt(1.0 - b2 ** t) for t in steps])
+        torch._foreach_add_(denom, eps)
         if wd > 0.0:
-            param.mul_(1.0 - lr * wd)
-        param.addcdiv_(m, denom, value=-lr / (1.0 - b1 ** step))
-        if param is not p:
-            p.copy_(param)
-        for name, t, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
-            q, absmax = quantize_8bit(t, signed)
-            state[f"{name}_q8"].copy_(q)
-            state[f"{name}_absmax"].copy_(absmax)
+            torch._foreach_mul_(ps, 1.0 - lr * wd)
+        torch._foreach_addcdiv_(ps, ms, denom, [-lr / (1.0 - b1 ** t) for t in steps])
+        if not fp32:
+            torch._foreach_copy_(params, ps)
+        nblocks = [span // BLOCKSIZE for span in spans]
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+            q, absmax = quantize_8bit(flat[name], signed)
+            qparts = list(q.split(spans))
+            for i in padded:
+                qparts[i] = qparts[i][:sizes[i]]
+            torch._foreach_copy_([s[f"{name}_q8"] for s in states], qparts)
+            torch._foreach_copy_([s[f"{name}_absmax"] for s in states], list(absmax.split(nblocks)))
 
     def state_dict(self) -> dict:
         """``torch.optim`` layout; state tensors are live references (save or clone them before the
@@ -485,6 +569,12 @@ def make_optimizer(params, name: str = "paged_adamw", lr: float = 2e-4, betas=(0
     return cls(params, lr, betas, eps, weight_decay, paged=paged, page_budget_bytes=page_budget_bytes)
 
 
+def _advance(steps: list[torch.Tensor]) -> list[float]:
+    """step += 1 for each (fp32 CPU scalars, as torch keeps them); returns the new values."""
+    torch._foreach_add_(steps, 1.0)
+    return torch.stack(steps).tolist()
+
+
 def _check_hparams(lr, betas, eps, weight_decay, page_budget_bytes) -> None:
     def bad(what: str) -> QLoraError:
         return QLoraError(f"invalid optimizer setting: {what}")
@@ -505,7 +595,7 @@ def _checked_state_tensor(key: str, t, p: torch.Tensor) -> torch.Tensor:
     if not torch.is_tensor(t):
         raise QLoraError(f"optimizer state {key!r} is not a tensor")
     if key.endswith("_q8"):
-        ok, want = t.dtype == torch.uint8 and t.shape == p.shape, f"uint8 {tuple(p.shape)}"
+        ok, want = t.dtype == torch.uint8 and t.shape == (p.numel(),), f"uint8 ({p.numel()},)"
     elif key.endswith("_absmax"):
         n = -(-p.numel() // BLOCKSIZE)
         ok, want = t.dtype == torch.float32 and t.shape == (n,), f"float32 ({n},)"

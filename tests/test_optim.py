@@ -1,6 +1,5 @@
 """AdamW 32/8-bit and paging against torch.optim.AdamW, bitsandbytes (CPU backend) and fp32 math."""
 import copy
-import io
 
 import pytest
 import torch
@@ -8,9 +7,14 @@ import torch
 from qlora import nf4, optim
 from qlora.errors import QLoraError
 
-bnb = pytest.importorskip("bitsandbytes")
-bnbF = pytest.importorskip("bitsandbytes.functional")
 safetensors_torch = pytest.importorskip("safetensors.torch")
+from safetensors import safe_open  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    """bitsandbytes, the reference (CPU backend); the GPU tests below do not need it."""
+    return pytest.importorskip("bitsandbytes")
 
 # (64, 80) and (48, 100) have >= 4096 elements (8-bit state, the last block of the second one is
 # short: 4800 = 18 * 256 + 192); (33,) and (16, 8) keep 32-bit state under the 8-bit optimizers.
@@ -55,7 +59,8 @@ def state_equal(s1, s2, groups=True):
 # --------------------------------------------------------------------------------------------- codes
 
 
-def test_codes_match_bitsandbytes():
+def test_codes_match_bitsandbytes(bnb):
+    bnbF = bnb.functional
     assert torch.equal(optim.state_code(True), bnbF.create_dynamic_map(signed=True))
     assert torch.equal(optim.state_code(False), bnbF.create_dynamic_map(signed=False))
     u = optim.state_code(False)
@@ -78,7 +83,7 @@ def _moments(n, seed):
 
 
 @pytest.mark.parametrize("n,chunk", [(1, None), (255, None), (256, None), (4800, None), (4800, 1024), (20001, None)])
-def test_quantization_is_bitsandbytes_cpu_quantization(n, chunk, monkeypatch):
+def test_quantization_is_bitsandbytes_cpu_quantization(n, chunk, monkeypatch, bnb):
     """Exactness statement: for every finite fp32 input, ``quantize_8bit(x, signed)`` returns the
     same uint8 codes and fp32 absmax as ``bitsandbytes.functional.quantize_blockwise(x,
     code=create_dynamic_map(signed), blocksize=256)`` on the CPU -- including all-zero blocks and a
@@ -86,6 +91,7 @@ def test_quantization_is_bitsandbytes_cpu_quantization(n, chunk, monkeypatch):
     through a 65536-slot table over [-1, 1], so both differ from the exact nearest code value
     exactly where the scaled value lies within 1/65535 of a midpoint between two code values; that
     is checked against a float nearest-value reference below. Non-finite inputs are out of scope."""
+    bnbF = bnb.functional
     if chunk:  # quantize in several chunks
         monkeypatch.setattr(optim, "_CHUNK", chunk)
     m, v = _moments(n, seed=n)
@@ -154,7 +160,7 @@ def test_adamw32_bf16_params_update_in_fp32():
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.05])
-def test_adamw8bit_equals_bitsandbytes_on_cpu(wd):
+def test_adamw8bit_equals_bitsandbytes_on_cpu(wd, bnb):
     """Tensors of >= 4096 elements: parameters and the 8-bit states (codes and absmax) are
     bit-identical to bitsandbytes.optim.AdamW8bit (CPU backend) after every step. Smaller tensors
     keep 32-bit state, which follows torch.optim.AdamW exactly."""
@@ -172,8 +178,8 @@ def test_adamw8bit_equals_bitsandbytes_on_cpu(wd):
             if p.numel() >= optim.MIN_8BIT_SIZE:
                 assert torch.equal(p, q), (t, i)
                 s, sr = ours.state[p], ref.state[q]
-                assert torch.equal(s["exp_avg_q8"], sr["state1"]) and torch.equal(s["exp_avg_absmax"], sr["absmax1"])
-                assert torch.equal(s["exp_avg_sq_q8"], sr["state2"]) and torch.equal(s["exp_avg_sq_absmax"], sr["absmax2"])
+                assert torch.equal(s["exp_avg_q8"], sr["state1"].view(-1)) and torch.equal(s["exp_avg_absmax"], sr["absmax1"])
+                assert torch.equal(s["exp_avg_sq_q8"], sr["state2"].view(-1)) and torch.equal(s["exp_avg_sq_absmax"], sr["absmax2"])
             else:
                 assert torch.equal(p, r) and "exp_avg" in ours.state[p], (t, i)
 
@@ -225,7 +231,10 @@ def test_8bit_state_is_about_two_bytes_per_parameter():
 
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("budget", [0, 10000])
-def test_paging_moves_pages_and_changes_nothing(bits, budget):
+@pytest.mark.parametrize("per_param", [False, True])
+def test_paging_moves_pages_and_changes_nothing(bits, budget, per_param, monkeypatch):
+    if per_param:  # page (and prefetch) one parameter at a time instead of a chunk of them
+        monkeypatch.setattr(optim, "PAGED_CHUNK_BYTES", 0)
     name = "adamw8bit" if bits == 8 else "adamw"
     a, b = make_params(), make_params()
     paged = optim.make_optimizer(a, "paged_" + name, lr=1e-2, weight_decay=0.1, page_budget_bytes=budget)
@@ -247,9 +256,12 @@ def test_paging_moves_pages_and_changes_nothing(bits, budget):
     assert state_equal(paged.state_dict(), plain.state_dict())
 
 
-def test_pager_moves_only_the_excess_each_step():
+@pytest.mark.parametrize("per_param", [False, True])
+def test_pager_moves_only_the_excess_each_step(per_param, monkeypatch):
     """N equal pages, budget for K: after the first step at most N - K + 1 pages move in per step
     (one page is in flight while the previous one updates); cycling through all N would be LRU."""
+    if per_param:
+        monkeypatch.setattr(optim, "PAGED_CHUNK_BYTES", 0)
     n, k = 10, 4
     ps = [torch.nn.Parameter(torch.randn(100)) for _ in range(n)]
     opt = optim.make_optimizer(ps, "paged_adamw", page_budget_bytes=k * 800)
@@ -279,24 +291,21 @@ def test_evict_all_then_continue():
 # --------------------------------------------------------------------------------------------- state dict
 
 
-def _save_load(sd, how):
+def _save_load(sd, how, tmp_path):
+    """Through a file: torch.save + torch.load(weights_only=True), or safetensors."""
     if how == "torch":
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        buf.seek(0)
-        return torch.load(buf, weights_only=True)
+        torch.save(sd, tmp_path / "optim.pt")
+        return torch.load(tmp_path / "optim.pt", weights_only=True)
     tensors, meta = optim.state_dict_to_tensors(sd)
-    blob = safetensors_torch.save(tensors, metadata=meta)
-    from safetensors import safe_open  # noqa: F401  (metadata comes back through load + header)
-    import json
-    header_len = int.from_bytes(blob[:8], "little")
-    meta_back = json.loads(blob[8:8 + header_len])["__metadata__"]
-    return optim.state_dict_from_tensors(safetensors_torch.load(blob), meta_back)
+    safetensors_torch.save_file(tensors, tmp_path / "optim.safetensors", metadata=meta)
+    with safe_open(tmp_path / "optim.safetensors", "pt") as f:
+        meta_back = f.metadata()
+    return optim.state_dict_from_tensors(safetensors_torch.load_file(tmp_path / "optim.safetensors"), meta_back)
 
 
 @pytest.mark.parametrize("how", ["torch", "safetensors"])
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
-def test_state_dict_resume_is_exact(name, how):
+def test_state_dict_resume_is_exact(name, how, tmp_path):
     budget = 12000 if name.startswith("paged") else None
     kw = dict(lr=1e-2, betas=(0.85, 0.995), weight_decay=0.05, page_budget_bytes=budget)
     a = make_params()
@@ -309,7 +318,7 @@ def test_state_dict_resume_is_exact(name, how):
     first.param_groups[0]["lr"] = 1e-2  # a scheduler may have touched it; must round-trip
     if budget is not None:
         assert first.state_bytes()["host"] > 0  # some pages are out when saving
-    saved = _save_load(first.state_dict(), how)
+    saved = _save_load(first.state_dict(), how, tmp_path)
     c = [torch.nn.Parameter(p.detach().clone()) for p in b]
     del first, b
     resumed = optim.make_optimizer(c, name, **dict(kw, lr=0.5))  # hyperparameters come from the state
@@ -371,7 +380,8 @@ def test_make_optimizer_checks_its_inputs():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [32, 8])
-def test_cuda_paged_equals_unpaged(bits):
+def test_cuda_paged_equals_unpaged(bits, tmp_path, monkeypatch):
+    monkeypatch.setattr(optim, "PAGED_CHUNK_BYTES", 0)  # page, prefetch and update one tensor at a time
     name = "adamw8bit" if bits == 8 else "adamw"
     a, b = make_params("cuda"), make_params("cuda")
     paged = optim.make_optimizer(a, "paged_" + name, lr=1e-2, weight_decay=0.1, page_budget_bytes=20000)
@@ -388,7 +398,7 @@ def test_cuda_paged_equals_unpaged(bits):
     # resume a paged CUDA run from its state dict
     c = [torch.nn.Parameter(p.detach().clone()) for p in a]
     resumed = optim.make_optimizer(c, "paged_" + name, lr=1e-2, weight_decay=0.1, page_budget_bytes=20000)
-    resumed.load_state_dict(_save_load(sd, "torch"))
+    resumed.load_state_dict(_save_load(sd, "torch", tmp_path))
     run(resumed, c, 4, start=12)
     run(plain, b, 4, start=12)
     assert same(b, c)
@@ -398,7 +408,7 @@ def test_cuda_paged_equals_unpaged(bits):
 def test_cuda_adamw32_equals_torch_and_auto_budget_keeps_state_resident():
     a, b = make_params("cuda"), make_params("cuda")
     ours = optim.make_optimizer(a, "paged_adamw", lr=1e-2, weight_decay=0.1)  # budget from free memory
-    ref = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    ref = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1)  # CUDA default: the multi-tensor path
     run(ours, a, 8)
     run(ref, b, 8)
     assert same(a, b)
