@@ -257,8 +257,8 @@ def merge(model_src, adapter_dir, output, dtype: str = "bf16", quantize: bool = 
         if quantize:
             cfg["quantization_config"] = quantization_config(q.quant_type or "nf4", q.double_quant,
                                                              parse_dtype(q.compute_dtype))
+        source.save_tokenizer(w.tmp_dir)  # inside the temp dir: the output appears whole or not at all
         files = w.finish(cfg)
-    source.save_tokenizer(out)
     return dict(output=str(out), tensors=n, files=[str(f) for f in files])
 
 

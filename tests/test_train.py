@@ -1,0 +1,172 @@
+"""Training loop: exact resume, loss regression, robustness (bad input, NaN, corrupt checkpoint,
+disk full, interruption), on a tiny random Llama (see tiny.py)."""
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+
+from qlora.cli import main
+from qlora.config import build_config
+from qlora.errors import QLoraError
+from qlora.train import TrainConfig, latest_checkpoint, train
+
+from tiny import make_tiny_model
+
+CITIES = ["paris", "rome", "berlin"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    make_tiny_model(d / "model")
+    rows = [{"instruction": f"what is the capital of {c} ?", "output": f"the answer is {c} ."}
+            for i in range(40) for c in [CITIES[i % 3]]]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def cfg(setup, out, **kw):
+    base = dict(data=str(setup / "data.jsonl"), model=str(setup / "model"), output=str(out), rank=4, alpha=8,
+                lr=3e-3, batch_size=4, grad_accum=2, max_steps=6, save_every=3, compute_dtype="fp32",
+                progress=False, optim="adamw", warmup_ratio=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_loss_falls_and_outputs_written(setup, tmp_path):
+    s = train(cfg(setup, tmp_path / "r", max_steps=12, dropout=0.0, lr=1e-2), log=lambda m: None)
+    ls = losses(tmp_path / "r")
+    assert len(ls) == 12 and ls[-1] < ls[0] * 0.8, ls
+    for f in ("config.yaml", "metrics.jsonl", "loss.png", "adapter/adapter_config.json",
+              "adapter/adapter_model.safetensors"):
+        assert (tmp_path / "r" / f).is_file(), f
+    assert s["steps"] == 12 and s["final_loss"] == pytest.approx(ls[-1], abs=1e-3)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "paged_adamw8bit"])
+def test_resume_gives_same_losses_as_uninterrupted(setup, tmp_path, optim):
+    full = tmp_path / "full"
+    train(cfg(setup, full, optim=optim), log=lambda m: None)
+    part = tmp_path / "part"
+    train(cfg(setup, part, optim=optim, max_steps=6), log=lambda m: None)
+    # keep only the step-3 checkpoint, as if the run had died after step 3
+    shutil.rmtree(part / "checkpoints" / "step-0000006")
+    train(cfg(setup, part, optim=optim, resume=True), log=lambda m: None)
+    assert losses(part) == losses(full)  # bit-identical on the CPU
+
+
+def test_eval_before_and_during_training_does_not_change_training(setup, tmp_path):
+    a = tmp_path / "a"
+    train(cfg(setup, a), log=lambda m: None)
+    b = tmp_path / "b"
+    train(cfg(setup, b, val_split=0.2, eval_every=1), log=lambda m: None)
+    c = tmp_path / "c"
+    train(cfg(setup, c, val_split=0.2, eval_every=0), log=lambda m: None)
+    assert losses(b) == losses(c)  # evaluating every step changes nothing
+    rows = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_loss" in r for r in rows) == 6
+
+
+def test_existing_output_refused_unless_resume_or_overwrite(setup, tmp_path):
+    train(cfg(setup, tmp_path / "r", max_steps=1), log=lambda m: None)
+    with pytest.raises(QLoraError, match="already holds a run"):
+        train(cfg(setup, tmp_path / "r", max_steps=1), log=lambda m: None)
+    train(cfg(setup, tmp_path / "r", max_steps=1, overwrite=True), log=lambda m: None)
+
+
+def test_corrupt_checkpoint_detected_previous_used(setup, tmp_path):
+    out = tmp_path / "r"
+    train(cfg(setup, out, max_steps=6, keep_last=3), log=lambda m: None)
+    newest = out / "checkpoints" / "step-0000006" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    msgs = []
+    assert latest_checkpoint(out, warn=msgs.append).name == "step-0000003"
+    assert "step-0000006 is corrupt" in msgs[0]
+
+
+def test_nan_loss_stops_with_step(setup, tmp_path):
+    import qlora.train as T
+    orig = T.loss_sum
+    calls = {"n": 0}
+
+    def nan_after_step_3(*a, **k):  # the loss turns NaN in step 4 (2 micro-batches a step)
+        calls["n"] += 1
+        return orig(*a, **k) * (float("nan") if calls["n"] > 6 else 1.0)
+
+    T.loss_sum = nan_after_step_3
+    try:
+        with pytest.raises(QLoraError, match=r"loss became nan at step 4.*step-0000003"):
+            train(cfg(setup, tmp_path / "r", max_steps=6), log=lambda m: None)
+    finally:
+        T.loss_sum = orig
+
+
+def test_disk_full_keeps_previous_checkpoint(setup, tmp_path, monkeypatch):
+    import safetensors.torch as st
+    out = tmp_path / "r"
+    real = st.save_file
+    calls = {"n": 0}
+
+    def failing(tensors, path, *a, **k):
+        calls["n"] += 1  # 3 safetensors files per checkpoint: the second checkpoint runs out of space
+        if calls["n"] > 3:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(st, "save_file", failing)
+    with pytest.raises(QLoraError, match="could not save the checkpoint of step 6.*step-0000003 is intact"):
+        train(cfg(setup, out), log=lambda m: None)
+    monkeypatch.setattr(st, "save_file", real)
+    assert latest_checkpoint(out).name == "step-0000003"
+    assert not list((out / "checkpoints").glob(".tmp*"))
+
+
+def test_sigint_saves_checkpoint_and_resume_matches(setup, tmp_path):
+    import qlora.train as T
+    full = tmp_path / "full"
+    train(cfg(setup, full, save_every=0), log=lambda m: None)
+    out = tmp_path / "r"
+    orig = T.lr_factor
+
+    def interrupt_at_4(step, *a):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig(step, *a)
+
+    T.lr_factor = interrupt_at_4
+    try:
+        s = train(cfg(setup, out, save_every=0), log=lambda m: None)
+    finally:
+        T.lr_factor = orig
+    assert s["interrupted"] and s["step"] == 4
+    train(cfg(setup, out, save_every=0, resume=True), log=lambda m: None)
+    assert losses(out) == losses(full)
+
+
+def test_cli_yaml_and_flags(setup, tmp_path, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"data: {setup / 'data.jsonl'}\nmodel: {setup / 'model'}\nrank: 4\nmax_steps: 2\n"
+                 f"compute_dtype: fp32\nprogress: false\nbatch_size: 8\n")
+    rc = main(["train", "--config", str(y), "--output", str(tmp_path / "r"), "--max-steps", "1", "--grad-accum", "1"])
+    assert rc == 0
+    saved = (tmp_path / "r" / "config.yaml").read_text()
+    assert "max_steps: 1" in saved and "rank: 4" in saved and "batch_size: 8" in saved
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rnak: 4\n")
+    assert main(["train", "--config", str(bad), "--output", str(tmp_path / "x")]) == 2
+    assert "unknown option(s) rnak" in capsys.readouterr().err
+    with pytest.raises(QLoraError, match="option rank: expected int"):
+        build_config(TrainConfig, None, {"rank": "many"})
+    assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--model", str(setup / "model"),
+                 "--output", str(tmp_path / "y")]) == 2
