@@ -152,7 +152,7 @@ GEMV_CASES = [
 @pytest.mark.parametrize("nk,bs,m,split", GEMV_CASES)
 def test_gemv_matches_float64(nk, bs, m, split, dtype):
     from qlora.kernels.gemv import gemv_4bit_reference, gemv_4bit_triton
-    if INTERPRET and dtype == torch.bfloat16 and m > 4:
+    if INTERPRET and dtype == torch.bfloat16 and m > 1:
         pytest.skip("the Triton interpreter's bf16 dot is wrong")
     n, k = nk
     packed, st = nf4.quantize_4bit(_rand(n, k, seed=n + k, scale=0.05, dtype=dtype), bs, "nf4", bs != 32)

@@ -12,9 +12,10 @@ floating-point contraction off, so no multiply-add is fused into an FMA: the res
 **bit-identical** to the torch reference, for every dtype.
 
 Work split: one program handles ``ROWS`` whole quantization blocks laid out as a
-``[ROWS, blocksize // 2]`` tile of packed bytes, so each block's scale is decoded once and
-broadcast along its row. Programs that lie wholly inside the tensor run without masks (so the
-loads and stores stay 16 bytes wide); only the last one is masked.
+``[ROWS, blocksize // 8]`` tile of 32-bit words of packed codes, so each block's scale is decoded
+once and broadcast along its row, and the nibbles come out of 32-bit shifts (byte-wide integer
+code compiles to many byte permutes). Programs that lie wholly inside the tensor run without
+masks (so the loads and stores stay 16 bytes wide); only the last one is masked.
 """
 from __future__ import annotations
 
@@ -104,6 +105,9 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, dtype: torch
             raise QLoraError(f"can dequantize to float32/float16/bfloat16, not {dtype}")
         dest = torch.empty(n, dtype=dtype, device=packed.device)
     code, absmax, nested_absmax, nested_code = _device_state(state, packed.device)
+    packed = packed.reshape(-1)
+    if packed.data_ptr() % 4:  # the kernel reads whole 32-bit words
+        packed = packed.clone()
     bs = state.blocksize
     half = bs // 2
     tile = tile_bytes or TILE_BYTES
@@ -111,7 +115,7 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, dtype: torch
     nblocks = absmax.numel()
     grid = (triton.cdiv(nblocks, rows),)
     _dequant_kernel[grid](
-        packed.reshape(-1), absmax, nested_absmax, nested_code, code, dest,
+        packed, absmax, nested_absmax, nested_code, code, dest,
         float(state.offset) if state.double_quant else 0.0, n, nblocks,
         BS=bs, NESTED_BS=state.nested_blocksize, ROWS=rows, DQ=state.double_quant,
         BIG=n + rows * bs >= 2 ** 31,
@@ -130,30 +134,37 @@ if triton is not None:
             am = tl.load(absmax_ptr + blk, mask=blk < nblocks, other=0)
         else:
             am = tl.load(absmax_ptr + blk)
+        s = am
         if DQ:
             # Same two roundings as the reference: (code8 * nested_absmax) then + offset.
-            return tl.load(nested_code_ptr + am) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + offset
-        else:
-            return am
+            s = tl.load(nested_code_ptr + am) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + offset
+        return s
+
+    @triton.jit
+    def nibbles(words):
+        """uint32 words [..., W] -> 4-bit codes [..., W, 8] in element order. Byte i of a word
+        (little-endian) holds element 2i in its high nibble and element 2i + 1 in its low one."""
+        k = tl.arange(0, 8)
+        shift = (k // 2) * 8 + (1 - k % 2) * 4
+        return ((tl.expand_dims(words, len(words.shape)) >> shift) & 15).to(tl.int32)
 
     @triton.jit
     def _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
                       offset, n, nblocks, blk,
                       BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, MASKED: tl.constexpr):
-        HB: tl.constexpr = BS // 2
-        byte = blk[:, None] * HB + tl.arange(0, HB)[None, :]
-        if MASKED:
-            p = tl.load(packed_ptr + byte, mask=byte < (n + 1) // 2, other=0,
-                        eviction_policy="evict_first")
+        WPB: tl.constexpr = BS // 8  # 32-bit words of packed codes per block
+        word = blk[:, None] * WPB + tl.arange(0, WPB)[None, :]
+        if MASKED:  # the tensor may end inside a word: read bytes and assemble the words
+            byte = word[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+            b = tl.load(packed_ptr + byte, mask=byte < (n + 1) // 2, other=0).to(tl.uint32)
+            w = tl.sum(b << (tl.arange(0, 4) * 8)[None, None, :], axis=2)
         else:
-            p = tl.load(packed_ptr + byte, eviction_policy="evict_first")
+            w = tl.load(packed_ptr.to(tl.pointer_type(tl.uint32)) + word, eviction_policy="evict_first")
         s = _scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, blk, nblocks, offset,
                     NESTED_BS, DQ, MASKED)
-        hi = tl.load(code_ptr + (p >> 4)) * s[:, None]
-        lo = tl.load(code_ptr + (p & 15)) * s[:, None]
-        vals = tl.reshape(tl.join(hi, lo), (blk.shape[0], BS))  # element 2i = high nibble of byte i
+        vals = tl.load(code_ptr + nibbles(w)) * s[:, None, None]
+        vals = tl.reshape(vals, (blk.shape[0], BS)).to(out_ptr.dtype.element_ty)
         elem = blk[:, None] * BS + tl.arange(0, BS)[None, :]
-        vals = vals.to(out_ptr.dtype.element_ty)
         if MASKED:
             tl.store(out_ptr + elem, vals, mask=elem < n)
         else:

@@ -4,17 +4,17 @@
 format of :mod:`qlora.nf4` (packed row-major, two codes per byte, high nibble first, one scale per
 ``blocksize`` consecutive elements, optional Double Quantization). ``y`` is ``[..., N]`` in x's dtype.
 
-Math. With ``k`` split into even and odd positions (the high and low nibble of each byte)::
+Math::
 
-    y[m, n] = sum_blocks scale[n, b] * sum_{j in b} (code[hi_nj] * x[m, 2j] + code[lo_nj] * x[m, 2j + 1])
+    y[m, n] = sum_blocks scale[n, b] * sum_{k in b} code[q_nk] * x[m, k]
 
 Two kernels share the tiling (each program: ``BLOCK_N`` output rows, ``G`` quantization blocks of
 ``K`` per loop step, one scale per row and block, so each scale is decoded once per tile):
 
-* M <= 4 (``_gemv_fma_kernel``): CUDA-core fp32 multiply-adds; the block's partial dot product is
+* M == 1 (``_gemv_fma_kernel``): CUDA-core fp32 multiply-adds; the block's partial dot product is
   formed with the unscaled code values and multiplied by the block scale once. More exact than
   the reference (no bf16 rounding of the weights), so it matches it to bf16 matmul tolerance.
-* 4 < M <= 16 (``_gemv_dot_kernel``): the weights are rebuilt exactly as the reference rounds them
+* 1 < M <= 16 (``_gemv_dot_kernel``): the weights are rebuilt exactly as the reference rounds them
   (``(code * scale).to(x.dtype)``) and fed to tensor-core dots, ``x`` padded to 16 rows.
 
 ``K`` must be a multiple of the block size (true of every linear layer we know); other shapes and
@@ -37,9 +37,9 @@ except ImportError:  # pragma: no cover
 
 MAX_GEMV_ROWS = 16
 # Launch parameters, chosen on an H100 with bench/kernels.py: (rows per program, K elements per
-# loop step, warps). The split over K is chosen from the SM count.
-FMA_CONFIG = (16, 512, 4)
-DOT_CONFIG = (64, 256, 4)
+# loop step, warps, software-pipeline stages). The split over K is chosen from the SM count.
+FMA_CONFIG = (32, 512, 4, 1)
+DOT_CONFIG = (32, 256, 4, 1)
 
 
 def gemv_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
@@ -69,17 +69,17 @@ def gemv_supported(x: torch.Tensor, state: QuantState) -> bool:
 
 
 def _split_k(n_programs: int, k_steps: int, device: torch.device) -> int:
-    """Split K until there are about four programs per SM (never below one loop step each)."""
+    """Split K until there are about two programs per SM (never below one loop step each)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     split = 1
-    while n_programs * split < 4 * sms and split * 2 <= k_steps:
+    while n_programs * split < 2 * sms and split * 2 <= k_steps:
         split *= 2
     return split
 
 
 def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
-                     config: tuple[int, int, int] | None = None, split_k: int | None = None) -> torch.Tensor:
-    """Fused ``x @ dequant(W).T`` for 1..16 rows; ``config`` = (BLOCK_N, K per step, warps)."""
+                     config: tuple[int, int, int, int] | None = None, split_k: int | None = None) -> torch.Tensor:
+    """Fused ``x @ dequant(W).T`` for 1..16 rows; ``config`` = (BLOCK_N, K per step, warps, stages)."""
     if triton is None:
         raise QLoraError("Triton is not installed; use qlora.kernels.matmul_4bit, which falls back to torch")
     n_out, k = _check(x, packed, state)
@@ -91,14 +91,12 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    use_dot = m > 4
-    block_n, tke, warps = config or (DOT_CONFIG if use_dot else FMA_CONFIG)
+    use_dot = m > 1
+    block_n, tke, warps, stages = config or (DOT_CONFIG if use_dot else FMA_CONFIG)
+    if block_n < (16 if use_dot else 2) or block_n & (block_n - 1):
+        raise QLoraError(f"BLOCK_N must be a power of two >= {16 if use_dot else 2}, got {block_n}")
     bs = state.blocksize
-    tke = min(tke, triton.next_power_of_2(k))
-    # one step covers G whole blocks, or part of one block when blocks are longer than a step
-    g = max(1, tke // bs)
-    hbt = min(bs, tke) // 2
-    tke = 2 * g * hbt
+    tke = max(32, min(tke, triton.next_power_of_2(k)))  # a step: T chunks of 32 elements per row
     k_steps = triton.cdiv(k, tke)
     n_prog = triton.cdiv(n_out, block_n)
     split = split_k or _split_k(n_prog, k_steps, x.device)
@@ -106,21 +104,24 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     steps_per_split = triton.cdiv(k_steps, split)
     split = triton.cdiv(k_steps, steps_per_split)
     code, absmax, nested_absmax, nested_code = _device_state(state, x.device)
+    packed = packed.reshape(-1)
+    if packed.data_ptr() % 16:  # the kernel reads aligned 32-bit words
+        packed = packed.clone()
     if split == 1:
         out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty(split, m, n_out, dtype=torch.float32, device=x.device)
-    m_pad = 16 if use_dot else triton.next_power_of_2(m)
+    m_pad = 16 if use_dot else 1
     kernel, extra = _gemv_fma_kernel, {}
     if use_dot:  # fp32 inputs: true fp32 products, not tf32
         kernel, extra = _gemv_dot_kernel, {"PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
     kernel[(n_prog, split)](
-        x2, packed.reshape(-1), absmax, nested_absmax, nested_code, code, out,
+        x2, packed, absmax, nested_absmax, nested_code, code, out,
         float(state.offset) if state.double_quant else 0.0,
         m, n_out, k, x2.stride(0), k // 2, k // bs, steps_per_split * tke // 2,
         BS=bs, NESTED_BS=state.nested_blocksize, DQ=state.double_quant, M_PAD=m_pad,
-        BLOCK_N=block_n, G=g, HBT=hbt, EVEN_N=n_out % block_n == 0, EVEN_K=k % (steps_per_split * tke) == 0,
-        num_warps=warps, **extra,
+        BLOCK_N=block_n, T=tke // 32, EVEN_N=n_out % block_n == 0, EVEN_K=k % (steps_per_split * tke) == 0,
+        num_warps=warps, num_stages=stages, **extra,
     )
     if split > 1:
         out = out.sum(0).to(x.dtype)
@@ -144,42 +145,52 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
 
 
 if triton is not None:
+    from .dequant import nibbles
 
     @triton.jit
-    def _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+    def _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
                      rows, kb0, N, KH, KBLK, kb_end,
-                     BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr,
-                     G: tl.constexpr, HBT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-        """Packed bytes [BLOCK_N, G, HBT] from byte column ``kb0``, and the fp32 scales [BLOCK_N, G]."""
-        g = tl.arange(0, G)
-        j = tl.arange(0, HBT)
-        col = kb0 + g[:, None] * HBT + j[None, :]                     # [G, HBT] byte column
-        ptrs = packed_ptr + rows[:, None, None] * KH + col[None, :, :]
-        blk = rows[:, None] * KBLK + (kb0 + g[None, :] * HBT) // (BS // 2)  # [BLOCK_N, G]
+                     BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, T: tl.constexpr,
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        """The step at byte column ``kb0``: unscaled fp32 code values [BLOCK_N, T, 4, 8] (T chunks of
+        16 bytes = 4 words = 32 elements, each chunk inside one quantization block) and the
+        chunks' fp32 scales [BLOCK_N, T]."""
+        c = tl.arange(0, T)
+        word = kb0 // 4 + c[:, None] * 4 + tl.arange(0, 4)[None, :]               # [T, 4]
+        ptrs = packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None, None] * (KH // 4) + word[None, :, :]
+        blk = rows[:, None] * KBLK + (kb0 + c[None, :] * 16) // (BS // 2)          # [BLOCK_N, T]
         if EVEN_N and EVEN_K:
-            p = tl.load(ptrs, eviction_policy="evict_first")
+            words = tl.load(ptrs, eviction_policy="evict_first")
             am = tl.load(absmax_ptr + blk)
         else:
             row_ok = rows < N
-            col_ok = (kb0 + g * HBT) < kb_end
-            p = tl.load(ptrs, mask=row_ok[:, None, None] & col_ok[None, :, None], other=0,
-                        eviction_policy="evict_first")
+            col_ok = (kb0 + c * 16) < kb_end
+            words = tl.load(ptrs, mask=row_ok[:, None, None] & col_ok[None, :, None], other=0,
+                            eviction_policy="evict_first")
             am = tl.load(absmax_ptr + blk, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        s = am
         if DQ:
             s = tl.load(nested_code_ptr + am) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + offset
-        else:
-            s = am
-        return p, s
+        return tl.load(code_ptr + nibbles(words)), s
 
     @triton.jit
-    def _x_tile(x_ptr, kb0, M, stride_xm, kb_end,
-                M_PAD: tl.constexpr, G: tl.constexpr, HBT: tl.constexpr):
-        """x at the even and odd positions of the step, [M_PAD, G, HBT] each (0 outside)."""
+    def _x_tile(x_ptr, kb0, kb_end, T: tl.constexpr, EVEN_K: tl.constexpr):
+        """One row of x for the step, [T, 4, 8] (0 past K); ``x_ptr`` points at the row."""
+        col = 2 * kb0 + (tl.arange(0, T)[:, None, None] * 32 + tl.arange(0, 4)[None, :, None] * 8
+                         + tl.arange(0, 8)[None, None, :])
+        if EVEN_K:
+            return tl.load(x_ptr + col).to(tl.float32)
+        return tl.load(x_ptr + col, mask=col < 2 * kb_end, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _x_rows(x_ptr, kb0, M, stride_xm, kb_end, M_PAD: tl.constexpr, T: tl.constexpr, EVEN_K: tl.constexpr):
+        """Rows of x for the step, [M_PAD, T * 32] in x's dtype (0 outside)."""
         m = tl.arange(0, M_PAD)
-        col = kb0 + tl.arange(0, G)[:, None] * HBT + tl.arange(0, HBT)[None, :]
-        ptrs = x_ptr + m[:, None, None] * stride_xm + 2 * col[None, :, :]
-        ok = (m[:, None, None] < M) & (col[None, :, :] < kb_end)
-        return tl.load(ptrs, mask=ok, other=0.0), tl.load(ptrs + 1, mask=ok, other=0.0)
+        col = 2 * kb0 + tl.arange(0, T * 32)
+        ok = m[:, None] < M  # constant along the row: keeps the loads vectorized
+        if not EVEN_K:
+            ok = ok & (col[None, :] < 2 * kb_end)
+        return tl.load(x_ptr + m[:, None] * stride_xm + col[None, :], mask=ok, other=0.0)
 
     @triton.jit
     def _store_out(out_ptr, acc, rows, M, N, M_PAD: tl.constexpr):
@@ -192,45 +203,43 @@ if triton is not None:
     def _gemv_fma_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
                          offset, M, N, K, stride_xm, KH, KBLK, split_bytes,
                          BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, M_PAD: tl.constexpr,
-                         BLOCK_N: tl.constexpr, G: tl.constexpr, HBT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, T: tl.constexpr,
                          EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         kb_start = tl.program_id(1) * split_bytes
         kb_end = KH  # bound for masks; the last split's loop may run past it, fully masked
-        acc = tl.zeros((M_PAD, BLOCK_N, G), dtype=tl.float32)
-        for kb0 in range(kb_start, kb_start + split_bytes, G * HBT):
-            p, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                rows, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, G, HBT, EVEN_N, EVEN_K)
-            xe, xo = _x_tile(x_ptr, kb0, M, stride_xm, kb_end, M_PAD, G, HBT)
-            hi = tl.load(code_ptr + (p >> 4))
-            lo = tl.load(code_ptr + (p & 15))
-            part = tl.sum(hi[None, :, :, :] * xe.to(tl.float32)[:, None, :, :]
-                          + lo[None, :, :, :] * xo.to(tl.float32)[:, None, :, :], axis=3)
-            acc += part * s[None, :, :]
-        _store_out(out_ptr, tl.sum(acc, axis=2), rows, M, N, M_PAD)
+        # The products and the per-chunk sums stay inside each thread (its layout spans whole
+        # chunks); each chunk's sum is scaled once. Two row groups share every converted x value.
+        HALF: tl.constexpr = BLOCK_N // 2
+        rows_a = tl.program_id(0) * BLOCK_N + tl.arange(0, HALF)
+        rows_b = rows_a + HALF
+        acc_a = tl.zeros((HALF, T), dtype=tl.float32)
+        acc_b = tl.zeros((HALF, T), dtype=tl.float32)
+        for kb0 in range(kb_start, kb_start + split_bytes, T * 16):
+            x = _x_tile(x_ptr, kb0, kb_end, T, EVEN_K)[None, :, :, :]
+            w, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+                                rows_a, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, T, EVEN_N, EVEN_K)
+            acc_a += tl.sum(tl.sum(w * x, axis=3), axis=2) * s
+            w, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+                                rows_b, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, T, EVEN_N, EVEN_K)
+            acc_b += tl.sum(tl.sum(w * x, axis=3), axis=2) * s
+        _store_out(out_ptr, tl.sum(acc_a, axis=1)[None, :], rows_a, M, N, 1)
+        _store_out(out_ptr, tl.sum(acc_b, axis=1)[None, :], rows_b, M, N, 1)
 
     @triton.jit
     def _gemv_dot_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
                          offset, M, N, K, stride_xm, KH, KBLK, split_bytes,
                          BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, M_PAD: tl.constexpr,
-                         BLOCK_N: tl.constexpr, G: tl.constexpr, HBT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, T: tl.constexpr,
                          EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         kb_start = tl.program_id(1) * split_bytes
-        kb_end = KH  # bound for masks; the last split's loop may run past it, fully masked
-        acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-        for kb0 in range(kb_start, kb_start + split_bytes, G * HBT):
-            p, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-                                rows, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, G, HBT, EVEN_N, EVEN_K)
-            xe, xo = _x_tile(x_ptr, kb0, M, stride_xm, kb_end, M_PAD, G, HBT)
-            dt = xe.dtype
+        kb_end = KH
+        acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)  # y^T = W x^T: the weights are operand A
+        for kb0 in range(kb_start, kb_start + split_bytes, T * 16):
+            w, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
+                                rows, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, T, EVEN_N, EVEN_K)
+            x = _x_rows(x_ptr, kb0, M, stride_xm, kb_end, M_PAD, T, EVEN_K)
             # the weights exactly as the reference rounds them: (code * scale) in fp32, then to x's dtype
-            hi = (tl.load(code_ptr + (p >> 4)) * s[:, :, None]).to(dt)
-            lo = (tl.load(code_ptr + (p & 15)) * s[:, :, None]).to(dt)
-            hi = tl.reshape(hi, (BLOCK_N, G * HBT))
-            lo = tl.reshape(lo, (BLOCK_N, G * HBT))
-            xe = tl.reshape(xe, (M_PAD, G * HBT))
-            xo = tl.reshape(xo, (M_PAD, G * HBT))
-            acc = tl.dot(xe, tl.trans(hi), acc, input_precision=PRECISION)
-            acc = tl.dot(xo, tl.trans(lo), acc, input_precision=PRECISION)
-        _store_out(out_ptr, acc, rows, M, N, M_PAD)
+            w = tl.reshape((w * s[:, :, None, None]).to(x.dtype), (BLOCK_N, T * 32))
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        _store_out(out_ptr, tl.trans(acc), rows, M, N, M_PAD)
