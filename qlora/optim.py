@@ -8,8 +8,9 @@ Update (decoupled weight decay, bias correction as ``torch.optim.AdamW``), per e
 
 * **32-bit** (``adamw``): ``exp_avg`` / ``exp_avg_sq`` are fp32 tensors shaped like the parameter
   (8 bytes per parameter). For fp32 parameters the arithmetic is op for op that of
-  ``torch.optim.AdamW`` (single-tensor path), so results are bit-identical to it and the state
-  dict uses its keys; other parameter dtypes are updated in fp32 and cast back.
+  ``torch.optim.AdamW``'s multi-tensor (foreach) path -- its default on CUDA; on the CPU foreach ops
+  run tensor by tensor, i.e. as its default single-tensor path -- so results are bit-identical to
+  it and the state dict uses its keys; other parameter dtypes are updated in fp32 and cast back.
 * **8-bit** (``adamw8bit``): each moment is stored as uint8 codes, flat ``[numel]``, plus
   one fp32 ``absmax`` per block of 256 elements (``ceil(n / 256)``), ~2.03 bytes per parameter.
   ``m`` uses the signed dynamic code, ``v`` the unsigned one (bitsandbytes' ``create_dynamic_map
@@ -21,8 +22,12 @@ Update (decoupled weight decay, bias correction as ``torch.optim.AdamW``), per e
 * **Paged** (``paged_*``): each parameter's state tensors form a *page*. A :class:`Pager` keeps at
   most a byte budget of pages on the parameter's device; pages over budget are copied to pinned
   host memory (on a side CUDA stream) and their device memory is freed; a page comes back right
-  before its parameter's update, prefetched on the side stream while the previous parameter
+  before its parameter's update, prefetched on the side stream while the previous chunk
   updates. No CUDA managed memory is used. See ``docs/optim.md``.
+
+Parameters are updated in chunks (consecutive tensors of one group, device, dtype and state kind,
+up to CHUNK_ELEMS elements) with ``torch._foreach_*`` ops, so a step costs a few dozen kernel
+launches per chunk instead of per tensor.
 
 State dict: ``torch.optim`` layout. Per parameter ``step`` (fp32 0-dim CPU tensor) and either
 ``exp_avg`` / ``exp_avg_sq`` (fp32) or ``exp_avg_q8`` / ``exp_avg_absmax`` / ``exp_avg_sq_q8`` /
