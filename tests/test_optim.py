@@ -159,12 +159,12 @@ def test_adamw32_bf16_params_update_in_fp32():
 # --------------------------------------------------------------------------------------------- 8-bit
 
 
-@pytest.mark.parametrize("wd", [0.0, 0.05])
-def test_adamw8bit_equals_bitsandbytes_on_cpu(wd, bnb):
+@pytest.mark.parametrize("wd,dtype", [(0.0, torch.float32), (0.05, torch.float32), (0.05, torch.bfloat16)])
+def test_adamw8bit_equals_bitsandbytes_on_cpu(wd, dtype, bnb):
     """Tensors of >= 4096 elements: parameters and the 8-bit states (codes and absmax) are
-    bit-identical to bitsandbytes.optim.AdamW8bit (CPU backend) after every step. Smaller tensors
-    keep 32-bit state, which follows torch.optim.AdamW exactly."""
-    a, b, c = make_params(), make_params(), make_params()
+    bit-identical to bitsandbytes.optim.AdamW8bit (CPU backend) after every step, for fp32 and
+    bf16 parameters. Smaller fp32 tensors keep 32-bit state, which follows torch.optim.AdamW."""
+    a, b, c = make_params(dtype=dtype), make_params(dtype=dtype), make_params(dtype=dtype)
     ours = optim.make_optimizer(a, "adamw8bit", lr=5e-3, weight_decay=wd)
     ref = bnb.optim.AdamW8bit(b, lr=5e-3, weight_decay=wd, betas=(0.9, 0.999), eps=1e-8)
     ref32 = torch.optim.AdamW(c, lr=5e-3, weight_decay=wd)
@@ -181,7 +181,8 @@ def test_adamw8bit_equals_bitsandbytes_on_cpu(wd, bnb):
                 assert torch.equal(s["exp_avg_q8"], sr["state1"].view(-1)) and torch.equal(s["exp_avg_absmax"], sr["absmax1"])
                 assert torch.equal(s["exp_avg_sq_q8"], sr["state2"].view(-1)) and torch.equal(s["exp_avg_sq_absmax"], sr["absmax2"])
             else:
-                assert torch.equal(p, r) and "exp_avg" in ours.state[p], (t, i)
+                assert "exp_avg" in ours.state[p]
+                assert dtype != torch.float32 or torch.equal(p, r), (t, i)
 
 
 def _regression(name, seed, steps=50):
