@@ -506,8 +506,6 @@ class AdamW(torch.optim.Optimizer):
                              f"but this optimizer has {have}: resume with the same trainable parameters")
         params = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
-        if self.pager is not None:
-            self.pager.clear()
         state: defaultdict = defaultdict(dict)
         for pid, saved in state_dict["state"].items():
             if pid not in params:
@@ -527,8 +525,10 @@ class AdamW(torch.optim.Optimizer):
                     st[k] = host.copy_(t)
                 else:
                     st[k] = t.to(device=p.device, copy=True)
-            if self.pager is not None:
-                self.pager.register(p, st, keys, resident=False)
+        if self.pager is not None:  # only now that everything checked out
+            self.pager.clear()
+            for p, st in state.items():
+                self.pager.register(p, st, self.state_keys(p), resident=False)
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
         self.state = state

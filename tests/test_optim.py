@@ -358,6 +358,17 @@ def test_load_rejects_mismatched_state():
         optim.make_optimizer(make_params(), "adamw8bit").load_state_dict(bad)
     with pytest.raises(QLoraError):
         optim.make_optimizer(make_params(), "adamw8bit").load_state_dict({"nope": 1})
+    # a refused state dict leaves a paged optimizer as it was
+    c, d = make_params(), make_params()
+    paged = optim.make_optimizer(c, "paged_adamw8bit", page_budget_bytes=5000)
+    plain = optim.make_optimizer(d, "adamw8bit")
+    run(paged, c, 2)
+    run(plain, d, 2)
+    with pytest.raises(QLoraError):
+        paged.load_state_dict(bad)
+    run(paged, c, 2, start=2)
+    run(plain, d, 2, start=2)
+    assert same(c, d)
 
 
 def test_make_optimizer_checks_its_inputs():
