@@ -1,0 +1,219 @@
+"""Activation memory: per-block gradient checkpointing, and offloading what it keeps to CPU memory.
+
+Gradient checkpointing (non-reentrant ``torch.utils.checkpoint``) keeps, per decoder block, only
+the block's input ``hidden_states`` ``[B, T, H]`` (``B*T*H*2`` bytes in bf16) and recomputes the
+block's inside during backward. For long sequences those inputs are what remains: ``L*B*T*H*2``
+bytes, e.g. 32 layers x 200k tokens x 4096 x 2 = 52 GB for an 8B model. Offloading moves them to
+pinned host memory as they are produced and brings each back just before its block is recomputed.
+
+How it works: :class:`ActivationOffloader` installs ``torch.autograd.graph.saved_tensors_hooks``.
+
+* pack (forward), for a saved tensor on a CUDA device of at least ``min_bytes`` that is not a
+  parameter or buffer: a side stream waits for the compute stream, copies the tensor into a pinned
+  host buffer (``non_blocking``), and ``record_stream`` keeps the caching allocator from reusing
+  the device memory before that copy has run. The device tensor is released by autograd at once;
+  the compute stream never waits for the copy.
+* unpack (backward): the tensor is copied back on the side stream into fresh device memory and
+  the compute stream waits for that copy (a CUDA event). At the same time the copy-in of the
+  tensor packed just before it (the previous block's input, needed next in backward) is started,
+  so it overlaps the current block's recompute and backward: one extra ``B*T*H*2`` on the device.
+* The values are copied bit for bit, so losses and gradients are exactly those without offload.
+
+Checkpoint's own hooks take precedence inside a checkpointed region (they keep nothing there);
+the block input is saved by checkpoint *outside* its region, so it reaches these hooks. Wrapping
+each block's checkpoint call (what :func:`enable_checkpointing` does) therefore offloads exactly
+the block inputs. Wrapping the whole loss computation in :meth:`ActivationOffloader.hooks` as well
+also offloads what is saved outside the blocks (final norm input, the loss' hidden states).
+
+On the CPU there is nothing to gain; with ``include_cpu=True`` the same path runs with plain CPU
+copies (that is how the tests check exactness without a GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import Counter
+
+import torch
+import torch.nn as nn
+
+from .errors import QLoraError
+
+DEFAULT_MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are: copies would cost more than they free
+
+
+class _Offloaded:
+    """One saved tensor held in host memory; ``device_copy`` is its copy-in, once started."""
+
+    __slots__ = ("host", "device", "ready", "device_copy", "prev", "__weakref__")
+
+    def __init__(self, host: torch.Tensor, device: torch.device, ready, prev):
+        self.host, self.device, self.ready = host, device, ready
+        self.device_copy: torch.Tensor | None = None
+        self.prev = prev  # weakref to the handle packed just before this one
+
+
+class ActivationOffloader:
+    """Saved-tensor hooks that keep activations in (pinned) host memory between forward and backward.
+
+    ``min_bytes``: smaller tensors are left alone. ``prefetch``: in backward, start copying in the
+    tensor packed before the one being unpacked. ``exclude``: a module whose parameters and
+    buffers are never offloaded (they stay on the device anyway; parameters are always skipped).
+    ``include_cpu``: also "offload" CPU tensors (to separate CPU copies; for tests).
+    ``stats`` counts ``packed``, ``bytes_out``, ``unpacked``, ``bytes_in``, ``prefetched``.
+    """
+
+    def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, prefetch: bool = True, exclude: nn.Module | None = None,
+                 include_cpu: bool = False):
+        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+            raise QLoraError(f"min_bytes must be an integer >= 0, got {min_bytes!r}")
+        self.min_bytes, self.prefetch, self.include_cpu = min_bytes, prefetch, include_cpu
+        self.stats: Counter = Counter()
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._last = None
+        self._skip: set[int] = set()
+        if exclude is not None:
+            self.exclude(exclude)
+
+    def exclude(self, module: nn.Module) -> None:
+        """Never offload tensors that share storage with ``module``'s parameters or buffers."""
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t is not None and not t.is_meta:
+                self._skip.add(t.untyped_storage().data_ptr())
+
+    @contextlib.contextmanager
+    def hooks(self):
+        """Context in which tensors saved for backward are offloaded."""
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield self
+
+    # -- pack / unpack --------------------------------------------------------------------------
+
+    def _wanted(self, t: torch.Tensor) -> bool:
+        if isinstance(t, nn.Parameter) or t.layout != torch.strided or t.is_meta:
+            return False
+        if t.device.type != "cuda" and not (self.include_cpu and t.device.type == "cpu"):
+            return False
+        if t.numel() * t.element_size() < self.min_bytes:
+            return False
+        return t.untyped_storage().data_ptr() not in self._skip
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def _pack(self, t: torch.Tensor):
+        if not self._wanted(t):
+            return t
+        ready = None
+        if t.device.type == "cuda":
+            side = self._stream(t.device)
+            side.wait_stream(torch.cuda.current_stream(t.device))  # t has been computed
+            host = torch.empty_like(t, device="cpu", pin_memory=True)
+            with torch.cuda.stream(side):
+                host.copy_(t, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(side)
+            t.record_stream(side)  # its memory is reused only after the copy
+        else:
+            host = t.clone()
+        handle = _Offloaded(host, t.device, ready, self._last)
+        self._last = weakref.ref(handle)
+        self.stats.update(packed=1, bytes_out=t.numel() * t.element_size())
+        return handle
+
+    def _copy_in(self, h: _Offloaded) -> None:
+        if h.device_copy is not None:
+            return
+        if h.device.type == "cuda":
+            side = self._stream(h.device)
+            side.wait_stream(torch.cuda.current_stream(h.device))  # the fresh memory's last users are done
+            out = torch.empty_like(h.host, device=h.device)
+            with torch.cuda.stream(side):
+                out.copy_(h.host, non_blocking=True)
+                h.ready = torch.cuda.Event()
+                h.ready.record(side)
+        else:
+            out = h.host.clone()
+        h.device_copy = out
+        self.stats.update(bytes_in=h.host.numel() * h.host.element_size())
+
+    def _unpack(self, h):
+        if not isinstance(h, _Offloaded):
+            return h
+        self._copy_in(h)
+        if h.ready is not None:
+            torch.cuda.current_stream(h.device).wait_event(h.ready)
+        t, h.device_copy = h.device_copy, None  # the host copy stays (backward may run again)
+        self.stats.update(unpacked=1)
+        prev = h.prev() if h.prev is not None else None
+        if self.prefetch and prev is not None and prev.device_copy is None:
+            self._copy_in(prev)
+            self.stats.update(prefetched=1)
+        return t
+
+
+@contextlib.contextmanager
+def offload_activations(enabled: bool = True, min_bytes: int = DEFAULT_MIN_BYTES, model: nn.Module | None = None,
+                        prefetch: bool = True):
+    """Offload tensors saved for backward inside this context to pinned CPU memory (see module
+    docstring); ``model``'s parameters and buffers are never offloaded. Yields the
+    :class:`ActivationOffloader` (or None when not ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    off = ActivationOffloader(min_bytes, prefetch, exclude=model)
+    with off.hooks():
+        yield off
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpointing with offload
+
+
+def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: any module that carries the checkpoint function
+        GradientCheckpointingLayer = None
+    return [m for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")
+            and (GradientCheckpointingLayer is None or isinstance(m, GradientCheckpointingLayer))]
+
+
+def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: int = DEFAULT_MIN_BYTES,
+                         offloader: ActivationOffloader | None = None) -> ActivationOffloader | None:
+    """Turn on per-block gradient checkpointing (non-reentrant) of a transformers model and, with
+    ``offload``, move each block's saved input to pinned CPU memory until its backward.
+
+    Returns the :class:`ActivationOffloader` used (``offloader`` if given), or None without
+    offload. Its ``hooks()`` can also wrap the loss computation to offload the tensors saved
+    outside the blocks. Call again with ``offload=False`` to keep checkpointing without offload.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise QLoraError(f"{type(model).__name__} does not support gradient checkpointing")
+    blocks = _checkpointed_blocks(model)
+    if not blocks:
+        raise QLoraError(f"{type(model).__name__}: no checkpointed decoder blocks found")
+    for block in blocks:  # undo an earlier wrap
+        block._gradient_checkpointing_func = getattr(block, "_qlora_checkpoint_func", block._gradient_checkpointing_func)
+    if not offload:
+        return None
+    off = offloader or ActivationOffloader(min_bytes)
+    off.exclude(model)
+    for block in blocks:
+        inner = block._gradient_checkpointing_func
+        block._qlora_checkpoint_func = inner
+
+        def offloaded_checkpoint(function, *args, _inner=inner, **kw):
+            with off.hooks():
+                return _inner(function, *args, **kw)
+
+        block._gradient_checkpointing_func = offloaded_checkpoint
+    return off

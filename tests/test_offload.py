@@ -1,0 +1,146 @@
+"""Activation offload: exactly the same losses and gradients as plain checkpointing (CPU, through
+the same pack/unpack path with CPU copies), the block inputs are what is offloaded, and on a GPU
+the peak memory drops."""
+import pytest
+import torch
+import transformers
+
+from qlora.errors import QLoraError
+from qlora.model import LoraSettings, QuantSettings, build_random
+from qlora.offload import ActivationOffloader, enable_checkpointing, offload_activations
+from qlora.train import loss_sum
+
+
+def _config(layers=3, hidden=64, vocab=96):
+    return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                                    max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def _model(cfg, device="cpu", r=4):
+    m = build_random(cfg, QuantSettings(), LoraSettings(r=r, alpha=8, dropout=0.0), device=device, progress=False)
+    with torch.no_grad():  # B = 0 at init would make A's gradients zero: give B values
+        for n, p in m.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    m.train()
+    return m
+
+
+def _batch(cfg, b=2, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _loss_and_grads(model, batch, device="cpu", outer=None):
+    model.zero_grad(set_to_none=True)
+    ctx = outer.hooks() if outer is not None else torch.enable_grad()
+    with ctx:
+        loss = loss_sum(model, batch, device)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def test_offloaded_checkpointing_is_exact():
+    cfg = _config()
+    model = _model(cfg)
+    batch = _batch(cfg)
+    enable_checkpointing(model, offload=False)
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    assert all(g.abs().sum() > 0 for g in ref_grads.values())
+
+    off = ActivationOffloader(min_bytes=0, include_cpu=True)
+    assert enable_checkpointing(model, offload=True, offloader=off) is off
+    loss, grads = _loss_and_grads(model, batch)
+    assert torch.equal(loss, ref_loss)
+    for n, g in ref_grads.items():
+        assert torch.equal(grads[n], g), n
+    # exactly the block inputs went out, came back, and all but the first were prefetched
+    hidden = 2 * 24 * cfg.hidden_size * 2  # B*T*H bf16
+    assert off.stats["packed"] == cfg.num_hidden_layers
+    assert off.stats["bytes_out"] == cfg.num_hidden_layers * hidden
+    assert off.stats["unpacked"] == cfg.num_hidden_layers
+    assert off.stats["prefetched"] == cfg.num_hidden_layers - 1
+    assert off.stats["bytes_in"] == off.stats["bytes_out"]
+
+    # checkpointing without offload again: the wrap is undone
+    assert enable_checkpointing(model, offload=False) is None
+    before = dict(off.stats)
+    loss2, _ = _loss_and_grads(model, batch)
+    assert torch.equal(loss2, ref_loss) and dict(off.stats) == before
+
+
+def test_offload_outside_blocks_is_exact_and_skips_parameters():
+    cfg = _config(layers=2)
+    model = _model(cfg)
+    batch = _batch(cfg, seed=1)
+    enable_checkpointing(model, offload=False)
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    off = ActivationOffloader(min_bytes=0, include_cpu=True, exclude=model)
+    enable_checkpointing(model, offload=True, offloader=off)
+    loss, grads = _loss_and_grads(model, batch, outer=off)  # the whole loss under the hooks too
+    assert torch.equal(loss, ref_loss)
+    for n, g in ref_grads.items():
+        assert torch.equal(grads[n], g), n
+    # block inputs + what the final norm and the loss save; never the (large) lm_head weight
+    assert off.stats["packed"] > cfg.num_hidden_layers
+    assert off.stats["bytes_out"] < 40 * 2 * 24 * cfg.hidden_size * 4
+    # no checkpointing: every saved activation of the blocks goes through the hooks
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    off2 = ActivationOffloader(min_bytes=0, include_cpu=True, exclude=model)
+    loss3, grads3 = _loss_and_grads(model, batch, outer=off2)
+    assert torch.equal(loss3, ref_loss)
+    for n, g in ref_grads.items():
+        assert torch.equal(grads3[n], g), n
+    assert off2.stats["packed"] > 5 * off.stats["packed"]
+
+
+def test_offload_activations_context_on_plain_autograd():
+    x = torch.randn(64, 64, requires_grad=True)
+    w = torch.randn(64, 64, requires_grad=True)
+    ref = torch.autograd.grad((torch.tanh(x @ w) ** 2).sum(), (x, w))
+    with offload_activations(enabled=False) as none:
+        assert none is None
+    off = ActivationOffloader(min_bytes=0, include_cpu=True)
+    with off.hooks():
+        y = (torch.tanh(x @ w) ** 2).sum()
+    got = torch.autograd.grad(y, (x, w))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert off.stats["packed"] >= 1  # parameters are skipped, but x and w are plain tensors here
+    with offload_activations(min_bytes=0) as o:  # CPU tensors are not offloaded by default
+        (x * 2).sum()
+    assert o.stats["packed"] == 0
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(QLoraError, match="min_bytes"):
+        ActivationOffloader(min_bytes=-1)
+    with pytest.raises(QLoraError, match="checkpointing"):
+        enable_checkpointing(torch.nn.Linear(2, 2), offload=True)
+
+
+@pytest.mark.gpu
+def test_gpu_offload_lowers_peak_and_is_exact():
+    cfg = _config(layers=8, hidden=512, vocab=512)
+    model = _model(cfg, device="cuda", r=8)
+    batch = _batch(cfg, b=2, t=2048)
+    peaks, results = {}, {}
+    for offload in (False, True):
+        off = enable_checkpointing(model, offload=offload, min_bytes=0)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        results[offload] = _loss_and_grads(model, batch, device="cuda")
+        torch.cuda.synchronize()
+        peaks[offload] = torch.cuda.max_memory_allocated() - base
+        if offload:
+            assert off.stats["packed"] == cfg.num_hidden_layers
+    saved = cfg.num_hidden_layers * 2 * 2048 * cfg.hidden_size * 2
+    assert peaks[False] - peaks[True] > 0.5 * saved
+    assert torch.equal(results[True][0], results[False][0])
+    for n, g in results[False][1].items():
+        assert torch.equal(results[True][1][n], g), n
