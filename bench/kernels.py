@@ -2,8 +2,11 @@
 
     python bench/kernels.py [--sweep] [--json results.json]
 
-Prints, each measured in this run with ``triton.testing.do_bench`` (median; it flushes the L2
-cache before every call, so weights are read from device memory):
+Prints, each measured in this run, two kinds of time: "graph" = GPU time per call replayed from
+a CUDA graph over several copies of the weights read in turn (so reads come from device memory,
+not L2, and no Python or launch overhead counts), and "eager" = ``triton.testing.do_bench`` of
+the Python call (median; it flushes L2 before each call), which includes host overhead when the
+host is slower than the GPU. Host microseconds per call are printed beside them.
 
 * the copy ceiling (device-to-device copy, bytes read + written);
 * NF4+DQ dequantize to bf16, in TB/s counting packed codes + 8-bit absmax read + bf16 written
@@ -47,6 +50,62 @@ def bench(fn, warmup=25, rep=100) -> float:
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def graph_ms(fns, reps=10):
+    """GPU time per call, replayed from a CUDA graph (no Python or launch overhead). ``fns`` are
+    called in turn, each on its own copy of the weights, so that reads come from device memory
+    rather than the 50 MB L2. Returns None when a call cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for f in fns:
+                f()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                for f in fns:
+                    f()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        del graph
+        return sorted(times)[len(times) // 2] / (reps * len(fns))
+    except Exception as e:  # noqa: BLE001
+        print(f"    (graph capture failed: {type(e).__name__}: {str(e)[:100]})")
+        torch.cuda.synchronize()
+        return None
+
+
+def cpu_us(fn, n=100):
+    """Host time per call (launch-bound when the GPU keeps up): explains eager timings."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def copies(packed, st, ref, nbytes_target=160e6):
+    """Enough copies of a packed weight (and its scales) to overflow L2 when read in turn."""
+    from dataclasses import replace
+    r = max(2, int(nbytes_target // max(1, packed.numel())) + 1)
+    ours = [(packed.clone(), replace(st, absmax=st.absmax.clone())) for _ in range(r)]
+    theirs = [(ref[0].clone(), ref[1]) for _ in range(r)] if ref else []
+    return ours, theirs
+
+
 def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
@@ -71,28 +130,38 @@ def copy_ceiling():
 
 
 def dequant_table(sweep: bool):
-    print("\nNF4+DQ dequantize -> bf16 (TB/s = packed + u8 absmax + bf16 out)")
-    print(f"{'shape':>13} {'ours ms':>8} {'ours TB/s':>9} {'ours buf':>8} {'torch ref':>9} {'bnb TB/s':>8} {'exact':>5}")
+    print("\nNF4+DQ dequantize -> bf16 (TB/s = packed + u8 absmax + bf16 out); 'graph' = GPU time from a"
+          " CUDA graph over rotating weight copies, 'eager' = do_bench of the Python call")
+    print(f"{'shape':>13} {'ours us':>8} {'ours TB/s':>9} {'eager':>6} {'bnb TB/s':>8} {'eager':>6} {'torch':>6} "
+          f"{'cpu us ours/bnb':>15} {'exact':>5}")
     for n, k in SHAPES:
         w, packed, st, ref = quantized(n, k)
         nbytes = n * k // 2 + n * k // 64 + n * k * 2
         buf = torch.empty(n * k, device="cuda", dtype=torch.bfloat16)
         exact = torch.equal(dequantize_4bit_triton(packed, st), nf4.dequantize_4bit(packed, st))
+        ours, theirs = copies(packed, st, ref)
+        g_ours = graph_ms([lambda p=p, s=s: dequantize_4bit_triton(p, s, out=buf) for p, s in ours])
+        g_bnb = graph_ms([lambda q=q, s=s: bnbF.dequantize_4bit(q, s) for q, s in theirs]) if ref else None
         ms = bench(lambda: dequantize_4bit_triton(packed, st), 50, 300)
-        ms_buf = bench(lambda: dequantize_4bit_triton(packed, st, out=buf), 50, 300)
-        ms_ref = bench(lambda: nf4.dequantize_4bit(packed, st), 10, 50)
         ms_bnb = bench(lambda: bnbF.dequantize_4bit(ref[0], ref[1]), 50, 300) if ref else None
+        ms_ref = bench(lambda: nf4.dequantize_4bit(packed, st), 10, 50)
+        c_ours = cpu_us(lambda: dequantize_4bit_triton(packed, st, out=buf))
+        c_bnb = cpu_us(lambda: bnbF.dequantize_4bit(ref[0], ref[1])) if ref else None
         tb = lambda t: None if t is None else nbytes / t / 1e9  # noqa: E731
-        r = dict(ms=ms, TBps=tb(ms), buf_TBps=tb(ms_buf), torch_ref_TBps=tb(ms_ref), bnb_TBps=tb(ms_bnb), exact=exact)
+        r = dict(graph_us=g_ours and g_ours * 1e3, TBps=tb(g_ours), eager_TBps=tb(ms), bnb_TBps=tb(g_bnb),
+                 bnb_eager_TBps=tb(ms_bnb), torch_ref_TBps=tb(ms_ref), cpu_us=c_ours, bnb_cpu_us=c_bnb, exact=exact)
         RESULTS[f"dequant_{n}x{k}"] = r
-        print(f"{n:>6}x{k:<6} {ms:8.4f} {tb(ms):9.2f} {tb(ms_buf):8.2f} {tb(ms_ref):9.2f} {fmt(tb(ms_bnb), '8.2f')} {exact!s:>5}")
+        print(f"{n:>6}x{k:<6} {fmt(r['graph_us'], '8.1f')} {fmt(tb(g_ours), '9.2f')} {tb(ms):6.2f} "
+              f"{fmt(tb(g_bnb), '8.2f')} {fmt(tb(ms_bnb), '6.2f')} {tb(ms_ref):6.2f} "
+              f"{c_ours:7.0f}/{fmt(c_bnb, '7.0f')} {exact!s:>5}")
         if sweep and (n, k) == (14336, 4096):
-            for tile in (1024, 2048, 4096, 8192):
-                for warps in (2, 4, 8):
-                    t = bench(lambda: dequantize_4bit_triton(packed, st, out=buf, tile_bytes=tile, num_warps=warps))
+            for tile in (1024, 2048, 4096):
+                for warps in (4, 8):
+                    t = graph_ms([lambda p=p, s=s: dequantize_4bit_triton(p, s, out=buf, tile_bytes=tile, num_warps=warps)
+                                  for p, s in ours])
                     RESULTS[f"sweep_dequant_{tile}_{warps}"] = tb(t)
-                    print(f"    sweep tile={tile:5d} warps={warps}: {tb(t):.2f} TB/s")
-        del w, packed, st, ref, buf
+                    print(f"    sweep tile={tile:5d} warps={warps}: {fmt(tb(t), '.2f')} TB/s")
+        del w, packed, st, ref, buf, ours, theirs
         torch.cuda.empty_cache()
 
 
@@ -112,36 +181,50 @@ def matmul_table():
 
 
 # (rows per program, K per step, warps, pipeline stages)
-GEMV_SWEEP = [(16, 512, 4, 1), (16, 256, 4, 1), (16, 1024, 4, 1), (32, 256, 4, 1), (32, 512, 4, 1), (32, 512, 8, 1),
-              (64, 128, 4, 1), (64, 256, 4, 1), (64, 256, 8, 1), (8, 512, 2, 1), (16, 512, 2, 1), (32, 128, 2, 1)]
-DOT_SWEEP = [(32, 256, 4, 1), (64, 128, 4, 1), (64, 256, 8, 1), (32, 128, 4, 1), (16, 256, 4, 1), (64, 128, 4, 2),
-             (128, 128, 8, 1)]
+GEMV_SWEEP = [(16, 512, 4, 1), (16, 1024, 4, 1), (8, 512, 2, 1), (8, 1024, 2, 1), (16, 512, 2, 1), (32, 512, 4, 1),
+              (16, 256, 4, 1), (8, 256, 2, 1), (4, 512, 1, 1), (16, 1024, 8, 1), (32, 256, 4, 1)]
+DOT_SWEEP = [(32, 256, 4, 1), (64, 128, 4, 1), (64, 256, 8, 1), (32, 128, 4, 1), (16, 256, 4, 1), (128, 128, 8, 1),
+             (16, 512, 4, 1)]
 
 
 def gemv_table(sweep: bool):
-    print("\n4-bit GEMV (weights read cold from device memory), ms")
-    print(f"{'shape':>13} {'rows':>4} {'ours':>8} {'bnb':>8} {'torch ref':>9} {'deq+mm':>8} {'bf16 mm':>8} {'rel err':>8}")
+    print("\n4-bit GEMV: GPU us from a CUDA graph over rotating weight copies (eager do_bench us in brackets)")
+    print(f"{'shape':>13} {'rows':>4} {'ours':>14} {'bnb':>14} {'bf16 mm':>8} {'deq+mm':>7} {'torch ref':>9} "
+          f"{'cpu us':>9} {'rel err':>8}")
     for n, k in SHAPES:
         w, packed, st, ref = quantized(n, k)
+        ours, theirs = copies(packed, st, ref)
+        w16 = [w] + [w.clone() for _ in range(max(1, int(160e6 // (w.numel() * 2))))]
         for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             y = gemv.gemv_4bit_triton(x, packed, st)
             exact = x.double() @ nf4.dequantize_4bit(packed, st, torch.float32).double().t()
             err = ((y.double() - exact).norm() / exact.norm()).item()
+            g = graph_ms([lambda p=p, s=s: gemv.gemv_4bit_triton(x, p, s) for p, s in ours])
+            g_bnb = graph_ms([lambda q=q, s=s: bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in theirs]) if ref else None
+            g16 = graph_ms([lambda v=v: x @ v.t() for v in w16])
+            g_dm = graph_ms([lambda p=p, s=s: x @ dequantize_4bit_triton(p, s).t() for p, s in ours[:2]])
             ms = bench(lambda: gemv.gemv_4bit_triton(x, packed, st))
             ms_bnb = bench(lambda: bnb.matmul_4bit(x, ref[0].t(), quant_state=ref[1])) if ref else None
             ms_ref = bench(lambda: gemv.gemv_4bit_reference(x, packed, st), 5, 30)
-            ms_dm = bench(lambda: x @ dequantize_4bit_triton(packed, st).t())
-            ms16 = bench(lambda: x @ w.t())
-            RESULTS[f"gemv_{n}x{k}_m{m}"] = dict(ours=ms, bnb=ms_bnb, torch_ref=ms_ref, dequant_mm=ms_dm, bf16=ms16, rel_err=err)
-            print(f"{n:>6}x{k:<6} {m:4d} {ms:8.4f} {fmt(ms_bnb, '8.4f')} {ms_ref:9.4f} {ms_dm:8.4f} {ms16:8.4f} {err:8.1e}")
-            if sweep and m in (1, 16) and (n, k) in ((14336, 4096), (4096, 14336)):
+            c = cpu_us(lambda: gemv.gemv_4bit_triton(x, packed, st))
+            c_bnb = cpu_us(lambda: bnb.matmul_4bit(x, ref[0].t(), quant_state=ref[1])) if ref else None
+            us = lambda t: None if t is None else t * 1e3  # noqa: E731
+            RESULTS[f"gemv_{n}x{k}_m{m}"] = dict(ours=us(g), ours_eager=us(ms), bnb=us(g_bnb), bnb_eager=us(ms_bnb),
+                                                 bf16=us(g16), dequant_mm=us(g_dm), torch_ref_eager=us(ms_ref),
+                                                 cpu_us=c, bnb_cpu_us=c_bnb, rel_err=err)
+            print(f"{n:>6}x{k:<6} {m:4d} {fmt(us(g), '6.1f')} ({us(ms):5.1f}) {fmt(us(g_bnb), '6.1f')} "
+                  f"({fmt(us(ms_bnb), '5.1f')}) {fmt(us(g16), '8.1f')} {fmt(us(g_dm), '7.1f')} {us(ms_ref):9.1f} "
+                  f"{c:4.0f}/{fmt(c_bnb, '4.0f')} {err:8.1e}")
+            if sweep and m in (1, 16) and (n, k) in ((14336, 4096), (4096, 14336), (4096, 4096)):
                 for cfg in (GEMV_SWEEP if m == 1 else DOT_SWEEP):
-                    for split in ((None, 1) if (n, k) == (14336, 4096) else (None, 1, 4)):
-                        t = bench(lambda: gemv.gemv_4bit_triton(x, packed, st, config=cfg, split_k=split))
-                        RESULTS[f"sweep_gemv_{n}x{k}_m{m}_{cfg}_{split}"] = t
-                        print(f"    sweep {cfg} split={split}: {t:.4f} ms")
-        del w, packed, st, ref
+                    splits = {(14336, 4096): (None,), (4096, 4096): (None, 1, 4)}.get((n, k), (None, 1, 2, 4, 8))
+                    for split in splits:
+                        t = graph_ms([lambda p=p, s=s: gemv.gemv_4bit_triton(x, p, s, config=cfg, split_k=split)
+                                      for p, s in ours])
+                        RESULTS[f"sweep_gemv_{n}x{k}_m{m}_{cfg}_{split}"] = us(t)
+                        print(f"    sweep {cfg} split={split}: {fmt(us(t), '.1f')} us")
+        del w, packed, st, ref, ours, theirs, w16
         torch.cuda.empty_cache()
 
 
@@ -184,7 +267,12 @@ def norm_act_table():
     h = torch.randn(n, hdim, device="cuda", dtype=dt, requires_grad=True)
     head = torch.randn(vocab, hdim, device="cuda", dtype=dt) * 0.02
     lab = torch.randint(0, vocab, (n,), device="cuda")
-    for name, fn in (("chunked", lambda: loss.chunked_linear_cross_entropy(h, head, lab)),
+    ce = loss.chunked_linear_cross_entropy
+    for name, fn in (("chunked (default)", lambda: ce(h, head, lab)),
+                     ("chunked grad_in_forward", lambda: ce(h, head, lab, grad_in_forward=True)),
+                     ("chunked 1024 rows", lambda: ce(h, head, lab, chunk_size=1024)),
+                     ("chunked 1024 rows grad_in_forward", lambda: ce(h, head, lab, chunk_size=1024, grad_in_forward=True)),
+                     ("chunked 128 rows", lambda: ce(h, head, lab, chunk_size=128)),
                      ("unfused", lambda: loss.linear_cross_entropy_reference(h, head, lab))):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -225,18 +313,20 @@ def dump_kernels(outdir: str):
 
 def summary():
     """The headline numbers again, last, so they end the output."""
-    print("\n==== summary ====")
+    print("\n==== summary (GPU time from CUDA graphs; eager = do_bench of the Python call) ====")
     print(f"copy ceiling {RESULTS.get('copy_TBps', 0):.2f} TB/s")
     for n, k in SHAPES:
         r = RESULTS.get(f"dequant_{n}x{k}")
         if r:
-            print(f"dequant {n}x{k}: ours {r['TBps']:.2f} TB/s (buffer {r['buf_TBps']:.2f}), torch ref "
-                  f"{r['torch_ref_TBps']:.2f}, bnb {fmt(r['bnb_TBps'], '.2f')}, bit-exact {r['exact']}")
+            print(f"dequant {n}x{k}: ours {fmt(r['TBps'], '.2f')} TB/s (eager {r['eager_TBps']:.2f}), bnb "
+                  f"{fmt(r['bnb_TBps'], '.2f')} (eager {fmt(r['bnb_eager_TBps'], '.2f')}), torch ref "
+                  f"{r['torch_ref_TBps']:.2f}, bit-exact {r['exact']}")
     for n, k in SHAPES:
         r = RESULTS.get(f"gemv_{n}x{k}_m1")
         if r:
-            print(f"gemv 1x{k} @ {k}x{n}: ours {r['ours'] * 1e3:.1f} us, bnb {fmt(r['bnb'] and r['bnb'] * 1e3, '.1f')} us, "
-                  f"torch ref {r['torch_ref'] * 1e3:.1f} us, bf16 {r['bf16'] * 1e3:.1f} us, rel err {r['rel_err']:.1e}")
+            print(f"gemv x[1,{k}] @ W[{n},{k}].T: ours {fmt(r['ours'], '.1f')} us (eager {r['ours_eager']:.1f}), "
+                  f"bnb {fmt(r['bnb'], '.1f')} (eager {fmt(r['bnb_eager'], '.1f')}), bf16 {fmt(r['bf16'], '.1f')}, "
+                  f"torch ref {r['torch_ref_eager']:.1f}, rel err {r['rel_err']:.1e}")
     best = {}
     for key, v in RESULTS.items():
         if key.startswith("sweep_gemv_") and isinstance(v, float):
@@ -247,7 +337,7 @@ def summary():
             if "dequant" not in best or v > best["dequant"][1]:
                 best["dequant"] = (key, v)
     for group, (key, v) in best.items():
-        print(f"best {group}: {key} -> {v:.4f}")
+        print(f"best {group}: {key} -> {v:.2f}")
 
 
 def main():
@@ -265,8 +355,8 @@ def main():
           f"bitsandbytes {bnb.__version__ if bnb else 'not installed'}")
     skip = set(args.skip.split(","))
     copy_ceiling()
-    sections = [("dequant", lambda: dequant_table(args.sweep)), ("matmul", matmul_table),
-                ("gemv", lambda: gemv_table(args.sweep)), ("ops", norm_act_table)]
+    sections = [("dequant", lambda: dequant_table(args.sweep)), ("gemv", lambda: gemv_table(args.sweep)),
+                ("ops", norm_act_table), ("matmul", matmul_table)]
     for name, fn in sections:
         if name in skip:
             continue

@@ -317,12 +317,13 @@ def _ce_case(n, h, v, dtype, seed=0, ignore_every=4):
     return hidden, weight, labels
 
 
+@pytest.mark.parametrize("grad_in_forward", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-6), (torch.float16, 1e-6)])
 @pytest.mark.parametrize("chunk", [1, 7, 37, 100])
-def test_chunked_ce_matches_cross_entropy(dtype, tol, chunk):
+def test_chunked_ce_matches_cross_entropy(dtype, tol, chunk, grad_in_forward):
     hidden, weight, labels = _ce_case(37, 24, 101, dtype)
     h1 = hidden.clone().requires_grad_()
-    loss = K.chunked_linear_cross_entropy(h1, weight, labels, chunk_size=chunk)
+    loss = K.chunked_linear_cross_entropy(h1, weight, labels, chunk_size=chunk, grad_in_forward=grad_in_forward)
     loss.backward()
     h2 = hidden.clone().requires_grad_()
     ref = F.cross_entropy((h2 @ weight.t()).float(), labels)
@@ -334,18 +335,19 @@ def test_chunked_ce_matches_cross_entropy(dtype, tol, chunk):
     assert h1.grad.dtype == dtype
 
 
-def test_chunked_ce_weight_grad_and_frozen_head():
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_chunked_ce_weight_grad_and_frozen_head(grad_in_forward):
     hidden, weight, labels = _ce_case(20, 16, 50, torch.float32, seed=1)
     w1 = weight.clone().requires_grad_()
     h1 = hidden.clone().requires_grad_()
-    (2.5 * K.chunked_linear_cross_entropy(h1, w1, labels, chunk_size=6)).backward()
+    (2.5 * K.chunked_linear_cross_entropy(h1, w1, labels, chunk_size=6, grad_in_forward=grad_in_forward)).backward()
     w2 = weight.clone().requires_grad_()
     h2 = hidden.clone().requires_grad_()
     (2.5 * F.cross_entropy(h2 @ w2.t(), labels)).backward()
     assert _rel(w1.grad, w2.grad) < 1e-6 and _rel(h1.grad, h2.grad) < 1e-6
     # frozen lm_head: no weight gradient is formed
     h3 = hidden.clone().requires_grad_()
-    K.chunked_linear_cross_entropy(h3, weight, labels, chunk_size=6).backward()
+    K.chunked_linear_cross_entropy(h3, weight, labels, chunk_size=6, grad_in_forward=grad_in_forward).backward()
     assert weight.grad is None and _rel(h3.grad, h2.grad / 2.5) < 1e-6
 
 
@@ -376,6 +378,13 @@ def test_chunked_ce_never_forms_full_logits(monkeypatch):
     hidden, weight, labels = _ce_case(50, 8, 64, torch.float32, seed=3)
     K.chunked_linear_cross_entropy(hidden.requires_grad_(), weight, labels, chunk_size=16).backward()
     assert max(seen) <= 16 and sum(seen) == 2 * 50  # forward + recompute in backward
+    seen.clear()
+    loss = K.chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=16, grad_in_forward=True)
+    loss.backward()
+    assert max(seen) <= 16 and sum(seen) == 50  # gradients formed in the one forward pass
+    seen.clear()
+    with torch.no_grad():  # no gradients wanted: none are formed
+        assert torch.allclose(K.chunked_linear_cross_entropy(hidden, weight, labels, grad_in_forward=True), loss)
 
 
 def test_chunked_ce_rejects_bad_input():

@@ -148,13 +148,11 @@ if triton is not None:
     from .dequant import nibbles
 
     @triton.jit
-    def _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
-                     rows, kb0, N, KH, KBLK, kb_end,
-                     BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, T: tl.constexpr,
-                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-        """The step at byte column ``kb0``: unscaled fp32 code values [BLOCK_N, T, 4, 8] (T chunks of
-        16 bytes = 4 words = 32 elements, each chunk inside one quantization block) and the
-        chunks' fp32 scales [BLOCK_N, T]."""
+    def _load_words(packed_ptr, absmax_ptr, rows, kb0, N, KH, KBLK, kb_end,
+                    BS: tl.constexpr, T: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        """Raw data of the step at byte column ``kb0``: packed codes as words [BLOCK_N, T, 4] (T chunks
+        of 16 bytes = 32 elements, each inside one quantization block) and the chunks' stored
+        absmax [BLOCK_N, T]. Issued one step ahead of its use, so DRAM latency overlaps compute."""
         c = tl.arange(0, T)
         word = kb0 // 4 + c[:, None] * 4 + tl.arange(0, 4)[None, :]               # [T, 4]
         ptrs = packed_ptr.to(tl.pointer_type(tl.uint32)) + rows[:, None, None] * (KH // 4) + word[None, :, :]
@@ -168,19 +166,26 @@ if triton is not None:
             words = tl.load(ptrs, mask=row_ok[:, None, None] & col_ok[None, :, None], other=0,
                             eviction_policy="evict_first")
             am = tl.load(absmax_ptr + blk, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        return words, am
+
+    @triton.jit
+    def _decode(words, am, rows, kb0, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, KBLK,
+                BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, T: tl.constexpr):
+        """Unscaled fp32 code values [BLOCK_N, T, 4, 8] and the fp32 chunk scales [BLOCK_N, T]."""
         s = am
         if DQ:
+            blk = rows[:, None] * KBLK + (kb0 + tl.arange(0, T)[None, :] * 16) // (BS // 2)
             s = tl.load(nested_code_ptr + am) * tl.load(nested_absmax_ptr + blk // NESTED_BS) + offset
         return tl.load(code_ptr + nibbles(words)), s
 
     @triton.jit
     def _x_tile(x_ptr, kb0, kb_end, T: tl.constexpr, EVEN_K: tl.constexpr):
-        """One row of x for the step, [T, 4, 8] (0 past K); ``x_ptr`` points at the row."""
+        """One row of x for the step, [T, 4, 8] in x's dtype (0 past K); ``x_ptr`` points at the row."""
         col = 2 * kb0 + (tl.arange(0, T)[:, None, None] * 32 + tl.arange(0, 4)[None, :, None] * 8
                          + tl.arange(0, 8)[None, None, :])
         if EVEN_K:
-            return tl.load(x_ptr + col).to(tl.float32)
-        return tl.load(x_ptr + col, mask=col < 2 * kb_end, other=0.0).to(tl.float32)
+            return tl.load(x_ptr + col)
+        return tl.load(x_ptr + col, mask=col < 2 * kb_end, other=0.0)
 
     @triton.jit
     def _x_rows(x_ptr, kb0, M, stride_xm, kb_end, M_PAD: tl.constexpr, T: tl.constexpr, EVEN_K: tl.constexpr):
@@ -205,7 +210,9 @@ if triton is not None:
                          BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, T: tl.constexpr,
                          EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        STEP: tl.constexpr = T * 16
         kb_start = tl.program_id(1) * split_bytes
+        kb_last = kb_start + split_bytes - STEP
         kb_end = KH  # bound for masks; the last split's loop may run past it, fully masked
         # The products and the per-chunk sums stay inside each thread (its layout spans whole
         # chunks); each chunk's sum is scaled once. Two row groups share every converted x value.
@@ -214,14 +221,22 @@ if triton is not None:
         rows_b = rows_a + HALF
         acc_a = tl.zeros((HALF, T), dtype=tl.float32)
         acc_b = tl.zeros((HALF, T), dtype=tl.float32)
-        for kb0 in range(kb_start, kb_start + split_bytes, T * 16):
-            x = _x_tile(x_ptr, kb0, kb_end, T, EVEN_K)[None, :, :, :]
-            w, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
-                                rows_a, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, T, EVEN_N, EVEN_K)
-            acc_a += tl.sum(tl.sum(w * x, axis=3), axis=2) * s
-            w, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
-                                rows_b, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, T, EVEN_N, EVEN_K)
-            acc_b += tl.sum(tl.sum(w * x, axis=3), axis=2) * s
+        wa, ama = _load_words(packed_ptr, absmax_ptr, rows_a, kb_start, N, KH, KBLK, kb_end, BS, T, EVEN_N, EVEN_K)
+        wb, amb = _load_words(packed_ptr, absmax_ptr, rows_b, kb_start, N, KH, KBLK, kb_end, BS, T, EVEN_N, EVEN_K)
+        x = _x_tile(x_ptr, kb_start, kb_end, T, EVEN_K)
+        for kb0 in range(kb_start, kb_start + split_bytes, STEP):
+            nxt = tl.minimum(kb0 + STEP, kb_last)  # the last step re-reads itself (cache hit)
+            wa_n, ama_n = _load_words(packed_ptr, absmax_ptr, rows_a, nxt, N, KH, KBLK, kb_end, BS, T, EVEN_N, EVEN_K)
+            wb_n, amb_n = _load_words(packed_ptr, absmax_ptr, rows_b, nxt, N, KH, KBLK, kb_end, BS, T, EVEN_N, EVEN_K)
+            x_n = _x_tile(x_ptr, nxt, kb_end, T, EVEN_K)
+            xf = x.to(tl.float32)[None, :, :, :]
+            w, s = _decode(wa, ama, rows_a, kb0, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, KBLK,
+                           BS, NESTED_BS, DQ, T)
+            acc_a += tl.sum(tl.sum(w * xf, axis=3), axis=2) * s
+            w, s = _decode(wb, amb, rows_b, kb0, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, KBLK,
+                           BS, NESTED_BS, DQ, T)
+            acc_b += tl.sum(tl.sum(w * xf, axis=3), axis=2) * s
+            wa, ama, wb, amb, x = wa_n, ama_n, wb_n, amb_n, x_n
         _store_out(out_ptr, tl.sum(acc_a, axis=1)[None, :], rows_a, M, N, 1)
         _store_out(out_ptr, tl.sum(acc_b, axis=1)[None, :], rows_b, M, N, 1)
 
@@ -231,15 +246,21 @@ if triton is not None:
                          BS: tl.constexpr, NESTED_BS: tl.constexpr, DQ: tl.constexpr, M_PAD: tl.constexpr,
                          BLOCK_N: tl.constexpr, T: tl.constexpr,
                          EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+        STEP: tl.constexpr = T * 16
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         kb_start = tl.program_id(1) * split_bytes
+        kb_last = kb_start + split_bytes - STEP
         kb_end = KH
         acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)  # y^T = W x^T: the weights are operand A
-        for kb0 in range(kb_start, kb_start + split_bytes, T * 16):
-            w, s = _weight_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
-                                rows, kb0, N, KH, KBLK, kb_end, BS, NESTED_BS, DQ, T, EVEN_N, EVEN_K)
+        words, am = _load_words(packed_ptr, absmax_ptr, rows, kb_start, N, KH, KBLK, kb_end, BS, T, EVEN_N, EVEN_K)
+        for kb0 in range(kb_start, kb_start + split_bytes, STEP):
+            nxt = tl.minimum(kb0 + STEP, kb_last)
+            words_n, am_n = _load_words(packed_ptr, absmax_ptr, rows, nxt, N, KH, KBLK, kb_end, BS, T, EVEN_N, EVEN_K)
             x = _x_rows(x_ptr, kb0, M, stride_xm, kb_end, M_PAD, T, EVEN_K)
+            w, s = _decode(words, am, rows, kb0, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, KBLK,
+                           BS, NESTED_BS, DQ, T)
             # the weights exactly as the reference rounds them: (code * scale) in fp32, then to x's dtype
             w = tl.reshape((w * s[:, :, None, None]).to(x.dtype), (BLOCK_N, T * 32))
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+            words, am = words_n, am_n
         _store_out(out_ptr, tl.trans(acc), rows, M, N, M_PAD)

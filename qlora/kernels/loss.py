@@ -9,7 +9,8 @@ shifted by the caller), but processes ``chunk_size`` rows at a time:
   the result is that sum divided by the number of non-ignored rows (``reduction="mean"``; all
   rows ignored gives NaN, as ``F.cross_entropy`` does) or the sum itself (``reduction="sum"``,
   handy for normalising over several micro-batches).
-* backward recomputes each chunk's logits: ``dlogits = (softmax - onehot(label)) * dloss / n``
+* backward recomputes each chunk's logits (or, with ``grad_in_forward``, the forward pass
+  forms the gradients below for a unit upstream gradient and backward only scales them): ``dlogits = (softmax - onehot(label)) * dloss / n``
   (0 on ignored rows), rounded to the weight's dtype like the reference's cast, then
   ``dhidden_c = dlogits @ W`` and, only if ``weight.requires_grad`` (a frozen LoRA lm_head does
   not), ``dW += dlogits.T @ hidden_c`` accumulated in fp32.
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 
 from ..errors import QLoraError
 
-# Default chunk: about this many logits per chunk (64 MiB in fp32).
+# Default chunk: about this many logits per chunk (64 MiB in fp32 on the CPU; 256 MiB on a GPU,
+# where each chunk re-reads the whole lm_head, so chunks of a few hundred rows keep it fast).
 CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS_GPU = 1 << 26
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -40,60 +43,85 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (h.to(weight.dtype) @ weight.t()).float()
 
 
+def _chunk_grads(logits, h, weight, lab, valid, scale, grad_h_out, grad_w):
+    """dlogits of one chunk from its fp32 logits (overwritten), then dhidden into ``grad_h_out``
+    and dW accumulated into ``grad_w`` (each only when not None)."""
+    g = torch.softmax(logits, dim=1)
+    g[torch.arange(g.shape[0], device=g.device), torch.where(valid, lab, 0)] -= 1.0
+    g *= torch.where(valid, scale, 0.0).unsqueeze(1)
+    g = g.to(weight.dtype)  # the reference casts dlogits back to the logits' dtype here
+    if grad_h_out is not None:
+        grad_h_out.copy_(g @ weight)
+    if grad_w is not None:
+        grad_w += (g.t() @ h.to(weight.dtype)).float()
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Autograd function behind :func:`chunked_linear_cross_entropy` (inputs already checked)."""
+    """Autograd function behind :func:`chunked_linear_cross_entropy` (inputs already checked).
+
+    ``grad_in_forward``: form the gradients (for a unit upstream gradient) while the logits are
+    at hand and only scale them in backward: one logits matmul fewer, at the cost of keeping
+    ``dhidden`` (the size of ``hidden``) between forward and backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction):
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, reduction, grad_in_forward):
         n = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        n_valid = (labels != ignore_index).sum()
+        need_h, need_w = grad_in_forward and hidden.requires_grad, grad_in_forward and weight.requires_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        unit = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
         for start in range(0, n, chunk_size):
             lab = labels[start:start + chunk_size]
-            logits = _chunk_logits(hidden[start:start + chunk_size], weight)
+            h = hidden[start:start + chunk_size]
+            logits = _chunk_logits(h, weight)
             valid = lab != ignore_index
             target = logits.gather(1, torch.where(valid, lab, 0).unsqueeze(1)).squeeze(1)
             losses = torch.logsumexp(logits, dim=1) - target
             total += torch.where(valid, losses, 0.0).sum()
+            if need_h or need_w:
+                _chunk_grads(logits, h, weight, lab, valid, unit,
+                             grad_h[start:start + chunk_size] if need_h else None, grad_w)
             del logits
-        n_valid = (labels != ignore_index).sum()
-        ctx.save_for_backward(hidden, weight, labels, n_valid)
+        ctx.save_for_backward(hidden, weight, labels, n_valid, grad_h, grad_w)
         ctx.ignore_index, ctx.chunk_size, ctx.reduction = ignore_index, chunk_size, reduction
+        ctx.grad_in_forward = need_h or need_w
         return total / n_valid if reduction == "mean" else total
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, labels, n_valid = ctx.saved_tensors
+        hidden, weight, labels, n_valid, grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.grad_in_forward:
+            g = grad_out.float()
+            return ((grad_h * g.to(grad_h.dtype)) if need_h and grad_h is not None else None,
+                    (grad_w * g).to(weight.dtype) if need_w and grad_w is not None else None,
+                    None, None, None, None, None)
         scale = grad_out.float() / n_valid if ctx.reduction == "mean" else grad_out.float()
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         cs = ctx.chunk_size
-        rows = torch.arange(min(cs, hidden.shape[0]), device=hidden.device)
         for start in range(0, hidden.shape[0], cs):
             h = hidden[start:start + cs]
             lab = labels[start:start + cs]
-            valid = lab != ctx.ignore_index
-            g = torch.softmax(_chunk_logits(h, weight), dim=1)  # fp32
-            r = rows[:g.shape[0]]
-            g[r, torch.where(valid, lab, 0)] -= 1.0
-            g *= torch.where(valid, scale, 0.0).unsqueeze(1)
-            g = g.to(weight.dtype)  # the reference casts dlogits back to the logits' dtype here
-            if need_h:
-                grad_h[start:start + cs] = (g @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w += (g.t() @ h.to(weight.dtype)).float()
-            del g
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+            _chunk_grads(_chunk_logits(h, weight), h, weight, lab, lab != ctx.ignore_index, scale,
+                         grad_h[start:start + cs] if need_h else None, grad_w)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  ignore_index: int = -100, chunk_size: int | None = None,
-                                 reduction: str = "mean") -> torch.Tensor:
+                                 reduction: str = "mean", grad_in_forward: bool = False) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising all logits.
 
     ``hidden`` is ``[N, H]`` (or ``[..., H]`` with ``labels`` of the leading shape), ``weight``
     ``[V, H]``; labels are class indices in ``[0, V)`` or ``ignore_index``. ``chunk_size`` rows per
-    chunk (default: about 16M logits per chunk). Returns an fp32 scalar; see the module docstring.
+    chunk (default: about 16M logits per chunk on the CPU, 64M on a GPU, where the lm_head is
+    re-read once per chunk and pass). ``grad_in_forward=True`` forms the gradients during the
+    forward pass (when grad mode is on) instead of recomputing the logits in backward: faster,
+    keeps one ``hidden``-sized tensor alive until backward. Returns an fp32 scalar; see the
+    module docstring.
     """
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise QLoraError(f"hidden [..., H] and weight [V, H] do not fit: {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -116,7 +144,8 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
         raise QLoraError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; "
                          f"found {int(lab[bad][0])}")
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(1, vocab))
+        chunk_size = max(1, (CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS) // max(1, vocab))
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise QLoraError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return ChunkedLinearCrossEntropy.apply(h2, weight, lab, ignore_index, chunk_size, reduction)
+    grad_in_forward = bool(grad_in_forward) and torch.is_grad_enabled()
+    return ChunkedLinearCrossEntropy.apply(h2, weight, lab, ignore_index, chunk_size, reduction, grad_in_forward)

@@ -108,9 +108,9 @@ class RMSNormFunction(torch.autograd.Function):
         per_prog = triton.cdiv(rows, progs) if rows else 0
         progs = triton.cdiv(rows, per_prog) if rows else 1
         dw_part = torch.zeros(progs, hid, dtype=torch.float32, device=x2.device)
-        if rows:
+        if rows:  # more warps than forward: five row-sized fp32 temporaries per thread
             _rms_bwd_kernel[(progs,)](dy2, x2, weight, rstd, dx, dw_part, rows, hid, per_prog,
-                                      BLOCK=block, num_warps=_warps(block))
+                                      BLOCK=block, num_warps=min(16, 2 * _warps(block)))
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.shape), dw, None
 
