@@ -19,6 +19,8 @@ masks (so the loads and stores stay 16 bytes wide); only the last one is masked.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from ..errors import QLoraError
@@ -31,9 +33,24 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 # Bytes of packed input per program (a multiple of every blocksize // 2 up to 2048) and warps.
-# Chosen on an H100 with bench/kernels.py.
+# On an H100, 14336x4096: 2.79-2.81 TB/s for tiles of 1-4 KiB with 4 or 8 warps (bench/kernels.py).
 TILE_BYTES = 2048
 NUM_WARPS = 4
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (triton.cdiv is a jit function: slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (4 for anything else, e.g. the CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
 
 __all__ = ["dequantize_4bit_reference", "dequantize_4bit_triton", "check_quantized"]
 
@@ -69,7 +86,9 @@ def check_quantized(packed: torch.Tensor, state: QuantState) -> None:
 
 def _device_state(state: QuantState, device: torch.device):
     """The state's tensors on ``device`` in the dtypes the kernel reads."""
-    def on(t, dtype):
+    def on(t, dtype):  # the common case (already there) costs no torch call: this runs per matmul
+        if t.device == device and t.dtype == dtype and t.is_contiguous():
+            return t
         return t.to(device=device, dtype=dtype).contiguous()
     code = on(state.code, torch.float32)
     absmax = on(state.absmax, torch.uint8 if state.double_quant else torch.float32)
@@ -113,7 +132,7 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, dtype: torch
     tile = tile_bytes or TILE_BYTES
     rows = max(1, tile // half)
     nblocks = absmax.numel()
-    grid = (triton.cdiv(nblocks, rows),)
+    grid = (cdiv(nblocks, rows),)
     _dequant_kernel[grid](
         packed, absmax, nested_absmax, nested_code, code, dest,
         float(state.offset) if state.double_quant else 0.0, n, nblocks,

@@ -8,18 +8,24 @@ Math::
 
     y[m, n] = sum_blocks scale[n, b] * sum_{k in b} code[q_nk] * x[m, k]
 
-Two kernels share the tiling (each program: ``BLOCK_N`` output rows, ``G`` quantization blocks of
-``K`` per loop step, one scale per row and block, so each scale is decoded once per tile):
+Two kernels share the tiling (each program: ``BLOCK_N`` output rows; per loop step ``T`` chunks
+of 32 elements of ``K``, one scale per row and chunk):
 
-* M == 1 (``_gemv_fma_kernel``): CUDA-core fp32 multiply-adds; the block's partial dot product is
-  formed with the unscaled code values and multiplied by the block scale once. More exact than
+* M == 1 (``_gemv_fma_kernel``): CUDA-core fp32 multiply-adds; each chunk's partial dot product
+  is formed inside one thread with the unscaled code values and multiplied by its scale once. More exact than
   the reference (no bf16 rounding of the weights), so it matches it to bf16 matmul tolerance.
 * 1 < M <= 16 (``_gemv_dot_kernel``): the weights are rebuilt exactly as the reference rounds them
   (``(code * scale).to(x.dtype)``) and fed to tensor-core dots, ``x`` padded to 16 rows.
 
-``K`` must be a multiple of the block size (true of every linear layer we know); other shapes and
-more rows go to :func:`matmul_4bit`'s dequantize-then-matmul path. Optionally split over ``K``
-into fp32 partial sums when there are too few row blocks to fill the GPU.
+Each loop step reads ``T`` chunks of 16 bytes (32 codes, inside one quantization block) per row
+as 32-bit words, and the next step's words are loaded before the current step is computed, so
+DRAM latency overlaps the decode. ``K`` must be a multiple of the block size (true of every
+linear layer we know); other shapes and more rows go to :func:`matmul_4bit`'s
+dequantize-then-matmul path. Split over ``K`` into fp32 partial sums when there are too few
+row blocks to fill the GPU.
+
+Speed (H100, GPU time): about bitsandbytes' GEMV (28 us for W 14336x4096), limited by
+instruction issue of the per-element code-table gather, not by DRAM; see NOTES.md.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 
 from ..errors import QLoraError
 from ..nf4 import FLOAT_DTYPES, QuantState, dequantize_4bit
-from .dequant import _device_state, check_quantized, dequantize_4bit_triton
+from .dequant import cdiv, next_pow2, sm_count, _device_state, check_quantized, dequantize_4bit_triton
 
 try:
     import triton
@@ -36,10 +42,12 @@ except ImportError:  # pragma: no cover
     triton = None
 
 MAX_GEMV_ROWS = 16
-# Launch parameters, chosen on an H100 with bench/kernels.py: (rows per program, K elements per
-# loop step, warps, software-pipeline stages). The split over K is chosen from the SM count.
-FMA_CONFIG = (32, 512, 4, 1)
-DOT_CONFIG = (32, 256, 4, 1)
+# Launch parameters: (rows per program, K elements per loop step, warps, software-pipeline
+# stages); the split over K comes from the SM count. Chosen from bench/kernels.py --sweep on an
+# H100 (GPU time, bf16, 1 row): 10.6 us for 4096x4096, 28.3 us for W 14336x4096, 28.8 us for
+# W 4096x14336; 16 rows: 19.8 / 58.2 / 51.3 us. See NOTES.md.
+FMA_CONFIG = (8, 1024, 2, 1)
+DOT_CONFIG = (64, 128, 4, 1)
 
 
 def gemv_4bit_reference(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
@@ -70,7 +78,7 @@ def gemv_supported(x: torch.Tensor, state: QuantState) -> bool:
 
 def _split_k(n_programs: int, k_steps: int, device: torch.device) -> int:
     """Split K until there are about two programs per SM (never below one loop step each)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = sm_count(device)
     split = 1
     while n_programs * split < 2 * sms and split * 2 <= k_steps:
         split *= 2
@@ -96,13 +104,13 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     if block_n < (16 if use_dot else 2) or block_n & (block_n - 1):
         raise QLoraError(f"BLOCK_N must be a power of two >= {16 if use_dot else 2}, got {block_n}")
     bs = state.blocksize
-    tke = max(32, min(tke, triton.next_power_of_2(k)))  # a step: T chunks of 32 elements per row
-    k_steps = triton.cdiv(k, tke)
-    n_prog = triton.cdiv(n_out, block_n)
+    tke = max(32, min(tke, next_pow2(k)))  # a step: T chunks of 32 elements per row
+    k_steps = cdiv(k, tke)
+    n_prog = cdiv(n_out, block_n)
     split = split_k or _split_k(n_prog, k_steps, x.device)
     split = max(1, min(split, k_steps))
-    steps_per_split = triton.cdiv(k_steps, split)
-    split = triton.cdiv(k_steps, steps_per_split)
+    steps_per_split = cdiv(k_steps, split)
+    split = cdiv(k_steps, steps_per_split)
     code, absmax, nested_absmax, nested_code = _device_state(state, x.device)
     packed = packed.reshape(-1)
     if packed.data_ptr() % 16:  # the kernel reads aligned 32-bit words

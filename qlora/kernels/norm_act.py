@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QLoraError
+from .dequant import cdiv, next_pow2, sm_count
 
 try:
     import triton
@@ -89,7 +90,7 @@ class RMSNormFunction(torch.autograd.Function):
         out_dtype = torch.promote_types(weight.dtype, x.dtype)
         y = torch.empty(rows, hid, dtype=out_dtype, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        block = triton.next_power_of_2(hid)
+        block = next_pow2(hid)
         if rows:
             _rms_fwd_kernel[(rows,)](x2, weight, y, rstd, hid, float(eps), BLOCK=block, num_warps=_warps(block))
         ctx.save_for_backward(x2, weight, rstd)
@@ -102,11 +103,11 @@ class RMSNormFunction(torch.autograd.Function):
         rows, hid = x2.shape
         dy2 = dy.reshape(-1, hid).contiguous()
         dx = torch.empty_like(x2)
-        block = triton.next_power_of_2(hid)
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+        block = next_pow2(hid)
+        sms = sm_count(x2.device)
         progs = max(1, min(rows, 4 * sms))
-        per_prog = triton.cdiv(rows, progs) if rows else 0
-        progs = triton.cdiv(rows, per_prog) if rows else 1
+        per_prog = cdiv(rows, progs) if rows else 0
+        progs = cdiv(rows, per_prog) if rows else 1
         dw_part = torch.zeros(progs, hid, dtype=torch.float32, device=x2.device)
         if rows:  # more warps than forward: five row-sized fp32 temporaries per thread
             _rms_bwd_kernel[(progs,)](dy2, x2, weight, rstd, dx, dw_part, rows, hid, per_prog,
@@ -132,7 +133,7 @@ class SwiGLUFunction(torch.autograd.Function):
         out = torch.empty_like(g)
         n = g.numel()
         if n:
-            _swiglu_fwd_kernel[(triton.cdiv(n, 1024),)](g, u, out, n, BLOCK=1024, num_warps=4)
+            _swiglu_fwd_kernel[(cdiv(n, 1024),)](g, u, out, n, BLOCK=1024, num_warps=4)
         ctx.save_for_backward(g, u)
         return out
 
@@ -143,7 +144,7 @@ class SwiGLUFunction(torch.autograd.Function):
         dg, du = torch.empty_like(g), torch.empty_like(u)
         n = g.numel()
         if n:
-            _swiglu_bwd_kernel[(triton.cdiv(n, 1024),)](dout, g, u, dg, du, n, BLOCK=1024, num_warps=4)
+            _swiglu_bwd_kernel[(cdiv(n, 1024),)](dout, g, u, dg, du, n, BLOCK=1024, num_warps=4)
         return dg, du
 
 
@@ -161,12 +162,12 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, forward:
         return t.stride(0) if t.dim() == 3 and t.shape[0] > 1 else 0
 
     out = torch.empty(b, h, s, d, dtype=x.dtype, device=x.device)
-    block_s = min(triton.next_power_of_2(s), max(1, 2048 // d))
+    block_s = min(next_pow2(s), max(1, 2048 // d))
     if out.numel():
-        _rope_kernel[(b * h, triton.cdiv(s, block_s))](
+        _rope_kernel[(b * h, cdiv(s, block_s))](
             x, cos, sin, out, h, s, d // 2, x.stride(0), x.stride(1), x.stride(2),
             batch_stride(cos), cos.stride(-2), batch_stride(sin), sin.stride(-2),
-            FORWARD=forward, BLOCK_S=block_s, HALF=triton.next_power_of_2(d // 2),
+            FORWARD=forward, BLOCK_S=block_s, HALF=next_pow2(d // 2),
             num_warps=4, enable_fp_fusion=False)
     return out
 
