@@ -27,6 +27,10 @@ also offloads what is saved outside the blocks (final norm input, the loss' hidd
 
 On the CPU there is nothing to gain; with ``include_cpu=True`` the same path runs with plain CPU
 copies (that is how the tests check exactness without a GPU).
+
+:func:`offload_embeddings` moves the frozen input embedding table (``vocab*H*2`` bytes, 1 GiB for
+Llama-3-8B, 2 GiB for 70B) to CPU memory: a lookup gathers the batch's rows there and copies
+only them (``N*H*2`` bytes) to the GPU. Not for tied embeddings (lm_head needs the table).
 """
 from __future__ import annotations
 
@@ -217,3 +221,45 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
 
         block._gradient_checkpointing_func = offloaded_checkpoint
     return off
+
+
+# ---------------------------------------------------------------------------------------------
+# input embeddings in host memory
+
+
+class HostEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` whose table stays in CPU memory: ``forward(ids)`` gathers the rows
+    on the CPU and returns them on the device the rest of the model is on (an empty buffer follows
+    ``model.to(...)``; the table itself is a plain attribute, so it stays where it is)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.host_weight = embedding.weight.detach().to("cpu")
+        self.register_buffer("_anchor", torch.empty(0, device=embedding.weight.device), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that reads the table (e.g. its dtype or shape)
+        return self.host_weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(ids.to("cpu"), self.host_weight)
+        return rows.to(self._anchor.device, non_blocking=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, table on cpu"
+
+
+def offload_embeddings(model: nn.Module) -> bool:
+    """Replace the model's input embedding by a :class:`HostEmbedding` (same outputs); returns
+    False and changes nothing when the embeddings are tied to lm_head or trainable."""
+    emb = model.get_input_embeddings()
+    if isinstance(emb, HostEmbedding):
+        return True
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(emb, nn.Embedding) or emb.weight.requires_grad or (
+            out is not None and out.weight.untyped_storage().data_ptr() == emb.weight.untyped_storage().data_ptr()):
+        return False
+    model.set_input_embeddings(HostEmbedding(emb))
+    return True

@@ -7,7 +7,7 @@ import transformers
 
 from qlora.errors import QLoraError
 from qlora.model import LoraSettings, QuantSettings, build_random
-from qlora.offload import ActivationOffloader, enable_checkpointing, offload_activations
+from qlora.offload import ActivationOffloader, HostEmbedding, enable_checkpointing, offload_activations, offload_embeddings
 from qlora.train import loss_sum
 
 
@@ -116,6 +116,29 @@ def test_offload_activations_context_on_plain_autograd():
     assert o.stats["packed"] == 0
 
 
+def test_embeddings_in_host_memory_are_exact():
+    cfg = _config(layers=2)
+    model = _model(cfg)
+    batch = _batch(cfg, seed=2)
+    enable_checkpointing(model, offload=False)
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    table = model.get_input_embeddings().weight
+    n_params = sum(p.numel() for p in model.parameters())
+    assert offload_embeddings(model) is True
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, HostEmbedding) and emb.weight is not None and torch.equal(emb.weight, table)
+    assert sum(p.numel() for p in model.parameters()) == n_params - table.numel()  # no longer a model tensor
+    loss, grads = _loss_and_grads(model, batch)
+    assert torch.equal(loss, ref_loss)
+    for n, g in ref_grads.items():
+        assert torch.equal(grads[n], g), n
+    model.to("cpu")  # the table is not moved with the model
+    assert emb.host_weight.device.type == "cpu"
+    tied = build_random(_config(layers=1).__class__(**{**_config(layers=1).to_dict(), "tie_word_embeddings": True}),
+                        QuantSettings(), LoraSettings(r=2), progress=False)
+    assert offload_embeddings(tied) is False
+
+
 def test_bad_settings_are_user_errors():
     with pytest.raises(QLoraError, match="min_bytes"):
         ActivationOffloader(min_bytes=-1)
@@ -141,6 +164,12 @@ def test_gpu_offload_lowers_peak_and_is_exact():
             assert off.stats["packed"] == cfg.num_hidden_layers
     saved = cfg.num_hidden_layers * 2 * 2048 * cfg.hidden_size * 2
     assert peaks[False] - peaks[True] > 0.5 * saved
+    table_bytes = model.get_input_embeddings().weight.untyped_storage().nbytes()
+    before = torch.cuda.memory_allocated()
+    assert offload_embeddings(model)
+    import gc
+    gc.collect()
+    assert before - torch.cuda.memory_allocated() == table_bytes
     assert torch.equal(results[True][0], results[False][0])
     for n, g in results[False][1].items():
         assert torch.equal(results[True][1][n], g), n
