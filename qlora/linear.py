@@ -71,6 +71,7 @@ class QLoRALinear(nn.Module):
         self.quant_type: str | None = None
         self._meta: dict = {}
         self._wcache: torch.Tensor | None = None  # see dequant_cache()
+        self._wcache_grad = False
         # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
         # non-persistent: the base is always re-read from its source, adapters are saved apart).
         self.register_buffer("weight_packed", None, persistent=False)
@@ -177,7 +178,7 @@ class QLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         xc = x.to(self.compute_dtype)
-        if self._wcache is not None and not torch.is_grad_enabled():
+        if self._wcache is not None and (self._wcache_grad or not torch.is_grad_enabled()):
             y = F.linear(xc, self._wcache)
         elif self.weight_packed is not None:
             y = _FrozenMatmul4bit.apply(xc, self.weight_packed, self)
@@ -199,20 +200,27 @@ class QLoRALinear(nn.Module):
 
 
 class dequant_cache:
-    """Context manager for inference (generation, evaluation) under ``torch.no_grad()``: each 4-bit
-    weight is dequantized once to ``compute_dtype`` and reused for every token, instead of once per
-    forward. Costs a 16-bit copy of the weights while active (released on exit); ignored whenever
-    gradients are enabled, so training never sees it."""
+    """Keep each 4-bit weight dequantized (to ``compute_dtype``) while the context is active.
 
-    def __init__(self, model: nn.Module, enabled: bool = True):
+    Default (``training=False``): for inference under ``torch.no_grad()`` — each weight is
+    dequantized once instead of once per token; ignored whenever gradients are enabled.
+    ``training=True``: also used in training forward/backward. The math is unchanged (the cached
+    values are exactly dequant(W)) but memory grows by a 16-bit copy of the weights: worth it on a
+    CPU, where dequantizing every layer for every micro-batch dominates the step time of a small
+    model, never on a GPU short of memory. Released on exit."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True, training: bool = False):
         self.layers = [m for m in model.modules() if isinstance(m, QLoRALinear)] if enabled else []
+        self.training = training
 
     def __enter__(self):
         with torch.no_grad():
             for m in self.layers:
                 m._wcache = m.base_weight()
+                m._wcache_grad = self.training
         return self
 
     def __exit__(self, *exc):
         for m in self.layers:
             m._wcache = None
+            m._wcache_grad = False

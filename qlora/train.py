@@ -71,6 +71,8 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the data (ignored if --max-steps is set)", group="optimization")
     max_steps: int | None = opt(None, "optimizer steps to run", group="optimization")
     grad_checkpointing: bool = opt(True, "recompute activations in backward to save memory", group="optimization")
+    cache_dequant: str = opt("auto", "keep dequantized base weights in memory during training (same math, "
+                             "+2 bytes/param; auto: on for CPU, off for GPU)", ["auto", "on", "off"], group="optimization")
     seed: int = opt(42, "random seed (LoRA init, dropout, data order)", group="optimization")
     # run
     output: str | None = opt(None, "output directory", group="run", metavar="DIR")
@@ -278,12 +280,15 @@ def _plot(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Run training as configured; returns a summary dict (also printed by the CLI)."""
+def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
+    """Run training as configured; returns a summary dict (also printed by the CLI).
+    ``model``/``tokenizer``: an already loaded QLoRA model (from :func:`qlora.model.load_model`
+    with the same settings) to train instead of loading ``cfg.model``."""
     from tqdm.auto import tqdm
 
     from .adapters import save_adapter
     from .data import Batches, load_examples, split_validation
+    from .linear import dequant_cache
     from .model import LoraSettings, QuantSettings, load_model
     from .optim import make_optimizer
 
@@ -302,7 +307,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     dtype = "fp32" if cfg.compute_dtype == "fp32" else cfg.compute_dtype
     (out / "config.yaml").write_text(to_yaml(cfg))
 
-    model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress)
+    if model is None:
+        model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress)
+    else:
+        tok = tokenizer
     if tok is None:
         raise QLoraError("the model has no tokenizer")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -353,6 +361,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = open(out / "metrics.jsonl", "a")
+    cache_on = cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu")
+    cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
     epochs: dict = {}
@@ -421,6 +431,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 log(f"{stop['signal']}: saved {ck_path} at step {step}; continue with --resume")
                 return {"interrupted": True, "step": step, "checkpoint": str(ck_path)}
     finally:
+        cache.__exit__(None, None, None)
         bar.close()
         metrics.close()
         for s, h in old_handlers.items():

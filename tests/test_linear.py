@@ -145,3 +145,17 @@ def test_dequant_cache_same_output_and_inactive_with_grad():
         m(xg).sum().backward()  # with grad enabled the cache is not used
         assert xg.grad is not None
     assert m._wcache is None
+
+
+def test_training_dequant_cache_gives_identical_grads():
+    from qlora.linear import dequant_cache
+    m, _, _ = _layer(dtype=torch.float32)
+    x = torch.randn(5, 80, requires_grad=True)
+    m(x).pow(2).sum().backward()
+    ref = x.grad.clone(), m.lora_A.grad.clone(), m.lora_B.grad.clone()
+    x.grad = None
+    m.zero_grad()
+    with dequant_cache(m, training=True):
+        m(x).pow(2).sum().backward()
+    for a, b in zip(ref, (x.grad, m.lora_A.grad, m.lora_B.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

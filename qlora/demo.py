@@ -1,0 +1,108 @@
+"""`qlora demo`: fine-tune the embedded SmolLM2-135M-Instruct on the support FAQ of a fictional
+product (see :mod:`qlora.demo_data`) and show held-out accuracy and sample answers before and
+after. Runs on a CPU in a few minutes; on a GPU when there is one."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from .errors import QLoraError
+
+SAMPLES = (0, 41)  # held-out questions shown before/after
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"\s+", " ", s.lower()).strip()
+
+
+def held_out_answers(model, tok, records, max_new_tokens=32, batch_size=24):
+    from .evaluate import greedy_answers
+    from .generate import encode_messages, resolve_layout
+    layout = resolve_layout(tok, "auto", fallback="plain")
+    prompts = [encode_messages(tok, r["messages"][:-1], layout) for r in records]
+    return greedy_answers(model, tok, prompts, max_new_tokens, batch_size)
+
+
+def accuracy(answers, keys) -> float:
+    return sum(_norm(k) in _norm(a) for a, k in zip(answers, keys)) / len(keys)
+
+
+def run_demo(output="runs/demo", epochs: float = 6, lr: float = 1e-3, rank: int = 16, alpha: float = 32,
+             batch_size: int = 8, device: str = "auto", overwrite: bool = True, progress: bool = True,
+             log=print) -> dict:
+    from .demo_data import write
+    from .model import LoraSettings, QuantSettings, load_model
+    from .train import TrainConfig, _device, train
+    t0 = time.time()
+    out = Path(output)
+    train_file, held_file, keys = write(out / "data")
+    held = [json.loads(x) for x in held_file.read_text().splitlines()]
+    dev = _device(device)
+    cfg = TrainConfig(data=str(train_file), output=str(out / "run"), rank=rank, alpha=alpha, dropout=0.0, lr=lr,
+                      batch_size=batch_size, grad_accum=1, epochs=epochs, max_length=128, optim="adamw",
+                      grad_checkpointing=dev.type == "cuda", save_every=0, keep_last=1, device=str(dev),
+                      overwrite=overwrite, progress=progress, seed=0)
+    log(f"[1/4] loading the embedded SmolLM2-135M-Instruct into NF4 on {dev} ...")
+    model, tok = load_model(None, QuantSettings(compute_dtype=cfg.compute_dtype),
+                            LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target), dev, "bf16", seed=cfg.seed,
+                            progress=progress)
+    t_load = time.time() - t0
+    log(f"      loaded in {t_load:.0f}s; data: {out / 'data'} (216 training questions, 72 held-out rephrasings)")
+    log("[2/4] answering the 72 held-out questions before fine-tuning ...")
+    before = held_out_answers(model, tok, held)
+    acc0 = accuracy(before, keys)
+    log(f"      accuracy before: {acc0:.0%}")
+    log(f"[3/4] fine-tuning ({epochs:g} epochs, LoRA r={rank} on all linear layers, lr {lr:g}) ...")
+    s = train(cfg, log=lambda m: log("      " + m), model=model, tokenizer=tok)
+    log("[4/4] answering the held-out questions after fine-tuning ...")
+    after = held_out_answers(model, tok, held)
+    acc1 = accuracy(after, keys)
+    total = time.time() - t0
+    log("")
+    for i in SAMPLES:
+        q = held[i]["messages"][1]["content"]
+        log(f"Q: {q}\n   before: {before[i].strip()}\n   after:  {after[i].strip()}\n   (expected: {keys[i]})")
+    log("")
+    log(f"held-out accuracy: {acc0:.0%} before -> {acc1:.0%} after fine-tuning "
+        f"({sum(_norm(k) in _norm(a) for a, k in zip(after, keys))}/{len(keys)})")
+    log(f"training: {s['steps']} steps, {s['tokens']} tokens in {s['train_time_s']:.0f}s ({s['tok_s']:.0f} tokens/s); "
+        f"total {total:.0f}s; adapter: {s['adapter']}")
+    log(f"try it: qlora generate --adapter {s['adapter']} --prompt \"What is the price of the Nimbus T7?\"")
+    result = {"accuracy_before": acc0, "accuracy_after": acc1, "train_tok_s": s["tok_s"],
+              "train_time_s": s["train_time_s"], "total_time_s": round(total, 1), "load_time_s": round(t_load, 1),
+              "steps": s["steps"], "final_loss": s["final_loss"], "adapter": s["adapter"],
+              "samples": [{"question": held[i]["messages"][1]["content"], "before": before[i], "after": after[i],
+                           "expected": keys[i]} for i in SAMPLES]}
+    (out / "demo_result.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("demo", help="fine-tune the embedded model on a generated product FAQ; show before/after",
+                       description="Generates the support FAQ of a fictional drone (36 facts, 216 training questions, "
+                                   "72 held-out rephrasings), fine-tunes the embedded SmolLM2-135M-Instruct with QLoRA, "
+                                   "and prints held-out accuracy and sample answers before and after.")
+    p.add_argument("--output", default="runs/demo", help="directory for data, run and adapter (default runs/demo)")
+    p.add_argument("--epochs", type=float, default=6, help="passes over the 216 questions (default 6)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    if args.epochs <= 0:
+        raise QLoraError("--epochs must be > 0")
+    run_demo(args.output, args.epochs, args.lr, args.rank, args.alpha, args.batch_size, args.device,
+             progress=not args.no_progress, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_run(None))
