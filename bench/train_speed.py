@@ -1,0 +1,152 @@
+"""Training throughput and peak memory of qlora on random-weight Llama shapes (one GPU).
+
+Same work as ../shared/bench/reference_qlora.py: LoRA r=16 (alpha 16, no dropout) on every block
+linear, gradient checkpointing, paged AdamW 32-bit, clip 0.3, random token ids, median step time
+after the first two steps. Modes: ``qlora`` (NF4 + double quant base) and ``lora16`` (the same code
+path with a bf16 base). Prints one JSON line per run, and a table with the reference's and the
+peers' figures when their outputs are passed with --peers FILE (the output of run_peers.sh).
+
+    python bench/train_speed.py --shape 1b --seq 2048 --batch 4 --steps 8
+"""
+from __future__ import annotations
+
+import time
+
+T_START = time.time()  # time-to-first-step counts from here (imports included)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False) -> dict:
+    import torch
+    from transformers import LlamaConfig
+
+    from qlora.model import LoraSettings, QuantSettings, build_random
+    from qlora.optim import make_optimizer
+    from qlora.train import loss_sum
+    cfg = LlamaConfig(**SHAPES[shape], rope_theta=500000.0, max_position_embeddings=8192)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    quant = QuantSettings(quant_type="nf4" if mode == "qlora" else None)
+    model = build_random(cfg, quant, LoraSettings(r=16, alpha=16, dropout=0.0), device, "bf16", progress=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    load_s = time.time() - t0
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, "paged_adamw" if cuda else "adamw", lr=2e-4)
+    g = torch.Generator().manual_seed(0)
+    times, first_step_at, loss = [], None, float("nan")
+    prof = None
+    for i in range(steps):
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+        b = {"input_ids": ids, "labels": ids}
+        if cuda:
+            torch.cuda.synchronize()
+        if profile and i == steps - 1:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+        ts = time.time()
+        n = (ids[:, 1:] >= 0).sum()
+        l = loss_sum(model, b, device) / n
+        l.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.time() - ts)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        loss = l.item()
+        if first_step_at is None:
+            first_step_at = time.time() - T_START
+    steady = sorted(times[2:]) if len(times) > 2 else times
+    med = steady[len(steady) // 2]
+    n_matmul = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "lora_A"))
+    n_matmul += cfg.vocab_size * cfg.hidden_size
+    tok_s = batch * seq / med
+    # LoRA step with full recompute: forward 2N + recompute 2N + input-gradient backward 2N FLOPs per token
+    # (+ attention); MFU against 989 TFLOP/s dense bf16 (H100 SXM).
+    flops_tok = 6 * n_matmul + 6 * 2 * cfg.num_hidden_layers * seq * cfg.hidden_size
+    r = dict(mode=mode, shape=shape, seq=seq, batch=batch, steps=steps, load_s=round(load_s, 1),
+             weights_gib=round(weights_gib, 2), step_s=round(med, 3), tok_s=round(tok_s, 1),
+             loss=round(loss, 3), time_to_first_step_s=round(first_step_at, 1),
+             peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
+             mfu=round(tok_s * flops_tok / 989e12, 3) if cuda else None)
+    if prof is not None:
+        r["profile_top"] = [
+            (e.key, round(e.device_time_total / 1e3, 1)) for e in
+            sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]]
+    del model, opt
+    return r
+
+
+def parse_peers(path: str) -> dict:
+    """The JSON lines of run_peers.sh: reference (first '{' line), liger and unsloth ('RESULT {...}')."""
+    out, section = {}, None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("== "):
+            section = line[3:].split()[0]
+        m = re.search(r"(\{.*\})", line)
+        if m and section:
+            try:
+                d = json.loads(m.group(1))
+            except json.JSONDecodeError:
+                continue
+            if "tok_s" in d:
+                out[section] = d
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(SHAPES), default="1b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--modes", default="qlora,lora16", help="comma list of qlora, lora16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--peers", help="output of ../shared/bench/peers/run_peers.sh on the same shape, to compare")
+    ap.add_argument("--profile", action="store_true", help="profile the last step (top CUDA kernels)")
+    a = ap.parse_args()
+    res = {}
+    for mode in a.modes.split(","):
+        r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile)
+        res[mode] = r
+        print(json.dumps(r), flush=True)
+    peers = parse_peers(a.peers) if a.peers else {}
+    print(f"\n{a.shape} shape, seq {a.seq} x batch {a.batch}, LoRA r=16 all-linear")
+    print(f"| stack | tok/s | peak GiB | vs reference | vs unsloth |")
+    print("|---|---|---|---|---|")
+    ref, uns = peers.get("reference", {}).get("tok_s"), peers.get("unsloth", {}).get("tok_s")
+    rows = [(f"qlora ({m})", r) for m, r in res.items()] + [(k, v) for k, v in peers.items()]
+    for name, r in rows:
+        vr = f"{r['tok_s'] / ref:.2f}x" if ref else "-"
+        vu = f"{r['tok_s'] / uns:.2f}x" if uns else "-"
+        print(f"| {name} | {r['tok_s']:,.0f} | {r.get('peak_gib', '-')} | {vr} | {vu} |")
+    if "qlora" in res and "lora16" in res:
+        print(f"our QLoRA / our 16-bit LoRA: {res['qlora']['tok_s'] / res['lora16']['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
