@@ -320,7 +320,8 @@ def _model_name(config, name: str | None) -> str:
     if name:
         return name
     src = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
-    return Path(src).name or src or config.model_type
+    # not the bare model type: transformers' GGUF reader treats general.name == "mistral" specially
+    return Path(src).name or src or f"{config.model_type}-qlora"
 
 
 def export_gguf(config, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer, out_path, type: str = "q4_k_m",
@@ -486,10 +487,13 @@ def chat_style(tokenizer) -> tuple[str | None, str | None, list[str]]:
         return None, None, ["chat template is neither ChatML nor Llama-3 style: the Modelfile's TEMPLATE "
                             "passes the prompt through as is; write TEMPLATE by hand"]
     s, bos = CHAT_STYLES[style], getattr(tokenizer, "bos_token", None) or ""
+    # a BOS the template writes is the one llama.cpp adds when the tokenizer adds it: not in TEMPLATE
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    strip_bos = bool(bos) and bool(ids) and ids[0] == tokenizer.bos_token_id
 
     def hf(msgs):
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=ct)
-        return text[len(bos):] if bos and text.startswith(bos) else text
+        return text[len(bos):] if strip_bos and text.startswith(bos) else text
 
     first = hf(_PROBES[0])
     head = s["A"] + "system" + s["B"]

@@ -208,8 +208,9 @@ def loss_sum(model, batch: dict, device) -> torch.Tensor:
     labels = batch["labels"].to(device)
     if _chunked_loss_ok(model):
         h = model.model(**inputs, use_cache=False).last_hidden_state
-        h = h[:, :-1].reshape(-1, h.shape[-1])
-        return chunked_linear_cross_entropy(h, model.get_output_embeddings().weight, labels[:, 1:].reshape(-1),
+        tgt = labels[:, 1:]
+        keep = tgt != -100  # the LM head runs only where a token is scored (prompts are most tokens)
+        return chunked_linear_cross_entropy(h[:, :-1][keep], model.get_output_embeddings().weight, tgt[keep],
                                             reduction="sum")
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
