@@ -1,0 +1,564 @@
+"""Memory benchmark: peak GPU memory of QLoRA training steps next to `qlora plan`'s prediction.
+
+    python bench/memory.py --all --out results.jsonl       # every row, one GPU, ~7 minutes on an H100
+    python bench/memory.py --rows 8b,spike --time-limit 300
+    python bench/memory.py --replay results.jsonl           # predictions again, from the current plan
+    python bench/memory.py --cpu                            # tiny shapes on the CPU (checks the script)
+
+Each row builds a random-weight model directly in 4-bit (``qlora.model.build_random``), trains a few
+steps as ``qlora train`` does (``qlora.train.loss_sum``: chunked loss; gradient clipping; our
+paged optimizers; per-block checkpointing, optionally with activation offload), under a memory
+cap set with ``torch.cuda.set_per_process_memory_fraction``, and prints one JSON line: measured
+``torch.cuda.max_memory_allocated`` over the steps, the plan's prediction, their ratio, tokens/s.
+
+Rows (``--rows``, comma separated; ``--all`` = all of them):
+
+* ``calib``   one decoder block of the 8B shape (and a variant with another intermediate size),
+              recomputed and back-propagated at several token counts, plus the loss tail: the
+              measurements the plan's activation constants are fitted to (not the table rows).
+* ``8b``      Llama-3.1-8B shape, seq 2048 x batch 2, r=16, offload, paged 8-bit, under 6.5 GiB.
+* ``spike``   8B, batch 1, seq 2048 with one step at 8192 in the middle, under a tight cap:
+              paged AdamW (on OOM: every optimizer page to CPU, retry the batch) vs plain AdamW.
+* ``70b``     Llama-3.1-70B shape, seq 2048 x batch 1, r=64 under 44 GiB; r=16 under 40 GiB.
+* ``long``    8B at batch 1: one step at ``--long-tokens`` (default 204800) with offload, after a
+              probe at 32k tokens that predicts its time; ``--long-search`` binary-searches the
+              longest sequence instead (each probe is a full step: slow).
+
+The rows share one 8B model (its LoRA rank is changed in place); the whole script keeps to
+``--time-limit`` seconds, skipping rows that would not end in time.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+from qlora import plan  # noqa: E402
+from qlora.linear import QLoRALinear  # noqa: E402
+from qlora.model import LoraSettings, QuantSettings, build_random  # noqa: E402
+from qlora.offload import ActivationOffloader, HostEmbedding, enable_checkpointing, offload_embeddings  # noqa: E402
+from qlora.optim import make_optimizer  # noqa: E402
+from qlora.train import loss_sum  # noqa: E402
+
+GiB = 1 << 30
+T0 = time.time()
+ARGS = None
+OUT = None
+BUILD_S: dict = {}
+
+
+def log(row: dict) -> None:
+    row = {"t": round(time.time() - T0, 1), **row}
+    line = json.dumps(row)
+    print(line, flush=True)
+    if OUT:
+        with open(OUT, "a") as f:
+            f.write(line + "\n")
+
+
+def left() -> float:
+    return ARGS.time_limit - (time.time() - T0)
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+class CPUPeak:
+    """Peak of live CPU tensor bytes during a block (torch profiler memory events), above the
+    bytes live at its start; the CPU stand-in for ``torch.cuda.max_memory_allocated``."""
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        events = sorted((e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        cur = self.peak = 0
+        for _, n in events:
+            cur += n
+            self.peak = max(self.peak, cur)
+        return False
+
+
+def storage_bytes(*objs) -> int:
+    """Bytes of the distinct storages of the tensors of modules / optimizers / tensors given."""
+    seen, total = set(), 0
+    for o in objs:
+        if isinstance(o, torch.nn.Module):
+            ts = list(o.parameters()) + list(o.buffers()) + [p.grad for p in o.parameters() if p.grad is not None]
+        elif isinstance(o, torch.optim.Optimizer):
+            ts = [t for st in o.state.values() for t in st.values() if torch.is_tensor(t) and t.device.type != "cpu"
+                  or (torch.is_tensor(t) and ARGS.device == "cpu" and t.dim() > 0 and not getattr(t, "is_pinned", lambda: False)())]
+        else:
+            ts = [o]
+        for t in ts:
+            if t is None or t.device.type == "meta":
+                continue
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
+
+
+def sync():
+    if torch.cuda.is_available() and ARGS.device != "cpu":
+        torch.cuda.synchronize()
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available() and ARGS.device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):  # cached pinned host blocks (offload) back to the OS
+            torch._C._host_emptyCache()
+
+
+@contextlib.contextmanager
+def memory_cap(cap: int | None):
+    """Cap what torch may allocate on the GPU at ``cap`` bytes for the block."""
+    if cap is None or ARGS.device == "cpu":
+        yield
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def attention_backends():
+    """Flash / memory-efficient / cuDNN attention only on CUDA: never the math path, whose T x T
+    scores would make long sequences fail for the wrong reason."""
+    if ARGS.device == "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+
+
+# ---------------------------------------------------------------------------------------------
+# models and steps
+
+
+def build(shape: str, rank: int, layers: int | None = None, embed_offload: bool = True, **overrides):
+    cfg = plan.shape_config(shape)
+    if layers:
+        cfg.num_hidden_layers = layers
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    t = time.time()
+    model = build_random(cfg, QuantSettings(), LoraSettings(r=rank, alpha=16, dropout=0.0), device=ARGS.device,
+                         dtype="bf16", progress=False)
+    model.train()
+    if embed_offload:
+        offload_embeddings(model)  # the input table waits in CPU memory (untied shapes only)
+    sync()
+    return cfg, model, time.time() - t
+
+
+def build_row(name, cfg, model, seconds) -> dict:
+    """Build time, and the model's bytes: counted, allocated, and as the plan counts them."""
+    emb = isinstance(model.get_input_embeddings(), HostEmbedding)
+    c = plan.counts_for(cfg, rank=16 if "8b" in name else 64)
+    static = c["weights_4bit"] + c["dq_constants"] + c["frozen_16bit"] + c["lora_params"] \
+        - (c["input_embedding"] if emb and not c["tied"] else 0)
+    row = dict(row=name, seconds=round(seconds, 1), storage_bytes=storage_bytes(model), plan_bytes=static)
+    if ARGS.device != "cpu":
+        row["allocated"] = torch.cuda.memory_allocated()
+    return row
+
+
+def set_rank(model, rank: int, lora_dtype=torch.float32) -> None:
+    """New LoRA factors of rank ``rank`` (in ``lora_dtype``) on every adapted layer."""
+    dev = torch.device(ARGS.device)
+    for m in model.modules():
+        if isinstance(m, QLoRALinear) and m.r > 0:
+            m.set_lora(rank, alpha=16, dropout=0.0, lora_dtype=lora_dtype, device=dev)
+    free()
+
+
+def batch_of(cfg, seq: int, batch: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def train_steps(model, cfg, seqs: list[int], batch: int, optim: str, offload: bool, cap: int | None,
+                page_budget: int | None = None, oom_retry: bool = False, clip: float = 0.3) -> dict:
+    """Train ``len(seqs)`` steps (step k on a batch of ``batch`` x ``seqs[k]``) and measure."""
+    dev = torch.device(ARGS.device)
+    off = enable_checkpointing(model, offload=offload, offloader=ActivationOffloader() if offload else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, optim, lr=1e-4, page_budget_bytes=page_budget)
+    res = dict(times=[], losses=[], retries=0, status="ok", phase_peaks=[])
+    free()
+    if ARGS.device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    peak_cpu = 0
+    with memory_cap(cap), attention_backends():
+        for k, seq in enumerate(seqs):
+            b = batch_of(cfg, seq, batch, seed=k)
+            n_tok = batch * (seq - 1)
+            for attempt in range(2):
+                oom = False
+                try:
+                    sync()
+                    t = time.time()
+                    with (CPUPeak() if ARGS.device == "cpu" else contextlib.nullcontext()) as cp:
+                        with off.hooks() if off else contextlib.nullcontext():
+                            loss = loss_sum(model, b, dev) / n_tok
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, clip)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    res["losses"].append(round(loss.item(), 4))
+                    sync()
+                    res["times"].append(time.time() - t)
+                    if cp is not None:
+                        base = storage_bytes(model, opt)
+                        peak_cpu = max(peak_cpu, base + cp.peak)
+                except torch.cuda.OutOfMemoryError:
+                    oom = True  # clean up below, once the traceback (and what it holds) is gone
+                if not oom:
+                    break
+                loss = None
+                opt.zero_grad(set_to_none=True)
+                free()
+                if not oom_retry or attempt == 1:
+                    res.update(status=f"OOM at step {k + 1} (seq {seq})")
+                    break
+                opt.evict_all()  # every optimizer page to host memory; they return at their update
+                free()
+                res["retries"] += 1
+            if res["status"] != "ok":
+                break
+    res["peak"] = peak_cpu if ARGS.device == "cpu" else torch.cuda.max_memory_allocated()
+    res["state_bytes"] = opt.state_bytes() if hasattr(opt, "state_bytes") else None
+    if off:
+        res["offloaded_per_step"] = off.stats["bytes_out"] // max(1, len(res["times"]))
+    enable_checkpointing(model, offload=False)
+    del opt, params
+    free()
+    return res
+
+
+def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_dtype="fp32", page_budget=None,
+           oom_retry=False, **extra) -> dict:
+    seq = max(seqs)
+    emb = isinstance(model.get_input_embeddings(), HostEmbedding)
+    est = plan.estimate(cfg, seq, batch, rank, optim, offload=offload, embed_offload=emb, lora_dtype=lora_dtype,
+                        page_budget=page_budget)
+    r = train_steps(model, cfg, seqs, batch, optim, offload, cap, page_budget, oom_retry)
+    steady = r["times"][1:] or r["times"]
+    med = sorted(steady)[len(steady) // 2] if steady else None
+    row = dict(row=name, shape=cfg.qlora_shape, layers=cfg.num_hidden_layers, seq=seq, seqs=seqs, batch=batch,
+               rank=rank, lora_dtype=lora_dtype, optim=optim, offload=offload, embed_offload=emb, page_budget=page_budget,
+               cap_gib=None if cap is None else round(cap / GiB, 2), status=r["status"], retries=r["retries"],
+               measured_gib=round(r["peak"] / GiB, 3), predicted_gib=round(est["peak"] / GiB, 3),
+               ratio=round(r["peak"] / est["peak"], 3), phase=est["phase"],
+               tok_s=round(batch * seqs[-1] / med, 1) if med else None,
+               step_s=[round(t, 2) for t in r["times"]], losses=r["losses"], state_bytes=r["state_bytes"],
+               offloaded_per_step=r.get("offloaded_per_step"), **extra)
+    log(row)
+    if cap is not None and r["status"].startswith("OOM") and not oom_retry and left() > 90:
+        # over the cap: measure the same steps without it, so the plan can still be checked
+        report(name + "_uncapped", cfg, model, seqs[:2], batch, rank, optim, offload, None, lora_dtype, page_budget,
+               **extra)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+
+
+def block_delta(model, cfg, tokens: int, checkpoint: bool = True) -> dict:
+    """Peak bytes above the start while one decoder block is run forward and back-propagated at
+    ``tokens`` tokens (input, incoming gradient and the model allocated before the start)."""
+    dev = torch.device(ARGS.device)
+    layer, rotary = model.model.layers[0], model.model.rotary_emb
+    if checkpoint:
+        enable_checkpointing(model, offload=False)
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    x = torch.randn(1, tokens, cfg.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(tokens, device=dev)[None]
+    with torch.no_grad():
+        cos, sin = rotary(x, pos)
+    grad_out = torch.randn_like(x)
+    free()
+    sync()
+    out = {}
+    with attention_backends(), (CPUPeak() if ARGS.device == "cpu" else contextlib.nullcontext()) as cp:
+        if ARGS.device != "cpu":
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        y = layer(x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+        y = y[0] if isinstance(y, tuple) else y
+        sync()
+        if ARGS.device != "cpu":
+            out["forward"] = torch.cuda.max_memory_allocated() - base
+            out["retained"] = torch.cuda.memory_allocated() - base
+        y.backward(grad_out)
+        sync()
+    out["peak"] = cp.peak if cp is not None else torch.cuda.max_memory_allocated() - base
+    del x, y, grad_out, cos, sin
+    model.zero_grad(set_to_none=True)
+    free()
+    return out
+
+
+def tail_delta(model, cfg, tokens: int, offload: bool) -> int:
+    """Peak bytes above the start for the final norm + chunked loss, forward and backward."""
+    from qlora.kernels.loss import chunked_linear_cross_entropy
+    dev = torch.device(ARGS.device)
+    x = torch.randn(1, tokens, cfg.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, cfg.vocab_size, (tokens - 1,), device=dev)
+    off = ActivationOffloader(exclude=model, include_cpu=False) if offload else None
+    free()
+    sync()
+    with (CPUPeak() if ARGS.device == "cpu" else contextlib.nullcontext()) as cp:
+        if ARGS.device != "cpu":
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        with off.hooks() if off else contextlib.nullcontext():
+            h = model.model.norm(x)
+            h = h[:, :-1].reshape(-1, h.shape[-1])
+            loss = chunked_linear_cross_entropy(h, model.get_output_embeddings().weight, labels, reduction="sum")
+        del h
+        loss.backward()
+        sync()
+    peak = cp.peak if cp is not None else torch.cuda.max_memory_allocated() - base
+    del x, loss
+    free()
+    return peak
+
+
+def row_calib():
+    """Measurements the activation constants are fitted to (one block; the loss tail)."""
+    small = ARGS.device == "cpu"
+    shape = ARGS.small_shape if small else "llama-3.1-8b"
+    tokens = [128, 512] if small else [4096, 16384]
+    for inter in ([None, 256] if small else [None, 4096]):
+        over = {} if inter is None else {"intermediate_size": inter}
+        cfg, model, built = build(shape, rank=16, layers=1, embed_offload=False, **over)
+        if ARGS.device != "cpu":
+            overhead = torch.cuda.memory_allocated() - storage_bytes(model)
+        else:
+            overhead = 0
+        for n in tokens:
+            for ckpt in (True, False):
+                if not ckpt and n != tokens[0]:
+                    continue
+                d = block_delta(model, cfg, n, checkpoint=ckpt)
+                log(dict(row="calib_block", shape=shape, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
+                         heads=cfg.num_attention_heads, kv=cfg.num_key_value_heads, tokens=n, checkpoint=ckpt,
+                         dropout=0.0, peak=d["peak"], forward=d.get("forward"), retained=d.get("retained"),
+                         cuda_overhead=overhead,
+                         per_token=round(d["peak"] / n, 1)))
+        set_rank_dropout(model, 0.05)
+        d = block_delta(model, cfg, tokens[0], checkpoint=True)
+        log(dict(row="calib_block", shape=shape, hidden=cfg.hidden_size, inter=cfg.intermediate_size, tokens=tokens[0],
+                 checkpoint=True, dropout=0.05, peak=d["peak"], per_token=round(d["peak"] / tokens[0], 1)))
+        if inter is None:
+            for n in tokens:
+                for offload in (False, True):
+                    p = tail_delta(model, cfg, n, offload)
+                    log(dict(row="calib_tail", shape=shape, hidden=cfg.hidden_size, vocab=cfg.vocab_size, tokens=n,
+                             offload=offload, peak=p, per_token=round(p / n, 1)))
+        del model
+        free()
+
+
+def set_rank_dropout(model, p: float) -> None:
+    for m in model.modules():
+        if isinstance(m, QLoRALinear) and m.r > 0:
+            m.lora_dropout = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+
+
+def row_8b(cfg, model):
+    """8B shape, seq 2048 x batch 2 under a 6.5 GiB cap (Unsloth: 6.86 GiB)."""
+    seq, batch = (ARGS.cpu_seq, 2) if ARGS.device == "cpu" else (2048, 2)
+    set_rank(model, 16)
+    cap = None if ARGS.device == "cpu" else int(6.5 * GiB)
+    report("8b_2048x2", cfg, model, [seq] * ARGS.steps, batch, 16, "paged_adamw8bit", True, cap,
+           page_budget=0 if cap else None)
+
+
+def row_spike(cfg, model):
+    """A 4x longer batch mid-run under a cap that holds it only without optimizer states on the GPU."""
+    seq = ARGS.cpu_seq if ARGS.device == "cpu" else 2048
+    rank = 64
+    set_rank(model, rank)
+    seqs = [seq, seq, 4 * seq, seq]
+    # The cap: what the spike step measures without optimizer states (the first step creates them
+    # only after its backward), plus half the states. Normal steps fit with the states on the GPU,
+    # the spike only without them.
+    probe = report("spike_probe", cfg, model, [4 * seq], 1, rank, "adamw", False, None)
+    states = plan.optimizer_state_bytes(plan.counts_for(cfg, rank=rank)["lora_numels"], "adamw")
+    cap = None if ARGS.device == "cpu" else int(probe["measured_gib"] * GiB + 0.5 * states)
+    for optim in ("paged_adamw", "adamw"):
+        report(f"spike_{optim}", cfg, model, seqs, 1, rank, optim, False, cap, oom_retry=optim.startswith("paged"))
+
+
+def row_long(cfg, model):
+    """Longest sequence at batch 1 with offload (80 GB GPU, no cap)."""
+    set_rank(model, 16)
+    probes = [256, 1024] if ARGS.device == "cpu" else [8192, 32768]
+    times = []
+    for n in probes:
+        r = report("long_probe", cfg, model, [n], 1, 16, "paged_adamw8bit", True, None)
+        times.append(r["step_s"][0] if r["step_s"] else float("inf"))
+    # step time ~ a*T + b*T^2 (matmuls, attention), from the two probes
+    (t1, t2), (n1, n2) = times, probes
+    b = max(0.0, (t2 / n2 - t1 / n1) / (n2 - n1))
+    a = max(0.0, t1 / n1 - b * n1)
+
+    def guess(n):
+        return (a * n + b * n * n) * 1.25 + 15
+
+    target = ARGS.long_tokens if ARGS.device != "cpu" else 4096
+    if ARGS.long_search:
+        lo, hi = n2, 2 * target
+        while hi - lo > max(4096, lo // 32):
+            mid = (lo + hi) // 2 // 1024 * 1024
+            if guess(mid) > left():
+                log(dict(row="long_search", status="stopped: time limit", lo=lo, hi=hi))
+                break
+            rr = report("long_try", cfg, model, [mid], 1, 16, "paged_adamw8bit", True, None)
+            lo, hi = (mid, hi) if rr["status"] == "ok" else (lo, mid)
+        log(dict(row="long_search", longest_ok=lo))
+        return
+    if guess(target) > left():
+        log(dict(row="long", status=f"skipped: a step at {target} would take ~{guess(target):.0f}s, {left():.0f}s left"))
+        return
+    report("long", cfg, model, [target], 1, 16, "paged_adamw8bit", True, None, expected_s=round(guess(target)))
+
+
+def row_70b():
+    """70B shape, seq 2048 x batch 1: r=64 under 44 GiB, then r=16 under 40 GiB."""
+    shape, seq, layers = ("llama-3.1-70b", 2048, None) if ARGS.device != "cpu" else (ARGS.small_shape, ARGS.cpu_seq, 2)
+    if BUILD_S.get("8b") and BUILD_S["8b"] * 9.5 + 45 > left():
+        log(dict(row="70b", status=f"skipped: building it would take ~{BUILD_S['8b'] * 9.5:.0f}s, {left():.0f}s left"))
+        return
+    cfg, model, built = build(shape, rank=64, layers=layers)
+    log(build_row("70b_build", cfg, model, built))
+    runs = [(64, "fp32", 44), (64, "bf16", 44), (16, "fp32", 40)]
+    status = {}
+    for rank, ldt, cap_gib in runs:
+        if ldt == "bf16" and status.get(64) == "ok":
+            continue  # bf16 factors (the paper's 65B setting) only if fp32 ones did not fit
+        cap = None if ARGS.device == "cpu" else cap_gib * GiB
+        if left() < 60:
+            log(dict(row=f"70b_r{rank}_{ldt}", status="skipped: time limit"))
+            continue
+        set_rank(model, rank, torch.float32 if ldt == "fp32" else torch.bfloat16)
+        budget = 0 if cap else None  # all optimizer state in host memory: the cap leaves little room
+        row = report(f"70b_r{rank}_{ldt}", cfg, model, [seq] * ARGS.steps_70b, 1, rank, "paged_adamw", True, cap,
+                     ldt, page_budget=budget)
+        status.setdefault(rank, row["status"])
+    del model
+    free()
+
+
+def replay(path: str) -> None:
+    """Recompute the predictions of a results file with the current plan; print a Markdown table."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    print("| row | shape | seq x batch | rank | optim | offload | cap GiB | status | measured GiB | predicted GiB | ratio | tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "measured_gib" not in r:
+            continue
+        cfg = plan.shape_config(r["shape"])
+        cfg.num_hidden_layers = r["layers"]
+        est = plan.estimate(cfg, r["seq"], r["batch"], r["rank"], r["optim"], offload=r["offload"],
+                            embed_offload=r.get("embed_offload", False), lora_dtype=r.get("lora_dtype", "fp32"),
+                            page_budget=r.get("page_budget"))
+        p = est["peak"] / GiB
+        print(f"| {r['row']} | {r['shape']} | {r['seq']} x {r['batch']} | {r['rank']} ({r.get('lora_dtype', 'fp32')}) | "
+              f"{r['optim']} | {'yes' if r['offload'] else 'no'} | {r['cap_gib'] or '-'} | {r['status']} | "
+              f"{r['measured_gib']:.2f} | {p:.2f} | {r['measured_gib'] / p:.3f} | {r['tok_s'] or '-'} |")
+
+
+def main(argv=None) -> int:
+    global ARGS, OUT
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="calib,8b,spike,70b,long", help="comma list of rows")
+    ap.add_argument("--all", action="store_true", help="every row")
+    ap.add_argument("--out", help="append the JSON lines to this file too")
+    ap.add_argument("--steps", type=int, default=3, help="steps per row (default 3)")
+    ap.add_argument("--steps-70b", type=int, default=2, help="steps per 70B row (default 2)")
+    ap.add_argument("--time-limit", type=float, default=510, help="seconds for the whole script (default 510)")
+    ap.add_argument("--long-tokens", type=int, default=204800, help="tokens of the long row (default 204800)")
+    ap.add_argument("--long-search", action="store_true", help="binary-search the longest sequence (slow)")
+    ap.add_argument("--cpu", action="store_true", help="run tiny shapes on the CPU (checks the script)")
+    ap.add_argument("--small-shape", default="smollm2-135m", help="shape for --cpu (default smollm2-135m)")
+    ap.add_argument("--cpu-seq", type=int, default=128)
+    ap.add_argument("--replay", metavar="FILE", help="print the table of FILE with the current plan")
+    ARGS = ap.parse_args(argv)
+    if ARGS.replay:
+        replay(ARGS.replay)
+        return 0
+    ARGS.device = "cpu" if ARGS.cpu or not torch.cuda.is_available() else "cuda"
+    OUT = ARGS.out
+    rows = "calib,8b,spike,70b,long" if ARGS.all else ARGS.rows
+    rows = [r.strip() for r in rows.split(",") if r.strip()]
+    env = dict(row="env", device=torch.cuda.get_device_name(0) if ARGS.device == "cuda" else "cpu",
+               torch=torch.__version__, rows=rows)
+    if ARGS.device == "cuda":
+        env["gpu_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GiB, 2)
+    import transformers
+    env["transformers"] = transformers.__version__
+    log(env)
+    for name in rows:
+        if name not in ("calib", "8b", "spike", "70b", "long"):
+            raise SystemExit(f"unknown row {name!r}")
+    shared = None
+    order = [r for r in ("calib", "8b", "spike", "70b", "long") if r in rows]
+    for name in order:
+        try:
+            if name == "calib":
+                row_calib()
+            elif name == "70b":
+                if shared is not None:  # make room: the shared 8B model waits in CPU memory
+                    shared[1].to("cpu")
+                    free()
+                row_70b()
+                if shared is not None:
+                    shared[1].to(ARGS.device)
+            else:
+                if shared is None:
+                    small = ARGS.device == "cpu"
+                    cfg, model, built = build(ARGS.small_shape if small else "llama-3.1-8b", rank=16,
+                                              layers=2 if small else None)
+                    log(build_row("8b_build", cfg, model, built))
+                    BUILD_S["8b"] = built
+                    shared = (cfg, model)
+                {"8b": row_8b, "spike": row_spike, "long": row_long}[name](*shared)
+        except Exception as e:  # keep going: one broken row must not cost the others
+            import traceback
+            log(dict(row=name, status=f"error: {type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:]))
+        free()
+        log(dict(row="time", after=name, left_s=round(left())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

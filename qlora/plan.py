@@ -1,0 +1,566 @@
+"""`qlora plan`: predict the peak GPU memory of a QLoRA training step before loading anything.
+
+The prediction is of ``torch.cuda.max_memory_allocated`` (what PyTorch allocates; the CUDA
+context, ~0.5 GiB, and allocator slack come on top, see :func:`fits`). It is counted from first
+principles, in bytes, from the model's config only (a skeleton on the ``meta`` device):
+
+* **frozen model** (exact): per quantized block linear with ``n = in*out`` weights, packed codes
+  ``ceil(n/2)``; DQ constants: 8-bit block scales ``ceil(n/64)`` bytes (stored padded to a multiple
+  of 256), fp32 second-level scales ``4*ceil(n/64/256)``, the code tables (64 + 1024 bytes per
+  layer on a GPU); without DQ fp32 scales ``4*ceil(n/64)``. Embeddings, lm_head (when not tied),
+  norms and biases in 16-bit.
+* **LoRA** (exact): ``r*(in+out)`` fp32 parameters per adapted linear, as many fp32 gradients,
+  optimizer states of 8 bytes per parameter (32-bit AdamW) or ``2 + 8/256`` (8-bit; tensors under
+  4096 elements stay 32-bit). Paged optimizers keep on the GPU only what fits (the rest waits in
+  host memory; see :func:`page_budget`).
+* **activations**, with ``N = batch*seq`` tokens, ``H`` hidden, ``I`` intermediate size, ``L`` layers:
+  with per-block checkpointing, the block inputs ``L*N*H*2`` (0 with offload, then they sit in
+  pinned host memory); what is saved outside the blocks (final norm input in fp32, the loss'
+  hidden states, RoPE tables); and the peak inside the one block being recomputed and
+  back-propagated, ``N*(a_h*H + a_i*I)`` bytes. The per-token constants in :data:`ACT` come from
+  counting the tensors alive at that moment (HF decoder block, QLoRA linear, SDPA) and were then
+  calibrated against ``max_memory_allocated`` on an H100 (``bench/memory.py``, docs/memory.md).
+* **workspace**: the dequantized 16-bit copy of the largest block weight (alive during its matmul),
+  the chunked loss (``rows*V*12`` bytes for one chunk of logits, ``rows = 2^24 // V``), the
+  gradient of the hidden states, the optimizer's per-chunk temporaries, cuBLAS workspace.
+
+The peak is the largest of three moments of a step: the loss backward (all block inputs saved),
+the backward of a block (gradients accumulating), and the optimizer step (activations gone).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from functools import lru_cache
+
+from .errors import QLoraError
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Shapes of well-known models (transformers config keyword arguments).
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+               rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+SHAPES: dict[str, dict] = {
+    "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "llama-3.1-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+}
+ALIASES = {"embedded": "smollm2-135m", "llama-3-8b": "llama-3.1-8b", "llama-3-70b": "llama-3.1-70b",
+           "8b": "llama-3.1-8b", "70b": "llama-3.1-70b", "1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
+
+# Activation constants: bytes per token per unit of hidden (h) / intermediate (i) size.
+ACT = {
+    # peak inside the block being recomputed + back-propagated (checkpointing)
+    "block_h": 20.5, "block_i": 14.0,
+    # extra when LoRA dropout > 0 (a dropped copy of each adapted linear's input, and its mask)
+    "dropout_h": 12.0, "dropout_i": 3.0,
+    # without checkpointing: saved per block, and the backward transient of one block
+    "saved_h": 30.0, "saved_i": 10.0, "nockpt_block_h": 8.0, "nockpt_block_i": 6.0,
+    # saved outside the blocks: final norm's fp32 input + the loss' hidden states
+    "tail_h": 10.0,
+}
+CE_BYTES_PER_LOGIT = 12        # one chunk of logits: 16-bit + fp32 + fp32 temporary
+CE_CHUNK_ELEMENTS = 1 << 24    # as qlora.kernels.loss.CHUNK_ELEMENTS
+CUDA_WORKSPACE = 64 * MiB      # cuBLAS/cuBLASLt workspaces and allocator rounding
+OPT_WORKSPACE = {32: 48 * MiB, 8: 160 * MiB}  # per-chunk temporaries of the optimizer step
+CONTEXT_BYTES = GiB // 2       # CUDA context + kernels: not in torch's counters
+SLACK = 0.03                   # allocator fragmentation on top of the allocated peak
+OPTIMS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def parse_size(text: str | int | float) -> int:
+    """'24GiB', '24G' and '24' are GiB; '80GB' is 80e9 bytes; also MiB/MB/TiB/TB. Returns bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text * GiB)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", str(text).lower())
+    if not m or not float(m.group(1)) > 0:
+        raise QLoraError(f"cannot read the memory size {text!r}: write it like 24GiB, 80GB or 40G")
+    unit = m.group(2) or "g"
+    decimal = m.group(3) == "b"
+    power = "kmgt".index(unit) + 1
+    return int(float(m.group(1)) * ((1000 if decimal else 1024) ** power))
+
+
+def shape_config(name: str):
+    """A transformers config for a shape of :data:`SHAPES` (or an alias)."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in SHAPES:
+        raise QLoraError(f"unknown shape {name!r}: choose one of {', '.join(list(SHAPES) + list(ALIASES))}")
+    from transformers import AutoConfig
+    kw = dict(SHAPES[key])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    cfg.qlora_shape = key
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# counting
+
+
+def _nbytes(numel: int, dtype) -> int:
+    import torch
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+@lru_cache(maxsize=16)
+def _summary(config_json: str, model_type: str, dtype: str) -> dict:
+    """What :func:`count_model` needs from a meta skeleton of the model (cached: building a 70B
+    skeleton takes a second)."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    from .model import block_linear_names, parse_dtype, skeleton
+    dt = parse_dtype(dtype)
+    kw = json.loads(config_json)
+    kw.pop("model_type", None)
+    config = AutoConfig.for_model(model_type, **kw)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # no deprecation notes from building the skeleton
+    try:
+        model = skeleton(config, dt)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    linears, seen = [], set()
+    for n in block_linear_names(model):
+        lin = model.get_submodule(n)
+        linears.append((n, lin.in_features, lin.out_features, lin.bias is not None))
+        seen.update({id(lin.weight), id(lin.bias)})
+    other = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            other += _nbytes(t.numel(), dt if (t.is_floating_point() and isinstance(t, torch.nn.Parameter)) else t.dtype)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return dict(linears=linears, other=other, embedding_numel=emb.weight.numel(),
+                tied=head is not None and head.weight is emb.weight)
+
+
+def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: str | None = "nf4",
+                blocksize: int = 64, double_quant: bool = True, dtype: str = "bf16", device: str = "cuda",
+                lora_dtype: str = "fp32") -> dict:
+    """Exact bytes of the frozen model and the LoRA tensors as :func:`qlora.model.build_random` /
+    ``load_model`` create them (``device="cpu"`` shares the code tables between layers; on a GPU
+    each layer holds its own). Also lists the LoRA tensor sizes (for the optimizer). LoRA factors
+    are fp32 by default; ``lora_dtype="bf16"`` halves them and their gradients (the QLoRA paper's
+    65B setting), the optimizer states stay fp32."""
+    from .model import parse_dtype, select_targets
+    dt, ldt = parse_dtype(dtype), parse_dtype(lora_dtype)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise QLoraError(f"LoRA rank must be an integer >= 0, got {rank!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise QLoraError(f"blocksize must be a positive integer, got {blocksize!r}")
+    summ = _summary(config.to_json_string(use_diff=True), config.model_type, dtype)
+    names = [n for n, *_ in summ["linears"]]
+    targets = select_targets(names, target) if rank > 0 else set()
+    out = dict(weights_4bit=0, dq_constants=0, frozen_16bit=summ["other"], lora_params=0, quantized_params=0,
+               lora_numels=[], largest_linear=0, layers=int(config.num_hidden_layers), tied=summ["tied"],
+               input_embedding=_nbytes(summ["embedding_numel"], dt))
+    for n, fan_in, fan_out, bias in summ["linears"]:
+        k = fan_in * fan_out
+        out["largest_linear"] = max(out["largest_linear"], k)
+        if quant_type is None:
+            out["frozen_16bit"] += _nbytes(k, dt)
+        else:
+            out["quantized_params"] += k
+            out["weights_4bit"] += (k + 1) // 2             # two codes per byte
+            nb = -(-k // blocksize)
+            if double_quant:                                # uint8 scales (padded to 256), fp32 nested scales
+                out["dq_constants"] += -(-nb // 256) * 256 + 4 * -(-nb // 256)
+                out["dq_constants"] += (64 + 1024) if device != "cpu" else 0
+            else:
+                out["dq_constants"] += 4 * nb + (64 if device != "cpu" else 0)
+        if bias:
+            out["frozen_16bit"] += _nbytes(fan_out, dt)
+        if n in targets:
+            out["lora_numels"] += [rank * fan_in, fan_out * rank]
+    if quant_type is not None and device == "cpu":         # code tables shared by all layers
+        out["dq_constants"] += 64 + (1024 if double_quant else 0)
+    out["lora_params"] = _nbytes(sum(out["lora_numels"]), ldt)
+    out["vocab"] = int(config.vocab_size)
+    out["hidden"] = int(config.hidden_size)
+    out["intermediate"] = int(getattr(config, "intermediate_size", 4 * config.hidden_size))
+    heads = int(config.num_attention_heads)
+    out["head_dim"] = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return out
+
+
+def counts_for(config, rank: int = 64, target: str = "all-linear", quant_type: str | None = "nf4",
+               blocksize: int = 64, double_quant: bool = True, lora_dtype: str = "fp32", **_) -> dict:
+    """:func:`count_model` with the keyword arguments of :func:`estimate` (others ignored)."""
+    return count_model(config, rank, target, quant_type, blocksize, double_quant, lora_dtype=lora_dtype)
+
+
+def optimizer_state_bytes(lora_numels: list[int], optim: str) -> int:
+    """Bytes of AdamW moment state for LoRA tensors of these sizes (see qlora.optim)."""
+    if optim not in OPTIMS:
+        raise QLoraError(f"unknown optimizer {optim!r}: choose one of {', '.join(OPTIMS)}")
+    if not optim.endswith("8bit"):
+        return 8 * sum(lora_numels)
+    return sum(2 * n + 8 * -(-n // 256) if n >= 4096 else 8 * n for n in lora_numels)
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimate
+
+
+def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_adamw", *,
+             quant_type: str | None = "nf4", blocksize: int = 64, double_quant: bool = True,
+             target: str = "all-linear", dropout: float = 0.0, grad_checkpointing: bool = True,
+             offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
+             page_budget: int | None = None, lora_dtype: str = "fp32", counts: dict | None = None) -> dict:
+    """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
+
+    Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
+    where the components sum to the peak; ``phase`` says which moment of the step it is
+    (``loss backward``, ``block backward`` or ``optimizer step``); ``host`` holds what sits in
+    CPU memory (offloaded activations, paged optimizer states). With a paged optimizer and
+    ``gpu_mem``, states stay on the GPU only as far as they fit (see :func:`page_budget`); an
+    explicit ``page_budget`` (the optimizer's ``page_budget_bytes``) caps them instead.
+    ``embed_offload``: the input embedding table sits in CPU memory
+    (:func:`qlora.offload.offload_embeddings`; ignored for tied embeddings). ``lora_dtype``: see
+    :func:`count_model`. ``counts``: a :func:`count_model` result to reuse.
+    """
+    for name, v in (("seq", seq), ("batch", batch)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise QLoraError(f"{name} must be a positive integer, got {v!r}")
+    if optim not in OPTIMS:
+        raise QLoraError(f"unknown optimizer {optim!r}: choose one of {', '.join(OPTIMS)}")
+    if not 0.0 <= dropout < 1.0:
+        raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    c = counts or count_model(config, rank, target, quant_type, blocksize, double_quant, lora_dtype=lora_dtype)
+    n_tok, h, i, L, v = batch * seq, c["hidden"], c["intermediate"], c["layers"], c["vocab"]
+    grads = c["lora_params"]  # one gradient per LoRA parameter, in its dtype
+    states = optimizer_state_bytes(c["lora_numels"], optim)
+    eight = 8 if optim.endswith("8bit") else 32
+
+    # activations
+    rope = n_tok * c["head_dim"] * 2 * 2          # cos and sin, 16-bit, shared by all blocks
+    if grad_checkpointing:
+        saved_all = L * n_tok * h * 2             # block inputs
+        block = n_tok * (ACT["block_h"] * h + ACT["block_i"] * i)
+        if offload:
+            block += 2 * n_tok * h * 2            # the input being used + the next one prefetched
+    else:
+        saved_all = L * n_tok * (ACT["saved_h"] * h + ACT["saved_i"] * i)
+        block = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
+        offload = False                           # (offload without checkpointing is not modelled)
+    if dropout > 0 and rank > 0:
+        block += n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * (L if not grad_checkpointing else 1)
+    tail = n_tok * h * ACT["tail_h"]
+    host_act = 0
+    if offload:
+        host_act, saved_all, tail = saved_all + tail, 0, 0
+    saved_all, tail, block = int(saved_all), int(tail), int(block)
+
+    ce_rows = min(n_tok, max(1, CE_CHUNK_ELEMENTS // v))
+    ce = ce_rows * v * CE_BYTES_PER_LOGIT
+    dequant = 2 * c["largest_linear"] if quant_type is not None else 0
+    grad_hidden = n_tok * h * 2
+
+    host_emb = c["input_embedding"] if embed_offload and not c["tied"] else 0
+
+    def phases(resident_states: int) -> list[tuple[str, dict]]:
+        base = dict(weights_4bit=c["weights_4bit"], dq_constants=c["dq_constants"],
+                    frozen_16bit=c["frozen_16bit"] - host_emb, lora_params=c["lora_params"],
+                    optimizer_states=resident_states)
+        # backward through the blocks: inputs are freed and gradients appear block by block;
+        # the sum is largest at one end (first block processed, or last)
+        first = (saved_all + grads // L, grads // L, saved_all)
+        last = (saved_all // L + grads, grads, saved_all // L)
+        _, g_b, s_b = max(first, last)
+        paged_chunk = 2 * 32 * MiB if optim.startswith("paged") and resident_states < states else 0
+        return [
+            ("loss backward", dict(base, gradients=0, activations=saved_all + tail + rope + grad_hidden,
+                                   workspace=CUDA_WORKSPACE + ce)),
+            ("block backward", dict(base, gradients=g_b, activations=s_b + rope + block,
+                                    workspace=CUDA_WORKSPACE + dequant)),
+            ("optimizer step", dict(base, gradients=grads, activations=0,
+                                    workspace=CUDA_WORKSPACE + OPT_WORKSPACE[eight] + paged_chunk)),
+        ]
+
+    resident = states
+    if optim.startswith("paged") and page_budget is not None:
+        resident = min(states, max(0, page_budget))
+    elif optim.startswith("paged") and gpu_mem is not None:
+        without = max(sum(comp.values()) for _, comp in phases(0))
+        resident = max(0, min(states, usable_bytes(gpu_mem) - without))
+    phase, comps = max(phases(resident), key=lambda pc: sum(pc[1].values()))
+    comps = {k: int(b) for k, b in comps.items()}
+    return dict(peak=sum(comps.values()), phase=phase, components=comps,
+                details=dict(tokens=n_tok, saved_block_inputs=saved_all, saved_outside_blocks=tail + rope,
+                             one_block=block, dequantized_weight=dequant, loss_chunk=ce, gradient_of_hidden=grad_hidden,
+                             lora_parameters=sum(c["lora_numels"]), quantized_parameters=c["quantized_params"],
+                             optimizer_states_total=states),
+                host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb),
+                settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
+                              dropout=dropout, grad_checkpointing=grad_checkpointing, offload=offload,
+                              embed_offload=bool(host_emb), lora_dtype=lora_dtype))
+
+
+def usable_bytes(gpu_mem: int, context: int = CONTEXT_BYTES) -> int:
+    """Of a GPU's ``gpu_mem`` bytes, what torch can allocate at its peak: minus the CUDA
+    context, divided by (1 + allocator slack)."""
+    return int((gpu_mem - context) / (1 + SLACK))
+
+
+def required_bytes(est: dict, context: int = CONTEXT_BYTES) -> int:
+    """GPU memory a run needs: its predicted peak plus slack and the CUDA context."""
+    return int(est["peak"] * (1 + SLACK) + context)
+
+
+def fits(est: dict, gpu_mem: int, context: int = CONTEXT_BYTES) -> bool:
+    return required_bytes(est, context) <= gpu_mem
+
+
+def page_budget(config, seq: int, batch: int, gpu_mem: int, **kw) -> int:
+    """Bytes of optimizer state a paged optimizer can keep on the GPU without pushing the step
+    over ``gpu_mem`` (pass as ``page_budget_bytes``)."""
+    kw = dict(kw, optim=kw.get("optim", "paged_adamw"), page_budget=None)
+    if not kw["optim"].startswith("paged"):
+        kw["optim"] = "paged_" + kw["optim"]
+    est = estimate(config, seq, batch, gpu_mem=gpu_mem, **kw)
+    return est["components"]["optimizer_states"]
+
+
+def max_fit(config, gpu_mem: int, seq: int | None = None, batch: int | None = None,
+            context: int = CONTEXT_BYTES, limit: int = 1 << 22, **kw) -> int:
+    """Largest batch at ``seq`` (pass ``seq``) or longest sequence at ``batch`` (pass ``batch``;
+    a multiple of 128 when above 128) that fits in ``gpu_mem``; 0 if none."""
+    if (seq is None) == (batch is None):
+        raise QLoraError("max_fit: give exactly one of seq and batch")
+    kw.setdefault("counts", counts_for(config, **kw))
+
+    def ok(x: int) -> bool:
+        s, b = (seq, x) if seq is not None else (x, batch)
+        return fits(estimate(config, s, b, gpu_mem=gpu_mem, **kw), gpu_mem, context)
+
+    lo, hi = 0, 1
+    while hi <= limit and ok(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    if batch is not None and lo > 128:
+        lo -= lo % 128
+    return lo
+
+
+# ---------------------------------------------------------------------------------------------
+# advice
+
+
+def _gib(b: float) -> str:
+    return f"{b / GiB:.1f} GiB"
+
+
+def suggestions(config, seq: int, batch: int, gpu_mem: int, context: int = CONTEXT_BYTES, **kw) -> list[str]:
+    """Changes (each alone) that make the run fit in ``gpu_mem``, best first."""
+    kw.setdefault("counts", counts_for(config, **kw))
+    out = []
+
+    def ok(**change) -> bool:
+        k = dict(kw, **change)
+        s, b = k.pop("seq", seq), k.pop("batch", batch)
+        return fits(estimate(config, s, b, gpu_mem=gpu_mem, **k), gpu_mem, context)
+
+    b = max_fit(config, gpu_mem, seq=seq, context=context, **kw)
+    if 1 <= b < batch:
+        out.append(f"a smaller batch: --batch-size {b} (with --grad-accum x{math.ceil(batch / b)} to keep the "
+                   f"effective batch)")
+    s = max_fit(config, gpu_mem, batch=batch, context=context, **kw)
+    if 1 <= s < seq:
+        out.append(f"shorter sequences: --max-length {s}")
+    if kw.get("grad_checkpointing", True) is False and ok(grad_checkpointing=True):
+        out.append("gradient checkpointing: --grad-checkpointing true")
+    if not kw.get("offload", False) and ok(offload=True, grad_checkpointing=True):
+        out.append("activation offload to CPU memory: --offload-activations true")
+    if not kw.get("embed_offload", False) and ok(embed_offload=True):
+        out.append("the input embedding table in CPU memory: --offload-embeddings true")
+    if kw.get("optim", "paged_adamw") != "paged_adamw8bit" and ok(optim="paged_adamw8bit"):
+        out.append("paged 8-bit optimizer states: --optim paged_adamw8bit")
+    if kw.get("dropout", 0.0) > 0 and ok(dropout=0.0):
+        out.append("no LoRA dropout: --dropout 0")
+    rank = kw.get("rank", 64)
+    for r in (32, 16, 8):
+        if r < rank and ok(rank=r, counts=None):
+            out.append(f"a lower LoRA rank: --rank {r}")
+            break
+    return out
+
+
+def check_fits(config, seq: int, batch: int, gpu_mem: int, context: int = CONTEXT_BYTES, **kw) -> str | None:
+    """None if the run fits in ``gpu_mem`` bytes, else a one-line message saying by how much it
+    does not and what to change."""
+    est = estimate(config, seq, batch, gpu_mem=gpu_mem, **kw)
+    if fits(est, gpu_mem, context):
+        return None
+    need = required_bytes(est, context)
+    msg = (f"this run needs about {_gib(need)} of GPU memory (peak {_gib(est['peak'])} at the {est['phase']}, "
+           f"plus CUDA context and slack) but {_gib(gpu_mem)} is available")
+    kw.pop("counts", None)
+    tips = suggestions(config, seq, batch, gpu_mem, context, **kw)
+    if tips:
+        return msg + "; any of these would fit: " + "; ".join(tips)
+    least = dict(kw, optim="paged_adamw8bit", offload=True, grad_checkpointing=True, dropout=0.0,
+                 embed_offload=True, page_budget=0)
+    floor = required_bytes(estimate(config, min(seq, 512), 1, **least), context)
+    frozen = sum(est["components"][k] for k in ("weights_4bit", "dq_constants", "frozen_16bit"))
+    return (msg + f"; nothing simple fits: the frozen model alone takes {_gib(frozen)}, and even batch 1 x "
+            f"{min(seq, 512)} tokens with offload and paged 8-bit states needs {_gib(floor)} — use a GPU with at "
+            f"least that much memory, or a smaller model")
+
+
+def check_train_config(cfg, config=None, gpu_mem: int | None = None) -> str | None:
+    """:func:`check_fits` for a :class:`qlora.train.TrainConfig` (``config``: the model's
+    transformers config, read from ``cfg.model`` when None; ``gpu_mem``: the current CUDA
+    device's total memory when None). Returns None on a CPU-only machine."""
+    if gpu_mem is None:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+        gpu_mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if config is None:
+        config = model_config(cfg.model)
+    return check_fits(config, cfg.max_length, cfg.batch_size, gpu_mem, rank=cfg.rank, optim=cfg.optim,
+                      quant_type=None if cfg.quant_type == "none" else cfg.quant_type, blocksize=cfg.blocksize,
+                      double_quant=cfg.double_quant, target=cfg.target, dropout=cfg.dropout,
+                      grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
+                      embed_offload=getattr(cfg, "offload_embeddings", False))
+
+
+def model_config(src: str | None):
+    """The transformers config of a model source (None: the embedded model), reading no weights."""
+    if src is None:
+        return shape_config("embedded")
+    from .sources import open_source
+    return open_source(src).config
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+LABELS = [("weights_4bit", "4-bit weights (packed codes)"), ("dq_constants", "DQ constants (block scales)"),
+          ("frozen_16bit", "16-bit embeddings, head, norms"), ("lora_params", "LoRA parameters"),
+          ("gradients", "LoRA gradients"), ("optimizer_states", "optimizer states"),
+          ("activations", "activations"), ("workspace", "workspace")]
+
+
+def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEXT_BYTES) -> list[str]:
+    s, d, comps, host = est["settings"], est["details"], est["components"], est["host"]
+    lines = [f"{name}: seq {s['seq']} x batch {s['batch']} ({d['tokens']} tokens), "
+             f"{s['quant_type'] or '16-bit'} base ({d['quantized_parameters'] / 1e9:.2f}B quantized parameters), "
+             f"LoRA r={s['rank']} on {s['target']} ({d['lora_parameters'] / 1e6:.1f}M), {s['optim']}, "
+             f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}, offload {'on' if s['offload'] else 'off'}"
+             + (", embeddings on CPU" if s["embed_offload"] else "")]
+    notes = {
+        "optimizer_states": f"{_gib(host['optimizer_states'])} paged out to CPU memory" if host["optimizer_states"] else "",
+        "activations": (f"block inputs {_gib(d['saved_block_inputs'])}, outside blocks "
+                        f"{_gib(d['saved_outside_blocks'])}, one block {_gib(d['one_block'])}"
+                        + (f"; {_gib(host['activations'])} offloaded to CPU" if host["activations"] else "")),
+        "frozen_16bit": f"input embeddings in CPU memory ({_gib(host['embeddings'])})" if host["embeddings"] else "",
+        "workspace": f"dequantized weight {_gib(d['dequantized_weight'])}, loss chunk {_gib(d['loss_chunk'])}",
+    }
+    for key, label in LABELS:
+        lines.append(f"  {label:<32} {comps[key] / GiB:8.2f} GiB  {notes.get(key, '')}".rstrip())
+    lines.append(f"  {'predicted peak (at the ' + est['phase'] + ')':<32} {est['peak'] / GiB:8.2f} GiB  "
+                 f"torch.cuda.max_memory_allocated")
+    lines.append(f"  {'GPU memory needed':<32} {required_bytes(est, context) / GiB:8.2f} GiB  "
+                 f"+{SLACK:.0%} allocator slack, +{_gib(context)} CUDA context")
+    return lines
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("plan", help="predict the peak GPU memory of a training run, and whether it fits",
+                       description="Predict the peak GPU memory of a QLoRA training step, broken down, from the "
+                                   "model's config alone (no weights are read), say whether it fits in --gpu-mem and "
+                                   "the largest batch and sequence that do. Exit status 0: fits, 1: does not fit.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="SRC", help="model: HF dir, GGUF file or 4-bit checkpoint (config only)")
+    src.add_argument("--shape", metavar="NAME", help=f"a known shape: {', '.join(SHAPES)} (default: embedded)")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (train's --max-length; default 1024)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
+    p.add_argument("--target", default="all-linear", help="LoRA target layers (default all-linear)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05; > 0 costs memory)")
+    p.add_argument("--optim", default="paged_adamw", choices=OPTIMS, help="optimizer (default paged_adamw)")
+    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4", "int4", "none"], help="base weights")
+    p.add_argument("--blocksize", type=int, default=64, help="quantization block size (default 64)")
+    p.add_argument("--double-quant", default="true", choices=["true", "false"], help="DQ (default true)")
+    p.add_argument("--grad-checkpointing", default="true", choices=["true", "false"],
+                   help="per-block gradient checkpointing (default true)")
+    p.add_argument("--offload", default="false", choices=["true", "false"],
+                   help="offload checkpointed activations to CPU memory (default false)")
+    p.add_argument("--offload-embeddings", default="false", choices=["true", "false"],
+                   help="keep the input embedding table in CPU memory (untied embeddings; default false)")
+    p.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA factors' dtype (default fp32)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory, e.g. 24GiB, 80GB (default: this machine's GPU)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.model:
+        config, name = model_config(args.model), args.model
+    else:
+        config = shape_config(args.shape or "embedded")
+        name = config.qlora_shape
+    gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+    if gpu_mem is None:
+        import torch
+        if torch.cuda.is_available():
+            gpu_mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if args.rank < 0 or args.blocksize < 1:
+        raise QLoraError("--rank must be >= 0 and --blocksize >= 1")
+    kw = dict(rank=args.rank, optim=args.optim, quant_type=None if args.quant_type == "none" else args.quant_type,
+              blocksize=args.blocksize, double_quant=args.double_quant == "true", target=args.target,
+              dropout=args.dropout, grad_checkpointing=args.grad_checkpointing == "true",
+              offload=args.offload == "true", embed_offload=args.offload_embeddings == "true",
+              lora_dtype=args.lora_dtype)
+    kw["counts"] = counts_for(config, **kw)
+    est = estimate(config, args.seq, args.batch, gpu_mem=gpu_mem, **kw)
+    ok = None if gpu_mem is None else fits(est, gpu_mem)
+    if args.json:
+        out = {k: est[k] for k in ("peak", "phase", "components", "details", "host", "settings")}
+        out.update(required=required_bytes(est), gpu_mem=gpu_mem, fits=ok)
+        if gpu_mem is not None:
+            out["max_batch"] = max_fit(config, gpu_mem, seq=args.seq, **kw)
+            out["max_seq"] = max_fit(config, gpu_mem, batch=args.batch, **kw)
+        print(json.dumps(out))
+        return 0 if ok in (None, True) else 1
+    for line in format_plan(est, name, gpu_mem):
+        print(line)
+    if gpu_mem is None:
+        need = required_bytes(est)
+        print(f"no --gpu-mem given and no GPU here: a GPU with at least {_gib(need)} is needed")
+        return 0
+    mb = max_fit(config, gpu_mem, seq=args.seq, **kw)
+    ms = max_fit(config, gpu_mem, batch=args.batch, **kw)
+    if ok:
+        print(f"fits in {_gib(gpu_mem)} (headroom {_gib(gpu_mem - required_bytes(est))}); largest batch at seq "
+              f"{args.seq}: {mb}; longest sequence at batch {args.batch}: {ms}")
+        return 0
+    kw.pop("counts")
+    print(f"does NOT fit in {_gib(gpu_mem)}: " + check_fits(config, args.seq, args.batch, gpu_mem, **kw))
+    return 1

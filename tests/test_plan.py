@@ -1,0 +1,159 @@
+"""`qlora plan`: the byte counts of the frozen model, LoRA, gradients and optimizer states equal
+those of a model really built (and stepped) on the CPU; the activation terms follow their
+formulas; the CLI prints a breakdown and a verdict; bad input gives one-line errors."""
+import json
+
+import pytest
+import torch
+import transformers
+
+from qlora import cli, plan
+from qlora.errors import QLoraError
+from qlora.linear import QLoRALinear
+from qlora.model import LoraSettings, QuantSettings, build_random
+from qlora.optim import make_optimizer
+
+GiB = 1 << 30
+
+
+def _llama(tied=False):
+    # odd sizes: short last quantization blocks, scales that do not fill a DQ block of 256
+    return transformers.LlamaConfig(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=101, tie_word_embeddings=tied)
+
+
+def _qwen2():  # q/k/v biases
+    return transformers.Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=80, tie_word_embeddings=False)
+
+
+def _storages(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("cfg_fn,target,dq,tied", [
+    (_llama, "all-linear", True, False), (_llama, "q_proj,v_proj", False, True), (_qwen2, "all-linear", True, False)])
+def test_model_bytes_equal_a_built_model(cfg_fn, target, dq, tied):
+    cfg = cfg_fn(tied) if cfg_fn is _llama else cfg_fn()
+    model = build_random(cfg, QuantSettings(double_quant=dq), LoraSettings(r=4, target=target), progress=False)
+    counts = plan.count_model(cfg, rank=4, target=target, double_quant=dq, device="cpu")
+    q = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    assert counts["weights_4bit"] == _storages(m.weight_packed for m in q)
+    dq_tensors = [t for m in q for t in (m.absmax, m.code, m.nested_absmax, m.nested_code) if t is not None]
+    assert counts["dq_constants"] == _storages(dq_tensors)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    assert counts["lora_params"] == _storages(lora)
+    assert sorted(counts["lora_numels"]) == sorted(p.numel() for p in lora)
+    everything = list(model.parameters()) + list(model.buffers())
+    assert counts["weights_4bit"] + counts["dq_constants"] + counts["frozen_16bit"] + counts["lora_params"] \
+        == _storages(everything)
+    assert counts["tied"] == tied
+    assert counts["quantized_params"] == sum(m.in_features * m.out_features for m in q)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
+def test_gradient_and_optimizer_bytes_equal_a_real_step(optim):
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    model = build_random(cfg, QuantSettings(), LoraSettings(r=16, dropout=0.0), progress=False)  # some tensors >= 4096
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, optim)
+    ids = torch.randint(0, 64, (1, 8))
+    model(input_ids=ids).logits.float().sum().backward()
+    counts = plan.count_model(cfg, rank=16, device="cpu")
+    assert counts["lora_params"] == sum(p.grad.numel() * p.grad.element_size() for p in params)
+    opt.step()
+    assert plan.optimizer_state_bytes(counts["lora_numels"], optim) == opt.state_bytes()["device"]
+    assert plan.optimizer_state_bytes(counts["lora_numels"], "paged_" + optim) == opt.state_bytes()["device"]
+    if optim == "adamw8bit":
+        assert any(n < 4096 for n in counts["lora_numels"]) and any(n >= 4096 for n in counts["lora_numels"])
+
+
+def test_activation_terms_follow_their_formulas():
+    cfg = plan.shape_config("llama-3.1-8b")
+    L, H = 32, 4096
+    a = plan.estimate(cfg, 2048, 2, 16, "adamw")
+    assert a["details"]["saved_block_inputs"] == L * 4096 * H * 2
+    assert a["host"] == {"activations": 0, "optimizer_states": 0, "embeddings": 0}
+    b = plan.estimate(cfg, 2048, 2, 16, "adamw", offload=True, embed_offload=True)
+    assert b["details"]["saved_block_inputs"] == 0
+    assert b["host"]["activations"] >= L * 4096 * H * 2 and b["host"]["embeddings"] == 128256 * H * 2
+    assert b["peak"] < a["peak"] - 128256 * H * 2
+    # twice the tokens: the token-proportional part doubles
+    c = plan.estimate(cfg, 4096, 2, 16, "adamw")
+    assert c["details"]["one_block"] == 2 * a["details"]["one_block"]
+    # 8-bit states are ~4x smaller; a paged budget keeps only that much on the GPU
+    d = plan.estimate(cfg, 2048, 2, 16, "adamw8bit")
+    assert 3.8 < a["components"]["optimizer_states"] / d["components"]["optimizer_states"] < 4.0
+    e = plan.estimate(cfg, 2048, 2, 16, "paged_adamw", page_budget=1000)
+    assert e["components"]["optimizer_states"] == 1000 and e["host"]["optimizer_states"] == 8 * 41943040 - 1000
+    # the components add up to the peak
+    for est in (a, b, c, d, e):
+        assert sum(est["components"].values()) == est["peak"]
+
+
+def test_max_fit_is_the_edge_of_fitting():
+    cfg = plan.shape_config("llama-3.2-1b")
+    kw = dict(rank=16, optim="paged_adamw8bit")
+    mem = 12 * GiB
+    b = plan.max_fit(cfg, mem, seq=2048, **kw)
+    assert b >= 1
+    assert plan.fits(plan.estimate(cfg, 2048, b, gpu_mem=mem, **kw), mem)
+    assert not plan.fits(plan.estimate(cfg, 2048, b + 1, gpu_mem=mem, **kw), mem)
+    s = plan.max_fit(cfg, mem, batch=1, **kw)
+    assert s % 128 == 0 and plan.fits(plan.estimate(cfg, s, 1, gpu_mem=mem, **kw), mem)
+    assert not plan.fits(plan.estimate(cfg, s + 128, 1, gpu_mem=mem, **kw), mem)
+    assert plan.check_fits(cfg, 2048, b, mem, **kw) is None
+    msg = plan.check_fits(cfg, 2048, 4 * b + 4, mem, **kw)
+    assert "--batch-size" in msg and "\n" not in msg
+
+
+def test_cli_breakdown_and_verdict(capsys):
+    assert cli.main(["plan", "--shape", "llama-3.1-8b", "--seq", "2048", "--batch", "2", "--gpu-mem", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    for label in ("4-bit weights", "DQ constants", "16-bit embeddings", "LoRA parameters", "LoRA gradients",
+                  "optimizer states", "activations", "workspace", "predicted peak"):
+        assert label in out
+    assert "fits in 24.0 GiB" in out and "largest batch at seq 2048" in out
+    assert cli.main(["plan", "--shape", "llama-3.1-70b", "--seq", "2048", "--batch", "1", "--gpu-mem", "4GiB"]) == 1
+    out = capsys.readouterr().out
+    assert "does NOT fit in 4.0 GiB" in out and "smaller model" in out and "GPU with" in out
+    # a tight budget for the 8B shape: the message names the changes that fit
+    assert cli.main(["plan", "--shape", "8b", "--seq", "8192", "--batch", "2", "--dropout", "0",
+                     "--gpu-mem", "14GB"]) == 1
+    out = capsys.readouterr().out
+    assert "--batch-size" in out and "--offload-activations" in out
+    assert cli.main(["plan", "--shape", "8b", "--seq", "2048", "--batch", "2", "--json", "--gpu-mem", "80GB"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["fits"] is True and js["max_batch"] >= 2 and sum(js["components"].values()) == js["peak"]
+
+
+def test_cli_reads_only_the_config_of_a_model_dir(tmp_path, capsys):
+    from tests.tiny import make_tiny_model
+    d = make_tiny_model(tmp_path / "m")
+    assert cli.main(["plan", "--model", str(d), "--seq", "64", "--batch", "2", "--gpu-mem", "8GiB"]) == 0
+    assert "fits in 8.0 GiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", "--shape", "llama-9000"], "unknown shape 'llama-9000'"),
+    (["plan", "--shape", "8b", "--gpu-mem", "24XB"], "cannot read the memory size '24XB'"),
+    (["plan", "--shape", "8b", "--seq", "0"], "seq must be a positive integer"),
+    (["plan", "--model", "/nonexistent/model"], "no such file or directory"),
+])
+def test_errors_are_one_line(argv, needle, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_parse_size():
+    assert plan.parse_size("24GiB") == 24 * GiB == plan.parse_size("24G") == plan.parse_size("24")
+    assert plan.parse_size("80GB") == 80 * 10**9
+    assert plan.parse_size("512MiB") == 512 << 20 and plan.parse_size("1.5TiB") == int(1.5 * (1 << 40))
+    for bad in ("", "-3G", "G", "3 parsecs", "0"):
+        with pytest.raises(QLoraError):
+            plan.parse_size(bad)
