@@ -330,7 +330,7 @@ def tail_delta(model, cfg, tokens: int, offload: bool) -> int:
     from qlora.kernels.loss import chunked_linear_cross_entropy
     dev = torch.device(ARGS.device)
     x = torch.randn(1, tokens, cfg.hidden_size, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, cfg.vocab_size, (tokens - 1,), device=dev)
+    labels = torch.randint(0, cfg.vocab_size, (1, tokens), device=dev)
     off = ActivationOffloader(exclude=model, include_cpu=False) if offload else None
     free()
     sync()
@@ -339,9 +339,10 @@ def tail_delta(model, cfg, tokens: int, offload: bool) -> int:
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         with off.hooks() if off else contextlib.nullcontext():
-            h = model.model.norm(x)
-            h = h[:, :-1].reshape(-1, h.shape[-1])
-            loss = chunked_linear_cross_entropy(h, model.get_output_embeddings().weight, labels, reduction="sum")
+            h = model.model.norm(x)  # then as qlora.train.loss_sum: the head only at scored positions
+            keep = labels[:, 1:] != -100
+            loss = chunked_linear_cross_entropy(h[:, :-1][keep], model.get_output_embeddings().weight,
+                                                labels[:, 1:][keep], reduction="sum")
         del h
         loss.backward()
         sync()
