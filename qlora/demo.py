@@ -19,18 +19,28 @@ def _norm(s: str) -> str:
 
 
 def held_out_answers(model, tok, records, max_new_tokens=32, batch_size=24):
+    import torch
+
     from .evaluate import greedy_answers
-    from .generate import encode_messages, resolve_layout
+    from .generate import encode_messages, inference_cache, resolve_layout
     layout = resolve_layout(tok, "auto", fallback="plain")
     prompts = [encode_messages(tok, r["messages"][:-1], layout) for r in records]
-    return greedy_answers(model, tok, prompts, max_new_tokens, batch_size)
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True  # KV cache while generating
+    try:
+        with torch.no_grad(), inference_cache(model):
+            return greedy_answers(model, tok, prompts, max_new_tokens, batch_size)
+    finally:
+        model.train(was_training)
+        model.config.use_cache = use_cache
 
 
 def accuracy(answers, keys) -> float:
     return sum(_norm(k) in _norm(a) for a, k in zip(answers, keys)) / len(keys)
 
 
-def run_demo(output="runs/demo", epochs: float = 6, lr: float = 1e-3, rank: int = 16, alpha: float = 32,
+def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int = 16, alpha: float = 32,
              batch_size: int = 8, device: str = "auto", overwrite: bool = True, progress: bool = True,
              log=print) -> dict:
     from .demo_data import write
@@ -86,7 +96,7 @@ def add_cli(sub) -> None:
                                    "72 held-out rephrasings), fine-tunes the embedded SmolLM2-135M-Instruct with QLoRA, "
                                    "and prints held-out accuracy and sample answers before and after.")
     p.add_argument("--output", default="runs/demo", help="directory for data, run and adapter (default runs/demo)")
-    p.add_argument("--epochs", type=float, default=6, help="passes over the 216 questions (default 6)")
+    p.add_argument("--epochs", type=float, default=3, help="passes over the 216 questions (default 3)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
