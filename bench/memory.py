@@ -212,6 +212,7 @@ def train_steps(model, cfg, seqs: list[int], batch: int, optim: str, offload: bo
     free()
     if ARGS.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
+        res["start_allocated"], res["start_reserved"] = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     peak_cpu = 0
     with memory_cap(cap), attention_backends():
         for k, seq in enumerate(seqs):
@@ -251,6 +252,7 @@ def train_steps(model, cfg, seqs: list[int], batch: int, optim: str, offload: bo
             if res["status"] != "ok":
                 break
     res["peak"] = peak_cpu if ARGS.device == "cpu" else torch.cuda.max_memory_allocated()
+    res["reserved"] = None if ARGS.device == "cpu" else torch.cuda.max_memory_reserved()
     res["state_bytes"] = opt.state_bytes() if hasattr(opt, "state_bytes") else None
     if off:
         res["offloaded_per_step"] = off.stats["bytes_out"] // max(1, len(res["times"]))
@@ -265,7 +267,7 @@ def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_d
     seq = max(seqs)
     emb = isinstance(model.get_input_embeddings(), HostEmbedding)
     est = plan.estimate(cfg, seq, batch, rank, optim, offload=offload, embed_offload=emb, lora_dtype=lora_dtype,
-                        page_budget=page_budget)
+                        page_budget=page_budget, first_step=len(seqs) == 1)
     r = train_steps(model, cfg, seqs, batch, optim, offload, cap, page_budget, oom_retry)
     steady = r["times"][1:] or r["times"]
     med = sorted(steady)[len(steady) // 2] if steady else None
@@ -276,7 +278,8 @@ def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_d
                ratio=round(r["peak"] / est["peak"], 3), phase=est["phase"],
                tok_s=round(batch * seqs[-1] / med, 1) if med else None,
                step_s=[round(t, 2) for t in r["times"]], losses=r["losses"], state_bytes=r["state_bytes"],
-               offloaded_per_step=r.get("offloaded_per_step"), **extra)
+               offloaded_per_step=r.get("offloaded_per_step"), max_reserved=r["reserved"],
+               start_allocated=r.get("start_allocated"), start_reserved=r.get("start_reserved"), **extra)
     log(row)
     if cap is not None and r["status"].startswith("OOM") and not oom_retry and left() > 90:
         # over the cap: measure the same steps without it, so the plan can still be checked
@@ -491,7 +494,7 @@ def replay(path: str) -> None:
         cfg.num_hidden_layers = r["layers"]
         est = plan.estimate(cfg, r["seq"], r["batch"], r["rank"], r["optim"], offload=r["offload"],
                             embed_offload=r.get("embed_offload", False), lora_dtype=r.get("lora_dtype", "fp32"),
-                            page_budget=r.get("page_budget"))
+                            page_budget=r.get("page_budget"), first_step=len(r["seqs"]) == 1)
         p = est["peak"] / GiB
         print(f"| {r['row']} | {r['shape']} | {r['seq']} x {r['batch']} | {r['rank']} ({r.get('lora_dtype', 'fp32')}) | "
               f"{r['optim']} | {'yes' if r['offload'] else 'no'} | {r['cap_gib'] or '-'} | {r['status']} | "

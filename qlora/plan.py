@@ -64,19 +64,25 @@ SHAPES: dict[str, dict] = {
 ALIASES = {"embedded": "smollm2-135m", "llama-3-8b": "llama-3.1-8b", "llama-3-70b": "llama-3.1-70b",
            "8b": "llama-3.1-8b", "70b": "llama-3.1-70b", "1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 
-# Activation constants: bytes per token per unit of hidden (h) / intermediate (i) size.
+# Activation constants: bytes per token per unit of hidden (h) / intermediate (i) size, for the HF
+# decoder block with QLoRALinear layers, bf16, SDPA flash attention. Counting the tensors alive
+# gives, per token, ~16.5*H + 8*I saved inside a block (fp32 RMSNorm inputs, normed inputs, RoPE'd
+# q/k, v, attention output; gate, up, silu(gate), their product) plus the backward's transients.
+# The values are fitted to measurements on an H100 (bench/memory.py "calib" rows: one block at
+# 4096 and 16384 tokens, intermediate size 14336 and 4096; see docs/memory.md).
 ACT = {
-    # peak inside the block being recomputed + back-propagated (checkpointing)
-    "block_h": 20.5, "block_i": 14.0,
-    # extra when LoRA dropout > 0 (a dropped copy of each adapted linear's input, and its mask)
-    "dropout_h": 12.0, "dropout_i": 3.0,
+    # peak inside the block being recomputed + back-propagated (checkpointing), incoming gradient included
+    "block_h": 27.7, "block_i": 9.35,
+    # extra when LoRA dropout > 0 (each adapted linear drops its own copy of its input)
+    "dropout_h": 14.4, "dropout_i": 0.6,
     # without checkpointing: saved per block, and the backward transient of one block
-    "saved_h": 30.0, "saved_i": 10.0, "nockpt_block_h": 8.0, "nockpt_block_i": 6.0,
-    # saved outside the blocks: final norm's fp32 input + the loss' hidden states
-    "tail_h": 10.0,
+    "saved_h": 17.2, "saved_i": 8.0, "nockpt_block_h": 8.4, "nockpt_block_i": 1.6,
+    # the loss backward: final norm (fp32) input and its backward, the loss' hidden states and gradient
+    "tail_h": 16.0,
 }
-CE_BYTES_PER_LOGIT = 12        # one chunk of logits: 16-bit + fp32 + fp32 temporary
+CE_BYTES_PER_LOGIT = 32        # one chunk of logits: fwd and bwd temporaries (measured; 16-bit + fp32 copies)
 CE_CHUNK_ELEMENTS = 1 << 24    # as qlora.kernels.loss.CHUNK_ELEMENTS
+DEQUANT_AT_PEAK = 0.4          # share of the largest dequantized weight alive at the block's peak (measured)
 CUDA_WORKSPACE = 64 * MiB      # cuBLAS/cuBLASLt workspaces and allocator rounding
 OPT_WORKSPACE = {32: 48 * MiB, 8: 160 * MiB}  # per-chunk temporaries of the optimizer step
 CONTEXT_BYTES = GiB // 2       # CUDA context + kernels: not in torch's counters
@@ -228,7 +234,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
              quant_type: str | None = "nf4", blocksize: int = 64, double_quant: bool = True,
              target: str = "all-linear", dropout: float = 0.0, grad_checkpointing: bool = True,
              offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
-             page_budget: int | None = None, lora_dtype: str = "fp32", counts: dict | None = None) -> dict:
+             page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
+             counts: dict | None = None) -> dict:
     """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
 
     Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
@@ -239,7 +246,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     explicit ``page_budget`` (the optimizer's ``page_budget_bytes``) caps them instead.
     ``embed_offload``: the input embedding table sits in CPU memory
     (:func:`qlora.offload.offload_embeddings`; ignored for tied embeddings). ``lora_dtype``: see
-    :func:`count_model`. ``counts``: a :func:`count_model` result to reuse.
+    :func:`count_model`. ``first_step``: the first step, whose forward and backward run before
+    any optimizer state exists. ``counts``: a :func:`count_model` result to reuse.
     """
     for name, v in (("seq", seq), ("batch", batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -270,20 +278,21 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     tail = n_tok * h * ACT["tail_h"]
     host_act = 0
     if offload:
-        host_act, saved_all, tail = saved_all + tail, 0, 0
+        # block inputs and the tail's saved tensors wait in host memory; the latter come back
+        # for the loss backward, so its peak does not change
+        host_act, saved_all = saved_all + n_tok * h * 6, 0
     saved_all, tail, block = int(saved_all), int(tail), int(block)
 
     ce_rows = min(n_tok, max(1, CE_CHUNK_ELEMENTS // v))
     ce = ce_rows * v * CE_BYTES_PER_LOGIT
-    dequant = 2 * c["largest_linear"] if quant_type is not None else 0
-    grad_hidden = n_tok * h * 2
+    dequant = int(DEQUANT_AT_PEAK * 2 * c["largest_linear"]) if quant_type is not None else 0
 
     host_emb = c["input_embedding"] if embed_offload and not c["tied"] else 0
 
     def phases(resident_states: int) -> list[tuple[str, dict]]:
         base = dict(weights_4bit=c["weights_4bit"], dq_constants=c["dq_constants"],
                     frozen_16bit=c["frozen_16bit"] - host_emb, lora_params=c["lora_params"],
-                    optimizer_states=resident_states)
+                    optimizer_states=0 if first_step else resident_states)
         # backward through the blocks: inputs are freed and gradients appear block by block;
         # the sum is largest at one end (first block processed, or last)
         first = (saved_all + grads // L, grads // L, saved_all)
@@ -291,11 +300,11 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
         _, g_b, s_b = max(first, last)
         paged_chunk = 2 * 32 * MiB if optim.startswith("paged") and resident_states < states else 0
         return [
-            ("loss backward", dict(base, gradients=0, activations=saved_all + tail + rope + grad_hidden,
+            ("loss backward", dict(base, gradients=0, activations=saved_all + tail + rope,
                                    workspace=CUDA_WORKSPACE + ce)),
             ("block backward", dict(base, gradients=g_b, activations=s_b + rope + block,
                                     workspace=CUDA_WORKSPACE + dequant)),
-            ("optimizer step", dict(base, gradients=grads, activations=0,
+            ("optimizer step", dict(base, optimizer_states=resident_states, gradients=grads, activations=0,
                                     workspace=CUDA_WORKSPACE + OPT_WORKSPACE[eight] + paged_chunk)),
         ]
 
@@ -309,7 +318,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     comps = {k: int(b) for k, b in comps.items()}
     return dict(peak=sum(comps.values()), phase=phase, components=comps,
                 details=dict(tokens=n_tok, saved_block_inputs=saved_all, saved_outside_blocks=tail + rope,
-                             one_block=block, dequantized_weight=dequant, loss_chunk=ce, gradient_of_hidden=grad_hidden,
+                             one_block=block, dequantized_weight=dequant, loss_chunk=ce,
                              lora_parameters=sum(c["lora_numels"]), quantized_parameters=c["quantized_params"],
                              optimizer_states_total=states),
                 host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb),
