@@ -84,7 +84,7 @@ def test_activation_terms_follow_their_formulas():
     assert b["peak"] < a["peak"] - 128256 * H * 2
     # twice the tokens: the token-proportional part doubles
     c = plan.estimate(cfg, 4096, 2, 16, "adamw")
-    assert c["details"]["one_block"] == 2 * a["details"]["one_block"]
+    assert abs(c["details"]["one_block"] - 2 * a["details"]["one_block"]) <= 2
     # 8-bit states are ~4x smaller; a paged budget keeps only that much on the GPU
     d = plan.estimate(cfg, 2048, 2, 16, "adamw8bit")
     assert 3.8 < a["components"]["optimizer_states"] / d["components"]["optimizer_states"] < 4.0
