@@ -484,7 +484,8 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
              f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}, offload {'on' if s['offload'] else 'off'}"
              + (", embeddings on CPU" if s["embed_offload"] else "")]
     notes = {
-        "optimizer_states": f"{_gib(host['optimizer_states'])} paged out to CPU memory" if host["optimizer_states"] else "",
+        "optimizer_states": f"{host['optimizer_states'] / GiB:.2f} GiB paged out to CPU memory"
+        if host["optimizer_states"] else "",
         "activations": (f"block inputs {_gib(d['saved_block_inputs'])}, outside blocks "
                         f"{_gib(d['saved_outside_blocks'])}, one block {_gib(d['one_block'])}"
                         + (f"; {_gib(host['activations'])} offloaded to CPU" if host["activations"] else "")),
@@ -567,8 +568,12 @@ def run(args) -> int:
     mb = max_fit(config, gpu_mem, seq=args.seq, **kw)
     ms = max_fit(config, gpu_mem, batch=args.batch, **kw)
     if ok:
-        print(f"fits in {_gib(gpu_mem)} (headroom {_gib(gpu_mem - required_bytes(est))}); largest batch at seq "
-              f"{args.seq}: {mb}; longest sequence at batch {args.batch}: {ms}")
+        room = f"headroom {_gib(gpu_mem - required_bytes(est))}"
+        if est["host"]["optimizer_states"]:
+            room = (f"{_gib(est['host']['optimizer_states'])} of the optimizer states paged to CPU memory, the rest "
+                    f"fills the room")
+        print(f"fits in {_gib(gpu_mem)} ({room}); largest batch at seq {args.seq}: {mb}; longest sequence at "
+              f"batch {args.batch}: {ms}")
         return 0
     kw.pop("counts")
     print(f"does NOT fit in {_gib(gpu_mem)}: " + check_fits(config, args.seq, args.batch, gpu_mem, **kw))
