@@ -299,14 +299,20 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     for name in ("batch_size", "grad_accum", "max_length"):
         if getattr(cfg, name) < 1:
             raise QLoraError(f"--{name.replace('_', '-')} must be >= 1")
-    out = _prepare_output(cfg)
-    device = _device(cfg.device)
+    from .distributed import Dist
+    dist = Dist.from_env(cfg.device)
+    if not dist.main:
+        log = lambda m: None  # noqa: E731  (rank 0 speaks for all)
+    out = _prepare_output(cfg) if dist.main else Path(cfg.output)
+    dist.barrier()
+    device = _device(dist.device(cfg.device))
     torch.manual_seed(cfg.seed)
     quant = QuantSettings(None if cfg.quant_type == "none" else cfg.quant_type, cfg.blocksize, cfg.double_quant,
                           cfg.compute_dtype)
     lora = LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target, cfg.rslora)
     dtype = "fp32" if cfg.compute_dtype == "fp32" else cfg.compute_dtype
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    if dist.main:
+        (out / "config.yaml").write_text(to_yaml(cfg))
 
     if model is None:
         model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress)
@@ -327,8 +333,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     batches = Batches(examples, cfg.batch_size, pad_id, packing=cfg.packing, max_length=cfg.max_length, seed=cfg.seed)
     val_batches = list(Batches(val, cfg.batch_size, pad_id, max_length=cfg.max_length, shuffle=False).epoch(0)) \
         if val else []
-    per_epoch = max(1, len(batches) // cfg.grad_accum)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batches) / cfg.grad_accum))
+    micro_per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
+    per_epoch = max(1, len(batches) // micro_per_step)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batches) / micro_per_step))
     warmup = math.ceil(cfg.warmup_ratio * total)
 
     if cfg.grad_checkpointing:
@@ -340,7 +347,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     n_trainable = sum(p.numel() for p in params)
     log(f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} on {device}, {quant.quant_type or '16-bit'} base, "
         f"LoRA r={cfg.rank} on {cfg.target}: {n_trainable / 1e6:.2f}M trainable parameters; "
-        f"{total} steps of {cfg.batch_size}x{cfg.grad_accum}")
+        f"{total} steps of {cfg.batch_size}x{cfg.grad_accum}" + (f"x{dist.world} processes" if dist.active else ""))
 
     step, rows = 0, []
     if cfg.resume:
@@ -350,7 +357,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
         st = load_checkpoint(ck, model, optimizer)
         step = st["step"]
         mpath = out / "metrics.jsonl"
-        if mpath.exists():  # keep the metrics up to the checkpoint
+        if mpath.exists() and dist.main:  # keep the metrics up to the checkpoint
             rows = [r for r in map(json.loads, mpath.read_text().splitlines()) if r.get("step", 0) <= step]
             mpath.write_text("".join(json.dumps(r) + "\n" for r in rows))
         log(f"resumed from {ck.name} (step {step})")
@@ -361,16 +368,21 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
         stop["signal"] = signal.Signals(signum).name
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    metrics = open(out / "metrics.jsonl", "a")
+    metrics = open(out / "metrics.jsonl" if dist.main else os.devnull, "a")
     cache_on = cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu")
     cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
+               dynamic_ncols=True)
     tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
     epochs: dict = {}
 
     def checkpoint():
-        return save_checkpoint(out, step, model, optimizer,
-                               {"step": step, "total": total, "epoch_size": len(batches)}, quant, cfg.keep_last)
+        path = None
+        if dist.main:
+            path = save_checkpoint(out, step, model, optimizer, {"step": step, "total": total, "epoch_size":
+                                   len(batches), "world": dist.world}, quant, cfg.keep_last)
+        dist.barrier()
+        return path
 
     try:
         while step < total:
@@ -378,12 +390,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 g["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
             micro = []
             for i in range(cfg.grad_accum):  # the data position follows from the step: exact resume
-                gi = step * cfg.grad_accum + i
+                gi = (step * cfg.grad_accum + i) * dist.world + dist.rank  # round-robin over ranks
                 ep = gi // len(batches)
                 if epochs.get("k") != ep:
                     epochs.update(k=ep, batches=batches.epoch(ep))
                 micro.append(epochs["batches"][gi % len(batches)])
-            n_tok = sum(int(b["num_tokens"]) for b in micro)
+            n_tok = dist.sum(sum(int(b["num_tokens"]) for b in micro))
             step_loss = 0.0
             for b in micro:
                 loss = loss_sum(model, b, device) / n_tok
@@ -391,6 +403,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 step_loss += loss.item()
                 tokens_seen += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
                     else int(b["attention_mask"].sum())
+            dist.all_reduce_grads(params)
+            step_loss = dist.sum(step_loss)
             if not math.isfinite(step_loss):
                 good = latest_checkpoint(out)
                 raise QLoraError(f"the loss became {step_loss} at step {step + 1}; stopped. Last good checkpoint: "
@@ -407,9 +421,10 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             step += 1
             last_loss = step_loss
             elapsed = time.time() - t_loop
+            tokens_all = dist.sum(tokens_seen)
             row = {"step": step, "epoch": round(step / per_epoch, 3), "loss": round(step_loss, 5),
                    "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(gnorm), 4),
-                   "tokens": tokens_seen, "tok_s": round(tokens_seen / max(elapsed, 1e-9), 1)}
+                   "tokens": int(tokens_all), "tok_s": round(tokens_all / max(elapsed, 1e-9), 1)}
             if device.type == "cuda":
                 row["mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if cfg.eval_every and val_batches and step % cfg.eval_every == 0:
@@ -422,14 +437,16 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
                             **({"mem": f"{row['mem_gib']}G"} if "mem_gib" in row else {}))
             bar.update(1)
-            if "eval_loss" in row or step % max(10, total // 50) == 0:
+            if dist.main and ("eval_loss" in row or step % max(10, total // 50) == 0):
                 _plot(out / "loss.png", rows)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 ck_path = checkpoint()
-            if stop["signal"]:
+            if dist.sum(1.0 if stop["signal"] else 0.0) > 0:
+                stop["signal"] = stop["signal"] or "SIGTERM"
                 ck_path = checkpoint()
                 bar.close()
                 log(f"{stop['signal']}: saved {ck_path} at step {step}; continue with --resume")
+                dist.close()
                 return {"interrupted": True, "step": step, "checkpoint": str(ck_path)}
     finally:
         cache.__exit__(None, None, None)
@@ -441,13 +458,18 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     if val_batches and (not cfg.eval_every or step % cfg.eval_every):
         last_eval = evaluate_loss(model, val_batches, device)
         rows.append({"step": step, "eval_loss": round(last_eval, 5)})
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rows[-1]) + "\n")
+        if dist.main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
     ck_path = checkpoint()
-    adapter = save_adapter(model, out / "adapter", base_model=cfg.model or "embedded:SmolLM2-135M-Instruct",
-                           quant=quant, extra={"train": dataclasses.asdict(cfg)})
-    tok.save_pretrained(out / "adapter")
-    _plot(out / "loss.png", rows)
+    adapter = out / "adapter"
+    if dist.main:
+        save_adapter(model, adapter, base_model=cfg.model or "embedded:SmolLM2-135M-Instruct",
+                     quant=quant, extra={"train": dataclasses.asdict(cfg)})
+        tok.save_pretrained(adapter)
+        _plot(out / "loss.png", rows)
+    dist.barrier()
+    tokens_seen = int(dist.sum(tokens_seen))
     took = time.time() - t_start
     summary = {"steps": step, "time_s": round(took, 1), "train_time_s": round(time.time() - t_loop, 1),
                "tokens": tokens_seen, "tok_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
@@ -456,6 +478,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                "tokenizer": tok}
     if device.type == "cuda":
         summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    dist.close()
     return summary
 
 
@@ -469,15 +492,38 @@ def add_cli(sub) -> None:
                                    "LoRA adapters on every linear layer, paged AdamW. Defaults are the QLoRA paper's "
                                    "recipe. Every option is also a key of the YAML file given with --config.")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (keys as below, with underscores)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="data-parallel over N processes (launches torchrun; one per GPU, or gloo on CPUs). "
+                        "N processes with --grad-accum G equal one process with --grad-accum N*G")
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_run)
 
 
+def _launch(n: int) -> int:
+    import subprocess
+    argv = sys.argv[1:]
+    i = argv.index("--gpus") if "--gpus" in argv else None
+    rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--gpus=")]
+    env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "qlora.cli",
+           *rest]
+    return subprocess.call(cmd, env=env)
+
+
 def _run(args) -> int:
+    if args.gpus is not None:
+        if args.gpus < 1:
+            raise QLoraError("--gpus must be >= 1")
+        if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
+            if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
+                raise QLoraError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+            return _launch(args.gpus)
     cfg = build_config(TrainConfig, args.config, args)
     s = train(cfg, log=lambda m: print(m, file=sys.stderr))
     if s.get("interrupted"):
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"done: {s['steps']} steps in {s['time_s']}s ({s['tok_s']:.0f} tokens/s), final loss {s['final_loss']}"
           + (f", eval loss {s['eval_loss']}" if s["eval_loss"] is not None else "")
           + (f", peak GPU memory {s['peak_mem_gib']} GiB" if "peak_mem_gib" in s else ""))
