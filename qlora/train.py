@@ -49,7 +49,10 @@ class TrainConfig:
     template: str = opt("auto", "prompt rendering: tokenizer chat template, or a plain template", ["auto", "chat", "plain"], group="data")
     packing: bool = opt(False, "pack several examples per row (attention stays inside each example)", group="data")
     # model
-    model: str | None = opt(None, "base model: HF dir, GGUF file or 4-bit checkpoint (default: embedded SmolLM2-135M-Instruct)", group="model", metavar="SRC")
+    model: str | None = opt(None, "base model: HF dir, GGUF file or 4-bit checkpoint (default: embedded SmolLM2-135M-Instruct); "
+                                  "shape:NAME builds random weights of a `qlora plan` shape (benchmarks; needs --tokenizer-from)",
+                            group="model", metavar="SRC")
+    tokenizer_from: str | None = opt(None, "take the tokenizer from this model source (for shape:NAME models)", group="model", metavar="SRC")
     quant_type: str = opt("nf4", "4-bit code of the frozen base; none = 16-bit LoRA", ["nf4", "fp4", "int4", "none"], group="model")
     blocksize: int = opt(64, "quantization block size", group="model")
     double_quant: bool = opt(True, "double-quantize the block scales", group="model")
@@ -71,6 +74,10 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the data (ignored if --max-steps is set)", group="optimization")
     max_steps: int | None = opt(None, "optimizer steps to run", group="optimization")
     grad_checkpointing: bool = opt(True, "recompute activations in backward to save memory", group="optimization")
+    offload_activations: bool = opt(False, "keep checkpointed block inputs in pinned CPU memory (long sequences)",
+                                     group="optimization")
+    offload_embeddings: bool = opt(False, "keep the input embedding table in CPU memory (untied models)",
+                                   group="optimization")
     cache_dequant: str = opt("auto", "keep dequantized base weights in memory during training (same math, "
                              "+2 bytes/param; auto: on for CPU, off for GPU)", ["auto", "on", "off"], group="optimization")
     seed: int = opt(42, "random seed (LoRA init, dropout, data order)", group="optimization")
@@ -233,6 +240,25 @@ def evaluate_loss(model, batches, device) -> float:
 # the run
 
 
+def _step_with_retry(run_step, optimizer, device, log):
+    """Run a step's forward/backward passes. On a CUDA out-of-memory (a long batch, a spike): drop the
+    partial gradients, move every optimizer page to CPU memory, free the cache and run the step
+    once more; a second failure explains what to change."""
+    for attempt in (0, 1):
+        try:
+            return run_step()
+        except torch.cuda.OutOfMemoryError:
+            if attempt or device.type != "cuda":
+                raise QLoraError("out of GPU memory: use a smaller --batch-size (with more --grad-accum), a shorter "
+                                 "--max-length, --offload-activations, or --optim paged_adamw8bit; `qlora plan` "
+                                 "predicts the peak") from None
+            optimizer.zero_grad(set_to_none=True)
+            if hasattr(optimizer, "evict_all"):
+                optimizer.evict_all()
+            torch.cuda.empty_cache()
+            log("out of GPU memory in this step: moved the optimizer state to CPU memory, running the step again")
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -260,7 +286,10 @@ def _prepare_output(cfg: TrainConfig) -> Path:
 
 
 def _plot(path: Path, rows: list[dict]) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a declared dependency; a bare environment still trains, without the plot
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -314,10 +343,32 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     if dist.main:
         (out / "config.yaml").write_text(to_yaml(cfg))
 
-    if model is None:
+    if model is None and device.type == "cuda" and not (cfg.model or "").startswith("shape:"):
+        from .plan import check_train_config
+        try:
+            warning = check_train_config(cfg)
+        except QLoraError:
+            warning = None
+        if warning:
+            log(f"warning: {warning}")
+    if model is None and (cfg.model or "").startswith("shape:"):
+        from .model import build_random
+        from .plan import shape_config
+        from .sources import open_source
+        model = build_random(shape_config(cfg.model[6:]), quant, lora, device, dtype, cfg.seed, progress=cfg.progress)
+        tok = None
+        if cfg.tokenizer_from:
+            from transformers import AutoTokenizer
+            p = Path(cfg.tokenizer_from)
+            tok = (open_source(p).load_tokenizer() if p.suffix == ".gguf" or (p / "config.json").is_file()
+                   else AutoTokenizer.from_pretrained(str(p)))
+    elif model is None:
         model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress)
     else:
         tok = tokenizer
+    if cfg.offload_embeddings:
+        from .offload import offload_embeddings
+        offload_embeddings(model)
     if tok is None:
         raise QLoraError("the model has no tokenizer")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -338,8 +389,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batches) / micro_per_step))
     warmup = math.ceil(cfg.warmup_ratio * total)
 
+    off = None
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .offload import enable_checkpointing
+        off = enable_checkpointing(model, offload=cfg.offload_activations)
+    elif cfg.offload_activations:
+        raise QLoraError("--offload-activations needs gradient checkpointing")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay)
@@ -396,13 +451,20 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                     epochs.update(k=ep, batches=batches.epoch(ep))
                 micro.append(epochs["batches"][gi % len(batches)])
             n_tok = dist.sum(sum(int(b["num_tokens"]) for b in micro))
-            step_loss = 0.0
-            for b in micro:
-                loss = loss_sum(model, b, device) / n_tok
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.item()
-                tokens_seen += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
-                    else int(b["attention_mask"].sum())
+            def run_step():
+                import contextlib
+                total_loss, n_in = 0.0, 0
+                for b in micro:
+                    with off.hooks() if off is not None else contextlib.nullcontext():
+                        loss = loss_sum(model, b, device) / n_tok
+                        (scaler.scale(loss) if scaler else loss).backward()
+                    total_loss += loss.item()
+                    n_in += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
+                        else int(b["attention_mask"].sum())
+                return total_loss, n_in
+
+            step_loss, n_in = _step_with_retry(run_step, optimizer, device, log)
+            tokens_seen += n_in
             dist.all_reduce_grads(params)
             step_loss = dist.sum(step_loss)
             if not math.isfinite(step_loss):
