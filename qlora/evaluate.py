@@ -207,7 +207,8 @@ def _finite(x):
 
 def _run(args) -> int:
     from .data import read_records
-    from .generate import load_for_inference
+    from .generate import load_for_inference, set_threads
+    set_threads(args.threads)
     if args.limit is not None and args.limit < 1:
         raise QLoraError(f"--limit must be a positive integer, got {args.limit}")
     records, fmt = read_records(args.data, args.format)  # before the model load: fail fast

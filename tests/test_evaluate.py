@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from qlora.cli import main
 from qlora.errors import QLoraError
 from qlora.evaluate import contains, evaluate, exact, greedy_answers, normalize
-from qlora.generate import encode_messages, generate
+from qlora.generate import encode_messages, generate, load_for_inference
 
 from test_generate import EOS, load, make_model_dir, reference_model  # noqa: E402 (tests/ is on sys.path)
 
@@ -191,3 +191,13 @@ def test_eval_cli_errors(tiny, tmp_path, capsys):
         assert needle in err.strip().splitlines()[-1] and "Traceback" not in err, (extra, err)
     with pytest.raises(QLoraError, match="no records"):
         evaluate(tiny["chat"][1], tiny["chat"][2], [], "chat")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(tiny):
+    path, cpu_model, tok, _ = tiny["chat"]
+    model, _ = load_for_inference(str(path), None, device="cuda", dtype="fp32", progress=False)
+    want = evaluate(cpu_model, tok, CHAT, "chat", max_new_tokens=6, batch_size=2)
+    got = evaluate(model, tok, CHAT, "chat", max_new_tokens=6, batch_size=2)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4) and got["tokens"] == want["tokens"]
+    assert got["samples"] == want["samples"] and got["exact_match"] == want["exact_match"]
