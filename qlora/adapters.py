@@ -30,8 +30,10 @@ QCONFIG = "qlora_config.json"
 
 
 def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = None,
-                 quant: QuantSettings | None = None, extra: dict | None = None) -> Path:
-    """Write the model's LoRA factors as a PEFT adapter directory, atomically (temp dir, rename)."""
+                 quant: QuantSettings | None = None, extra: dict | None = None,
+                 tensors: dict | None = None) -> Path:
+    """Write the model's LoRA factors as a PEFT adapter directory, atomically (temp dir, rename).
+    ``tensors``: {layer name: (A, B)} to write instead of the model's own (gathered from shards)."""
     mods = lora_modules(model)
     if not mods:
         raise QLoraError("the model has no LoRA layers to save")
@@ -41,10 +43,12 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
     if len(ranks) != 1 or len(alphas) != 1 or len(rs) != 1:
         raise QLoraError("saving adapters with per-layer ranks/alphas is not supported")
     dropout = next(iter(mods.values())).lora_dropout
+    pairs = tensors if tensors is not None else {n: (m.lora_A, m.lora_B) for n, m in mods.items()}
     tensors = {}
-    for name, m in mods.items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
+    for name in mods:
+        a, b = pairs[name]
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

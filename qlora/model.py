@@ -52,6 +52,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 # choosing and swapping layers
 
 _BLOCK = re.compile(r"(^|\.)\d+(\.|$)")  # a module under a numbered block (layers.N.)
+_BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj.weight" -> "model.layers.3"
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
@@ -196,9 +197,13 @@ def _finish(model: nn.Module, config, device, dtype) -> None:
 
 def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
                       device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16",
-                      seed: int = 0, progress: bool = True) -> nn.Module:
+                      seed: int = 0, progress: bool = True, on_block=None) -> nn.Module:
     """Fill a meta skeleton from ``source`` (HF dir, GGUF or 4-bit checkpoint), quantizing block
-    linears on ``device`` one at a time. LoRA init uses ``seed``."""
+    linears on ``device`` one at a time. LoRA init uses ``seed``.
+
+    ``on_block(module)`` is called for each transformer block (``model.layers.N``) as soon as all
+    of its tensors are in place, e.g. to shard it across processes (FSDP2) before the next block
+    is read, so no process ever holds the whole model."""
     from tqdm.auto import tqdm
     dtype = parse_dtype(dtype)
     device = torch.device(device)
@@ -210,6 +215,26 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     biases = {}
     gen = torch.Generator().manual_seed(seed)
     unused = []
+    pending: dict[str, set] = {}  # block prefix -> names still to read
+    if on_block is not None:
+        for n in model.state_dict():
+            m = _BLOCK_PREFIX.match(n)
+            if m:
+                pending.setdefault(m.group(1), set()).add(n)
+
+    def done(name):
+        m = _BLOCK_PREFIX.match(name) if pending else None
+        if m is None or m.group(1) not in pending:
+            return
+        left = pending[m.group(1)]
+        left.discard(name)
+        if not left:
+            prefix = m.group(1)
+            del pending[prefix]
+            for mod_name in [k for k in biases if k.startswith(prefix + ".")]:
+                model.get_submodule(mod_name).bias = biases.pop(mod_name).to(device, parse_dtype(quant.compute_dtype))
+            on_block(model.get_submodule(prefix))
+
     for name in tqdm(source.names(), desc="loading", unit="tensor", disable=not progress, leave=False):
         mod_name = by_weight.get(name)
         if mod_name is not None:
@@ -237,6 +262,7 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
                 t = t.to(dtype)
             if not _set_tensor(model, name, t.to(device)):
                 unused.append(name)
+        done(name)
     for mod_name, b in biases.items():
         model.get_submodule(mod_name).bias = b.to(device, parse_dtype(quant.compute_dtype))
     _finish(model, config, device, dtype)
@@ -250,7 +276,7 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
 
 def build_random(config, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16", seed: int = 0,
-                 std: float = 0.02, progress: bool = True) -> nn.Module:
+                 std: float = 0.02, progress: bool = True, on_block=None) -> nn.Module:
     """A model with random weights built directly in 4-bit, one layer at a time (for benchmarks of
     8B–70B shapes): each linear's random 16-bit weight exists only until it is quantized."""
     dtype, device = parse_dtype(dtype), torch.device(device)
@@ -272,12 +298,12 @@ def build_random(config, quant: QuantSettings = QuantSettings(), lora: LoraSetti
             return torch.randn(shape, generator=self.g, dtype=dtype, device=device) * std
 
     src = _Random(skeleton(config, dtype))
-    return build_from_source(src, quant, lora, device, dtype, seed, progress)
+    return build_from_source(src, quant, lora, device, dtype, seed, progress, on_block)
 
 
 def load_model(src=None, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
                device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16", seed: int = 0,
-               progress: bool = True):
+               progress: bool = True, on_block=None):
     """Load ``src`` (HF dir, GGUF file, 4-bit checkpoint; None = the embedded SmolLM2-135M) as a
     QLoRA model. Returns ``(model, tokenizer)``."""
     from .sources import open_source
@@ -285,7 +311,7 @@ def load_model(src=None, quant: QuantSettings = QuantSettings(), lora: LoraSetti
         from .embedded import embedded_model_path
         src = embedded_model_path()
     source = open_source(src)
-    model = build_from_source(source, quant, lora, device, dtype, seed, progress)
+    model = build_from_source(source, quant, lora, device, dtype, seed, progress, on_block)
     tokenizer = source.load_tokenizer()
     model.qlora_source = str(src)
     return model, tokenizer

@@ -88,6 +88,10 @@ class TrainConfig:
     keep_last: int = opt(3, "checkpoints to keep", group="run")
     log_every: int = opt(1, "write metrics every N steps", group="run")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto", group="run")
+    parallel: str = opt("auto", "with several processes (--gpus N / torchrun): ddp = every GPU holds the 4-bit model, "
+                        "LoRA gradients all-reduced during backward; fsdp = FSDP2 shards the 4-bit base, LoRA and "
+                        "optimizer state across GPUs (models too big for one); auto = ddp",
+                        ["auto", "ddp", "fsdp"], group="run")
     resume: bool = opt(False, "continue from the newest good checkpoint in --output", group="run")
     overwrite: bool = opt(False, "replace a previous run in --output", group="run")
     progress: bool = opt(True, "show a progress bar", group="run")
@@ -116,8 +120,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(run_dir: Path, step: int, model, opt_, state: dict, quant, keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically; files are checksummed (checksums.json written last)."""
+def save_checkpoint(run_dir: Path, step: int, model, opt_, state: dict, quant, keep_last: int,
+                    lora: dict | None = None, opt_state: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically; files are checksummed (checksums.json written last).
+    ``lora`` / ``opt_state``: full tensors gathered from sharded training (else read from model / opt_)."""
     from safetensors.torch import save_file
 
     from .adapters import save_adapter
@@ -128,8 +134,8 @@ def save_checkpoint(run_dir: Path, step: int, model, opt_, state: dict, quant, k
     tmp = ck_root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_adapter(model, tmp / "adapter", quant=quant)
-        tensors, meta = state_dict_to_tensors(opt_.state_dict())
+        save_adapter(model, tmp / "adapter", quant=quant, tensors=lora)
+        tensors, meta = state_dict_to_tensors(opt_state if opt_state is not None else opt_.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -173,20 +179,24 @@ def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
     return None
 
 
-def load_checkpoint(ck: Path, model, opt_) -> dict:
+def load_checkpoint(ck: Path, model, opt_, par=None) -> dict:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .adapters import read_adapter
     from .optim import state_dict_from_tensors
     _, pairs = read_adapter(ck / "adapter")
-    for name, (a, b) in pairs.items():
-        m = model.get_submodule(name)
-        m.lora_A.data.copy_(a)
-        m.lora_B.data.copy_(b)
+    if par is not None:
+        par.load_lora(model, pairs)
+    else:
+        for name, (a, b) in pairs.items():
+            m = model.get_submodule(name)
+            m.lora_A.data.copy_(a)
+            m.lora_B.data.copy_(b)
     with safe_open(str(ck / "optimizer.safetensors"), "pt") as f:
         meta = f.metadata()
-    opt_.load_state_dict(state_dict_from_tensors(load_file(str(ck / "optimizer.safetensors")), meta))
+    sd = state_dict_from_tensors(load_file(str(ck / "optimizer.safetensors")), meta)
+    opt_.load_state_dict(par.local_optimizer_state(sd) if par is not None else sd)
     rng = load_file(str(ck / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
@@ -207,9 +217,10 @@ def _chunked_loss_ok(model) -> bool:
             and cfg.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"))
 
 
-def loss_sum(model, batch: dict, device) -> torch.Tensor:
+def loss_sum(model, batch: dict, device, grad_in_forward: bool = False) -> torch.Tensor:
     """Sum of token cross-entropies over the batch's trained tokens (labels != -100), computed
-    without a full fp32 logits tensor where the architecture allows."""
+    without a full fp32 logits tensor where the architecture allows (``grad_in_forward``: the LM
+    head's share of the backward pass is done during forward, see kernels.loss)."""
     from .kernels.loss import chunked_linear_cross_entropy
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     labels = batch["labels"].to(device)
@@ -218,19 +229,20 @@ def loss_sum(model, batch: dict, device) -> torch.Tensor:
         tgt = labels[:, 1:]
         keep = tgt != -100  # the LM head runs only where a token is scored (prompts are most tokens)
         return chunked_linear_cross_entropy(h[:, :-1][keep], model.get_output_embeddings().weight, tgt[keep],
-                                            reduction="sum")
+                                            reduction="sum", grad_in_forward=grad_in_forward)
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches, device) -> float:
+def evaluate_loss(model, batches, device, loss_fn=None) -> float:
+    """Mean token loss over ``batches`` (``loss_fn(batch)`` gives a batch's loss sum; default loss_sum)."""
     was = model.training
     model.eval()
     total, n = 0.0, 0
     for b in batches:
-        total += loss_sum(model, b, device).item()
+        total += (loss_fn(b) if loss_fn is not None else loss_sum(model, b, device)).item()
         n += int(b["num_tokens"])
     model.train(was)
     return total / max(1, n)
@@ -238,6 +250,22 @@ def evaluate_loss(model, batches, device) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # the run
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _check_fsdp(cfg: TrainConfig) -> None:
+    bad = [(cfg.offload_embeddings, "--offload-embeddings"), ("8bit" in cfg.optim, f"--optim {cfg.optim}"),
+           (cfg.cache_dequant == "on", "--cache-dequant on")]
+    for cond, what in bad:
+        if cond:
+            raise QLoraError(f"--parallel fsdp does not support {what} (use --optim adamw or paged_adamw, "
+                             "no embedding offload, --cache-dequant off)")
 
 
 def _step_with_retry(run_step, optimizer, device, log):
@@ -329,12 +357,18 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
         if getattr(cfg, name) < 1:
             raise QLoraError(f"--{name.replace('_', '-')} must be >= 1")
     from .distributed import Dist
+    from .parallel import Parallel
     dist = Dist.from_env(cfg.device)
     if not dist.main:
         log = lambda m: None  # noqa: E731  (rank 0 speaks for all)
     out = _prepare_output(cfg) if dist.main else Path(cfg.output)
     dist.barrier()
     device = _device(dist.device(cfg.device))
+    par = Parallel(dist, cfg.parallel, device)
+    if par.sharded:
+        _check_fsdp(cfg)
+        if model is not None:
+            raise QLoraError("--parallel fsdp loads the model itself (shards it as it loads): pass no model object")
     torch.manual_seed(cfg.seed)
     quant = QuantSettings(None if cfg.quant_type == "none" else cfg.quant_type, cfg.blocksize, cfg.double_quant,
                           cfg.compute_dtype)
@@ -355,7 +389,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
         from .model import build_random
         from .plan import shape_config
         from .sources import open_source
-        model = build_random(shape_config(cfg.model[6:]), quant, lora, device, dtype, cfg.seed, progress=cfg.progress)
+        model = build_random(shape_config(cfg.model[6:]), quant, lora, device, dtype, cfg.seed, progress=cfg.progress,
+                             on_block=par.block_hook())
         tok = None
         if cfg.tokenizer_from:
             from transformers import AutoTokenizer
@@ -363,7 +398,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             tok = (open_source(p).load_tokenizer() if p.suffix == ".gguf" or (p / "config.json").is_file()
                    else AutoTokenizer.from_pretrained(str(p)))
     elif model is None:
-        model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress)
+        model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress,
+                                on_block=par.block_hook())
     else:
         tok = tokenizer
     if cfg.offload_embeddings:
@@ -396,20 +432,24 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     elif cfg.offload_activations:
         raise QLoraError("--offload-activations needs gradient checkpointing")
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    par.wrap(model)
+    params = par.optimizer_params()
     optimizer = make_optimizer(params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if cfg.compute_dtype == "fp16" else None
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = sum(p.numel() for p in par.params)
+    if par.sharded:
+        here, whole = par.local_bytes()
+        log(f"fsdp: this process holds {_human(here)} of the model's {_human(whole)}")
     log(f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} on {device}, {quant.quant_type or '16-bit'} base, "
         f"LoRA r={cfg.rank} on {cfg.target}: {n_trainable / 1e6:.2f}M trainable parameters; "
-        f"{total} steps of {cfg.batch_size}x{cfg.grad_accum}" + (f"x{dist.world} processes" if dist.active else ""))
+        f"{total} steps of {cfg.batch_size}x{cfg.grad_accum}" + (f"x{dist.world} processes ({par.mode})" if dist.active else ""))
 
     step, rows = 0, []
     if cfg.resume:
         ck = latest_checkpoint(out, warn=log)
         if ck is None:
             raise QLoraError(f"--resume: no intact checkpoint in {out / 'checkpoints'}")
-        st = load_checkpoint(ck, model, optimizer)
+        st = load_checkpoint(ck, model, optimizer, par)
         step = st["step"]
         mpath = out / "metrics.jsonl"
         if mpath.exists() and dist.main:  # keep the metrics up to the checkpoint
@@ -424,7 +464,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     metrics = open(out / "metrics.jsonl" if dist.main else os.devnull, "a")
-    cache_on = cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu")
+    cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu"))
     cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True)
@@ -433,9 +473,11 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
 
     def checkpoint():
         path = None
+        lora_full, opt_full = par.lora_tensors(model), par.optimizer_state(optimizer.state_dict())  # collective
         if dist.main:
             path = save_checkpoint(out, step, model, optimizer, {"step": step, "total": total, "epoch_size":
-                                   len(batches), "world": dist.world}, quant, cfg.keep_last)
+                                   len(batches), "world": dist.world}, quant, cfg.keep_last,
+                                   lora=lora_full, opt_state=opt_full)
         dist.barrier()
         return path
 
@@ -454,10 +496,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             def run_step():
                 import contextlib
                 total_loss, n_in = 0.0, 0
-                for b in micro:
-                    with off.hooks() if off is not None else contextlib.nullcontext():
-                        loss = loss_sum(model, b, device) / n_tok
-                        (scaler.scale(loss) if scaler else loss).backward()
+                for i, b in enumerate(micro):
+                    with (off.hooks() if off is not None else contextlib.nullcontext()), \
+                            par.sync_context(i == len(micro) - 1):
+                        loss = par.loss(b) / n_tok
+                        scaled = loss * par.grad_scale if par.grad_scale != 1.0 else loss
+                        (scaler.scale(scaled) if scaler else scaled).backward()
                     total_loss += loss.item()
                     n_in += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
                         else int(b["attention_mask"].sum())
@@ -465,21 +509,22 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
 
             step_loss, n_in = _step_with_retry(run_step, optimizer, device, log)
             tokens_seen += n_in
-            dist.all_reduce_grads(params)
             step_loss = dist.sum(step_loss)
             if not math.isfinite(step_loss):
                 good = latest_checkpoint(out)
                 raise QLoraError(f"the loss became {step_loss} at step {step + 1}; stopped. Last good checkpoint: "
                                  f"{good if good else 'none'}. Try a lower --lr or --compute-dtype bf16")
+            par.before_optimizer()
             if scaler:
                 scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            gnorm = par.clip_grad_norm(cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            par.zero_grad()
             step += 1
             last_loss = step_loss
             elapsed = time.time() - t_loop
@@ -490,7 +535,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             if device.type == "cuda":
                 row["mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if cfg.eval_every and val_batches and step % cfg.eval_every == 0:
-                last_eval = evaluate_loss(model, val_batches, device)
+                last_eval = evaluate_loss(model, val_batches, device, par.loss)
                 row["eval_loss"] = round(last_eval, 5)
             rows.append(row)
             if step % cfg.log_every == 0 or "eval_loss" in row:
@@ -518,16 +563,17 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             signal.signal(s, h)
 
     if val_batches and (not cfg.eval_every or step % cfg.eval_every):
-        last_eval = evaluate_loss(model, val_batches, device)
+        last_eval = evaluate_loss(model, val_batches, device, par.loss)
         rows.append({"step": step, "eval_loss": round(last_eval, 5)})
         if dist.main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rows[-1]) + "\n")
     ck_path = checkpoint()
     adapter = out / "adapter"
+    lora_full = par.lora_tensors(model)  # collective under FSDP
     if dist.main:
         save_adapter(model, adapter, base_model=cfg.model or "embedded:SmolLM2-135M-Instruct",
-                     quant=quant, extra={"train": dataclasses.asdict(cfg)})
+                     quant=quant, extra={"train": dataclasses.asdict(cfg)}, tensors=lora_full)
         tok.save_pretrained(adapter)
         _plot(out / "loss.png", rows)
     dist.barrier()
@@ -579,6 +625,9 @@ def _run(args) -> int:
         if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
             if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
                 raise QLoraError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+            cfg = build_config(TrainConfig, args.config, args)  # bad options fail here, not in N processes
+            if cfg.parallel == "fsdp":
+                _check_fsdp(cfg)
             return _launch(args.gpus)
     cfg = build_config(TrainConfig, args.config, args)
     s = train(cfg, log=lambda m: print(m, file=sys.stderr))

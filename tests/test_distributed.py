@@ -43,3 +43,81 @@ def test_two_processes_equal_one_with_same_global_batch(setup, tmp_path):  # noq
     train(cfg(setup, two, grad_accum=2, dropout=0.0, save_every=3, resume=True), log=lambda m: None)
     c = losses(two)
     assert all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, c)), (a, c)
+
+
+TINY_ARGS = ["--rank", "4", "--alpha", "8", "--lr", "3e-3", "--batch-size", "4", "--max-steps", "6",
+             "--save-every", "3", "--progress", "false", "--warmup-ratio", "0", "--dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """A 3-block model with its own LM head (untied), so FSDP shards embedding and head apart."""
+    from tiny import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("untied") / "model", tied=False, layers=3)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_fsdp_two_processes_equal_one_and_resume_across_modes(setup, untied, tmp_path, tied):  # noqa: F811
+    """FSDP2 over 2 gloo processes (4-bit base, LoRA and AdamW state sharded) computes the same losses
+    and evaluation as 1 process with the same global batch; its checkpoint resumes in 1 process,
+    and a 1-process checkpoint resumes under FSDP with 2."""
+    model = str(setup / "model") if tied else str(untied)
+    common = ["--data", str(setup / "data.jsonl"), "--model", model, *TINY_ARGS, "--compute-dtype", "fp32",
+              "--optim", "paged_adamw", "--val-split", "0.2", "--eval-every", "3", "--device", "cpu"]
+    one = tmp_path / "one"
+    train(cfg(setup, one, model=model, grad_accum=2, dropout=0.0, optim="paged_adamw", val_split=0.2,
+              eval_every=3), log=lambda m: None)
+    two = tmp_path / "two"
+    r = torchrun([*common, "--grad-accum", "1", "--output", str(two), "--parallel", "fsdp"], tmp_path)
+    # the model really is sharded: each process holds about half of it
+    line = next(x for x in r.stderr.splitlines() if x.startswith("fsdp: this process holds"))
+    units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    w = line.split()
+    here, whole = (float(w[i]) * units[w[i + 1]] for i in (4, 9))
+    assert 0.4 * whole < here < 0.6 * whole, line
+    rows = lambda out: [(r.get("loss"), r.get("eval_loss")) for r in  # noqa: E731
+                        map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    a, b = rows(one), rows(two)
+    assert len(a) == len(b) and sum(x[1] is not None for x in a) == 2
+    close = lambda x, y: x is None and y is None or abs(x - y) <= 1e-4 * max(1.0, abs(x))  # noqa: E731
+    assert all(close(x[0], y[0]) and close(x[1], y[1]) for x, y in zip(a, b)), (a, b)
+    # the final adapters (gathered from the shards) match
+    from safetensors.torch import load_file
+    fa, fb = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (one, two))
+    assert fa.keys() == fb.keys() and all((fa[k] - fb[k]).abs().max() < 1e-4 for k in fa)
+    # FSDP x2 -> 1 process
+    shutil.rmtree(two / "checkpoints" / "step-0000006")
+    train(cfg(setup, two, model=model, grad_accum=2, dropout=0.0, optim="paged_adamw", val_split=0.2,
+              eval_every=3, resume=True), log=lambda m: None)
+    assert all(close(x[0], y[0]) for x, y in zip(a, rows(two))), (a, rows(two))
+    # 1 process -> FSDP x2
+    shutil.rmtree(one / "checkpoints" / "step-0000006")
+    torchrun([*common, "--grad-accum", "1", "--output", str(one), "--parallel", "fsdp", "--resume"], tmp_path)
+    assert all(close(x[0], y[0]) for x, y in zip(a, rows(one))), (a, rows(one))
+
+
+def test_fsdp_refuses_what_it_cannot_shard(setup, tmp_path):  # noqa: F811
+    r = subprocess.run([sys.executable, "-m", "qlora.cli", "train", "--gpus", "2", "--data", str(setup / "data.jsonl"),
+                        "--model", str(setup / "model"), "--output", str(tmp_path / "x"), "--device", "cpu",
+                        "--parallel", "fsdp", "--optim", "paged_adamw8bit", "--progress", "false"],
+                       env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MASTER_PORT="29518"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--parallel fsdp does not support --optim paged_adamw8bit" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not (__import__("torch").cuda.is_available() and __import__("torch").cuda.device_count() >= 2),
+                    reason="needs 2 GPUs")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gpus_equal_one(setup, tmp_path, mode):  # noqa: F811
+    """NCCL on 2 GPUs, bf16 compute and the Triton kernels: same losses as 1 GPU at the same global batch."""
+    common = ["--data", str(setup / "data.jsonl"), "--model", str(setup / "model"), *TINY_ARGS,
+              "--optim", "paged_adamw", "--device", "cuda"]
+    one = tmp_path / "one"
+    train(cfg(setup, one, grad_accum=2, dropout=0.0, optim="paged_adamw", compute_dtype="bf16", device="cuda"),
+          log=lambda m: None)
+    two = tmp_path / "two"
+    torchrun([*common, "--grad-accum", "1", "--output", str(two), "--parallel", mode], tmp_path)
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) <= 2e-3 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)

@@ -25,12 +25,12 @@ def tiny_tokenizer():
     return tok
 
 
-def make_tiny_model(path, seed=0, layers=2, hidden=64):
+def make_tiny_model(path, seed=0, layers=2, hidden=64, tied=True):
     tok = tiny_tokenizer()
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
                                    max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                                   eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+                                   eos_token_id=tok.eos_token_id, tie_word_embeddings=tied)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
