@@ -33,7 +33,11 @@ def main():
     ap.add_argument("--parallel", default="ddp", choices=["none", "ddp", "fsdp"])
     ap.add_argument("--mem-cap-gib", type=float, default=None, help="cap each process (set_per_process_memory_fraction)")
     ap.add_argument("--offload-activations", action="store_true", help="checkpointed block inputs in pinned CPU memory")
+    ap.add_argument("--offload-embeddings", action="store_true", help="input embedding table in CPU memory")
+    ap.add_argument("--trace-memory", action="store_true", help="rank 0 prints allocated GiB at each phase of step 1")
     a = ap.parse_args()
+    import os
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     from qlora.distributed import Dist
@@ -51,9 +55,17 @@ def main():
     cfg = shape_config(a.shape)
     model = build_random(cfg, QuantSettings(), LoraSettings(r=16, alpha=16, dropout=0.0), dev, "bf16", progress=False,
                          on_block=par.block_hook())
+    mem = lambda what: a.trace_memory and dist.main and print(  # noqa: E731
+        f"memory {what}: {torch.cuda.memory_allocated(dev) / 2**30:.2f} GiB allocated, "
+        f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} peak", flush=True)
+    mem("built")
+    if a.offload_embeddings:
+        from qlora.offload import offload_embeddings
+        offload_embeddings(model)
     off = enable_checkpointing(model, offload=a.offload_activations)
     model.train()
     par.wrap(model)
+    mem("wrapped")
     here, whole = par.local_bytes()
     load_s = time.time() - t_start
     opt = make_optimizer(par.optimizer_params(), "paged_adamw", lr=2e-4)
@@ -67,10 +79,14 @@ def main():
         n = dist.sum(a.batch * (a.seq - 1))
         with (off.hooks() if off is not None else contextlib.nullcontext()), par.sync_context(True):
             loss = par.loss({"input_ids": ids, "labels": ids}) / n
+            mem("after forward")
             (loss * par.grad_scale).backward()
+        mem("after backward")
         par.before_optimizer()
         par.clip_grad_norm(0.3)
         opt.step()
+        mem("after optimizer step")
+        a.trace_memory = False
         opt.zero_grad(set_to_none=True)
         par.zero_grad()
         losses.append(dist.sum(loss.item()))
@@ -92,7 +108,7 @@ def main():
                               reserved_gib_max=round(reserved.item(), 2), cap_gib=a.mem_cap_gib,
                               model_gib_per_gpu=round(here / 2**30, 2), model_gib=round(whole / 2**30, 2),
                               load_s=round(load_s, 1), losses=[round(x, 4) for x in losses],
-                              offload_activations=a.offload_activations,
+                              offload_activations=a.offload_activations, offload_embeddings=a.offload_embeddings,
                               device=torch.cuda.get_device_name(dev), torch=torch.__version__)), flush=True)
     dist.close()
 

@@ -72,6 +72,7 @@ class QLoRALinear(nn.Module):
         self._meta: dict = {}
         self._wcache: torch.Tensor | None = None  # see dequant_cache()
         self._wcache_grad = False
+        self._carriers: dict = {}  # name -> (shape, dtype, nbytes) of integer tensors held as bf16 bytes (FSDP2)
         # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
         # non-persistent: the base is always re-read from its source, adapters are saved apart).
         self.register_buffer("weight_packed", None, persistent=False)
@@ -139,13 +140,40 @@ class QLoRALinear(nn.Module):
         self._meta = dict(shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
                           nested_blocksize=state.nested_blocksize, offset=state.offset)
 
+    def _raw(self, name: str) -> torch.Tensor | None:
+        """Buffer ``name`` in its own dtype and shape (undoing the byte carrier of :meth:`to_carriers`)."""
+        t = getattr(self, name)
+        c = self._carriers.get(name)
+        if t is None or c is None:
+            return t
+        shape, dtype, nbytes = c
+        return t.view(torch.uint8)[:nbytes].view(dtype).view(shape)
+
+    def to_carriers(self) -> None:
+        """Hold each integer base tensor (packed 4-bit bytes, 8-bit double-quantized scales) as a flat
+        bf16 tensor of the same bytes, registered as a frozen parameter: FSDP2 shards parameters only,
+        and before torch 2.13 it cannot hold integer ones. The math reads them back bit for bit."""
+        for name in ("weight_packed", "weight", "bias", "absmax", "code", "nested_absmax", "nested_code"):
+            t = self._buffers.pop(name, None) if name in self._buffers else getattr(self, name)
+            if name in self._parameters:
+                continue
+            if t is not None and not t.is_floating_point():
+                flat = t.contiguous().reshape(-1).view(torch.uint8)
+                self._carriers[name] = (tuple(t.shape), t.dtype, flat.numel())
+                if flat.numel() % 2:
+                    flat = torch.cat([flat, flat.new_zeros(1)])
+                t = flat.view(torch.bfloat16)
+            elif t is not None and t.numel() <= 256:
+                t = t.detach().clone()  # small shared tables (codebooks): one copy per layer
+            self.register_parameter(name, None if t is None else nn.Parameter(t, requires_grad=False))
+
     @property
     def state(self) -> nf4.QuantState | None:
         """The quantization state, rebuilt from the (device-following) buffers."""
         if self.weight_packed is None:
             return None
-        return nf4.QuantState(quant_type=self.quant_type, code=self.code, absmax=self.absmax,
-                              nested_absmax=self.nested_absmax, nested_code=self.nested_code, **self._meta)
+        return nf4.QuantState(quant_type=self.quant_type, code=self.code, absmax=self._raw("absmax"),
+                              nested_absmax=self._raw("nested_absmax"), nested_code=self.nested_code, **self._meta)
 
     def reset_lora_parameters(self) -> None:
         if self.r > 0:
@@ -159,7 +187,7 @@ class QLoRALinear(nn.Module):
         dtype = dtype or self.compute_dtype
         if self.weight_packed is None:
             return self.weight.to(dtype)
-        return _dequant(self.weight_packed, self.state, dtype)
+        return _dequant(self._raw("weight_packed"), self.state, dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32 (zeros without an adapter)."""
@@ -181,7 +209,7 @@ class QLoRALinear(nn.Module):
         if self._wcache is not None and (self._wcache_grad or not torch.is_grad_enabled()):
             y = F.linear(xc, self._wcache)
         elif self.weight_packed is not None:
-            y = _FrozenMatmul4bit.apply(xc, self.weight_packed, self)
+            y = _FrozenMatmul4bit.apply(xc, self._raw("weight_packed"), self)
         else:
             y = F.linear(xc, self.weight)
         if self.bias is not None:

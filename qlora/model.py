@@ -260,7 +260,10 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
             t = source.get(name)
             if t.is_floating_point():
                 t = t.to(dtype)
-            if not _set_tensor(model, name, t.to(device)):
+            # with on_block (sharded loading) tensors outside the blocks (embeddings, head, final norm)
+            # wait in CPU memory: the sharding wrapper moves only each process's shard to the device
+            staged = device if on_block is None or _BLOCK_PREFIX.match(name) else torch.device("cpu")
+            if not _set_tensor(model, name, t.to(staged)):
                 unused.append(name)
         done(name)
     for mod_name, b in biases.items():
@@ -295,7 +298,7 @@ def build_random(config, quant: QuantSettings = QuantSettings(), lora: LoraSetti
                 return torch.ones(shape, dtype=dtype, device=device)
             if not dt.is_floating_point:
                 return torch.zeros(shape, dtype=dt, device=device)
-            return torch.randn(shape, generator=self.g, dtype=dtype, device=device) * std
+            return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=self.g)
 
     src = _Random(skeleton(config, dtype))
     return build_from_source(src, quant, lora, device, dtype, seed, progress, on_block)

@@ -82,6 +82,7 @@ class ActivationOffloader:
     def exclude(self, module: nn.Module) -> None:
         """Never offload tensors that share storage with ``module``'s parameters or buffers."""
         for t in list(module.parameters()) + list(module.buffers()):
+            t = getattr(t, "_local_tensor", t)  # an FSDP2 shard (DTensor): its local storage
             if t is not None and not t.is_meta:
                 self._skip.add(t.untyped_storage().data_ptr())
 

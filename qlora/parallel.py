@@ -33,7 +33,6 @@ from .errors import QLoraError
 from .linear import QLoRALinear
 
 MODES = ("auto", "none", "ddp", "fsdp")
-_FROZEN = ("weight_packed", "weight", "bias", "absmax", "code", "nested_absmax", "nested_code")
 
 
 class LossModule(nn.Module):
@@ -62,19 +61,10 @@ class LossModule(nn.Module):
 def frozen_to_parameters(module: nn.Module) -> None:
     """Re-register each QLoRALinear's frozen base tensors (packed bytes, quantization state, 16-bit
     weight, bias) as parameters without gradient, so FSDP2 shards them (it shards parameters, not
-    buffers). Attribute access (``layer.absmax``...) is unchanged."""
+    buffers); integer ones travel as bf16-typed bytes (see QLoRALinear.to_carriers)."""
     for m in module.modules():
-        if not isinstance(m, QLoRALinear):
-            continue
-        for name in _FROZEN:
-            t = m._buffers.get(name)
-            if name in m._buffers:
-                del m._buffers[name]
-                if t is None:
-                    m.register_parameter(name, None)
-                else:
-                    m.register_parameter(name, nn.Parameter(t.detach().clone() if t.numel() <= 256 else t,
-                                                            requires_grad=False))
+        if isinstance(m, QLoRALinear):
+            m.to_carriers()
 
 
 class Parallel:
@@ -137,10 +127,12 @@ class Parallel:
             for block in _blocks(model):
                 if not isinstance(block, FSDPModule):
                     self.block_hook()(block)
+            from .offload import HostEmbedding
             emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-            tied = head is not None and head.weight is emb.weight
+            tied = head is not None and getattr(emb, "weight", None) is head.weight
             if not tied:
-                fully_shard(emb, mesh=self.mesh, reshard_after_forward=True)
+                if not isinstance(emb, HostEmbedding):  # a host-memory table stays whole on every rank's CPU
+                    fully_shard(emb, mesh=self.mesh, reshard_after_forward=True)
                 if head is not None:
                     fully_shard(head, mesh=self.mesh, reshard_after_forward=True)
             self.module = LossModule(model, self.device, head_unshard=not tied and head is not None)

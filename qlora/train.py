@@ -260,12 +260,12 @@ def _human(n: float) -> str:
 
 
 def _check_fsdp(cfg: TrainConfig) -> None:
-    bad = [(cfg.offload_embeddings, "--offload-embeddings"), ("8bit" in cfg.optim, f"--optim {cfg.optim}"),
+    bad = [("8bit" in cfg.optim, f"--optim {cfg.optim}"),
            (cfg.cache_dequant == "on", "--cache-dequant on")]
     for cond, what in bad:
         if cond:
             raise QLoraError(f"--parallel fsdp does not support {what} (use --optim adamw or paged_adamw, "
-                             "no embedding offload, --cache-dequant off)")
+                             "--cache-dequant off)")
 
 
 def _step_with_retry(run_step, optimizer, device, log):
@@ -612,7 +612,8 @@ def _launch(n: int) -> int:
     argv = sys.argv[1:]
     i = argv.index("--gpus") if "--gpus" in argv else None
     rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--gpus=")]
-    env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"))
+    env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"),
+               PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "qlora.cli",
            *rest]
     return subprocess.call(cmd, env=env)

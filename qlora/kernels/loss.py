@@ -84,20 +84,25 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 _chunk_grads(logits, h, weight, lab, valid, unit,
                              grad_h[start:start + chunk_size] if need_h else None, grad_w)
             del logits
-        ctx.save_for_backward(hidden, weight, labels, n_valid, grad_h, grad_w)
-        ctx.ignore_index, ctx.chunk_size, ctx.reduction = ignore_index, chunk_size, reduction
         ctx.grad_in_forward = need_h or need_w
+        if ctx.grad_in_forward:  # backward only scales these: keep neither hidden nor the (maybe gathered) weight
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.weight_dtype = weight.dtype
+        else:
+            ctx.save_for_backward(hidden, weight, labels, n_valid)
+        ctx.ignore_index, ctx.chunk_size, ctx.reduction = ignore_index, chunk_size, reduction
         return total / n_valid if reduction == "mean" else total
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, labels, n_valid, grad_h, grad_w = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.grad_in_forward:
+            grad_h, grad_w = ctx.saved_tensors
             g = grad_out.float()
             return ((grad_h * g.to(grad_h.dtype)) if need_h and grad_h is not None else None,
-                    (grad_w * g).to(weight.dtype) if need_w and grad_w is not None else None,
+                    (grad_w * g).to(ctx.weight_dtype) if need_w and grad_w is not None else None,
                     None, None, None, None, None)
+        hidden, weight, labels, n_valid = ctx.saved_tensors
         scale = grad_out.float() / n_valid if ctx.reduction == "mean" else grad_out.float()
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
