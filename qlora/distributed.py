@@ -1,13 +1,8 @@
-"""Data-parallel training across processes (``torchrun --nproc-per-node N``, or ``qlora train
---gpus N`` which launches it): NCCL on GPUs, gloo on CPUs.
-
-Every rank holds the (4-bit, so small) base and the LoRA factors; a step's global micro-batches
-are dealt round-robin to the ranks, the loss is normalised by the trained tokens of the whole
-step (summed over ranks), and the LoRA gradients are summed with one all-reduce before the
-optimizer step, which every rank then takes identically. So N processes with ``grad_accum = G``
-compute the same step as one process with ``grad_accum = N * G``, and a checkpoint written with
-N processes resumes with M when ``N * G`` stays the same. Only rank 0 writes files.
-NCCL's NVLink multicast is turned off (``NCCL_NVLS_ENABLE=0``) unless set otherwise.
+"""Processes of a multi-process run (``torchrun --nproc-per-node N``, or ``qlora train --gpus N``
+which launches it): NCCL on GPUs, gloo on CPUs, and the few scalar collectives the training loop
+needs (token counts, losses, stop signals). How gradients meet (DDP or FSDP2) is qlora/parallel.py.
+Only rank 0 writes files. NCCL's NVLink multicast is turned off (``NCCL_NVLS_ENABLE=0``) unless
+set otherwise.
 """
 from __future__ import annotations
 
@@ -54,21 +49,6 @@ class Dist:
             t = t.cuda()
         tdist.all_reduce(t)
         return t.item()
-
-    def all_reduce_grads(self, params) -> None:
-        """Sum the gradients of ``params`` over ranks (one flat buffer, one collective)."""
-        if not self.active:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        tdist.all_reduce(flat)
-        i = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[i:i + n].view_as(g))
-            i += n
 
     def barrier(self) -> None:
         if self.active:
