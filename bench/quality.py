@@ -51,8 +51,8 @@ def recon_error(model, source) -> dict:
     per = {t: [] for t in TYPES}
     for name, m in model.named_modules():
         if isinstance(m, QLoRALinear):
-            w = source.get(name + ".weight").float()
             dq = m.base_weight(torch.float32)
+            w = source.get(name + ".weight").float().to(dq.device)
             per[name.rsplit(".", 1)[-1]].append(((w - dq).abs().mean() / w.abs().mean()).item())
     return {t: round(statistics.mean(v), 5) for t, v in per.items() if v}
 
@@ -65,10 +65,11 @@ def perplexity(model, tok, n_tokens: int, window: int = 512) -> float:
     text = "\n\n".join(topics[k] for k in sorted(topics))
     ids = tok(text, return_tensors="pt").input_ids[0, :n_tokens]
     nll, n = 0.0, 0
+    dev = next(p for p in model.parameters()).device
     model.eval()
     with torch.no_grad(), dequant_cache(model):
         for s in range(0, len(ids) - 1, window):
-            x = ids[s:s + window].unsqueeze(0)
+            x = ids[s:s + window].unsqueeze(0).to(dev)
             out = model(input_ids=x, labels=x, use_cache=False)
             nll += out.loss.item() * (x.shape[1] - 1)
             n += x.shape[1] - 1
@@ -112,7 +113,9 @@ def extract_task(seed: int = 0, n_train: int = 240, n_held: int = 60):
 
     def rec(names, jobs, cities, templates):
         p = {"name": rng.choice(names), "age": rng.randint(19, 78), "job": rng.choice(jobs), "city": rng.choice(cities)}
-        text = rng.choice(templates).format(**p, age_words=words(p["age"]))
+        template = rng.choice(templates)
+        text = template.format(**p, age_words=words(p["age"]))
+        TEMPLATE_OF[json.dumps(p) + text] = TEMPLATES.index(template)
         answer = json.dumps(p)
         return {"messages": [{"role": "user", "content": f"{INSTRUCTION}\n{text}"},
                              {"role": "assistant", "content": answer}]}, p
@@ -122,14 +125,36 @@ def extract_task(seed: int = 0, n_train: int = 240, n_held: int = 60):
     return train, [r for r, _ in held], [p for _, p in held]
 
 
+TEMPLATE_OF: dict = {}
+
+
+def json_correct(answer: str, ref: dict) -> bool:
+    try:
+        return json.loads(answer.strip()) == ref
+    except ValueError:
+        return False
+
+
 def json_accuracy(answers, refs) -> float:
-    ok = 0
-    for a, ref in zip(answers, refs):
-        try:
-            ok += json.loads(a.strip()) == ref
-        except ValueError:
-            pass
-    return ok / len(refs)
+    return sum(json_correct(a, r) for a, r in zip(answers, refs)) / len(refs)
+
+
+def extract_breakdown(answers, held, refs) -> dict:
+    """Held-out accuracy per template, and which fields the wrong answers got wrong."""
+    per, fields = {}, {"unparsable": 0}
+    for a, h, r in zip(answers, held, refs):
+        text = h["messages"][0]["content"].split("\n", 1)[1]
+        t = TEMPLATE_OF[json.dumps(r) + text]
+        per.setdefault(t, []).append(json_correct(a, r))
+        if not json_correct(a, r):
+            try:
+                got = json.loads(a.strip())
+                for k in r:
+                    if not isinstance(got, dict) or got.get(k) != r[k]:
+                        fields[k] = fields.get(k, 0) + 1
+            except ValueError:
+                fields["unparsable"] += 1
+    return {"by_template": {f"t{t}": round(sum(v) / len(v), 3) for t, v in sorted(per.items())}, "wrong_fields": fields}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +208,10 @@ def run_job(fmt: str, seed: int, task: str, device: str, epochs: float, n_text: 
     s = train(cfg, log=lambda m: None, model=model, tokenizer=tok)
     row["final_train_loss"] = s["final_loss"]
     row["heldout_loss"] = round(evaluate_loss(model, held_batches, device), 4)
-    row["heldout_acc"] = round(score(held_out_answers(model, tok, held, max_new_tokens=48)), 4)
+    answers = held_out_answers(model, tok, held, max_new_tokens=48)
+    row["heldout_acc"] = round(score(answers), 4)
+    if task == "extract":
+        row.update(extract_breakdown(answers, held, refs))
     row["train_s"] = s["train_time_s"]
     row["seconds"] = round(time.time() - t0, 1)
     row["device"] = device
@@ -191,7 +219,7 @@ def run_job(fmt: str, seed: int, task: str, device: str, epochs: float, n_text: 
 
 
 def summarize(rows: list[dict], formats: list[str], tasks: list[str]) -> None:
-    sd = (lambda v: f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else "")
+    sd = (lambda v, f=".3f": f" ± {statistics.stdev(v):{f}}" if len(v) > 1 else "")
     print("| base | recon err (mean q/k/v/o/gate/up/down) | base ppl | " +
           " | ".join(f"{t} held-out loss | {t} held-out acc" for t in tasks) + " | seeds |")
     print("|---|---|---|" + "---|---|" * len(tasks) + "---|")
@@ -205,7 +233,7 @@ def summarize(rows: list[dict], formats: list[str], tasks: list[str]) -> None:
             n = max(n, len(rs))
             hl, ha = [r["heldout_loss"] for r in rs], [r["heldout_acc"] for r in rs]
             cells += [f"{statistics.mean(hl):.4f}{sd(hl)}" if hl else "—",
-                      f"{100 * statistics.mean(ha):.1f}%{sd([100 * x for x in ha]).replace('.3f', '.1f')}" if ha else "—"]
+                      f"{100 * statistics.mean(ha):.1f}%{sd([100 * x for x in ha], '.1f')}" if ha else "—"]
         print(f"| {fmt} | " + " | ".join(cells) + f" | {n} |")
 
 
@@ -222,6 +250,7 @@ def main():
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's own)")
     ap.add_argument("--jobs", type=int, default=1, help="run this many jobs at once, as separate processes")
     ap.add_argument("--out", default="quality_results.jsonl")
+    ap.add_argument("--summarize", default=None, metavar="ROWS.jsonl", help="only print the table of saved rows")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # FORMAT:SEED:TASK:MEASURE_BASE:DEVICE
     a = ap.parse_args()
     seeds = a.seeds or (1 if a.quick else 3)
@@ -229,6 +258,10 @@ def main():
     n_text = a.text_tokens or (2048 if a.quick else 16384)
     formats = a.formats.split(",")
     tasks = (a.tasks or ("demo" if a.quick else "demo,extract")).split(",")
+    if a.summarize:
+        rows = [json.loads(x) for x in Path(a.summarize).read_text().splitlines() if x.strip()]
+        summarize(rows, formats, sorted({r.get("task", "demo") for r in rows}, key=["demo", "extract"].index))
+        return
     if a.one:
         fmt, seed, task, base, dev = a.one.split(":", 4)
         row = run_job(fmt, int(seed), task, dev, epochs, n_text, a.model, base == "1", a.tokenizer)
