@@ -15,6 +15,7 @@ import time
 T_START = time.time()  # time-to-first-step counts from here (imports included)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -45,9 +46,10 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    quant = QuantSettings(quant_type="nf4" if mode == "qlora" else None)
+    quant = QuantSettings(quant_type="nf4" if mode.startswith("qlora") else None)
     model = build_random(cfg, quant, LoraSettings(r=16, alpha=16, dropout=0.0), device, "bf16", progress=False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from qlora.offload import enable_checkpointing
+    off = enable_checkpointing(model, offload=mode.endswith("+offload"))  # offload: block inputs to pinned CPU memory
     model.train()
     load_s = time.time() - t0
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
@@ -67,8 +69,9 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
             prof.__enter__()
         ts = time.time()
         n = (ids[:, 1:] >= 0).sum()
-        l = loss_sum(model, b, device) / n
-        l.backward()
+        with off.hooks() if off is not None else contextlib.nullcontext():
+            l = loss_sum(model, b, device) / n
+            l.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -124,7 +127,8 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--modes", default="qlora,lora16", help="comma list of qlora, lora16")
+    ap.add_argument("--modes", default="qlora,lora16",
+                    help="comma list of qlora, lora16, qlora+offload (checkpointed activations in CPU memory)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peers", help="output of ../shared/bench/peers/run_peers.sh on the same shape, to compare")
     ap.add_argument("--profile", action="store_true", help="profile the last step (top CUDA kernels)")
