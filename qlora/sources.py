@@ -18,6 +18,7 @@ run arbitrary code. Every bad input raises :class:`QLoraError` with a one-line m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -121,6 +122,36 @@ class Bnb4Source(_DirSource):
     kind = "bnb4"
 
 
+_READER: dict = {}  # the last GGUF file parsed: key -> gguf.GGUFReader
+
+
+@contextlib.contextmanager
+def _shared_gguf_reader():
+    """transformers parses a GGUF file's metadata afresh for the config, the tensors and the
+    tokenizer (each parse walks every vocabulary string: seconds). Inside this context the three
+    share one parsed reader of the same unchanged file."""
+    try:
+        import gguf
+    except ImportError:  # transformers reports the missing package itself
+        yield
+        return
+    orig = gguf.GGUFReader
+
+    def reader(path, *args, **kwargs):
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, args, tuple(sorted(kwargs.items())))
+        if key not in _READER:
+            _READER.clear()
+            _READER[key] = orig(path, *args, **kwargs)
+        return _READER[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = orig
+
+
 class GGUFSource(Source):
     """A GGUF file. The tensors are dequantized to float32 and kept in memory on first use."""
 
@@ -137,7 +168,8 @@ class GGUFSource(Source):
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.config)
             try:
-                parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=model)
+                with _shared_gguf_reader():
+                    parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=model)
             except Exception as e:  # noqa: BLE001 - gguf raises many types on a bad file
                 raise QLoraError(f"cannot read the tensors of {self.path}: {type(e).__name__}: {e}") from None
             self._tensors = parsed["tensors"]
@@ -160,7 +192,8 @@ class GGUFSource(Source):
     def load_tokenizer(self):
         from transformers import AutoTokenizer
         try:
-            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+            with _shared_gguf_reader():
+                return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except Exception as e:  # noqa: BLE001
             raise QLoraError(f"cannot load the tokenizer of {self.path}: {type(e).__name__}: {e}") from None
 
@@ -245,7 +278,8 @@ def _open_gguf(p: Path) -> Source:
             raise QLoraError(f"{p} is not a GGUF file (bad magic bytes)")
     from transformers import AutoConfig
     try:
-        config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+        with _shared_gguf_reader():
+            config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:  # noqa: BLE001 - unsupported architecture, truncated metadata...
         raise QLoraError(f"cannot read {p}: {type(e).__name__}: {e}") from None
     return GGUFSource(p, config)
