@@ -57,6 +57,9 @@ class TrainConfig:
     blocksize: int = opt(64, "quantization block size", group="model")
     double_quant: bool = opt(True, "double-quantize the block scales", group="model")
     compute_dtype: str = opt("bf16", "matmul dtype (fp16 uses loss scaling)", ["bf16", "fp16", "fp32"], group="model")
+    attention: str = opt("auto", "attention implementation: sdpa or eager; auto = eager on a CPU when --max-length "
+                         "is at most 512 (faster for short sequences there), sdpa otherwise", ["auto", "sdpa", "eager"],
+                         group="model")
     rank: int = opt(64, "LoRA rank r", group="lora")
     alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)", group="lora")
     dropout: float = opt(0.05, "LoRA dropout", group="lora")
@@ -402,6 +405,10 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                                 on_block=par.block_hook())
     else:
         tok = tokenizer
+    attn = cfg.attention if cfg.attention != "auto" else (
+        "eager" if device.type == "cpu" and cfg.max_length <= 512 else "sdpa")
+    if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", attn) != attn:
+        model.set_attn_implementation(attn)
     if cfg.offload_embeddings:
         from .offload import offload_embeddings
         offload_embeddings(model)
