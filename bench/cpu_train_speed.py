@@ -1,0 +1,148 @@
+"""CPU training throughput on the demo's work, ours beside a plain-torch bf16 LoRA reference.
+
+Same model (the embedded SmolLM2-135M-Instruct), same batches (the demo's 216 questions, batch 8,
+length-grouped), LoRA r=16 alpha 32 on every block linear, AdamW lr 1e-3, no gradient
+checkpointing. Tokens/s counts real (non-pad) input tokens per second of step time, the way
+`qlora train` does. Rows:
+
+* ``ours``: the `qlora train` step (NF4 + DQ base, dequant cache, chunked loss) with the attention
+  implementation given (``--attention``; the CPU default is eager);
+* ``plain``: a transformers LlamaForCausalLM in bf16 whose block linears get a minimal LoRA written
+  here in plain torch (bf16 factors), loss from the model's own ``labels`` path — the "plain bf16
+  torch LoRA" the issue compares against.
+
+    python bench/cpu_train_speed.py                       # ours (eager, sdpa) and plain, 3 rounds each
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _batches(tok, path):
+    from qlora.data import Batches, load_examples
+    ex, _ = load_examples(path, tok, max_length=128)
+    return Batches(ex, 8, tok.pad_token_id, seed=0).epoch(0)
+
+
+def _time(step, batches, steps: int, rounds: int) -> list[float]:
+    step(batches[0])  # warm-up
+    out = []
+    for r in range(rounds):
+        n, t = 0, time.time()
+        for i in range(steps):
+            n += step(batches[(1 + r * steps + i) % len(batches)])
+        out.append(n / (time.time() - t))
+    return out
+
+
+def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
+    import torch
+
+    from qlora.linear import dequant_cache
+    from qlora.model import LoraSettings, QuantSettings, load_model
+    from qlora.optim import make_optimizer
+    from qlora.train import loss_sum
+    torch.manual_seed(0)
+    m, tok = load_model(None, QuantSettings(), LoraSettings(16, 32, 0.0), "cpu", "bf16", progress=False)
+    m.set_attn_implementation(attention)
+    m.train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = make_optimizer(params, "adamw", 1e-3)
+    batches = batches_of(tok)
+
+    def step(b):
+        loss = loss_sum(m, b, "cpu") / int(b["num_tokens"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(b["attention_mask"].sum())
+    with dequant_cache(m, training=True):
+        return _time(step, batches, steps, rounds)
+
+
+def plain(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
+    import torch
+    import torch.nn as nn
+    from transformers import AutoModelForCausalLM
+
+    from qlora.embedded import embedded_model_path
+    from qlora.sources import open_source
+
+    class LoRA(nn.Module):
+        def __init__(self, base: nn.Linear, r=16, alpha=32):
+            super().__init__()
+            self.base = base
+            self.a = nn.Parameter(torch.empty(r, base.in_features, dtype=torch.bfloat16))
+            self.b = nn.Parameter(torch.zeros(base.out_features, r, dtype=torch.bfloat16))
+            nn.init.kaiming_uniform_(self.a, a=math.sqrt(5))
+            self.scale = alpha / r
+
+        def forward(self, x):
+            return self.base(x) + (x @ self.a.t()) @ self.b.t() * self.scale
+
+    torch.manual_seed(0)
+    src = open_source(embedded_model_path())
+    tok = src.load_tokenizer()
+    m = AutoModelForCausalLM.from_config(src.config, dtype=torch.bfloat16, attn_implementation=attention)
+    state = {n: src.get(n).to(torch.bfloat16) for n in src.names()}
+    m.load_state_dict(state, strict=False)
+    m.tie_weights()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for name, mod in list(m.named_modules()):
+        for child, lin in list(mod.named_children()):
+            if isinstance(lin, nn.Linear) and ".layers." in f"{name}.":
+                setattr(mod, child, LoRA(lin))
+    m.train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    batches = batches_of(tok)
+
+    def step(b):
+        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(b["attention_mask"].sum())
+    return _time(step, batches, steps, rounds)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="ours:eager,ours:sdpa,plain:eager,plain:sdpa")
+    ap.add_argument("--steps", type=int, default=6, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    import os
+    import tempfile
+
+    from qlora.demo_data import write
+    data = Path(tempfile.mkdtemp(prefix="qlora-cpu-speed-"))
+    train_file, _, _ = write(data)
+    load = os.getloadavg()[0]
+    res = {}
+    for row in a.rows.split(","):
+        kind, attention = row.split(":")
+        fn = ours if kind == "ours" else plain
+        r = fn(attention, lambda tok: _batches(tok, train_file), a.steps, a.rounds)
+        res[row] = r
+        print(json.dumps({"row": row, "tok_s": [round(x, 1) for x in r], "median": round(statistics.median(r), 1)}),
+              flush=True)
+    print(f"\nCPU ({os.cpu_count()} cores, load average {load:.2f} at start), demo batches, r=16, bf16")
+    print("| row | tokens/s (median of rounds) | rounds |")
+    print("|---|---|---|")
+    for row, r in res.items():
+        print(f"| {row} | {statistics.median(r):.0f} | {', '.join(f'{x:.0f}' for x in r)} |")
+
+
+if __name__ == "__main__":
+    main()
