@@ -640,11 +640,23 @@ def _run(args) -> int:
     cfg = build_config(TrainConfig, args.config, args)
     s = train(cfg, log=lambda m: print(m, file=sys.stderr))
     if s.get("interrupted"):
-        return 130
+        return _exit_worker(130)
     if int(os.environ.get("RANK", "0")) != 0:
-        return 0
+        return _exit_worker(0)
     print(f"done: {s['steps']} steps in {s['time_s']}s ({s['tok_s']:.0f} tokens/s), final loss {s['final_loss']}"
           + (f", eval loss {s['eval_loss']}" if s["eval_loss"] is not None else "")
           + (f", peak GPU memory {s['peak_mem_gib']} GiB" if "peak_mem_gib" in s else ""))
     print(f"adapter: {s['adapter']}")
-    return 0
+    return _exit_worker(0)
+
+
+def _exit_worker(code: int) -> int:
+    """A process of a multi-process run (torchrun) leaves with os._exit once its work is saved and
+    the process group is closed: the interpreter's own teardown of the collective library's
+    threads could abort it now and then ("terminate called without an active exception", seen
+    with gloo after a finished FSDP2 run), which torchrun would report as a failed run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
