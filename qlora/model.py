@@ -140,7 +140,7 @@ def skeleton(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     from transformers import AutoModelForCausalLM
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     except (ValueError, KeyError) as e:
         raise QLoraError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: {e}") from None
     model.config.use_cache = False
@@ -174,7 +174,7 @@ def _donor_buffers(config, dtype) -> dict[str, torch.Tensor]:
             setattr(small, attr, val)
     if isinstance(getattr(small, "layer_types", None), list):
         small.layer_types = small.layer_types[:1]
-    twin = AutoModelForCausalLM.from_config(small, torch_dtype=dtype, attn_implementation="sdpa")
+    twin = AutoModelForCausalLM.from_config(small, dtype=dtype, attn_implementation="sdpa")
     return {n: b for n, b in twin.named_buffers()}
 
 
@@ -208,6 +208,8 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     dtype = parse_dtype(dtype)
     device = torch.device(device)
     config = source.config
+    if hasattr(source, "progress"):
+        source.progress = progress
     model = skeleton(config, dtype)
     linears = block_linear_names(model)
     targets = select_targets(linears, lora.target) if lora is not None else set()

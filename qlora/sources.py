@@ -160,6 +160,7 @@ class GGUFSource(Source):
     def __init__(self, path: Path, config):
         super().__init__(path, config)
         self._tensors: dict[str, torch.Tensor] | None = None
+        self.progress = True  # transformers' own "Converting and de-quantizing" bar (False: silent)
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
@@ -167,11 +168,18 @@ class GGUFSource(Source):
             from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(self.config)
+            import functools
+
+            import transformers.modeling_gguf_pytorch_utils as hf_gguf
+            bar = hf_gguf.tqdm
+            hf_gguf.tqdm = functools.partial(bar, disable=not self.progress)
             try:
                 with _shared_gguf_reader():
                     parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=model)
             except Exception as e:  # noqa: BLE001 - gguf raises many types on a bad file
                 raise QLoraError(f"cannot read the tensors of {self.path}: {type(e).__name__}: {e}") from None
+            finally:
+                hf_gguf.tqdm = bar
             self._tensors = parsed["tensors"]
             if not self._tensors:
                 raise QLoraError(f"{self.path}: no tensor matches the {self.config.model_type} architecture")
