@@ -61,6 +61,9 @@ class QLoRALinear(nn.Module):
     (already packed). ``r = 0`` gives a frozen 4-bit layer without adapter.
     """
 
+    # the frozen base: a packed 4-bit weight with its quantization state, or a 16-bit weight; and a bias
+    BASE_TENSORS = ("weight_packed", "weight", "bias", "absmax", "code", "nested_absmax", "nested_code")
+
     def __init__(self, in_features: int, out_features: int, *, r: int = 16, alpha: float = 16.0,
                  dropout: float = 0.0, use_rslora: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
                  lora_dtype: torch.dtype = torch.float32, device=None):
@@ -75,10 +78,7 @@ class QLoRALinear(nn.Module):
         self._carriers: dict = {}  # name -> (shape, dtype, nbytes) of integer tensors held as bf16 bytes (FSDP2)
         # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
         # non-persistent: the base is always re-read from its source, adapters are saved apart).
-        self.register_buffer("weight_packed", None, persistent=False)
-        self.register_buffer("weight", None, persistent=False)
-        self.register_buffer("bias", None, persistent=False)
-        for k in ("absmax", "code", "nested_absmax", "nested_code"):
+        for k in self.BASE_TENSORS:
             self.register_buffer(k, None, persistent=False)
         self.set_lora(r, alpha, dropout, use_rslora, lora_dtype, device)
 
@@ -153,7 +153,7 @@ class QLoRALinear(nn.Module):
         """Hold each integer base tensor (packed 4-bit bytes, 8-bit double-quantized scales) as a flat
         bf16 tensor of the same bytes, registered as a frozen parameter: FSDP2 shards parameters only,
         and before torch 2.13 it cannot hold integer ones. The math reads them back bit for bit."""
-        for name in ("weight_packed", "weight", "bias", "absmax", "code", "nested_absmax", "nested_code"):
+        for name in self.BASE_TENSORS:
             t = self._buffers.pop(name, None) if name in self._buffers else getattr(self, name)
             if name in self._parameters:
                 continue

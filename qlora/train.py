@@ -182,24 +182,20 @@ def latest_checkpoint(run_dir: Path, warn=None) -> Path | None:
     return None
 
 
-def load_checkpoint(ck: Path, model, opt_, par=None) -> dict:
+def load_checkpoint(ck: Path, model, opt_, par) -> dict:
+    """Restore LoRA factors, optimizer state and RNG from ``ck``; ``par`` (parallel.Parallel) puts
+    each full tensor in place, or only this rank's shard of it under FSDP."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .adapters import read_adapter
     from .optim import state_dict_from_tensors
     _, pairs = read_adapter(ck / "adapter")
-    if par is not None:
-        par.load_lora(model, pairs)
-    else:
-        for name, (a, b) in pairs.items():
-            m = model.get_submodule(name)
-            m.lora_A.data.copy_(a)
-            m.lora_B.data.copy_(b)
+    par.load_lora(model, pairs)
     with safe_open(str(ck / "optimizer.safetensors"), "pt") as f:
         meta = f.metadata()
     sd = state_dict_from_tensors(load_file(str(ck / "optimizer.safetensors")), meta)
-    opt_.load_state_dict(par.local_optimizer_state(sd) if par is not None else sd)
+    opt_.load_state_dict(par.local_optimizer_state(sd))
     rng = load_file(str(ck / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
