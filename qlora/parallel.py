@@ -40,7 +40,7 @@ class LossModule(nn.Module):
 
     ``head_unshard``: the LM head is an FSDP2 unit whose weight the chunked loss reads directly (not
     through its forward), so gather it around the loss; its gradients are formed in the forward pass
-    (``grad_in_forward``) so backward never needs the gathered weight again."""
+    (loss_sum's default ``grad_in_forward``) so backward never needs the gathered weight again."""
 
     def __init__(self, lm: nn.Module, device, head_unshard: bool = False):
         super().__init__()
@@ -53,7 +53,7 @@ class LossModule(nn.Module):
         head = self.lm.get_output_embeddings()
         head.unshard()
         try:
-            return loss_sum(self.lm, batch, self.device, grad_in_forward=True)
+            return loss_sum(self.lm, batch, self.device)
         finally:
             head.reshard()
 

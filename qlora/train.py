@@ -216,10 +216,12 @@ def _chunked_loss_ok(model) -> bool:
             and cfg.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"))
 
 
-def loss_sum(model, batch: dict, device, grad_in_forward: bool = False) -> torch.Tensor:
+def loss_sum(model, batch: dict, device, grad_in_forward: bool = True) -> torch.Tensor:
     """Sum of token cross-entropies over the batch's trained tokens (labels != -100), computed
-    without a full fp32 logits tensor where the architecture allows (``grad_in_forward``: the LM
-    head's share of the backward pass is done during forward, see kernels.loss)."""
+    without a full fp32 logits tensor where the architecture allows. ``grad_in_forward`` (default):
+    the LM head's share of the backward pass is done during forward while its logits are at hand,
+    saving the recomputation of the logits in backward (see kernels.loss); it only applies when
+    gradients are enabled."""
     from .kernels.loss import chunked_linear_cross_entropy
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     labels = batch["labels"].to(device)

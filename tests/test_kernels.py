@@ -375,6 +375,13 @@ def test_chunked_ce_never_forms_full_logits(monkeypatch):
         seen.append(h.shape[0])
         return real(h, w)
     monkeypatch.setattr(loss_mod, "_chunk_logits", spy)
+    real_inplace = loss_mod._chunk_loss_and_grads_inplace
+
+    def spy_inplace(h, w, lab, valid, scale, gh, gw, lbuf, fbuf):  # the CPU path of grad_in_forward
+        assert lbuf.shape[0] <= 16 and fbuf.shape[0] <= 16
+        seen.append(h.shape[0])
+        return real_inplace(h, w, lab, valid, scale, gh, gw, lbuf, fbuf)
+    monkeypatch.setattr(loss_mod, "_chunk_loss_and_grads_inplace", spy_inplace)
     hidden, weight, labels = _ce_case(50, 8, 64, torch.float32, seed=3)
     K.chunked_linear_cross_entropy(hidden.requires_grad_(), weight, labels, chunk_size=16).backward()
     assert max(seen) <= 16 and sum(seen) == 2 * 50  # forward + recompute in backward
