@@ -406,3 +406,76 @@ def test_chunked_ce_rejects_bad_input():
         K.chunked_linear_cross_entropy(hidden, weight, labels[:5])
     with pytest.raises(QLoraError):
         K.chunked_linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused softmax cross-entropy gradient (ce.py), written over the logits
+
+
+def _xent_case(rows, vocab, dtype, seed=0):
+    g = _gen(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[::3] = -100
+    return logits, labels
+
+
+def _xent_autograd(logits, labels, scale):
+    f = logits.float().requires_grad_()
+    losses = F.cross_entropy(f, labels, reduction="none", ignore_index=-100)
+    (losses.sum() * scale).backward()
+    return losses.detach(), f.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [7, 101, 5000])
+def test_xent_grad_reference_matches_autograd(dtype, vocab):
+    from qlora.kernels import ce
+    logits, labels = _xent_case(13, vocab, dtype)
+    want_loss, want_grad = _xent_autograd(logits, labels, 0.37)
+    out = logits.clone()
+    losses = ce.softmax_xent_grad_reference_(out, labels, torch.tensor(0.37))
+    assert losses.dtype == torch.float32 and out.dtype == dtype
+    assert torch.allclose(losses, want_loss, rtol=1e-5, atol=1e-5)
+    assert _rel(out, want_grad.to(dtype)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert (out[labels == -100] == 0).all()
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [7, 101, 4096, 5000])
+def test_xent_grad_kernel_matches_autograd(dtype, vocab):
+    from qlora.kernels import ce
+    logits, labels = _xent_case(9, vocab, dtype, seed=vocab)
+    want_loss, want_grad = _xent_autograd(logits, labels, 0.25)
+    out = logits.to(DEV)
+    losses = ce._launch(out, labels.to(DEV), torch.tensor(0.25, device=DEV), -100)
+    assert torch.allclose(losses.cpu(), want_loss, rtol=1e-5, atol=1e-4)
+    assert _rel(out.cpu(), want_grad.to(dtype)) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert (out.cpu()[labels == -100] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_chunked_ce_gpu_matches_cross_entropy(grad_in_forward):
+    hidden, weight, labels = _ce_case(300, 64, 3001, torch.bfloat16, seed=5)
+    h1 = hidden.cuda().requires_grad_()
+    loss = K.chunked_linear_cross_entropy(h1, weight.cuda(), labels.cuda(), chunk_size=128,
+                                          grad_in_forward=grad_in_forward)
+    loss.backward()
+    h2 = hidden.cuda().requires_grad_()
+    ref = F.cross_entropy((h2 @ weight.cuda().t()).float(), labels.cuda())
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert _rel(h1.grad, h2.grad) < 1e-2
+
+
+def test_chunked_ce_fp32_hidden_bf16_head():
+    """grad_in_forward's CPU path writes dhidden into a buffer of hidden's dtype, not the head's."""
+    hidden, weight, labels = _ce_case(40, 16, 300, torch.float32, seed=6)
+    weight = weight.bfloat16()
+    h1 = hidden.clone().requires_grad_()
+    K.chunked_linear_cross_entropy(h1, weight, labels, chunk_size=16, grad_in_forward=True).backward()
+    h2 = hidden.clone().requires_grad_()
+    F.cross_entropy((h2.bfloat16() @ weight.t()).float(), labels).backward()
+    assert h1.grad.dtype == torch.float32 and _rel(h1.grad, h2.grad) < 1e-2

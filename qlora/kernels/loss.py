@@ -39,6 +39,12 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
 
 
+def _triton_xent() -> bool:
+    """The fused softmax-cross-entropy-gradient kernel can run (see kernels.available)."""
+    from . import available
+    return available()
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (h.to(weight.dtype) @ weight.t()).float()
 
@@ -57,15 +63,24 @@ def _chunk_grads(logits, h, weight, lab, valid, scale, grad_h_out, grad_w):
 
 
 def _chunk_loss_and_grads_inplace(h, weight, lab, valid, scale, grad_h_out, grad_w, lbuf, fbuf):
-    """CPU variant of the forward pass with ``grad_in_forward``: one chunk's row losses (fp32) and
-    its gradients, every ``[rows, V]`` intermediate written into the preallocated ``lbuf`` (weight
-    dtype) and ``fbuf`` (fp32) instead of fresh tensors. On a CPU a fresh multi-MB tensor costs
-    its page faults (a subtraction over 183 x 49152 fp32 took 14 ms fresh, 2 ms into a buffer), and
-    the unfused ops made about six of them per chunk. Same math as the general path:
-    ``loss = max + log(sum(exp(logits - max))) - logits[label]``, ``dlogits = softmax - onehot``."""
+    """The forward pass with ``grad_in_forward`` on a CPU, or on a GPU with the Triton kernel
+    (``fbuf`` None): one chunk's row losses (fp32) and its gradients, every ``[rows, V]``
+    intermediate written into the preallocated ``lbuf`` (weight dtype) and ``fbuf`` (fp32)
+    instead of fresh tensors. On a CPU a fresh multi-MB tensor costs its page faults (a
+    subtraction over 183 x 49152 fp32 took 14 ms fresh, 2 ms into a buffer), and the unfused ops
+    made about six of them per chunk. On a GPU :func:`.ce.softmax_xent_grad_` turns the logits into
+    their gradient in place, in two reads and one write of the weight-dtype logits. Same math as
+    the general path: ``loss = logsumexp(logits) - logits[label]``, ``dlogits = softmax - onehot``."""
     m = h.shape[0]
-    lb, fb = lbuf[:m], fbuf[:m]
+    lb = lbuf[:m]
     torch.mm(h.to(weight.dtype), weight.t(), out=lb)
+    if fbuf is None:
+        from .ce import softmax_xent_grad_
+        losses = softmax_xent_grad_(lb, lab, scale if (grad_h_out is not None or grad_w is not None)
+                                    else torch.zeros((), device=lb.device))
+        _grads_from(lb, h, weight, grad_h_out, grad_w)
+        return losses
+    fb = fbuf[:m]
     fb.copy_(lb)
     rows = torch.arange(m, device=h.device)
     safe = torch.where(valid, lab, 0)
@@ -78,11 +93,18 @@ def _chunk_loss_and_grads_inplace(h, weight, lab, valid, scale, grad_h_out, grad
         fb.mul_(torch.where(valid, scale, 0.0).unsqueeze(1) / tot)  # softmax, scaled (0 on ignored rows)
         fb[rows, safe] -= torch.where(valid, scale, 0.0)
         lb.copy_(fb)  # the reference casts dlogits back to the logits' dtype here
-        if grad_h_out is not None:
-            torch.mm(lb, weight, out=grad_h_out)
-        if grad_w is not None:
-            grad_w += (lb.t() @ h.to(weight.dtype)).float()
+        _grads_from(lb, h, weight, grad_h_out, grad_w)
     return losses
+
+
+def _grads_from(dlogits, h, weight, grad_h_out, grad_w):
+    if grad_h_out is not None:
+        if grad_h_out.dtype == dlogits.dtype and grad_h_out.is_contiguous():
+            torch.mm(dlogits, weight, out=grad_h_out)
+        else:
+            grad_h_out.copy_(dlogits @ weight)
+    if grad_w is not None:
+        grad_w += (dlogits.t() @ h.to(weight.dtype)).float()
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -101,11 +123,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         unit = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
-        inplace = grad_in_forward and not hidden.is_cuda and n > 0
+        inplace = grad_in_forward and n > 0 and (not hidden.is_cuda or _triton_xent())
         if inplace:
             rows = min(chunk_size, n)
             lbuf = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=hidden.device)
-            fbuf = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)
+            fbuf = None if hidden.is_cuda else torch.empty(rows, weight.shape[0], dtype=torch.float32,
+                                                           device=hidden.device)
         for start in range(0, n, chunk_size):
             lab = labels[start:start + chunk_size]
             h = hidden[start:start + chunk_size]

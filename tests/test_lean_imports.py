@@ -1,0 +1,39 @@
+"""qlora.lean_imports: the qlora command hides torchvision from transformers (start-up time)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import importlib.util, sys
+from qlora.lean_imports import skip_torchvision
+print("skipped" if skip_torchvision() else "kept")
+print("found" if importlib.util.find_spec("torchvision") is not None else "absent")
+from transformers.utils import import_utils
+print("tv-available" if import_utils.is_torchvision_available() else "tv-unavailable")
+"""
+
+
+def _run(tmp_path, **env):
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n__version__ = '0.0.1'\n")
+    e = {k: v for k, v in os.environ.items() if k != "QLORA_IMPORT_TORCHVISION"}
+    e.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), **env)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=e, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split(), marker.exists()
+
+
+def test_torchvision_hidden_from_transformers(tmp_path):
+    words, imported = _run(tmp_path)
+    assert words[:2] == ["skipped", "absent"]
+    assert not imported  # nothing imported the (fake) torchvision
+
+
+def test_opt_out_keeps_torchvision(tmp_path):
+    words, _ = _run(tmp_path, QLORA_IMPORT_TORCHVISION="1")
+    assert words[:2] == ["kept", "found"]
