@@ -100,9 +100,13 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
              mfu=round(tok_s * flops_tok / 989e12, 3) if cuda else None)
     if prof is not None:
+        evs = prof.key_averages()
         r["profile_top"] = [
-            (e.key, round(e.device_time_total / 1e3, 1)) for e in
-            sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]]
+            (e.key[:80], round(e.self_device_time_total / 1e3, 1), e.count) for e in
+            sorted(evs, key=lambda e: -e.self_device_time_total)[:30]]
+        # self device time of all kernels (ms) against the step's wall time: the gap is launch/idle time
+        r["profile_gpu_busy_ms"] = round(sum(e.self_device_time_total for e in evs) / 1e3, 1)
+        r["profile_step_ms"] = round(times[-1] * 1e3, 1)
     del model, opt
     return r
 
