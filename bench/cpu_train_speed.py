@@ -45,7 +45,7 @@ def _time(step, batches, steps: int, rounds: int) -> list[float]:
 def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     import torch
 
-    from qlora.linear import dequant_cache
+    from qlora.linear import dequant_cache, lora_cast
     from qlora.model import LoraSettings, QuantSettings, load_model
     from qlora.optim import make_optimizer
     from qlora.train import loss_sum
@@ -58,8 +58,9 @@ def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     batches = batches_of(tok)
 
     def step(b):
-        loss = loss_sum(m, b, "cpu") / int(b["num_tokens"])
-        loss.backward()
+        with lora_cast(m):  # as qlora train does
+            loss = loss_sum(m, b, "cpu") / int(b["num_tokens"])
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -36,10 +36,12 @@ SHAPES = {
 }
 
 
-def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False) -> dict:
+def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False,
+        cast_once: bool = True) -> dict:
     import torch
     from transformers import LlamaConfig
 
+    from qlora.linear import lora_cast
     from qlora.model import LoraSettings, QuantSettings, build_random
     from qlora.optim import make_optimizer
     from qlora.train import loss_sum
@@ -72,7 +74,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
             prof.__enter__()
         ts = time.time()
         n = (ids[:, 1:] >= 0).sum()
-        with off.hooks() if off is not None else contextlib.nullcontext():
+        with off.hooks() if off is not None else contextlib.nullcontext(), lora_cast(model, enabled=cast_once):
             l = loss_sum(model, b, device) / n
             l.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
@@ -105,7 +107,9 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
             (e.key[:80], round(e.self_device_time_total / 1e3, 1), e.count) for e in
             sorted(evs, key=lambda e: -e.self_device_time_total)[:30]]
         # self device time of all kernels (ms) against the step's wall time: the gap is launch/idle time
-        r["profile_gpu_busy_ms"] = round(sum(e.self_device_time_total for e in evs) / 1e3, 1)
+        kernels = [e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA]
+        r["profile_gpu_busy_ms"] = round(sum(e.self_device_time_total for e in kernels) / 1e3, 1)
+        r["profile_kernel_launches"] = sum(e.count for e in kernels)
         r["profile_step_ms"] = round(times[-1] * 1e3, 1)
     del model, opt
     return r
@@ -139,10 +143,13 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peers", help="output of ../shared/bench/peers/run_peers.sh on the same shape, to compare")
     ap.add_argument("--profile", action="store_true", help="profile the last step (top CUDA kernels)")
+    ap.add_argument("--no-lora-cast", dest="lora_cast", action="store_false",
+                    help="cast LoRA factors per layer call instead of once per step (qlora.linear.lora_cast)")
     a = ap.parse_args()
     res = {}
     for mode in a.modes.split(","):
-        r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile)
+        r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile, a.lora_cast)
+        r["lora_cast"] = a.lora_cast
         res[mode] = r
         print(json.dumps(r), flush=True)
     peers = parse_peers(a.peers) if a.peers else {}

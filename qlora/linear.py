@@ -75,6 +75,7 @@ class QLoRALinear(nn.Module):
         self._meta: dict = {}
         self._wcache: torch.Tensor | None = None  # see dequant_cache()
         self._wcache_grad = False
+        self._lora_c: tuple | None = None  # (A, B) in compute dtype while a lora_cast context is active
         self._carriers: dict = {}  # name -> (shape, dtype, nbytes) of integer tensors held as bf16 bytes (FSDP2)
         # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
         # non-persistent: the base is always re-read from its source, adapters are saved apart).
@@ -215,9 +216,13 @@ class QLoRALinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         if self.r > 0 and not self.disable_adapter:
-            a = self.lora_A.to(self.compute_dtype)
-            b = self.lora_B.to(self.compute_dtype)
-            y = y + (self.lora_dropout(xc) @ a.t()) @ b.t() * self.scaling
+            if self._lora_c is not None:  # cast once per pass for the whole model (see lora_cast)
+                a, b = self._lora_c
+            else:
+                a, b = self.lora_A.to(self.compute_dtype), self.lora_B.to(self.compute_dtype)
+            xa = self.lora_dropout(xc).reshape(-1, self.in_features) @ a.t()
+            # y + scaling * xa @ B.T in one GEMM (the addition and the scaling in its epilogue)
+            y = torch.addmm(y.reshape(-1, self.out_features), xa, b.t(), alpha=self.scaling).view(y.shape)
         return y.to(in_dtype)
 
     def extra_repr(self) -> str:
@@ -252,3 +257,42 @@ class dequant_cache:
         for m in self.layers:
             m._wcache = None
             m._wcache_grad = False
+
+
+class lora_cast:
+    """Cast every LoRA factor of ``model`` to its compute dtype once, for the forward and backward
+    pass (checkpoint recomputation included) run inside the context.
+
+    Without it each adapter casts its fp32 ``A`` and ``B`` on every forward call and casts their
+    gradients back in backward: about 4 small kernels per layer per pass, several thousand launches
+    per step for an 8B model, which on a GPU host with a slow CPU left the GPU idle for a third of
+    the step. Here all factors go through one ``cat`` and one cast, and ``split`` hands each layer
+    its views; backward gathers the gradients the same way (one split-backward and one cast). The
+    values are those of the per-layer casts, bit for bit.
+
+    One process only: under FSDP the parameters are gathered per block inside forward, and under
+    DDP every gradient would reach its parameter only at the very end of backward (through the one
+    cat), so the all-reduce could no longer overlap backward. Open it around forward *and*
+    backward of each micro-batch."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.layers = [m for m in model.modules() if isinstance(m, QLoRALinear) and m.r > 0] if enabled else []
+
+    def __enter__(self):
+        if not self.layers or not torch.is_grad_enabled():
+            self.layers = []
+            return self
+        groups: dict = {}
+        for m in self.layers:
+            groups.setdefault((m.lora_A.device, m.compute_dtype), []).append(m)
+        for (_, dtype), ms in groups.items():
+            params = [t for m in ms for t in (m.lora_A, m.lora_B)]
+            flat = torch.cat([t.reshape(-1) for t in params]).to(dtype)
+            parts = flat.split([t.numel() for t in params])
+            for i, m in enumerate(ms):
+                m._lora_c = (parts[2 * i].view(m.lora_A.shape), parts[2 * i + 1].view(m.lora_B.shape))
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m._lora_c = None

@@ -347,7 +347,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
 
     from .adapters import save_adapter
     from .data import Batches, load_examples, split_validation
-    from .linear import dequant_cache
+    from .linear import dequant_cache, lora_cast
     from .model import LoraSettings, QuantSettings, load_model
     from .optim import make_optimizer
 
@@ -503,7 +503,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 total_loss, n_in = 0.0, 0
                 for i, b in enumerate(micro):
                     with (off.hooks() if off is not None else contextlib.nullcontext()), \
-                            par.sync_context(i == len(micro) - 1):
+                            par.sync_context(i == len(micro) - 1), lora_cast(model, enabled=par.mode == "none"):
                         loss = par.loss(b) / n_tok
                         scaled = loss * par.grad_scale if par.grad_scale != 1.0 else loss
                         (scaler.scale(scaled) if scaler else scaled).backward()
