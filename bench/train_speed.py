@@ -22,9 +22,9 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora.lean_imports import skip_torchvision  # noqa: E402  (as the qlora command does)
+from qlora.lean_imports import hide_unused_packages  # noqa: E402  (as the qlora command does)
 
-skip_torchvision()
+hide_unused_packages()
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,

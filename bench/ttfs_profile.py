@@ -8,7 +8,7 @@ T0 = time.time()
 marks = []
 def mark(what): marks.append((what, round(time.time() - T0, 2)))
 import sys; sys.path.insert(0, ".")
-from qlora.lean_imports import skip_torchvision; skip_torchvision()  # as the qlora command does
+from qlora.lean_imports import hide_unused_packages; hide_unused_packages()  # as the qlora command does
 import torch; mark("import torch")
 torch.cuda.init(); torch.zeros(1, device="cuda"); mark("CUDA context")
 import transformers; from transformers import LlamaConfig; mark("import transformers")

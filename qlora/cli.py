@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .lean_imports import skip_torchvision
-    skip_torchvision()  # ~5 s less start-up on machines with torchvision (see lean_imports)
+    from .lean_imports import hide_unused_packages
+    hide_unused_packages()  # seconds less start-up where torchvision or sklearn is installed
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

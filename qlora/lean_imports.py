@@ -1,26 +1,28 @@
-"""Keep ``import transformers`` from importing torchvision in our own processes.
+"""Keep ``import transformers`` from importing packages a text fine-tune never uses.
 
-transformers' image and video utilities import torchvision whenever it is installed, and
-torchvision imports ``torch._dynamo``: on the H100 machine that was 5.6 s of the ~11 s that
-``import transformers`` took, for a text-only fine-tune that never touches an image
-(bench/ttfs_profile.py). Marking torchvision as absent (``sys.modules["torchvision"] = None``,
-which ``importlib.util.find_spec`` reports as "not installed") removes it from the start-up.
+transformers imports torchvision (its image and video utilities) and scikit-learn (assisted
+generation, in some versions at import time) whenever they are installed. On the H100 machine
+torchvision alone cost 5.6 s of start-up, since it imports ``torch._dynamo``
+(bench/ttfs_profile.py), and scikit-learn 1.5 s on the H200 one (``python -X importtime``).
+Marking them absent (``sys.modules[name] = None``, which ``importlib.util.find_spec`` reports as
+"not installed") takes them out of the start-up.
 
 Applied only by the ``qlora`` command and our benchmark scripts, never on ``import qlora``: a
-program that imports qlora as a library keeps its own torchvision. ``QLORA_IMPORT_TORCHVISION=1``
-turns it off."""
+program that imports qlora as a library keeps its packages. ``QLORA_KEEP_IMPORTS=1`` turns it off."""
 from __future__ import annotations
 
 import os
 import sys
 
+UNUSED = ("torchvision", "sklearn")
 
-def skip_torchvision() -> bool:
-    """Hide torchvision from later imports unless it is already imported or the user opted out;
-    returns whether it did."""
-    if os.environ.get("QLORA_IMPORT_TORCHVISION", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    if "torchvision" in sys.modules:
-        return False
-    sys.modules["torchvision"] = None
-    return True
+
+def hide_unused_packages() -> list[str]:
+    """Hide the UNUSED packages from later imports, except those already imported, unless the
+    user opted out; returns the names hidden."""
+    if os.environ.get("QLORA_KEEP_IMPORTS", "").strip().lower() in ("1", "true", "yes", "on"):
+        return []
+    hidden = [name for name in UNUSED if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    return hidden

@@ -1,4 +1,4 @@
-"""qlora.lean_imports: the qlora command hides torchvision from transformers (start-up time)."""
+"""qlora.lean_imports: the qlora command hides torchvision and sklearn from transformers (start-up time)."""
 import os
 import subprocess
 import sys
@@ -8,8 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import importlib.util, sys
-from qlora.lean_imports import skip_torchvision
-print("skipped" if skip_torchvision() else "kept")
+from qlora.lean_imports import hide_unused_packages
+print("skipped" if "torchvision" in hide_unused_packages() else "kept")
 print("found" if importlib.util.find_spec("torchvision") is not None else "absent")
 from transformers.utils import import_utils
 print("tv-available" if import_utils.is_torchvision_available() else "tv-unavailable")
@@ -21,7 +21,7 @@ def _run(tmp_path, **env):
     fake.mkdir(parents=True)
     marker = tmp_path / "imported"
     (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n__version__ = '0.0.1'\n")
-    e = {k: v for k, v in os.environ.items() if k != "QLORA_IMPORT_TORCHVISION"}
+    e = {k: v for k, v in os.environ.items() if k != "QLORA_KEEP_IMPORTS"}
     e.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), **env)
     out = subprocess.run([sys.executable, "-c", PROBE], env=e, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -35,5 +35,5 @@ def test_torchvision_hidden_from_transformers(tmp_path):
 
 
 def test_opt_out_keeps_torchvision(tmp_path):
-    words, _ = _run(tmp_path, QLORA_IMPORT_TORCHVISION="1")
+    words, _ = _run(tmp_path, QLORA_KEEP_IMPORTS="1")
     assert words[:2] == ["kept", "found"]

@@ -203,3 +203,27 @@ def test_lora_path_matches_float_reference_with_scaling():
     x = torch.randn(3, 7, 80)
     want = x @ w.t() + b + (x @ m.lora_A.t().detach()) @ m.lora_B.t().detach() * 3.0
     torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_grads_with_lora_dropout_match_float_reference(x_grad):
+    """The fused LoRA node (one autograd node for base + LoRA) with dropout on the LoRA input:
+    x, A and B gradients against the same math in plain fp32 autograd with the same mask."""
+    m, w, b = _layer(r=8, alpha=24, dtype=torch.float32, quant_type=None, dropout=0.5)
+    m.train()
+    x = torch.randn(2, 5, 80, requires_grad=x_grad)
+    torch.manual_seed(7)
+    y = m(x)
+    (y * torch.linspace(-1, 1, 48)).sum().backward()
+    a = m.lora_A.detach().clone().requires_grad_()
+    bb = m.lora_B.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_(x_grad)
+    torch.manual_seed(7)
+    xd = torch.nn.functional.dropout(xr, 0.5, training=True)
+    yr = xr @ w.t() + b + (xd @ a.t()) @ bb.t() * 3.0
+    (yr * torch.linspace(-1, 1, 48)).sum().backward()
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.lora_A.grad, a.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.lora_B.grad, bb.grad, rtol=1e-4, atol=1e-4)
+    if x_grad:
+        torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
