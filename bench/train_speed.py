@@ -112,6 +112,8 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
         r["profile_kernel_launches"] = sum(e.count for e in kernels)
         r["profile_step_ms"] = round(times[-1] * 1e3, 1)
     del model, opt
+    import gc
+    gc.collect()
     return r
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -52,6 +53,10 @@ class _FrozenMatmul4bit(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ _dequant(packed, ctx.state_holder.state, grad_y.dtype)
         return grad_x, None, None
+
+
+# QLORA_FUSED_LORA=0: train through separate autograd ops (the same math) instead of _QLoRAMatmul
+FUSED_LORA = os.environ.get("QLORA_FUSED_LORA", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
@@ -261,7 +266,7 @@ class QLoRALinear(nn.Module):
         in_dtype = x.dtype
         xc = x.to(self.compute_dtype)
         cached = self._wcache is not None and (self._wcache_grad or not torch.is_grad_enabled())
-        if self.r > 0 and not self.disable_adapter and torch.is_grad_enabled():
+        if self.r > 0 and not self.disable_adapter and torch.is_grad_enabled() and FUSED_LORA:
             if self._lora_c is not None:  # cast once per pass for the whole model (see lora_cast)
                 a, b = self._lora_c
             else:

@@ -227,3 +227,20 @@ def test_grads_with_lora_dropout_match_float_reference(x_grad):
     torch.testing.assert_close(m.lora_B.grad, bb.grad, rtol=1e-4, atol=1e-4)
     if x_grad:
         torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_and_unfused_lora_paths_agree(monkeypatch):
+    """QLORA_FUSED_LORA=0 (separate autograd ops) computes what the fused node computes."""
+    import qlora.linear as L
+    m, _, _ = _layer(r=8, alpha=16, dtype=torch.float32)
+    x = torch.randn(4, 80, requires_grad=True)
+    out = []
+    for fused in (True, False):
+        monkeypatch.setattr(L, "FUSED_LORA", fused)
+        x.grad = None
+        m.zero_grad()
+        y = m(x)
+        y.pow(2).sum().backward()
+        out.append((y.detach(), x.grad.clone(), m.lora_A.grad.clone(), m.lora_B.grad.clone()))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
