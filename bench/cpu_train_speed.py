@@ -57,8 +57,10 @@ def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     opt = make_optimizer(params, "adamw", 1e-3)
     batches = batches_of(tok)
 
+    casts = lora_cast(m)
+
     def step(b):
-        with lora_cast(m):  # as qlora train does
+        with casts:  # as qlora train does
             loss = loss_sum(m, b, "cpu") / int(b["num_tokens"])
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)

@@ -63,6 +63,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     g = torch.Generator().manual_seed(0)
     times, first_step_at, loss = [], None, float("nan")
     prof = None
+    casts = lora_cast(model, enabled=cast_once)
     for i in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
         b = {"input_ids": ids, "labels": ids}
@@ -74,7 +75,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
             prof.__enter__()
         ts = time.time()
         n = (ids[:, 1:] >= 0).sum()
-        with off.hooks() if off is not None else contextlib.nullcontext(), lora_cast(model, enabled=cast_once):
+        with off.hooks() if off is not None else contextlib.nullcontext(), casts:
             l = loss_sum(model, b, device) / n
             l.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)

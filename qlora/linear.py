@@ -262,19 +262,22 @@ class QLoRALinear(nn.Module):
         t = self.weight_packed if self.weight_packed is not None else self.weight
         return t.device
 
+    def _lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in the compute dtype: cast once per pass for the whole model when a lora_cast
+        context is active, else here."""
+        if self._lora_c is not None:
+            return self._lora_c
+        return self.lora_A.to(self.compute_dtype), self.lora_B.to(self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         xc = x.to(self.compute_dtype)
         cached = self._wcache is not None and (self._wcache_grad or not torch.is_grad_enabled())
         if self.r > 0 and not self.disable_adapter and torch.is_grad_enabled() and FUSED_LORA:
-            if self._lora_c is not None:  # cast once per pass for the whole model (see lora_cast)
-                a, b = self._lora_c
-            else:
-                a, b = self.lora_A.to(self.compute_dtype), self.lora_B.to(self.compute_dtype)
+            a, b = self._lora_factors()
             xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(xc)
             weight = self._wcache if cached else self.weight
-            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-            y = _QLoRAMatmul.apply(xc, xd, a, b, self.scaling, weight, bias,
+            y = _QLoRAMatmul.apply(xc, xd, a, b, self.scaling, weight, self.bias,
                                    None if weight is not None else self._raw("weight_packed"), self)
             return y.to(in_dtype)
         if cached:
@@ -286,10 +289,7 @@ class QLoRALinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         if self.r > 0 and not self.disable_adapter:
-            if self._lora_c is not None:  # cast once per pass for the whole model (see lora_cast)
-                a, b = self._lora_c
-            else:
-                a, b = self.lora_A.to(self.compute_dtype), self.lora_B.to(self.compute_dtype)
+            a, b = self._lora_factors()
             xa = self.lora_dropout(xc).reshape(-1, self.in_features) @ a.t()
             # y + scaling * xa @ B.T in one GEMM (the addition and the scaling in its epilogue)
             y = torch.addmm(y.reshape(-1, self.out_features), xa, b.t(), alpha=self.scaling).view(y.shape)
@@ -343,14 +343,14 @@ class lora_cast:
     One process only: under FSDP the parameters are gathered per block inside forward, and under
     DDP every gradient would reach its parameter only at the very end of backward (through the one
     cat), so the all-reduce could no longer overlap backward. Open it around forward *and*
-    backward of each micro-batch."""
+    backward of each micro-batch. One instance can be entered again and again (the layers are
+    found once)."""
 
     def __init__(self, model: nn.Module, enabled: bool = True):
         self.layers = [m for m in model.modules() if isinstance(m, QLoRALinear) and m.r > 0] if enabled else []
 
     def __enter__(self):
-        if not self.layers or not torch.is_grad_enabled():
-            self.layers = []
+        if not torch.is_grad_enabled():
             return self
         groups: dict = {}
         for m in self.layers:

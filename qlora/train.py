@@ -471,6 +471,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     metrics = open(out / "metrics.jsonl" if dist.main else os.devnull, "a")
     cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu"))
     cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
+    casts = lora_cast(model, enabled=par.mode == "none")  # entered per micro-batch
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True)
     tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
@@ -503,7 +504,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 total_loss, n_in = 0.0, 0
                 for i, b in enumerate(micro):
                     with (off.hooks() if off is not None else contextlib.nullcontext()), \
-                            par.sync_context(i == len(micro) - 1), lora_cast(model, enabled=par.mode == "none"):
+                            par.sync_context(i == len(micro) - 1), casts:
                         loss = par.loss(b) / n_tok
                         scaled = loss * par.grad_scale if par.grad_scale != 1.0 else loss
                         (scaler.scale(scaled) if scaler else scaled).backward()

@@ -244,3 +244,17 @@ def test_fused_and_unfused_lora_paths_agree(monkeypatch):
         out.append((y.detach(), x.grad.clone(), m.lora_A.grad.clone(), m.lora_B.grad.clone()))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_cast_reentered_follows_updated_factors():
+    """One lora_cast instance entered per micro-batch casts the factors as they are at entry."""
+    from qlora.linear import lora_cast
+    net = _two_layer_model(torch.float32)
+    casts = lora_cast(net)
+    for scale in (1.0, 2.0):
+        with torch.no_grad():
+            net[0].lora_A.mul_(scale)
+        with casts:
+            assert torch.equal(net[0]._lora_c[0], net[0].lora_A.to(net[0].compute_dtype))
+            assert torch.equal(net[1]._lora_c[1], net[1].lora_B.to(net[1].compute_dtype))
+        assert net[0]._lora_c is None

@@ -13,7 +13,7 @@ matmul_4bit                    gemv.py (1..16 rows) or        x @ dequantize_4bi
 rms_norm                       norm_act.RMSNormFunction       norm_act.rms_norm_reference
 swiglu                         norm_act.SwiGLUFunction        norm_act.swiglu_reference
 rope                           norm_act.RoPEFunction          norm_act.rope_reference
-chunked_linear_cross_entropy   (pure torch, CPU and GPU)      loss.linear_cross_entropy_reference
+chunked_linear_cross_entropy   torch + ce.py (softmax grad)   loss.linear_cross_entropy_reference
 =============================  ============================  ===================================
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ with ``dlogits = (softmax(logits_i) - onehot(label_i)) * scale`` (0 on ignored r
 the logits' dtype. That is what the chunked LM-head loss needs between its two matmuls
 (``logits = h @ W.T`` before, ``dh = dlogits @ W`` after) when it forms gradients during forward.
 
-The torch version does the same with an fp32 copy of the logits and about six passes over it;
+The torch version does the same in an fp32 work buffer with about six passes over it;
 the Triton kernel reads each row twice in its own dtype (pass 1: running max and sum of
 exponentials; pass 2: the gradient) and writes it once, computing in fp32 registers — so the
 ``[m, V]`` fp32 intermediates never exist. One program per row.
@@ -22,19 +22,27 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
-def softmax_xent_grad_reference_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Torch reference of :func:`softmax_xent_grad_` (allocates an fp32 copy of ``logits``)."""
-    f = logits.float()
+def softmax_xent_grad_torch_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                             ignore_index: int = -100, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Torch version of :func:`softmax_xent_grad_`: the fp32 work goes into ``buf`` (at least
+    ``[m, V]`` fp32, reused across calls; allocated when None). Reusing it matters on a CPU, where
+    a fresh multi-MB tensor costs its page faults (a subtraction over 183 x 49152 fp32 took 14 ms
+    fresh, 2 ms into a buffer) and the unfused ops would make about six of them per call."""
+    m = logits.shape[0]
+    f = buf[:m] if buf is not None else torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    f.copy_(logits)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0).long()
-    rows = torch.arange(f.shape[0], device=f.device)
-    lse = torch.logsumexp(f, dim=1)
-    losses = torch.where(valid, lse - f[rows, safe], 0.0)
-    g = torch.exp(f - lse.unsqueeze(1))
-    g[rows, safe] -= 1.0
-    g *= torch.where(valid, scale.float(), 0.0).unsqueeze(1)
-    logits.copy_(g)
+    rows = torch.arange(m, device=f.device)
+    target = f[rows, safe]
+    mx = f.amax(dim=1, keepdim=True)
+    f.sub_(mx).exp_()
+    tot = f.sum(dim=1, keepdim=True)
+    losses = torch.where(valid, (mx + tot.log()).squeeze(1) - target, 0.0)
+    sc = torch.where(valid, scale.float(), 0.0)
+    f.mul_(sc.unsqueeze(1) / tot)  # softmax, scaled (0 on ignored rows)
+    f[rows, safe] -= sc
+    logits.copy_(f)  # rounded to the logits' dtype, as the reference's cast of dlogits
     return losses
 
 
@@ -73,11 +81,14 @@ if triton is not None:
 
 
 def softmax_xent_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
-                       ignore_index: int = -100) -> torch.Tensor:
-    """See the module docstring. ``logits`` [m, V] CUDA, unit stride on V; ``labels`` [m] integer;
-    ``scale`` a one-element fp32 tensor on the same device (no host sync). Returns fp32 [m]."""
-    if triton is None or not logits.is_cuda or logits.stride(1) != 1:
-        return softmax_xent_grad_reference_(logits, labels, scale, ignore_index)
+                       ignore_index: int = -100, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """See the module docstring. ``logits`` [m, V]; ``labels`` [m] integer; ``scale`` a
+    one-element fp32 tensor on the same device (no host sync). Returns fp32 [m]. The Triton
+    kernel runs where :func:`qlora.kernels.available` and the logits are on CUDA with unit stride
+    on V; otherwise :func:`softmax_xent_grad_torch_`, with ``buf`` as its fp32 work space."""
+    from . import available
+    if triton is None or not logits.is_cuda or logits.stride(1) != 1 or not available():
+        return softmax_xent_grad_torch_(logits, labels, scale, ignore_index, buf)
     return _launch(logits, labels, scale, ignore_index)
 
 

@@ -17,7 +17,8 @@ shifted by the caller), but processes ``chunk_size`` rows at a time:
 
 Peak extra memory is about ``chunk_size * V * (2 + 4 + 4)`` bytes (logits in the weight dtype,
 their fp32 copy, one fp32 temporary) instead of ``N * V * 4`` and more for the unfused loss.
-Pure torch: it runs on the CPU and on any GPU.
+Torch matmuls; with ``grad_in_forward`` the softmax gradient between them is the Triton kernel
+of :mod:`.ce` where the kernels are available. It runs on the CPU and on any GPU.
 """
 from __future__ import annotations
 
@@ -39,12 +40,6 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def _triton_xent() -> bool:
-    """The fused softmax-cross-entropy-gradient kernel can run (see kernels.available)."""
-    from . import available
-    return available()
-
-
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (h.to(weight.dtype) @ weight.t()).float()
 
@@ -62,38 +57,18 @@ def _chunk_grads(logits, h, weight, lab, valid, scale, grad_h_out, grad_w):
         grad_w += (g.t() @ h.to(weight.dtype)).float()
 
 
-def _chunk_loss_and_grads_inplace(h, weight, lab, valid, scale, grad_h_out, grad_w, lbuf, fbuf):
-    """The forward pass with ``grad_in_forward`` on a CPU, or on a GPU with the Triton kernel
-    (``fbuf`` None): one chunk's row losses (fp32) and its gradients, every ``[rows, V]``
-    intermediate written into the preallocated ``lbuf`` (weight dtype) and ``fbuf`` (fp32)
-    instead of fresh tensors. On a CPU a fresh multi-MB tensor costs its page faults (a
-    subtraction over 183 x 49152 fp32 took 14 ms fresh, 2 ms into a buffer), and the unfused ops
-    made about six of them per chunk. On a GPU :func:`.ce.softmax_xent_grad_` turns the logits into
-    their gradient in place, in two reads and one write of the weight-dtype logits. Same math as
-    the general path: ``loss = logsumexp(logits) - logits[label]``, ``dlogits = softmax - onehot``."""
-    m = h.shape[0]
-    lb = lbuf[:m]
+def _chunk_loss_and_grads_inplace(h, weight, lab, ignore_index, scale, grad_h_out, grad_w, lbuf, fbuf):
+    """The forward pass with ``grad_in_forward``, every ``[rows, V]`` intermediate in preallocated
+    buffers: the logits go into ``lbuf`` (weight dtype), :func:`.ce.softmax_xent_grad_` turns them
+    into their gradient in place (Triton kernel on a GPU; on a CPU the torch version with ``fbuf``
+    as fp32 work space), then ``dhidden`` and ``dW`` follow. Returns the chunk's row losses (fp32,
+    0 on ignored rows). Same math as the general path: ``loss = logsumexp(logits) -
+    logits[label]``, ``dlogits = softmax - onehot``."""
+    from .ce import softmax_xent_grad_
+    lb = lbuf[:h.shape[0]]
     torch.mm(h.to(weight.dtype), weight.t(), out=lb)
-    if fbuf is None:
-        from .ce import softmax_xent_grad_
-        losses = softmax_xent_grad_(lb, lab, scale if (grad_h_out is not None or grad_w is not None)
-                                    else torch.zeros((), device=lb.device))
-        _grads_from(lb, h, weight, grad_h_out, grad_w)
-        return losses
-    fb = fbuf[:m]
-    fb.copy_(lb)
-    rows = torch.arange(m, device=h.device)
-    safe = torch.where(valid, lab, 0)
-    target = fb[rows, safe]
-    mx = fb.amax(dim=1, keepdim=True)
-    fb.sub_(mx).exp_()
-    tot = fb.sum(dim=1, keepdim=True)
-    losses = (mx + tot.log()).squeeze(1) - target
-    if grad_h_out is not None or grad_w is not None:
-        fb.mul_(torch.where(valid, scale, 0.0).unsqueeze(1) / tot)  # softmax, scaled (0 on ignored rows)
-        fb[rows, safe] -= torch.where(valid, scale, 0.0)
-        lb.copy_(fb)  # the reference casts dlogits back to the logits' dtype here
-        _grads_from(lb, h, weight, grad_h_out, grad_w)
+    losses = softmax_xent_grad_(lb, lab, scale, ignore_index, fbuf)
+    _grads_from(lb, h, weight, grad_h_out, grad_w)
     return losses
 
 
@@ -123,7 +98,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         unit = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
-        inplace = grad_in_forward and n > 0 and (not hidden.is_cuda or _triton_xent())
+        # the in-place pass: on a CPU, and on a GPU where the Triton kernel runs (kernels.available)
+        from . import available
+        inplace = grad_in_forward and n > 0 and (not hidden.is_cuda or available())
         if inplace:
             rows = min(chunk_size, n)
             lbuf = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=hidden.device)
@@ -133,11 +110,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lab = labels[start:start + chunk_size]
             h = hidden[start:start + chunk_size]
             if inplace:
-                valid = lab != ignore_index
-                losses = _chunk_loss_and_grads_inplace(
-                    h, weight, lab, valid, unit, grad_h[start:start + chunk_size] if need_h else None,
-                    grad_w, lbuf, fbuf)
-                total += torch.where(valid, losses, 0.0).sum()
+                total += _chunk_loss_and_grads_inplace(
+                    h, weight, lab, ignore_index, unit, grad_h[start:start + chunk_size] if need_h else None,
+                    grad_w, lbuf, fbuf).sum()
                 continue
             logits = _chunk_logits(h, weight)
             valid = lab != ignore_index
