@@ -37,10 +37,11 @@ SHAPES = {
 
 
 def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False,
-        cast_once: bool = True) -> dict:
+        cast_once: bool = True, cuda_graphs: bool = True) -> dict:
     import torch
     from transformers import LlamaConfig
 
+    from qlora.cuda_graphs import causal_attention
     from qlora.linear import lora_cast
     from qlora.model import LoraSettings, QuantSettings, build_random
     from qlora.optim import make_optimizer
@@ -64,6 +65,18 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     times, first_step_at, loss = [], None, float("nan")
     prof = None
     casts = lora_cast(model, enabled=cast_once)
+
+    def micro_step(b, scale):  # forward + backward of one batch (what a CUDA graph replays)
+        with off.hooks() if off is not None else contextlib.nullcontext(), casts, causal_attention(model):
+            l = loss_sum(model, b, device, static_shapes=graphed is not None) * scale
+            l.backward()
+        return l.detach()
+
+    graphed = None
+    if cuda_graphs:
+        from qlora.cuda_graphs import GraphedMicroStep, supported
+        ok, why = supported(torch.device(device), offload=off is not None)
+        graphed = GraphedMicroStep(micro_step, params, torch.device(device), log=print) if ok else None
     for i in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
         b = {"input_ids": ids, "labels": ids}
@@ -74,13 +87,11 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
                                                       torch.profiler.ProfilerActivity.CUDA])
             prof.__enter__()
         ts = time.time()
-        n = (ids[:, 1:] >= 0).sum()
-        with off.hooks() if off is not None else contextlib.nullcontext(), casts:
-            l = loss_sum(model, b, device) / n
-            l.backward()
+        n = int((ids[:, 1:] >= 0).sum())
+        l = graphed(b, 1.0 / n) if graphed is not None else micro_step(b, 1.0 / n)
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=graphed is None)  # a graph keeps accumulating into the same .grad tensors
         if cuda:
             torch.cuda.synchronize()
         times.append(time.time() - ts)
@@ -101,7 +112,8 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
              weights_gib=round(weights_gib, 2), step_s=round(med, 3), tok_s=round(tok_s, 1),
              loss=round(loss, 3), time_to_first_step_s=round(first_step_at, 1),
              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
-             mfu=round(tok_s * flops_tok / 989e12, 3) if cuda else None)
+             mfu=round(tok_s * flops_tok / 989e12, 3) if cuda else None,
+             cuda_graphs=dict(graphed.stats, failed=graphed.failed) if graphed is not None else False)
     if prof is not None:
         evs = prof.key_averages()
         r["profile_top"] = [
@@ -112,7 +124,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
         r["profile_gpu_busy_ms"] = round(sum(e.self_device_time_total for e in kernels) / 1e3, 1)
         r["profile_kernel_launches"] = sum(e.count for e in kernels)
         r["profile_step_ms"] = round(times[-1] * 1e3, 1)
-    del model, opt
+    del model, opt, graphed, casts
     import gc
     gc.collect()
     return r
@@ -148,10 +160,12 @@ def main():
     ap.add_argument("--profile", action="store_true", help="profile the last step (top CUDA kernels)")
     ap.add_argument("--no-lora-cast", dest="lora_cast", action="store_false",
                     help="cast LoRA factors per layer call instead of once per step (qlora.linear.lora_cast)")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="run every step eagerly instead of replaying forward+backward from a CUDA graph")
     a = ap.parse_args()
     res = {}
     for mode in a.modes.split(","):
-        r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile, a.lora_cast)
+        r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile, a.lora_cast, a.cuda_graphs)
         r["lora_cast"] = a.lora_cast
         res[mode] = r
         print(json.dumps(r), flush=True)

@@ -81,6 +81,10 @@ class TrainConfig:
                                      group="optimization")
     offload_embeddings: bool = opt(False, "keep the input embedding table in CPU memory (untied models)",
                                    group="optimization")
+    cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
+                            "host launches); used where shapes repeat and nothing syncs with the host: one process, "
+                            "no activation/embedding offload, bf16, and --dropout 0 when checkpointing; "
+                            "otherwise (or with false) steps run eagerly", group="optimization")
     cache_dequant: str = opt("auto", "keep dequantized base weights in memory during training (same math, "
                              "+2 bytes/param; auto: on for CPU, off for GPU)", ["auto", "on", "off"], group="optimization")
     seed: int = opt(42, "random seed (LoRA init, dropout, data order)", group="optimization")
@@ -216,18 +220,23 @@ def _chunked_loss_ok(model) -> bool:
             and cfg.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"))
 
 
-def loss_sum(model, batch: dict, device, grad_in_forward: bool = True) -> torch.Tensor:
+def loss_sum(model, batch: dict, device, grad_in_forward: bool = True, static_shapes: bool = False) -> torch.Tensor:
     """Sum of token cross-entropies over the batch's trained tokens (labels != -100), computed
     without a full fp32 logits tensor where the architecture allows. ``grad_in_forward`` (default):
     the LM head's share of the backward pass is done during forward while its logits are at hand,
     saving the recomputation of the logits in backward (see kernels.loss); it only applies when
-    gradients are enabled."""
+    gradients are enabled. ``static_shapes``: no shape depends on the data (the LM head runs on
+    every position, ignored ones add 0) and nothing waits for the GPU, as a CUDA graph needs; the
+    caller checks the labels' range."""
     from .kernels.loss import chunked_linear_cross_entropy
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     labels = batch["labels"].to(device)
     if _chunked_loss_ok(model):
         h = model.model(**inputs, use_cache=False).last_hidden_state
         tgt = labels[:, 1:]
+        if static_shapes:
+            return chunked_linear_cross_entropy(h[:, :-1], model.get_output_embeddings().weight, tgt,
+                                                reduction="sum", grad_in_forward=grad_in_forward)
         keep = tgt != -100  # the LM head runs only where a token is scored (prompts are most tokens)
         return chunked_linear_cross_entropy(h[:, :-1][keep], model.get_output_embeddings().weight, tgt[keep],
                                             reduction="sum", grad_in_forward=grad_in_forward)
@@ -286,6 +295,38 @@ def _step_with_retry(run_step, optimizer, device, log):
                 optimizer.evict_all()
             torch.cuda.empty_cache()
             log("out of GPU memory in this step: moved the optimizer state to CPU memory, running the step again")
+
+
+def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, casts, pad_id, log):
+    """The micro-step as a :class:`~qlora.cuda_graphs.GraphedMicroStep` when ``--cuda-graphs`` and
+    the run allows one (see cuda_graphs.supported), else None (eager steps)."""
+    if not cfg.cuda_graphs or device.type != "cuda":
+        return None
+    from .cuda_graphs import GraphedMicroStep, causal_attention, pad_packed, supported
+    ok, why = supported(device, parallel=par.mode != "none", offload=off is not None or cfg.offload_embeddings,
+                        dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing)
+    if ok and scaler is not None:
+        ok, why = False, "fp16 loss scaling"
+    if not ok:
+        log(f"CUDA graphs not used: {why}")
+        return None
+
+    def micro_step(b, scale):
+        with casts, causal_attention(model, enabled="attention_mask" not in b and "position_ids" not in b):
+            loss = loss_sum(model, b, device, static_shapes=True) * scale
+            loss.backward()
+        return loss.detach()
+
+    return GraphedMicroStep(micro_step, params, device, log=log,
+                            pad=lambda b, shapes: pad_packed(b, shapes, pad_id))
+
+
+def _check_labels(batch: dict, model) -> None:
+    """Label ids must index the LM head's rows (the graphed loss cannot check them on the GPU)."""
+    lab, vocab = batch["labels"], model.get_output_embeddings().weight.shape[0]
+    bad = (lab != -100) & ((lab < 0) | (lab >= vocab))
+    if bool(bad.any()):
+        raise QLoraError(f"label id {int(lab[bad][0])} is outside the model's vocabulary of {vocab} tokens")
 
 
 def _device(name: str) -> torch.device:
@@ -472,6 +513,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu"))
     cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
     casts = lora_cast(model, enabled=par.mode == "none")  # entered per micro-batch
+    graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, pad_id, log)
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True)
     tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
@@ -503,6 +545,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 import contextlib
                 total_loss, n_in = 0.0, 0
                 for i, b in enumerate(micro):
+                    if graphed is not None:  # the same forward+backward, replayed from a CUDA graph
+                        _check_labels(b, model)
+                        total_loss += graphed(b, 1.0 / n_tok).item()
+                        n_in += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
+                            else int(b["attention_mask"].sum())
+                        continue
                     with (off.hooks() if off is not None else contextlib.nullcontext()), \
                             par.sync_context(i == len(micro) - 1), casts:
                         loss = par.loss(b) / n_tok
@@ -529,8 +577,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 scaler.update()
             else:
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            par.zero_grad()
+            optimizer.zero_grad(set_to_none=graphed is None)  # a CUDA graph accumulates into fixed .grad tensors
+            if graphed is None:
+                par.zero_grad()
             step += 1
             last_loss = step_loss
             elapsed = time.time() - t_loop

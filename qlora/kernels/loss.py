@@ -183,8 +183,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     vocab = weight.shape[0]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(-1).long()
-    bad = (lab != ignore_index) & ((lab < 0) | (lab >= vocab))
-    if bool(bad.any()):
+    capturing = lab.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync inside a CUDA graph
+    bad = None if capturing else (lab != ignore_index) & ((lab < 0) | (lab >= vocab))
+    if bad is not None and bool(bad.any()):
         raise QLoraError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; "
                          f"found {int(lab[bad][0])}")
     if chunk_size is None:

@@ -1,0 +1,232 @@
+"""CUDA graphs for the training micro-step: one forward + backward replayed as a single launch.
+
+On a fast GPU a QLoRA step is bound by the host: Python, autograd and the launch of some 4,000
+(1B) to 8,000 (8B) kernels per step take longer than the kernels themselves (see BENCHMARKS.md,
+profiles of session 3). A CUDA graph records those launches once and replays them with one call,
+so the GPU runs back to back.
+
+:class:`GraphedMicroStep` wraps a function ``step_fn(batch, scale) -> loss`` that runs the
+forward pass, multiplies the summed loss by ``scale`` (a 0-dim fp32 device tensor: 1/number of
+trained tokens of the whole step, which changes from step to step) and calls ``backward()``.
+
+* The first ``warmup`` calls of one batch shape run eagerly (on a side stream, as CUDA graph
+  capture wants: lazy initialisations and Triton's compilation happen there).
+* The next call with that shape captures the step into a graph, then replays it. Later calls with
+  that shape copy the batch into the graph's static input tensors and replay. One graph is kept (its
+  memory pool stays reserved for it); a batch of another shape is first handed to ``pad(batch,
+  shapes)``, which may return it padded to the captured shapes (e.g. packed rows padded with
+  ignored tokens), else it runs eagerly.
+* Gradients accumulate *in place* into ``.grad`` tensors that exist before the capture (the graph
+  writes to their addresses), so callers zero them with ``zero_grad(set_to_none=False)``;
+  :meth:`GraphedMicroStep.__call__` re-attaches them if something set them to None.
+* Anything that cannot be captured (a host synchronisation inside the model, e.g. transformers'
+  mask code given an ``attention_mask``) makes the capture fail; the wrapper says why once and runs
+  eagerly from then on. Nothing is lost: a failed capture executes no kernel.
+
+The results equal eager execution's: the same kernels run on the same data (the tests compare
+losses and gradients on a GPU). Not for several processes (DDP/FSDP hooks) or activation offload
+(host copies); :func:`supported` says when graphs can be used.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+Batch = dict
+
+
+def supported(device: torch.device, *, parallel: bool = False, offload: bool = False, dropout: float = 0.0,
+              checkpointing: bool = True) -> tuple[bool, str]:
+    """Whether the training micro-step can be replayed from a CUDA graph, and if not, why."""
+    if device.type != "cuda":
+        return False, "not a CUDA device"
+    if parallel:
+        return False, "several processes (gradient sync hooks)"
+    if offload:
+        return False, "activation offload (host copies)"
+    if dropout > 0 and checkpointing:
+        return False, "LoRA dropout with gradient checkpointing (the recompute restores the RNG state on the host)"
+    return True, ""
+
+
+def _key(batch: Batch) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in batch.items() if isinstance(v, torch.Tensor)))
+
+
+class GraphedMicroStep:
+    """Runs ``step_fn(batch, scale)`` (forward, ``backward()``, returns the detached loss) eagerly for
+    ``warmup`` calls, then from a CUDA graph for batches of the shape captured. ``params``: the
+    trainable parameters (their ``.grad`` tensors become fixed). ``log``: told once when capture
+    fails. See the module docstring."""
+
+    def __init__(self, step_fn: Callable[[Batch, torch.Tensor], torch.Tensor], params: list[torch.Tensor],
+                 device: torch.device, warmup: int = 2, log: Callable[[str], None] | None = None,
+                 pad: Callable[[Batch, dict], Batch | None] | None = None):
+        self.step_fn, self.params, self.device = step_fn, list(params), torch.device(device)
+        self.warmup, self.log, self.pad = max(1, int(warmup)), log, pad
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed: str | None = None
+        self.stats = {"eager": 0, "replays": 0, "captures": 0}
+        self._key = None
+        self._seen: dict = {}
+        self._inputs: Batch = {}
+        self._scale: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        self._grads: list[torch.Tensor] = []
+        self._side = torch.cuda.Stream(self.device)
+
+    # -- eager ----------------------------------------------------------------------------------
+
+    def _eager(self, batch: Batch, scale: float) -> torch.Tensor:
+        self.stats["eager"] += 1
+        dev = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        s = torch.tensor(float(scale), dtype=torch.float32, device=self.device)
+        cur = torch.cuda.current_stream(self.device)
+        if self.graph is not None:  # the shape differs from the captured one: plain eager on this stream
+            return self.step_fn(dev, s)
+        self._side.wait_stream(cur)
+        with torch.cuda.stream(self._side):
+            out = self.step_fn(dev, s)
+        cur.wait_stream(self._side)
+        return out
+
+    # -- graph ----------------------------------------------------------------------------------
+
+    def _attach_grads(self) -> None:
+        for p, g in zip(self.params, self._grads):
+            if p.grad is not g:
+                if p.grad is not None:  # someone replaced it: keep its value in the graph's tensor
+                    g.copy_(p.grad)
+                else:
+                    g.zero_()
+                p.grad = g
+
+    def _capture(self, batch: Batch) -> bool:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self._grads = [p.grad for p in self.params]
+        self._inputs = {k: v.to(self.device).clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        self._scale = torch.zeros((), dtype=torch.float32, device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        try:
+            with torch.cuda.graph(graph):
+                out = self.step_fn(self._inputs, self._scale)
+        except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
+            self._give_up(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return False
+        moved = [i for i, (p, g) in enumerate(zip(self.params, self._grads)) if p.grad is not g]
+        if moved:  # the backward did not accumulate in place: replays would not reach .grad
+            self._give_up(f"{len(moved)} gradients were not accumulated in place")
+            return False
+        self.graph, self._out = graph, out
+        self.stats["captures"] += 1
+        if self.log is not None:
+            shape = "x".join(map(str, self._inputs["input_ids"].shape)) if "input_ids" in self._inputs else "?"
+            self.log(f"CUDA graph captured: micro-batches of {shape} tokens are replayed from now on")
+        return True
+
+    def _give_up(self, why: str) -> None:
+        self.failed = why
+        self._inputs, self._scale, self._out = {}, None, None
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize(self.device)
+        if self.log is not None:
+            self.log(f"CUDA graphs off, running eagerly: {why}")
+
+    def __call__(self, batch: Batch, scale: float) -> torch.Tensor:
+        """One micro-batch: forward + backward (gradients added to ``.grad``); returns the loss
+        tensor (a static tensor when replayed: read it before the next call)."""
+        if self.failed is not None:
+            return self._eager(batch, scale)
+        key = _key(batch)
+        if self.graph is not None and key != self._key and self.pad is not None:
+            padded = self.pad(batch, {k: tuple(v.shape) for k, v in self._inputs.items() if isinstance(v, torch.Tensor)})
+            if padded is not None and _key(padded) == self._key:
+                batch, key = padded, self._key
+        if self.graph is not None and key != self._key:
+            return self._eager(batch, scale)
+        if self.graph is None:  # capture the first shape seen `warmup` times
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] <= self.warmup:
+                return self._eager(batch, scale)
+            self._key = key
+            if not self._capture(batch):
+                return self._eager(batch, scale)
+        else:
+            self._attach_grads()
+            for k, v in batch.items():
+                if isinstance(v, torch.Tensor):
+                    self._inputs[k].copy_(v, non_blocking=True)
+        self._scale.fill_(float(scale))
+        self.graph.replay()
+        self.stats["replays"] += 1
+        return self._out
+
+
+# -- attention without a mask --------------------------------------------------------------------
+
+CAUSAL_ATTENTION = "qlora_causal_sdpa"
+
+
+def _register_causal() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(module, query, key, value, None, **kwargs)  # None: is_causal
+
+    def no_mask(*args, **kwargs):
+        return None
+
+    AttentionInterface.register(CAUSAL_ATTENTION, attention)
+    AttentionMaskInterface.register(CAUSAL_ATTENTION, no_mask)
+
+
+@contextlib.contextmanager
+def causal_attention(model, enabled: bool = True):
+    """For a batch without padding or packing (no ``attention_mask``, no ``position_ids``): SDPA
+    attention runs with ``is_causal`` and no mask tensor is built. transformers does the same when
+    it runs eagerly, but while a CUDA graph is captured its mask code cannot look at the data and
+    builds a full ``[B, 1, T, T]`` mask, which makes SDPA leave its flash kernel. Only a model whose
+    attention is ``sdpa`` is switched; others are left alone."""
+    cfg = getattr(model, "config", None)
+    if not enabled or cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    if not getattr(causal_attention, "_registered", False):
+        _register_causal()
+        causal_attention._registered = True
+    cfg._attn_implementation_internal = CAUSAL_ATTENTION
+    try:
+        yield
+    finally:
+        cfg._attn_implementation_internal = "sdpa"
+
+
+def pad_packed(batch: Batch, shapes: dict, pad_id: int) -> Batch | None:
+    """A packed batch (``input_ids``, ``labels``, ``position_ids``) padded to ``shapes``: extra
+    columns and rows hold ``pad_id`` tokens with ignored labels (-100) and positions that restart
+    at 0, i.e. an example of their own that adds nothing to the loss or the gradients. None when
+    the batch is not packed or does not fit."""
+    if "position_ids" not in batch or "attention_mask" in batch or "input_ids" not in shapes:
+        return None
+    B, T = batch["input_ids"].shape
+    B0, T0 = shapes["input_ids"]
+    if B > B0 or T > T0 or any(tuple(batch[k].shape) != (B, T) for k in ("labels", "position_ids")):
+        return None
+    out = dict(batch)
+    for k, fill in (("input_ids", pad_id), ("labels", -100)):
+        t = torch.full((B0, T0), fill, dtype=batch[k].dtype, device=batch[k].device)
+        t[:B, :T] = batch[k]
+        out[k] = t
+    pos = torch.empty((B0, T0), dtype=batch["position_ids"].dtype, device=batch["position_ids"].device)
+    pos[:B, :T] = batch["position_ids"]
+    pos[:B, T:] = torch.arange(T0 - T, dtype=pos.dtype, device=pos.device)
+    pos[B:] = torch.arange(T0, dtype=pos.dtype, device=pos.device)
+    out["position_ids"] = pos
+    return out
