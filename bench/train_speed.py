@@ -37,7 +37,7 @@ SHAPES = {
 
 
 def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False,
-        cast_once: bool = True, cuda_graphs: bool = True) -> dict:
+        cast_once: bool = True, cuda_graphs: bool = True, memory_phases: bool = False) -> dict:
     import torch
     from transformers import LlamaConfig
 
@@ -60,13 +60,17 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     load_s = time.time() - t0
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, "paged_adamw" if cuda else "adamw", lr=2e-4)
+    # +offload: the paged optimizer's state also waits in CPU memory between steps (page budget 0)
+    opt = make_optimizer(params, "paged_adamw" if cuda else "adamw", lr=2e-4,
+                         page_budget_bytes=0 if cuda and mode.endswith("+offload") else None)
     g = torch.Generator().manual_seed(0)
-    times, first_step_at, loss = [], None, float("nan")
+    times, first_step_at, loss, phases = [], None, float("nan"), []
     prof = None
     casts = lora_cast(model, enabled=cast_once)
 
     def micro_step(b, scale):  # forward + backward of one batch (what a CUDA graph replays)
+        if off is not None:
+            off.begin_step()
         with off.hooks() if off is not None else contextlib.nullcontext(), casts, causal_attention(model):
             l = loss_sum(model, b, device, static_shapes=graphed is not None) * scale
             l.backward()
@@ -75,8 +79,9 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     graphed = None
     if cuda_graphs:
         from qlora.cuda_graphs import GraphedMicroStep, supported
-        ok, why = supported(torch.device(device), offload=off is not None)
-        graphed = GraphedMicroStep(micro_step, params, torch.device(device), log=print) if ok else None
+        ok, why = supported(torch.device(device))
+        graphed = GraphedMicroStep(micro_step, params, torch.device(device), log=print,
+                                   accumulate=False) if ok else None  # one micro-batch per step
     for i in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
         b = {"input_ids": ids, "labels": ids}
@@ -88,10 +93,18 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
             prof.__enter__()
         ts = time.time()
         n = int((ids[:, 1:] >= 0).sum())
+        if memory_phases:
+            torch.cuda.reset_peak_memory_stats()
         l = graphed(b, 1.0 / n) if graphed is not None else micro_step(b, 1.0 / n)
+        if memory_phases:  # peak of this step's forward+backward, then of clipping + optimizer
+            phases.append((i, "fwd+bwd", round(torch.cuda.max_memory_allocated() / 2**30, 3)))
+            torch.cuda.reset_peak_memory_stats()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
-        opt.zero_grad(set_to_none=graphed is None)  # a graph keeps accumulating into the same .grad tensors
+        if memory_phases:
+            phases.append((i, "optimizer", round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                           round(torch.cuda.memory_allocated() / 2**30, 3)))
+        opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.time() - ts)
@@ -111,9 +124,10 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     r = dict(mode=mode, shape=shape, seq=seq, batch=batch, steps=steps, load_s=round(load_s, 1),
              weights_gib=round(weights_gib, 2), step_s=round(med, 3), tok_s=round(tok_s, 1),
              loss=round(loss, 3), time_to_first_step_s=round(first_step_at, 1),
-             peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else 0.0,
+             peak_gib=round(max([torch.cuda.max_memory_allocated() / 2**30] + [p[2] for p in phases]), 2) if cuda else 0.0,
              mfu=round(tok_s * flops_tok / 989e12, 3) if cuda else None,
-             cuda_graphs=dict(graphed.stats, failed=graphed.failed) if graphed is not None else False)
+             cuda_graphs=dict(graphed.stats, failed=graphed.failed) if graphed is not None else False,
+             **({"memory_phases": phases} if memory_phases else {}))
     if prof is not None:
         evs = prof.key_averages()
         r["profile_top"] = [
@@ -154,7 +168,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--modes", default="qlora,lora16",
-                    help="comma list of qlora, lora16, qlora+offload (checkpointed activations in CPU memory)")
+                    help="comma list of qlora, lora16, qlora+offload (checkpointed activations and optimizer "
+                         "state in CPU memory)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peers", help="output of ../shared/bench/peers/run_peers.sh on the same shape, to compare")
     ap.add_argument("--profile", action="store_true", help="profile the last step (top CUDA kernels)")
@@ -162,10 +177,13 @@ def main():
                     help="cast LoRA factors per layer call instead of once per step (qlora.linear.lora_cast)")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="run every step eagerly instead of replaying forward+backward from a CUDA graph")
+    ap.add_argument("--memory-phases", action="store_true",
+                    help="also report the peak memory of each step's forward+backward and optimizer step")
     a = ap.parse_args()
     res = {}
     for mode in a.modes.split(","):
-        r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile, a.lora_cast, a.cuda_graphs)
+        r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile, a.lora_cast, a.cuda_graphs,
+                a.memory_phases)
         r["lora_cast"] = a.lora_cast
         res[mode] = r
         print(json.dumps(r), flush=True)

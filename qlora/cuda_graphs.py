@@ -16,16 +16,22 @@ trained tokens of the whole step, which changes from step to step) and calls ``b
   memory pool stays reserved for it); a batch of another shape is first handed to ``pad(batch,
   shapes)``, which may return it padded to the captured shapes (e.g. packed rows padded with
   ignored tokens), else it runs eagerly.
-* Gradients accumulate *in place* into ``.grad`` tensors that exist before the capture (the graph
-  writes to their addresses), so callers zero them with ``zero_grad(set_to_none=False)``;
-  :meth:`GraphedMicroStep.__call__` re-attaches them if something set them to None.
+* ``accumulate=True``: gradients accumulate *in place* into ``.grad`` tensors that exist before
+  the capture (the graph writes to their addresses), so callers zero them with
+  ``zero_grad(set_to_none=False)``; :meth:`GraphedMicroStep.__call__` re-attaches (zeroed) ones
+  that were set to None. ``accumulate=False`` (one micro-batch per optimizer step): after each
+  call ``.grad`` holds that micro-batch's gradient alone; the backward creates the ``.grad``
+  tensors inside the graph's memory pool, so no gradient memory exists during the forward pass
+  (as in eager training with ``set_to_none=True``), and each replay writes them afresh.
 * Anything that cannot be captured (a host synchronisation inside the model, e.g. transformers'
   mask code given an ``attention_mask``) makes the capture fail; the wrapper says why once and runs
   eagerly from then on. Nothing is lost: a failed capture executes no kernel.
 
 The results equal eager execution's: the same kernels run on the same data (the tests compare
-losses and gradients on a GPU). Not for several processes (DDP/FSDP hooks) or activation offload
-(host copies); :func:`supported` says when graphs can be used.
+losses and gradients on a GPU). Activation offload works inside a graph when its host buffers
+are static (``ActivationOffloader(static=True)``, what ``enable_checkpointing`` makes; the step
+function calls ``begin_step()``). Not for several processes (DDP/FSDP hooks) or input embeddings
+in CPU memory; :func:`supported` says when graphs can be used.
 """
 from __future__ import annotations
 
@@ -37,15 +43,15 @@ import torch
 Batch = dict
 
 
-def supported(device: torch.device, *, parallel: bool = False, offload: bool = False, dropout: float = 0.0,
+def supported(device: torch.device, *, parallel: bool = False, host_embeddings: bool = False, dropout: float = 0.0,
               checkpointing: bool = True) -> tuple[bool, str]:
     """Whether the training micro-step can be replayed from a CUDA graph, and if not, why."""
     if device.type != "cuda":
         return False, "not a CUDA device"
     if parallel:
         return False, "several processes (gradient sync hooks)"
-    if offload:
-        return False, "activation offload (host copies)"
+    if host_embeddings:
+        return False, "input embeddings in CPU memory (the lookup waits for the host)"
     if dropout > 0 and checkpointing:
         return False, "LoRA dropout with gradient checkpointing (the recompute restores the RNG state on the host)"
     return True, ""
@@ -63,9 +69,9 @@ class GraphedMicroStep:
 
     def __init__(self, step_fn: Callable[[Batch, torch.Tensor], torch.Tensor], params: list[torch.Tensor],
                  device: torch.device, warmup: int = 2, log: Callable[[str], None] | None = None,
-                 pad: Callable[[Batch, dict], Batch | None] | None = None):
+                 pad: Callable[[Batch, dict], Batch | None] | None = None, accumulate: bool = True):
         self.step_fn, self.params, self.device = step_fn, list(params), torch.device(device)
-        self.warmup, self.log, self.pad = max(1, int(warmup)), log, pad
+        self.warmup, self.log, self.pad, self.accumulate = max(1, int(warmup)), log, pad, accumulate
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failed: str | None = None
         self.stats = {"eager": 0, "replays": 0, "captures": 0}
@@ -81,6 +87,9 @@ class GraphedMicroStep:
 
     def _eager(self, batch: Batch, scale: float) -> torch.Tensor:
         self.stats["eager"] += 1
+        if not self.accumulate:
+            for p in self.params:
+                p.grad = None
         dev = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         s = torch.tensor(float(scale), dtype=torch.float32, device=self.device)
         cur = torch.cuda.current_stream(self.device)
@@ -96,7 +105,9 @@ class GraphedMicroStep:
 
     def _attach_grads(self) -> None:
         for p, g in zip(self.params, self._grads):
-            if p.grad is not g:
+            if p.grad is not g and not self.accumulate:  # the replay overwrites g
+                p.grad = g
+            elif p.grad is not g:
                 if p.grad is not None:  # someone replaced it: keep its value in the graph's tensor
                     g.copy_(p.grad)
                 else:
@@ -105,7 +116,9 @@ class GraphedMicroStep:
 
     def _capture(self, batch: Batch) -> bool:
         for p in self.params:
-            if p.grad is None:
+            if not self.accumulate:  # backward creates .grad inside the graph's pool: written afresh by each replay
+                p.grad = None
+            elif p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._grads = [p.grad for p in self.params]
         self._inputs = {k: v.to(self.device).clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -118,6 +131,8 @@ class GraphedMicroStep:
         except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
             self._give_up(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return False
+        if not self.accumulate:
+            self._grads = [p.grad for p in self.params]
         moved = [i for i, (p, g) in enumerate(zip(self.params, self._grads)) if p.grad is not g]
         if moved:  # the backward did not accumulate in place: replays would not reach .grad
             self._give_up(f"{len(moved)} gradients were not accumulated in place")

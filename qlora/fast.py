@@ -1,16 +1,21 @@
-"""Route a transformers model's RMSNorm and SwiGLU MLP through the fused Triton kernels of
-:mod:`qlora.kernels` (forward and backward), by replacing those modules' ``forward`` on the
-instance — no subclassing. The kernels compute what the modules compute (RMSNorm in fp32, cast
+"""Route a transformers model's RMSNorm, SwiGLU MLP and rotary embedding through the fused Triton
+kernels of :mod:`qlora.kernels` (forward and backward), by replacing those modules' ``forward`` on
+the instance — no subclassing — and, for RoPE, the modeling module's ``apply_rotary_pos_emb``
+(which falls back to the original wherever the kernel does not apply, e.g. on a CPU). The kernels compute what the modules compute (RMSNorm in fp32, cast
 back, times the weight; ``down(silu(gate(x)) * up(x))``), and each call falls back to the torch
 reference when the kernels are unavailable (CPU, no Triton, ``QLORA_KERNELS=0``)."""
 from __future__ import annotations
 
+import os
+import sys
 import types
 
 import torch.nn as nn
 
 # norms of the form weight * normalize(x) (Gemma's 1 + weight differs: left alone)
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+# attention modules that call their modeling module's apply_rotary_pos_emb(q, k, cos, sin)
+_ATTENTIONS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
 
 
 def _norm_forward(self, hidden_states):
@@ -20,15 +25,50 @@ def _norm_forward(self, hidden_states):
 
 def _mlp_forward(self, x):
     from . import kernels
-    return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+    # gate and up are fresh tensors read only by the activation: its backward may overwrite them
+    return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True))
+
+
+# QLORA_ROPE_KERNEL=0: leave transformers' rotary embedding (eager element-wise ops) alone
+ROPE_KERNEL = os.environ.get("QLORA_ROPE_KERNEL", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _rope_with_kernel(original):
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` through the RoPE
+    kernel (one launch per tensor, forward and backward) where it applies: CUDA tensors with the
+    kernels available, full-width rotation, ``cos``/``sin`` of shape [B, S, D]; else the original."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, unsqueeze_dim=1, **kwargs):
+        from . import kernels
+        if (args or kwargs or unsqueeze_dim != 1 or not q.is_cuda or cos.dim() != 3 or cos.shape[-1] != q.shape[-1]
+                or k.shape[-1] != q.shape[-1] or not kernels.available()):
+            return original(q, k, cos, sin, *args, unsqueeze_dim=unsqueeze_dim, **kwargs)
+        return kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
+
+    apply_rotary_pos_emb._qlora_original = original
+    return apply_rotary_pos_emb
+
+
+def _patch_rope(attention_class) -> bool:
+    """Route the rotary embedding of ``attention_class``'s modeling module through the kernel
+    (module-wide: the module's function is replaced once; it falls back to the original itself)."""
+    mod = sys.modules.get(attention_class.__module__)
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None or not callable(fn):
+        return False
+    if not hasattr(fn, "_qlora_original"):
+        mod.apply_rotary_pos_emb = _rope_with_kernel(fn)
+    return True
 
 
 def use_fused_kernels(model: nn.Module) -> dict:
     """Patch the supported modules; returns how many of each were patched."""
     act = str(getattr(model.config, "hidden_act", "")).lower()
-    n = {"rmsnorm": 0, "swiglu_mlp": 0}
+    n = {"rmsnorm": 0, "swiglu_mlp": 0, "rope": 0}
     for m in model.modules():
         name = type(m).__name__
+        if ROPE_KERNEL and name in _ATTENTIONS and _patch_rope(type(m)):
+            n["rope"] += 1
         if name in _NORMS and hasattr(m, "variance_epsilon"):
             m.forward = types.MethodType(_norm_forward, m)
             n["rmsnorm"] += 1

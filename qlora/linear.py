@@ -75,7 +75,8 @@ class _QLoRAMatmul(torch.autograd.Function):
     dropout is active (None: ``x`` itself). One node instead of the six or so that the same math
     makes in eager autograd, and backward in six kernels: ``gxa = s * g @ B`` and
     ``dB = s * g.T @ xa`` with the scaling in the GEMM epilogue, ``dA = gxa.T @ xd``, and
-    ``dx = g @ W + gxa @ A`` as one matmul plus one addmm. On a GPU whose host is slow the
+    ``dx = g @ W + gxa @ A`` as one matmul plus one in-place addmm (an out-of-place addmm first
+    copies its input: one device-to-device copy of an output-sized tensor per call). On a GPU whose host is slow the
     per-node and per-launch costs were a third of an 8B step."""
 
     @staticmethod
@@ -85,7 +86,7 @@ class _QLoRAMatmul(torch.autograd.Function):
         x2 = x.reshape(-1, n_in)
         xd2 = x2 if xd is None else xd.reshape(-1, n_in)
         xa = xd2 @ a.t()
-        y = torch.addmm(F.linear(x2, w, bias), xa, b.t(), alpha=scaling)
+        y = F.linear(x2, w, bias).addmm_(xa, b.t(), alpha=scaling)  # in place: out-of-place addmm copies y first
         ctx.scaling, ctx.holder, ctx.shared, ctx.x_shape = scaling, holder, xd is None, x.shape
         ctx.save_for_backward(xd2, xa, a, b, weight, packed)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -105,7 +106,7 @@ class _QLoRAMatmul(torch.autograd.Function):
             w = weight if weight is not None else _dequant(packed, ctx.holder.state, g2.dtype)
             gx = g2 @ w
             if ctx.shared:
-                gx = torch.addmm(gx, gxa, a)
+                gx.addmm_(gxa, a)
             gx = gx.view(ctx.x_shape)
         if not ctx.shared and ctx.needs_input_grad[1]:
             gxd = (gxa @ a).view(ctx.x_shape)

@@ -64,11 +64,15 @@ class ActivationOffloader:
     tensor packed before the one being unpacked. ``exclude``: a module whose parameters and
     buffers are never offloaded (they stay on the device anyway; parameters are always skipped).
     ``include_cpu``: also "offload" CPU tensors (to separate CPU copies; for tests).
+    ``static``: the host buffers are kept and reused: the i-th tensor packed after
+    :meth:`begin_step` goes to the i-th buffer (allocated the first time). A CUDA graph that
+    captured the copies writes to the same host memory on every replay, so it must stay
+    allocated, and the capture then allocates no pinned memory.
     ``stats`` counts ``packed``, ``bytes_out``, ``unpacked``, ``bytes_in``, ``prefetched``.
     """
 
     def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, prefetch: bool = True, exclude: nn.Module | None = None,
-                 include_cpu: bool = False):
+                 include_cpu: bool = False, static: bool = False):
         if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
             raise QLoraError(f"min_bytes must be an integer >= 0, got {min_bytes!r}")
         self.min_bytes, self.prefetch, self.include_cpu = min_bytes, prefetch, include_cpu
@@ -76,6 +80,7 @@ class ActivationOffloader:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last = None
         self._skip: set[int] = set()
+        self.static, self._slots, self._slot = static, [], 0
         if exclude is not None:
             self.exclude(exclude)
 
@@ -85,6 +90,23 @@ class ActivationOffloader:
             t = getattr(t, "_local_tensor", t)  # an FSDP2 shard (DTensor): its local storage
             if t is not None and not t.is_meta:
                 self._skip.add(t.untyped_storage().data_ptr())
+
+    def begin_step(self) -> None:
+        """A new forward pass starts: with ``static``, its tensors reuse the buffers from the start."""
+        self._slot = 0
+
+    def _host_buffer(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.static:
+            return torch.empty_like(t, device="cpu", pin_memory=True)
+        i, self._slot = self._slot, self._slot + 1
+        if i < len(self._slots) and self._slots[i].shape == t.shape and self._slots[i].dtype == t.dtype:
+            return self._slots[i]
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        if i < len(self._slots):
+            self._slots[i] = host
+        else:
+            self._slots.append(host)
+        return host
 
     @contextlib.contextmanager
     def hooks(self):
@@ -115,7 +137,7 @@ class ActivationOffloader:
         if t.device.type == "cuda":
             side = self._stream(t.device)
             side.wait_stream(torch.cuda.current_stream(t.device))  # t has been computed
-            host = torch.empty_like(t, device="cpu", pin_memory=True)
+            host = self._host_buffer(t)
             with torch.cuda.stream(side):
                 host.copy_(t, non_blocking=True)
                 ready = torch.cuda.Event()
@@ -210,7 +232,7 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
         block._gradient_checkpointing_func = getattr(block, "_qlora_checkpoint_func", block._gradient_checkpointing_func)
     if not offload:
         return None
-    off = offloader or ActivationOffloader(min_bytes)
+    off = offloader or ActivationOffloader(min_bytes, static=True)  # static: what a CUDA graph of the step needs
     off.exclude(model)
     for block in blocks:
         inner = block._gradient_checkpointing_func

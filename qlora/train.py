@@ -18,6 +18,7 @@ continues exactly (same losses as an uninterrupted run). Ctrl-C / SIGTERM saves 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -81,9 +82,12 @@ class TrainConfig:
                                      group="optimization")
     offload_embeddings: bool = opt(False, "keep the input embedding table in CPU memory (untied models)",
                                    group="optimization")
+    offload_optimizer: bool = opt(False, "keep a paged optimizer's state in CPU memory between steps (8 bytes per "
+                                  "LoRA parameter off the GPU during forward/backward; copied in and out each step)",
+                                  group="optimization")
     cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
                             "host launches); used where shapes repeat and nothing syncs with the host: one process, "
-                            "no activation/embedding offload, bf16, and --dropout 0 when checkpointing; "
+                            "no --offload-embeddings, bf16, and --dropout 0 when checkpointing; "
                             "otherwise (or with false) steps run eagerly", group="optimization")
     cache_dequant: str = opt("auto", "keep dequantized base weights in memory during training (same math, "
                              "+2 bytes/param; auto: on for CPU, off for GPU)", ["auto", "on", "off"], group="optimization")
@@ -303,7 +307,7 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
     if not cfg.cuda_graphs or device.type != "cuda":
         return None
     from .cuda_graphs import GraphedMicroStep, causal_attention, pad_packed, supported
-    ok, why = supported(device, parallel=par.mode != "none", offload=off is not None or cfg.offload_embeddings,
+    ok, why = supported(device, parallel=par.mode != "none", host_embeddings=cfg.offload_embeddings,
                         dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing)
     if ok and scaler is not None:
         ok, why = False, "fp16 loss scaling"
@@ -312,12 +316,15 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
         return None
 
     def micro_step(b, scale):
-        with casts, causal_attention(model, enabled="attention_mask" not in b and "position_ids" not in b):
+        if off is not None:
+            off.begin_step()
+        with (off.hooks() if off is not None else contextlib.nullcontext()), casts, \
+                causal_attention(model, enabled="attention_mask" not in b and "position_ids" not in b):
             loss = loss_sum(model, b, device, static_shapes=True) * scale
             loss.backward()
         return loss.detach()
 
-    return GraphedMicroStep(micro_step, params, device, log=log,
+    return GraphedMicroStep(micro_step, params, device, log=log, accumulate=cfg.grad_accum > 1,
                             pad=lambda b, shapes: pad_packed(b, shapes, pad_id))
 
 
@@ -480,7 +487,10 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     model.train()
     par.wrap(model)
     params = par.optimizer_params()
-    optimizer = make_optimizer(params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.offload_optimizer and not cfg.optim.startswith("paged"):
+        raise QLoraError(f"--offload-optimizer needs a paged optimizer (paged_adamw or paged_adamw8bit), not {cfg.optim}")
+    optimizer = make_optimizer(params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
+                               page_budget_bytes=0 if cfg.offload_optimizer else None)
     scaler = torch.amp.GradScaler(device.type) if cfg.compute_dtype == "fp16" else None
     n_trainable = sum(p.numel() for p in par.params)
     if par.sharded:
@@ -577,8 +587,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 scaler.update()
             else:
                 optimizer.step()
-            optimizer.zero_grad(set_to_none=graphed is None)  # a CUDA graph accumulates into fixed .grad tensors
-            if graphed is None:
+            keep = graphed is not None and graphed.accumulate  # a CUDA graph accumulates into fixed .grad tensors
+            optimizer.zero_grad(set_to_none=not keep)
+            if not keep:
                 par.zero_grad()
             step += 1
             last_loss = step_loss

@@ -2,6 +2,7 @@
 gradients of eager steps (GPU tests), and the CPU-side pieces -- padding of packed batches, the
 static-shape loss, the mask-free causal attention, when graphs are refused -- against plain
 references (run everywhere)."""
+import contextlib
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_supported_says_why_not():
     assert supported(torch.device("cpu"))[0] is False
     cuda = torch.device("cuda", 0)
     assert supported(cuda) == (True, "")
-    for kw, word in ((dict(parallel=True), "processes"), (dict(offload=True), "offload"),
+    for kw, word in ((dict(parallel=True), "processes"), (dict(host_embeddings=True), "embeddings"),
                      (dict(dropout=0.05), "dropout")):
         ok, why = supported(cuda, **kw)
         assert not ok and word in why
@@ -113,18 +114,20 @@ def test_train_flag_in_help(capsys):
 # -- GPU -----------------------------------------------------------------------------------------
 
 
-def _run_steps(model, batches, graphs, warmup=2):
+def _run_steps(model, batches, graphs, warmup=2, off=None, accumulate=True):
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3)
 
     def micro(b, scale):
-        with causal_attention(model, enabled="position_ids" not in b):
+        if off is not None:
+            off.begin_step()
+        with causal_attention(model, enabled="position_ids" not in b), off.hooks() if off else contextlib.nullcontext():
             loss = loss_sum(model, b, "cuda", static_shapes=True) * scale
             loss.backward()
         return loss.detach()
 
-    step = GraphedMicroStep(micro, params, torch.device("cuda"), warmup=warmup,
+    step = GraphedMicroStep(micro, params, torch.device("cuda"), warmup=warmup, accumulate=accumulate,
                             pad=lambda b, shapes: pad_packed(b, shapes, pad_id=0)) if graphs else None
     losses = []
     for b in batches:
@@ -142,16 +145,19 @@ def _run_steps(model, batches, graphs, warmup=2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant", ["nf4", None])
-def test_graphed_steps_equal_eager_steps(quant):
+@pytest.mark.parametrize("quant,offload,accumulate", [("nf4", False, True), (None, False, True), ("nf4", True, False)])
+def test_graphed_steps_equal_eager_steps(quant, offload, accumulate):
     from qlora.offload import enable_checkpointing
     m = _model("cuda", quant=quant)
-    enable_checkpointing(m)
     m.train()
+    enable_checkpointing(m)
     batches = [_batch(i) for i in range(6)]
-    l_e, g_e, p_e, _ = _run_steps(m, batches, graphs=False)
-    l_g, g_g, p_g, step = _run_steps(m, batches, graphs=True)
+    l_e, g_e, p_e, _ = _run_steps(m, batches, graphs=False)  # reference: no offload, eager
+    off = enable_checkpointing(m, offload=True, min_bytes=0) if offload else None
+    l_g, g_g, p_g, step = _run_steps(m, batches, graphs=True, off=off, accumulate=accumulate)
     assert step.failed is None and step.stats == {"eager": 2, "replays": 4, "captures": 1}
+    if offload:  # Python packed in the 2 eager steps and the capture (replays run no Python), reusing the buffers
+        assert off.stats["packed"] > 0 and off.stats["packed"] == 3 * len(off._slots), off.stats
     assert l_g == pytest.approx(l_e, rel=1e-4)
     for a, b in zip(g_e + p_e, g_g + p_g):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
@@ -192,8 +198,9 @@ def test_graph_survives_grads_set_to_none():
         p.grad = None
     eager = {k: v.cuda() for k, v in b.items()}
     micro(eager, torch.tensor(1.0, device="cuda"))
-    for r, p in zip(ref, params):
-        torch.testing.assert_close(r, p.grad, rtol=1e-3, atol=1e-6)
+    for r, p in zip(ref, params):  # one micro-batch's gradient: not zero, not two accumulated (bf16 tolerance)
+        torch.testing.assert_close(r, p.grad, rtol=5e-2, atol=1e-4)
+        assert p.grad.abs().max() > 0
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ def _pair(device):
             mod.lora_B.data.normal_()
     fast = copy.deepcopy(m)
     counts = use_fused_kernels(fast)
-    assert counts == {"rmsnorm": 5, "swiglu_mlp": 2}
+    assert counts == {"rmsnorm": 5, "swiglu_mlp": 2, "rope": 2}
     return m, fast
 
 
@@ -66,3 +66,23 @@ def test_training_steps_kernels_on_and_off_same_losses():
         finally:
             os.environ.pop("QLORA_KERNELS", None)
     assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(losses[True], losses[False])), losses
+
+
+@pytest.mark.gpu
+def test_rope_kernel_equals_transformers_rotary_on_gpu():
+    import transformers.models.llama.modeling_llama as ml
+    m, fast = _pair("cuda")
+    assert hasattr(ml.apply_rotary_pos_emb, "_qlora_original")
+    ids = torch.randint(0, 100, (2, 16), device="cuda")
+    l1, g1 = _loss_grads(fast, ids)
+    patched = ml.apply_rotary_pos_emb
+    ml.apply_rotary_pos_emb = patched._qlora_original
+    try:
+        for p in fast.parameters():
+            p.grad = None
+        l0, g0 = _loss_grads(fast, ids)
+    finally:
+        ml.apply_rotary_pos_emb = patched
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -230,6 +230,21 @@ def test_swiglu(shape, dtype):
 
 @kernel
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_inplace_backward_equals_out_of_place(dtype):
+    x = _rand(6, 300, seed=4, dtype=dtype).requires_grad_()
+    grads = []
+    for inplace in (False, True):
+        x.grad = None
+        gate, up = x * 2, x - 0.5  # fresh tensors, as gate_proj / up_proj give
+        na.SwiGLUFunction.apply(gate, up, inplace).backward(_rand(6, 300, seed=5, dtype=dtype))
+        grads.append(x.grad.clone())
+        if inplace:  # the saved gate now holds its gradient: the memory was reused
+            assert not torch.equal(gate.detach(), (x * 2).detach())
+    assert torch.equal(grads[0], grads[1])
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bhsd,table,transposed", [
     ((2, 3, 7, 16), "batch", True), ((1, 4, 33, 64), "seq", False), ((3, 2, 5, 128), "one", True), ((1, 1, 1, 8), "batch", False),
 ])

@@ -1,4 +1,4 @@
-"""qlora.lean_imports: the qlora command hides torchvision and sklearn from transformers (start-up time)."""
+"""qlora.lean_imports: the qlora command hides torchvision, sklearn and scipy from transformers (start-up time)."""
 import os
 import subprocess
 import sys

@@ -170,3 +170,11 @@ def test_cli_yaml_and_flags(setup, tmp_path, capsys):
         build_config(TrainConfig, None, {"rank": "many"})
     assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--model", str(setup / "model"),
                  "--output", str(tmp_path / "y")]) == 2
+
+
+def test_offload_optimizer_gives_same_losses(setup, tmp_path):
+    train(cfg(setup, tmp_path / "a", optim="paged_adamw"), log=lambda m: None)
+    train(cfg(setup, tmp_path / "b", optim="paged_adamw", offload_optimizer=True), log=lambda m: None)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    with pytest.raises(QLoraError, match="paged optimizer"):
+        train(cfg(setup, tmp_path / "c", optim="adamw", offload_optimizer=True), log=lambda m: None)

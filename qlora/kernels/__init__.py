@@ -92,10 +92,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return norm_act.rms_norm_reference(x, weight, eps)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (LlamaMLP's activation)."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` (LlamaMLP's activation). ``inplace_backward`` (kernel path): backward
+    overwrites gate and up with their gradients, for callers whose gate/up are used nowhere else."""
     if _use(gate) and up.is_cuda:
-        return norm_act.SwiGLUFunction.apply(gate, up)
+        return norm_act.SwiGLUFunction.apply(gate, up, inplace_backward)
     return norm_act.swiglu_reference(gate, up)
 
 

@@ -121,10 +121,12 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """Fused ``silu(gate) * up``; saves gate and up."""
+    """Fused ``silu(gate) * up``; saves gate and up. ``inplace_backward``: the gradients are written
+    over the saved gate and up (no new ``2 x [N, I]`` in backward, the largest tensors of a block's
+    backward pass); only for gate/up that nothing else reads afterwards, and a single backward."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, inplace_backward=False):
         _need_triton()
         if gate.shape != up.shape or gate.dtype != up.dtype:
             raise QLoraError(f"SwiGLU needs gate and up of one shape and dtype, got {tuple(gate.shape)} "
@@ -135,17 +137,19 @@ class SwiGLUFunction(torch.autograd.Function):
         if n:
             _swiglu_fwd_kernel[(cdiv(n, 1024),)](g, u, out, n, BLOCK=1024, num_warps=4)
         ctx.save_for_backward(g, u)
+        ctx.inplace = bool(inplace_backward)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         g, u = ctx.saved_tensors
         dout = dout.contiguous()
-        dg, du = torch.empty_like(g), torch.empty_like(u)
+        # in place: each element's gradients are computed from its own g, u, dout and then stored
+        dg, du = (g, u) if ctx.inplace else (torch.empty_like(g), torch.empty_like(u))
         n = g.numel()
         if n:
             _swiglu_bwd_kernel[(cdiv(n, 1024),)](dout, g, u, dg, du, n, BLOCK=1024, num_warps=4)
-        return dg, du
+        return dg, du, None
 
 
 # ---------------------------------------------------------------------------------------------
