@@ -312,7 +312,8 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
     if ok and scaler is not None:
         ok, why = False, "fp16 loss scaling"
     if not ok:
-        log(f"CUDA graphs not used: {why}")
+        hint = "; --dropout 0 allows them" if "dropout" in why else ""
+        log(f"CUDA graphs not used: {why}{hint}")
         return None
 
     def micro_step(b, scale):
