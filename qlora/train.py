@@ -86,8 +86,8 @@ class TrainConfig:
                                   "LoRA parameter off the GPU during forward/backward; copied in and out each step)",
                                   group="optimization")
     cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
-                            "host launches); used where shapes repeat and nothing syncs with the host: one process, "
-                            "no --offload-embeddings, bf16, and --dropout 0 when checkpointing; "
+                            "host launches); used with --packing (fixed-size rows) where nothing syncs with the host: "
+                            "one process, no --offload-embeddings, bf16, and --dropout 0 when checkpointing; "
                             "otherwise (or with false) steps run eagerly", group="optimization")
     cache_dequant: str = opt("auto", "keep dequantized base weights in memory during training (same math, "
                              "+2 bytes/param; auto: on for CPU, off for GPU)", ["auto", "on", "off"], group="optimization")
@@ -311,8 +311,11 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
                         dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing)
     if ok and scaler is not None:
         ok, why = False, "fp16 loss scaling"
+    if ok and not cfg.packing:  # length-grouped batches change shape from step to step
+        ok, why = False, "batches vary in shape without --packing"
     if not ok:
-        hint = "; --dropout 0 allows them" if "dropout" in why else ""
+        hint = {"dropout": "; --dropout 0 allows them", "packing": "; --packing allows them"}
+        hint = next((h for k, h in hint.items() if k in why), "")
         log(f"CUDA graphs not used: {why}{hint}")
         return None
 
@@ -525,6 +528,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
     casts = lora_cast(model, enabled=par.mode == "none")  # entered per micro-batch
     graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, pad_id, log)
+    if graphed is not None:
+        from .cuda_graphs import pad_packed
+        full_shape = (cfg.batch_size, -(-cfg.max_length // batches.multiple) * batches.multiple)
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True)
     tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
@@ -558,9 +564,10 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 for i, b in enumerate(micro):
                     if graphed is not None:  # the same forward+backward, replayed from a CUDA graph
                         _check_labels(b, model)
+                        n_in += int((b["input_ids"] != pad_id).sum())
+                        # one shape for every step: rows padded to --max-length, batches to --batch-size
+                        b = pad_packed(b, {"input_ids": full_shape}, pad_id) or b
                         total_loss += graphed(b, 1.0 / n_tok).item()
-                        n_in += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
-                            else int(b["attention_mask"].sum())
                         continue
                     with (off.hooks() if off is not None else contextlib.nullcontext()), \
                             par.sync_context(i == len(micro) - 1), casts:
