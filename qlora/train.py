@@ -366,6 +366,9 @@ def _prepare_output(cfg: TrainConfig) -> Path:
     return out
 
 
+PLOT_EVERY_S = 30.0
+
+
 def _plot(path: Path, rows: list[dict]) -> None:
     try:
         import matplotlib
@@ -534,6 +537,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True)
     tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
+    last_plot = t_loop
     epochs: dict = {}
 
     def checkpoint():
@@ -618,8 +622,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
                             **({"mem": f"{row['mem_gib']}G"} if "mem_gib" in row else {}))
             bar.update(1)
-            if dist.main and ("eval_loss" in row or step % max(10, total // 50) == 0):
+            # the plot as training goes, at most every PLOT_EVERY_S seconds (drawing costs ~0.1 s, the
+            # first one ~1.5 s with matplotlib's import: on a CPU run that is time taken from training)
+            if dist.main and ("eval_loss" in row or step % max(10, total // 50) == 0) \
+                    and time.time() - last_plot >= PLOT_EVERY_S:
                 _plot(out / "loss.png", rows)
+                last_plot = time.time()
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 ck_path = checkpoint()
             if dist.sum(1.0 if stop["signal"] else 0.0) > 0:
