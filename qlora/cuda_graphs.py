@@ -23,9 +23,9 @@ trained tokens of the whole step, which changes from step to step) and calls ``b
   call ``.grad`` holds that micro-batch's gradient alone; the backward creates the ``.grad``
   tensors inside the graph's memory pool, so no gradient memory exists during the forward pass
   (as in eager training with ``set_to_none=True``), and each replay writes them afresh.
-* Anything that cannot be captured (a host synchronisation inside the model, e.g. transformers'
-  mask code given an ``attention_mask``) makes the capture fail; the wrapper says why once and runs
-  eagerly from then on. Nothing is lost: a failed capture executes no kernel.
+* Anything that cannot be captured (a host synchronisation inside the step: an ``.item()``, a
+  data-dependent shape, a host-side RNG state read) makes the capture fail; the wrapper says why
+  once and runs eagerly from then on. Nothing is lost: a failed capture executes no kernel.
 
 The results equal eager execution's: the same kernels run on the same data (the tests compare
 losses and gradients on a GPU). Activation offload works inside a graph when its host buffers
