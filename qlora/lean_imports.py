@@ -20,9 +20,11 @@ UNUSED = ("torchvision", "sklearn", "scipy")
 
 def hide_unused_packages() -> list[str]:
     """Hide the UNUSED packages from later imports, except those already imported, unless the
-    user opted out; returns the names hidden."""
+    user opted out or transformers is already imported; returns the names hidden."""
     if os.environ.get("QLORA_KEEP_IMPORTS", "").strip().lower() in ("1", "true", "yes", "on"):
         return []
+    if "transformers" in sys.modules:  # too late: it may have decided they are available already, and a
+        return []  # later lazy import of its model code would then fail on the hidden package
     hidden = [name for name in UNUSED if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None

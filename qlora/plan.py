@@ -456,7 +456,8 @@ def check_train_config(cfg, config=None, gpu_mem: int | None = None) -> str | No
                       quant_type=None if cfg.quant_type == "none" else cfg.quant_type, blocksize=cfg.blocksize,
                       double_quant=cfg.double_quant, target=cfg.target, dropout=cfg.dropout,
                       grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
-                      embed_offload=getattr(cfg, "offload_embeddings", False))
+                      embed_offload=getattr(cfg, "offload_embeddings", False),
+                      page_budget=0 if getattr(cfg, "offload_optimizer", False) else None)
 
 
 def model_config(src: str | None):
@@ -524,6 +525,8 @@ def add_cli(sub) -> None:
                    help="offload checkpointed activations to CPU memory (default false)")
     p.add_argument("--offload-embeddings", default="false", choices=["true", "false"],
                    help="keep the input embedding table in CPU memory (untied embeddings; default false)")
+    p.add_argument("--offload-optimizer", default="false", choices=["true", "false"],
+                   help="paged optimizer state in CPU memory between steps (train's --offload-optimizer; default false)")
     p.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA factors' dtype (default fp32)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory, e.g. 24GiB, 80GB (default: this machine's GPU)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
@@ -548,6 +551,10 @@ def run(args) -> int:
               dropout=args.dropout, grad_checkpointing=args.grad_checkpointing == "true",
               offload=args.offload == "true", embed_offload=args.offload_embeddings == "true",
               lora_dtype=args.lora_dtype)
+    if args.offload_optimizer == "true":
+        if not args.optim.startswith("paged"):
+            raise QLoraError(f"--offload-optimizer needs a paged optimizer, not {args.optim}")
+        kw["page_budget"] = 0
     kw["counts"] = counts_for(config, **kw)
     est = estimate(config, args.seq, args.batch, gpu_mem=gpu_mem, **kw)
     ok = None if gpu_mem is None else fits(est, gpu_mem)

@@ -37,3 +37,15 @@ def test_torchvision_hidden_from_transformers(tmp_path):
 def test_opt_out_keeps_torchvision(tmp_path):
     words, _ = _run(tmp_path, QLORA_KEEP_IMPORTS="1")
     assert words[:2] == ["kept", "found"]
+
+
+def test_nothing_hidden_once_transformers_is_imported(tmp_path):
+    """transformers caches which packages exist: hiding one afterwards would break its lazy imports
+    (a model class importing scipy through its loss utilities)."""
+    probe = ("import transformers, sys\nfrom qlora.lean_imports import hide_unused_packages\n"
+             "print(hide_unused_packages())\nfrom transformers import LlamaForCausalLM\nprint('ok')")
+    e = {k: v for k, v in os.environ.items() if k != "QLORA_KEEP_IMPORTS"}
+    e["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "ok"]

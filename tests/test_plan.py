@@ -131,6 +131,20 @@ def test_cli_breakdown_and_verdict(capsys):
     assert js["fits"] is True and js["max_batch"] >= 2 and sum(js["components"].values()) == js["peak"]
 
 
+def test_cli_offload_optimizer_takes_the_states_off_the_peak(capsys):
+    base = ["plan", "--shape", "8b", "--seq", "2048", "--batch", "2", "--rank", "16", "--dropout", "0",
+            "--offload", "true", "--json", "--gpu-mem", "80GB"]
+    assert cli.main(base) == 0
+    on_gpu = json.loads(capsys.readouterr().out)
+    assert cli.main(base + ["--offload-optimizer", "true"]) == 0
+    paged = json.loads(capsys.readouterr().out)
+    states = on_gpu["components"]["optimizer states"] if "optimizer states" in on_gpu["components"] else None
+    # 41.9M LoRA parameters x 8 bytes of AdamW moments leave the GPU
+    assert paged["peak"] == pytest.approx(on_gpu["peak"] - 41_943_040 * 8, rel=0.01), (on_gpu, paged)
+    assert states is None or states > 0
+    assert cli.main(["plan", "--shape", "8b", "--optim", "adamw", "--offload-optimizer", "true"]) != 0
+
+
 def test_cli_reads_only_the_config_of_a_model_dir(tmp_path, capsys):
     from tests.tiny import make_tiny_model
     d = make_tiny_model(tmp_path / "m")
