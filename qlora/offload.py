@@ -64,10 +64,12 @@ class ActivationOffloader:
     tensor packed before the one being unpacked. ``exclude``: a module whose parameters and
     buffers are never offloaded (they stay on the device anyway; parameters are always skipped).
     ``include_cpu``: also "offload" CPU tensors (to separate CPU copies; for tests).
-    ``static``: the host buffers are kept and reused: the i-th tensor packed after
-    :meth:`begin_step` goes to the i-th buffer (allocated the first time). A CUDA graph that
-    captured the copies writes to the same host memory on every replay, so it must stay
-    allocated, and the capture then allocates no pinned memory.
+    ``static``: the host buffers are kept and reused: the i-th tensor packed in a forward pass
+    goes to the i-th buffer (allocated the first time). A pass starts at :meth:`begin_step` or,
+    without it, at the first pack after a backward has unpacked (so an ordinary training loop
+    reuses them too). A CUDA graph that captured the copies writes to the same host memory on
+    every replay, so it must stay allocated, and the capture then allocates no pinned memory. A
+    tensor's host copy is valid until the next forward pass (not for a second backward after it).
     ``stats`` counts ``packed``, ``bytes_out``, ``unpacked``, ``bytes_in``, ``prefetched``.
     """
 
@@ -80,7 +82,8 @@ class ActivationOffloader:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last = None
         self._skip: set[int] = set()
-        self.static, self._slots, self._slot = static, [], 0
+        self.static, self._slots, self._slot, self._unpacked = static, [], 0, False
+        self._captured: list[torch.Tensor] = []  # buffers a CUDA graph writes to: never freed
         if exclude is not None:
             self.exclude(exclude)
 
@@ -93,19 +96,25 @@ class ActivationOffloader:
 
     def begin_step(self) -> None:
         """A new forward pass starts: with ``static``, its tensors reuse the buffers from the start."""
-        self._slot = 0
+        self._slot, self._unpacked = 0, False
 
     def _host_buffer(self, t: torch.Tensor) -> torch.Tensor:
+        pin = t.device.type == "cuda"
         if not self.static:
-            return torch.empty_like(t, device="cpu", pin_memory=True)
+            return torch.empty_like(t, device="cpu", pin_memory=pin)
+        if self._unpacked:  # a backward ran since the last pack: this is a new forward pass
+            self._slot, self._unpacked = 0, False
         i, self._slot = self._slot, self._slot + 1
         if i < len(self._slots) and self._slots[i].shape == t.shape and self._slots[i].dtype == t.dtype:
-            return self._slots[i]
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        if i < len(self._slots):
-            self._slots[i] = host
-        else:
-            self._slots.append(host)
+            host = self._slots[i]
+        else:  # a new shape: a new buffer (the old one is freed unless a graph captured it)
+            host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            if i < len(self._slots):
+                self._slots[i] = host
+            else:
+                self._slots.append(host)
+        if pin and torch.cuda.is_current_stream_capturing():
+            self._captured.append(host)
         return host
 
     @contextlib.contextmanager
@@ -144,7 +153,7 @@ class ActivationOffloader:
                 ready.record(side)
             t.record_stream(side)  # its memory is reused only after the copy
         else:
-            host = t.clone()
+            host = self._host_buffer(t).copy_(t) if self.static else t.clone()
         handle = _Offloaded(host, t.device, ready, self._last)
         self._last = weakref.ref(handle)
         self.stats.update(packed=1, bytes_out=t.numel() * t.element_size())
@@ -169,6 +178,7 @@ class ActivationOffloader:
     def _unpack(self, h):
         if not isinstance(h, _Offloaded):
             return h
+        self._unpacked = True
         self._copy_in(h)
         if h.ready is not None:
             torch.cuda.current_stream(h.device).wait_event(h.ready)

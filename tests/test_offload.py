@@ -74,6 +74,26 @@ def test_offloaded_checkpointing_is_exact():
     assert torch.equal(loss2, ref_loss) and dict(off.stats) == before
 
 
+def test_static_buffers_are_reused_step_after_step():
+    """static=True (what enable_checkpointing makes): each step's block inputs go to the same host
+    buffers, with or without begin_step(); losses and gradients stay exact."""
+    cfg = _config()
+    model = _model(cfg)
+    enable_checkpointing(model, offload=False)
+    refs = [_loss_and_grads(model, _batch(cfg, seed=s)) for s in range(3)]
+    off = ActivationOffloader(min_bytes=0, include_cpu=True, static=True)
+    enable_checkpointing(model, offload=True, offloader=off)
+    for s, (ref_loss, ref_grads) in enumerate(refs):
+        if s == 2:
+            off.begin_step()  # optional: the pack after a backward starts a new pass anyway
+        loss, grads = _loss_and_grads(model, _batch(cfg, seed=s))
+        assert torch.equal(loss, ref_loss)
+        for n, g in ref_grads.items():
+            assert torch.equal(grads[n], g), n
+        assert len(off._slots) == cfg.num_hidden_layers  # reused, not grown
+    assert off.stats["packed"] == 3 * cfg.num_hidden_layers
+
+
 def test_offload_outside_blocks_is_exact_and_skips_parameters():
     cfg = _config(layers=2)
     model = _model(cfg)
