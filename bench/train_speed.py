@@ -15,7 +15,6 @@ import time
 T_START = time.time()  # time-to-first-step counts from here (imports included)
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
@@ -41,11 +40,10 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     import torch
     from transformers import LlamaConfig
 
-    from qlora.cuda_graphs import causal_attention
     from qlora.linear import lora_cast
     from qlora.model import LoraSettings, QuantSettings, build_random
     from qlora.optim import make_optimizer
-    from qlora.train import loss_sum
+    from qlora.train import micro_step_fn
     cfg = LlamaConfig(**SHAPES[shape], rope_theta=500000.0, max_position_embeddings=8192)
     cuda = device.startswith("cuda")
     if cuda:
@@ -68,20 +66,14 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     prof = None
     casts = lora_cast(model, enabled=cast_once)
 
-    def micro_step(b, scale):  # forward + backward of one batch (what a CUDA graph replays)
-        if off is not None:
-            off.begin_step()
-        with off.hooks() if off is not None else contextlib.nullcontext(), casts, causal_attention(model):
-            l = loss_sum(model, b, device, static_shapes=graphed is not None) * scale
-            l.backward()
-        return l.detach()
-
     graphed = None
     if cuda_graphs:
         from qlora.cuda_graphs import GraphedMicroStep, supported
         ok, why = supported(torch.device(device))
-        graphed = GraphedMicroStep(micro_step, params, torch.device(device), log=print,
-                                   accumulate=False) if ok else None  # one micro-batch per step
+        graphed = GraphedMicroStep(micro_step_fn(model, device, off, casts), params, torch.device(device),
+                                   log=print, accumulate=False) if ok else None  # one micro-batch per step
+    # forward + backward of one batch (what a CUDA graph replays)
+    micro_step = micro_step_fn(model, device, off, casts, static_shapes=graphed is not None)
     for i in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
         b = {"input_ids": ids, "labels": ids}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -27,13 +28,23 @@ def _base_type(tp):
     return tp
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _parse_bool(s: str) -> bool:
     v = str(s).lower()
-    if v in ("1", "true", "yes", "on"):
+    if v in _TRUE:
         return True
-    if v in ("0", "false", "no", "off"):
+    if v in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A QLORA_* switch from the environment: 1/true/yes/on or 0/false/no/off (any case); unset,
+    empty or anything else gives ``default``."""
+    v = os.environ.get(name, "").strip().lower()
+    return True if v in _TRUE else False if v in _FALSE else default
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | None = None) -> None:

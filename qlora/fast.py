@@ -1,16 +1,18 @@
 """Route a transformers model's RMSNorm, SwiGLU MLP and rotary embedding through the fused Triton
 kernels of :mod:`qlora.kernels` (forward and backward), by replacing those modules' ``forward`` on
 the instance — no subclassing — and, for RoPE, the modeling module's ``apply_rotary_pos_emb``
-(which falls back to the original wherever the kernel does not apply, e.g. on a CPU). The kernels compute what the modules compute (RMSNorm in fp32, cast
-back, times the weight; ``down(silu(gate(x)) * up(x))``), and each call falls back to the torch
-reference when the kernels are unavailable (CPU, no Triton, ``QLORA_KERNELS=0``)."""
+(which falls back to the original wherever the kernel does not apply, e.g. on a CPU). The kernels
+compute what the modules compute (RMSNorm in fp32, cast back, times the weight;
+``down(silu(gate(x)) * up(x))``), and each call falls back to the torch reference when the kernels
+are unavailable (CPU, no Triton, ``QLORA_KERNELS=0``)."""
 from __future__ import annotations
 
-import os
 import sys
 import types
 
 import torch.nn as nn
+
+from .config import env_flag
 
 # norms of the form weight * normalize(x) (Gemma's 1 + weight differs: left alone)
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
@@ -30,7 +32,7 @@ def _mlp_forward(self, x):
 
 
 # QLORA_ROPE_KERNEL=0: leave transformers' rotary embedding (eager element-wise ops) alone
-ROPE_KERNEL = os.environ.get("QLORA_ROPE_KERNEL", "1").strip().lower() not in ("0", "false", "off", "no")
+ROPE_KERNEL = env_flag("QLORA_ROPE_KERNEL", True)
 
 
 def _rope_with_kernel(original):

@@ -12,8 +12,9 @@ Applied only by the ``qlora`` command and our benchmark scripts, never on ``impo
 program that imports qlora as a library keeps its packages. ``QLORA_KEEP_IMPORTS=1`` turns it off."""
 from __future__ import annotations
 
-import os
 import sys
+
+from .config import env_flag
 
 UNUSED = ("torchvision", "sklearn", "scipy")
 
@@ -21,7 +22,7 @@ UNUSED = ("torchvision", "sklearn", "scipy")
 def hide_unused_packages() -> list[str]:
     """Hide the UNUSED packages from later imports, except those already imported, unless the
     user opted out or transformers is already imported; returns the names hidden."""
-    if os.environ.get("QLORA_KEEP_IMPORTS", "").strip().lower() in ("1", "true", "yes", "on"):
+    if env_flag("QLORA_KEEP_IMPORTS", False):
         return []
     if "transformers" in sys.modules:  # too late: it may have decided they are available already, and a
         return []  # later lazy import of its model code would then fail on the hidden package

@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4
+from .config import env_flag
 from .errors import QLoraError
 
 
@@ -56,7 +56,7 @@ class _FrozenMatmul4bit(torch.autograd.Function):
 
 
 # QLORA_FUSED_LORA=0: train through separate autograd ops (the same math) instead of _QLoRAMatmul
-FUSED_LORA = os.environ.get("QLORA_FUSED_LORA", "1").strip().lower() not in ("0", "false", "off", "no")
+FUSED_LORA = env_flag("QLORA_FUSED_LORA", True)
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
@@ -76,8 +76,8 @@ class _QLoRAMatmul(torch.autograd.Function):
     makes in eager autograd, and backward in six kernels: ``gxa = s * g @ B`` and
     ``dB = s * g.T @ xa`` with the scaling in the GEMM epilogue, ``dA = gxa.T @ xd``, and
     ``dx = g @ W + gxa @ A`` as one matmul plus one in-place addmm (an out-of-place addmm first
-    copies its input: one device-to-device copy of an output-sized tensor per call). On a GPU whose host is slow the
-    per-node and per-launch costs were a third of an 8B step."""
+    copies its input: one device-to-device copy of an output-sized tensor per call). On a GPU whose
+    host is slow the per-node and per-launch costs were a third of an 8B step."""
 
     @staticmethod
     def forward(ctx, x, xd, a, b, scaling, weight, bias, packed, holder):

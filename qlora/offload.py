@@ -153,7 +153,7 @@ class ActivationOffloader:
                 ready.record(side)
             t.record_stream(side)  # its memory is reused only after the copy
         else:
-            host = self._host_buffer(t).copy_(t) if self.static else t.clone()
+            host = self._host_buffer(t).copy_(t)
         handle = _Offloaded(host, t.device, ready, self._last)
         self._last = weakref.ref(handle)
         self.stats.update(packed=1, bytes_out=t.numel() * t.element_size())

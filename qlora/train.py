@@ -212,12 +212,12 @@ def _step_with_retry(run_step, optimizer, device, log):
             log("out of GPU memory in this step: moved the optimizer state to CPU memory, running the step again")
 
 
-def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, casts, pad_id, log):
+def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, casts, log):
     """The micro-step as a :class:`~qlora.cuda_graphs.GraphedMicroStep` when ``--cuda-graphs`` and
     the run allows one (see cuda_graphs.supported), else None (eager steps)."""
     if not cfg.cuda_graphs or device.type != "cuda":
         return None
-    from .cuda_graphs import GraphedMicroStep, causal_attention, pad_packed, supported
+    from .cuda_graphs import GraphedMicroStep, supported
     ok, why = supported(device, parallel=par.mode != "none", host_embeddings=cfg.offload_embeddings,
                         dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing)
     if ok and scaler is not None:
@@ -229,26 +229,27 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
         hint = next((h for k, h in hint.items() if k in why), "")
         log(f"CUDA graphs not used: {why}{hint}")
         return None
+    # the train loop pads every packed batch to one shape before it reaches the graph
+    return GraphedMicroStep(micro_step_fn(model, device, off, casts), params, device, log=log,
+                            accumulate=cfg.grad_accum > 1)
 
-    def micro_step(b, scale):
+
+def micro_step_fn(model, device, off, casts, static_shapes: bool = True):
+    """``step(batch, scale)``: forward and backward of one micro-batch, the loss sum times
+    ``scale`` (a 0-dim device tensor), under activation offload (``off``, if any) and the LoRA
+    casts; returns the detached loss. What :class:`~qlora.cuda_graphs.GraphedMicroStep` runs
+    eagerly and captures."""
+    from .cuda_graphs import causal_attention
+
+    def step(b, scale):
         if off is not None:
             off.begin_step()
         with (off.hooks() if off is not None else contextlib.nullcontext()), casts, \
                 causal_attention(model, enabled="attention_mask" not in b and "position_ids" not in b):
-            loss = loss_sum(model, b, device, static_shapes=True) * scale
+            loss = loss_sum(model, b, device, static_shapes=static_shapes) * scale
             loss.backward()
         return loss.detach()
-
-    return GraphedMicroStep(micro_step, params, device, log=log, accumulate=cfg.grad_accum > 1,
-                            pad=lambda b, shapes: pad_packed(b, shapes, pad_id))
-
-
-def _check_labels(batch: dict, model) -> None:
-    """Label ids must index the LM head's rows (the graphed loss cannot check them on the GPU)."""
-    lab, vocab = batch["labels"], model.get_output_embeddings().weight.shape[0]
-    bad = (lab != -100) & ((lab < 0) | (lab >= vocab))
-    if bool(bad.any()):
-        raise QLoraError(f"label id {int(lab[bad][0])} is outside the model's vocabulary of {vocab} tokens")
+    return step
 
 
 def _device(name: str) -> torch.device:
@@ -313,6 +314,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
 
     from .adapters import save_adapter
     from .data import Batches, load_examples, split_validation
+    from .kernels.loss import check_labels
     from .linear import dequant_cache, lora_cast
     from .model import LoraSettings, QuantSettings, load_model
     from .optim import make_optimizer
@@ -441,7 +443,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu"))
     cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
     casts = lora_cast(model, enabled=par.mode == "none")  # entered per micro-batch
-    graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, pad_id, log)
+    graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, log)
     if graphed is not None:
         from .cuda_graphs import pad_packed
         full_shape = (cfg.batch_size, -(-cfg.max_length // batches.multiple) * batches.multiple)
@@ -474,11 +476,11 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                 micro.append(epochs["batches"][gi % len(batches)])
             n_tok = dist.sum(sum(int(b["num_tokens"]) for b in micro))
             def run_step():
-                import contextlib
                 total_loss, n_in = 0.0, 0
                 for i, b in enumerate(micro):
                     if graphed is not None:  # the same forward+backward, replayed from a CUDA graph
-                        _check_labels(b, model)
+                        # the graphed loss cannot check the labels on the GPU: check the host batch
+                        check_labels(b["labels"], model.get_output_embeddings().weight.shape[0])
                         n_in += int((b["input_ids"] != pad_id).sum())
                         # one shape for every step: rows padded to --max-length, batches to --batch-size
                         b = pad_packed(b, {"input_ids": full_shape}, pad_id) or b

@@ -18,11 +18,11 @@ chunked_linear_cross_entropy   torch + ce.py (softmax grad)   loss.linear_cross_
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
 
+from ..config import env_flag
 from ..nf4 import QuantState
 from ..nf4 import dequantize_4bit as _dequantize_4bit_torch
 from . import norm_act
@@ -45,7 +45,7 @@ def _triton_importable() -> bool:
 
 def available() -> bool:
     """True when the Triton kernels can run: CUDA, Triton, and ``QLORA_KERNELS`` is not ``0``."""
-    if os.environ.get("QLORA_KERNELS", "1").strip().lower() in ("0", "false", "off", "no"):
+    if not env_flag("QLORA_KERNELS", True):
         return False
     return torch.cuda.is_available() and _triton_importable()
 

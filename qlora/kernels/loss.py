@@ -51,10 +51,7 @@ def _chunk_grads(logits, h, weight, lab, valid, scale, grad_h_out, grad_w):
     g[torch.arange(g.shape[0], device=g.device), torch.where(valid, lab, 0)] -= 1.0
     g *= torch.where(valid, scale, 0.0).unsqueeze(1)
     g = g.to(weight.dtype)  # the reference casts dlogits back to the logits' dtype here
-    if grad_h_out is not None:
-        grad_h_out.copy_(g @ weight)
-    if grad_w is not None:
-        grad_w += (g.t() @ h.to(weight.dtype)).float()
+    _grads_from(g, h, weight, grad_h_out, grad_w)
 
 
 def _chunk_loss_and_grads_inplace(h, weight, lab, ignore_index, scale, grad_h_out, grad_w, lbuf, fbuf):
@@ -154,6 +151,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None, None
 
 
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int = -100) -> None:
+    """Every label is a class index in ``[0, vocab)`` or ``ignore_index`` (reads the values: a host
+    sync for CUDA tensors)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise QLoraError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; "
+                         f"found {int(labels[bad][0])}")
+
+
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  ignore_index: int = -100, chunk_size: int | None = None,
                                  reduction: str = "mean", grad_in_forward: bool = False) -> torch.Tensor:
@@ -183,11 +189,8 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     vocab = weight.shape[0]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     lab = labels.reshape(-1).long()
-    capturing = lab.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync inside a CUDA graph
-    bad = None if capturing else (lab != ignore_index) & ((lab < 0) | (lab >= vocab))
-    if bad is not None and bool(bad.any()):
-        raise QLoraError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; "
-                         f"found {int(lab[bad][0])}")
+    if not (lab.is_cuda and torch.cuda.is_current_stream_capturing()):  # no host sync inside a CUDA graph
+        check_labels(lab, vocab, ignore_index)
     if chunk_size is None:
         chunk_size = max(1, (CHUNK_ELEMENTS_GPU if hidden.is_cuda else CHUNK_ELEMENTS) // max(1, vocab))
     if not isinstance(chunk_size, int) or chunk_size < 1:
