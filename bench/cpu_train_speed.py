@@ -25,10 +25,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _batches(tok, path):
+def _batches(tok, path, batch_size=8):
     from qlora.data import Batches, load_examples
     ex, _ = load_examples(path, tok, max_length=128)
-    return Batches(ex, 8, tok.pad_token_id, seed=0).epoch(0)
+    return Batches(ex, batch_size, tok.pad_token_id, seed=0).epoch(0)
 
 
 def _time(step, batches, steps: int, rounds: int) -> list[float]:
@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--rows", default="ours:eager,ours:sdpa,plain:eager,plain:sdpa")
     ap.add_argument("--steps", type=int, default=6, help="steps per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8, help="examples per step (the demo's is 8)")
     a = ap.parse_args()
     import os
     import tempfile
@@ -136,11 +137,11 @@ def main():
     for row in a.rows.split(","):
         kind, attention = row.split(":")
         fn = ours if kind == "ours" else plain
-        r = fn(attention, lambda tok: _batches(tok, train_file), a.steps, a.rounds)
+        r = fn(attention, lambda tok: _batches(tok, train_file, a.batch_size), a.steps, a.rounds)
         res[row] = r
         print(json.dumps({"row": row, "tok_s": [round(x, 1) for x in r], "median": round(statistics.median(r), 1)}),
               flush=True)
-    print(f"\nCPU ({os.cpu_count()} cores, load average {load:.2f} at start), demo batches, r=16, bf16")
+    print(f"\nCPU ({os.cpu_count()} cores, load average {load:.2f} at start), demo batches of {a.batch_size}, r=16, bf16")
     print("| row | tokens/s (median of rounds) | rounds |")
     print("|---|---|---|")
     for row, r in res.items():

@@ -9,6 +9,7 @@ frozen. LoRA factors go on the layers chosen by a filter (``all-linear`` or name
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -174,8 +175,26 @@ def _donor_buffers(config, dtype) -> dict[str, torch.Tensor]:
             setattr(small, attr, val)
     if isinstance(getattr(small, "layer_types", None), list):
         small.layer_types = small.layer_types[:1]
-    twin = AutoModelForCausalLM.from_config(small, dtype=dtype, attn_implementation="sdpa")
+    with _parameters_on_meta():  # only the buffers are wanted: skip allocating and initializing weights
+        twin = AutoModelForCausalLM.from_config(small, dtype=dtype, attn_implementation="sdpa")
     return {n: b for n, b in twin.named_buffers()}
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters registered inside go to the meta device (their init becomes a no-op); buffers are
+    created normally. An 8B shape's one-layer twin otherwise costs ~1 s of CPU weight init."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _finish(model: nn.Module, config, device, dtype) -> None:

@@ -108,6 +108,22 @@ def test_sixteen_bit_path_equals_transformers_exactly():
         torch.testing.assert_close(m(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_donor_buffers_equal_a_full_models_and_allocate_no_weights(family):
+    from qlora.model import _donor_buffers, _parameters_on_meta
+    cls, extra = FAMILIES[family]
+    cfg = cls(**COMMON, **extra)
+    full = dict(AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).named_buffers())
+    donor = _donor_buffers(cfg, torch.float32)
+    assert donor, family
+    for name, buf in donor.items():  # layer 0's buffers stand for every layer's
+        torch.testing.assert_close(buf, full[name], rtol=0, atol=0)
+    with _parameters_on_meta():
+        lin = torch.nn.Linear(4, 3)
+    assert lin.weight.is_meta and lin.bias.is_meta
+    assert not torch.nn.Linear(4, 3).weight.is_meta  # restored on exit
+
+
 def test_random_build_in_4bit_trains():
     cfg = transformers.LlamaConfig(**COMMON)
     m = build_random(cfg, QuantSettings(), LoraSettings(r=4), dtype="bf16", progress=False)
