@@ -7,12 +7,12 @@ import time
 T0 = time.time()
 marks = []
 def mark(what): marks.append((what, round(time.time() - T0, 2)))
-import sys; sys.path.insert(0, ".")
+import os, sys; sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path.insert(0, ".")  # run from the repository root; bench/ off the path (bench/kernels.py is not `kernels`)
 from qlora.lean_imports import hide_unused_packages; hide_unused_packages()  # as the qlora command does
 import torch; mark("import torch")
 torch.cuda.init(); torch.zeros(1, device="cuda"); mark("CUDA context")
 import transformers; from transformers import LlamaConfig; mark("import transformers")
-import sys; sys.path.insert(0, ".")
 from qlora.model import LoraSettings, QuantSettings, build_random; from qlora.train import loss_sum; from qlora.optim import make_optimizer
 from qlora.offload import enable_checkpointing
 mark("import qlora")

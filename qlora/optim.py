@@ -7,10 +7,11 @@ Update (decoupled weight decay, bias correction as ``torch.optim.AdamW``), per e
     p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
 * **32-bit** (``adamw``): ``exp_avg`` / ``exp_avg_sq`` are fp32 tensors shaped like the parameter
-  (8 bytes per parameter). For fp32 parameters the arithmetic is op for op that of
-  ``torch.optim.AdamW``'s multi-tensor (foreach) path -- its default on CUDA; on the CPU foreach ops
-  run tensor by tensor, i.e. as its default single-tensor path -- so results are bit-identical to
-  it and the state dict uses its keys; other parameter dtypes are updated in fp32 and cast back.
+  (8 bytes per parameter). For fp32 parameters on a GPU the arithmetic is op for op that of
+  ``torch.optim.AdamW``'s multi-tensor (foreach) path, its default there; on the CPU it is torch's
+  fused kernel (``torch.optim.AdamW(fused=True)``, which differs from torch's single-tensor CPU
+  default in the last bit). Results are bit-identical to that torch path and the state dict uses
+  its keys; other parameter dtypes are updated in fp32 and cast back.
 * **8-bit** (``adamw8bit``): each moment is stored as uint8 codes, flat ``[numel]``, plus
   one fp32 ``absmax`` per block of 256 elements (``ceil(n / 256)``), ~2.03 bytes per parameter.
   ``m`` uses the signed dynamic code, ``v`` the unsigned one (bitsandbytes' ``create_dynamic_map
@@ -425,6 +426,17 @@ class AdamW(torch.optim.Optimizer):
         ps = params if fp32 else [p.float() for p in params]
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
         ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        if params[0].device.type == "cpu" and hasattr(torch, "_fused_adamw_"):
+            # torch's fused CPU kernel (= torch.optim.AdamW(fused=True)): one vectorized pass per
+            # tensor instead of ~10 dispatched ops; the CPU foreach ops below would run tensor by
+            # tensor (4.6 vs 19.8 ms a step for the demo's 420 LoRA factors)
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1.0)
+            torch._fused_adamw_(ps, grads, ms, vs, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
+                                eps=eps, amsgrad=False, maximize=False)
+            if not fp32:
+                torch._foreach_copy_(params, ps)
+            return
         steps = _advance([s["step"] for s in states])
         if wd != 0:
             torch._foreach_mul_(ps, 1 - lr * wd)

@@ -128,7 +128,8 @@ def test_adamw32_equals_torch_adamw(name, budget, wd):
     a, b = make_params(), make_params()
     ours = optim.make_optimizer(a, name, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd,
                                 page_budget_bytes=budget)
-    ref = torch.optim.AdamW(b, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd)
+    # on the CPU our 32-bit step is torch's fused kernel: the same as torch.optim.AdamW(fused=True)
+    ref = torch.optim.AdamW(b, lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd, fused=True)
     for t in range(12):
         for params in (a, b):
             set_grads(params, t, skip=1 if t % 3 == 2 else None)
@@ -143,7 +144,7 @@ def test_adamw32_bf16_params_update_in_fp32():
     p = torch.nn.Parameter(torch.randn(40, 30).bfloat16())
     ours = optim.make_optimizer([p], "adamw", lr=1e-2, weight_decay=0.1)
     q = torch.nn.Parameter(p.detach().float())
-    ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW([q], lr=1e-2, weight_decay=0.1, fused=True)
     for t in range(10):
         g = torch.randn(40, 30, generator=torch.Generator().manual_seed(t)).bfloat16()
         p.grad = g
@@ -331,7 +332,7 @@ def test_state_dict_resume_is_exact(name, how, tmp_path):
 
 def test_loads_torch_adamw_state_and_continues_identically():
     a, b = make_params(), make_params()
-    ref = torch.optim.AdamW(a, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(a, lr=1e-2, weight_decay=0.1, fused=True)  # the CPU kernel ours uses
     run(ref, a, 4)
     with torch.no_grad():
         for p, q in zip(a, b):
