@@ -10,8 +10,12 @@ checkpointing. Tokens/s counts real (non-pad) input tokens per second of step ti
 * ``plain``: a transformers LlamaForCausalLM in bf16 whose block linears get a minimal LoRA written
   here in plain torch (bf16 factors), loss from the model's own ``labels`` path — the "plain bf16
   torch LoRA" the issue compares against.
+* ``reference``: the issue's reference stack: transformers + bitsandbytes NF4 + DQ (bf16 compute) +
+  peft LoRA r=64 alpha 16 on all linear layers, torch AdamW lr 2e-4 (needs bitsandbytes and peft,
+  the test extras).
 
     python bench/cpu_train_speed.py                       # ours (eager, sdpa) and plain, 3 rounds each
+    python bench/cpu_train_speed.py --rows ours:eager,plain:eager,reference:eager --batch-size 16
 """
 import argparse
 import json
@@ -119,6 +123,43 @@ def plain(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     return _time(step, batches, steps, rounds)
 
 
+def reference(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
+    import tempfile
+
+    import peft
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from qlora.embedded import embedded_model_path
+    from qlora.sources import open_source
+    torch.manual_seed(0)
+    src = open_source(embedded_model_path())
+    tok = src.load_tokenizer()
+    d = tempfile.mkdtemp(prefix="qlora-cpu-ref-")
+    m = AutoModelForCausalLM.from_config(src.config, dtype=torch.bfloat16)
+    m.load_state_dict({n: src.get(n).to(torch.bfloat16) for n in src.names()}, strict=False)
+    m.tie_weights()
+    m.save_pretrained(d)
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(d, quantization_config=q, dtype=torch.bfloat16,
+                                                attn_implementation=attention)
+    m = peft.get_peft_model(base, peft.LoraConfig(r=64, lora_alpha=16, target_modules="all-linear",
+                                                  lora_dropout=0.0)).train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    batches = batches_of(tok)
+
+    def step(b):
+        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(b["attention_mask"].sum())
+    return _time(step, batches, steps, rounds)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="ours:eager,ours:sdpa,plain:eager,plain:sdpa")
@@ -136,7 +177,7 @@ def main():
     res = {}
     for row in a.rows.split(","):
         kind, attention = row.split(":")
-        fn = ours if kind == "ours" else plain
+        fn = {"ours": ours, "plain": plain, "reference": reference}[kind]
         r = fn(attention, lambda tok: _batches(tok, train_file, a.batch_size), a.steps, a.rounds)
         res[row] = r
         print(json.dumps({"row": row, "tok_s": [round(x, 1) for x in r], "median": round(statistics.median(r), 1)}),

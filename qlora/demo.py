@@ -41,7 +41,7 @@ def accuracy(answers, keys) -> float:
 
 
 def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int = 16, alpha: float = 32,
-             batch_size: int = 8, device: str = "auto", overwrite: bool = True, progress: bool = True,
+             batch_size: int = 16, device: str = "auto", overwrite: bool = True, progress: bool = True,
              log=print) -> dict:
     from .demo_data import write
     from .model import LoraSettings, QuantSettings, load_model
@@ -100,7 +100,9 @@ def add_cli(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="examples per step (default 16: on a CPU bigger matmuls run closer to peak, "
+                        "so 16 trains faster per token than 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
