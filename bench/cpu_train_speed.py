@@ -46,6 +46,35 @@ def _time(step, batches, steps: int, rounds: int) -> list[float]:
     return out
 
 
+def _embedded_bf16(attention: str | None = None):
+    """The embedded model as a plain transformers model in bf16, and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora.embedded import embedded_model_path
+    from qlora.sources import open_source
+    src = open_source(embedded_model_path())
+    m = AutoModelForCausalLM.from_config(src.config, dtype=torch.bfloat16, attn_implementation=attention)
+    m.load_state_dict({n: src.get(n).to(torch.bfloat16) for n in src.names()}, strict=False)
+    m.tie_weights()
+    return m, src.load_tokenizer()
+
+
+def _hf_step(m, opt, params, clip: float | None):
+    """One step of a transformers model through its own ``labels`` loss; returns the real tokens."""
+    import torch
+
+    def step(b):
+        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
+        out.loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return int(b["attention_mask"].sum())
+    return step
+
+
 def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     import torch
 
@@ -78,10 +107,6 @@ def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
 def plain(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     import torch
     import torch.nn as nn
-    from transformers import AutoModelForCausalLM
-
-    from qlora.embedded import embedded_model_path
-    from qlora.sources import open_source
 
     class LoRA(nn.Module):
         def __init__(self, base: nn.Linear, r=16, alpha=32):
@@ -96,12 +121,7 @@ def plain(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
             return self.base(x) + (x @ self.a.t()) @ self.b.t() * self.scale
 
     torch.manual_seed(0)
-    src = open_source(embedded_model_path())
-    tok = src.load_tokenizer()
-    m = AutoModelForCausalLM.from_config(src.config, dtype=torch.bfloat16, attn_implementation=attention)
-    state = {n: src.get(n).to(torch.bfloat16) for n in src.names()}
-    m.load_state_dict(state, strict=False)
-    m.tie_weights()
+    m, tok = _embedded_bf16(attention)
     for p in m.parameters():
         p.requires_grad_(False)
     for name, mod in list(m.named_modules()):
@@ -111,16 +131,7 @@ def plain(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     m.train()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    batches = batches_of(tok)
-
-    def step(b):
-        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return int(b["attention_mask"].sum())
-    return _time(step, batches, steps, rounds)
+    return _time(_hf_step(m, opt, params, clip=0.3), batches_of(tok), steps, rounds)
 
 
 def reference(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
@@ -130,16 +141,9 @@ def reference(attention: str, batches_of, steps: int, rounds: int) -> list[float
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
-
-    from qlora.embedded import embedded_model_path
-    from qlora.sources import open_source
     torch.manual_seed(0)
-    src = open_source(embedded_model_path())
-    tok = src.load_tokenizer()
+    m, tok = _embedded_bf16()
     d = tempfile.mkdtemp(prefix="qlora-cpu-ref-")
-    m = AutoModelForCausalLM.from_config(src.config, dtype=torch.bfloat16)
-    m.load_state_dict({n: src.get(n).to(torch.bfloat16) for n in src.names()}, strict=False)
-    m.tie_weights()
     m.save_pretrained(d)
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.bfloat16)
@@ -149,15 +153,7 @@ def reference(attention: str, batches_of, steps: int, rounds: int) -> list[float
                                                   lora_dropout=0.0)).train()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
-    batches = batches_of(tok)
-
-    def step(b):
-        out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], use_cache=False)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return int(b["attention_mask"].sum())
-    return _time(step, batches, steps, rounds)
+    return _time(_hf_step(m, opt, params, clip=None), batches_of(tok), steps, rounds)
 
 
 def main():
