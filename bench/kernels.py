@@ -13,7 +13,9 @@ host is slower than the GPU. Host microseconds per call are printed beside them.
   (the same count as shared/bench/reference_dequant.py): ours (fresh output and preallocated
   buffer), our torch reference, bitsandbytes; for 4096², 14336x4096, 4096x14336, 128256x4096;
 * a 4-bit matmul of 4096 tokens (our dequant into a reused buffer + cuBLAS) vs the bf16 matmul;
-* the 1-token GEMV: ours vs bitsandbytes vs the torch reference, plus 4 and 16 rows;
+* the 1-token GEMV: ours (the Triton kernel, and on Hopper the CUDA kernel of gemv_cuda.py that
+  ``kernels.matmul_4bit`` takes there) vs bitsandbytes vs the torch reference, plus 4 and 16 rows
+  (Triton only);
 * RMSNorm / SwiGLU / RoPE forward+backward vs torch, and the chunked loss vs the unfused one.
 
 ``--sweep`` also times launch configurations of the dequant and GEMV kernels (for tuning).
@@ -32,7 +34,7 @@ import torch
 sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 from qlora import nf4  # noqa: E402
-from qlora.kernels import gemv, loss, norm_act  # noqa: E402
+from qlora.kernels import gemv, gemv_cuda, loss, norm_act  # noqa: E402
 from qlora.kernels.dequant import dequantize_4bit_triton  # noqa: E402
 
 try:
@@ -213,6 +215,17 @@ def gemv_table(sweep: bool):
             RESULTS[f"gemv_{n}x{k}_m{m}"] = dict(ours=us(g), ours_eager=us(ms), bnb=us(g_bnb), bnb_eager=us(ms_bnb),
                                                  bf16=us(g16), dequant_mm=us(g_dm), torch_ref_eager=us(ms_ref),
                                                  cpu_us=c, bnb_cpu_us=c_bnb, rel_err=err)
+            if gemv_cuda.supported(x, st):  # the kernel kernels.matmul_4bit takes for one row here
+                yc = gemv_cuda.gemv_4bit_cuda(x, packed, st)
+                err_c = ((yc.double() - exact).norm() / exact.norm()).item()
+                err_ref = ((gemv.gemv_4bit_reference(x, packed, st).double() - exact).norm() / exact.norm()).item()
+                gc = graph_ms([lambda p=p, s=s: gemv_cuda.gemv_4bit_cuda(x, p, s) for p, s in ours])
+                msc = bench(lambda: gemv_cuda.gemv_4bit_cuda(x, packed, st))
+                cc = cpu_us(lambda: gemv_cuda.gemv_4bit_cuda(x, packed, st))
+                RESULTS[f"gemv_{n}x{k}_m{m}"].update(cuda=us(gc), cuda_eager=us(msc), cuda_cpu_us=cc,
+                                                     cuda_rel_err=err_c, torch_ref_rel_err=err_ref)
+                print(f"{'':>13} {'':>4} {fmt(us(gc), '6.1f')} ({us(msc):5.1f})  <- CUDA kernel (gemv_cuda.py), "
+                      f"host {cc:.0f} us, rel err {err_c:.1e} (torch reference {err_ref:.1e})")
             print(f"{n:>6}x{k:<6} {m:4d} {fmt(us(g), '6.1f')} ({us(ms):5.1f}) {fmt(us(g_bnb), '6.1f')} "
                   f"({fmt(us(ms_bnb), '5.1f')}) {fmt(us(g16), '8.1f')} {fmt(us(g_dm), '7.1f')} {us(ms_ref):9.1f} "
                   f"{c:4.0f}/{fmt(c_bnb, '4.0f')} {err:8.1e}")
@@ -324,7 +337,10 @@ def summary():
     for n, k in SHAPES:
         r = RESULTS.get(f"gemv_{n}x{k}_m1")
         if r:
-            print(f"gemv x[1,{k}] @ W[{n},{k}].T: ours {fmt(r['ours'], '.1f')} us (eager {r['ours_eager']:.1f}), "
+            if r.get("cuda") is not None:
+                print(f"gemv x[1,{k}] @ W[{n},{k}].T: ours (CUDA) {fmt(r['cuda'], '.1f')} us (eager "
+                      f"{r['cuda_eager']:.1f}), rel err {r['cuda_rel_err']:.1e} (torch ref {r['torch_ref_rel_err']:.1e})")
+            print(f"gemv x[1,{k}] @ W[{n},{k}].T: ours (Triton) {fmt(r['ours'], '.1f')} us (eager {r['ours_eager']:.1f}), "
                   f"bnb {fmt(r['bnb'], '.1f')} (eager {fmt(r['bnb_eager'], '.1f')}), bf16 {fmt(r['bf16'], '.1f')}, "
                   f"torch ref {r['torch_ref_eager']:.1f}, rel err {r['rel_err']:.1e}")
     best = {}

@@ -180,6 +180,106 @@ def test_matmul_4bit_paths():
         matmul_4bit(_rand(1, 64, seed=6), packed, st)
 
 
+# CUDA GEMV (gemv_cuda.py): one row, Hopper and newer
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+hopper = pytest.mark.skipif(not _hopper(), reason="the CUDA GEMV needs compute capability >= 9.0")
+
+CUDA_GEMV_CASES = [
+    # (N, K), blocksize, double quant, split
+    ((64, 256), 64, True, None), ((200, 4096), 64, True, None), ((48, 576), 64, False, None),
+    ((40, 1024), 128, True, None), ((16, 8192), 4096, True, None), ((130, 14336), 64, True, None),
+    ((17, 1024), 32, False, 2), ((96, 4096), 256, True, 3), ((700, 1536), 64, True, None),
+]
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nk,bs,dq,split", CUDA_GEMV_CASES)
+def test_cuda_gemv_matches_float64(nk, bs, dq, split, dtype):
+    """At least as close to the float64 product as the reference (weights rounded to x's dtype)."""
+    from qlora.kernels import gemv_cuda
+    from qlora.kernels.gemv import gemv_4bit_reference
+    n, k = nk
+    packed, st = nf4.quantize_4bit(_rand(n, k, seed=n + k, scale=0.05, dtype=dtype), bs, "nf4", dq)
+    x = _rand(1, k, seed=k, dtype=dtype)
+    assert gemv_cuda.supported(x, st)
+    y = gemv_cuda.gemv_4bit_cuda(x, packed, st, split=split)
+    exact = x.double() @ nf4.dequantize_4bit(packed, st, torch.float32).double().t()
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert _rel(y, exact) < GEMV_TOL[dtype]
+    assert _rel(y, exact) <= 1.25 * _rel(gemv_4bit_reference(x, packed, st), exact) + 1e-7
+
+
+@pytest.mark.gpu
+@hopper
+def test_cuda_gemv_dispatch_and_fallbacks(monkeypatch):
+    """kernels.matmul_4bit sends one row to the CUDA kernel; QLORA_CUDA_GEMV=0, more rows, shapes it
+    does not take and a failed compilation go to the Triton kernel, with the same result."""
+    from qlora.kernels import gemv_cuda, gemv
+    packed, st = nf4.quantize_4bit(_rand(96, 512, seed=1, scale=0.05, dtype=torch.bfloat16), 64, "nf4", True)
+    x = _rand(1, 512, seed=2, dtype=torch.bfloat16)
+    want = gemv.gemv_4bit_triton(x, packed, st)
+    calls = []
+    real = gemv_cuda.gemv_4bit_cuda
+    monkeypatch.setattr(gemv_cuda, "gemv_4bit_cuda", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert _rel(K.matmul_4bit(x, packed, st), want) < 1e-2 and calls == [1]
+    K.matmul_4bit(_rand(2, 512, seed=3, dtype=torch.bfloat16), packed, st)
+    assert calls == [1]
+    monkeypatch.setenv("QLORA_CUDA_GEMV", "0")
+    assert not gemv_cuda.supported(x, st)
+    K.matmul_4bit(x, packed, st)
+    assert calls == [1]
+    monkeypatch.delenv("QLORA_CUDA_GEMV")
+    p2, st2 = nf4.quantize_4bit(_rand(8, 4288, seed=4, scale=0.05), 64, "nf4", True)  # 8 rows x 67 scales
+    assert not gemv_cuda.supported(_rand(1, 4288, seed=5), st2)
+    with pytest.raises(QLoraError):
+        real(_rand(1, 4288, seed=5), p2, st2)
+    monkeypatch.setattr(gemv_cuda, "_kernels", {})
+    monkeypatch.setattr(gemv_cuda, "_broken", [])
+
+    def refuse(*a, **kw):
+        raise RuntimeError("Kernel compilation failed: planted")
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", refuse)
+    with pytest.warns(RuntimeWarning, match="planted"):
+        y = K.matmul_4bit(x, packed, st)
+    assert torch.equal(y, want) and not gemv_cuda.available(x.device)
+
+
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 14336), (128256, 4096), (1000, 4288), (896, 4864),
+                                 (4864, 896), (64, 32), (17, 1024)])
+@pytest.mark.parametrize("dq", [True, False])
+def test_cuda_gemv_plan_fits(n, k, dq):
+    """The launch plan (pure arithmetic, checked on any machine): every split within a block's 16
+    warps, the splits cover K, the shared memory fits an H100/H200 (227 KiB), the block's nested
+    scales fit their buffer."""
+    from qlora.kernels import gemv_cuda as G
+    bs = 32 if k % 64 else 64
+    kb_bytes = k // bs * (1 if dq else 4)
+    split, split_len, warps, depth, blocks, cap = G.plan(n, k, kb_bytes, 256 if dq else 0, 132, 232448)
+    assert split_len % 32 == 0 and split_len <= G.MAX_SPLIT_LEN
+    assert split * split_len >= k > (split - 1) * split_len
+    assert warps == -(-split_len // G.SLICE) <= 16 and 2 <= depth <= G.MAX_DEPTH
+    assert 1 <= blocks <= max(1, 132 // split) and blocks <= -(-n // G.ROWS)
+    assert G.smem_bytes(warps, split_len, depth, G.ROWS * kb_bytes, cap) <= 232448
+    if dq:  # the nested scales of the largest group range, plus one for an unaligned start
+        groups = -(-(-(-n // G.ROWS)) // blocks)
+        assert cap >= groups * G.ROWS * (k // bs) // 256 + 2
+
+
+def test_cuda_gemv_refuses_cpu_and_rows():
+    from qlora.kernels import gemv_cuda
+    packed, st = nf4.quantize_4bit(_rand(64, 128, seed=1, scale=0.05).cpu(), 64, "nf4", True)
+    assert not gemv_cuda.supported(torch.randn(1, 128), st)
+    assert not gemv_cuda.supported(torch.randn(2, 128), st)
+    with pytest.raises(QLoraError, match="does not handle"):
+        gemv_cuda.gemv_4bit_cuda(torch.randn(1, 128), packed, st)
+
+
 # ---------------------------------------------------------------------------------------------
 # RMSNorm / SwiGLU / RoPE kernels
 

@@ -25,7 +25,8 @@ dequantize-then-matmul path. Split over ``K`` into fp32 partial sums when there 
 row blocks to fill the GPU.
 
 Speed (H100, GPU time): about bitsandbytes' GEMV (28 us for W 14336x4096), limited by
-instruction issue of the per-element code-table gather, not by DRAM; see NOTES.md.
+instruction issue of the per-element code-table gather, not by DRAM; see NOTES.md. On Hopper,
+one row goes to the CUDA kernel of gemv_cuda.py instead (17 us there).
 """
 from __future__ import annotations
 
@@ -138,10 +139,18 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
 
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                 workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequant(W).T`` for any number of rows: the fused GEMV for 1..16 rows on CUDA, otherwise
+    """``x @ dequant(W).T`` for any number of rows: on CUDA, one row goes to the CUDA GEMV
+    (gemv_cuda.py, Hopper and newer) or else the Triton one, 2..16 rows to the Triton GEMV; otherwise
     dequantize (with the Triton kernel on CUDA, into ``workspace`` if given) and matmul."""
     _check(x, packed, state)
     on_gpu = x.is_cuda and triton is not None
+    if x.is_cuda and x.numel() == x.shape[-1]:  # one row: the CUDA kernel where it runs (gemv_cuda.py)
+        from . import gemv_cuda
+        if gemv_cuda.supported(x, state):
+            try:
+                return gemv_cuda.gemv_4bit_cuda(x, packed, state)
+            except gemv_cuda.CompileError:
+                pass  # remembered (warned once); the Triton kernel from now on
     if on_gpu and gemv_supported(x, state):
         return gemv_4bit_triton(x, packed, state)
     if on_gpu:

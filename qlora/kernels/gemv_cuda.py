@@ -1,0 +1,441 @@
+"""One-row 4-bit GEMV in CUDA C++ (compiled at first use with NVRTC): ``y = x @ dequant(W).T``.
+
+The decoding path of generation multiplies one token's activations by every 4-bit weight. The
+Triton kernel (gemv.py) spends ~7.5 instructions per weight there, most of them on a code-table
+gather with 64-bit addresses, and is bound by instruction issue (~28 us for W 14336x4096 on an
+H200, NOTES.md). This kernel:
+
+* decodes through a table in shared memory that maps every byte of packed codes to the two code
+  values it holds, ``(code[b >> 4], code[b & 15])``: fp16 pairs for fp16/bf16 inputs (exact to
+  2^-12, 8x finer than the reference's rounding of each weight to bf16), fp32 pairs for fp32
+  inputs. Entry ``(b, copy)`` lives at byte ``b * 256 + copy * width``, one copy per lane of a
+  shared-memory wavefront, so lanes never hit the same bank; ``__byte_perm`` builds that address
+  from a byte of the packed word and the lane's offset in one instruction. Per byte (two weights):
+  one ``prmt``, one shared load, two fp32 FMAs (plus two conversions for fp16 pairs);
+* keeps x in registers: warp ``w`` of a thread block owns elements ``256w .. 256w + 255`` of K,
+  lane ``(rr, i)`` elements ``32i .. 32i + 31`` of that slice for row ``rr`` of each 4-row step, so
+  a warp reads 4 rows x 128 contiguous bytes per step;
+* streams the packed codes and the scales of each 16-row group into a ring of shared-memory slots
+  with bulk copies (Hopper's copy engine: no registers or load instructions), several groups ahead;
+  each thread block (one per SM) owns a contiguous range of groups, and reads its nested scales
+  (Double Quantization) once;
+* multiplies each 32-element partial sum by its block scale once, in fp32, and adds the warps'
+  partial sums per row in shared memory (one barrier per group). K > 4096 is split over thread
+  blocks whose fp32 partial sums are added afterwards.
+
+Speed (H200, GPU time from CUDA-graph replay over rotating weight copies; BENCHMARKS.md): W
+14336x4096 16.6-17.2 us against 28 us for the Triton kernel and 29 us for bitsandbytes.
+
+Needs: compute capability >= 9.0 (bulk copies, transaction barriers), ``torch.cuda._compile_kernel``
+(PyTorch >= 2.8, NVRTC from the CUDA wheels), one row of x, K and the block size multiples of 32,
+and the scales of the last (partial) 16-row group whole 16-byte units. :func:`supported` says so;
+callers fall back to the Triton kernel otherwise. ``QLORA_CUDA_GEMV=0`` turns it off.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from functools import lru_cache
+
+import torch
+
+from ..config import env_flag
+from ..errors import QLoraError
+from ..nf4 import QuantState
+
+SLICE = 256                      # K elements per warp (8 lanes x 32)
+MAX_SPLIT_LEN = 16 * SLICE       # at most 16 warps per thread block (x in registers)
+MAX_DEPTH = 6                    # ring slots of packed codes
+TABLE_BYTES = 256 * 256          # 256 byte values x 256-byte rows (16 float2 copies + unused half)
+
+
+ROWS = 16                        # rows per group: 16 rows of scales are always whole 16-byte units
+
+
+def smem_bytes(warps: int, split_len: int, depth: int, scale_bytes: int, nest_cap: int) -> int:
+    """Table, nested code, the warps' row sums (twice), 8 barriers, the block's nested scales, then the
+    ring: ``depth`` slots of ROWS rows of codes and their scales."""
+    fixed = TABLE_BYTES + 256 * 4 + 2 * warps * ROWS * 4 + 64 + -(-nest_cap * 4 // 128) * 128
+    return fixed + depth * (ROWS * split_len // 2 + -(-scale_bytes // 16) * 16)
+
+
+_SOURCE = r"""
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+__device__ __forceinline__ float to_f32(u16 v) {
+#if XT == 1
+    return __uint_as_float(((u32)v) << 16);
+#else
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;
+#endif
+}
+
+#if XT == 0
+typedef float xt;
+__device__ __forceinline__ float load_x(const xt* p) { return *p; }
+__device__ __forceinline__ xt from_f32(float f) { return f; }
+#else
+typedef u16 xt;
+__device__ __forceinline__ float load_x(const xt* p) { return to_f32(*p); }
+__device__ __forceinline__ xt from_f32(float f) {
+    u16 r;
+#if XT == 1
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+#endif
+    return r;
+}
+#endif
+
+#if PARTIAL
+typedef float ot;
+__device__ __forceinline__ ot out_val(float f) { return f; }
+#else
+typedef xt ot;
+__device__ __forceinline__ ot out_val(float f) { return from_f32(f); }
+#endif
+
+// 32 x values of one lane's segment, in fp32
+__device__ __forceinline__ void load_x32(const xt* p, float* xr) {
+#if XT == 0
+#pragma unroll
+    for (int j = 0; j < 8; ++j) { float4 v = __ldg((const float4*)p + j); xr[4*j] = v.x; xr[4*j+1] = v.y; xr[4*j+2] = v.z; xr[4*j+3] = v.w; }
+#else
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        uint4 v = __ldg((const uint4*)p + j);
+        u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) { xr[8*j+2*h] = to_f32((u16)(w[h] & 0xffff)); xr[8*j+2*h+1] = to_f32((u16)(w[h] >> 16)); }
+    }
+#endif
+}
+
+#if T16
+// Two code values (fp16 pair) for each byte of a packed word, against 8 x values.
+__device__ __forceinline__ void f16x2_to_f32(u32 e, float& lo, float& hi) {
+    asm("{.reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}" : "=f"(lo), "=f"(hi) : "r"(e));
+}
+__device__ __forceinline__ float dot_word(u32 w, const char* smem, u32 lane_off, const float* xr) {
+    const u32 e0 = *(const u32*)(smem + __byte_perm(w, lane_off, 0x5504));
+    const u32 e1 = *(const u32*)(smem + __byte_perm(w, lane_off, 0x5514));
+    const u32 e2 = *(const u32*)(smem + __byte_perm(w, lane_off, 0x5524));
+    const u32 e3 = *(const u32*)(smem + __byte_perm(w, lane_off, 0x5534));
+    float a0, b0, a1, b1, a2, b2, a3, b3;
+    f16x2_to_f32(e0, a0, b0); f16x2_to_f32(e1, a1, b1); f16x2_to_f32(e2, a2, b2); f16x2_to_f32(e3, a3, b3);
+    float s0 = a0 * xr[0];
+    float s1 = b0 * xr[1];
+    s0 = fmaf(a1, xr[2], s0);
+    s1 = fmaf(b1, xr[3], s1);
+    s0 = fmaf(a2, xr[4], s0);
+    s1 = fmaf(b2, xr[5], s1);
+    s0 = fmaf(a3, xr[6], s0);
+    s1 = fmaf(b3, xr[7], s1);
+    return s0 + s1;
+}
+#else
+// Two code values (fp32 pair) for each byte of a packed word, against 8 x values.
+__device__ __forceinline__ float dot_word(u32 w, const char* smem, u32 lane_off, const float* xr) {
+    float2 t0 = *(const float2*)(smem + __byte_perm(w, lane_off, 0x5504));
+    float2 t1 = *(const float2*)(smem + __byte_perm(w, lane_off, 0x5514));
+    float2 t2 = *(const float2*)(smem + __byte_perm(w, lane_off, 0x5524));
+    float2 t3 = *(const float2*)(smem + __byte_perm(w, lane_off, 0x5534));
+    float s0 = t0.x * xr[0];
+    float s1 = t0.y * xr[1];
+    s0 = fmaf(t1.x, xr[2], s0);
+    s1 = fmaf(t1.y, xr[3], s1);
+    s0 = fmaf(t2.x, xr[4], s0);
+    s1 = fmaf(t2.y, xr[5], s1);
+    s0 = fmaf(t3.x, xr[6], s0);
+    s1 = fmaf(t3.y, xr[7], s1);
+    return s0 + s1;
+}
+
+#endif
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                     : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    } while (!done);
+}
+
+// Thread block: one warp per 256-element slice of this split's part of K (blockDim.x = 32 * slices);
+// lane = (rr = lane / 8, i = lane % 8): row rr of each 4-row step, elements 32i .. 32i+31 of the slice,
+// whose 32 x values stay in registers. Each block owns a contiguous range of groups of R = 4G rows.
+// Thread 0 streams each group's packed codes (R rows x the split's bytes) and stored scales (R whole
+// rows of absmax) into a ring of DEPTH shared-memory slots with bulk copies (the copy engine: no
+// registers, no load instructions), DEPTH - 1 groups ahead; the block's nested scales (DQ) are read
+// once at the start. The warps' per-row sums meet in shared memory, one barrier per group, after
+// which the slot just read is refilled.
+extern "C" __global__ void __launch_bounds__(MAXT, 1)
+qlora_gemv_4bit(const xt* __restrict__ x, const u8* __restrict__ packed, const void* __restrict__ absmax,
+                const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
+                const float* __restrict__ code, ot* __restrict__ out, double offset_d,
+                int N, int K, int split_len, int n_groups, int nested_len, int nest_cap) {
+    extern __shared__ __align__(128) char smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    const int i = lane & 7, rr = lane >> 3;
+    const int k0 = blockIdx.y * split_len;
+    const int len = min(K - k0, split_len);
+    const u32 lenb = (u32)len >> 1;              // code bytes of one row in a slot
+    const int kb = K / BS;                       // scales per row
+    const u32 esz = DQ ? 1 : 4;
+    const u32 ab = (R * kb * esz + 15) & ~15u;   // scale bytes of a slot
+    const u32 slot_bytes = R * lenb + ab;
+    // this block's groups: [g0, g1)
+    const int g0 = (int)((long long)n_groups * blockIdx.x / gridDim.x);
+    const int g1 = (int)((long long)n_groups * (blockIdx.x + 1) / gridDim.x);
+    const int my_groups = g1 - g0;
+    const int nest0 = (int)(((long long)g0 * R * kb) / NBS);  // first nested scale the block needs
+
+    float* nc = (float*)(smem + 65536);
+    float* red = nc + 256;                       // [2][nwarps][R]
+    unsigned long long* bars = (unsigned long long*)(red + 2 * nwarps * R);
+    float* nest = (float*)(bars + 8);            // nested scales of the block's rows
+    char* ring = (char*)nest + ((nest_cap * 4 + 127) & ~127);  // [DEPTH][R rows of codes | scales]
+    const int kseg = k0 + warp * 256 + 32 * i;
+    const bool active = kseg < k0 + len;
+    const unsigned kc = active ? kseg : k0;      // inactive lanes read valid bytes and add 0 * code
+    const float offset = (float)offset_d;
+    const unsigned kh = (unsigned)K >> 1;
+
+    // group g0 + j -> slot j % DEPTH: R rows (those < N) of the split's code bytes, then the rows' scales
+#define ISSUE(j) {                                                                             \
+        const int g_ = g0 + (j);                                                               \
+        const int rows_ = min(R, N - g_ * R);                                                  \
+        const u32 bar_ = smem_addr(bars + (j) % DEPTH);                                        \
+        char* dst_ = ring + ((j) % DEPTH) * slot_bytes;                                        \
+        const u32 sb_ = rows_ * kb * esz;                                                      \
+        mbar_expect(bar_, rows_ * lenb + sb_);                                                 \
+        if (lenb == kh) bulk_copy(smem_addr(dst_), packed + (size_t)g_ * R * kh, rows_ * lenb, bar_); \
+        else for (int r_ = 0; r_ < rows_; ++r_)                                                \
+            bulk_copy(smem_addr(dst_ + r_ * lenb), packed + (size_t)(g_ * R + r_) * kh + (k0 >> 1), lenb, bar_); \
+        bulk_copy(smem_addr(dst_ + R * lenb), (const char*)absmax + (size_t)g_ * R * kb * esz, sb_, bar_); \
+    }
+    if (tid == 0) {
+        for (int d = 0; d < DEPTH; ++d) mbar_init(smem_addr(bars + d));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int d = 0; d < DEPTH - 1 && d < my_groups; ++d) ISSUE(d)
+    }
+    float xr[32];
+    if (active) load_x32(x + kseg, xr);
+    else {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) xr[j] = 0.f;
+    }
+#if T16
+    // the byte -> (code[hi], code[lo]) table as fp16 pairs, 32 copies per row (one per lane)
+    for (int e = tid; e < 8192; e += blockDim.x) {
+        const int b = e >> 5, m = e & 31;
+        u16 hi, lo;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(hi) : "f"(code[b >> 4]));
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(lo) : "f"(code[b & 15]));
+        *(u32*)(smem + b * 256 + m * 4) = (u32)hi | ((u32)lo << 16);
+    }
+    const u32 lane_off = lane * 4;
+#else
+    // the byte -> (code[hi], code[lo]) table, 16 copies per row (one per lane of a half-warp)
+    for (int e = tid; e < 4096; e += blockDim.x) {
+        const int b = e >> 4, m = e & 15;
+        *(float2*)(smem + b * 256 + m * 8) = make_float2(code[b >> 4], code[b & 15]);
+    }
+    const u32 lane_off = (lane & 15) * 8;
+#endif
+#if DQ
+    for (int e = tid; e < 256; e += blockDim.x) nc[e] = nested_code[e];
+    {
+        const int nest1 = min(nested_len, (int)(((long long)g1 * R * kb - 1) / NBS) + 1);
+        for (int e = tid; e < nest1 - nest0; e += blockDim.x) nest[e] = nested_absmax[nest0 + e];
+    }
+#endif
+    __syncthreads();
+
+    const unsigned kblk = kc / BS;               // the lane's scale within a row
+    for (int j = 0; j < my_groups; ++j) {
+        const int g = g0 + j;
+        const int buf = j & 1;
+        if (!SKIP_WAIT) mbar_wait(smem_addr(bars + j % DEPTH), (j / DEPTH) & 1);
+        const char* slot = ring + (j % DEPTH) * slot_bytes;
+        const char* codes = slot + ((kc - k0) >> 1);
+        const char* scales = slot + R * lenb;
+#pragma unroll
+        for (int t = 0; t < G; ++t) {
+            const int r = t * 4 + rr;
+            const uint4 w = *(const uint4*)(codes + r * lenb);
+            float sc;
+            if (DQ) {
+                const unsigned blk = (unsigned)(g * R + r) * kb + kblk;
+                sc = nc[((const u8*)scales)[r * kb + kblk]] * nest[blk / NBS - nest0] + offset;
+            } else sc = ((const float*)scales)[r * kb + kblk];
+            float p = SKIP_DOT ? __uint_as_float(w.x ^ w.y ^ w.z ^ w.w) :
+                dot_word(w.x, smem, lane_off, xr) + dot_word(w.y, smem, lane_off, xr + 8)
+                + dot_word(w.z, smem, lane_off, xr + 16) + dot_word(w.w, smem, lane_off, xr + 24);
+            p *= sc;
+            p += __shfl_xor_sync(0xffffffffu, p, 1);
+            p += __shfl_xor_sync(0xffffffffu, p, 2);
+            p += __shfl_xor_sync(0xffffffffu, p, 4);
+            if (i == 0) red[(buf * nwarps + warp) * R + r] = p;
+        }
+        __syncthreads();   // every warp is done with this group's slot and partial sums
+        if (tid == 0 && j + DEPTH - 1 < my_groups) ISSUE(j + DEPTH - 1)
+        // row r's sum: warp r % nwarps adds the warps' partials, one per lane, with shuffles
+        for (int r = warp; r < R; r += nwarps) {
+            float sum = lane < nwarps ? red[(buf * nwarps + lane) * R + r] : 0.f;
+            sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            const int orow = g * R + r;
+            if (lane == 0 && orow < N) out[(size_t)blockIdx.y * N + orow] = out_val(sum);
+        }
+    }
+}
+"""
+
+_XT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_lock = threading.Lock()
+_kernels: dict = {}
+# Timing experiments only (NOTES.md): leave the wait for the copies or the dot products out.
+DEBUG = "#define SKIP_WAIT 0\n#define SKIP_DOT 0\n"
+
+
+def _compile(device: torch.device, xt: int, dq: bool, partial: bool, bs: int, nbs: int, warps: int, rows: int,
+             t16: bool, depth: int, smem: int):
+    key = (device.index, xt, dq, partial, bs, nbs, warps, rows, t16, depth, DEBUG)
+    kern = _kernels.get(key)
+    if kern is None:
+        with _lock:
+            kern = _kernels.get(key)
+            if kern is None:
+                defines = "".join(f"#define {k} {v}\n" for k, v in dict(
+                    XT=xt, DQ=int(dq), PARTIAL=int(partial), BS=bs, NBS=nbs, MAXT=32 * warps, R=rows,
+                    G=rows // 4, T16=int(t16), DEPTH=depth).items()) + DEBUG
+                try:
+                    with torch.cuda.device(device):
+                        kern = torch.cuda._compile_kernel(defines + _SOURCE, "qlora_gemv_4bit")
+                except (RuntimeError, OSError, AttributeError) as e:  # no NVRTC, a driver too old, ...
+                    _broken.append(f"{type(e).__name__}: {e}")
+                    warnings.warn(f"qlora: the CUDA GEMV kernel did not compile, using the Triton one "
+                                  f"({_broken[0][:300]})", RuntimeWarning, stacklevel=3)
+                    raise CompileError(_broken[0]) from e
+                _kernels[key] = kern
+    if kern._max_shared_mem_bytes < smem:
+        with torch.cuda.device(device):
+            kern.set_shared_memory_config(smem)
+    return kern
+
+
+_broken: list[str] = []  # why compiling failed once (then every call takes the Triton kernel)
+
+
+class CompileError(QLoraError):
+    """NVRTC or the driver refused the kernel; :func:`available` is False from then on."""
+
+
+def available(device: torch.device) -> bool:
+    """True when this device can run the kernel: PyTorch with NVRTC kernels, compute capability >= 9.0
+    (bulk copies and transaction barriers), not switched off with ``QLORA_CUDA_GEMV=0``, and no
+    earlier compilation failed."""
+    if _broken or not env_flag("QLORA_CUDA_GEMV", True) or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 9
+
+
+def supported(x: torch.Tensor, state: QuantState) -> bool:
+    """True when :func:`gemv_4bit_cuda` handles this call: one row on a CUDA device of compute
+    capability >= 9.0, K and the block size multiples of 32, the last group's scales whole 16-byte units."""
+    if not x.is_cuda or len(state.shape) != 2 or x.dtype not in _XT:
+        return False
+    n_out, k = (int(s) for s in state.shape)
+    bs = state.blocksize
+    if x.numel() != k or k % 32 or bs % 32 or k % bs or n_out * k >= 2 ** 31:
+        return False
+    esz = 1 if state.double_quant else 4
+    return (n_out % ROWS) * (k // bs) * esz % 16 == 0 and available(x.device)
+
+
+def plan(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, smem_limit: int, split: int | None = None,
+         depth: int | None = None) -> tuple[int, int, int, int, int, int]:
+    """(split, elements per split, warps per block, ring depth, blocks, nested scales per block): a split
+    keeps a block at <= 16 warps (x in registers); one persistent block per SM (per split), each with a
+    contiguous range of row groups; as deep a ring as fits."""
+    if split is None:
+        split = -(-k // MAX_SPLIT_LEN)
+    split_len = -(-k // (split * 32)) * 32
+    if split_len > MAX_SPLIT_LEN:
+        raise ValueError(f"K={k} needs a split of at most {MAX_SPLIT_LEN} elements, got {split_len}")
+    split = -(-k // split_len)
+    warps = -(-split_len // SLICE)
+    n_groups = -(-n_out // ROWS)
+    blocks = min(n_groups, max(1, sms // split))
+    kb = kb_bytes  # scale bytes per row
+    nest_cap = (-(-n_groups // blocks) * ROWS * kb) // nbs + 2 if nbs else 1
+    if depth is None:
+        fixed = smem_bytes(warps, split_len, 0, 0, nest_cap)
+        depth = max(2, min(MAX_DEPTH, (smem_limit - fixed) // (ROWS * split_len // 2 + -(-ROWS * kb // 16) * 16)))
+    return split, split_len, warps, depth, blocks, nest_cap
+
+
+def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, state: QuantState, split: int | None = None,
+                   depth: int | None = None, t16: bool | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T`` for one row of x (any leading shape holding one row); ``split`` / ``depth``
+    / ``t16`` override the planned K split, ring depth and table width (for benchmarking)."""
+    from .dequant import _device_state, check_quantized, sm_count
+    check_quantized(packed, state)
+    if not supported(x, state):
+        raise QLoraError(f"the CUDA GEMV does not handle this call (x {tuple(x.shape)} {x.dtype} on {x.device}, "
+                         f"weight {tuple(state.shape)}, block size {state.blocksize}); use kernels.matmul_4bit")
+    n_out, k = (int(s) for s in state.shape)
+    lead = x.shape[:-1]
+    x1 = x.reshape(k)
+    if not x1.is_contiguous() or x1.data_ptr() % 16:
+        x1 = x1.clone()
+    dq = state.double_quant
+    kb, esz = k // state.blocksize, 1 if dq else 4
+    split, split_len, warps, depth, blocks, nest_cap = plan(
+        n_out, k, kb * esz, state.nested_blocksize if dq else 0, sm_count(x.device),
+        _smem_limit(x.device), split, depth)
+    smem = smem_bytes(warps, split_len, depth, ROWS * kb * esz, nest_cap)
+    code, absmax, nested_absmax, nested_code = _device_state(state, x.device)
+    packed = packed.reshape(-1)
+    if packed.data_ptr() % 16:
+        packed = packed.clone()
+    if absmax.data_ptr() % 16:
+        absmax = absmax.clone()
+    partial = split > 1
+    out = torch.empty((split, n_out) if partial else (n_out,), device=x.device,
+                      dtype=torch.float32 if partial else x.dtype)
+    kern = _compile(x.device, _XT[x.dtype], dq, partial, state.blocksize,
+                    state.nested_blocksize if dq else 256, warps, ROWS,
+                    x.dtype != torch.float32 if t16 is None else t16, depth, smem)
+    kern(grid=(blocks, split, 1), block=(32 * warps, 1, 1),
+         args=[x1, packed, absmax, nested_absmax, nested_code, code, out,
+               float(state.offset) if dq else 0.0, n_out, k, split_len, -(-n_out // ROWS),
+               int(nested_absmax.numel()) if dq else 0, nest_cap],
+         shared_mem=smem, stream=torch.cuda.current_stream(x.device))
+    if partial:
+        out = out.sum(0).to(x.dtype)
+    return out.view(*lead, n_out)
+
+
+@lru_cache(maxsize=None)
+def _smem_limit(device: torch.device) -> int:
+    return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 48 * 1024))
