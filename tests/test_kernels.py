@@ -218,8 +218,8 @@ def test_cuda_gemv_matches_float64(nk, bs, dq, split, dtype):
 @pytest.mark.gpu
 @hopper
 def test_cuda_gemv_dispatch_and_fallbacks(monkeypatch):
-    """kernels.matmul_4bit sends one row to the CUDA kernel; QLORA_CUDA_GEMV=0, more rows, shapes it
-    does not take and a failed compilation go to the Triton kernel, with the same result."""
+    """kernels.matmul_4bit sends one row to the CUDA kernel; QLORA_CUDA_GEMV=0, more rows, K > 4096,
+    shapes it does not take and a failed compilation go to the Triton kernel, with the same result."""
     from qlora.kernels import gemv_cuda, gemv
     packed, st = nf4.quantize_4bit(_rand(96, 512, seed=1, scale=0.05, dtype=torch.bfloat16), 64, "nf4", True)
     x = _rand(1, 512, seed=2, dtype=torch.bfloat16)
@@ -230,6 +230,10 @@ def test_cuda_gemv_dispatch_and_fallbacks(monkeypatch):
     assert _rel(K.matmul_4bit(x, packed, st), want) < 1e-2 and calls == [1]
     K.matmul_4bit(_rand(2, 512, seed=3, dtype=torch.bfloat16), packed, st)
     assert calls == [1]
+    p3, st3 = nf4.quantize_4bit(_rand(32, 8192, seed=7, scale=0.05, dtype=torch.bfloat16), 64, "nf4", True)
+    x3 = _rand(1, 8192, seed=8, dtype=torch.bfloat16)
+    assert gemv_cuda.supported(x3, st3) and not gemv_cuda.preferred(x3, st3)  # K > 4096: the Triton one
+    assert _rel(K.matmul_4bit(x3, p3, st3), gemv.gemv_4bit_triton(x3, p3, st3)) == 0 and calls == [1]
     monkeypatch.setenv("QLORA_CUDA_GEMV", "0")
     assert not gemv_cuda.supported(x, st)
     K.matmul_4bit(x, packed, st)

@@ -140,13 +140,13 @@ def gemv_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                 workspace: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ dequant(W).T`` for any number of rows: on CUDA, one row goes to the CUDA GEMV
-    (gemv_cuda.py, Hopper and newer) or else the Triton one, 2..16 rows to the Triton GEMV; otherwise
+    (gemv_cuda.py, Hopper and newer, K <= 4096) or else the Triton one, 2..16 rows to the Triton GEMV; otherwise
     dequantize (with the Triton kernel on CUDA, into ``workspace`` if given) and matmul."""
     _check(x, packed, state)
     on_gpu = x.is_cuda and triton is not None
     if x.is_cuda and x.numel() == x.shape[-1]:  # one row: the CUDA kernel where it runs (gemv_cuda.py)
         from . import gemv_cuda
-        if gemv_cuda.supported(x, state):
+        if gemv_cuda.preferred(x, state):
             try:
                 return gemv_cuda.gemv_4bit_cuda(x, packed, state)
             except gemv_cuda.CompileError:
