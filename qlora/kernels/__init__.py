@@ -1,4 +1,4 @@
-"""GPU kernels (Triton), each beside its pure-torch reference, and dispatch functions.
+"""GPU kernels (Triton, and one in CUDA C++), each beside its pure-torch reference, and dispatch functions.
 
 Every function here takes the Triton path when :func:`available` (CUDA present, Triton
 importable, and not switched off with ``QLORA_KERNELS=0``) and the tensors are on a CUDA
@@ -8,7 +8,9 @@ device; otherwise it runs the torch reference, so callers never branch themselve
 function                       Triton kernel                 reference
 =============================  ============================  ===================================
 dequantize_4bit                dequant.py (bit-exact)         qlora.nf4.dequantize_4bit
-matmul_4bit                    gemv.py (1..16 rows) or        x @ dequantize_4bit(W).T
+matmul_4bit                    gemv_cuda.py: 1 row, Hopper   x @ dequantize_4bit(W).T
+                               (CUDA C++ via NVRTC);
+                               gemv.py: 1..16 rows; else
                                Triton dequant + matmul
 rms_norm                       norm_act.RMSNormFunction       norm_act.rms_norm_reference
 swiglu                         norm_act.SwiGLUFunction        norm_act.swiglu_reference

@@ -33,6 +33,7 @@ callers fall back to the Triton kernel otherwise. ``QLORA_CUDA_GEMV=0`` turns it
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 import warnings
 from functools import lru_cache
@@ -336,7 +337,7 @@ def _compile(device: torch.device, xt: int, dq: bool, partial: bool, bs: int, nb
                                   f"({_broken[0][:300]})", RuntimeWarning, stacklevel=3)
                     raise CompileError(_broken[0]) from e
                 _kernels[key] = kern
-    if kern._max_shared_mem_bytes < smem:
+    if getattr(kern, "_max_shared_mem_bytes", 0) < smem:
         with torch.cuda.device(device):
             kern.set_shared_memory_config(smem)
     return kern
@@ -410,7 +411,6 @@ class _Launcher:
     _lib = None
 
     def __init__(self, kern):
-        import ctypes
         if _Launcher._lib is None:
             lib = ctypes.CDLL("libcuda.so.1")
             lib.cuLaunchKernel.restype = ctypes.c_int
@@ -425,7 +425,6 @@ class _Launcher:
         self.lock = threading.Lock()
 
     def __call__(self, grid, threads, smem, stream, ptrs, dbl, ints):
-        import ctypes
         with self.lock:
             for cell, v in zip(self.ptrs, ptrs):
                 cell.value = v
