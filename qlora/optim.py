@@ -567,6 +567,12 @@ class AdamW8bit(AdamW):
                          page_budget_bytes=page_budget_bytes, min_8bit_size=min_8bit_size)
 
 
+def check_offload(name: str, offload: bool) -> None:
+    """``--offload-optimizer`` keeps a paged optimizer's states in CPU memory: refuse it with any other."""
+    if offload and not name.startswith("paged"):
+        raise QLoraError(f"--offload-optimizer needs a paged optimizer (paged_adamw or paged_adamw8bit), not {name}")
+
+
 def make_optimizer(params, name: str = "paged_adamw", lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                    weight_decay: float = 0.0, page_budget_bytes: int | None = None) -> torch.optim.Optimizer:
     """Build one of :data:`OPTIMIZERS` over ``params`` (tensors or param-group dicts)."""

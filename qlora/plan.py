@@ -552,8 +552,8 @@ def run(args) -> int:
               offload=args.offload == "true", embed_offload=args.offload_embeddings == "true",
               lora_dtype=args.lora_dtype)
     if args.offload_optimizer == "true":
-        if not args.optim.startswith("paged"):
-            raise QLoraError(f"--offload-optimizer needs a paged optimizer, not {args.optim}")
+        from .optim import check_offload
+        check_offload(args.optim, True)
         kw["page_budget"] = 0
     kw["counts"] = counts_for(config, **kw)
     est = estimate(config, args.seq, args.batch, gpu_mem=gpu_mem, **kw)

@@ -317,11 +317,12 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     from .kernels.loss import check_labels
     from .linear import dequant_cache, lora_cast
     from .model import LoraSettings, QuantSettings, load_model
-    from .optim import make_optimizer
+    from .optim import check_offload, make_optimizer
 
     t_start = time.time()
     if not cfg.data:
         raise QLoraError("--data FILE is required")
+    check_offload(cfg.optim, cfg.offload_optimizer)  # before the model loads
     for name in ("batch_size", "grad_accum", "max_length"):
         if getattr(cfg, name) < 1:
             raise QLoraError(f"--{name.replace('_', '-')} must be >= 1")
@@ -407,8 +408,6 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     model.train()
     par.wrap(model)
     params = par.optimizer_params()
-    if cfg.offload_optimizer and not cfg.optim.startswith("paged"):
-        raise QLoraError(f"--offload-optimizer needs a paged optimizer (paged_adamw or paged_adamw8bit), not {cfg.optim}")
     optimizer = make_optimizer(params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
                                page_budget_bytes=0 if cfg.offload_optimizer else None)
     scaler = torch.amp.GradScaler(device.type) if cfg.compute_dtype == "fp16" else None

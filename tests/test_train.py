@@ -178,3 +178,4 @@ def test_offload_optimizer_gives_same_losses(setup, tmp_path):
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
     with pytest.raises(QLoraError, match="paged optimizer"):
         train(cfg(setup, tmp_path / "c", optim="adamw", offload_optimizer=True), log=lambda m: None)
+    assert not (tmp_path / "c").exists()  # refused before the output folder or the model
