@@ -1,6 +1,6 @@
 """Kernel benchmark on one CUDA GPU: our Triton kernels vs our torch references vs bitsandbytes.
 
-    python bench/kernels.py [--sweep] [--json results.json]
+    python bench/kernels.py [--sweep] [--gemv-decompose] [--skip SECTIONS] [--json results.json]
 
 Prints, each measured in this run, two kinds of time: "graph" = GPU time per call replayed from
 a CUDA graph over several copies of the weights read in turn (so reads come from device memory,
@@ -18,7 +18,8 @@ host is slower than the GPU. Host microseconds per call are printed beside them.
   (Triton only);
 * RMSNorm / SwiGLU / RoPE forward+backward vs torch, and the chunked loss vs the unfused one.
 
-``--sweep`` also times launch configurations of the dequant and GEMV kernels (for tuning).
+``--sweep`` also times launch configurations of the dequant and GEMV kernels (for tuning);
+``--gemv-decompose`` times the CUDA GEMV with stages left out (where its time goes).
 bitsandbytes is optional: its columns read "-" when it is not importable.
 """
 from __future__ import annotations
@@ -241,6 +242,33 @@ def gemv_table(sweep: bool):
         torch.cuda.empty_cache()
 
 
+def gemv_cuda_decompose():
+    """Where the CUDA GEMV's time goes: the same kernel with the wait for the bulk copies and/or the
+    dot products left out (``gemv_cuda.DEBUG``; their results are wrong, only the time counts), with
+    the fp16 and the fp32 code table, W 14336x4096, bf16, 1 row. The differences show the cost of
+    each stage; what remains with both left out is the kernel's skeleton (prologue, copies, barriers,
+    row sums). See qlora/kernels/NOTES.md."""
+    n, k = 14336, 4096
+    print(f"\nCUDA GEMV, leave-one-out GPU us, W {n}x{k} (fp16 table / fp32 table)")
+    w, packed, st, ref = quantized(n, k)
+    ours, _ = copies(packed, st, None)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    saved = gemv_cuda.DEBUG
+    try:
+        for name, wait, dot in (("full", 0, 0), ("no wait for the copies", 1, 0), ("no dot products", 0, 1),
+                                ("neither", 1, 1)):
+            gemv_cuda.DEBUG = f"#define SKIP_WAIT {wait}\n#define SKIP_DOT {dot}\n"
+            row = []
+            for t16 in (True, False):
+                t = graph_ms([lambda p=p, s=s: gemv_cuda.gemv_4bit_cuda(x, p, s, t16=t16) for p, s in ours])
+                row.append(None if t is None else t * 1e3)
+                RESULTS[f"gemv_cuda_decompose_{name.replace(' ', '_')}_{'t16' if t16 else 'fp32'}"] = row[-1]
+            print(f"  {name:>24}: {fmt(row[0], '.1f')} / {fmt(row[1], '.1f')}")
+    finally:
+        gemv_cuda.DEBUG = saved
+        torch.cuda.synchronize()
+
+
 def fwd_bwd(fn, inputs, grad):
     def run():
         for t in inputs:
@@ -362,6 +390,8 @@ def main():
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--dump", help="write PTX of compiled kernels to DIR/kernels_ptx.txt and print register counts")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: dequant,matmul,gemv,ops")
+    ap.add_argument("--gemv-decompose", action="store_true",
+                    help="also time the CUDA GEMV with stages left out (Hopper; where its time goes)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU")
@@ -381,6 +411,11 @@ def main():
         except Exception as e:  # noqa: BLE001 - report and go on with the other sections
             print(f"!! section {name} failed: {type(e).__name__}: {e}")
             RESULTS[f"error_{name}"] = repr(e)
+    if args.gemv_decompose:
+        try:
+            gemv_cuda_decompose()
+        except Exception as e:  # noqa: BLE001
+            print(f"!! gemv decompose failed: {type(e).__name__}: {e}")
     if args.dump:
         try:
             dump_kernels(args.dump)
