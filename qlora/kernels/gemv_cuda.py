@@ -47,9 +47,7 @@ from ..nf4 import QuantState
 SLICE = 256                      # K elements per warp (8 lanes x 32)
 MAX_SPLIT_LEN = 16 * SLICE       # at most 16 warps per thread block (x in registers)
 MAX_DEPTH = 6                    # ring slots of packed codes
-TABLE_BYTES = 256 * 256          # 256 byte values x 256-byte rows (16 float2 copies + unused half)
-
-
+TABLE_BYTES = 256 * 256          # 256 byte values x 256-byte rows (16 fp32 or 32 fp16 pairs, 128 B unused)
 ROWS = 16                        # rows per group: 16 rows of scales are always whole 16-byte units
 
 
@@ -75,11 +73,9 @@ __device__ __forceinline__ float to_f32(u16 v) {
 
 #if XT == 0
 typedef float xt;
-__device__ __forceinline__ float load_x(const xt* p) { return *p; }
 __device__ __forceinline__ xt from_f32(float f) { return f; }
 #else
 typedef u16 xt;
-__device__ __forceinline__ float load_x(const xt* p) { return to_f32(*p); }
 __device__ __forceinline__ xt from_f32(float f) {
     u16 r;
 #if XT == 1
