@@ -71,14 +71,12 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     prof = None
     casts = lora_cast(model, enabled=cast_once)
 
-    graphed = None
-    if cuda_graphs:
-        from qlora.cuda_graphs import GraphedMicroStep, supported
-        ok, why = supported(torch.device(device))
-        graphed = GraphedMicroStep(micro_step_fn(model, device, off, casts), params, torch.device(device),
-                                   log=print, accumulate=False) if ok else None  # one micro-batch per step
+    from qlora.cuda_graphs import GraphedMicroStep, supported
+    graphs = cuda_graphs and supported(torch.device(device))[0]
     # forward + backward of one batch (what a CUDA graph replays)
-    micro_step = micro_step_fn(model, device, off, casts, static_shapes=graphed is not None)
+    micro_step = micro_step_fn(model, device, off, casts, static_shapes=graphs)
+    graphed = GraphedMicroStep(micro_step, params, torch.device(device), log=print,
+                               accumulate=False) if graphs else None  # one micro-batch per step
     for i in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
         b = {"input_ids": ids, "labels": ids}

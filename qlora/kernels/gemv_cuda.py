@@ -309,6 +309,7 @@ qlora_gemv_4bit(const xt* __restrict__ x, const u8* __restrict__ packed, const v
 _XT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lock = threading.Lock()
 _kernels: dict = {}
+_broken: list[str] = []  # why compiling failed once (then every call takes the Triton kernel)
 # Timing experiments only (NOTES.md): leave the wait for the copies or the dot products out.
 DEBUG = "#define SKIP_WAIT 0\n#define SKIP_DOT 0\n"
 
@@ -337,9 +338,6 @@ def _compile(device: torch.device, xt: int, dq: bool, partial: bool, bs: int, nb
         with torch.cuda.device(device):
             kern.set_shared_memory_config(smem)
     return kern
-
-
-_broken: list[str] = []  # why compiling failed once (then every call takes the Triton kernel)
 
 
 class CompileError(QLoraError):
@@ -380,7 +378,8 @@ def plan(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, smem_limit: int,
          depth: int | None = None) -> tuple[int, int, int, int, int, int]:
     """(split, elements per split, warps per block, ring depth, blocks, nested scales per block): a split
     keeps a block at <= 16 warps (x in registers); one persistent block per SM (per split), each with a
-    contiguous range of row groups; as deep a ring as fits."""
+    contiguous range of row groups; a ring of up to MAX_DEPTH slots, as many as fit.
+    ``kb_bytes``: the bytes of scales per weight row; ``nbs``: the nested block size (0 without DQ)."""
     if split is None:
         split = -(-k // MAX_SPLIT_LEN)
     split_len = -(-k // (split * 32)) * 32
@@ -390,11 +389,11 @@ def plan(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, smem_limit: int,
     warps = -(-split_len // SLICE)
     n_groups = -(-n_out // ROWS)
     blocks = min(n_groups, max(1, sms // split))
-    kb = kb_bytes  # scale bytes per row
-    nest_cap = (-(-n_groups // blocks) * ROWS * kb) // nbs + 2 if nbs else 1
+    nest_cap = (-(-n_groups // blocks) * ROWS * kb_bytes) // nbs + 2 if nbs else 1
     if depth is None:
         fixed = smem_bytes(warps, split_len, 0, 0, nest_cap)
-        depth = max(2, min(MAX_DEPTH, (smem_limit - fixed) // (ROWS * split_len // 2 + -(-ROWS * kb // 16) * 16)))
+        slot = smem_bytes(warps, split_len, 1, ROWS * kb_bytes, nest_cap) - fixed
+        depth = max(2, min(MAX_DEPTH, (smem_limit - fixed) // slot))
     return split, split_len, warps, depth, blocks, nest_cap
 
 
@@ -434,18 +433,18 @@ class _Launcher:
 
 
 @lru_cache(maxsize=256)
-def _plan(n_out: int, k: int, kb_bytes: int, nbs: int, device: torch.device):
+def _plan(n_out: int, k: int, kb_bytes: int, nbs: int, device: torch.device, split: int | None = None,
+          depth: int | None = None) -> tuple[int, int, int, int, int, int]:
+    """:func:`plan` for this device (its SM count and shared-memory limit), remembered per shape."""
     from .dequant import sm_count
-    split, split_len, warps, depth, blocks, nest_cap = plan(n_out, k, kb_bytes, nbs, sm_count(device),
-                                                            _smem_limit(device))
-    return split, split_len, warps, depth, blocks, nest_cap
+    return plan(n_out, k, kb_bytes, nbs, sm_count(device), _smem_limit(device), split, depth)
 
 
 def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, state: QuantState, split: int | None = None,
                    depth: int | None = None, t16: bool | None = None) -> torch.Tensor:
     """``x @ dequant(W).T`` for one row of x (any leading shape holding one row); ``split`` / ``depth``
     / ``t16`` override the planned K split, ring depth and table width (for benchmarking)."""
-    from .dequant import _device_state, check_quantized, sm_count
+    from .dequant import _device_state, check_quantized
     check_quantized(packed, state)
     if not supported(x, state):
         raise QLoraError(f"the CUDA GEMV does not handle this call (x {tuple(x.shape)} {x.dtype} on {x.device}, "
@@ -458,11 +457,7 @@ def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, state: QuantState, spl
     dq = state.double_quant
     kb, esz = k // state.blocksize, 1 if dq else 4
     nbs = state.nested_blocksize if dq else 0
-    if split is None and depth is None:
-        split, split_len, warps, depth, blocks, nest_cap = _plan(n_out, k, kb * esz, nbs, x.device)
-    else:
-        split, split_len, warps, depth, blocks, nest_cap = plan(
-            n_out, k, kb * esz, nbs, sm_count(x.device), _smem_limit(x.device), split, depth)
+    split, split_len, warps, depth, blocks, nest_cap = _plan(n_out, k, kb * esz, nbs, x.device, split, depth)
     smem = smem_bytes(warps, split_len, depth, ROWS * kb * esz, nest_cap)
     code, absmax, nested_absmax, nested_code = _device_state(state, x.device)
     packed = packed.reshape(-1)
