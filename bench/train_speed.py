@@ -22,9 +22,9 @@ from pathlib import Path  # noqa: E402
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # bench/kernels.py would pass for the `kernels` package (transformers then imports it)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora.lean_imports import hide_unused_packages  # noqa: E402  (as the qlora command does)
+from qlora.lean_imports import fast_start  # noqa: E402
 
-hide_unused_packages()
+fast_start()  # as the qlora command does
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,

@@ -12,7 +12,7 @@ def mark(what): marks.append((what, round(time.time() - T0, 2))); print(marks[-1
 import os, sys; sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 sys.path.insert(0, ".")  # run from the repository root; bench/ off the path (bench/kernels.py is not `kernels`)
 DETAIL = "--detail" in sys.argv
-from qlora.lean_imports import hide_unused_packages; hide_unused_packages()  # as the qlora command does
+from qlora.lean_imports import fast_start; fast_start()  # as the qlora command does
 import torch; mark("import torch")
 torch.cuda.init(); torch.zeros(1, device="cuda"); mark("CUDA context")
 import transformers; from transformers import LlamaConfig, LlamaForCausalLM; mark("import transformers")

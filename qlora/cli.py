@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .lean_imports import hide_unused_packages
-    hide_unused_packages()  # seconds less start-up where torchvision or sklearn is installed
+    from .lean_imports import fast_start
+    fast_start()  # cached bytecode where Python keeps none; torchvision/sklearn/scipy hidden from transformers
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -49,3 +49,75 @@ def test_nothing_hidden_once_transformers_is_imported(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "ok"]
+
+
+CACHE_PROBE = """
+import sys
+from qlora import lean_imports
+print(lean_imports.cache_bytecode(precompile=False))
+import fakepkg.mod
+print(fakepkg.mod.__cached__)
+"""
+
+
+def _fake_package(tmp_path):
+    pkg = tmp_path / "site" / "fakepkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "tests").mkdir()
+    for f in ("__init__.py", "mod.py", "sub/__init__.py", "sub/deep.py", "tests/test_x.py"):
+        (pkg / f).write_text(f"VALUE = {f!r}\n")
+    return pkg
+
+
+def _cache_env(tmp_path, **extra):
+    e = {k: v for k, v in os.environ.items() if k not in ("QLORA_PYCACHE", "PYTHONPYCACHEPREFIX")}
+    e.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), PYTHONDONTWRITEBYTECODE="1",
+             XDG_CACHE_HOME=str(tmp_path / "cache"), **extra)
+    return e
+
+
+def test_bytecode_cached_where_python_writes_none(tmp_path):
+    """With PYTHONDONTWRITEBYTECODE=1 (as on the GPU machines' image) the qlora command keeps compiled
+    modules in its own folder, reuses them on the next start, and writes nothing beside the sources."""
+    pkg = _fake_package(tmp_path)
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=_cache_env(tmp_path),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        runs.append(out.stdout.split())
+    folder = tmp_path / "cache" / "qlora" / "pycache"
+    assert runs[0][0] == runs[1][0] == str(folder)
+    cached = Path(runs[0][1])
+    assert cached.is_file() and folder in cached.parents and runs[1][1] == runs[0][1]
+    assert cached.stat().st_mtime_ns == os.stat(runs[1][1]).st_mtime_ns  # read back, not written again
+    assert not list(pkg.rglob("__pycache__"))
+
+
+def test_bytecode_cache_opt_out(tmp_path):
+    _fake_package(tmp_path)
+    out = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=_cache_env(tmp_path, QLORA_PYCACHE="0"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "None"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_background_compile_fills_the_cache_once(tmp_path, monkeypatch):
+    """The background compiler compiles every module of the listed packages (tests folders left out),
+    the way the import system will look for them, and marks the set done so later starts skip it."""
+    import importlib.util
+
+    from qlora import lean_imports
+    pkg = _fake_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(lean_imports, "PRECOMPILE", ("fakepkg",))
+    folder = tmp_path / "cache"
+    proc = lean_imports._start_precompile(folder)
+    assert proc is not None and proc.wait(timeout=120) == 0
+    monkeypatch.setattr(sys, "pycache_prefix", str(folder))
+    for f in ("__init__.py", "mod.py", "sub/__init__.py", "sub/deep.py"):
+        assert Path(importlib.util.cache_from_source(str(pkg / f))).is_file(), f
+    assert not Path(importlib.util.cache_from_source(str(pkg / "tests" / "test_x.py"))).exists()
+    assert len(list(folder.glob("complete-*"))) == 1
+    assert lean_imports._start_precompile(folder) is None  # done already
