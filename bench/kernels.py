@@ -225,7 +225,9 @@ def gemv_table(sweep: bool):
                 cc = cpu_us(lambda: gemv_cuda.gemv_4bit_cuda(x, packed, st))
                 RESULTS[f"gemv_{n}x{k}_m{m}"].update(cuda=us(gc), cuda_eager=us(msc), cuda_cpu_us=cc,
                                                      cuda_rel_err=err_c, torch_ref_rel_err=err_ref)
-                print(f"{'':>13} {'':>4} {fmt(us(gc), '6.1f')} ({us(msc):5.1f})  <- CUDA kernel (gemv_cuda.py), "
+                RESULTS[f"gemv_{n}x{k}_m{m}"]["cuda_variant"] = gemv_cuda.kind(x, st)
+                print(f"{'':>13} {'':>4} {fmt(us(gc), '6.1f')} ({us(msc):5.1f})  <- CUDA kernel (gemv_cuda.py, "
+                      f"{gemv_cuda.kind(x, st)}), "
                       f"host {cc:.0f} us, rel err {err_c:.1e} (torch reference {err_ref:.1e})")
             print(f"{n:>6}x{k:<6} {m:4d} {fmt(us(g), '6.1f')} ({us(ms):5.1f}) {fmt(us(g_bnb), '6.1f')} "
                   f"({fmt(us(ms_bnb), '5.1f')}) {fmt(us(g16), '8.1f')} {fmt(us(g_dm), '7.1f')} {us(ms_ref):9.1f} "
@@ -243,27 +245,33 @@ def gemv_table(sweep: bool):
 
 
 def gemv_cuda_decompose():
-    """Where the CUDA GEMV's time goes: the same kernel with the wait for the bulk copies and/or the
-    dot products left out (``gemv_cuda.DEBUG``; their results are wrong, only the time counts), with
-    the fp16 and the fp32 code table, W 14336x4096, bf16, 1 row. The differences show the cost of
-    each stage; what remains with both left out is the kernel's skeleton (prologue, copies, barriers,
-    row sums). See qlora/kernels/NOTES.md."""
+    """Where the CUDA GEMV's time goes: the same kernel with stages left out (``gemv_cuda.DEBUG``; the
+    results are wrong, only the time counts), W 14336x4096, bf16, 1 row: the tensor-core variant (what
+    kernels.matmul_4bit runs) with and without its MMAs and table lookups, and the FMA variant (fp16 /
+    fp32 code table) with and without its dot products. What remains without them is the kernel's
+    skeleton (prologue, copies, barriers, row sums). (Not waiting for the copies is no longer measured:
+    a block may then exit with copies in flight, which faulted on the H200.) See qlora/kernels/NOTES.md."""
     n, k = 14336, 4096
-    print(f"\nCUDA GEMV, leave-one-out GPU us, W {n}x{k} (fp16 table / fp32 table)")
+    print(f"\nCUDA GEMV, leave-one-out GPU us, W {n}x{k}")
     w, packed, st, ref = quantized(n, k)
     ours, _ = copies(packed, st, None)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     saved = gemv_cuda.DEBUG
     try:
-        for name, wait, dot in (("full", 0, 0), ("no wait for the copies", 1, 0), ("no dot products", 0, 1),
-                                ("neither", 1, 1)):
+        for name, wait, dot in (("full", 0, 0), ("no dot products", 0, 1)):
+            gemv_cuda.DEBUG = f"#define SKIP_WAIT {wait}\n#define SKIP_DOT {dot}\n"
+            t = graph_ms([lambda p=p, s=s: gemv_cuda.gemv_4bit_cuda(x, p, s, variant="mma") for p, s in ours])
+            RESULTS[f"gemv_cuda_decompose_mma_{name.replace(' ', '_')}"] = None if t is None else t * 1e3
+            print(f"  tensor cores, {name:>24}: {fmt(None if t is None else t * 1e3, '.1f')}")
+        print("  FMA variant (fp16 table / fp32 table):")
+        for name, wait, dot in (("full", 0, 0), ("no dot products", 0, 1)):
             gemv_cuda.DEBUG = f"#define SKIP_WAIT {wait}\n#define SKIP_DOT {dot}\n"
             row = []
             for t16 in (True, False):
-                t = graph_ms([lambda p=p, s=s: gemv_cuda.gemv_4bit_cuda(x, p, s, t16=t16) for p, s in ours])
+                t = graph_ms([lambda p=p, s=s: gemv_cuda.gemv_4bit_cuda(x, p, s, t16=t16, variant="fma") for p, s in ours])
                 row.append(None if t is None else t * 1e3)
                 RESULTS[f"gemv_cuda_decompose_{name.replace(' ', '_')}_{'t16' if t16 else 'fp32'}"] = row[-1]
-            print(f"  {name:>24}: {fmt(row[0], '.1f')} / {fmt(row[1], '.1f')}")
+            print(f"  {name:>38}: {fmt(row[0], '.1f')} / {fmt(row[1], '.1f')}")
     finally:
         gemv_cuda.DEBUG = saved
         torch.cuda.synchronize()

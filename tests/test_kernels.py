@@ -198,17 +198,23 @@ CUDA_GEMV_CASES = [
 
 @pytest.mark.gpu
 @hopper
+@pytest.mark.parametrize("variant", ["mma", "fma"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nk,bs,dq,split", CUDA_GEMV_CASES)
-def test_cuda_gemv_matches_float64(nk, bs, dq, split, dtype):
-    """At least as close to the float64 product as the reference (weights rounded to x's dtype)."""
+def test_cuda_gemv_matches_float64(nk, bs, dq, split, dtype, variant):
+    """Both variants (tensor cores where x is 16-bit and K, the block size multiples of 64; FMA) at least
+    as close to the float64 product as the reference (weights rounded to x's dtype)."""
     from qlora.kernels import gemv_cuda
     from qlora.kernels.gemv import gemv_4bit_reference
     n, k = nk
+    if variant == "mma" and (dtype == torch.float32 or k % 64 or bs % 64):
+        pytest.skip("the tensor-core variant needs 16-bit x and K, block size multiples of 64")
     packed, st = nf4.quantize_4bit(_rand(n, k, seed=n + k, scale=0.05, dtype=dtype), bs, "nf4", dq)
     x = _rand(1, k, seed=k, dtype=dtype)
     assert gemv_cuda.supported(x, st)
-    y = gemv_cuda.gemv_4bit_cuda(x, packed, st, split=split)
+    if variant == "mma":
+        assert gemv_cuda.kind(x, st) == "mma"  # what kernels.matmul_4bit runs here
+    y = gemv_cuda.gemv_4bit_cuda(x, packed, st, split=split, variant=variant)
     exact = x.double() @ nf4.dequantize_4bit(packed, st, torch.float32).double().t()
     assert y.shape == (1, n) and y.dtype == dtype
     assert _rel(y, exact) < GEMV_TOL[dtype]
@@ -229,16 +235,22 @@ def test_cuda_gemv_dispatch_and_fallbacks(monkeypatch):
     monkeypatch.setattr(gemv_cuda, "gemv_4bit_cuda", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     assert _rel(K.matmul_4bit(x, packed, st), want) < 1e-2 and calls == [1]
     K.matmul_4bit(_rand(2, 512, seed=3, dtype=torch.bfloat16), packed, st)
-    assert calls == [1]
+    assert calls == [1] and gemv_cuda.kind(x, st) == "mma"
     p3, st3 = nf4.quantize_4bit(_rand(32, 8192, seed=7, scale=0.05, dtype=torch.bfloat16), 64, "nf4", True)
     x3 = _rand(1, 8192, seed=8, dtype=torch.bfloat16)
-    assert gemv_cuda.supported(x3, st3) and not gemv_cuda.preferred(x3, st3)  # K > 4096: the Triton one
-    assert _rel(K.matmul_4bit(x3, p3, st3), gemv.gemv_4bit_triton(x3, p3, st3)) == 0 and calls == [1]
+    assert gemv_cuda.kind(x3, st3) == "mma" and gemv_cuda.preferred(x3, st3)  # K split, tensor cores
+    assert _rel(K.matmul_4bit(x3, p3, st3), gemv.gemv_4bit_triton(x3, p3, st3)) < 1e-2 and calls == [1, 1]
+    x4 = x3.float()  # fp32 x, K > 4096: the FMA variant would split K; the Triton one is preferred
+    assert gemv_cuda.kind(x4, st3) == "fma" and not gemv_cuda.preferred(x4, st3)
+    assert _rel(K.matmul_4bit(x4, p3, st3), gemv.gemv_4bit_triton(x4, p3, st3)) == 0 and calls == [1, 1]
     monkeypatch.setenv("QLORA_CUDA_GEMV", "0")
     assert not gemv_cuda.supported(x, st)
     K.matmul_4bit(x, packed, st)
-    assert calls == [1]
+    assert calls == [1, 1]
     monkeypatch.delenv("QLORA_CUDA_GEMV")
+    monkeypatch.setenv("QLORA_GEMV_MMA", "0")  # the FMA variant instead of the tensor-core one
+    assert gemv_cuda.kind(x, st) == "fma" and _rel(K.matmul_4bit(x, packed, st), want) < 1e-2
+    monkeypatch.delenv("QLORA_GEMV_MMA")
     p2, st2 = nf4.quantize_4bit(_rand(8, 4288, seed=4, scale=0.05), 64, "nf4", True)  # 8 rows x 67 scales
     assert not gemv_cuda.supported(_rand(1, 4288, seed=5), st2)
     with pytest.raises(QLoraError):
@@ -273,6 +285,15 @@ def test_cuda_gemv_plan_fits(n, k, dq):
     if dq:  # the nested scales of the largest group range, plus one for an unaligned start
         groups = -(-(-(-n // G.ROWS)) // blocks)
         assert cap >= groups * G.ROWS * (k // bs) // 256 + 2
+    if k % 64 == 0:  # the tensor-core variant: 64-element blocks, 4 per consumer warp, the table's layout
+        split, split_len, warps, blocks, cap = G.plan_mma(n, k, kb_bytes, 256 if dq else 0, 132)
+        assert split_len % 64 == 0 and split_len <= G.MAX_SPLIT_LEN and split * split_len >= k > (split - 1) * split_len
+        assert warps == -(-split_len // 256) <= 16 and 1 <= blocks <= max(1, 132 // split)
+        front, total = G.mma_smem_bytes(warps, split_len, G.ROWS * kb_bytes, cap)
+        assert front <= G.MMA_FRONT and total <= 232448
+        if dq:
+            groups = -(-(-(-n // G.ROWS)) // blocks)
+            assert cap >= groups * G.ROWS * (k // bs) // 256 + 2
 
 
 def test_cuda_gemv_refuses_cpu_and_rows():

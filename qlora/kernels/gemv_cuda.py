@@ -49,6 +49,10 @@ MAX_SPLIT_LEN = 16 * SLICE       # at most 16 warps per thread block (x in regis
 MAX_DEPTH = 3                    # ring slots (H200 sweep: 3 slots 16.6 us, 4 slots 17.2 for W 14336x4096)
 TABLE_BYTES = 256 * 256          # 256 byte values x 256-byte rows (16 fp32 or 32 fp16 pairs, 128 B unused)
 ROWS = 16                        # rows per group: 16 rows of scales are always whole 16-byte units
+MMA_DEPTH = 3                    # tensor-core variant: ring slots (one before the table, two after it)
+MMA_PAD = 32                     # bytes after each row of codes in a slot (conflict-free 8-byte loads)
+MMA_SMEM_BASE = 1024             # the dynamic shared memory's address this layout assumes (Hopper)
+MMA_FRONT = 65536 - MMA_SMEM_BASE  # bytes from there to the first 64 KB-aligned address (the table)
 
 
 def smem_bytes(warps: int, split_len: int, depth: int, scale_bytes: int, nest_cap: int) -> int:
@@ -58,7 +62,7 @@ def smem_bytes(warps: int, split_len: int, depth: int, scale_bytes: int, nest_ca
     return fixed + depth * (ROWS * split_len // 2 + -(-scale_bytes // 16) * 16)
 
 
-_SOURCE = r"""
+_HELPERS = r"""
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -172,6 +176,9 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
     } while (!done);
 }
 
+"""
+
+_FMA_KERNEL = r"""
 // Thread block: one warp per 256-element slice of this split's part of K (blockDim.x = 32 * slices);
 // lane = (rr = lane / 8, i = lane % 8): row rr of each 4-row step, elements 32i .. 32i+31 of the slice,
 // whose 32 x values stay in registers. Each block owns a contiguous range of groups of R = 4G rows.
@@ -305,6 +312,202 @@ qlora_gemv_4bit(const xt* __restrict__ x, const u8* __restrict__ packed, const v
     }
 }
 """
+_SOURCE = _HELPERS + _FMA_KERNEL
+
+_MMA_KERNEL = r"""
+// Tensor-core variant (16-bit x, block size a multiple of 64): one 16-row group = the M of mma.m16n8k16.
+// Warp w < nwarps owns the split's 64-element blocks 4w .. 4w+3; lane (gr = lane / 4, c = lane % 4) reads
+// code bytes 8c .. 8c+7 of each block for rows gr and gr + 8 and looks every byte up in the pair table
+// (16-bit code pairs of x's type), which gives the A fragments directly: MMA m of a block takes bytes 2m
+// (k pair 2c) and 2m + 1 (k pair 2c + 8). That assignment of k to the MMA's k slots is a permutation shared
+// by A and B, so B (x, the same in all 8 columns) holds x[16c + 4m .. 16c + 4m + 3] of the block: 32
+// registers per lane for the warp's 4 blocks. The block's fp32 result times its scale accumulates in fp32.
+// Warp nwarps produces: it streams each group's rows (one bulk copy per row, rows padded by PAD bytes so
+// that rows gr .. gr+3 fall on distinct banks) and scales into a ring of DEPTH slots, and once every
+// consumer warp has arrived on done[j] (its partial sums of group j written), refills the slot with group
+// j + DEPTH and adds the warps' partial sums of group j's rows. No block-wide barrier after the prologue.
+// The code table sits at a 64 KB-aligned shared address, so one prmt builds a lookup's full address; the
+// small arrays and slot 0 lie before it, slots 1 .. DEPTH-1 after it (the host checked the layout against
+// the dynamic shared memory's base address, see _smem_base).
+__device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if XT == 1
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+#endif
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 lds32(u32 a) { u32 v; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a)); return v; }
+// table entry of byte N of w: (table's upper 16 address bits) | byte << 8 | lane * 4
+#define LUT(w, n) lds32(__byte_perm((w), lane_off, 0x7604 | ((n) << 4)))
+
+extern "C" __global__ void __launch_bounds__(MAXT, 1)
+qlora_gemv_4bit_mma(const xt* __restrict__ x, const u8* __restrict__ packed, const void* __restrict__ absmax,
+                    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
+                    const float* __restrict__ code, ot* __restrict__ out, double offset_d,
+                    int N, int K, int split_len, int n_groups, int nested_len, int nest_cap) {
+    extern __shared__ __align__(128) char smem[];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nwarps = (blockDim.x >> 5) - 1;    // consumer warps; warp nwarps is the producer
+    const int gr = lane >> 2, c = lane & 3;
+    const int k0 = blockIdx.y * split_len;
+    const int len = min(K - k0, split_len);
+    const u32 lenb = (u32)len >> 1;
+    const u32 rstride = lenb + PAD;              // a slot's row stride
+    const int kb = K / BS;
+    const u32 esz = DQ ? 1 : 4;
+    const u32 ab = (R * kb * esz + 15) & ~15u;
+    const u32 slot_bytes = R * rstride + ab;
+    const int g0 = (int)((long long)n_groups * blockIdx.x / gridDim.x);
+    const int g1 = (int)((long long)n_groups * (blockIdx.x + 1) / gridDim.x);
+    const int my_groups = g1 - g0;
+    const int nest0 = (int)(((long long)g0 * R * kb) / NBS);
+
+    const u32 sbase = smem_addr(smem);
+    char* table = smem + (((sbase + 65535u) & ~65535u) - sbase);
+    float* nc = (float*)smem;
+    float* red = nc + 256;                       // [DEPTH + 1][nwarps][R]
+    unsigned long long* bars = (unsigned long long*)(red + (DEPTH + 1) * nwarps * R);  // full[DEPTH], done[DEPTH+1]
+    float* nest = (float*)(bars + 16);
+    char* ring0 = (char*)nest + ((nest_cap * 4 + 127) & ~127);
+#define SLOT(s) ((s) == 0 ? ring0 : table + 65536 + ((s) - 1) * slot_bytes)
+    const float offset = (float)offset_d;
+    const unsigned kh = (unsigned)K >> 1;
+
+    // producer lanes 0 .. rows-1 copy a row each, lane 16 the scales; lane 0 arms the barrier first
+#define ISSUE(j) {                                                                             \
+        const int g_ = g0 + (j);                                                               \
+        const int rows_ = min(R, N - g_ * R);                                                  \
+        const u32 bar_ = smem_addr(bars + (j) % DEPTH);                                        \
+        char* dst_ = SLOT((j) % DEPTH);                                                        \
+        const u32 sb_ = rows_ * kb * esz;                                                      \
+        if (lane == 0) mbar_expect(bar_, rows_ * lenb + sb_);                                  \
+        __syncwarp();                                                                          \
+        if (lane < rows_) bulk_copy(smem_addr(dst_ + lane * rstride), packed + (size_t)(g_ * R + lane) * kh + (k0 >> 1), lenb, bar_); \
+        if (lane == 16) bulk_copy(smem_addr(dst_ + R * rstride), (const char*)absmax + (size_t)g_ * R * kb * esz, sb_, bar_); \
+    }
+    if (warp == nwarps) {
+        if (lane == 0) {
+            for (int d = 0; d < DEPTH; ++d) mbar_init(smem_addr(bars + d));
+            for (int d = 0; d <= DEPTH; ++d)
+                asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bars + DEPTH + d)), "r"(nwarps * 32) : "memory");
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        __syncwarp();
+        for (int d = 0; d < DEPTH && d < my_groups; ++d) ISSUE(d)
+    }
+    // the byte -> (code[hi], code[lo]) table as 16-bit pairs of x's type, 32 copies per row (one per lane)
+    for (int e = tid; e < 8192; e += blockDim.x) {
+        const int b = e >> 5, m = e & 31;
+        *(u32*)(table + b * 256 + m * 4) = (u32)from_f32(code[b >> 4]) | ((u32)from_f32(code[b & 15]) << 16);
+    }
+    const u32 lane_off = lane * 4 + (smem_addr(table) & 0xffff0000u);
+#if DQ
+    for (int e = tid; e < 256; e += blockDim.x) nc[e] = nested_code[e];
+    {
+        const int nest1 = min(nested_len, (int)(((long long)g1 * R * kb - 1) / NBS) + 1);
+        for (int e = tid; e < nest1 - nest0; e += blockDim.x) nest[e] = nested_absmax[nest0 + e];
+    }
+#endif
+    __syncthreads();
+
+    if (warp == nwarps) {
+        for (int j = 0; j < my_groups; ++j) {
+            mbar_wait(smem_addr(bars + DEPTH + j % (DEPTH + 1)), (j / (DEPTH + 1)) & 1);
+            if (j + DEPTH < my_groups) ISSUE(j + DEPTH)
+            const float* rp = red + (j % (DEPTH + 1)) * nwarps * R;
+            const int r = lane & 15, h = lane >> 4;
+            float sum = 0.f;
+            for (int w = h; w < nwarps; w += 2) sum += rp[w * R + r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+            const int orow = (g0 + j) * R + r;
+            if (h == 0 && orow < N) out[(size_t)blockIdx.y * N + orow] = out_val(sum);
+        }
+        return;
+    }
+#if FULL
+    const int nblk = 4;
+#else
+    const int nblk = min(4, (len >> 6) - 4 * warp);
+#endif
+    u32 xb[4][8];
+#pragma unroll
+    for (int bb = 0; bb < 4; ++bb) {
+        if (bb < nblk) {
+            const uint4* p = (const uint4*)(x + k0 + 64 * (4 * warp + bb) + 16 * c);
+            const uint4 v0 = __ldg(p), v1 = __ldg(p + 1);
+            xb[bb][0] = v0.x; xb[bb][1] = v0.y; xb[bb][2] = v0.z; xb[bb][3] = v0.w;
+            xb[bb][4] = v1.x; xb[bb][5] = v1.y; xb[bb][6] = v1.z; xb[bb][7] = v1.w;
+        } else {
+#pragma unroll
+            for (int q = 0; q < 8; ++q) xb[bb][q] = 0u;
+        }
+    }
+    for (int j = 0; j < my_groups; ++j) {
+        const int g = g0 + j;
+        mbar_wait(smem_addr(bars + j % DEPTH), (j / DEPTH) & 1);
+        const char* slot = SLOT(j % DEPTH);
+        const char* scales = slot + R * rstride;
+        float acc0 = 0.f, acc1 = 0.f;
+#if DQ && NEST_ROW
+        // all blocks of a row share one nested scale
+        const float n0 = nest[(unsigned)((g * R + gr) * kb) / NBS - nest0];
+        const float n1 = nest[(unsigned)((g * R + gr + 8) * kb) / NBS - nest0];
+#endif
+#if DQ && SC4
+        // the scale bytes of the warp's 4 blocks, rows gr and gr + 8
+        const u32 q0 = *(const u32*)(scales + gr * kb + (k0 >> 6) + 4 * warp);
+        const u32 q1 = *(const u32*)(scales + (gr + 8) * kb + (k0 >> 6) + 4 * warp);
+#endif
+#pragma unroll
+        for (int bb = 0; bb < 4; ++bb) {
+            if (bb < nblk) {
+                const int kk = 64 * (4 * warp + bb);             // the block's start within the split
+                const uint2 w0 = *(const uint2*)(slot + gr * rstride + (kk >> 1) + 8 * c);
+                const uint2 w1 = *(const uint2*)(slot + (gr + 8) * rstride + (kk >> 1) + 8 * c);
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                if (!SKIP_DOT) {
+                    mma16816(d, LUT(w0.x, 0), LUT(w1.x, 0), LUT(w0.x, 1), LUT(w1.x, 1), xb[bb][0], xb[bb][1]);
+                    mma16816(d, LUT(w0.x, 2), LUT(w1.x, 2), LUT(w0.x, 3), LUT(w1.x, 3), xb[bb][2], xb[bb][3]);
+                    mma16816(d, LUT(w0.y, 0), LUT(w1.y, 0), LUT(w0.y, 1), LUT(w1.y, 1), xb[bb][4], xb[bb][5]);
+                    mma16816(d, LUT(w0.y, 2), LUT(w1.y, 2), LUT(w0.y, 3), LUT(w1.y, 3), xb[bb][6], xb[bb][7]);
+                } else {
+                    d[0] = __uint_as_float(w0.x ^ w0.y); d[2] = __uint_as_float(w1.x ^ w1.y);
+                }
+                const unsigned kblk = (unsigned)(k0 + kk) / BS;
+                float s0, s1;
+                if (DQ) {
+#if SC4
+                    const u32 e0 = (q0 >> (8 * bb)) & 255u, e1 = (q1 >> (8 * bb)) & 255u;
+#else
+                    const u32 e0 = ((const u8*)scales)[gr * kb + kblk], e1 = ((const u8*)scales)[(gr + 8) * kb + kblk];
+#endif
+#if NEST_ROW
+                    s0 = nc[e0] * n0 + offset;
+                    s1 = nc[e1] * n1 + offset;
+#else
+                    const unsigned b0 = (unsigned)(g * R + gr) * kb + kblk, b1 = b0 + 8u * kb;
+                    s0 = nc[e0] * nest[b0 / NBS - nest0] + offset;
+                    s1 = nc[e1] * nest[b1 / NBS - nest0] + offset;
+#endif
+                } else {
+                    s0 = ((const float*)scales)[gr * kb + kblk];
+                    s1 = ((const float*)scales)[(gr + 8) * kb + kblk];
+                }
+                acc0 = fmaf(d[0], s0, acc0);   // column 0 of the MMA's output (all 8 columns are equal)
+                acc1 = fmaf(d[2], s1, acc1);
+            }
+        }
+        if (c == 0) {
+            float* rp = red + (j % (DEPTH + 1)) * nwarps * R + warp * R;
+            rp[gr] = acc0;
+            rp[gr + 8] = acc1;
+        }
+        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + DEPTH + j % (DEPTH + 1))) : "memory");
+    }
+}
+"""
+
 
 _XT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _lock = threading.Lock()
@@ -314,20 +517,18 @@ _broken: list[str] = []  # why compiling failed once (then every call takes the 
 DEBUG = "#define SKIP_WAIT 0\n#define SKIP_DOT 0\n"
 
 
-def _compile(device: torch.device, xt: int, dq: bool, partial: bool, bs: int, nbs: int, warps: int, rows: int,
-             t16: bool, depth: int, smem: int):
-    key = (device.index, xt, dq, partial, bs, nbs, warps, rows, t16, depth, DEBUG)
+def _compile(device: torch.device, name: str, source: str, defines: dict, smem: int):
+    """The kernel ``name`` of ``source`` with these ``#define``s (and DEBUG), compiled once per device."""
+    key = (device.index, name, tuple(sorted(defines.items())), DEBUG)
     kern = _kernels.get(key)
     if kern is None:
         with _lock:
             kern = _kernels.get(key)
             if kern is None:
-                defines = "".join(f"#define {k} {v}\n" for k, v in dict(
-                    XT=xt, DQ=int(dq), PARTIAL=int(partial), BS=bs, NBS=nbs, MAXT=32 * warps, R=rows,
-                    G=rows // 4, T16=int(t16), DEPTH=depth).items()) + DEBUG
+                text = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEBUG + source
                 try:
                     with torch.cuda.device(device):
-                        kern = torch.cuda._compile_kernel(defines + _SOURCE, "qlora_gemv_4bit")
+                        kern = torch.cuda._compile_kernel(text, name)
                 except (RuntimeError, OSError, AttributeError) as e:  # no NVRTC, a driver too old, ...
                     _broken.append(f"{type(e).__name__}: {e}")
                     warnings.warn(f"qlora: the CUDA GEMV kernel did not compile, using the Triton one "
@@ -368,10 +569,28 @@ def supported(x: torch.Tensor, state: QuantState) -> bool:
 
 
 def preferred(x: torch.Tensor, state: QuantState) -> bool:
-    """Where ``kernels.matmul_4bit`` takes this kernel: :func:`supported` and K <= 4096 (one thread
-    block per row range). With a split over K it only ties the Triton kernel in GPU time (28.8 us
-    each for W 4096x14336 on the H200) and costs more host time (the partial sums' addition)."""
-    return int(state.shape[-1]) <= MAX_SPLIT_LEN and supported(x, state)
+    """Where ``kernels.matmul_4bit`` takes this kernel: :func:`supported`, and either the tensor-core
+    variant applies (:func:`kind`; also with K split over blocks: 18.6 us against the Triton kernel's 28.8
+    for W 4096x14336 on the H200) or K <= 4096 (the FMA variant only ties the Triton kernel when K is split)."""
+    if not supported(x, state):
+        return False
+    return kind(x, state) == "mma" or int(state.shape[-1]) <= MAX_SPLIT_LEN
+
+
+def kind(x: torch.Tensor, state: QuantState) -> str:
+    """Which variant :func:`gemv_4bit_cuda` runs for a supported call: ``"mma"`` (tensor cores: fp16/bf16
+    x, K and the block size multiples of 64, the shared-memory layout fits) or ``"fma"``."""
+    n_out, k = (int(s) for s in state.shape)
+    bs = state.blocksize
+    if x.dtype == torch.float32 or k % 64 or bs % 64 or not env_flag("QLORA_GEMV_MMA", True):
+        return "fma"
+    dq = state.double_quant
+    kb_bytes = k // bs * (1 if dq else 4)
+    split, split_len, warps, blocks, nest_cap = _plan_mma(n_out, k, kb_bytes, state.nested_blocksize if dq else 0,
+                                                          x.device)
+    front, total = mma_smem_bytes(warps, split_len, ROWS * kb_bytes, nest_cap)
+    ok = front <= MMA_FRONT and total <= _smem_limit(x.device) and _smem_base(x.device) == MMA_SMEM_BASE
+    return "mma" if ok else "fma"
 
 
 def plan(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, smem_limit: int, split: int | None = None,
@@ -395,6 +614,63 @@ def plan(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, smem_limit: int,
         slot = smem_bytes(warps, split_len, 1, ROWS * kb_bytes, nest_cap) - fixed
         depth = max(2, min(MAX_DEPTH, (smem_limit - fixed) // slot))
     return split, split_len, warps, depth, blocks, nest_cap
+
+
+def plan_mma(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, split: int | None = None
+             ) -> tuple[int, int, int, int, int]:
+    """(split, elements per split, consumer warps, blocks, nested scales per block) of the tensor-core
+    variant: splits of at most 4096 elements (a multiple of 64), one consumer warp per 256 elements (plus
+    the producer warp), one persistent block per SM and split."""
+    if split is None:
+        split = -(-k // MAX_SPLIT_LEN)
+    split_len = -(-k // (split * 64)) * 64
+    if split_len > MAX_SPLIT_LEN:
+        raise ValueError(f"K={k} needs a split of at most {MAX_SPLIT_LEN} elements, got {split_len}")
+    split = -(-k // split_len)
+    warps = -(-split_len // SLICE)
+    n_groups = -(-n_out // ROWS)
+    blocks = min(n_groups, max(1, sms // split))
+    nest_cap = (-(-n_groups // blocks) * ROWS * kb_bytes) // nbs + 2 if nbs else 1
+    return split, split_len, warps, blocks, nest_cap
+
+
+def mma_smem_bytes(warps: int, split_len: int, scale_bytes: int, nest_cap: int) -> tuple[int, int]:
+    """(bytes before the table, total dynamic shared memory) of the tensor-core variant: before the
+    table (at the first 64 KB-aligned shared address, MMA_FRONT bytes in when the dynamic shared memory
+    starts at MMA_SMEM_BASE) the nested code, the warps' partial sums, the barriers, the nested scales
+    and ring slot 0; after it slots 1 .. MMA_DEPTH-1."""
+    slot = ROWS * (split_len // 2 + MMA_PAD) + -(-scale_bytes // 16) * 16
+    front = 256 * 4 + (MMA_DEPTH + 1) * warps * ROWS * 4 + 128 + -(-nest_cap * 4 // 128) * 128 + slot
+    return front, MMA_FRONT + TABLE_BYTES + (MMA_DEPTH - 1) * slot
+
+
+_SMEM_BASE: dict = {}
+
+
+def _smem_base(device: torch.device) -> int:
+    """The shared-state-space address where a kernel's dynamic shared memory starts on this device (1 KB
+    is reserved for the system on Hopper), read once with a one-line kernel; -1 if that fails (and, not
+    remembered, while a CUDA graph is being captured: the probe cannot run then)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx in _SMEM_BASE:
+        return _SMEM_BASE[idx]
+    if torch.cuda.is_current_stream_capturing():
+        return -1
+    _SMEM_BASE[idx] = _probe_smem_base(device)
+    return _SMEM_BASE[idx]
+
+
+def _probe_smem_base(device: torch.device) -> int:
+    try:
+        with torch.cuda.device(device):
+            probe = torch.cuda._compile_kernel(
+                'extern "C" __global__ void qlora_smem_base(unsigned* out) { extern __shared__ char s[];'
+                ' out[0] = (unsigned)__cvta_generic_to_shared(s); }', "qlora_smem_base")
+            out = torch.zeros(1, dtype=torch.int32, device=device)
+            probe(grid=(1, 1, 1), block=(32, 1, 1), args=[out], shared_mem=16)
+            return int(out.item())
+    except (RuntimeError, OSError, AttributeError):
+        return -1
 
 
 class _Launcher:
@@ -440,10 +716,17 @@ def _plan(n_out: int, k: int, kb_bytes: int, nbs: int, device: torch.device, spl
     return plan(n_out, k, kb_bytes, nbs, sm_count(device), _smem_limit(device), split, depth)
 
 
+@lru_cache(maxsize=256)
+def _plan_mma(n_out: int, k: int, kb_bytes: int, nbs: int, device: torch.device, split: int | None = None):
+    from .dequant import sm_count
+    return plan_mma(n_out, k, kb_bytes, nbs, sm_count(device), split)
+
+
 def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, state: QuantState, split: int | None = None,
-                   depth: int | None = None, t16: bool | None = None) -> torch.Tensor:
-    """``x @ dequant(W).T`` for one row of x (any leading shape holding one row); ``split`` / ``depth``
-    / ``t16`` override the planned K split, ring depth and table width (for benchmarking)."""
+                   depth: int | None = None, t16: bool | None = None, variant: str | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T`` for one row of x (any leading shape holding one row); ``split`` overrides the
+    planned K split; ``variant`` ("mma"/"fma", default :func:`kind`), ``depth`` and ``t16`` (the FMA
+    variant's ring depth and table width) are for benchmarks and tests."""
     from .dequant import _device_state, check_quantized
     check_quantized(packed, state)
     if not supported(x, state):
@@ -457,8 +740,27 @@ def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, state: QuantState, spl
     dq = state.double_quant
     kb, esz = k // state.blocksize, 1 if dq else 4
     nbs = state.nested_blocksize if dq else 0
-    split, split_len, warps, depth, blocks, nest_cap = _plan(n_out, k, kb * esz, nbs, x.device, split, depth)
-    smem = smem_bytes(warps, split_len, depth, ROWS * kb * esz, nest_cap)
+    xt = _XT[x.dtype]
+    variant = variant or kind(x, state)
+    if variant == "mma":
+        if xt == 0 or k % 64 or state.blocksize % 64:
+            raise QLoraError("the tensor-core GEMV needs fp16/bf16 x and K and the block size multiples of 64")
+        split, split_len, warps, blocks, nest_cap = _plan_mma(n_out, k, kb * esz, nbs, x.device, split)
+        smem = mma_smem_bytes(warps, split_len, ROWS * kb * esz, nest_cap)[1]
+        full = split_len % 256 == 0 and (k - (split - 1) * split_len) % 256 == 0
+        defines = dict(XT=xt, DQ=int(dq), PARTIAL=int(split > 1), BS=state.blocksize, NBS=nbs or 256,
+                       MAXT=32 * (warps + 1), R=ROWS, DEPTH=MMA_DEPTH, PAD=MMA_PAD, T16=1, FULL=int(full),
+                       NEST_ROW=int(dq and nbs % kb == 0), SC4=int(dq and full and state.blocksize == 64))
+        kern = _compile(x.device, "qlora_gemv_4bit_mma", _HELPERS + _MMA_KERNEL, defines, smem)
+        threads = 32 * (warps + 1)
+    else:
+        split, split_len, warps, depth, blocks, nest_cap = _plan(n_out, k, kb * esz, nbs, x.device, split, depth)
+        smem = smem_bytes(warps, split_len, depth, ROWS * kb * esz, nest_cap)
+        defines = dict(XT=xt, DQ=int(dq), PARTIAL=int(split > 1), BS=state.blocksize, NBS=nbs or 256,
+                       MAXT=32 * warps, R=ROWS, G=ROWS // 4,
+                       T16=int(x.dtype != torch.float32 if t16 is None else t16), DEPTH=depth)
+        kern = _compile(x.device, "qlora_gemv_4bit", _SOURCE, defines, smem)
+        threads = 32 * warps
     code, absmax, nested_absmax, nested_code = _device_state(state, x.device)
     packed = packed.reshape(-1)
     if packed.data_ptr() % 16:
@@ -468,12 +770,10 @@ def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, state: QuantState, spl
     partial = split > 1
     out = torch.empty((split, n_out) if partial else (n_out,), device=x.device,
                       dtype=torch.float32 if partial else x.dtype)
-    kern = _compile(x.device, _XT[x.dtype], dq, partial, state.blocksize, nbs or 256, warps, ROWS,
-                    x.dtype != torch.float32 if t16 is None else t16, depth, smem)
     launch = getattr(kern, "qlora_launch", None)
     if launch is None:
         launch = kern.qlora_launch = _Launcher(kern)
-    launch((blocks, split), 32 * warps, smem, torch.cuda.current_stream(x.device).cuda_stream,
+    launch((blocks, split), threads, smem, torch.cuda.current_stream(x.device).cuda_stream,
            (x1.data_ptr(), packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr(),
             code.data_ptr(), out.data_ptr()),
            float(state.offset) if dq else 0.0,
