@@ -3,33 +3,35 @@
 The decoding path of generation multiplies one token's activations by every 4-bit weight. The
 Triton kernel (gemv.py) spends ~7.5 instructions per weight there, most of them on a code-table
 gather with 64-bit addresses, and is bound by instruction issue (~28 us for W 14336x4096 on an
-H200, NOTES.md). This kernel:
+H200, NOTES.md). Both variants here decode through a table in shared memory that maps every byte of
+packed codes to the two code values it holds, ``(code[b >> 4], code[b & 15])``, one copy per lane of
+a shared-memory wavefront (entry ``(b, lane)`` at byte ``b * 256 + lane * width``), so lanes never hit
+the same bank and ``__byte_perm`` builds a lookup's address from a byte of packed codes in one
+instruction. Both stream the packed codes and scales of 16-row groups into a ring of shared-memory
+slots with bulk copies (Hopper's copy engine: no registers or load instructions), each thread block
+(one per SM) owning a contiguous range of groups and reading its nested scales (Double Quantization)
+once; K > 4096 is split over thread blocks whose fp32 partial sums are added afterwards.
 
-* decodes through a table in shared memory that maps every byte of packed codes to the two code
-  values it holds, ``(code[b >> 4], code[b & 15])``: fp16 pairs for fp16/bf16 inputs (exact to
-  2^-12, 8x finer than the reference's rounding of each weight to bf16), fp32 pairs for fp32
-  inputs. Entry ``(b, copy)`` lives at byte ``b * 256 + copy * width``, one copy per lane of a
-  shared-memory wavefront, so lanes never hit the same bank; ``__byte_perm`` builds that address
-  from a byte of the packed word and the lane's offset in one instruction. Per byte (two weights):
-  one ``prmt``, one shared load, two fp32 FMAs (plus two conversions for fp16 pairs);
-* keeps x in registers: warp ``w`` of a thread block owns elements ``256w .. 256w + 255`` of K,
-  lane ``(rr, i)`` elements ``32i .. 32i + 31`` of that slice for row ``rr`` of each 4-row step, so
-  a warp reads 4 rows x 128 contiguous bytes per step;
-* streams the packed codes and the scales of each 16-row group into a ring of shared-memory slots
-  with bulk copies (Hopper's copy engine: no registers or load instructions), several groups ahead;
-  each thread block (one per SM) owns a contiguous range of groups, and reads its nested scales
-  (Double Quantization) once;
-* multiplies each 32-element partial sum by its block scale once, in fp32, and adds the warps'
-  partial sums per row in shared memory (one barrier per group). K > 4096 is split over thread
-  blocks whose fp32 partial sums are added afterwards.
+* **Tensor cores** (``_MMA_KERNEL``; fp16/bf16 x, K and the block size multiples of 64): the table holds
+  16-bit code pairs of x's type, which are exactly the A fragments of ``mma.sync.m16n8k16`` (one group =
+  the MMA's 16 rows); x is the B operand, in registers. Per 1024 weights a warp issues ~62 instructions
+  instead of ~105. A producer warp streams the groups and adds the consumer warps' partial sums, so
+  there is no block-wide barrier after the prologue; the table sits at a 64 KB-aligned shared address
+  so that the ``prmt`` also supplies its upper address bits. Codes are rounded to x's dtype (as the
+  reference rounds each weight), products and sums are fp32.
+* **FMA** (``_FMA_KERNEL``; any x dtype, block size 32 too): fp16 pairs for fp16/bf16 x (exact to 2^-12),
+  fp32 pairs for fp32 x, fp32 FMAs; eight lanes per row (a warp reads 4 rows x 128 contiguous bytes per
+  step), x in registers, one barrier per group.
 
-Speed (H200, GPU time from CUDA-graph replay over rotating weight copies; BENCHMARKS.md): W
-14336x4096 16.6-17.2 us against 28 us for the Triton kernel and 29 us for bitsandbytes.
+Speed (H200, GPU time from CUDA-graph replay over rotating weight copies; BENCHMARKS.md): W 14336x4096
+14.2 us with tensor cores (FMA 16.8, the Triton kernel 28.2, bitsandbytes 29.2); the LM head 128256x4096
+89 us (211 / 222).
 
 Needs: compute capability >= 9.0 (bulk copies, transaction barriers), ``torch.cuda._compile_kernel``
 (PyTorch >= 2.8, NVRTC from the CUDA wheels), one row of x, K and the block size multiples of 32,
 and the scales of the last (partial) 16-row group whole 16-byte units. :func:`supported` says so;
-callers fall back to the Triton kernel otherwise. ``QLORA_CUDA_GEMV=0`` turns it off.
+callers fall back to the Triton kernel otherwise; :func:`kind` says which variant runs.
+``QLORA_CUDA_GEMV=0`` turns the kernel off, ``QLORA_GEMV_MMA=0`` the tensor-core variant.
 """
 from __future__ import annotations
 
