@@ -159,6 +159,10 @@ __device__ __forceinline__ float dot_word(u32 w, const char* smem, u32 lane_off,
 
 #endif
 
+// both kernels' parameters (one launcher, _Launcher, serves both)
+#define GEMV_PARAMS const xt* __restrict__ x, const u8* __restrict__ packed, const void* __restrict__ absmax, \
+    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, const float* __restrict__ code, \
+    ot* __restrict__ out, double offset_d, int N, int K, int split_len, int n_groups, int nested_len, int nest_cap
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void mbar_init(u32 bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar) : "memory");
@@ -190,10 +194,7 @@ _FMA_KERNEL = r"""
 // once at the start. The warps' per-row sums meet in shared memory, one barrier per group, after
 // which the slot just read is refilled.
 extern "C" __global__ void __launch_bounds__(MAXT, 1)
-qlora_gemv_4bit(const xt* __restrict__ x, const u8* __restrict__ packed, const void* __restrict__ absmax,
-                const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-                const float* __restrict__ code, ot* __restrict__ out, double offset_d,
-                int N, int K, int split_len, int n_groups, int nested_len, int nest_cap) {
+qlora_gemv_4bit(GEMV_PARAMS) {
     extern __shared__ __align__(128) char smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const int i = lane & 7, rr = lane >> 3;
@@ -344,10 +345,7 @@ __device__ __forceinline__ u32 lds32(u32 a) { u32 v; asm volatile("ld.shared.u32
 #define LUT(w, n) lds32(__byte_perm((w), lane_off, 0x7604 | ((n) << 4)))
 
 extern "C" __global__ void __launch_bounds__(MAXT, 1)
-qlora_gemv_4bit_mma(const xt* __restrict__ x, const u8* __restrict__ packed, const void* __restrict__ absmax,
-                    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-                    const float* __restrict__ code, ot* __restrict__ out, double offset_d,
-                    int N, int K, int split_len, int n_groups, int nested_len, int nest_cap) {
+qlora_gemv_4bit_mma(GEMV_PARAMS) {
     extern __shared__ __align__(128) char smem[];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int nwarps = (blockDim.x >> 5) - 1;    // consumer warps; warp nwarps is the producer
@@ -572,7 +570,7 @@ def supported(x: torch.Tensor, state: QuantState) -> bool:
 
 def preferred(x: torch.Tensor, state: QuantState) -> bool:
     """Where ``kernels.matmul_4bit`` takes this kernel: :func:`supported`, and either the tensor-core
-    variant applies (:func:`kind`; also with K split over blocks: 18.6 us against the Triton kernel's 28.8
+    variant applies (:func:`kind`; also with K split over blocks: 18.3 us against the Triton kernel's 28.8
     for W 4096x14336 on the H200) or K <= 4096 (the FMA variant only ties the Triton kernel when K is split)."""
     if not supported(x, state):
         return False
@@ -601,16 +599,7 @@ def plan(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, smem_limit: int,
     keeps a block at <= 16 warps (x in registers); one persistent block per SM (per split), each with a
     contiguous range of row groups; a ring of up to MAX_DEPTH slots, as many as fit.
     ``kb_bytes``: the bytes of scales per weight row; ``nbs``: the nested block size (0 without DQ)."""
-    if split is None:
-        split = -(-k // MAX_SPLIT_LEN)
-    split_len = -(-k // (split * 32)) * 32
-    if split_len > MAX_SPLIT_LEN:
-        raise ValueError(f"K={k} needs a split of at most {MAX_SPLIT_LEN} elements, got {split_len}")
-    split = -(-k // split_len)
-    warps = -(-split_len // SLICE)
-    n_groups = -(-n_out // ROWS)
-    blocks = min(n_groups, max(1, sms // split))
-    nest_cap = (-(-n_groups // blocks) * ROWS * kb_bytes) // nbs + 2 if nbs else 1
+    split, split_len, warps, blocks, nest_cap = _split(n_out, k, kb_bytes, nbs, sms, split, 32)
     if depth is None:
         fixed = smem_bytes(warps, split_len, 0, 0, nest_cap)
         slot = smem_bytes(warps, split_len, 1, ROWS * kb_bytes, nest_cap) - fixed
@@ -623,17 +612,22 @@ def plan_mma(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, split: int |
     """(split, elements per split, consumer warps, blocks, nested scales per block) of the tensor-core
     variant: splits of at most 4096 elements (a multiple of 64), one consumer warp per 256 elements (plus
     the producer warp), one persistent block per SM and split."""
+    return _split(n_out, k, kb_bytes, nbs, sms, split, 64)
+
+
+def _split(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, split: int | None, unit: int):
+    """(split, elements per split (a multiple of ``unit``, at most MAX_SPLIT_LEN), warps of SLICE elements,
+    persistent blocks (one per SM and split), nested scales a block's contiguous range of groups needs)."""
     if split is None:
         split = -(-k // MAX_SPLIT_LEN)
-    split_len = -(-k // (split * 64)) * 64
+    split_len = -(-k // (split * unit)) * unit
     if split_len > MAX_SPLIT_LEN:
         raise ValueError(f"K={k} needs a split of at most {MAX_SPLIT_LEN} elements, got {split_len}")
     split = -(-k // split_len)
-    warps = -(-split_len // SLICE)
     n_groups = -(-n_out // ROWS)
     blocks = min(n_groups, max(1, sms // split))
     nest_cap = (-(-n_groups // blocks) * ROWS * kb_bytes) // nbs + 2 if nbs else 1
-    return split, split_len, warps, blocks, nest_cap
+    return split, split_len, -(-split_len // SLICE), blocks, nest_cap
 
 
 def mma_smem_bytes(warps: int, split_len: int, scale_bytes: int, nest_cap: int) -> tuple[int, int]:
