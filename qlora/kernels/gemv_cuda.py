@@ -584,13 +584,20 @@ def kind(x: torch.Tensor, state: QuantState) -> str:
     bs = state.blocksize
     if x.dtype == torch.float32 or k % 64 or bs % 64 or not env_flag("QLORA_GEMV_MMA", True):
         return "fma"
+    if _smem_base(x.device) != MMA_SMEM_BASE:  # not remembered inside, as it may be unknown for now
+        return "fma"
     dq = state.double_quant
-    kb_bytes = k // bs * (1 if dq else 4)
-    split, split_len, warps, blocks, nest_cap = _plan_mma(n_out, k, kb_bytes, state.nested_blocksize if dq else 0,
-                                                          x.device)
+    fits = _mma_fits(n_out, k, k // bs * (1 if dq else 4), state.nested_blocksize if dq else 0, x.device)
+    return "mma" if fits else "fma"
+
+
+@lru_cache(maxsize=256)
+def _mma_fits(n_out: int, k: int, kb_bytes: int, nbs: int, device: torch.device) -> bool:
+    """The tensor-core variant's shared-memory layout fits this shape on this device (remembered: it is
+    asked on every call, by :func:`preferred` and again by :func:`gemv_4bit_cuda`)."""
+    split, split_len, warps, blocks, nest_cap = _plan_mma(n_out, k, kb_bytes, nbs, device)
     front, total = mma_smem_bytes(warps, split_len, ROWS * kb_bytes, nest_cap)
-    ok = front <= MMA_FRONT and total <= _smem_limit(x.device) and _smem_base(x.device) == MMA_SMEM_BASE
-    return "mma" if ok else "fma"
+    return front <= MMA_FRONT and total <= _smem_limit(device)
 
 
 def plan(n_out: int, k: int, kb_bytes: int, nbs: int, sms: int, smem_limit: int, split: int | None = None,
