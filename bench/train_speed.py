@@ -41,6 +41,12 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     marks = {"start": round(time.time() - T_START, 2)}  # where the time to the first step goes
     import torch
     marks["torch imported"] = round(time.time() - T_START, 2)
+    if device.startswith("cuda"):  # as `qlora train` does: first-use costs in the background
+        from qlora.lean_imports import warm_up_cuda
+        c = SHAPES[shape]
+        warm_up_cuda(device, c["hidden_size"] // c["num_attention_heads"], seq,
+                     dict(hidden=c["hidden_size"], intermediate=c["intermediate_size"], vocab=c["vocab_size"],
+                          tokens=seq * batch, quant_type="nf4" if mode.startswith("qlora") else None))
     from transformers import LlamaConfig
 
     from qlora.linear import lora_cast

@@ -1,4 +1,5 @@
-"""Start-up time of the ``qlora`` command: a cache for compiled modules, and fewer imports.
+"""Start-up time of the ``qlora`` command: a cache for compiled modules, fewer imports, and a warm-up
+of CUDA in the background.
 
 **Compiled modules** (:func:`cache_bytecode`). Where Python may not write ``.pyc`` files
 (``PYTHONDONTWRITEBYTECODE=1``, which many container images set, or a read-only install), every
@@ -8,12 +9,16 @@ sets the variable). There, the ``qlora`` command keeps the bytecode in its own f
 (``sys.pycache_prefix``: ``$XDG_CACHE_HOME/qlora/pycache``, else ``~/.cache/qlora/pycache``; the
 installed packages are left untouched), and on machines with 4 or more cores a background process
 compiles the packages a run imports in parallel, so that even the first run finds most of them
-compiled. ``QLORA_PYCACHE=0`` turns this off; a prefix the user set (``PYTHONPYCACHEPREFIX``) is kept.
+compiled. It takes first the ~2,300 modules a GPU training run imports, in the order it imports them
+(``hot_modules.txt``, recorded by ``bench/ttfs_profile.py --write-hot-list``), so that its workers
+stay ahead of the run's own imports; then the rest of the packages. ``QLORA_PYCACHE=0`` turns this
+off; a prefix the user set (``PYTHONPYCACHEPREFIX``) is kept.
 
 **Fewer imports** (:func:`hide_unused_packages`): keep ``import transformers`` from importing
 packages a text fine-tune never uses.
 
-transformers imports torchvision (its image and video utilities) and scikit-learn (assisted
+transformers imports torchvision (its image and video utilities), torchaudio (its audio utilities, 74
+modules on the H200 machine), and scikit-learn (assisted
 generation, in some versions at import time) and SciPy (``scipy.optimize``, for its object-detection
 losses) whenever they are installed. On the H100 machine torchvision alone cost 5.6 s of start-up,
 since it imports ``torch._dynamo`` (bench/ttfs_profile.py), scikit-learn 1.5 s on the H200 one,
@@ -22,7 +27,11 @@ Marking them absent (``sys.modules[name] = None``, which ``importlib.util.find_s
 "not installed") takes them out of the start-up.
 
 Both are applied only by the ``qlora`` command and our benchmark scripts, never on ``import qlora``: a
-program that imports qlora as a library keeps its packages. ``QLORA_KEEP_IMPORTS=1`` turns it off."""
+program that imports qlora as a library keeps its packages. ``QLORA_KEEP_IMPORTS=1`` turns it off.
+
+**Warm-up** (:func:`warm_up_cuda`): ``qlora train`` on one GPU starts a thread that pays CUDA's and
+Triton's first-use costs while the main thread imports transformers and builds the model.
+``QLORA_WARMUP=0`` turns it off."""
 from __future__ import annotations
 
 import hashlib
@@ -30,11 +39,12 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .config import env_flag
 
-UNUSED = ("torchvision", "sklearn", "scipy")
+UNUSED = ("torchvision", "torchaudio", "sklearn", "scipy")
 # compiled ahead by the background process, in the order a run imports them
 PRECOMPILE = ("torch", "sympy", "mpmath", "triton", "transformers", "safetensors", "tokenizers",
               "huggingface_hub", "numpy", "jinja2", "networkx", "yaml", "filelock", "fsspec",
@@ -43,29 +53,58 @@ PRECOMPILE = ("torch", "sympy", "mpmath", "triton", "transformers", "safetensors
 MODEL_FOLDERS = ("auto", "llama", "mistral", "qwen2", "gemma", "phi3")
 
 _WORKER = r"""
-import compileall, fcntl, multiprocessing, os, sys
+import compileall, fcntl, multiprocessing, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
-stamp, workers, keep_models, dirs = sys.argv[1], int(sys.argv[2]), set(sys.argv[3].split(",")), sys.argv[4:]
+stamp, workers, keep_models, hot = sys.argv[1], int(sys.argv[2]), set(sys.argv[3].split(",")), sys.argv[4]
+cut = sys.argv.index("--")
+roots, dirs = sys.argv[5:cut], sys.argv[cut + 1:]
 lock = open(os.path.join(os.path.dirname(stamp), "compiling.lock"), "w")
 try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # one compiling process at a time
 except OSError:
     sys.exit(0)
-files = []
-for d in dirs:
-    for root, subs, names in os.walk(d):
-        models = os.path.basename(root) == "models" and os.path.basename(os.path.dirname(root)) == "transformers"
-        subs[:] = sorted(s for s in subs if s not in ("__pycache__", "tests", "test") and (not models or s in keep_models))
-        files += [os.path.join(root, n) for n in sorted(names) if n.endswith(".py")]
+seen = set()
+def new(paths):
+    out = [p for p in paths if p not in seen]
+    seen.update(out)
+    return out
 def one(path):
     try:
-        compileall.compile_file(path, quiet=2)
+        compileall.compile_file(path, quiet=2)  # skips a file whose cached bytecode is up to date
     except Exception:
         pass
+def walk():
+    for d in dirs:
+        for root, subs, names in os.walk(d):
+            models = os.path.basename(root) == "models" and os.path.basename(os.path.dirname(root)) == "transformers"
+            subs[:] = sorted(s for s in subs if s not in ("__pycache__", "tests", "test") and (not models or s in keep_models))
+            yield from (os.path.join(root, n) for n in sorted(names) if n.endswith(".py"))
+hot_files = []
+try:  # the modules a run imports, in the order it imports them: the main process is importing them now
+    for rel in open(hot).read().split():
+        path = next((p for p in (os.path.join(r, rel) for r in roots) if os.path.isfile(p)), None)
+        if path is not None:
+            hot_files.append(path)
+except OSError:
+    pass
+t0 = time.time()
 with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-    list(pool.map(one, files, chunksize=16))
+    hot_files = new(hot_files)
+    first = pool.map(one, hot_files, chunksize=4)  # queued first
+    rest = new(list(walk()))
+    rest_done = pool.map(one, rest, chunksize=16)
+    list(first)
+    t1 = time.time()
+    list(rest_done)
+with open(os.path.join(os.path.dirname(stamp), "compile.log"), "a") as log:
+    log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {workers} workers: {len(hot_files)} modules of the hot list "
+              f"in {t1 - t0:.2f} s, then {len(rest)} more in {time.time() - t1:.2f} s\n")
 open(stamp, "w").close()
 """
+# the modules a training run on a GPU imports after fast_start(), relative to their sys.path entry, in import
+# order: written by `python bench/ttfs_profile.py --write-hot-list qlora/hot_modules.txt` (see record_hot_modules)
+HOT_LIST = Path(__file__).with_name("hot_modules.txt")
+_BASELINE: set[str] = set()
 
 
 def bytecode_dir() -> Path:
@@ -127,19 +166,55 @@ def _start_precompile(folder: Path) -> subprocess.Popen | None:
     stamp = folder / f"complete-{key.hexdigest()[:16]}"
     if not dirs or stamp.exists():
         return None
-    workers = max(1, min(16, (os.cpu_count() or 2) - 1))
+    workers = max(1, min(16, (os.cpu_count() or 2) - 2))  # the run and its warm-up thread keep two
     try:
         return subprocess.Popen(
             [sys.executable, "-E", "-S", "-X", f"pycache_prefix={folder}", "-c", _WORKER, str(stamp), str(workers),
-             ",".join(MODEL_FOLDERS), *dirs],
+             ",".join(MODEL_FOLDERS), str(HOT_LIST), *_search_path(), "--", *dirs],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
         return None
 
 
+def _search_path() -> list[str]:
+    """sys.path's folders, in its order (where the import system will find each hot module)."""
+    out: list[str] = []
+    for p in sys.path:
+        p = os.path.abspath(p or ".")
+        if p not in out and os.path.isdir(p):
+            out.append(p)
+    return out
+
+
+def _roots() -> list[str]:
+    """The folders modules are imported from, longest first (a site-packages folder inside the standard
+    library's folder must win)."""
+    roots = {os.path.abspath(p or ".") for p in sys.path}
+    return sorted((r for r in roots if os.path.isdir(r)), key=len, reverse=True)
+
+
+def record_hot_modules(path: str | os.PathLike) -> int:
+    """Write the source files of the modules imported since :func:`fast_start` (or, without it, all
+    of them) to ``path``, each relative to its folder on ``sys.path``, in import order: the list the
+    background compiler takes first. Returns how many."""
+    roots, lines = _roots(), []
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if name in _BASELINE or not f or not f.endswith(".py") or not os.path.isabs(f):
+            continue
+        root = next((r for r in roots if f.startswith(r + os.sep)), None)
+        if root is not None:
+            lines.append(os.path.relpath(f, root))
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines))
+    os.replace(tmp, path)
+    return len(lines)
+
+
 def fast_start() -> None:
     """What the ``qlora`` command (and our benchmark scripts) do first: :func:`cache_bytecode`, then
     :func:`hide_unused_packages`."""
+    _BASELINE.update(sys.modules)
     cache_bytecode()
     hide_unused_packages()
 
@@ -155,3 +230,83 @@ def hide_unused_packages() -> list[str]:
     for name in hidden:
         sys.modules[name] = None
     return hidden
+
+
+class WarmUp:
+    """The threads of :func:`warm_up_cuda`: ``done_at`` (name -> time.time() when it finished), ``ahead``
+    (the kernels :func:`qlora.kernels.warm.compile_ahead` ran)."""
+
+    def __init__(self):
+        self.threads, self.started_at, self.done_at, self.ahead = [], time.time(), {}, []
+
+    def start(self, name, fn):
+        import threading
+
+        def run():
+            try:
+                fn()
+            except Exception:  # a warm-up only: the run itself reports any real problem
+                pass
+            finally:
+                self.done_at[name] = time.time()
+        t = threading.Thread(target=run, name=f"qlora-warm-up-{name}", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the threads; True when all finished."""
+        for t in self.threads:
+            t.join(timeout)
+        return not any(t.is_alive() for t in self.threads)
+
+
+def warm_up_cuda(device, head_dim: int = 128, seq: int = 2048, shapes: dict | None = None) -> WarmUp | None:
+    """Start background threads that pay the first-use costs of a training run on ``device`` while the
+    main thread imports transformers and builds the model. One makes the CUDA context and runs cuBLAS
+    and the attention kernels (forward and backward, bf16, causal, ``head_dim``, ``seq`` positions): on
+    a freshly started GPU machine the first attention call alone took 1.15 s. The other does Triton's
+    one-time work (hashing its compiler for the cache key, building its CUDA helper module, asking
+    ptxas for its version) and, with ``shapes`` (keyword arguments of
+    :func:`qlora.kernels.warm.compile_ahead` besides device, head_dim and seq: hidden, intermediate,
+    vocab, tokens, ...), compiles the step's Triton kernels. Most of this runs in C++ or in child
+    processes (ptxas, the C compiler), without the interpreter lock. The kernels are compiled ahead only
+    once per set of sizes and versions (see :func:`qlora.kernels.warm.compile_ahead_once`). The run does
+    not wait for the threads: a kernel the step needs before its thread got to it is compiled by the
+    step, as without a warm-up.
+    Uses no random numbers (the run's seeds stay as they were) and little GPU memory (a few MB, and the
+    norm's backward on ``tokens`` rows). Returns the threads, or None where there is nothing to warm
+    (no CUDA device, ``QLORA_WARMUP=0``)."""
+    import torch
+    if not env_flag("QLORA_WARMUP", True) or not torch.cuda.is_available():
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    warm = WarmUp()
+
+    def cuda():
+        with torch.cuda.device(device):
+            a = torch.ones(256, 256, device=device, dtype=torch.bfloat16)
+            (a @ a).sum().item()  # cuBLAS
+            q = torch.ones(1, 2, max(16, seq), head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+            torch.cuda.synchronize(device)
+
+    def triton_kernels():
+        with torch.cuda.device(device):
+            try:
+                import triton
+                from triton.compiler.compiler import make_backend
+                from triton.runtime.cache import triton_key
+                triton_key()  # lru-cached: hashes libtriton (~0.3 s warm, more from a cold disk)
+                driver = triton.runtime.driver.active  # builds its cuda_utils module on first use (gcc)
+                make_backend(driver.get_current_target()).hash()  # runs ptxas --version
+            except Exception:
+                pass
+            if shapes:  # once per set of sizes and versions (a stamp in Triton's cache)
+                from .kernels.warm import compile_ahead_once
+                warm.ahead = compile_ahead_once(device, head_dim=head_dim, seq=seq, **shapes)
+
+    warm.start("cuda", cuda)
+    warm.start("triton", triton_kernels)
+    return warm

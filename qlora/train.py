@@ -601,6 +601,40 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_run)
 
 
+def _model_dims(model: str) -> dict | None:
+    """The sizes of ``model`` (a shape name or a folder with config.json) that pick its kernels,
+    read without transformers; None where unknown."""
+    try:
+        if model.startswith("shape:"):
+            from .plan import ALIASES, SHAPES
+            c = SHAPES[ALIASES.get(model[6:].lower(), model[6:].lower())]
+        else:
+            c = json.loads((Path(model) / "config.json").read_text())
+        c = c.get("text_config", c)
+        return dict(head_dim=int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]),
+                    hidden=int(c["hidden_size"]), intermediate=int(c["intermediate_size"]), vocab=int(c["vocab_size"]))
+    except Exception:
+        return None
+
+
+def _warm_up(cfg: TrainConfig):
+    """Warm CUDA up and compile the step's Triton kernels in the background while transformers
+    imports (lean_imports.warm_up_cuda); one process on one GPU only (data-parallel ranks would all
+    warm their first visible GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not (cfg.device == "auto" or cfg.device.startswith("cuda")):
+        return None
+    from .lean_imports import warm_up_cuda
+    dims = _model_dims(cfg.model or "")
+    shapes = None
+    if dims is not None and cfg.compute_dtype in ("bf16", "fp16"):
+        shapes = dict(hidden=dims["hidden"], intermediate=dims["intermediate"], vocab=dims["vocab"],
+                      tokens=cfg.batch_size * cfg.max_length, blocksize=cfg.blocksize,
+                      double_quant=cfg.double_quant, quant_type=None if cfg.quant_type == "none" else cfg.quant_type,
+                      dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float16)
+    return warm_up_cuda("cuda" if cfg.device == "auto" else cfg.device, dims["head_dim"] if dims else 128,
+                        cfg.max_length, shapes)
+
+
 def _launch(n: int) -> int:
     import subprocess
     argv = sys.argv[1:]
@@ -625,6 +659,7 @@ def _run(args) -> int:
                 _check_fsdp(cfg)
             return _launch(args.gpus)
     cfg = build_config(TrainConfig, args.config, args)
+    _warm_up(cfg)
     s = train(cfg, log=lambda m: print(m, file=sys.stderr))
     if s.get("interrupted"):
         return _exit_worker(130)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
@@ -121,3 +123,72 @@ def test_background_compile_fills_the_cache_once(tmp_path, monkeypatch):
     assert not Path(importlib.util.cache_from_source(str(pkg / "tests" / "test_x.py"))).exists()
     assert len(list(folder.glob("complete-*"))) == 1
     assert lean_imports._start_precompile(folder) is None  # done already
+
+
+def test_background_compile_takes_the_hot_list_first(tmp_path, monkeypatch):
+    """The modules a run imports (recorded by record_hot_modules, relative to their sys.path folder) are
+    compiled too, even outside the listed packages, and a name in the list that is not installed is skipped."""
+    import importlib.util
+
+    from qlora import lean_imports
+    _fake_package(tmp_path)
+    (tmp_path / "site" / "loose.py").write_text("X = 1\n")
+    hot = tmp_path / "hot.txt"
+    hot.write_text("loose.py\nnot_installed/mod.py\nfakepkg/mod.py\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(lean_imports, "PRECOMPILE", ("fakepkg",))
+    monkeypatch.setattr(lean_imports, "HOT_LIST", hot)
+    folder = tmp_path / "cache"
+    proc = lean_imports._start_precompile(folder)
+    assert proc is not None and proc.wait(timeout=120) == 0
+    monkeypatch.setattr(sys, "pycache_prefix", str(folder))
+    for f in ("loose.py", "fakepkg/mod.py", "fakepkg/sub/deep.py"):  # loose.py: only in the hot list
+        assert Path(importlib.util.cache_from_source(str(tmp_path / "site" / f))).is_file(), f
+
+
+def test_record_hot_modules_lists_new_imports_relative_to_sys_path(tmp_path):
+    probe = ("import sys\nfrom qlora import lean_imports\nlean_imports.fast_start()\n"
+             "import fakepkg.sub.deep, loose\n"
+             f"print(lean_imports.record_hot_modules({str(tmp_path / 'hot.txt')!r}))")
+    _fake_package(tmp_path)
+    (tmp_path / "site" / "loose.py").write_text("X = 1\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=_cache_env(tmp_path, QLORA_PYCACHE="0"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = (tmp_path / "hot.txt").read_text().split()
+    assert int(out.stdout.split()[-1]) == len(lines)
+    want = ["fakepkg/__init__.py", "fakepkg/sub/__init__.py", "fakepkg/sub/deep.py", "loose.py"]
+    assert [x for x in lines if x in want] == want  # in import order, relative to the site folder
+    assert not any(x.startswith("qlora/") and x.endswith(("lean_imports.py", "config.py")) for x in lines)  # imported before
+
+
+def test_warm_up_needs_cuda(monkeypatch):
+    from qlora.lean_imports import warm_up_cuda
+    assert warm_up_cuda("cpu") is None
+    monkeypatch.setenv("QLORA_WARMUP", "0")
+    assert warm_up_cuda("cuda") is None
+
+
+@pytest.mark.gpu
+def test_warm_up_cuda_touches_no_random_state(tmp_path, monkeypatch):
+    """The warm-up threads run cuBLAS, attention forward/backward, Triton's set-up and the kernels
+    compiled ahead, leave the CPU and CUDA random states as they were, and leave Triton's cache key
+    computed."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from qlora.lean_imports import warm_up_cuda
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # no stamp of an earlier compile-ahead
+    torch.manual_seed(1)
+    cpu, gpu = torch.get_rng_state(), torch.cuda.get_rng_state()
+    warm = warm_up_cuda("cuda", 64, 256, dict(hidden=256, intermediate=688, vocab=1000, tokens=512))
+    assert warm is not None
+    assert warm.join(timeout=300)
+    assert sorted(warm.done_at) == ["cuda", "triton"]
+    assert torch.equal(torch.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(), gpu)
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        return
+    assert triton_key.cache_info().currsize == 1
+    assert warm.ahead == ["rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad"]
