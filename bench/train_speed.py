@@ -55,7 +55,9 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     from qlora.train import micro_step_fn
     cfg = LlamaConfig(**SHAPES[shape], rope_theta=500000.0, max_position_embeddings=8192)
     cuda = device.startswith("cuda")
-    if cuda:
+    if cuda:  # the previous mode's model may still sit in reference cycles (hooks): free it before the peak resets
+        import gc
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     marks["transformers + qlora imported"] = round(time.time() - T_START, 2)
