@@ -29,9 +29,9 @@ Marking them absent (``sys.modules[name] = None``, which ``importlib.util.find_s
 Both are applied only by the ``qlora`` command and our benchmark scripts, never on ``import qlora``: a
 program that imports qlora as a library keeps its packages. ``QLORA_KEEP_IMPORTS=1`` turns it off.
 
-**Warm-up** (:func:`warm_up_cuda`): ``qlora train`` on one GPU starts a thread that pays CUDA's and
-Triton's first-use costs while the main thread imports transformers and builds the model.
-``QLORA_WARMUP=0`` turns it off."""
+**Warm-up** (:func:`warm_up_cuda`): ``qlora train`` on one GPU starts two threads that pay CUDA's and
+Triton's first-use costs, and compile the step's Triton kernels, while the main thread imports
+transformers and builds the model. ``QLORA_WARMUP=0`` turns them off."""
 from __future__ import annotations
 
 import hashlib
@@ -45,7 +45,7 @@ from pathlib import Path
 from .config import env_flag
 
 UNUSED = ("torchvision", "torchaudio", "sklearn", "scipy")
-# compiled ahead by the background process, in the order a run imports them
+# compiled by the background process after the hot list (HOT_LIST), package by package
 PRECOMPILE = ("torch", "sympy", "mpmath", "triton", "transformers", "safetensors", "tokenizers",
               "huggingface_hub", "numpy", "jinja2", "networkx", "yaml", "filelock", "fsspec",
               "packaging", "regex", "tqdm", "typing_extensions", "qlora")
@@ -234,10 +234,10 @@ def hide_unused_packages() -> list[str]:
 
 class WarmUp:
     """The threads of :func:`warm_up_cuda`: ``done_at`` (name -> time.time() when it finished), ``ahead``
-    (the kernels :func:`qlora.kernels.warm.compile_ahead` ran)."""
+    (the kernels :func:`qlora.kernels.warm.compile_ahead_once` ran; None when it skipped them)."""
 
     def __init__(self):
-        self.threads, self.started_at, self.done_at, self.ahead = [], time.time(), {}, []
+        self.threads, self.done_at, self.ahead = [], {}, []
 
     def start(self, name, fn):
         import threading
@@ -272,10 +272,9 @@ def warm_up_cuda(device, head_dim: int = 128, seq: int = 2048, shapes: dict | No
     processes (ptxas, the C compiler), without the interpreter lock. The kernels are compiled ahead only
     once per set of sizes and versions (see :func:`qlora.kernels.warm.compile_ahead_once`). The run does
     not wait for the threads: a kernel the step needs before its thread got to it is compiled by the
-    step, as without a warm-up.
-    Uses no random numbers (the run's seeds stay as they were) and little GPU memory (a few MB, and the
-    norm's backward on ``tokens`` rows). Returns the threads, or None where there is nothing to warm
-    (no CUDA device, ``QLORA_WARMUP=0``)."""
+    step, as without a warm-up. Uses no random numbers (the run's seeds stay as they were) and little
+    GPU memory (a few MB, and the norm's backward on ``tokens`` rows). Returns the threads, or None
+    where there is nothing to warm (no CUDA device, ``QLORA_WARMUP=0``)."""
     import torch
     if not env_flag("QLORA_WARMUP", True) or not torch.cuda.is_available():
         return None

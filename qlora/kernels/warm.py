@@ -5,8 +5,8 @@ Triton kernels one after another, ~1.2 s of compiling plus ~1.9 s waiting for ``
 C compiler that builds each kernel's launcher (bench/ttfs_profile.py --detail, session 8).
 :func:`compile_ahead` runs each of them once on small tensors whose dtypes, alignment and integer
 arguments fall into the same specialisation as the run's, so that the run finds them compiled (in
-Triton's in-process and on-disk caches). :func:`qlora.lean_imports.warm_up_cuda` calls it from its
-background thread while the main thread imports transformers and builds the model; the child
+Triton's in-process and on-disk caches). :func:`qlora.lean_imports.warm_up_cuda` calls it (through
+:func:`compile_ahead_once`) from one of its background threads while the main thread imports transformers and builds the model; the child
 processes (``ptxas``, the C compiler) do not hold the interpreter lock.
 
 Each kernel is tried on its own; a failure only means the run compiles that one itself. No random
