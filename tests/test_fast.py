@@ -43,6 +43,30 @@ def test_routing_equals_transformers_on_cpu():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_patched_model_is_freed_by_reference_counting_and_deep_copies():
+    """A patched model goes when its last reference does (no reference cycle: its GPU memory is
+    released at ``del``, not at the next cycle collection), and a deep copy computes with its own
+    weights."""
+    import gc
+    import weakref
+    m, fast = _pair("cpu")
+    twin = copy.deepcopy(fast)
+    norm = twin.model.norm
+    with torch.no_grad():
+        norm.weight.mul_(2.0)
+    x = torch.randn(2, 3, 128)
+    torch.testing.assert_close(norm(x), 2.0 * fast.model.norm(x))
+    gc.collect()
+    gc.disable()
+    try:
+        mlp = fast.model.layers[0].mlp
+        gone = [weakref.ref(x) for x in (fast, fast.model.norm, mlp, mlp.up_proj)]  # patched ones, a layer inside
+        del fast, mlp
+        assert [g() is None for g in gone] == [True] * 4
+    finally:
+        gc.enable()
+
+
 @pytest.mark.gpu
 def test_training_steps_kernels_on_and_off_same_losses():
     from qlora.optim import make_optimizer
