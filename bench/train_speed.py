@@ -55,7 +55,8 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     from qlora.train import micro_step_fn
     cfg = LlamaConfig(**SHAPES[shape], rope_theta=500000.0, max_position_embeddings=8192)
     cuda = device.startswith("cuda")
-    if cuda:  # the previous mode's model may still sit in reference cycles (hooks): free it before the peak resets
+    if cuda:  # a previous mode's model in reference cycles would count in this mode's peak (the fused-kernel
+              # routing made one until qlora.fast._Forward; the collection stays as a guard)
         import gc
         gc.collect()
         torch.cuda.empty_cache()
