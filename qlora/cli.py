@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .lean_imports import fast_start
-    fast_start()  # cached bytecode where Python keeps none; torchvision/sklearn/scipy hidden from transformers
+    fast_start()  # cached bytecode where Python keeps none; packages a text fine-tune never uses hidden
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

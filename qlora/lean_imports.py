@@ -186,18 +186,12 @@ def _search_path() -> list[str]:
     return out
 
 
-def _roots() -> list[str]:
-    """The folders modules are imported from, longest first (a site-packages folder inside the standard
-    library's folder must win)."""
-    roots = {os.path.abspath(p or ".") for p in sys.path}
-    return sorted((r for r in roots if os.path.isdir(r)), key=len, reverse=True)
-
-
 def record_hot_modules(path: str | os.PathLike) -> int:
     """Write the source files of the modules imported since :func:`fast_start` (or, without it, all
     of them) to ``path``, each relative to its folder on ``sys.path``, in import order: the list the
     background compiler takes first. Returns how many."""
-    roots, lines = _roots(), []
+    # longest first: a site-packages folder inside the standard library's folder must win
+    roots, lines = sorted(_search_path(), key=len, reverse=True), []
     for name, mod in list(sys.modules.items()):
         f = getattr(mod, "__file__", None)
         if name in _BASELINE or not f or not f.endswith(".py") or not os.path.isabs(f):

@@ -20,6 +20,17 @@ import torch
 from ..config import env_flag
 
 
+KERNELS = ("rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad")
+
+
+def planned(quant_type: str | None = "nf4") -> list[str]:
+    """The kernels :func:`compile_ahead` runs: all of :data:`KERNELS`, less RoPE where
+    ``QLORA_ROPE_KERNEL=0`` (transformers' rotary embedding runs instead) and less the dequantization
+    for a 16-bit base (``quant_type`` None)."""
+    return [k for k in KERNELS if not (k == "rope" and not env_flag("QLORA_ROPE_KERNEL", True))
+            and not (k == "dequantize_4bit" and quant_type is None)]
+
+
 def compile_ahead(device, hidden: int, intermediate: int, head_dim: int, vocab: int, tokens: int, seq: int,
                   dtype: torch.dtype = torch.bfloat16, quant_type: str | None = "nf4", blocksize: int = 64,
                   double_quant: bool = True) -> list[str]:
@@ -68,19 +79,12 @@ def compile_ahead(device, hidden: int, intermediate: int, head_dim: int, vocab: 
         labels = torch.zeros(16, device=dev, dtype=torch.long)
         softmax_xent_grad_(logits, labels, torch.ones(1, device=dev), -100)
 
+    fns = {"rms_norm": norm, "swiglu": act, "rope": rope, "dequantize_4bit": dequant, "xent_grad": loss}
     with torch.cuda.device(dev):
-        attempt("rms_norm", norm)
-        attempt("swiglu", act)
-        if env_flag("QLORA_ROPE_KERNEL", True):
-            attempt("rope", rope)
-        if quant_type is not None:
-            attempt("dequantize_4bit", dequant)
-        attempt("xent_grad", loss)
+        for name in planned(quant_type):
+            attempt(name, fns[name])
         torch.cuda.synchronize(dev)
     return done
-
-
-KERNELS = ("rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad")
 
 
 def _stamp(device, **kw) -> Path:
@@ -111,9 +115,7 @@ def compile_ahead_once(device, **kw) -> list[str] | None:
     except Exception:  # no triton, no CUDA: compile_ahead decides
         stamp = None
     done = compile_ahead(device, **kw)
-    expected = [k for k in KERNELS if not (k == "rope" and not env_flag("QLORA_ROPE_KERNEL", True))
-                and not (k == "dequantize_4bit" and kw.get("quant_type", "nf4") is None)]
-    if stamp is not None and done == expected:
+    if stamp is not None and done == planned(kw.get("quant_type", "nf4")):
         try:
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.touch()
