@@ -223,6 +223,28 @@ def test_cuda_gemv_matches_float64(nk, bs, dq, split, dtype, variant):
 
 @pytest.mark.gpu
 @hopper
+@pytest.mark.parametrize("variant", ["mma", "fma"])
+def test_cuda_gemv_more_nested_scales_than_threads(variant):
+    """A block reads more nested scales than it has threads (a nested block of 8 scales, as a checkpoint
+    may carry: 128 per 16-row group here, ~5 groups per block): the prologue's remainder loop."""
+    from dataclasses import replace
+    from qlora.kernels import gemv_cuda
+    from qlora.kernels.gemv import gemv_4bit_reference
+    n, k = 11264, 4096
+    packed, st = nf4.quantize_4bit(_rand(n, k, seed=11, scale=0.05, dtype=torch.bfloat16), 64, "nf4", True)
+    scales = st.absmax_fp32()
+    offset = scales.mean()
+    q, nested = nf4.quantize_blockwise(scales - offset, 8)
+    st8 = replace(st, absmax=q, nested_absmax=nested, nested_blocksize=8, offset=float(offset), _absmax_cache=None)
+    x = _rand(1, k, seed=12, dtype=torch.bfloat16)
+    assert gemv_cuda.supported(x, st8) and gemv_cuda.kind(x, st8) == "mma"
+    y = gemv_cuda.gemv_4bit_cuda(x, packed, st8, variant=variant)
+    exact = x.double() @ nf4.dequantize_4bit(packed, st8, torch.float32).double().t()
+    assert _rel(y, exact) <= 1.25 * _rel(gemv_4bit_reference(x, packed, st8), exact) + 1e-7
+
+
+@pytest.mark.gpu
+@hopper
 def test_cuda_gemv_dispatch_and_fallbacks(monkeypatch):
     """kernels.matmul_4bit sends one row to the CUDA kernel; QLORA_CUDA_GEMV=0, more rows, K > 4096,
     shapes it does not take and a failed compilation go to the Triton kernel, with the same result."""

@@ -369,7 +369,7 @@ qlora_gemv_4bit_mma(GEMV_PARAMS) {
     float* red = nc + 256;                       // [DEPTH + 1][nwarps][R]
     unsigned long long* bars = (unsigned long long*)(red + (DEPTH + 1) * nwarps * R);  // full[DEPTH], done[DEPTH+1]
     float* nest = (float*)(bars + 16);
-    char* ring0 = (char*)nest + ((nest_cap * 4 + 127) & ~127);
+    char* ring0 = smem + ((((u32)((char*)nest - smem) + nest_cap * 4) + 1023) & ~1023u);  // 1 KB-aligned
 #define SLOT(s) ((s) == 0 ? ring0 : table + 65536 + ((s) - 1) * slot_bytes)
     const float offset = (float)offset_d;
     const unsigned kh = (unsigned)K >> 1;
@@ -396,18 +396,47 @@ qlora_gemv_4bit_mma(GEMV_PARAMS) {
         __syncwarp();
         for (int d = 0; d < DEPTH && d < my_groups; ++d) ISSUE(d)
     }
-    // the byte -> (code[hi], code[lo]) table as 16-bit pairs of x's type, 32 copies per row (one per lane)
-    for (int e = tid; e < 8192; e += blockDim.x) {
-        const int b = e >> 5, m = e & 31;
-        *(u32*)(table + b * 256 + m * 4) = (u32)from_f32(code[b >> 4]) | ((u32)from_f32(code[b & 15]) << 16);
+    // every global load of the prologue first (code, nested code and scales, x), so that their latencies
+    // overlap (one loop after another they cost ~1 us on the H200), then the shared-memory stores
+    const float cv = code[lane & 15];
+#if DQ
+    const float ncv = tid < 256 ? nested_code[tid] : 0.f;
+    const int nest_n = min(nested_len, (int)(((long long)g1 * R * kb - 1) / NBS) + 1) - nest0;
+    const float nv = tid < nest_n ? nested_absmax[nest0 + tid] : 0.f;
+#endif
+#if FULL
+    const int nblk = 4;
+#else
+    const int nblk = warp < nwarps ? min(4, (len >> 6) - 4 * warp) : 0;
+#endif
+    u32 xb[4][8];
+    if (warp < nwarps) {
+#pragma unroll
+        for (int bb = 0; bb < 4; ++bb) {
+            if (bb < nblk) {
+                const uint4* p = (const uint4*)(x + k0 + 64 * (4 * warp + bb) + 16 * c);
+                const uint4 v0 = __ldg(p), v1 = __ldg(p + 1);
+                xb[bb][0] = v0.x; xb[bb][1] = v0.y; xb[bb][2] = v0.z; xb[bb][3] = v0.w;
+                xb[bb][4] = v1.x; xb[bb][5] = v1.y; xb[bb][6] = v1.z; xb[bb][7] = v1.w;
+            } else {
+#pragma unroll
+                for (int q = 0; q < 8; ++q) xb[bb][q] = 0u;
+            }
+        }
+    }
+    // the byte -> (code[hi], code[lo]) table as 16-bit pairs of x's type, 32 copies per row (one per lane);
+    // a warp writes one row at a time, taking the two code values from the lanes that loaded them
+    for (int b = warp; b < 256; b += blockDim.x >> 5) {
+        const float hi = __shfl_sync(0xffffffffu, cv, b >> 4), lo = __shfl_sync(0xffffffffu, cv, b & 15);
+        *(u32*)(table + b * 256 + lane * 4) = (u32)from_f32(hi) | ((u32)from_f32(lo) << 16);
     }
     const u32 lane_off = lane * 4 + (smem_addr(table) & 0xffff0000u);
 #if DQ
-    for (int e = tid; e < 256; e += blockDim.x) nc[e] = nested_code[e];
-    {
-        const int nest1 = min(nested_len, (int)(((long long)g1 * R * kb - 1) / NBS) + 1);
-        for (int e = tid; e < nest1 - nest0; e += blockDim.x) nest[e] = nested_absmax[nest0 + e];
-    }
+    if (tid < 256) nc[tid] = ncv;
+    if (tid < nest_n) nest[tid] = nv;
+    // blocks of fewer than 256 threads (K < 2048), more nested scales than threads: the rest
+    for (int e = tid + blockDim.x; e < 256; e += blockDim.x) nc[e] = nested_code[e];
+    for (int e = tid + blockDim.x; e < nest_n; e += blockDim.x) nest[e] = nested_absmax[nest0 + e];
 #endif
     __syncthreads();
 
@@ -424,24 +453,6 @@ qlora_gemv_4bit_mma(GEMV_PARAMS) {
             if (h == 0 && orow < N) out[(size_t)blockIdx.y * N + orow] = out_val(sum);
         }
         return;
-    }
-#if FULL
-    const int nblk = 4;
-#else
-    const int nblk = min(4, (len >> 6) - 4 * warp);
-#endif
-    u32 xb[4][8];
-#pragma unroll
-    for (int bb = 0; bb < 4; ++bb) {
-        if (bb < nblk) {
-            const uint4* p = (const uint4*)(x + k0 + 64 * (4 * warp + bb) + 16 * c);
-            const uint4 v0 = __ldg(p), v1 = __ldg(p + 1);
-            xb[bb][0] = v0.x; xb[bb][1] = v0.y; xb[bb][2] = v0.z; xb[bb][3] = v0.w;
-            xb[bb][4] = v1.x; xb[bb][5] = v1.y; xb[bb][6] = v1.z; xb[bb][7] = v1.w;
-        } else {
-#pragma unroll
-            for (int q = 0; q < 8; ++q) xb[bb][q] = 0u;
-        }
     }
     for (int j = 0; j < my_groups; ++j) {
         const int g = g0 + j;
@@ -641,9 +652,9 @@ def mma_smem_bytes(warps: int, split_len: int, scale_bytes: int, nest_cap: int) 
     """(bytes before the table, total dynamic shared memory) of the tensor-core variant: before the
     table (at the first 64 KB-aligned shared address, MMA_FRONT bytes in when the dynamic shared memory
     starts at MMA_SMEM_BASE) the nested code, the warps' partial sums, the barriers, the nested scales
-    and ring slot 0; after it slots 1 .. MMA_DEPTH-1."""
+    and ring slot 0 (at a 1 KB-aligned offset); after it slots 1 .. MMA_DEPTH-1."""
     slot = ROWS * (split_len // 2 + MMA_PAD) + -(-scale_bytes // 16) * 16
-    front = 256 * 4 + (MMA_DEPTH + 1) * warps * ROWS * 4 + 128 + -(-nest_cap * 4 // 128) * 128 + slot
+    front = -(-(256 * 4 + (MMA_DEPTH + 1) * warps * ROWS * 4 + 128 + nest_cap * 4) // 1024) * 1024 + slot
     return front, MMA_FRONT + TABLE_BYTES + (MMA_DEPTH - 1) * slot
 
 
