@@ -277,6 +277,19 @@ def test_dequant_cache_once_per_command_and_off_on_request(tiny, capsys, monkeyp
         assert rc == 0 and len(entered) == want, (argv, entered, err)
 
 
+def test_inference_cache_covers_layers_the_gemv_does_not_serve(tiny):
+    """On a CPU no layer decodes through the CUDA GEMV, so the dequant cache holds every 4-bit layer."""
+    from qlora.generate import inference_cache
+    from qlora.linear import QLoRALinear
+    model = tiny[1]
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    cache = inference_cache(model)
+    assert layers and cache.layers == layers and not any(m.prepare_decode() for m in layers)
+    with cache:
+        assert all(m._wcache is not None for m in layers)
+    assert all(m._wcache is None for m in layers)
+
+
 def test_chat_plain_fallback_without_template(tmp_path, capsys, monkeypatch):
     path = make_model_dir(tmp_path / "nt", template=None)
     model, tok = load(path)
@@ -341,6 +354,23 @@ def test_cuda_matches_cpu(tiny):
     pieces = []
     text = generate(bf16, tok, "hello", max_new_tokens=8, stream=pieces.append)
     assert "".join(pieces) == text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
+                    reason="the CUDA GEMV needs compute capability >= 9.0")
+def test_hopper_decodes_from_4bit_weights_without_cache(tiny):
+    """Where the CUDA GEMV runs, the dequant cache leaves the 4-bit layers out (one-token steps read them
+    directly), and the answer is the one generated with the cache switched off."""
+    from qlora.generate import inference_cache
+    from qlora.linear import QLoRALinear
+    path, _, tok, _ = tiny
+    model, _ = load_for_inference(str(path), None, device="cuda", dtype="bf16", progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear) and m.weight_packed is not None]
+    assert layers and inference_cache(model).layers == []
+    assert all(m._gemv.ok for m in layers)
+    want = generate(model, tok, "what color is the sky ?", max_new_tokens=12, cache=False)
+    assert generate(model, tok, "what color is the sky ?", max_new_tokens=12) == want
 
 
 # --------------------------------------------------------------------------- embedded model

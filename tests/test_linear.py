@@ -193,8 +193,15 @@ def test_lora_cast_gives_bit_identical_loss_and_grads(checkpointed):
     assert lc.layers and all(m._lora_c is None for m in net)  # released on exit
     assert torch.equal(loss, ref_loss)
     assert len(grads) == 4 and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
-    with torch.no_grad(), lora_cast(net):  # nothing to do without gradients
-        assert all(m._lora_c is None for m in net)
+    with torch.no_grad():
+        ref_y = net(x)
+    with torch.no_grad(), lora_cast(net):  # generation: a plain cast, used while gradients stay off
+        assert all(m._lora_c is not None and not m._lora_c_grad for m in net)
+        assert torch.equal(net(x), ref_y)
+        with torch.enable_grad():  # a forward with gradients inside it casts per call: grads still flow
+            loss, grads = run()
+    assert torch.equal(loss, ref_loss) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert all(m._lora_c is None for m in net)
 
 
 def test_lora_path_matches_float_reference_with_scaling():
@@ -258,3 +265,54 @@ def test_lora_cast_reentered_follows_updated_factors():
             assert torch.equal(net[0]._lora_c[0], net[0].lora_A.to(net[0].compute_dtype))
             assert torch.equal(net[1]._lora_c[1], net[1].lora_B.to(net[1].compute_dtype))
         assert net[0]._lora_c is None
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the CUDA GEMV needs compute capability >= 9.0")
+def test_one_row_inference_reads_4bit_weight_through_cuda_gemv(monkeypatch):
+    """Generating (no grad, one row on a Hopper GPU) multiplies by the 4-bit weight through the CUDA GEMV,
+    prepared once per layer, dtype and device: the result is the dequantized weight's (float64 reference,
+    bf16 tolerance); grad mode, more rows, a CPU move and QLORA_CUDA_GEMV=0 take the dequantizing path."""
+    from qlora.kernels import gemv_cuda
+    g = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(320, 512, generator=g) * 0.05, torch.randn(320, generator=g)
+    m = QLoRALinear.from_weight(w, bias, r=8, alpha=16, compute_dtype=torch.bfloat16).to("cuda")
+    with torch.no_grad():
+        m.lora_B.normal_()
+    prepared = []
+    real = gemv_cuda.prepare
+    monkeypatch.setattr(gemv_cuda, "prepare", lambda *a, **kw: prepared.append(1) or real(*a, **kw))
+
+    def exact(x):  # float64: base on the dequantized weight, bias, LoRA
+        a, b = m.lora_A.double(), m.lora_B.double()
+        x = x.double().reshape(-1, 512)
+        return x @ m.base_weight(torch.float32).double().t() + m.bias.double() + m.scaling * (x @ a.t()) @ b.t()
+
+    for shape in ((1, 1, 512), (512,), (1, 512)):
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = m(x)
+        assert y.shape == (*shape[:-1], 320) and y.dtype == torch.bfloat16
+        want = exact(x).reshape(y.shape)
+        assert ((y.double() - want).norm() / want.norm()).item() < 8e-3
+    assert prepared == [1] and m._gemv.ok  # planned once, then kept
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        m(torch.randn(3, 512, device="cuda", dtype=torch.bfloat16))  # prefill: dequantize + matmul
+    m(x)  # grad mode: the training path
+    assert prepared == [1]
+    m.to("cpu")
+    assert m._gemv is None
+    with torch.no_grad():
+        m(x.cpu())
+    m.to("cuda")
+    monkeypatch.setenv("QLORA_CUDA_GEMV", "0")
+    with torch.no_grad():
+        y = m(x)
+    assert prepared == [1] and not m._gemv.ok  # remembered as not taken
+    want = exact(x).reshape(y.shape)
+    assert ((y.double() - want).norm() / want.norm()).item() < 8e-3

@@ -24,8 +24,10 @@ once; K > 4096 is split over thread blocks whose fp32 partial sums are added aft
   step), x in registers, one barrier per group.
 
 Speed (H200, GPU time from CUDA-graph replay over rotating weight copies; BENCHMARKS.md): W 14336x4096
-14.2 us with tensor cores (FMA 16.8, the Triton kernel 28.2, bitsandbytes 29.2); the LM head 128256x4096
-89 us (211 / 222).
+13.4 us with tensor cores (FMA 16.8, the Triton kernel 28.1, bitsandbytes 29.3); the LM head 128256x4096
+87 us (211 / 222). Host time: :func:`gemv_4bit_cuda` validates and plans each call (~70 us on the H200
+machine); :func:`prepare` does it once, and its :class:`Prepared` launches in ~15 us (what ``QLoRALinear``
+keeps for decoding).
 
 Needs: compute capability >= 9.0 (bulk copies, transaction barriers), ``torch.cuda._compile_kernel``
 (PyTorch >= 2.8, NVRTC from the CUDA wheels), one row of x, K and the block size multiples of 32,
@@ -159,7 +161,7 @@ __device__ __forceinline__ float dot_word(u32 w, const char* smem, u32 lane_off,
 
 #endif
 
-// both kernels' parameters (one launcher, _Launcher, serves both)
+// both kernels' parameters (one argument block, Prepared, serves both)
 #define GEMV_PARAMS const xt* __restrict__ x, const u8* __restrict__ packed, const void* __restrict__ absmax, \
     const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, const float* __restrict__ code, \
     ot* __restrict__ out, double offset_d, int N, int K, int split_len, int n_groups, int nested_len, int nest_cap
@@ -687,41 +689,6 @@ def _probe_smem_base(device: torch.device) -> int:
         return -1
 
 
-class _Launcher:
-    """``cuLaunchKernel`` for one compiled kernel with our fixed argument list (7 pointers, a double, 6
-    ints). torch's generic launcher opens libcuda and converts every argument on each call (~90 us of
-    host time per GEMV on the H200 machine); this keeps the library, the argument cells and the
-    pointer array, and only writes the values (under a lock: the cells are shared)."""
-
-    _lib = None
-
-    def __init__(self, kern):
-        if _Launcher._lib is None:
-            lib = ctypes.CDLL("libcuda.so.1")
-            lib.cuLaunchKernel.restype = ctypes.c_int
-            _Launcher._lib = lib
-        self.kern = kern  # keeps the module loaded
-        self.func = kern.func
-        self.ptrs = [ctypes.c_void_p() for _ in range(7)]
-        self.dbl = ctypes.c_double()
-        self.ints = [ctypes.c_int() for _ in range(6)]
-        cells = self.ptrs + [self.dbl] + self.ints
-        self.params = (ctypes.c_void_p * len(cells))(*[ctypes.cast(ctypes.byref(c), ctypes.c_void_p) for c in cells])
-        self.lock = threading.Lock()
-
-    def __call__(self, grid, threads, smem, stream, ptrs, dbl, ints):
-        with self.lock:
-            for cell, v in zip(self.ptrs, ptrs):
-                cell.value = v
-            self.dbl.value = dbl
-            for cell, v in zip(self.ints, ints):
-                cell.value = v
-            res = self._lib.cuLaunchKernel(self.func, grid[0], grid[1], 1, threads, 1, 1, smem,
-                                           ctypes.c_void_p(stream), self.params, None)
-        if res != 0:
-            raise QLoraError(f"launching the CUDA GEMV failed (CUresult {res})")
-
-
 @lru_cache(maxsize=256)
 def _plan(n_out: int, k: int, kb_bytes: int, nbs: int, device: torch.device, split: int | None = None,
           depth: int | None = None) -> tuple[int, int, int, int, int, int]:
@@ -740,17 +707,23 @@ def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, state: QuantState, spl
                    depth: int | None = None, t16: bool | None = None, variant: str | None = None) -> torch.Tensor:
     """``x @ dequant(W).T`` for one row of x (any leading shape holding one row); ``split`` overrides the
     planned K split; ``variant`` ("mma"/"fma", default :func:`kind`), ``depth`` and ``t16`` (the FMA
-    variant's ring depth and table width) are for benchmarks and tests."""
+    variant's ring depth and table width) are for benchmarks and tests. Each call validates and plans
+    again; a caller that multiplies by the same weight many times (decoding) keeps :func:`prepare`'s
+    result instead."""
+    return prepare(x, packed, state, split, depth, t16, variant)(x)
+
+
+def prepare(x: torch.Tensor, packed: torch.Tensor, state: QuantState, split: int | None = None,
+            depth: int | None = None, t16: bool | None = None, variant: str | None = None) -> "Prepared":
+    """Validate and plan :func:`gemv_4bit_cuda` for this weight and for one-row inputs like ``x`` (its
+    dtype and device): the returned :class:`Prepared` multiplies any such row by the weight at a
+    fraction of the host time. Raises :class:`QLoraError` where the kernel does not handle the call."""
     from .dequant import _device_state, check_quantized
     check_quantized(packed, state)
     if not supported(x, state):
         raise QLoraError(f"the CUDA GEMV does not handle this call (x {tuple(x.shape)} {x.dtype} on {x.device}, "
                          f"weight {tuple(state.shape)}, block size {state.blocksize}); use kernels.matmul_4bit")
     n_out, k = (int(s) for s in state.shape)
-    lead = x.shape[:-1]
-    x1 = x.reshape(k)
-    if not x1.is_contiguous() or x1.data_ptr() % 16:
-        x1 = x1.clone()
     dq = state.double_quant
     kb, esz = k // state.blocksize, 1 if dq else 4
     nbs = state.nested_blocksize if dq else 0
@@ -776,25 +749,87 @@ def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, state: QuantState, spl
         kern = _compile(x.device, "qlora_gemv_4bit", _SOURCE, defines, smem)
         threads = 32 * warps
     code, absmax, nested_absmax, nested_code = _device_state(state, x.device)
-    packed = packed.reshape(-1)
-    if packed.data_ptr() % 16:
-        packed = packed.clone()
+    flat = packed.reshape(-1)
+    if flat.data_ptr() % 16:
+        flat = flat.clone()
     if absmax.data_ptr() % 16:
         absmax = absmax.clone()
-    partial = split > 1
-    out = torch.empty((split, n_out) if partial else (n_out,), device=x.device,
-                      dtype=torch.float32 if partial else x.dtype)
-    launch = getattr(kern, "qlora_launch", None)
-    if launch is None:
-        launch = kern.qlora_launch = _Launcher(kern)
-    launch((blocks, split), threads, smem, torch.cuda.current_stream(x.device).cuda_stream,
-           (x1.data_ptr(), packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr(),
-            code.data_ptr(), out.data_ptr()),
-           float(state.offset) if dq else 0.0,
-           (n_out, k, split_len, -(-n_out // ROWS), int(nested_absmax.numel()) if dq else 0, nest_cap))
-    if partial:
-        out = out.sum(0).to(x.dtype)
-    return out.view(*lead, n_out)
+    return Prepared(kern, x, packed, state.absmax, (flat, absmax, nested_absmax, nested_code, code), (blocks, split), threads, smem,
+                    float(state.offset) if dq else 0.0,
+                    (n_out, k, split_len, -(-n_out // ROWS), int(nested_absmax.numel()) if dq else 0, nest_cap))
+
+
+def _raw_stream():
+    """``device index -> the current CUDA stream's handle``: torch's raw getter (what Triton's launcher
+    uses, ~0.3 us) where it exists, else through a Stream object (~3 us)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw
+    return lambda index: torch.cuda.current_stream(index).cuda_stream
+
+
+class Prepared:
+    """The CUDA GEMV planned for one weight and one-row inputs of one dtype on one device (:func:`prepare`):
+    the compiled kernel, the launch configuration and the weight's device pointers, with the launch's
+    argument block built once, so that a call only writes x's and the output's pointers and launches
+    (the weight's tensors are kept alive here). :meth:`matches` says whether it serves an input."""
+
+    ok = True  # (a layer's cache also holds "not supported" markers, whose ok is False)
+    _lib = None
+    _stream = None
+
+    def __init__(self, kern, x, packed, absmax, tensors, grid, threads, smem, offset, ints):
+        if Prepared._lib is None:
+            lib = ctypes.CDLL("libcuda.so.1")
+            lib.cuLaunchKernel.restype = ctypes.c_int
+            Prepared._lib, Prepared._stream = lib, staticmethod(_raw_stream())
+        self.kern = kern  # keeps the module loaded
+        self.tensors = tensors
+        self.dtype, self.device, self.index = x.dtype, x.device, x.get_device()
+        self.packed_ptr, self.absmax_ptr = packed.data_ptr(), absmax.data_ptr()
+        self.n_out, self.k, self.split = ints[0], ints[1], grid[1]
+        # kernel arguments: x, packed, absmax, nested_absmax, nested_code, code, out, offset, 6 ints
+        self.x_cell, self.out_cell = ctypes.c_void_p(), ctypes.c_void_p()
+        cells = [self.x_cell] + [ctypes.c_void_p(t.data_ptr()) for t in tensors] + [self.out_cell] \
+            + [ctypes.c_double(offset)] + [ctypes.c_int(i) for i in ints]
+        self.cells = cells
+        self.params = (ctypes.c_void_p * len(cells))(*[ctypes.cast(ctypes.byref(c), ctypes.c_void_p) for c in cells])
+        self.head = (kern.func, ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(1),
+                     ctypes.c_uint(threads), ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(smem))
+        self.lock = threading.Lock()
+
+    def matches(self, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> bool:
+        """True when this serves ``x`` (same dtype and device) times the weight of ``packed`` and ``absmax``
+        (the same tensors' memory as when it was prepared)."""
+        return (x.dtype is self.dtype and x.get_device() == self.index and packed.data_ptr() == self.packed_ptr
+                and absmax.data_ptr() == self.absmax_ptr)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k
+        if x.shape[-1] != k or x.numel() != k or x.dtype is not self.dtype or x.get_device() != self.index:
+            raise QLoraError(f"this GEMV was prepared for one row of {k} {self.dtype} values on {self.device}, "
+                             f"got x {tuple(x.shape)} {x.dtype} on {x.device}")
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`__call__` for an ``x`` known to be one row of this dtype on this device (:meth:`matches`)."""
+        k, n_out, split = self.k, self.n_out, self.split
+        x1 = x.view(k) if x.is_contiguous() else x.reshape(k)
+        if x1.data_ptr() % 16 or not x1.is_contiguous():
+            x1 = x1.clone()
+        partial = split > 1
+        out = torch.empty((split, n_out) if partial else (n_out,), device=self.device,
+                          dtype=torch.float32 if partial else self.dtype)
+        stream = ctypes.c_void_p(self._stream(self.index))
+        with self.lock:
+            self.x_cell.value = x1.data_ptr()
+            self.out_cell.value = out.data_ptr()
+            res = self._lib.cuLaunchKernel(*self.head, stream, self.params, None)
+        if res != 0:
+            raise QLoraError(f"launching the CUDA GEMV failed (CUresult {res})")
+        if partial:
+            out = out.sum(0).to(self.dtype)
+        return out.view(*x.shape[:-1], n_out)
 
 
 @lru_cache(maxsize=None)
