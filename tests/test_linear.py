@@ -316,3 +316,20 @@ def test_one_row_inference_reads_4bit_weight_through_cuda_gemv(monkeypatch):
     assert prepared == [1] and not m._gemv.ok  # remembered as not taken
     want = exact(x).reshape(y.shape)
     assert ((y.double() - want).norm() / want.norm()).item() < 8e-3
+
+
+def test_prepared_gemv_is_not_copied_or_pickled_with_a_layer():
+    """A layer that decoded on a GPU holds a gemv_cuda.Prepared (device pointers, a compiled kernel): a deep
+    copy or a pickle of the layer drops it (the copy prepares its own on first use) instead of failing."""
+    import copy
+    import pickle
+
+    from qlora.kernels.gemv_cuda import Prepared
+    m, _, _ = _layer()
+    m._gemv = object.__new__(Prepared)  # what _decode_gemv leaves there (built without a GPU here)
+    m2 = copy.deepcopy(m)
+    assert m2._gemv is None and m._gemv is not None
+    m3 = pickle.loads(pickle.dumps(m))
+    assert m3._gemv is None
+    x = torch.randn(2, 80)
+    torch.testing.assert_close(m3(x), m(x), rtol=0, atol=0)

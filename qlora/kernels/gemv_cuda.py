@@ -759,6 +759,10 @@ def prepare(x: torch.Tensor, packed: torch.Tensor, state: QuantState, split: int
                     (n_out, k, split_len, -(-n_out // ROWS), int(nested_absmax.numel()) if dq else 0, nest_cap))
 
 
+def _nothing():
+    return None
+
+
 def _raw_stream():
     """``device index -> the current CUDA stream's handle``: torch's raw getter (what Triton's launcher
     uses, ~0.3 us) where it exists, else through a Stream object (~3 us)."""
@@ -797,6 +801,12 @@ class Prepared:
         self.head = (kern.func, ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(1),
                      ctypes.c_uint(threads), ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(smem))
         self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo):
+        return None  # a copied layer prepares its own (this one points at the original's tensors)
+
+    def __reduce__(self):
+        return (_nothing, ())  # nor is it pickled with a module (device pointers, a compiled kernel)
 
     def matches(self, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> bool:
         """True when this serves ``x`` (same dtype and device) times the weight of ``packed`` and ``absmax``
