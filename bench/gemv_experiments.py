@@ -1,0 +1,237 @@
+"""Candidate changes to the tensor-core GEMV (``qlora/kernels/gemv_cuda.py``), ready to measure on a GPU.
+
+Each variant is the library's ``_MMA_KERNEL`` text with edits applied here; the runner swaps it in, checks
+that its output is bitwise the library's on shapes that cover the kernel's paths (partial last group, K
+split, fp16, no double quant, block sizes 64/128/256), then times library and variants alternately in one
+process over rotating weight copies (``bench/kernels.py``'s CUDA-graph harness). Nothing here changes the
+library; adopt a variant by editing ``_MMA_KERNEL`` once it has measured faster.
+
+Variants (session 9, written without a GPU; static evidence: SASS instructions in the consumer's per-group
+loop for W 14336x4096 bf16, from NVRTC + nvdisasm):
+
+* ``pinned``: the per-lane offsets (the lookup base ``lane_off``, the lane's code offset in a slot, the
+  row-8 stride) held in registers behind an empty ``asm``, so the compiler stops recomputing them every
+  group; the ring slot and barrier phases advanced incrementally instead of ``j % DEPTH``; lookups and MMAs
+  as non-volatile ``asm`` (pure: free to schedule). 280 -> 263 instructions per group.
+* ``pinned+psc``: also *producer-side scales*: the producer warp, otherwise idle between refills, turns
+  each group's 8-bit scales into fp32 (``nested_code[q] * nested_scale + offset``, the same fused multiply-add
+  as the consumers') one group ahead, into a per-slot float array before the table; consumers wait on a
+  third barrier ("scales ready") and read their 8 scales as two 16-byte loads. Double quant with block size 64
+  and whole 256-element warps only (``SC4``); other cases keep the consumer-side path. 263 -> 217
+  instructions per group per consumer warp. Caveat: the producer (warp 16) shares scheduler 0 with
+  consumer warps 0, 4, 8, 12, and its conversion (~32 scales per lane per group, ~300 instructions as
+  written) lands there; if that scheduler becomes the slowest, convert 4 scales per 32-bit load next.
+
+Usage (GPU, compute capability 9.0+): ``python bench/gemv_experiments.py [--variants pinned,pinned+psc]``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _sub(text: str, old: str, new: str) -> str:
+    if text.count(old) != 1:
+        raise RuntimeError(f"the kernel text changed; this edit no longer applies: {old[:80]!r}")
+    return text.replace(old, new)
+
+
+def pinned(k: str) -> str:
+    k = _sub(k, 'u32 lds32(u32 a) { u32 v; asm volatile("ld.shared.u32', 'u32 lds32(u32 a) { u32 v; asm("ld.shared.u32')
+    k = _sub(k, '    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16', '    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16')
+    k = _sub(k, '    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16', '    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16')
+    k = _sub(k, "    const u32 lane_off = lane * 4 + (smem_addr(table) & 0xffff0000u);\n",
+             "    u32 lane_off = lane * 4 + (smem_addr(table) & 0xffff0000u);\n"
+             "    asm volatile(\"\" : \"+r\"(lane_off));  // kept in a register, not recomputed per group\n")
+    k = _sub(k, """    for (int j = 0; j < my_groups; ++j) {
+        const int g = g0 + j;
+        mbar_wait(smem_addr(bars + j % DEPTH), (j / DEPTH) & 1);
+        const char* slot = SLOT(j % DEPTH);
+""", """    u32 code_off = gr * rstride + 128 * warp + 8 * c, row8 = 8 * rstride;  // the lane's bytes in a slot
+    asm volatile("" : "+r"(code_off), "+r"(row8));
+    int s = 0, sd = 0;          // ring slot and done barrier of group j
+    u32 par = 0;
+    const char* slot = SLOT(0);
+    for (int j = 0; j < my_groups; ++j) {
+        const int g = g0 + j;
+        WAIT_GROUP
+""")
+    k = _sub(k, """                const uint2 w0 = *(const uint2*)(slot + gr * rstride + (kk >> 1) + 8 * c);
+                const uint2 w1 = *(const uint2*)(slot + (gr + 8) * rstride + (kk >> 1) + 8 * c);""",
+             """                const char* cp = slot + code_off + 32 * bb;
+                const uint2 w0 = *(const uint2*)cp;
+                const uint2 w1 = *(const uint2*)(cp + row8);""")
+    k = _sub(k, """        if (c == 0) {
+            float* rp = red + (j % (DEPTH + 1)) * nwarps * R + warp * R;
+            rp[gr] = acc0;
+            rp[gr + 8] = acc1;
+        }
+        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + DEPTH + j % (DEPTH + 1))) : "memory");
+    }""", """        if (c == 0) {
+            float* rp = red + sd * nwarps * R + warp * R;
+            rp[gr] = acc0;
+            rp[gr + 8] = acc1;
+        }
+        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + DEPTH + sd)) : "memory");
+        if (++s == DEPTH) { s = 0; par ^= 1u; }
+        if (++sd == DEPTH + 1) sd = 0;
+        slot = SLOT(s);
+    }""")
+    k = _sub(k, "extern \"C\" __global__", "#ifndef WAIT_GROUP\n#define WAIT_GROUP mbar_wait(smem_addr(bars + s), par);\n#endif\n"
+                                           "extern \"C\" __global__")
+    return k
+
+
+# producer-side scales: DQ, block size 64, FULL (SC4) only
+_PSC_PRODUCER_OLD = """    if (warp == nwarps) {
+        for (int j = 0; j < my_groups; ++j) {
+            mbar_wait(smem_addr(bars + DEPTH + j % (DEPTH + 1)), (j / (DEPTH + 1)) & 1);"""
+_PSC_PRODUCER_NEW = """#if PSC
+    // the split's scales of each group as fp32, [slot][row][block], written by the producer one group ahead
+    float* scf = (float*)(ring0 + slot_bytes);
+    const int nb = len / BS;                     // the split's blocks per row
+    const int kb0 = k0 / BS;
+#define CONVERT(jj) {                                                                          \\
+        const int s_ = (jj) % DEPTH, g_ = g0 + (jj);                                           \\
+        mbar_wait(smem_addr(bars + s_), ((jj) / DEPTH) & 1);                                   \\
+        const u8* q_ = (const u8*)(SLOT(s_) + R * rstride);                                   \\
+        float* o_ = scf + s_ * R * nb;                                                         \\
+        for (int r_ = 0; r_ < R; ++r_) {                                                       \\
+            for (int b_ = lane; b_ < nb; b_ += 32) {                                           \\
+                const unsigned i_ = (unsigned)(g_ * R + r_) * kb + kb0 + b_;                   \\
+                o_[r_ * nb + b_] = nc[q_[r_ * kb + kb0 + b_]] * nest[i_ / NBS - nest0] + offset; \\
+            }                                                                                  \\
+        }                                                                                      \\
+        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + 2 * DEPTH + 1 + s_)) : "memory"); \\
+    }
+#endif
+    if (warp == nwarps) {
+#if PSC
+        if (my_groups > 0) CONVERT(0)
+#endif
+        for (int j = 0; j < my_groups; ++j) {
+#if PSC
+            if (j + 1 < my_groups) CONVERT(j + 1)
+#endif
+            mbar_wait(smem_addr(bars + DEPTH + j % (DEPTH + 1)), (j / (DEPTH + 1)) & 1);"""
+
+
+def psc(k: str) -> str:
+    """Producer-side scales, on top of :func:`pinned`."""
+    k = _sub(k, _PSC_PRODUCER_OLD, _PSC_PRODUCER_NEW)
+    # the "scales ready" barriers: bars[2 * DEPTH + 1 .. 3 * DEPTH], one arrival per producer lane
+    k = _sub(k, """            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");""",
+             """#if PSC
+            for (int d = 0; d < DEPTH; ++d)
+                asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bars + 2 * DEPTH + 1 + d)), "r"(32) : "memory");
+#endif
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");""")
+    k = _sub(k, "#ifndef WAIT_GROUP\n", "#if PSC\n#define WAIT_GROUP mbar_wait(smem_addr(bars + s), par); "
+                                       "mbar_wait(smem_addr(bars + 2 * DEPTH + 1 + s), par);\n#endif\n#ifndef WAIT_GROUP\n")
+    # consumers: the warp's 4 blocks' scales of rows gr and gr + 8 as two 16-byte loads
+    k = _sub(k, """#if DQ && SC4
+        // the scale bytes of the warp's 4 blocks, rows gr and gr + 8
+        const u32 q0 = *(const u32*)(scales + gr * kb + (k0 >> 6) + 4 * warp);
+        const u32 q1 = *(const u32*)(scales + (gr + 8) * kb + (k0 >> 6) + 4 * warp);
+#endif""", """#if DQ && SC4 && PSC
+        const float4 S0 = *(const float4*)(scf + (s * R + gr) * (len >> 6) + 4 * warp);
+        const float4 S1 = *(const float4*)(scf + (s * R + gr + 8) * (len >> 6) + 4 * warp);
+        const float s0v[4] = {S0.x, S0.y, S0.z, S0.w}, s1v[4] = {S1.x, S1.y, S1.z, S1.w};
+        const u32 q0 = 0u, q1 = 0u;  // (read only by the consumer-side path, dead here)
+#elif DQ && SC4
+        // the scale bytes of the warp's 4 blocks, rows gr and gr + 8
+        const u32 q0 = *(const u32*)(scales + gr * kb + (k0 >> 6) + 4 * warp);
+        const u32 q1 = *(const u32*)(scales + (gr + 8) * kb + (k0 >> 6) + 4 * warp);
+#endif""")
+    k = _sub(k, """                if (DQ) {
+#if SC4
+                    const u32 e0""", """                if (DQ) {
+#if SC4 && PSC
+                    s0 = s0v[bb]; s1 = s1v[bb];
+                } else if (false) {
+#endif
+#if SC4
+                    const u32 e0""")
+    return k
+
+
+VARIANTS = {"pinned": pinned, "pinned+psc": lambda k: psc(pinned(k))}
+
+
+def defines_extra(name: str, defines: dict) -> dict:
+    """Extra #defines a variant needs (PSC only where its fp32 scale arrays apply)."""
+    if name.endswith("psc"):
+        return dict(defines, PSC=int(bool(defines.get("SC4"))))
+    return defines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--check-only", action="store_true", help="compile (NVRTC) and check bitwise equality, no timing")
+    args = ap.parse_args()
+    import torch
+
+    from qlora import nf4
+    from qlora.kernels import gemv_cuda as G
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import kernels as KB  # bench/kernels.py: the timing harness
+
+    names = [v for v in args.variants.split(",") if v]
+    base = G._MMA_KERNEL
+    texts = {"library": base} | {n: VARIANTS[n](base) for n in names}
+    real_compile = G._compile
+
+    def use(name):
+        G._MMA_KERNEL = texts[name]
+        G._kernels.clear()
+
+        def compile_(device, kname, source, defines, smem):
+            if kname == "qlora_gemv_4bit_mma":
+                source, defines = G._HELPERS + texts[name], defines_extra(name, defines)
+            return real_compile(device, kname, source, defines, smem)
+        G._compile = compile_
+
+    cases = [((14336, 4096), 64, True, torch.bfloat16), ((4096, 14336), 64, True, torch.bfloat16),
+             ((1000, 4096), 64, True, torch.bfloat16), ((700, 1536), 64, True, torch.float16),
+             ((4096, 4096), 64, False, torch.bfloat16), ((4096, 4096), 128, True, torch.bfloat16),
+             ((2048, 4096), 256, True, torch.float16), ((128256, 4096), 64, True, torch.bfloat16)]
+    try:
+        for (n, k), bs, dq, dt in cases:
+            g = torch.Generator(device="cuda").manual_seed(n + k)
+            w = torch.randn(n, k, device="cuda", dtype=dt, generator=g) * 0.02
+            packed, st = nf4.quantize_4bit(w, bs, "nf4", dq)
+            x = torch.randn(1, k, device="cuda", dtype=dt, generator=g)
+            use("library")
+            want = G.gemv_4bit_cuda(x, packed, st)
+            row = []
+            for name in names:
+                use(name)
+                got = G.gemv_4bit_cuda(x, packed, st)
+                torch.cuda.synchronize()
+                same = torch.equal(got, want)
+                row.append(f"{name}: {'bitwise equal' if same else 'DIFFERS (max %.2e)' % (got.float() - want.float()).abs().max().item()}")
+            print(f"W {n}x{k} bs {bs} dq {dq} {str(dt)[6:]}: " + "; ".join(row), flush=True)
+            if args.check_only or not (dq and bs == 64 and dt == torch.bfloat16):
+                continue
+            ours, _ = KB.copies(packed, st, None)
+            times = {name: [] for name in ["library"] + names}
+            for _ in range(4):
+                for name in times:
+                    use(name)
+                    t = KB.graph_ms([lambda p=p, s=s: G.gemv_4bit_cuda(x, p, s) for p, s in ours])
+                    times[name].append(round(t * 1e3, 2))
+            print("   GPU us: " + ", ".join(f"{nm} {min(v):.2f} {v}" for nm, v in times.items()), flush=True)
+            del ours
+    finally:
+        G._MMA_KERNEL, G._compile = base, real_compile
+        G._kernels.clear()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
