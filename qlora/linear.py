@@ -133,7 +133,7 @@ class QLoRALinear(nn.Module):
         self.quant_type: str | None = None
         self._meta: dict = {}
         self._wcache: torch.Tensor | None = None  # see dequant_cache()
-        self._gemv = None  # the CUDA GEMV prepared for one-row inference (see _decode_gemv), or _NO_GEMV
+        self._gemv = None  # the CUDA GEMV prepared for one-row inference (see _decode_gemv), or a _NoGemv
         self._wcache_grad = False
         self._lora_c: tuple | None = None  # (A, B) in compute dtype while a lora_cast context is active
         self._lora_c_grad = False  # whether _lora_c was cast with gradients on (else: use it only with them off)
