@@ -19,8 +19,9 @@ loop for W 14336x4096 bf16, from NVRTC + nvdisasm):
   third barrier ("scales ready") and read their 8 scales as two 16-byte loads. Double quant with block size 64
   and whole 256-element warps only (``SC4``); other cases keep the consumer-side path. 263 -> 217
   instructions per group per consumer warp. Caveat: the producer (warp 16) shares scheduler 0 with
-  consumer warps 0, 4, 8, 12, and its conversion (~32 scales per lane per group, ~300 instructions as
-  written) lands there; if that scheduler becomes the slowest, convert 4 scales per 32-bit load next.
+  consumer warps 0, 4, 8, 12, and its conversion lands there (a lane converts 4 scales per 32-bit load, the
+  four of a word sharing one nested scale: 8 words per lane per group); if that scheduler turns out the
+  slowest, split the conversion over the consumer warps instead.
 
 Usage (GPU, compute capability 9.0+): ``python bench/gemv_experiments.py [--variants pinned,pinned+psc]``.
 """
@@ -93,18 +94,25 @@ _PSC_PRODUCER_OLD = """    if (warp == nwarps) {
 _PSC_PRODUCER_NEW = """#if PSC
     // the split's scales of each group as fp32, [slot][row][block], written by the producer one group ahead
     float* scf = (float*)(ring0 + slot_bytes);
-    const int nb = len / BS;                     // the split's blocks per row
+    const int nb = len / BS;                     // the split's blocks per row (a multiple of 4)
     const int kb0 = k0 / BS;
+    const int wpr = nb >> 2, rpi = 32 / wpr;     // 4-scale words per row, rows per step of the warp
 #define CONVERT(jj) {                                                                          \\
         const int s_ = (jj) % DEPTH, g_ = g0 + (jj);                                           \\
         mbar_wait(smem_addr(bars + s_), ((jj) / DEPTH) & 1);                                   \\
         const u8* q_ = (const u8*)(SLOT(s_) + R * rstride);                                   \\
         float* o_ = scf + s_ * R * nb;                                                         \\
-        for (int r_ = 0; r_ < R; ++r_) {                                                       \\
-            for (int b_ = lane; b_ < nb; b_ += 32) {                                           \\
-                const unsigned i_ = (unsigned)(g_ * R + r_) * kb + kb0 + b_;                   \\
-                o_[r_ * nb + b_] = nc[q_[r_ * kb + kb0 + b_]] * nest[i_ / NBS - nest0] + offset; \\
-            }                                                                                  \\
+        for (int r_ = lane / wpr; r_ < R && lane < rpi * wpr; r_ += rpi) {                    \\
+            const int w_ = lane - (lane / wpr) * wpr;                                          \\
+            const u32 q4 = *(const u32*)(q_ + r_ * kb + kb0 + 4 * w_);                         \\
+            const unsigned i_ = (unsigned)(g_ * R + r_) * kb + kb0 + 4 * w_;                   \\
+            const float n_ = nest[i_ / NBS - nest0];                                           \\
+            float4 v_;                                                                         \\
+            v_.x = nc[q4 & 255u] * n_ + offset;                                                \\
+            v_.y = nc[(q4 >> 8) & 255u] * n_ + offset;                                         \\
+            v_.z = nc[(q4 >> 16) & 255u] * n_ + offset;                                        \\
+            v_.w = nc[q4 >> 24] * n_ + offset;                                                 \\
+            *(float4*)(o_ + r_ * nb + 4 * w_) = v_;                                            \\
         }                                                                                      \\
         asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + 2 * DEPTH + 1 + s_)) : "memory"); \\
     }
