@@ -194,9 +194,8 @@ def main() -> int:
     texts = {"library": base} | {n: VARIANTS[n](base) for n in names}
     real_compile = G._compile
 
-    def use(name):
-        G._MMA_KERNEL = texts[name]
-        G._kernels.clear()
+    def use(name):  # the variant's text and defines, through the library's compile step
+        G._kernels.clear()  # (its cache is keyed by the defines, not the source)
 
         def compile_(device, kname, source, defines, smem):
             if kname == "qlora_gemv_4bit_mma":
@@ -236,7 +235,7 @@ def main() -> int:
             print("   GPU us: " + ", ".join(f"{nm} {min(v):.2f} {v}" for nm, v in times.items()), flush=True)
             del ours
     finally:
-        G._MMA_KERNEL, G._compile = base, real_compile
+        G._compile = real_compile
         G._kernels.clear()
     return 0
 

@@ -309,11 +309,8 @@ class QLoRALinear(nn.Module):
         run (then the caller dequantizes). Validated and planned once per dtype and device, then kept
         (:meth:`_apply` drops it when the module moves); ``QLORA_CUDA_GEMV=0`` or ``QLORA_KERNELS=0``
         when it is first needed turn it off."""
-        packed, absmax = self._raw("weight_packed"), self._raw("absmax")
-        prep = self._gemv
-        if prep is None or not prep.matches(xc, packed, absmax):
-            prep = self._gemv = _prepare_gemv(xc, packed, absmax, self)
-        return prep.run(xc) if prep.ok else None  # (one row of its dtype on its device: checked above)
+        prep = self._gemv_for(xc)
+        return prep.run(xc) if prep.ok else None  # (one row of its dtype on its device: checked by matches)
 
     def prepare_decode(self) -> bool:
         """Plan one-row inference through the CUDA GEMV now (what the first one-token step would do,
@@ -321,10 +318,14 @@ class QLoRALinear(nn.Module):
         if self.weight_packed is None or not self.weight_packed.is_cuda:
             return False
         x = torch.empty(1, self.in_features, device=self.weight_packed.device, dtype=self.compute_dtype)
+        return self._gemv_for(x).ok
+
+    def _gemv_for(self, x: torch.Tensor):
+        """The kept GEMV plan (or "not taken" marker) for one-row inputs like ``x``, made when missing or stale."""
         packed, absmax = self._raw("weight_packed"), self._raw("absmax")
         if self._gemv is None or not self._gemv.matches(x, packed, absmax):
             self._gemv = _prepare_gemv(x, packed, absmax, self)
-        return self._gemv.ok
+        return self._gemv
 
     def _apply(self, fn, *args, **kwargs):
         self._gemv = None  # .to() / .cuda() / .half() move or replace the buffers it points at

@@ -107,9 +107,14 @@ def parse_size(text: str | int | float) -> int:
     return int(float(m.group(1)) * ((1000 if decimal else 1024) ** power))
 
 
+def shape_key(name: str) -> str:
+    """The :data:`SHAPES` key of a shape name or alias (any case); unknown names come back lower-cased."""
+    return ALIASES.get(name.lower(), name.lower())
+
+
 def shape_config(name: str):
     """A transformers config for a shape of :data:`SHAPES` (or an alias)."""
-    key = ALIASES.get(name.lower(), name.lower())
+    key = shape_key(name)
     if key not in SHAPES:
         raise QLoraError(f"unknown shape {name!r}: choose one of {', '.join(list(SHAPES) + list(ALIASES))}")
     from transformers import AutoConfig

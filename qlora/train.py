@@ -606,8 +606,8 @@ def _model_dims(model: str) -> dict | None:
     read without transformers; None where unknown."""
     try:
         if model.startswith("shape:"):
-            from .plan import ALIASES, SHAPES
-            c = SHAPES[ALIASES.get(model[6:].lower(), model[6:].lower())]
+            from .plan import SHAPES, shape_key
+            c = SHAPES[shape_key(model[6:])]
         else:
             c = json.loads((Path(model) / "config.json").read_text())
         c = c.get("text_config", c)
