@@ -6,24 +6,21 @@ split, fp16, no double quant, block sizes 64/128/256), then times library and va
 process over rotating weight copies (``bench/kernels.py``'s CUDA-graph harness). Nothing here changes the
 library; adopt a variant by editing ``_MMA_KERNEL`` once it has measured faster.
 
-Variants (session 9, written without a GPU; static evidence: SASS instructions in the consumer's per-group
-loop for W 14336x4096 bf16, from NVRTC + nvdisasm):
+Measured so far (H200, W 14336x4096 bf16, ``bench/results/gemv_experiments_2026-11-30_s10_h200.txt``):
 
-* ``pinned``: the per-lane offsets (the lookup base ``lane_off``, the lane's code offset in a slot, the
-  row-8 stride) held in registers behind an empty ``asm``, so the compiler stops recomputing them every
-  group; the ring slot and barrier phases advanced incrementally instead of ``j % DEPTH``; lookups and MMAs
-  as non-volatile ``asm`` (pure: free to schedule). 280 -> 263 instructions per group.
-* ``pinned+psc``: also *producer-side scales*: the producer warp, otherwise idle between refills, turns
-  each group's 8-bit scales into fp32 (``nested_code[q] * nested_scale + offset``, the same fused multiply-add
-  as the consumers') one group ahead, into a per-slot float array before the table; consumers wait on a
-  third barrier ("scales ready") and read their 8 scales as two 16-byte loads. Double quant with block size 64
-  and whole 256-element warps only (``SC4``); other cases keep the consumer-side path. 263 -> 217
-  instructions per group per consumer warp. Caveat: the producer (warp 16) shares scheduler 0 with
-  consumer warps 0, 4, 8, 12, and its conversion lands there (a lane converts 4 scales per 32-bit load, the
-  four of a word sharing one nested scale: 8 words per lane per group); if that scheduler turns out the
-  slowest, split the conversion over the consumer warps instead.
+* ``pinned`` (session 9): per-lane offsets held in registers behind an empty ``asm``, ring slot and
+  barrier phase advanced incrementally, lookups and MMAs as non-volatile ``asm``; the consumer's per-group
+  loop went from 280 to 263 SASS instructions. 13.13 us against 13.43, the LM head 83.4 against 85.1,
+  bitwise equal on all 8 shapes: **adopted** into ``_MMA_KERNEL`` (session 10).
+* ``psc`` (*producer-side scales*): the producer warp, otherwise idle between refills, turns each group's
+  8-bit scales into fp32 (``nested_code[q] * nested_scale + offset``, the consumers' fused multiply-add)
+  one group ahead into a per-slot float array; consumers wait on a third barrier and read their 8 scales
+  as two 16-byte loads (double quant, block size 64, whole 256-element warps only: ``SC4``). 217
+  instructions per group per consumer warp, yet **18.4 us** against 13.1 (LM head 133 against 83): the
+  producer (warp 16, on scheduler 0 with consumer warps 0, 4, 8, 12) now sits on the critical path of
+  every refill. Kept here as the record; not adopted.
 
-Usage (GPU, compute capability 9.0+): ``python bench/gemv_experiments.py [--variants pinned,pinned+psc]``.
+Usage (GPU, compute capability 9.0+): ``python bench/gemv_experiments.py [--variants psc]``.
 """
 from __future__ import annotations
 
@@ -39,52 +36,6 @@ def _sub(text: str, old: str, new: str) -> str:
     if text.count(old) != 1:
         raise RuntimeError(f"the kernel text changed; this edit no longer applies: {old[:80]!r}")
     return text.replace(old, new)
-
-
-def pinned(k: str) -> str:
-    k = _sub(k, 'u32 lds32(u32 a) { u32 v; asm volatile("ld.shared.u32', 'u32 lds32(u32 a) { u32 v; asm("ld.shared.u32')
-    k = _sub(k, '    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16', '    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16')
-    k = _sub(k, '    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16', '    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16')
-    k = _sub(k, "    const u32 lane_off = lane * 4 + (smem_addr(table) & 0xffff0000u);\n",
-             "    u32 lane_off = lane * 4 + (smem_addr(table) & 0xffff0000u);\n"
-             "    asm volatile(\"\" : \"+r\"(lane_off));  // kept in a register, not recomputed per group\n")
-    k = _sub(k, """    for (int j = 0; j < my_groups; ++j) {
-        const int g = g0 + j;
-        mbar_wait(smem_addr(bars + j % DEPTH), (j / DEPTH) & 1);
-        const char* slot = SLOT(j % DEPTH);
-""", """    u32 code_off = gr * rstride + 128 * warp + 8 * c, row8 = 8 * rstride;  // the lane's bytes in a slot
-    asm volatile("" : "+r"(code_off), "+r"(row8));
-    int s = 0, sd = 0;          // ring slot and done barrier of group j
-    u32 par = 0;
-    const char* slot = SLOT(0);
-    for (int j = 0; j < my_groups; ++j) {
-        const int g = g0 + j;
-        WAIT_GROUP
-""")
-    k = _sub(k, """                const uint2 w0 = *(const uint2*)(slot + gr * rstride + (kk >> 1) + 8 * c);
-                const uint2 w1 = *(const uint2*)(slot + (gr + 8) * rstride + (kk >> 1) + 8 * c);""",
-             """                const char* cp = slot + code_off + 32 * bb;
-                const uint2 w0 = *(const uint2*)cp;
-                const uint2 w1 = *(const uint2*)(cp + row8);""")
-    k = _sub(k, """        if (c == 0) {
-            float* rp = red + (j % (DEPTH + 1)) * nwarps * R + warp * R;
-            rp[gr] = acc0;
-            rp[gr + 8] = acc1;
-        }
-        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + DEPTH + j % (DEPTH + 1))) : "memory");
-    }""", """        if (c == 0) {
-            float* rp = red + sd * nwarps * R + warp * R;
-            rp[gr] = acc0;
-            rp[gr + 8] = acc1;
-        }
-        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + DEPTH + sd)) : "memory");
-        if (++s == DEPTH) { s = 0; par ^= 1u; }
-        if (++sd == DEPTH + 1) sd = 0;
-        slot = SLOT(s);
-    }""")
-    k = _sub(k, "extern \"C\" __global__", "#ifndef WAIT_GROUP\n#define WAIT_GROUP mbar_wait(smem_addr(bars + s), par);\n#endif\n"
-                                           "extern \"C\" __global__")
-    return k
 
 
 # producer-side scales: DQ, block size 64, FULL (SC4) only
@@ -129,7 +80,7 @@ _PSC_PRODUCER_NEW = """#if PSC
 
 
 def psc(k: str) -> str:
-    """Producer-side scales, on top of :func:`pinned`."""
+    """Producer-side scales (session 9; measured slower in session 10)."""
     k = _sub(k, _PSC_PRODUCER_OLD, _PSC_PRODUCER_NEW)
     # the "scales ready" barriers: bars[2 * DEPTH + 1 .. 3 * DEPTH], one arrival per producer lane
     k = _sub(k, """            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");""",
@@ -138,8 +89,9 @@ def psc(k: str) -> str:
                 asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bars + 2 * DEPTH + 1 + d)), "r"(32) : "memory");
 #endif
             asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");""")
-    k = _sub(k, "#ifndef WAIT_GROUP\n", "#if PSC\n#define WAIT_GROUP mbar_wait(smem_addr(bars + s), par); "
-                                       "mbar_wait(smem_addr(bars + 2 * DEPTH + 1 + s), par);\n#endif\n#ifndef WAIT_GROUP\n")
+    k = _sub(k, "        mbar_wait(smem_addr(bars + s), par);\n",
+             "        mbar_wait(smem_addr(bars + s), par);\n#if PSC\n"
+             "        mbar_wait(smem_addr(bars + 2 * DEPTH + 1 + s), par);\n#endif\n")
     # consumers: the warp's 4 blocks' scales of rows gr and gr + 8 as two 16-byte loads
     k = _sub(k, """#if DQ && SC4
         // the scale bytes of the warp's 4 blocks, rows gr and gr + 8
@@ -167,7 +119,7 @@ def psc(k: str) -> str:
     return k
 
 
-VARIANTS = {"pinned": pinned, "pinned+psc": lambda k: psc(pinned(k))}
+VARIANTS = {"psc": psc}
 
 
 def defines_extra(name: str, defines: dict) -> dict:

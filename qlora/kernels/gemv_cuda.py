@@ -24,8 +24,8 @@ once; K > 4096 is split over thread blocks whose fp32 partial sums are added aft
   step), x in registers, one barrier per group.
 
 Speed (H200, GPU time from CUDA-graph replay over rotating weight copies; BENCHMARKS.md): W 14336x4096
-13.4 us with tensor cores (FMA 16.8, the Triton kernel 28.1, bitsandbytes 29.3); the LM head 128256x4096
-87 us (211 / 222). Host time: :func:`gemv_4bit_cuda` validates and plans each call (~70 us on the H200
+13.1 us with tensor cores (FMA 16.8, the Triton kernel 28.1, bitsandbytes 29.3); the LM head 128256x4096
+83 us (211 / 222). Host time: :func:`gemv_4bit_cuda` validates and plans each call (~70 us on the H200
 machine); :func:`prepare` does it once, and its :class:`Prepared` launches in ~15 us (what ``QLoRALinear``
 keeps for decoding).
 
@@ -336,13 +336,13 @@ _MMA_KERNEL = r"""
 // the dynamic shared memory's base address, see _smem_base).
 __device__ __forceinline__ void mma16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if XT == 1
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
 #else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
 #endif
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ u32 lds32(u32 a) { u32 v; asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a)); return v; }
+__device__ __forceinline__ u32 lds32(u32 a) { u32 v; asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a)); return v; }
 // table entry of byte N of w: (table's upper 16 address bits) | byte << 8 | lane * 4
 #define LUT(w, n) lds32(__byte_perm((w), lane_off, 0x7604 | ((n) << 4)))
 
@@ -432,7 +432,8 @@ qlora_gemv_4bit_mma(GEMV_PARAMS) {
         const float hi = __shfl_sync(0xffffffffu, cv, b >> 4), lo = __shfl_sync(0xffffffffu, cv, b & 15);
         *(u32*)(table + b * 256 + lane * 4) = (u32)from_f32(hi) | ((u32)from_f32(lo) << 16);
     }
-    const u32 lane_off = lane * 4 + (smem_addr(table) & 0xffff0000u);
+    u32 lane_off = lane * 4 + (smem_addr(table) & 0xffff0000u);
+    asm volatile("" : "+r"(lane_off));  // kept in a register, not recomputed per group
 #if DQ
     if (tid < 256) nc[tid] = ncv;
     if (tid < nest_n) nest[tid] = nv;
@@ -456,10 +457,14 @@ qlora_gemv_4bit_mma(GEMV_PARAMS) {
         }
         return;
     }
+    u32 code_off = gr * rstride + 128 * warp + 8 * c, row8 = 8 * rstride;  // the lane's bytes in a slot
+    asm volatile("" : "+r"(code_off), "+r"(row8));
+    int s = 0, sd = 0;          // ring slot and done barrier of group j
+    u32 par = 0;
+    const char* slot = SLOT(0);
     for (int j = 0; j < my_groups; ++j) {
         const int g = g0 + j;
-        mbar_wait(smem_addr(bars + j % DEPTH), (j / DEPTH) & 1);
-        const char* slot = SLOT(j % DEPTH);
+        mbar_wait(smem_addr(bars + s), par);
         const char* scales = slot + R * rstride;
         float acc0 = 0.f, acc1 = 0.f;
 #if DQ && NEST_ROW
@@ -476,8 +481,9 @@ qlora_gemv_4bit_mma(GEMV_PARAMS) {
         for (int bb = 0; bb < 4; ++bb) {
             if (bb < nblk) {
                 const int kk = 64 * (4 * warp + bb);             // the block's start within the split
-                const uint2 w0 = *(const uint2*)(slot + gr * rstride + (kk >> 1) + 8 * c);
-                const uint2 w1 = *(const uint2*)(slot + (gr + 8) * rstride + (kk >> 1) + 8 * c);
+                const char* cp = slot + code_off + 32 * bb;
+                const uint2 w0 = *(const uint2*)cp;
+                const uint2 w1 = *(const uint2*)(cp + row8);
                 float d[4] = {0.f, 0.f, 0.f, 0.f};
                 if (!SKIP_DOT) {
                     mma16816(d, LUT(w0.x, 0), LUT(w1.x, 0), LUT(w0.x, 1), LUT(w1.x, 1), xb[bb][0], xb[bb][1]);
@@ -512,11 +518,14 @@ qlora_gemv_4bit_mma(GEMV_PARAMS) {
             }
         }
         if (c == 0) {
-            float* rp = red + (j % (DEPTH + 1)) * nwarps * R + warp * R;
+            float* rp = red + sd * nwarps * R + warp * R;
             rp[gr] = acc0;
             rp[gr + 8] = acc1;
         }
-        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + DEPTH + j % (DEPTH + 1))) : "memory");
+        asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bars + DEPTH + sd)) : "memory");
+        if (++s == DEPTH) { s = 0; par ^= 1u; }
+        if (++sd == DEPTH + 1) sd = 0;
+        slot = SLOT(s);
     }
 }
 """
