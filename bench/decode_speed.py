@@ -1,14 +1,19 @@
 """Decoding speed of a QLoRA model (4-bit base + LoRA adapters), ours beside the reference stack's.
 
-Generates greedily from a random-weight model of a known shape (``--shape``, qlora.plan's shapes) with
-transformers' ``generate`` (KV cache), the same way for every mode, and prints decode tokens/s (one
-token's forward per step, after the prompt), the prompt's time and peak GPU memory:
+Generates greedily from a random-weight model of a known shape (``--shape``, qlora.plan's shapes) and
+prints decode tokens/s (one token's forward per step, after the prompt), the prompt's time and peak GPU
+memory:
 
-* ``ours``: QLoRALinear layers, no dequant cache: one-row steps read the 4-bit weights through the CUDA
-  GEMV (``kernels.gemv_cuda``, Hopper) where it runs, else dequantize each layer per step;
+* ``ours``: what ``qlora generate`` runs on a GPU: ``qlora.decoding.decode`` (static KV cache, each step
+  replayed from a CUDA graph; captured once per call, and that capture is part of the timing), QLoRALinear
+  layers without a dequant cache where the CUDA GEMV (``kernels.gemv_cuda``, Hopper) serves one-row steps;
+* ``ours-nograph``: the same model through transformers' ``generate`` (dynamic KV cache, eager steps),
+  what ``qlora generate`` ran before CUDA-graph decoding (and runs with ``--no-cuda-graph``);
 * ``ours+cache``: the same model inside ``qlora.linear.dequant_cache`` (a 16-bit copy of every weight,
   cuBLAS), what ``qlora generate`` did by default before the GEMV path;
 * ``ours-dequant``: no cache, ``QLORA_CUDA_GEMV=0`` (dequantize + matmul per layer per step);
+
+  (these two also through transformers' ``generate``)
 * ``reference``: transformers + bitsandbytes ``Linear4bit`` (NF4, double quant, bf16 compute) + PEFT
   LoRA r=16 on all linear layers, as ``../shared/bench/reference_qlora.py`` loads it.
 
@@ -28,7 +33,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ("ours", "ours+cache", "ours-dequant", "reference")
+MODES = ("ours", "ours-nograph", "ours+cache", "ours-dequant", "reference")
 
 
 def _lora_b_random(model, std: float = 0.02) -> None:
@@ -85,21 +90,29 @@ def build_reference(cfg, device: str):
     return model.eval()
 
 
-def time_generate(model, cfg, prompt: int, new: int, device: str) -> dict:
+def time_generate(model, cfg, prompt: int, new: int, device: str, graph: bool = False) -> dict:
     """Decode tokens/s from two greedy generations of the same prompt: ``new`` tokens and 1 token (the
-    prompt's forward plus the first token); the difference is ``new - 1`` one-token steps."""
+    prompt's forward plus the first token); the difference is ``new - 1`` one-token steps. ``graph``:
+    through ``qlora.decoding.decode`` (CUDA graph), else transformers' ``generate``."""
     import torch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, cfg.vocab_size, (1, prompt), generator=g).to(device)
     mask = torch.ones_like(ids)
     kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
+    failed = []
+
+    def generate(n):
+        if graph:
+            from qlora.decoding import decode
+            return decode(model, ids[0].tolist(), n, log=failed.append)
+        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)[0, prompt:].tolist()
 
     def gen(n):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+            out = generate(n)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t, out
@@ -108,10 +121,12 @@ def time_generate(model, cfg, prompt: int, new: int, device: str) -> dict:
     t1 = min(gen(1)[0] for _ in range(2))
     tn, out = gen(new)
     tn = min(tn, gen(new)[0])
-    assert out.shape[1] == prompt + new
+    assert len(out) == new
+    if failed:
+        raise RuntimeError(failed[0])
     step = (tn - t1) / (new - 1)
     return dict(decode_tok_s=round(1 / step, 1), ms_per_token=round(step * 1e3, 2), prompt_s=round(t1, 3),
-                tokens=out[0, prompt:prompt + 8].tolist())
+                tokens=out[:8])
 
 
 def run(mode: str, cfg, args) -> dict:
@@ -136,8 +151,8 @@ def run(mode: str, cfg, args) -> dict:
     else:  # as `qlora generate` runs: LoRA factors cast once (lora_cast), the dequant cache where asked
         from qlora.linear import dequant_cache, lora_cast
         with torch.no_grad(), dequant_cache(model, enabled=mode == "ours+cache"), lora_cast(model):
-            r = time_generate(model, cfg, args.prompt, args.new, args.device)
-    if mode == "ours":
+            r = time_generate(model, cfg, args.prompt, args.new, args.device, graph=mode == "ours")
+    if mode in ("ours", "ours-nograph"):
         from qlora.linear import QLoRALinear
         layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
         r["gemv_layers"] = f"{sum(bool(getattr(m._gemv, 'ok', False)) for m in layers)}/{len(layers)}"
@@ -186,7 +201,7 @@ def main() -> int:
         print(f"{mode:>13} {r['decode_tok_s']:12.1f} {r['ms_per_token']:9.2f} {r['prompt_s']:9.3f} "
               f"{r['weights_gib']:11.2f} {r['peak_gib']:9.2f}")
     if "ours" in results:
-        for other in ("reference", "ours+cache", "ours-dequant"):
+        for other in ("reference", "ours-nograph", "ours+cache", "ours-dequant"):
             if other in results:
                 print(f"ours / {other}: {results['ours']['decode_tok_s'] / results[other]['decode_tok_s']:.2f}x decode "
                       f"tokens/s at {results['ours']['peak_gib']:.2f} vs {results[other]['peak_gib']:.2f} GiB peak")

@@ -1,9 +1,11 @@
 """Text generation and chat on a 4-bit base model, with or without a LoRA adapter.
 
-``generate(model, tokenizer, prompt, ...)`` renders the prompt, runs ``model.generate`` (KV cache
-on, each 4-bit weight dequantized once per call via :class:`qlora.linear.dequant_cache`), stops
-at EOS or an end-of-turn token and returns the decoded answer; ``stream`` receives the text as it
-is produced (the pieces concatenate to exactly the returned text).
+``generate(model, tokenizer, prompt, ...)`` renders the prompt, decodes with a KV cache, stops at EOS
+or an end-of-turn token and returns the decoded answer; ``stream`` receives the text as it is produced
+(the pieces concatenate to exactly the returned text). On a CUDA device decoding runs
+:func:`qlora.decoding.decode` (static KV cache, each step replayed from a CUDA graph); on the CPU, or
+where that does not apply, transformers' ``model.generate``. 4-bit weights are dequantized once per call
+(:class:`qlora.linear.dequant_cache`) except where the CUDA GEMV reads them directly (Hopper).
 
 Prompt layouts (``chat`` argument, ``--template`` flag):
 
@@ -121,9 +123,13 @@ class _Streamer:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
+        self.add(value.reshape(-1).tolist())
+
+    def add(self, ids: list[int]) -> None:
+        """New token ids (after the prompt)."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        for t in value.reshape(-1).tolist():
+        for t in ids:
             if self.stopped or t in self.stops:
                 self.stopped = True
                 return
@@ -183,7 +189,7 @@ def context_limit(model) -> int | None:
 
 def generate_full(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0,
                   top_p: float = 1.0, chat: bool | str | None = None, stream=None,
-                  history: list[dict] | None = None, cache: bool = True) -> Generation:
+                  history: list[dict] | None = None, cache: bool = True, graph: bool | None = None) -> Generation:
     """:func:`generate` returning a :class:`Generation` (text, token counts, timings)."""
     import torch
 
@@ -200,42 +206,68 @@ def generate_full(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
             raise QLoraError(f"the prompt has {len(ids)} tokens, the model takes at most {limit}")
         max_new_tokens = min(max_new_tokens, limit - len(ids))
     stops = stop_token_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, do_sample=temperature > 0)
-    if temperature > 0:
-        kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     streamer = _Streamer(tokenizer, stream, set(stops))
+    graphed = _graph_decoding(model, device, len(ids) + max_new_tokens, graph)
     was_training, use_cache = model.training, model.config.use_cache
     model.eval()
     model.config.use_cache = True
     try:
         with torch.no_grad(), inference_cache(model, cache), lora_cast(model):  # LoRA factors cast once
             t0 = time.perf_counter()  # after the one-off dequantization
-            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw)
+            if graphed:
+                from .decoding import decode
+                new = decode(model, ids, max_new_tokens, temperature=float(temperature), top_p=float(top_p),
+                             stops=stops, on_token=lambda t: streamer.add([t]),
+                             log=lambda m: print(f"qlora: {m}", file=sys.stderr))
+                streamer.end()
+            else:
+                input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+                kw = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, do_sample=temperature > 0)
+                if temperature > 0:
+                    kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+                out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw)
+                new = out[0, len(ids):].tolist()
     finally:
         model.train(was_training)
         model.config.use_cache = use_cache
     seconds = time.perf_counter() - t0
-    new = out[0, len(ids):].tolist()
     cut = next((i for i, t in enumerate(new) if t in streamer.stops), len(new))
     text = tokenizer.decode(new[:cut], skip_special_tokens=True)
     first = (streamer.first_token_at - t0) if streamer.first_token_at else seconds
     return Generation(text, len(ids), cut + (cut < len(new)), seconds, first)
 
 
+def _graph_decoding(model, device, max_len: int, graph: bool | None) -> bool:
+    """Whether to decode with :func:`qlora.decoding.decode` (CUDA graphs): on CUDA devices, unless turned off
+    (``graph=False``, ``QLORA_CUDA_GRAPH_DECODE=0``) or the model cannot (then says why on stderr, once)."""
+    from .config import env_flag
+    if device.type != "cuda" or graph is False or (graph is None and not env_flag("QLORA_CUDA_GRAPH_DECODE", True)):
+        return False
+    from .decoding import unsupported
+    why = unsupported(model, max_len)
+    if why is not None:
+        if getattr(model, "_qlora_graph_why", None) != why:
+            print(f"qlora: decoding with transformers' generate (no CUDA graph): {why}", file=sys.stderr)
+            model._qlora_graph_why = why
+        return False
+    return True
+
+
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, chat: bool | str | None = None, stream=None,
-             history: list[dict] | None = None, cache: bool = True) -> str:
+             history: list[dict] | None = None, cache: bool = True, graph: bool | None = None) -> str:
     """The model's answer to ``prompt`` (after ``history``, a list of ``{"role", "content"}``
     messages, system first if any), decoded without special tokens.
 
     ``chat``: prompt layout (module docstring). ``stream``: a callable receiving text pieces as
     they are generated. ``cache=False`` dequantizes the 4-bit weights at every forward instead
-    of once per call (less memory, much slower)."""
+    of once per call (less memory, much slower). ``graph``: on a CUDA device, decode with
+    :func:`qlora.decoding.decode` (a static KV cache, each step replayed from a CUDA graph) rather than
+    transformers' ``generate``; None = yes unless ``QLORA_CUDA_GRAPH_DECODE=0``."""
     return generate_full(model, tokenizer, prompt, max_new_tokens, temperature, top_p, chat, stream,
-                         history, cache).text
+                         history, cache, graph).text
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -310,6 +342,10 @@ def _add_sampling_args(p, default_template: str) -> None:
     p.add_argument("--no-chat-template", dest="template", action="store_const", const="none",
                    help="same as --template none: feed the prompt as raw text")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message (default: none, or the template's own)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="on a GPU, decode with transformers' generate, one Python-driven step per token, instead "
+                        "of replaying each step from a CUDA graph on a static KV cache (for debugging or comparison; "
+                        "default: graphs on where the model allows, else generate, with the reason on stderr)")
 
 
 def add_cli(sub) -> None:
@@ -362,7 +398,8 @@ def _run_generate(args) -> int:
     with inference_cache(model, args.dequant_cache):
         t_cache = time.perf_counter() - t0
         g = generate_full(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                          chat=args.template, stream=_write, history=history, cache=args.dequant_cache)
+                          chat=args.template, stream=_write, history=history, cache=args.dequant_cache,
+                          graph=None if args.cuda_graph else False)
     _write("\n")
     print(f"dequantized weights in {t_cache:.2f} s; " if args.dequant_cache else "", end="", file=sys.stderr)
     print(f"{g.prompt_tokens} prompt tokens, prefill {g.first_token:.2f} s; {g.new_tokens} new tokens in "
@@ -412,7 +449,8 @@ def _run_chat(args) -> int:
             history = _fit_history(tok, history, text, layout, budget)
             try:
                 answer = generate(model, tok, text, args.max_new_tokens, args.temperature, args.top_p,
-                                  chat=layout, stream=_write, history=history, cache=args.dequant_cache)
+                                  chat=layout, stream=_write, history=history, cache=args.dequant_cache,
+                                  graph=None if args.cuda_graph else False)
             except QLoraError as e:  # e.g. a message longer than the context: say so, keep chatting
                 print(f"qlora chat: {e}", file=sys.stderr)
                 continue

@@ -180,6 +180,46 @@ def test_matmul_4bit_paths():
         matmul_4bit(_rand(1, 64, seed=6), packed, st)
 
 
+# LoRA for one row (lora_row.py): y += scaling * B @ (A @ x), in place
+
+LORA_ROW_CASES = [  # (N, K, r)
+    (4096, 4096, 16), (1024, 4096, 16), (14336, 4096, 16), (4096, 14336, 16), (100, 300, 8), (33, 64, 1),
+    (4096, 4096, 64), (70, 1000, 3), (128, 4096, 128),
+]
+
+
+def test_lora_row_reference_is_the_float_computation():
+    from qlora.kernels.lora_row import lora_row_reference
+    y, x = _rand(50, seed=1), _rand(70, seed=2)
+    a, b = _rand(4, 70, seed=3), _rand(50, 4, seed=4)
+    want = y.double() + 0.5 * (b.double() @ (a.double() @ x.double()))
+    assert _rel(lora_row_reference(y, x, a, b, 0.5), want) < 1e-6
+
+
+@kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,r", LORA_ROW_CASES)
+def test_lora_row_matches_float64(n, k, r, dtype):
+    """The two-launch Triton LoRA row against float64, in place, and against the torch path's rounding."""
+    from qlora.kernels.lora_row import lora_row_, lora_row_reference, usable
+    y = _rand(n, seed=n, dtype=dtype)
+    x = _rand(k, seed=k, dtype=dtype)
+    a = _rand(r, k, seed=r, scale=k ** -0.5, dtype=dtype)
+    b = _rand(n, r, seed=n + r, scale=0.1, dtype=dtype)
+    want = y.double() + 2.0 * (b.double() @ (a.double() @ x.double()))
+    ref = lora_row_reference(y, x, a, b, 2.0)
+    assert usable(y, x, a, b)
+    out = y.clone()
+    got = lora_row_(out, x, a, b, 2.0)
+    assert got is out and out.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert _rel(out, want) < tol and _rel(ref, want) < tol
+    assert _rel(out, ref) < tol
+    # what QLoRALinear's torch path computes (x @ A.T rounded to the dtype, then addmm)
+    torch_path = torch.addmm(y.view(1, n), x.view(1, k) @ a.t(), b.t(), alpha=2.0).view(n)
+    assert _rel(torch_path, want) < 2 * tol
+
+
 # CUDA GEMV (gemv_cuda.py): one row, Hopper and newer
 
 def _hopper():

@@ -318,6 +318,38 @@ def test_one_row_inference_reads_4bit_weight_through_cuda_gemv(monkeypatch):
     assert ((y.double() - want).norm() / want.norm()).item() < 8e-3
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_row_adapter_through_the_row_kernel_in_decoding(monkeypatch, dtype):
+    """Inside row_kernels() (CUDA-graph decoding) a one-row no-grad forward adds the adapter with the Triton
+    row kernel, in place; outside it, or with more rows, torch does. Both equal the float64 computation."""
+    from qlora.kernels import lora_row
+    from qlora.linear import row_kernels
+    g = torch.Generator().manual_seed(4)
+    w, bias = torch.randn(320, 512, generator=g) * 0.05, torch.randn(320, generator=g)
+    m = QLoRALinear.from_weight(w, bias, r=8, alpha=16, compute_dtype=dtype).to("cuda")
+    with torch.no_grad():
+        m.lora_B.normal_()
+    calls = []
+    real = lora_row.lora_row_
+    monkeypatch.setattr(lora_row, "lora_row_", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(1, 512, device="cuda", dtype=dtype)
+    a, b = m.lora_A.double(), m.lora_B.double()
+    want = x.double() @ m.base_weight(torch.float32).double().t() + m.bias.double() + m.scaling * (x.double() @ a.t()) @ b.t()
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-5
+    with torch.no_grad():
+        plain = m(x)
+        assert calls == []
+        with row_kernels():
+            fused = m(x)
+            assert calls == [1]
+            m(torch.randn(3, 512, device="cuda", dtype=dtype))  # more rows: torch
+        assert calls == [1]
+    for y in (plain, fused):
+        assert y.shape == (1, 320) and ((y.double() - want).norm() / want.norm()).item() < tol
+
+
 def test_prepared_gemv_is_not_copied_or_pickled_with_a_layer():
     """A layer that decoded on a GPU holds a gemv_cuda.Prepared (device pointers, a compiled kernel): a deep
     copy or a pickle of the layer drops it (the copy prepares its own on first use) instead of failing."""

@@ -16,6 +16,7 @@ rms_norm                       norm_act.RMSNormFunction       norm_act.rms_norm_
 swiglu                         norm_act.SwiGLUFunction        norm_act.swiglu_reference
 rope                           norm_act.RoPEFunction          norm_act.rope_reference
 chunked_linear_cross_entropy   torch + ce.py (softmax grad)   loss.linear_cross_entropy_reference
+lora_row_                      lora_row.py (2 launches)       lora_row.lora_row_reference
 =============================  ============================  ===================================
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .loss import chunked_linear_cross_entropy, linear_cross_entropy_reference
 
 __all__ = [
     "available", "dequantize_4bit", "matmul_4bit", "rms_norm", "swiglu", "rope",
-    "chunked_linear_cross_entropy", "linear_cross_entropy_reference",
+    "chunked_linear_cross_entropy", "linear_cross_entropy_reference", "lora_row_",
 ]
 
 
@@ -108,3 +109,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             and cos.stride(-1) == 1 and sin.stride(-1) == 1:
         return norm_act.RoPEFunction.apply(x, cos, sin)
     return norm_act.rope_reference(x, cos, sin)
+
+
+def lora_row_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> bool:
+    """``y += scaling * B @ (A @ x)`` in place for one row (``y`` [N], ``x`` [K], ``a`` [r, K], ``b`` [N, r];
+    no autograd) when the Triton kernel takes it: returns True then, else False and ``y`` is untouched
+    (the caller computes it with torch)."""
+    if not (_use(x) and env_flag("QLORA_LORA_ROW", True)):
+        return False
+    from . import lora_row
+    if not lora_row.usable(y, x, a, b):
+        return False
+    lora_row.lora_row_(y, x, a, b, scaling)
+    return True
