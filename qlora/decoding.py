@@ -163,7 +163,7 @@ def _decode(model, ids, max_new_tokens, temperature, top_p, stops, on_token, gra
         return t in stops
 
     run = step
-    side = torch.cuda.Stream(device) if cuda and graph else None
+    side = _side_stream(device) if cuda and graph else None
     push(0)
     for i in range(1, max_new_tokens):
         if side is not None and i == 1:  # eagerly on the capture's stream: lazy set-up, GEMV plans, compiles
@@ -180,6 +180,19 @@ def _decode(model, ids, max_new_tokens, temperature, top_p, stops, on_token, gra
             return out
     take(max_new_tokens - 1)
     return out
+
+
+_STREAMS: dict = {}
+
+
+def _side_stream(device):
+    """One side stream per device for every call: cuBLAS keeps a workspace (32 MiB on Hopper) per stream
+    it has run on, so a new stream per call would leave 32 MiB behind each time (up to PyTorch's pool of
+    streams)."""
+    import torch
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    return _STREAMS[device]
 
 
 def _capture(step, stream, device, log):
