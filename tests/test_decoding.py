@@ -143,3 +143,21 @@ def test_cuda_graph_decoding_equals_eager_steps(tiny, dtype):
             torch.manual_seed(seed)
             runs.append(decode(model, ids, 20, temperature=1.5, log=failed.append))
     assert failed == [] and runs[0] == runs[1] and len({tuple(r) for r in runs}) > 1
+
+
+@pytest.mark.gpu
+@cuda
+def test_repeated_graph_decoding_keeps_no_memory(tiny):
+    """Each call captures its own graph and cache; nothing stays behind (a new side stream per call once left
+    cuBLAS's 32 MiB workspace behind every time)."""
+    path, _, tok = tiny
+    model, _ = load_for_inference(str(path), None, device="cuda", dtype="bf16", progress=False)
+    model.eval()
+    ids = chat_ids(tok, USER)
+    seen = []
+    with torch.no_grad():
+        for n in (10, 20, 10, 30):
+            decode(model, ids, n)
+            torch.cuda.synchronize()
+            seen.append(torch.cuda.memory_allocated())
+    assert seen[1] == seen[2] == seen[3], seen
