@@ -164,8 +164,9 @@ class Generation:
 def inference_cache(model, enabled: bool = True):
     """``dequant_cache(model)`` unless disabled or already active (nested caches would drop it), for the
     layers that need it: a layer whose one-token steps read its 4-bit weight through the CUDA GEMV
-    (Hopper and newer, ``QLoRALinear.prepare_decode``) decodes faster that way than from a 16-bit copy
-    (8B shape on an H200: 20.7 against 18.8 tokens/s, 5.7 against 18.7 GiB; BENCHMARKS.md), so it gets none."""
+    (Hopper and newer, ``QLoRALinear.prepare_decode``) gets none. The GEMV's GPU time is under half of
+    cuBLAS's on a 16-bit copy (W 14336x4096 on an H200: 13.1 against 31.5 us), which is what counts in
+    CUDA-graph decoding, and the copy would triple the memory (8B shape: 18.8 against 5.8 GiB)."""
     from .linear import QLoRALinear, dequant_cache
     if not enabled or any(m._wcache is not None for m in model.modules() if isinstance(m, QLoRALinear)):
         return contextlib.nullcontext()
