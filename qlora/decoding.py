@@ -100,7 +100,12 @@ def decode(model, ids: list[int], max_new_tokens: int, *, temperature: float = 0
     if the capture fails."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from .errors import QLoraError
     from .linear import row_kernels
+    if not ids:
+        raise QLoraError("decode needs at least one prompt token")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise QLoraError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     # not cuDNN attention: it builds a plan per new shape (0.3-1.4 s per call, each prompt length a new
     # one) and its masked one-token step was slower here (8B, H200: 7.1 against 5.4 ms per token)
     with row_kernels(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):

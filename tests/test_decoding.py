@@ -38,6 +38,10 @@ def test_greedy_tokens_equal_transformers_generate(tiny):
     # a one-token answer is the prompt's forward alone
     with torch.no_grad():
         assert decode(model, ids, 1) == want[:1]
+    from qlora.errors import QLoraError
+    for bad in (([], 4), (ids, 0)):
+        with pytest.raises(QLoraError):
+            decode(model, *bad)
 
 
 def test_stops_at_the_first_stop_token(tiny):
