@@ -5,7 +5,7 @@ import torch
 
 from qlora.decoding import decode, kv_bytes, pick, unsupported
 from qlora.generate import generate_full, load_for_inference
-from test_generate import EOS, USER, chat_ids, make_model_dir
+from test_generate import EOS, USER, adapter_dir, chat_ids, make_model_dir  # noqa: F401 (a fixture)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -165,3 +165,27 @@ def test_repeated_graph_decoding_keeps_no_memory(tiny):
             torch.cuda.synchronize()
             seen.append(torch.cuda.memory_allocated())
     assert seen[1] == seen[2] == seen[3], seen
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_graph_decoding_with_an_adapter(tiny, adapter_dir, dtype, monkeypatch):
+    """With LoRA factors (q_proj, down_proj) the graph adds them through the one-row kernel: the same tokens as
+    the eager loop, and in fp32 as transformers' generate (torch's LoRA path)."""
+    from qlora.kernels import lora_row
+    from qlora.linear import lora_cast
+    path, _, tok = tiny
+    model, _ = load_for_inference(str(path), str(adapter_dir), device="cuda", dtype=dtype, progress=False)
+    model.eval()
+    calls = []
+    real = lora_row.lora_row_
+    monkeypatch.setattr(lora_row, "lora_row_", lambda *a: calls.append(1) or real(*a))
+    ids = chat_ids(tok, USER)
+    failed = []
+    with torch.no_grad(), lora_cast(model):
+        eager = decode(model, ids, 20, graph=False)
+        graphed = decode(model, ids, 20, log=failed.append)
+        if dtype == "fp32":
+            assert graphed == hf_greedy(model, ids, 20)
+    assert failed == [] and graphed == eager and calls
