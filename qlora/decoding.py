@@ -119,7 +119,7 @@ def _decode(model, ids, max_new_tokens, temperature, top_p, stops, on_token, gra
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     n = len(ids)
-    max_len = n + max_new_tokens
+    max_len = _cache_len(n + max_new_tokens)
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     kw = {_cache_arg(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
@@ -130,8 +130,7 @@ def _decode(model, ids, max_new_tokens, temperature, top_p, stops, on_token, gra
     dtype = model.get_input_embeddings().weight.dtype
 
     def logits_of(input_ids, position_ids, allowed):  # allowed: [1, 1, q, max_len] bool, True = attend
-        mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min) \
-            if eager_attn else allowed
+        mask = _mask(allowed, dtype, eager_attn)
         return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, **kw).logits[:, -1, :]
 
     # prefill: the prompt's n positions attend causally (the mask covers the cache's max_len positions)
@@ -185,6 +184,21 @@ def _decode(model, ids, max_new_tokens, temperature, top_p, stops, on_token, gra
             return out
     take(max_new_tokens - 1)
     return out
+
+
+def _cache_len(positions: int) -> int:
+    """Length of the static KV cache for ``positions`` (prompt + new tokens); a hook for experiments
+    (``bench/decode_experiments.py``)."""
+    return positions
+
+
+def _mask(allowed, dtype, eager: bool):
+    """The attention mask the model gets from ``allowed`` ([1, 1, q, cache length] bool, True = attend): as is
+    for SDPA, additive (0 / dtype min) for eager attention, which adds it to the scores."""
+    import torch
+    if not eager:
+        return allowed
+    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 _STREAMS: dict = {}
