@@ -16,7 +16,8 @@ host is slower than the GPU. Host microseconds per call are printed beside them.
 * the 1-token GEMV: ours (the Triton kernel, and on Hopper the CUDA kernel of gemv_cuda.py that
   ``kernels.matmul_4bit`` takes there) vs bitsandbytes vs the torch reference, plus 4 and 16 rows
   (Triton only);
-* RMSNorm / SwiGLU / RoPE forward+backward vs torch, and the chunked loss vs the unfused one.
+* RMSNorm / SwiGLU / RoPE forward+backward vs torch, and the chunked loss vs the unfused one;
+* the one-row LoRA product of CUDA-graph decoding (lora_row.py) vs torch's x @ A.T + addmm.
 
 ``--sweep`` also times launch configurations of the dequant and GEMV kernels (for tuning);
 ``--gemv-decompose`` times the CUDA GEMV with stages left out (where its time goes).
@@ -333,6 +334,33 @@ def norm_act_table():
         print(f"  linear+CE {name} N={n} V={vocab}: {ms:.2f} ms fwd+bwd, peak extra {peak:.2f} GiB")
 
 
+def lora_row_table():
+    """The one-row LoRA product of CUDA-graph decoding, y += s * B @ (A @ x): lora_row.py's two launches against
+    torch's path (x @ A.T, then addmm / in-place addmm_), r=16 bf16, the 8B model's shapes, 8 rotating copies."""
+    from qlora.kernels.lora_row import lora_row_, lora_row_reference
+    print("\none-row LoRA, y += s * B @ (A @ x), r=16 bf16: GPU us from CUDA graphs (ours / torch addmm / torch addmm_)")
+    dt, r = torch.bfloat16, 16
+    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        sets = [(torch.randn(k, device="cuda", dtype=dt), torch.randn(r, k, device="cuda", dtype=dt) * k ** -0.5,
+                 torch.randn(n, r, device="cuda", dtype=dt) * 0.1, torch.randn(n, device="cuda", dtype=dt))
+                for _ in range(8)]
+        ours = graph_ms([lambda x=x, a=a, b=b, y=y: lora_row_(y, x, a, b, 2.0) for x, a, b, y in sets])
+        torch_ = graph_ms([lambda x=x, a=a, b=b, y=y: torch.addmm(y.view(1, n), x.view(1, k) @ a.t(), b.t(), alpha=2.0)
+                           for x, a, b, y in sets])
+        inplace = graph_ms([lambda x=x, a=a, b=b, y=y: y.view(1, n).addmm_(x.view(1, k) @ a.t(), b.t(), alpha=2.0)
+                            for x, a, b, y in sets])
+        x, a, b, y = sets[0]
+        exact = y.double() + 2.0 * (b.double() @ (a.double() @ x.double()))
+        got = lora_row_(y.clone(), x, a, b, 2.0)
+        err = ((got.double() - exact).norm() / exact.norm()).item()
+        err_ref = ((lora_row_reference(y, x, a, b, 2.0).double() - exact).norm() / exact.norm()).item()
+        us = lambda t: None if t is None else t * 1e3  # noqa: E731
+        RESULTS[f"lora_row_{n}x{k}"] = dict(ours=us(ours), torch_addmm=us(torch_), torch_addmm_inplace=us(inplace),
+                                            rel_err=err, reference_rel_err=err_ref)
+        print(f"  N {n} K {k}: {fmt(us(ours), '.2f')} / {fmt(us(torch_), '.2f')} / {fmt(us(inplace), '.2f')} us, "
+              f"rel err {err:.1e} (reference {err_ref:.1e})")
+
+
 def dump_kernels(outdir: str):
     """Registers/spills and PTX of every compiled variant, for reading without a GPU."""
     import re
@@ -397,7 +425,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--dump", help="write PTX of compiled kernels to DIR/kernels_ptx.txt and print register counts")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: dequant,matmul,gemv,ops")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: dequant,matmul,gemv,ops,lora")
     ap.add_argument("--gemv-decompose", action="store_true",
                     help="also time the CUDA GEMV with stages left out (Hopper; where its time goes)")
     args = ap.parse_args()
@@ -410,7 +438,7 @@ def main():
     skip = set(args.skip.split(","))
     copy_ceiling()
     sections = [("dequant", lambda: dequant_table(args.sweep)), ("gemv", lambda: gemv_table(args.sweep)),
-                ("ops", norm_act_table), ("matmul", matmul_table)]
+                ("ops", norm_act_table), ("lora", lora_row_table), ("matmul", matmul_table)]
     for name, fn in sections:
         if name in skip:
             continue
