@@ -161,18 +161,51 @@ class Generation:
         return (self.new_tokens - 1) / dt if self.new_tokens > 1 and dt > 0 else 0.0
 
 
+CACHE_RESERVE_GIB = 2.0       # GPU memory left free beside the dequant cache (at least; or this share of it:)
+CACHE_RESERVE_SHARE = 0.10
+
+
 def inference_cache(model, enabled: bool = True):
     """``dequant_cache(model)`` unless disabled or already active (nested caches would drop it), for the
     layers that need it: a layer whose one-token steps read its 4-bit weight through the CUDA GEMV
     (Hopper and newer, ``QLoRALinear.prepare_decode``) gets none. The GEMV's GPU time is under half of
     cuBLAS's on a 16-bit copy (W 14336x4096 on an H200: 13.1 against 31.5 us), which is what counts in
-    CUDA-graph decoding, and the copy would triple the memory (8B shape: 18.8 against 5.8 GiB)."""
+    CUDA-graph decoding, and the copy would triple the memory (8B shape: 18.8 against 5.8 GiB).
+
+    On a GPU the copies take only the memory there is: free memory less a reserve for activations, the KV
+    cache and the CUDA graph (``CACHE_RESERVE_GIB``, or ``CACHE_RESERVE_SHARE`` of the GPU if more). Layers
+    beyond that are dequantized at every forward instead (slower, never out of memory), and stderr says
+    how many got a copy: an 8B model's copies need ~15 GiB, more than a 16 GB GPU has beside the model."""
     from .linear import QLoRALinear, dequant_cache
     if not enabled or any(m._wcache is not None for m in model.modules() if isinstance(m, QLoRALinear)):
         return contextlib.nullcontext()
     cache = dequant_cache(model)
     cache.layers = [m for m in cache.layers if not m.prepare_decode()]
+    packed = [m for m in cache.layers if m.weight_packed is not None]
+    budget = cache_budget(packed[0].weight_packed.device) if packed else None
+    if budget is not None:
+        kept, used = [], 0
+        for m in cache.layers:
+            size = m.out_features * m.in_features * m.compute_dtype.itemsize if m.weight_packed is not None else 0
+            if used + size <= budget:
+                kept.append(m)
+                used += size
+        if len(kept) < len(cache.layers):
+            print(f"qlora: GPU memory holds a dequantized copy of {sum(m.weight_packed is not None for m in kept)} of "
+                  f"{len(packed)} 4-bit layers ({used / 2**30:.1f} GiB); the others are dequantized at every "
+                  "forward", file=sys.stderr)
+        cache.layers = kept
     return cache
+
+
+def cache_budget(device) -> int | None:
+    """Bytes the dequant cache may take on ``device``: None (no limit) off a GPU; on one, its free memory less
+    ``max(CACHE_RESERVE_GIB, CACHE_RESERVE_SHARE x total)``, at least 0."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, int(free - max(CACHE_RESERVE_GIB * 2**30, CACHE_RESERVE_SHARE * total)))
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:

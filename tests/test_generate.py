@@ -290,6 +290,38 @@ def test_inference_cache_covers_layers_the_gemv_does_not_serve(tiny):
     assert all(m._wcache is None for m in layers)
 
 
+def test_inference_cache_takes_only_the_memory_there_is(tiny, monkeypatch, capsys):
+    """With a memory budget (on a GPU: free memory less a reserve) the dequant cache copies the layers that fit,
+    in order, says so, and the others dequantize per forward: the same answer as with every layer cached."""
+    import qlora.generate as G
+    from qlora.linear import QLoRALinear
+    model, tok = tiny[1], tiny[2]
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    want = generate(model, tok, "what color is the sky ?", max_new_tokens=10)
+    sizes = [m.out_features * m.in_features * m.compute_dtype.itemsize for m in layers]
+    monkeypatch.setattr(G, "cache_budget", lambda device: sum(sizes[:3]))
+    cache = G.inference_cache(model)
+    assert cache.layers == layers[:3]
+    assert "dequantized copy of 3 of 14 4-bit layers" in capsys.readouterr().err
+    with cache:
+        assert generate(model, tok, "what color is the sky ?", max_new_tokens=10) == want
+        assert [m._wcache is not None for m in layers] == [True] * 3 + [False] * 11
+    monkeypatch.setattr(G, "cache_budget", lambda device: 0)
+    assert G.inference_cache(model).layers == []
+
+
+def test_cache_budget_leaves_a_reserve(monkeypatch):
+    import qlora.generate as G
+    gib = 2 ** 30
+    assert G.cache_budget("cpu") is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 24 * gib))
+    assert G.cache_budget(torch.device("cuda", 0)) == int(10 * gib - 2.4 * gib)  # 10% of 24 GiB > 2 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 16 * gib))
+    assert G.cache_budget("cuda") == 8 * gib  # at least 2 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
+    assert G.cache_budget("cuda") == 0
+
+
 def test_chat_plain_fallback_without_template(tmp_path, capsys, monkeypatch):
     path = make_model_dir(tmp_path / "nt", template=None)
     model, tok = load(path)
