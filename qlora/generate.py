@@ -356,7 +356,8 @@ def add_model_args(p) -> None:
                    help="dequantize 4-bit weights at every forward instead of keeping a 16-bit copy while "
                         "generating (less memory, much slower; default: cache on). On GPUs of compute "
                         "capability 9.0+ (H100, H200) one-token steps read the 4-bit weights directly, "
-                        "faster than from the copy, and those layers are never cached")
+                        "faster than from the copy, and those layers are never cached; on other GPUs only as "
+                        "many layers get a copy as fit in free memory less a reserve")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice; on a busy or small CPU, 1 can "
                         "decode several times faster)")
