@@ -56,7 +56,8 @@ def unsupported(model, max_len: int) -> str | None:
     types = getattr(cfg, "layer_types", None)
     if types and any(t != "full_attention" for t in types):
         return "layers with sliding-window or other non-full attention"
-    if not types and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+    # Mistral-style configs set sliding_window with use_sliding_window unset (None); Qwen2 sets it to False
+    if not types and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", None) is not False:
         return "sliding-window attention"
     for attr in ("rope_parameters", "rope_scaling"):  # (transformers 5 renamed rope_scaling)
         rope = getattr(cfg, attr, None)

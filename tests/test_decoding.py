@@ -105,6 +105,15 @@ def test_declines_what_it_cannot_run(tiny):
             assert needle in unsupported(model, 64)
         finally:
             setattr(cfg, attr, old)
+    cfg.sliding_window = 32  # Mistral's config: use_sliding_window unset (None) means on; Qwen2's: False = off
+    try:
+        for flag, ok in ((None, False), (True, False), (False, True)):
+            cfg.use_sliding_window = flag
+            assert (unsupported(model, 64) is None) == ok, flag
+    finally:
+        cfg.sliding_window = None
+        del cfg.use_sliding_window
+    assert unsupported(model, 64) is None
     # 2 layers x (k, v) x 2 kv heads x head_dim 16 x fp32
     assert kv_bytes(model, 100) == 2 * 2 * 2 * 16 * 100 * 4
 
