@@ -57,6 +57,11 @@ def supported(device: torch.device, *, parallel: bool = False, host_embeddings: 
     return True, ""
 
 
+def capture_error(e: BaseException) -> str:
+    """Why a capture failed, in one line: the exception's type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _key(batch: Batch) -> tuple:
     return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in batch.items() if isinstance(v, torch.Tensor)))
 
@@ -129,7 +134,7 @@ class GraphedMicroStep:
             with torch.cuda.graph(graph):
                 out = self.step_fn(self._inputs, self._scale)
         except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
-            self._give_up(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            self._give_up(capture_error(e))
             return False
         if not self.accumulate:
             self._grads = [p.grad for p in self.params]

@@ -20,6 +20,7 @@ says why once. ``QLORA_CUDA_GRAPH_DECODE=0`` (or ``qlora generate --no-cuda-grap
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from typing import Callable, Iterable
@@ -27,9 +28,12 @@ from typing import Callable, Iterable
 KV_MEMORY_SHARE = 0.5  # a static KV cache may take at most this share of the GPU's free memory
 
 
-def _cache_arg(model) -> str | None:
+def _forward_params(model):
+    return inspect.signature(type(model).forward).parameters
+
+
+def _cache_arg(params) -> str | None:
     """Name of the forward's KV-cache argument (``past_key_values``; ``cache`` in later transformers)."""
-    params = inspect.signature(type(model).forward).parameters
     return next((n for n in ("past_key_values", "cache") if n in params), None)
 
 
@@ -51,7 +55,7 @@ def unsupported(model, max_len: int) -> str | None:
     impl = getattr(cfg, "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
         return f"attention implementation {impl!r} (sdpa or eager needed)"
-    if _cache_arg(model) is None:
+    if _cache_arg(_forward_params(model)) is None:
         return f"{type(model).__name__}.forward takes no KV cache argument"
     types = getattr(cfg, "layer_types", None)
     if types and any(t != "full_attention" for t in types):
@@ -122,8 +126,9 @@ def _decode(model, ids, max_new_tokens, temperature, top_p, stops, on_token, gra
     n = len(ids)
     max_len = _cache_len(n + max_new_tokens)
     cache = StaticCache(config=model.config, max_cache_len=max_len)
-    kw = {_cache_arg(model): cache, "use_cache": True}
-    if "logits_to_keep" in inspect.signature(type(model).forward).parameters:
+    params = _forward_params(model)
+    kw = {_cache_arg(params): cache, "use_cache": True}
+    if "logits_to_keep" in params:
         kw["logits_to_keep"] = 1
     positions = torch.arange(max_len, device=device)
 
@@ -218,18 +223,17 @@ def _side_stream(device):
 def _capture(step, stream, device, log):
     """``step`` as a CUDA graph's ``replay`` (nothing runs while capturing), or None when it cannot be captured."""
     import torch
+
+    from .cuda_graphs import capture_error
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize(device)
     try:
         with torch.cuda.graph(graph, stream=stream):
             step()
     except Exception as e:  # noqa: BLE001 - any failure to capture means: continue eagerly
-        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        try:
+        with contextlib.suppress(Exception):
             torch.cuda.synchronize(device)
-        except Exception:  # noqa: BLE001
-            pass
-        msg = f"CUDA graph decoding off, decoding step by step: {why}"
+        msg = f"CUDA graph decoding off, decoding step by step: {capture_error(e)}"
         if log is not None:
             log(msg)
         else:

@@ -242,12 +242,13 @@ def generate_full(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
     stops = stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
     streamer = _Streamer(tokenizer, stream, set(stops))
-    graphed = _graph_decoding(model, device, len(ids) + max_new_tokens, graph)
     was_training, use_cache = model.training, model.config.use_cache
     model.eval()
     model.config.use_cache = True
     try:
         with torch.no_grad(), inference_cache(model, cache), lora_cast(model):  # LoRA factors cast once
+            # (asked here: the static KV cache must fit in what the dequant cache left free)
+            graphed = _graph_decoding(model, device, len(ids) + max_new_tokens, graph)
             t0 = time.perf_counter()  # after the one-off dequantization
             if graphed:
                 from .decoding import decode

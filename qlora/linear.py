@@ -276,20 +276,20 @@ class QLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         xc = x.to(self.compute_dtype)
-        cached = self._wcache is not None and (self._wcache_grad or not torch.is_grad_enabled())
-        if self.r > 0 and not self.disable_adapter and torch.is_grad_enabled() and FUSED_LORA:
+        grad = torch.is_grad_enabled()
+        cached = self._wcache is not None and (self._wcache_grad or not grad)
+        if self.r > 0 and not self.disable_adapter and grad and FUSED_LORA:
             a, b = self._lora_factors()
             xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(xc)
             weight = self._wcache if cached else self.weight
             y = _QLoRAMatmul.apply(xc, xd, a, b, self.scaling, weight, self.bias,
                                    None if weight is not None else self._raw("weight_packed"), self)
             return y.to(in_dtype)
+        row = not grad and xc.is_cuda and xc.numel() == self.in_features  # one token's row when generating
         if cached:
             y = F.linear(xc, self._wcache)
         elif self.weight_packed is not None:
-            y = None
-            if xc.is_cuda and xc.numel() == self.in_features and not torch.is_grad_enabled():
-                y = self._decode_gemv(xc)  # one token's row when generating: read the 4-bit weight once
+            y = self._decode_gemv(xc) if row else None  # read the 4-bit weight once
             if y is None:
                 y = _FrozenMatmul4bit.apply(xc, self._raw("weight_packed"), self)
         else:
@@ -298,11 +298,9 @@ class QLoRALinear(nn.Module):
             y = y + self.bias
         if self.r > 0 and not self.disable_adapter:
             a, b = self._lora_factors()
-            grad = torch.is_grad_enabled()
             dropout = not isinstance(self.lora_dropout, nn.Identity) and self.lora_dropout.training
-            if _ROW_KERNELS[0] and xc.is_cuda and not grad and not dropout and xc.numel() == self.in_features \
-                    and y.is_contiguous():
-                from . import kernels  # one token's row in CUDA-graph decoding: two small launches, in place
+            if row and _ROW_KERNELS[0] and not dropout and y.is_contiguous():
+                from . import kernels  # in CUDA-graph decoding: two small launches, in place
                 if kernels.lora_row_(y.view(-1), xc.reshape(-1), a, b, self.scaling):
                     return y if y.dtype == in_dtype else y.to(in_dtype)
             xd = self.lora_dropout(xc) if dropout else xc
