@@ -29,9 +29,11 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+from qlora.decoding import _mask as _library_mask  # noqa: E402 (the hook as the library defines it)
+
+
 def float_mask(allowed, dtype, eager: bool):
-    import torch
-    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return _library_mask(allowed, dtype, True)  # the additive form eager attention gets, for SDPA too
 
 
 def aligned(positions: int) -> int:
