@@ -17,7 +17,8 @@ host is slower than the GPU. Host microseconds per call are printed beside them.
   ``kernels.matmul_4bit`` takes there) vs bitsandbytes vs the torch reference, plus 4 and 16 rows
   (Triton only);
 * RMSNorm / SwiGLU / RoPE forward+backward vs torch, and the chunked loss vs the unfused one;
-* the one-row LoRA product of CUDA-graph decoding (lora_row.py) vs torch's x @ A.T + addmm.
+* the one-row LoRA product of CUDA-graph decoding (lora_row.py) vs torch's x @ A.T + addmm;
+* keyed LoRA dropout (dropout.py) vs torch's F.dropout.
 
 ``--sweep`` also times launch configurations of the dequant and GEMV kernels (for tuning);
 ``--gemv-decompose`` times the CUDA GEMV with stages left out (where its time goes).
@@ -361,6 +362,24 @@ def lora_row_table():
               f"rel err {err:.1e} (reference {err_ref:.1e})")
 
 
+def dropout_table():
+    """Keyed LoRA dropout (dropout.py: mask hashed from a device key) against torch's F.dropout (Philox), bf16,
+    the 8B step's LoRA inputs (4096 tokens x 4096 / 14336), GPU time from CUDA graphs over 4 rotating inputs."""
+    from qlora.kernels import dropout as kd
+    print("\nLoRA dropout p=0.05, bf16: GPU us from CUDA graphs (keyed / torch F.dropout), GB/s read + written")
+    key = torch.tensor(42 << 32, device="cuda")
+    for n, k in ((4096, 4096), (4096, 14336)):
+        xs = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        ours = graph_ms([lambda x=x: kd.dropout(x, 0.05, key, 3) for x in xs])
+        ref = graph_ms([lambda x=x: torch.nn.functional.dropout(x, 0.05, training=True) for x in xs])
+        same = torch.equal(kd.dropout(xs[0], 0.05, key, 3), kd.dropout_reference(xs[0], 0.05, 42 << 32, 3))
+        gbs = lambda t: None if t is None else 4 * n * k / t / 1e6  # noqa: E731
+        RESULTS[f"dropout_{n}x{k}"] = dict(ours_us=None if ours is None else ours * 1e3,
+                                           torch_us=None if ref is None else ref * 1e3, equal_to_reference=same)
+        print(f"  {n}x{k}: {fmt(None if ours is None else ours * 1e3, '.1f')} / {fmt(None if ref is None else ref * 1e3, '.1f')} us"
+              f" ({fmt(gbs(ours), '.0f')} / {fmt(gbs(ref), '.0f')} GB/s); equal to the torch form: {same}")
+
+
 def dump_kernels(outdir: str):
     """Registers/spills and PTX of every compiled variant, for reading without a GPU."""
     import re
@@ -425,7 +444,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--dump", help="write PTX of compiled kernels to DIR/kernels_ptx.txt and print register counts")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: dequant,matmul,gemv,ops,lora")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: dequant,matmul,gemv,ops,lora,dropout")
     ap.add_argument("--gemv-decompose", action="store_true",
                     help="also time the CUDA GEMV with stages left out (Hopper; where its time goes)")
     args = ap.parse_args()
@@ -438,7 +457,8 @@ def main():
     skip = set(args.skip.split(","))
     copy_ceiling()
     sections = [("dequant", lambda: dequant_table(args.sweep)), ("gemv", lambda: gemv_table(args.sweep)),
-                ("ops", norm_act_table), ("lora", lora_row_table), ("matmul", matmul_table)]
+                ("ops", norm_act_table), ("lora", lora_row_table), ("dropout", dropout_table),
+                ("matmul", matmul_table)]
     for name, fn in sections:
         if name in skip:
             continue

@@ -37,7 +37,8 @@ SHAPES = {
 
 
 def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False,
-        cast_once: bool = True, cuda_graphs: bool = True, memory_phases: bool = False) -> dict:
+        cast_once: bool = True, cuda_graphs: bool = True, memory_phases: bool = False, dropout: float = 0.0,
+        keyed: bool = True) -> dict:
     marks = {"start": round(time.time() - T_START, 2)}  # where the time to the first step goes
     import torch
     marks["torch imported"] = round(time.time() - T_START, 2)
@@ -64,7 +65,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     marks["transformers + qlora imported"] = round(time.time() - T_START, 2)
     t0 = time.time()
     quant = QuantSettings(quant_type="nf4" if mode.startswith("qlora") else None)
-    model = build_random(cfg, quant, LoraSettings(r=16, alpha=16, dropout=0.0), device, "bf16", progress=False)
+    model = build_random(cfg, quant, LoraSettings(r=16, alpha=16, dropout=dropout), device, "bf16", progress=False)
     from qlora.offload import enable_checkpointing
     off = enable_checkpointing(model, offload=mode.endswith("+offload"))  # offload: block inputs to pinned CPU memory
     model.train()
@@ -81,7 +82,9 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     casts = lora_cast(model, enabled=cast_once)
 
     from qlora.cuda_graphs import GraphedMicroStep, supported
-    graphs = cuda_graphs and supported(torch.device(device))[0]
+    from qlora.linear import dropout_key, keyed_dropout_usable
+    keyed = keyed and dropout > 0 and keyed_dropout_usable(torch.device(device))  # as `qlora train` does
+    graphs = cuda_graphs and supported(torch.device(device), dropout=dropout, keyed_dropout=keyed)[0]
     # forward + backward of one batch (what a CUDA graph replays)
     micro_step = micro_step_fn(model, device, off, casts, static_shapes=graphs)
     graphed = GraphedMicroStep(micro_step, params, torch.device(device), log=print,
@@ -89,6 +92,8 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     for i in range(steps):
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
         b = {"input_ids": ids, "labels": ids}
+        if keyed:  # LoRA dropout masks keyed per micro-batch (else nn.Dropout, which keeps the step eager)
+            b["dropout_key"] = torch.tensor(dropout_key(0, i), device=device)
         if cuda:
             torch.cuda.synchronize()
         if profile and i == steps - 1:
@@ -132,6 +137,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
              peak_gib=round(max([torch.cuda.max_memory_allocated() / 2**30] + [p[2] for p in phases]), 2) if cuda else 0.0,
              mfu=round(tok_s * flops_tok / 989e12, 3) if cuda else None,
              cuda_graphs=dict(graphed.stats, failed=graphed.failed) if graphed is not None else False,
+             dropout=dropout, keyed_dropout=keyed,
              **({"memory_phases": phases} if memory_phases else {}))
     if prof is not None:
         evs = prof.key_averages()
@@ -182,13 +188,18 @@ def main():
                     help="cast LoRA factors per layer call instead of once per step (qlora.linear.lora_cast)")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="run every step eagerly instead of replaying forward+backward from a CUDA graph")
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="LoRA dropout (default 0, as the reference and peer scripts; qlora train's default is 0.05)")
+    ap.add_argument("--no-keyed-dropout", dest="keyed", action="store_false",
+                    help="with --dropout: nn.Dropout instead of keyed masks (what qlora did before: no CUDA graph "
+                         "with gradient checkpointing)")
     ap.add_argument("--memory-phases", action="store_true",
                     help="also report the peak memory of each step's forward+backward and optimizer step")
     a = ap.parse_args()
     res = {}
     for mode in a.modes.split(","):
         r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile, a.lora_cast, a.cuda_graphs,
-                a.memory_phases)
+                a.memory_phases, a.dropout, a.keyed)
         r["lora_cast"] = a.lora_cast
         res[mode] = r
         print(json.dumps(r), flush=True)

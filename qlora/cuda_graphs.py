@@ -44,15 +44,17 @@ Batch = dict
 
 
 def supported(device: torch.device, *, parallel: bool = False, host_embeddings: bool = False, dropout: float = 0.0,
-              checkpointing: bool = True) -> tuple[bool, str]:
-    """Whether the training micro-step can be replayed from a CUDA graph, and if not, why."""
+              checkpointing: bool = True, keyed_dropout: bool = False) -> tuple[bool, str]:
+    """Whether the training micro-step can be replayed from a CUDA graph, and if not, why. ``keyed_dropout``:
+    LoRA dropout draws keyed masks (``linear.keyed_dropout``), which a checkpoint's recompute repeats
+    without restoring the RNG state."""
     if device.type != "cuda":
         return False, "not a CUDA device"
     if parallel:
         return False, "several processes (gradient sync hooks)"
     if host_embeddings:
         return False, "input embeddings in CPU memory (the lookup waits for the host)"
-    if dropout > 0 and checkpointing:
+    if dropout > 0 and checkpointing and not keyed_dropout:
         return False, "LoRA dropout with gradient checkpointing (the recompute restores the RNG state on the host)"
     return True, ""
 

@@ -37,6 +37,56 @@ def _dequant(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dtype) ->
     return nf4.dequantize_4bit(packed, state, dtype)
 
 
+_DROPOUT_KEY: list = [None]  # the device key of keyed LoRA dropout while keyed_dropout() is active
+
+
+class LoraDropout(nn.Dropout):
+    """``nn.Dropout`` of a LoRA input; inside :func:`keyed_dropout` its mask is a hash of that context's key,
+    this layer's ``salt`` and the element index (``kernels/dropout.py``): a checkpoint's recompute draws the
+    same mask without restoring any RNG state, so the training step can be replayed from a CUDA graph."""
+
+    salt = 0  # set by keyed_dropout: this layer's position among the model's LoRA dropouts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = _DROPOUT_KEY[0]
+        if key is None or not self.training or self.p == 0:
+            return super().forward(x)
+        from .kernels import dropout as kd
+        return kd.apply(x, self.p, key if key.device == x.device else key.to(x.device), self.salt)
+
+
+def keyed_dropout_usable(device: torch.device) -> bool:
+    """Whether keyed dropout runs as a GPU kernel on ``device`` (CUDA and Triton; elsewhere the trainer
+    keeps ``nn.Dropout``, whose torch form is cheaper than the hash computed by torch ops)."""
+    if torch.device(device).type != "cuda":
+        return False
+    from .kernels import dropout as kd
+    return kd.triton is not None
+
+
+@contextlib.contextmanager
+def keyed_dropout(model: nn.Module, key: torch.Tensor | None):
+    """Within this context every :class:`LoraDropout` of ``model`` draws its mask from ``key`` (a one-element
+    int64 tensor on the model's device; one value per micro-batch, forward and backward both inside the
+    context). ``None``: plain ``nn.Dropout``. Layers are salted by their order in ``model.modules()``."""
+    if key is None:
+        yield
+        return
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, LoraDropout)):
+        m.salt = i + 1
+    prev, _DROPOUT_KEY[0] = _DROPOUT_KEY[0], key
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY[0] = prev
+
+
+def dropout_key(seed: int, index: int) -> int:
+    """The keyed-dropout key of micro-batch ``index`` of a run seeded ``seed`` (so a resumed run, or a
+    CUDA-graph replay of the same micro-batch, draws the same masks)."""
+    return ((int(seed) & 0x7FFFFFFF) << 32) | (int(index) & 0xFFFFFFFF)
+
+
 class _FrozenMatmul4bit(torch.autograd.Function):
     """y = x @ dequant(W).T with W frozen; saves only the packed weight (no activations)."""
 
@@ -154,7 +204,7 @@ class QLoRALinear(nn.Module):
             raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
         self.scaling = (alpha / math.sqrt(r) if use_rslora else alpha / r) if r > 0 else 0.0
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = LoraDropout(dropout) if dropout > 0 else nn.Identity()
         if r > 0:
             self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=lora_dtype, device=device))
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=lora_dtype, device=device))

@@ -64,7 +64,8 @@ class TrainConfig:
                          group="model")
     rank: int = opt(64, "LoRA rank r", group="lora")
     alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)", group="lora")
-    dropout: float = opt(0.05, "LoRA dropout", group="lora")
+    dropout: float = opt(0.05, "LoRA dropout (on a GPU each mask is a hash of --seed, the micro-batch and the "
+                         "layer: a resumed run and a CUDA-graph replay draw the same masks)", group="lora")
     target: str = opt("all-linear", "layers that get LoRA: all-linear or names like q_proj,v_proj", group="lora")
     rslora: bool = opt(False, "rank-stabilised LoRA (scale = alpha / sqrt(r))", group="lora")
     # optimisation
@@ -88,8 +89,9 @@ class TrainConfig:
                                   group="optimization")
     cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
                             "host launches); used with --packing (fixed-size rows) where nothing syncs with the host: "
-                            "one process, no --offload-embeddings, bf16, and --dropout 0 when checkpointing; "
-                            "otherwise (or with false) steps run eagerly", group="optimization")
+                            "one process, no --offload-embeddings, bf16 (LoRA dropout draws keyed masks that the "
+                            "checkpoint recompute repeats); otherwise (or with false) steps run eagerly",
+                            group="optimization")
     cache_dequant: str = opt("auto", "keep dequantized base weights in memory during training (same math, "
                              "+2 bytes/param; auto: on for CPU, off for GPU)", ["auto", "on", "off"], group="optimization")
     seed: int = opt(42, "random seed (LoRA init, dropout, data order)", group="optimization")
@@ -218,8 +220,10 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
     if not cfg.cuda_graphs or device.type != "cuda":
         return None
     from .cuda_graphs import GraphedMicroStep, supported
+    from .linear import keyed_dropout_usable
     ok, why = supported(device, parallel=par.mode != "none", host_embeddings=cfg.offload_embeddings,
-                        dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing)
+                        dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing,
+                        keyed_dropout=keyed_dropout_usable(device))
     if ok and scaler is not None:
         ok, why = False, "fp16 loss scaling"
     if ok and not cfg.packing:  # length-grouped batches change shape from step to step
@@ -240,11 +244,13 @@ def micro_step_fn(model, device, off, casts, static_shapes: bool = True):
     casts; returns the detached loss. What :class:`~qlora.cuda_graphs.GraphedMicroStep` runs
     eagerly and captures."""
     from .cuda_graphs import causal_attention
+    from .linear import keyed_dropout
 
     def step(b, scale):
         if off is not None:
             off.begin_step()
         with (off.hooks() if off is not None else contextlib.nullcontext()), casts, \
+                keyed_dropout(model, b.get("dropout_key")), \
                 causal_attention(model, enabled="attention_mask" not in b and "position_ids" not in b):
             loss = loss_sum(model, b, device, static_shapes=static_shapes) * scale
             loss.backward()
@@ -315,7 +321,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     from .adapters import save_adapter
     from .data import Batches, load_examples, split_validation
     from .kernels.loss import check_labels
-    from .linear import dequant_cache, lora_cast
+    from .linear import dequant_cache, dropout_key, keyed_dropout, keyed_dropout_usable, lora_cast
     from .model import LoraSettings, QuantSettings, load_model
     from .optim import check_offload, make_optimizer
 
@@ -443,6 +449,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
     casts = lora_cast(model, enabled=par.mode == "none")  # entered per micro-batch
     graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, log)
+    keyed = cfg.dropout > 0 and keyed_dropout_usable(device)
     if graphed is not None:
         from .cuda_graphs import pad_packed
         full_shape = (cfg.batch_size, -(-cfg.max_length // batches.multiple) * batches.multiple)
@@ -466,13 +473,15 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
         while step < total:
             for g in optimizer.param_groups:
                 g["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
-            micro = []
+            micro, keys = [], []
             for i in range(cfg.grad_accum):  # the data position follows from the step: exact resume
                 gi = (step * cfg.grad_accum + i) * dist.world + dist.rank  # round-robin over ranks
                 ep = gi // len(batches)
                 if epochs.get("k") != ep:
                     epochs.update(k=ep, batches=batches.epoch(ep))
                 micro.append(epochs["batches"][gi % len(batches)])
+                # LoRA dropout masks follow from the seed and the micro-batch too (keyed on a GPU)
+                keys.append(torch.tensor(dropout_key(cfg.seed, gi)) if keyed else None)
             n_tok = dist.sum(sum(int(b["num_tokens"]) for b in micro))
             def run_step():
                 total_loss, n_in = 0.0, 0
@@ -483,10 +492,13 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                         n_in += int((b["input_ids"] != pad_id).sum())
                         # one shape for every step: rows padded to --max-length, batches to --batch-size
                         b = pad_packed(b, {"input_ids": full_shape}, pad_id) or b
+                        if keys[i] is not None:
+                            b = dict(b, dropout_key=keys[i])
                         total_loss += graphed(b, 1.0 / n_tok).item()
                         continue
+                    key = keys[i].to(device) if keys[i] is not None else None
                     with (off.hooks() if off is not None else contextlib.nullcontext()), \
-                            par.sync_context(i == len(micro) - 1), casts:
+                            par.sync_context(i == len(micro) - 1), casts, keyed_dropout(model, key):
                         loss = par.loss(b) / n_tok
                         scaled = loss * par.grad_scale if par.grad_scale != 1.0 else loss
                         (scaler.scale(scaled) if scaler else scaled).backward()

@@ -54,6 +54,7 @@ def test_supported_says_why_not():
         ok, why = supported(cuda, **kw)
         assert not ok and word in why
     assert supported(cuda, dropout=0.05, checkpointing=False)[0]
+    assert supported(cuda, dropout=0.05, keyed_dropout=True)[0]  # keyed masks: the recompute repeats them
 
 
 def test_static_shapes_loss_equals_masked_loss():
@@ -204,7 +205,8 @@ def test_graph_survives_grads_set_to_none():
 
 
 @pytest.mark.gpu
-def test_train_with_cuda_graphs_matches_eager(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_train_with_cuda_graphs_matches_eager(tmp_path, dropout):
     make_tiny_model(tmp_path / "model")
     rows = [{"instruction": f"what is the capital of {c} ?", "output": f"the answer is {c} ."}
             for c in ["paris", "rome", "berlin"] * 16]
@@ -213,7 +215,7 @@ def test_train_with_cuda_graphs_matches_eager(tmp_path):
     for graphs in (False, True):
         logs = []
         cfg = TrainConfig(data=str(tmp_path / "d.jsonl"), model=str(tmp_path / "model"), output=str(tmp_path / str(graphs)),
-                          rank=4, alpha=8, lr=3e-3, batch_size=4, grad_accum=2, max_steps=6, dropout=0.0,
+                          rank=4, alpha=8, lr=3e-3, batch_size=4, grad_accum=2, max_steps=6, dropout=dropout,
                           packing=True, max_length=64, progress=False, optim="adamw", warmup_ratio=0.0,
                           device="cuda", cuda_graphs=graphs)
         train(cfg, log=logs.append)

@@ -1,0 +1,157 @@
+"""Keyed dropout: the mask is a hash of (key, salt, element index), not a draw from a random generator.
+
+Why: with gradient checkpointing, each block's forward runs twice (forward, then again in backward) and
+its dropout masks must be the same both times. torch's checkpoint restores the RNG state for that, on the
+host, which a CUDA graph cannot replay: so LoRA dropout used to turn the graphed training step off (the
+default ``--dropout 0.05`` lost ~1.2x (8B) to ~1.9x (1B) of speed). Here the mask depends only on
+
+* ``key``: a 0-dim int64 *device* tensor, one value per micro-batch (the trainer derives it from the run's
+  seed and the micro-batch's index, so a resumed run draws the same masks), read by the kernel on the GPU
+  (a graph replay sees each step's new value);
+* ``salt``: a per-layer integer (each LoRA layer drops independently);
+* the element's flat index in the (contiguous) input,
+
+so a recompute gives the same mask, backward needs no saved mask (it applies the same keyed dropout to the
+gradient), and no RNG state is touched. Keep probability: an element is dropped when its 32-bit hash is
+below ``round(p * 2**32)``; kept ones are scaled by ``1 / (1 - p)`` (as ``nn.Dropout``).
+
+The hash (murmur3's 32-bit finalizer, ``fmix``, applied twice with the key mixed in between) is written
+once for the GPU (:func:`_dropout_kernel`, uint32 arithmetic in Triton) and once in torch
+(:func:`keep_mask_reference`, int64 with 32-bit wrap-around) and the two agree bit for bit (GPU test).
+Flat indices wrap at 2**32 elements (a 4-billion-element activation; masks would repeat past that).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+M32 = 0xFFFFFFFF
+C1, C2 = 0x85EBCA6B, 0xC2B2AE35  # murmur3 fmix32 multipliers
+GOLDEN = 0x9E3779B9
+BLOCK = 2048
+
+
+def threshold(p: float) -> int:
+    """Hashes below this are dropped: ``round(p * 2**32)``, within [0, 2**32 - 1]."""
+    return min(int(round(p * 2.0 ** 32)), M32)
+
+
+# -- torch reference (int64 holding uint32 values) ----------------------------------------------------
+
+
+def _mul32(h: torch.Tensor | int, c: int):
+    """``h * c mod 2**32`` for 0 <= h, c < 2**32 without int64 overflow (c split in 16-bit halves)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def _fmix(h):
+    h = h ^ (h >> 16)
+    h = _mul32(h, C1)
+    h = h ^ (h >> 13)
+    h = _mul32(h, C2)
+    return h ^ (h >> 16)
+
+
+def _keys(key: int, salt: int) -> tuple[int, int]:
+    """The two 32-bit round keys of one (key, salt) pair (what the kernel computes from the device key)."""
+    lo, hi = key & M32, (key >> 32) & M32
+    k1 = _fmix(lo ^ _fmix((salt * GOLDEN) & M32))
+    k2 = _fmix(hi ^ k1 ^ GOLDEN)
+    return k1, k2
+
+
+def hash_reference(n: int, key: int, salt: int, device=None) -> torch.Tensor:
+    """The 32-bit hash of flat indices ``0..n-1`` (int64 tensor of values in [0, 2**32))."""
+    k1, k2 = _keys(int(key), int(salt))
+    idx = torch.arange(n, dtype=torch.int64, device=device) & M32
+    return _fmix(_fmix(idx ^ k1) ^ k2)
+
+
+def keep_mask_reference(n: int, p: float, key: int, salt: int, device=None) -> torch.Tensor:
+    """Which of ``n`` elements a keyed dropout keeps (bool [n])."""
+    return hash_reference(n, key, salt, device) >= threshold(p)
+
+
+def dropout_reference(x: torch.Tensor, p: float, key: int, salt: int) -> torch.Tensor:
+    """Keyed dropout in torch: ``x * keep / (1 - p)`` (16-bit inputs computed in fp32, rounded once)."""
+    keep = keep_mask_reference(x.numel(), p, key, salt, x.device).view(x.shape)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return torch.where(keep, x.to(wide) * (1.0 / (1.0 - p)), 0.0).to(x.dtype)
+
+
+# -- Triton ------------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _fmix32(h):
+        h = h ^ (h >> 16)
+        h = h * 0x85EBCA6B
+        h = h ^ (h >> 13)
+        h = h * 0xC2B2AE35
+        return h ^ (h >> 16)
+
+    @triton.jit(do_not_specialize=["salt_mix", "thresh"])
+    def _dropout_kernel(x_ptr, y_ptr, key_ptr, n, salt_mix, thresh, scale, BLOCK: tl.constexpr):
+        # salt_mix = fmix32(salt * GOLDEN), computed on the host (the salt is a constant of the layer)
+        key = tl.load(key_ptr).to(tl.uint64)
+        lo = (key & 0xFFFFFFFF).to(tl.uint32)
+        hi = (key >> 32).to(tl.uint32)
+        k1 = _fmix32(lo ^ salt_mix.to(tl.uint32))
+        k2 = _fmix32(hi ^ k1 ^ 0x9E3779B9)
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        h = _fmix32(_fmix32(offs.to(tl.uint32) ^ k1) ^ k2)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        y = tl.where(h >= thresh.to(tl.uint32), x.to(tl.float32) * scale, 0.0)
+        tl.store(y_ptr + offs, y.to(x.dtype), mask=mask)
+
+
+def usable(x: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether :func:`dropout` takes these tensors (Triton, CUDA, fp32/bf16/fp16, a one-element int64 key on
+    x's device)."""
+    return (triton is not None and x.is_cuda and key.device == x.device and key.numel() == 1
+            and key.dtype == torch.int64 and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def dropout(x: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Tensor:
+    """Keyed dropout of ``x`` (a new tensor, x's shape and dtype) by the Triton kernel; callers check
+    :func:`usable`. No autograd (see :class:`KeyedDropout`)."""
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    n = xc.numel()
+    if n:
+        salt_mix = _fmix((int(salt) * GOLDEN) & M32)
+        _dropout_kernel[(triton.cdiv(n, BLOCK),)](xc, y, key, n, salt_mix, threshold(p), 1.0 / (1.0 - p),
+                                                  BLOCK=BLOCK, num_warps=8)
+    return y
+
+
+def apply(x: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Tensor:
+    """Keyed dropout with autograd: the Triton kernel on a GPU, :func:`dropout_reference` elsewhere (it
+    reads the key's value on the host)."""
+    return KeyedDropout.apply(x, p, key, salt)
+
+
+class KeyedDropout(torch.autograd.Function):
+    """``y = keep * x / (1 - p)``; backward is the same keyed dropout of the gradient (no saved mask)."""
+
+    @staticmethod
+    def forward(ctx, x, p, key, salt):
+        ctx.p, ctx.key, ctx.salt = p, key, salt
+        return _run(x, p, key, salt)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _run(g, ctx.p, ctx.key, ctx.salt), None, None, None
+
+
+def _run(x: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Tensor:
+    if usable(x, key):
+        return dropout(x, p, key, salt)
+    return dropout_reference(x.contiguous(), p, int(key.item()), salt)

@@ -1,0 +1,241 @@
+"""Keyed LoRA dropout (qlora/kernels/dropout.py, linear.LoraDropout): the 32-bit hash against exact Python
+integer arithmetic, the drop rate and independence of masks against binomial bounds, gradients against the
+mask applied by hand, checkpoint recompute against a run without checkpointing (everywhere); the Triton
+kernel bit for bit against the torch form, and a CUDA-graph replayed step with dropout against eager steps
+(GPU)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+
+from qlora.kernels import dropout as kd
+from qlora.linear import LoraDropout, QLoRALinear, dropout_key, keyed_dropout
+from qlora.model import LoraSettings, QuantSettings, build_random
+
+M32 = 2**32
+
+
+def _fmix_py(h):  # murmur3 fmix32 with Python's unbounded integers
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) % M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) % M32
+    return h ^ (h >> 16)
+
+
+def _hash_py(i, key, salt):
+    k1 = _fmix_py((key % M32) ^ _fmix_py((salt * 0x9E3779B9) % M32))
+    k2 = _fmix_py(((key >> 32) % M32) ^ k1 ^ 0x9E3779B9)
+    return _fmix_py(_fmix_py((i % M32) ^ k1) ^ k2)
+
+
+# -- everywhere ----------------------------------------------------------------------------------
+
+
+def test_mul32_is_exact_modular_product():
+    g = torch.Generator().manual_seed(0)
+    h = torch.cat([torch.randint(0, M32, (5000,), generator=g, dtype=torch.int64),
+                   torch.tensor([0, 1, M32 - 1, 2**31, 2**31 - 1])])
+    for c in (kd.C1, kd.C2, 0xFFFFFFFF, 1, 0x10001):
+        got = kd._mul32(h, c)
+        want = torch.tensor([(int(v) * c) % M32 for v in h], dtype=torch.int64)
+        assert torch.equal(got, want)
+
+
+def test_hash_matches_python_integers():
+    for key, salt in ((0, 0), (12345, 3), (dropout_key(42, 7), 11), (dropout_key(2**31 - 1, 2**32 - 1), 10**6)):
+        h = kd.hash_reference(300, key, salt)
+        assert h.tolist() == [_hash_py(i, key, salt) for i in range(300)]
+        assert int(h.min()) >= 0 and int(h.max()) < M32
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_drop_rate_and_independence(p):
+    n = 1 << 20
+    sd = math.sqrt(n * p * (1 - p))
+    masks = [kd.keep_mask_reference(n, p, dropout_key(42, i), salt) for i, salt in ((0, 1), (0, 2), (1, 1))]
+    for m in masks:  # each drops ~p of the elements (6 standard deviations)
+        assert abs(int((~m).sum()) - n * p) < 6 * sd
+    # another salt (layer) or another key (micro-batch): the drops overlap as independent draws would (~p^2)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        both = int((~masks[a] & ~masks[b]).sum())
+        assert abs(both - n * p * p) < 6 * math.sqrt(n * p * p), (a, b, both)
+    # no run structure along the index: neighbours are independent too
+    m = ~masks[0]
+    assert abs(int((m[1:] & m[:-1]).sum()) - n * p * p) < 6 * math.sqrt(n * p * p)
+
+
+def test_threshold_edges():
+    assert kd.threshold(0.0) == 0 and kd.threshold(0.5) == 2**31 and kd.threshold(1 - 1e-12) == M32 - 1
+    x = torch.randn(64)
+    assert torch.equal(kd.dropout_reference(x, 0.0, 5, 1), x)
+
+
+def test_keyed_function_forward_and_backward_cpu():
+    x = torch.randn(7, 33, dtype=torch.float64, requires_grad=True)
+    key = torch.tensor(dropout_key(1, 2))
+    y = kd.apply(x, 0.2, key, 5)
+    keep = kd.keep_mask_reference(x.numel(), 0.2, int(key), 5).view(x.shape)
+    assert torch.equal(y, torch.where(keep, x * (1 / (1 - 0.2)), 0.0))
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(keep, g * (1 / (1 - 0.2)), 0.0))
+
+
+def test_lora_dropout_is_nn_dropout_outside_the_context():
+    m = LoraDropout(0.3).train()
+    x = torch.randn(1000)
+    torch.manual_seed(3)
+    a = m(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, nn.Dropout(0.3).train()(x))
+    key = torch.tensor(dropout_key(0, 0))
+    with keyed_dropout(m, key):
+        assert torch.equal(m(x), kd.dropout_reference(x, 0.3, int(key), m.salt))
+        assert m.salt == 1
+        m.eval()
+        assert torch.equal(m(x), x)  # eval: identity, keyed or not
+
+
+def _tiny(seed=0):
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    m = build_random(cfg, QuantSettings(quant_type="nf4"), LoraSettings(r=4, alpha=8, dropout=0.25), "cpu", "fp32",
+                     progress=False)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(0, 0.05)
+    return m.train()
+
+
+def _grads(m, ids, key, checkpoint):
+    from qlora.offload import enable_checkpointing
+    if checkpoint:
+        enable_checkpointing(m)
+    else:
+        (getattr(m, "activation_checkpointing_disable", None) or m.gradient_checkpointing_disable)()
+    m.zero_grad(set_to_none=True)
+    with keyed_dropout(m, key):
+        torch.manual_seed(int(torch.randint(0, 10**6, ())))  # the global RNG plays no part
+        loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def test_checkpoint_recompute_draws_the_same_masks():
+    m = _tiny()
+    salts = [x.salt for x in m.modules() if isinstance(x, LoraDropout)]
+    assert len(salts) == 2 * 7
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    key = torch.tensor(dropout_key(42, 0))
+    l0, g0 = _grads(m, ids, key, checkpoint=False)
+    l1, g1 = _grads(m, ids, key, checkpoint=True)
+    assert sorted({x.salt for x in m.modules() if isinstance(x, LoraDropout)}) == list(range(1, 15))
+    assert l1 == l0 and g1.keys() == g0.keys() and len(g0) == 4 * 7
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-7)
+    l2, g2 = _grads(m, ids, torch.tensor(dropout_key(42, 1)), checkpoint=True)  # another micro-batch's masks
+    assert l2 != l0
+    m.eval()
+    with torch.no_grad():
+        ev = m(input_ids=ids, labels=ids, use_cache=False).loss.item()
+    assert ev != l0  # eval drops nothing
+
+
+def test_dropout_key_layout():
+    assert dropout_key(42, 7) == (42 << 32) | 7
+    assert dropout_key(2**40 + 3, 2**33 + 5) == (3 << 32) | 5
+
+
+def test_qloralinear_uses_lora_dropout():
+    m = QLoRALinear(16, 8, r=4, dropout=0.1)
+    assert isinstance(m.lora_dropout, LoraDropout) and isinstance(m.lora_dropout, nn.Dropout)
+    assert isinstance(QLoRALinear(16, 8, r=4, dropout=0.0).lora_dropout, nn.Identity)
+
+
+# -- GPU -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_torch_bit_for_bit(dtype):
+    for n, p, key, salt in ((1, 0.5, 3, 0), (5000, 0.05, dropout_key(42, 12345), 7),
+                            (4096 * 33 + 17, 0.1, dropout_key(2**31 - 1, 2**32 - 1), 10**6), (2048, 0.9, 0, 1)):
+        x = torch.randn(n, device="cuda", dtype=dtype)
+        k = torch.tensor(key, device="cuda")
+        assert kd.usable(x, k)
+        got = kd.dropout(x, p, k, salt)
+        want = kd.dropout_reference(x, p, key, salt)
+        assert torch.equal(got, want), (n, p, dtype, (got != want).sum())
+
+
+@pytest.mark.gpu
+def test_kernel_reads_the_key_on_the_device_in_a_graph():
+    x = torch.randn(10000, device="cuda", dtype=torch.bfloat16)
+    k = torch.tensor(dropout_key(1, 0), device="cuda")
+    kd.dropout(x, 0.1, k, 3)  # compile outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = kd.dropout(x, 0.1, k, 3)
+    for i in (5, 6):
+        k.fill_(dropout_key(1, i))
+        g.replay()
+        assert torch.equal(y, kd.dropout_reference(x, 0.1, dropout_key(1, i), 3))
+
+
+@pytest.mark.gpu
+def test_graphed_checkpointed_steps_with_dropout_equal_eager_steps_without_checkpointing():
+    from qlora.cuda_graphs import GraphedMicroStep, causal_attention
+    from qlora.offload import enable_checkpointing
+    from qlora.train import loss_sum
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=500, max_position_embeddings=512)
+    torch.manual_seed(0)
+    m = build_random(cfg, QuantSettings(quant_type="nf4"), LoraSettings(r=8, alpha=16, dropout=0.1), "cuda", "bf16",
+                     progress=False).train()
+    m.config._attn_implementation = "sdpa"
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(0, 0.02)
+    params = [p for p in m.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 500, (2, 64), generator=g)} for _ in range(5)]
+    for b in batches:
+        b["labels"] = b["input_ids"].clone()
+
+    def micro(b, scale):
+        with causal_attention(m), keyed_dropout(m, b["dropout_key"]):
+            loss = loss_sum(m, b, "cuda", static_shapes=True) * scale
+            loss.backward()
+        return loss.detach()
+
+    def run(graphed):
+        out = []
+        step = GraphedMicroStep(micro, params, torch.device("cuda"), warmup=2, accumulate=False) if graphed else None
+        for i, b in enumerate(batches):
+            b = dict(b, dropout_key=torch.tensor(dropout_key(42, i)))
+            if graphed:
+                loss = step(b, 1.0)
+            else:
+                for p in params:
+                    p.grad = None
+                loss = micro({k: v.cuda() for k, v in b.items()}, torch.tensor(1.0, device="cuda"))
+            out.append((loss.item(), [p.grad.clone() for p in params]))
+        return out, step
+
+    (getattr(m, "activation_checkpointing_disable", None) or m.gradient_checkpointing_disable)()
+    eager, _ = run(False)
+    enable_checkpointing(m)
+    graphed, step = run(True)
+    assert step.failed is None and step.stats["replays"] >= 3, step.stats
+    losses = [l for l, _ in eager]
+    assert len(set(losses)) == len(losses)  # each micro-batch its own masks
+    for (le, ge), (lg, gg) in zip(eager, graphed):
+        assert lg == pytest.approx(le, rel=1e-3)
+        for a, b in zip(ge, gg):
+            torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-5)
