@@ -12,10 +12,13 @@ trained tokens of the whole step, which changes from step to step) and calls ``b
 * The first ``warmup`` calls of one batch shape run eagerly (on a side stream, as CUDA graph
   capture wants: lazy initialisations and Triton's compilation happen there).
 * The next call with that shape captures the step into a graph, then replays it. Later calls with
-  that shape copy the batch into the graph's static input tensors and replay. One graph is kept (its
-  memory pool stays reserved for it); a batch of another shape is first handed to ``pad(batch,
-  shapes)``, which may return it padded to the captured shapes (e.g. packed rows padded with
-  ignored tokens), else it runs eagerly.
+  that shape copy the batch into the graph's static input tensors and replay. Up to ``max_graphs``
+  shapes get a graph (default one; each later shape warms up once), all captured into one memory pool
+  that stays reserved for them, about the size of the largest graph's scratch memory. Once there is no
+  room for another, a batch of another shape is handed to ``pad(batch, shapes)``, which may return it
+  padded to a captured shape (e.g. rows padded with ignored tokens), else it runs eagerly. The trainer
+  pads batches to a few bucket lengths first (:func:`bucket_length`, :func:`to_packed_form`), so every
+  micro-batch replays a graph.
 * ``accumulate=True``: gradients accumulate *in place* into ``.grad`` tensors that exist before
   the capture (the graph writes to their addresses), so callers zero them with
   ``zero_grad(set_to_none=False)``; :meth:`GraphedMicroStep.__call__` re-attaches (zeroed) ones
@@ -68,31 +71,46 @@ def _key(batch: Batch) -> tuple:
     return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in batch.items() if isinstance(v, torch.Tensor)))
 
 
+class _Captured:
+    """One captured graph: its static inputs (copied into before each replay), scale and loss."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: Batch, scale: torch.Tensor, out: torch.Tensor):
+        self.graph, self.inputs, self.scale, self.out = graph, inputs, scale, out
+
+
 class GraphedMicroStep:
     """Runs ``step_fn(batch, scale)`` (forward, ``backward()``, returns the detached loss) eagerly for
     ``warmup`` calls, then from a CUDA graph for batches of the shape captured. ``params``: the
     trainable parameters (their ``.grad`` tensors become fixed). ``log``: told once when capture
-    fails. See the module docstring."""
+    fails. ``max_graphs`` > 1 (needs ``accumulate``): up to that many shapes get a graph each, all
+    in one memory pool (its size is about the largest graph's, not the sum), for batches padded to a
+    few bucket lengths. See the module docstring."""
 
     def __init__(self, step_fn: Callable[[Batch, torch.Tensor], torch.Tensor], params: list[torch.Tensor],
                  device: torch.device, warmup: int = 2, log: Callable[[str], None] | None = None,
-                 pad: Callable[[Batch, dict], Batch | None] | None = None, accumulate: bool = True):
+                 pad: Callable[[Batch, dict], Batch | None] | None = None, accumulate: bool = True,
+                 max_graphs: int = 1):
+        if max_graphs > 1 and not accumulate:
+            raise ValueError("several graphs need accumulate=True (gradients outside the graphs' pool)")
         self.step_fn, self.params, self.device = step_fn, list(params), torch.device(device)
         self.warmup, self.log, self.pad, self.accumulate = max(1, int(warmup)), log, pad, accumulate
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.max_graphs = max(1, int(max_graphs))
+        self.graphs: dict[tuple, _Captured] = {}
         self.failed: str | None = None
         self.stats = {"eager": 0, "replays": 0, "captures": 0}
-        self._key = None
         self._seen: dict = {}
-        self._inputs: Batch = {}
-        self._scale: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
         self._grads: list[torch.Tensor] = []
+        self._pool = None
         self._side = torch.cuda.Stream(self.device)
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The first captured graph (None before a capture)."""
+        return next(iter(self.graphs.values())).graph if self.graphs else None
 
     # -- eager ----------------------------------------------------------------------------------
 
-    def _eager(self, batch: Batch, scale: float) -> torch.Tensor:
+    def _eager(self, batch: Batch, scale: float, side: bool = True) -> torch.Tensor:
         self.stats["eager"] += 1
         if not self.accumulate:
             for p in self.params:
@@ -100,7 +118,7 @@ class GraphedMicroStep:
         dev = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         s = torch.tensor(float(scale), dtype=torch.float32, device=self.device)
         cur = torch.cuda.current_stream(self.device)
-        if self.graph is not None:  # the shape differs from the captured one: plain eager on this stream
+        if not side:  # a shape that will not get a graph: plain eager on this stream
             return self.step_fn(dev, s)
         self._side.wait_stream(cur)
         with torch.cuda.stream(self._side):
@@ -121,20 +139,27 @@ class GraphedMicroStep:
                     g.zero_()
                 p.grad = g
 
-    def _capture(self, batch: Batch) -> bool:
+    def _capture(self, key: tuple, batch: Batch) -> bool:
+        if self.graphs:
+            self._attach_grads()
         for p in self.params:
             if not self.accumulate:  # backward creates .grad inside the graph's pool: written afresh by each replay
                 p.grad = None
             elif p.grad is None:
                 p.grad = torch.zeros_like(p)
         self._grads = [p.grad for p in self.params]
-        self._inputs = {k: v.to(self.device).clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        self._scale = torch.zeros((), dtype=torch.float32, device=self.device)
+        inputs = {k: v.to(self.device).clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        scale = torch.zeros((), dtype=torch.float32, device=self.device)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         try:
-            with torch.cuda.graph(graph):
-                out = self.step_fn(self._inputs, self._scale)
+            # one pool for all graphs: a later capture reuses what the earlier ones freed. Safe here because
+            # replays never overlap, and what a replay leaves for later (the loss, read before the next call;
+            # the gradients, which live outside the pool) is never another graph's scratch memory
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.step_fn(inputs, scale)
         except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
             self._give_up(capture_error(e))
             return False
@@ -144,16 +169,17 @@ class GraphedMicroStep:
         if moved:  # the backward did not accumulate in place: replays would not reach .grad
             self._give_up(f"{len(moved)} gradients were not accumulated in place")
             return False
-        self.graph, self._out = graph, out
+        self.graphs[key] = _Captured(graph, inputs, scale, out)
         self.stats["captures"] += 1
         if self.log is not None:
-            shape = "x".join(map(str, self._inputs["input_ids"].shape)) if "input_ids" in self._inputs else "?"
-            self.log(f"CUDA graph captured: micro-batches of {shape} tokens are replayed from now on")
+            shape = "x".join(map(str, inputs["input_ids"].shape)) if "input_ids" in inputs else "?"
+            more = f" (graph {len(self.graphs)} of at most {self.max_graphs})" if self.max_graphs > 1 else ""
+            self.log(f"CUDA graph captured: micro-batches of {shape} tokens are replayed from now on{more}")
         return True
 
     def _give_up(self, why: str) -> None:
         self.failed = why
-        self._inputs, self._scale, self._out = {}, None, None
+        self.graphs = {}
         with contextlib.suppress(Exception):
             torch.cuda.synchronize(self.device)
         if self.log is not None:
@@ -165,28 +191,32 @@ class GraphedMicroStep:
         if self.failed is not None:
             return self._eager(batch, scale)
         key = _key(batch)
-        if self.graph is not None and key != self._key and self.pad is not None:
-            padded = self.pad(batch, {k: tuple(v.shape) for k, v in self._inputs.items() if isinstance(v, torch.Tensor)})
-            if padded is not None and _key(padded) == self._key:
-                batch, key = padded, self._key
-        if self.graph is not None and key != self._key:
-            return self._eager(batch, scale)
-        if self.graph is None:  # capture the first shape seen `warmup` times
+        if key not in self.graphs and self.pad is not None and len(self.graphs) >= self.max_graphs:
+            for k, c in self.graphs.items():  # no room for another graph: pad to a captured shape if it fits
+                padded = self.pad(batch, {n: tuple(v.shape) for n, v in c.inputs.items() if isinstance(v, torch.Tensor)})
+                if padded is not None and _key(padded) == k:
+                    batch, key = padded, k
+                    break
+        c = self.graphs.get(key)
+        if c is None:
+            if len(self.graphs) >= self.max_graphs:
+                return self._eager(batch, scale, side=False)
             self._seen[key] = self._seen.get(key, 0) + 1
-            if self._seen[key] <= self.warmup:
+            # the first shape warms up `warmup` times (lazy initialisation); later ones once (new kernels' plans)
+            if self._seen[key] <= (self.warmup if not self.graphs else 1):
                 return self._eager(batch, scale)
-            self._key = key
-            if not self._capture(batch):
+            if not self._capture(key, batch):
                 return self._eager(batch, scale)
+            c = self.graphs[key]
         else:
             self._attach_grads()
             for k, v in batch.items():
                 if isinstance(v, torch.Tensor):
-                    self._inputs[k].copy_(v, non_blocking=True)
-        self._scale.fill_(float(scale))
-        self.graph.replay()
+                    c.inputs[k].copy_(v, non_blocking=True)
+        c.scale.fill_(float(scale))
+        c.graph.replay()
         self.stats["replays"] += 1
-        return self._out
+        return c.out
 
 
 # -- attention without a mask --------------------------------------------------------------------
@@ -251,4 +281,37 @@ def pad_packed(batch: Batch, shapes: dict, pad_id: int) -> Batch | None:
     pos[:B, T:] = torch.arange(T0 - T, dtype=pos.dtype, device=pos.device)
     pos[B:] = torch.arange(T0, dtype=pos.dtype, device=pos.device)
     out["position_ids"] = pos
+    return out
+
+
+def bucket_length(t: int, full: int) -> int:
+    """The row length a batch of ``t`` tokens per row is padded to for a CUDA graph: ``t`` rounded up to a
+    multiple of an eighth of the next power of two (at least 64), at most ``full``. At most ~12 lengths per
+    doubling of ``t`` (1024 tokens: 12 graphs), at most 25% extra tokens (e.g. 513 -> 640), ~8% on average."""
+    q = max(64, (1 << max(0, int(t) - 1).bit_length()) // 8)
+    return min(int(full), -(-int(t) // q) * q)
+
+
+def bucket_count(full: int) -> int:
+    """How many lengths :func:`bucket_length` gives for rows of 1..``full`` tokens."""
+    return len({bucket_length(t, full) for t in range(1, int(full) + 1)})
+
+
+def to_packed_form(batch: Batch) -> Batch | None:
+    """A right-padded batch (``attention_mask``) as the same rows in packed form (``position_ids``, no
+    mask): each row's tokens keep positions 0..n-1 and its padding becomes an example of its own
+    (positions from 0 again, labels ignored), which :func:`pad_packed` can pad further. The loss and the
+    gradients are unchanged: real tokens attend to the same tokens as with the mask. A packed batch is
+    returned as it is; None for left padding."""
+    if "attention_mask" not in batch:
+        return batch if "position_ids" in batch else None
+    if "position_ids" in batch:
+        return None
+    m = batch["attention_mask"]
+    n = m.sum(dim=1, keepdim=True)
+    col = torch.arange(m.shape[1], device=m.device).unsqueeze(0)
+    if not torch.equal(m.bool(), col < n):
+        return None
+    out = {k: v for k, v in batch.items() if k != "attention_mask"}
+    out["position_ids"] = torch.where(col < n, col, col - n).to(torch.long)
     return out

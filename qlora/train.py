@@ -88,10 +88,10 @@ class TrainConfig:
                                   "LoRA parameter off the GPU during forward/backward; copied in and out each step)",
                                   group="optimization")
     cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
-                            "host launches); used with --packing (fixed-size rows) where nothing syncs with the host: "
-                            "one process, no --offload-embeddings, bf16 (LoRA dropout draws keyed masks that the "
-                            "checkpoint recompute repeats); otherwise (or with false) steps run eagerly",
-                            group="optimization")
+                            "host launches): packed rows are padded to --max-length, other batches to one of a few "
+                            "bucket lengths (a graph each, one memory pool); needs one process, bf16, no "
+                            "--offload-embeddings, and --packing with --offload-activations; otherwise (or with "
+                            "false) steps run eagerly", group="optimization")
     cache_dequant: str = opt("auto", "keep dequantized base weights in memory during training (same math, "
                              "+2 bytes/param; auto: on for CPU, off for GPU)", ["auto", "on", "off"], group="optimization")
     seed: int = opt(42, "random seed (LoRA init, dropout, data order)", group="optimization")
@@ -226,16 +226,19 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
                         keyed_dropout=keyed_dropout_usable(device))
     if ok and scaler is not None:
         ok, why = False, "fp16 loss scaling"
-    if ok and not cfg.packing:  # length-grouped batches change shape from step to step
-        ok, why = False, "batches vary in shape without --packing"
+    if ok and not cfg.packing and off is not None:  # the offloader's pinned buffers are sized for one shape
+        ok, why = False, "batches vary in shape (without --packing) and --offload-activations keeps one shape"
     if not ok:
         hint = {"dropout": "; --dropout 0 allows them", "packing": "; --packing allows them"}
         hint = next((h for k, h in hint.items() if k in why), "")
         log(f"CUDA graphs not used: {why}{hint}")
         return None
-    # the train loop pads every packed batch to one shape before it reaches the graph
+    # the train loop pads every packed batch to one shape (--max-length rows), and every length-grouped batch
+    # to one of a few bucket lengths (cuda_graphs.bucket_length), one graph each
+    from .cuda_graphs import bucket_count
+    graphs = 1 if cfg.packing else bucket_count(cfg.max_length)
     return GraphedMicroStep(micro_step_fn(model, device, off, casts), params, device, log=log,
-                            accumulate=cfg.grad_accum > 1)
+                            accumulate=cfg.grad_accum > 1 or graphs > 1, max_graphs=graphs)
 
 
 def micro_step_fn(model, device, off, casts, static_shapes: bool = True):
@@ -451,8 +454,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, log)
     keyed = cfg.dropout > 0 and keyed_dropout_usable(device)
     if graphed is not None:
-        from .cuda_graphs import pad_packed
-        full_shape = (cfg.batch_size, -(-cfg.max_length // batches.multiple) * batches.multiple)
+        from .cuda_graphs import bucket_length, pad_packed, to_packed_form
+        full_shape = (cfg.batch_size, cfg.max_length)
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True)
     tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
@@ -486,12 +489,17 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             def run_step():
                 total_loss, n_in = 0.0, 0
                 for i, b in enumerate(micro):
+                    n_in += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
+                        else int(b["attention_mask"].sum())
                     if graphed is not None:  # the same forward+backward, replayed from a CUDA graph
                         # the graphed loss cannot check the labels on the GPU: check the host batch
                         check_labels(b["labels"], model.get_output_embeddings().weight.shape[0])
-                        n_in += int((b["input_ids"] != pad_id).sum())
-                        # one shape for every step: rows padded to --max-length, batches to --batch-size
-                        b = pad_packed(b, {"input_ids": full_shape}, pad_id) or b
+                        # few shapes: packed rows padded to --max-length, length-grouped rows (as packed rows of
+                        # one example each) to a bucket length; batches to --batch-size rows
+                        pb = to_packed_form(b)
+                        if pb is not None:
+                            T = full_shape[1] if cfg.packing else bucket_length(pb["input_ids"].shape[1], full_shape[1])
+                            b = pad_packed(pb, {"input_ids": (full_shape[0], T)}, pad_id) or b
                         if keys[i] is not None:
                             b = dict(b, dropout_key=keys[i])
                         total_loss += graphed(b, 1.0 / n_tok).item()
@@ -503,8 +511,6 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                         scaled = loss * par.grad_scale if par.grad_scale != 1.0 else loss
                         (scaler.scale(scaled) if scaler else scaled).backward()
                     total_loss += loss.item()
-                    n_in += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
-                        else int(b["attention_mask"].sum())
                 return total_loss, n_in
 
             step_loss, n_in = _step_with_retry(run_step, optimizer, device, log)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import transformers
 
-from qlora.cuda_graphs import GraphedMicroStep, causal_attention, pad_packed, supported
+from qlora.cuda_graphs import (GraphedMicroStep, bucket_count, bucket_length, causal_attention, pad_packed,
+                               supported, to_packed_form)
 from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.train import TrainConfig, loss_sum, train
 from tiny import make_tiny_model
@@ -105,6 +106,57 @@ def test_pad_packed_adds_nothing_to_loss_or_gradients():
     assert pad_packed({k: v for k, v in b.items() if k != "position_ids"}, {"input_ids": (2, 64)}, 0) is None
 
 
+def test_bucket_lengths():
+    for full in (100, 1024, 2048, 3000):
+        seen = set()
+        for t in range(1, full + 1):
+            b = bucket_length(t, full)
+            assert t <= b <= full and (b == full or b % 64 == 0)
+            assert b - t < max(64, 0.25 * t + 1), (t, b)  # a quarter more tokens at most (64 for short rows)
+            seen.add(b)
+        assert len(seen) == bucket_count(full)
+    assert bucket_count(1024) == 12 and bucket_count(2048) == 16
+
+
+def test_to_packed_form_keeps_loss_and_gradients():
+    m = _model("cpu", quant=None, dtype="fp32")
+    g = torch.Generator().manual_seed(5)
+    lens = [37, 20, 9]
+    ids = torch.zeros(3, 37, dtype=torch.long)
+    mask = torch.zeros(3, 37, dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, :n] = torch.randint(1, TINY["vocab_size"], (n,), generator=g)
+        mask[i, :n] = 1
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :4] = -100
+    b = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    packed = to_packed_form(b)
+    assert "attention_mask" not in packed and packed["position_ids"][1].tolist() == list(range(20)) + list(range(17))
+    padded = pad_packed(packed, {"input_ids": (4, bucket_length(37, 1024))}, pad_id=0)
+    assert padded["input_ids"].shape == (4, 64)
+
+    def run(batch, **kw):
+        for p in m.parameters():
+            p.grad = None
+        loss = loss_sum(m, batch, "cpu", grad_in_forward=False, **kw)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in m.parameters() if p.requires_grad]
+
+    l0, g0 = run(b)  # the attention mask, as eager training runs it
+    l1, g1 = run(padded, static_shapes=True)  # what the graph runs
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    for a, c in zip(g0, g1):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+    left = dict(b, attention_mask=mask.flip(1))
+    assert to_packed_form(left) is None  # left padding: left to eager steps
+    assert to_packed_form({"input_ids": ids, "labels": labels}) is None
+
+
+def test_several_graphs_need_accumulation():
+    with pytest.raises(ValueError, match="accumulate"):
+        GraphedMicroStep(lambda b, s: None, [], torch.device("cpu"), accumulate=False, max_graphs=2)
+
+
 def test_train_flag_in_help(capsys):
     from qlora.cli import main
     with pytest.raises(SystemExit):
@@ -115,7 +167,7 @@ def test_train_flag_in_help(capsys):
 # -- GPU -----------------------------------------------------------------------------------------
 
 
-def _run_steps(model, batches, graphs, warmup=2, off=None, accumulate=True):
+def _run_steps(model, batches, graphs, warmup=2, off=None, accumulate=True, max_graphs=1):
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -129,7 +181,7 @@ def _run_steps(model, batches, graphs, warmup=2, off=None, accumulate=True):
         return loss.detach()
 
     step = GraphedMicroStep(micro, params, torch.device("cuda"), warmup=warmup, accumulate=accumulate,
-                            pad=lambda b, shapes: pad_packed(b, shapes, pad_id=0)) if graphs else None
+                            pad=lambda b, shapes: pad_packed(b, shapes, pad_id=0), max_graphs=max_graphs) if graphs else None
     losses = []
     for b in batches:
         n = int((b["labels"][:, 1:] != -100).sum())
@@ -178,6 +230,22 @@ def test_graphed_packed_batches_are_padded_and_replayed():
 
 
 @pytest.mark.gpu
+def test_several_graphs_in_one_pool_equal_eager_steps():
+    m = _model("cuda")
+    m.train()
+    lengths = [64, 64, 64, 96, 96, 128, 128, 64, 96, 128, 96, 64]
+    batches = [_batch(i, T=t, packed=True, lens=[t // 3, t - t // 3]) for i, t in enumerate(lengths)]
+    l_e, g_e, p_e, _ = _run_steps(m, batches, graphs=False)
+    l_g, g_g, p_g, step = _run_steps(m, batches, graphs=True, max_graphs=3)
+    # shape 64: 2 warm-ups then a capture; 96 and 128: one warm-up each, then a capture; the rest replays
+    assert step.failed is None and step.stats == {"eager": 4, "replays": 8, "captures": 3}, step.stats
+    assert len(step.graphs) == 3
+    assert l_g == pytest.approx(l_e, rel=1e-3)
+    for a, b in zip(g_e + p_e, g_g + p_g):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-5)
+
+
+@pytest.mark.gpu
 def test_graph_survives_grads_set_to_none():
     m = _model("cuda")
     params = [p for p in m.parameters() if p.requires_grad]
@@ -205,21 +273,22 @@ def test_graph_survives_grads_set_to_none():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_train_with_cuda_graphs_matches_eager(tmp_path, dropout):
+@pytest.mark.parametrize("dropout,packing", [(0.0, True), (0.05, True), (0.05, False)])
+def test_train_with_cuda_graphs_matches_eager(tmp_path, dropout, packing):
     make_tiny_model(tmp_path / "model")
-    rows = [{"instruction": f"what is the capital of {c} ?", "output": f"the answer is {c} ."}
-            for c in ["paris", "rome", "berlin"] * 16]
+    # lengths from ~15 to ~110 tokens: unpacked batches fall in two bucket lengths (64, 128)
+    rows = [{"instruction": f"what is the capital of {c} ?", "output": f"the answer is {c} ." + " yes" * (7 * i)}
+            for i, c in enumerate(["paris", "rome", "berlin"] * 5)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = {}
     for graphs in (False, True):
         logs = []
         cfg = TrainConfig(data=str(tmp_path / "d.jsonl"), model=str(tmp_path / "model"), output=str(tmp_path / str(graphs)),
                           rank=4, alpha=8, lr=3e-3, batch_size=4, grad_accum=2, max_steps=6, dropout=dropout,
-                          packing=True, max_length=64, progress=False, optim="adamw", warmup_ratio=0.0,
+                          packing=packing, max_length=128, progress=False, optim="adamw", warmup_ratio=0.0,
                           device="cuda", cuda_graphs=graphs)
         train(cfg, log=logs.append)
         out[graphs] = [json.loads(r)["loss"] for r in (tmp_path / str(graphs) / "metrics.jsonl").read_text().splitlines()]
         assert not any("CUDA graphs off" in m for m in logs), logs
-        assert any("CUDA graph captured" in m for m in logs) == graphs, logs
+        assert sum("CUDA graph captured" in m for m in logs) == (0 if not graphs else 1 if packing else 2), logs
     assert out[True] == pytest.approx(out[False], rel=1e-2)
