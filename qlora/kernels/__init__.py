@@ -17,6 +17,8 @@ swiglu                         norm_act.SwiGLUFunction        norm_act.swiglu_re
 rope                           norm_act.RoPEFunction          norm_act.rope_reference
 chunked_linear_cross_entropy   torch + ce.py (softmax grad)   loss.linear_cross_entropy_reference
 lora_row_                      lora_row.py (2 launches)       lora_row.lora_row_reference
+dropout.apply (via linear.     dropout.py (bit-exact)         dropout.dropout_reference
+LoraDropout in keyed_dropout)
 =============================  ============================  ===================================
 """
 from __future__ import annotations
