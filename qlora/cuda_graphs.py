@@ -315,3 +315,20 @@ def to_packed_form(batch: Batch) -> Batch | None:
     out = {k: v for k, v in batch.items() if k != "attention_mask"}
     out["position_ids"] = torch.where(col < n, col, col - n).to(torch.long)
     return out
+
+
+def graph_batch(batch: Batch, rows: int, full: int, pad_id: int, packing: bool) -> Batch:
+    """The batch the trainer hands to :class:`GraphedMicroStep` (few shapes, same loss and gradients):
+    packed rows padded to ``rows`` x ``full``; a length-grouped batch whose rows are all real tokens and
+    already ``rows`` x its bucket length as it is, without the mask (causal attention, no mask tensor);
+    any other in packed form padded to ``rows`` x its bucket length. A batch none of this applies to
+    (left padding, too many rows) is returned unchanged (it then runs eagerly or gets a graph of its own)."""
+    if "attention_mask" in batch and "position_ids" not in batch:
+        ids, m = batch["input_ids"], batch["attention_mask"]
+        if tuple(ids.shape) == (rows, bucket_length(ids.shape[1], full)) and bool(m.all()):
+            return {k: v for k, v in batch.items() if k != "attention_mask"}
+    pb = to_packed_form(batch)
+    if pb is None:
+        return batch
+    t = full if packing else bucket_length(pb["input_ids"].shape[1], full)
+    return pad_packed(pb, {"input_ids": (rows, t)}, pad_id) or batch

@@ -236,7 +236,7 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
     # the train loop pads every packed batch to one shape (--max-length rows), and every length-grouped batch
     # to one of a few bucket lengths (cuda_graphs.bucket_length), one graph each
     from .cuda_graphs import bucket_count
-    graphs = 1 if cfg.packing else bucket_count(cfg.max_length)
+    graphs = 1 if cfg.packing else bucket_count(cfg.max_length) + 1  # + full rows without a mask
     return GraphedMicroStep(micro_step_fn(model, device, off, casts), params, device, log=log,
                             accumulate=cfg.grad_accum > 1 or graphs > 1, max_graphs=graphs)
 
@@ -454,8 +454,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, log)
     keyed = cfg.dropout > 0 and keyed_dropout_usable(device)
     if graphed is not None:
-        from .cuda_graphs import bucket_length, pad_packed, to_packed_form
-        full_shape = (cfg.batch_size, cfg.max_length)
+        from .cuda_graphs import graph_batch
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
                dynamic_ncols=True)
     tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
@@ -496,10 +495,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                         check_labels(b["labels"], model.get_output_embeddings().weight.shape[0])
                         # few shapes: packed rows padded to --max-length, length-grouped rows (as packed rows of
                         # one example each) to a bucket length; batches to --batch-size rows
-                        pb = to_packed_form(b)
-                        if pb is not None:
-                            T = full_shape[1] if cfg.packing else bucket_length(pb["input_ids"].shape[1], full_shape[1])
-                            b = pad_packed(pb, {"input_ids": (full_shape[0], T)}, pad_id) or b
+                        b = graph_batch(b, cfg.batch_size, cfg.max_length, pad_id, cfg.packing)
                         if keys[i] is not None:
                             b = dict(b, dropout_key=keys[i])
                         total_loss += graphed(b, 1.0 / n_tok).item()

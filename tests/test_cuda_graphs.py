@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
-from qlora.cuda_graphs import (GraphedMicroStep, bucket_count, bucket_length, causal_attention, pad_packed,
-                               supported, to_packed_form)
+from qlora.cuda_graphs import (GraphedMicroStep, bucket_count, bucket_length, causal_attention, graph_batch,
+                               pad_packed, supported, to_packed_form)
 from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.train import TrainConfig, loss_sum, train
 from tiny import make_tiny_model
@@ -150,6 +150,23 @@ def test_to_packed_form_keeps_loss_and_gradients():
     left = dict(b, attention_mask=mask.flip(1))
     assert to_packed_form(left) is None  # left padding: left to eager steps
     assert to_packed_form({"input_ids": ids, "labels": labels}) is None
+
+
+def test_graph_batch_shapes():
+    ids = torch.arange(1, 2 * 128 + 1).view(2, 128)
+    full = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    out = graph_batch(full, 2, 1024, pad_id=0, packing=False)  # full rows of a bucket length: causal, no mask
+    assert set(out) == {"input_ids", "labels"} and out["input_ids"] is ids
+    short = dict(full, attention_mask=torch.ones_like(ids).index_fill(1, torch.arange(100, 128), 0))
+    out = graph_batch(short, 4, 1024, pad_id=0, packing=False)  # padding inside: packed form, 4 rows
+    assert "attention_mask" not in out and out["input_ids"].shape == (4, 128)
+    assert out["position_ids"][0].tolist() == list(range(100)) + list(range(28))
+    odd = {k: v[:, :100] for k, v in full.items()}
+    assert graph_batch(odd, 2, 1024, 0, False)["input_ids"].shape == (2, 128)  # 100 -> bucket 128
+    packed = {"input_ids": ids[:, :100], "labels": ids[:, :100], "position_ids": torch.arange(100).expand(2, 100)}
+    assert graph_batch(packed, 4, 1024, 0, True)["input_ids"].shape == (4, 1024)  # packed: --max-length rows
+    left = dict(short, attention_mask=short["attention_mask"].flip(1))
+    assert graph_batch(left, 4, 1024, 0, False) is left
 
 
 def test_several_graphs_need_accumulation():
