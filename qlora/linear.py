@@ -38,6 +38,7 @@ def _dequant(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dtype) ->
 
 
 _DROPOUT_KEY: list = [None]  # the device key of keyed LoRA dropout while keyed_dropout() is active
+_FUSED_DROPOUT = [env_flag("QLORA_FUSED_DROPOUT", True)]  # keyed dropout inside the LoRA products (GPU)
 
 
 class LoraDropout(nn.Dropout):
@@ -46,6 +47,18 @@ class LoraDropout(nn.Dropout):
     same mask without restoring any RNG state, so the training step can be replayed from a CUDA graph."""
 
     salt = 0  # set by keyed_dropout: this layer's position among the model's LoRA dropouts
+
+    def fused_args(self, x: torch.Tensor, a: torch.Tensor) -> tuple | None:
+        """``(p, key, salt)`` when the keyed dropout of ``x`` can run inside the LoRA products of ``x`` and the
+        factor ``a`` (kernels/lora_dropout.py: 16-bit on a GPU, in a keyed_dropout context, training), else
+        None (then this module's forward makes the dropped copy). ``QLORA_FUSED_DROPOUT=0`` turns it off."""
+        key = _DROPOUT_KEY[0]
+        if key is None or not self.training or self.p == 0 or not _FUSED_DROPOUT[0]:
+            return None
+        from .kernels import lora_dropout
+        if key.device != x.device:
+            key = key.to(x.device)
+        return (self.p, key, self.salt) if lora_dropout.usable(x, a, key) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = _DROPOUT_KEY[0]
@@ -60,8 +73,8 @@ def keyed_dropout_usable(device: torch.device) -> bool:
     keeps ``nn.Dropout``, whose torch form is cheaper than the hash computed by torch ops)."""
     if torch.device(device).type != "cuda":
         return False
-    from .kernels import dropout as kd
-    return kd.triton is not None
+    from . import kernels
+    return kernels.available()  # CUDA, Triton, and not QLORA_KERNELS=0
 
 
 @contextlib.contextmanager
@@ -131,37 +144,50 @@ class _QLoRAMatmul(torch.autograd.Function):
     host is slow the per-node and per-launch costs were a third of an 8B step."""
 
     @staticmethod
-    def forward(ctx, x, xd, a, b, scaling, weight, bias, packed, holder):
+    def forward(ctx, x, xd, a, b, scaling, weight, bias, packed, holder, drop=None):
+        # drop: (p, key, salt) of a keyed LoRA dropout done inside the LoRA products (kernels/lora_dropout.py:
+        # the dropped copy of x is never written); xd is then None
         n_in = x.shape[-1]
         w = weight if weight is not None else _dequant(packed, holder.state, x.dtype)
         x2 = x.reshape(-1, n_in)
         xd2 = x2 if xd is None else xd.reshape(-1, n_in)
-        xa = xd2 @ a.t()
+        if drop is not None:
+            from .kernels import lora_dropout
+            xa = lora_dropout.down(x2, a, *drop)
+        else:
+            xa = xd2 @ a.t()
         y = F.linear(x2, w, bias).addmm_(xa, b.t(), alpha=scaling)  # in place: out-of-place addmm copies y first
-        ctx.scaling, ctx.holder, ctx.shared, ctx.x_shape = scaling, holder, xd is None, x.shape
+        ctx.scaling, ctx.holder, ctx.shared, ctx.x_shape = scaling, holder, xd is None and drop is None, x.shape
+        ctx.drop = drop
         ctx.save_for_backward(xd2, xa, a, b, weight, packed)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
         xd2, xa, a, b, weight, packed = ctx.saved_tensors
-        s = ctx.scaling
+        s, drop = ctx.scaling, ctx.drop
         g2 = g.reshape(-1, g.shape[-1])
         need_x, need_xd, need_a, need_b = ctx.needs_input_grad[:4]
-        need_xd = need_xd or (ctx.shared and need_x)
+        need_xd = need_xd or ((ctx.shared or drop is not None) and need_x)
         gxa = _scaled_mm(g2, b, s) if (need_a or need_xd) else None
         gb = _scaled_mm(g2.t(), xa, s) if need_b else None
-        ga = gxa.t() @ xd2 if need_a else None
+        if drop is not None:
+            from .kernels import lora_dropout
+        ga = None
+        if need_a:
+            ga = lora_dropout.grad_a(gxa, xd2, *drop) if drop is not None else gxa.t() @ xd2
         gx = gxd = None
         if need_x:
             w = weight if weight is not None else _dequant(packed, ctx.holder.state, g2.dtype)
             gx = g2 @ w
             if ctx.shared:
                 gx.addmm_(gxa, a)
+            elif drop is not None:
+                lora_dropout.grad_x_add_(gx, gxa, a, *drop)
             gx = gx.view(ctx.x_shape)
-        if not ctx.shared and ctx.needs_input_grad[1]:
+        if not ctx.shared and drop is None and ctx.needs_input_grad[1]:
             gxd = (gxa @ a).view(ctx.x_shape)
-        return gx, gxd, ga, gb, None, None, None, None, None
+        return gx, gxd, ga, gb, None, None, None, None, None, None
 
 
 class QLoRALinear(nn.Module):
@@ -330,10 +356,14 @@ class QLoRALinear(nn.Module):
         cached = self._wcache is not None and (self._wcache_grad or not grad)
         if self.r > 0 and not self.disable_adapter and grad and FUSED_LORA:
             a, b = self._lora_factors()
-            xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(xc)
+            xd = drop = None
+            if not isinstance(self.lora_dropout, nn.Identity):
+                drop = self.lora_dropout.fused_args(xc, a)
+                if drop is None:
+                    xd = self.lora_dropout(xc)
             weight = self._wcache if cached else self.weight
             y = _QLoRAMatmul.apply(xc, xd, a, b, self.scaling, weight, self.bias,
-                                   None if weight is not None else self._raw("weight_packed"), self)
+                                   None if weight is not None else self._raw("weight_packed"), self, drop)
             return y.to(in_dtype)
         row = not grad and xc.is_cuda and xc.numel() == self.in_features  # one token's row when generating
         if cached:

@@ -239,3 +239,59 @@ def test_graphed_checkpointed_steps_with_dropout_equal_eager_steps_without_check
         assert lg == pytest.approx(le, rel=1e-3)
         for a, b in zip(ge, gg):
             torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-5)
+
+
+def _rel(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,r", [(4096, 4096, 16), (1000, 14336, 64), (77, 200, 8), (513, 4096, 128)])
+def test_fused_lora_dropout_kernels_match_float64(dtype, m, k, r):
+    from qlora.kernels import lora_dropout as ld
+    g = torch.Generator(device="cuda").manual_seed(m + k + r)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    a = (torch.randn(r, k, device="cuda", generator=g) * k ** -0.5).to(dtype)
+    gxa = torch.randn(m, r, device="cuda", dtype=dtype, generator=g)
+    gx = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    key, salt, p = dropout_key(42, 7), 5, 0.1
+    kt = torch.tensor(key, device="cuda")
+    assert ld.usable(x, a, kt)
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-3  # one rounding of the output
+    assert _rel(ld.down(x, a, p, kt, salt), ld.down_reference(x, a, p, key, salt)) < tol
+    assert _rel(ld.grad_a(gxa, x, p, kt, salt), ld.grad_a_reference(gxa, x, p, key, salt)) < tol
+    want = ld.grad_x_add_reference(gx, gxa, a, p, key, salt)
+    assert _rel(ld.grad_x_add_(gx.clone(), gxa, a, p, kt, salt), want) < tol
+    # the same mask as the stand-alone keyed dropout: the unfused path's products agree to its extra rounding
+    xd = kd.dropout(x, p, kt, salt)
+    assert _rel(xd @ a.t(), ld.down_reference(x, a, p, key, salt)) < 2 * tol
+
+
+@pytest.mark.gpu
+def test_fused_dropout_layer_equals_unfused_layer():
+    import qlora.linear as lin
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_weight(torch.randn(384, 256, device="cuda") * 0.05, r=16, alpha=32, dropout=0.2).cuda()
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    layer.train()
+    x0 = torch.randn(3, 50, 256, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(3, 50, 384, device="cuda", dtype=torch.bfloat16)
+    key = torch.tensor(dropout_key(1, 3), device="cuda")
+    out = {}
+    for fused in (True, False):
+        lin._FUSED_DROPOUT[0] = fused
+        try:
+            x = x0.clone().requires_grad_(True)
+            layer.zero_grad(set_to_none=True)
+            with keyed_dropout(layer, key):
+                assert (layer.lora_dropout.fused_args(x, layer.lora_A.to(torch.bfloat16)) is not None) == fused
+                y = layer(x)
+                y.backward(gy)
+            out[fused] = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
+        finally:
+            lin._FUSED_DROPOUT[0] = True
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+    assert out[True][2].abs().max() > 0

@@ -1,0 +1,198 @@
+"""LoRA products with keyed dropout inside them: the dropped copy of the input is never written.
+
+With LoRA dropout, each adapted layer used to write ``xd = dropout(x)`` (forward and recompute), read it in the
+``xd @ A.T`` GEMM and again for ``dA``, and in backward pass ``gxa @ A`` through a dropout and an addition to
+the base part of the input gradient: ~8 extra passes over an input-sized tensor per layer against dropout 0
+(7% of an 8B step, 9% of a 1B step; ``kernels/NOTES.md``). The keyed mask (``dropout.py``) is a function of
+the element's index, so each kernel here recomputes it where it loads ``x``:
+
+* :func:`down`:  ``xa = (keep * x / (1 - p)) @ A.T``  ([M, K] x [K, r]; reads x once);
+* :func:`grad_a`: ``dA = gxa.T @ (keep * x / (1 - p))`` ([r, M] x [M, K]; reads x once, split over M into fp32
+  partials summed in a fixed order, so results do not depend on scheduling);
+* :func:`grad_x_add_`: ``gx += keep * (gxa @ A) / (1 - p)`` in place ([M, r] x [r, K]; reads and writes gx once).
+
+Products accumulate in fp32; the 1/(1-p) scale is applied to the fp32 result, one rounding to the output dtype
+(the unfused path rounds ``x / (1 - p)`` to bf16 first, so results differ by that rounding; tests compare both
+with a float64 computation). The mask equals :func:`dropout.keep_mask_reference` of ``x``'s flat index
+``m * K + k``, so these match ``dropout.dropout`` followed by the plain products.
+Only 16-bit inputs (bf16/fp16: tensor-core dots) and r <= 128; :func:`usable` says when.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dropout import GOLDEN, M32, _fmix, threshold
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .dropout import _fmix32
+except ImportError:  # pragma: no cover
+    triton = None
+
+MAX_R = 128
+BM_DOWN, BK_DOWN = 32, 128  # down: 32 token rows per program (4096 tokens: 128 programs), K in 128-wide steps
+BK_GA, BM_GA = 64, 64       # grad_a: 64 columns of K per program, M in 64-row steps
+BM_GX, BK_GX = 64, 128      # grad_x_add_: output tiles
+
+
+def _salt_mix(salt: int) -> int:
+    return _fmix((int(salt) * GOLDEN) & M32)
+
+
+if triton is not None:
+    @triton.jit
+    def _round_keys(key_ptr, salt_mix):
+        key = tl.load(key_ptr).to(tl.uint64)
+        lo = (key & 0xFFFFFFFF).to(tl.uint32)
+        hi = (key >> 32).to(tl.uint32)
+        k1 = _fmix32(lo ^ salt_mix.to(tl.uint32))
+        k2 = _fmix32(hi ^ k1 ^ 0x9E3779B9)
+        return k1, k2
+
+    @triton.jit
+    def _keep(rm, rk, K, k1, k2, thresh):
+        flat = rm[:, None].to(tl.int64) * K + rk[None, :]
+        h = _fmix32(_fmix32(flat.to(tl.uint32) ^ k1) ^ k2)
+        return h >= thresh.to(tl.uint32)
+
+    @triton.jit(do_not_specialize=["salt_mix", "thresh"])
+    def _down_kernel(x_ptr, a_ptr, out_ptr, key_ptr, M, K, R, stride_xm, salt_mix, thresh, scale,
+                     BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
+        k1, k2 = _round_keys(key_ptr, salt_mix)
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, RP)
+        acc = tl.zeros((BM, RP), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            inb = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=inb, other=0.0)
+            x = tl.where(_keep(rm, rk, K, k1, k2, thresh), x, tl.zeros_like(x))
+            at = tl.load(a_ptr + rr[None, :] * K + rk[:, None], mask=(rr[None, :] < R) & (rk[:, None] < K), other=0.0)
+            acc = tl.dot(x, at, acc)
+        acc = acc * scale
+        tl.store(out_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+    @triton.jit(do_not_specialize=["salt_mix", "thresh"])
+    def _grad_a_kernel(g_ptr, x_ptr, part_ptr, key_ptr, M, K, R, stride_xm, salt_mix, thresh, scale,
+                       SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
+        k1, k2 = _round_keys(key_ptr, salt_mix)
+        rk = tl.program_id(0) * BK + tl.arange(0, BK)
+        s = tl.program_id(1)
+        rr = tl.arange(0, RP)
+        acc = tl.zeros((RP, BK), dtype=tl.float32)
+        for m0 in range(s * BM, M, BM * SPLIT):
+            rm = m0 + tl.arange(0, BM)
+            gt = tl.load(g_ptr + rm[None, :].to(tl.int64) * R + rr[:, None], mask=(rr[:, None] < R) & (rm[None, :] < M),
+                         other=0.0)
+            inb = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=inb, other=0.0)
+            x = tl.where(_keep(rm, rk, K, k1, k2, thresh), x, tl.zeros_like(x))
+            acc = tl.dot(gt, x, acc)
+        acc = acc * scale
+        tl.store(part_ptr + s * R * K + rr[:, None] * K + rk[None, :], acc, mask=(rr[:, None] < R) & (rk[None, :] < K))
+
+    @triton.jit(do_not_specialize=["salt_mix", "thresh"])
+    def _grad_x_kernel(gx_ptr, g_ptr, a_ptr, key_ptr, M, K, R, salt_mix, thresh, scale,
+                       BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
+        k1, k2 = _round_keys(key_ptr, salt_mix)
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rk = tl.program_id(1) * BK + tl.arange(0, BK)
+        rr = tl.arange(0, RP)
+        g = tl.load(g_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
+                    other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+        t = tl.dot(g, a)
+        inb = (rm[:, None] < M) & (rk[None, :] < K)
+        ptrs = gx_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+        gx = tl.load(ptrs, mask=inb, other=0.0).to(tl.float32)
+        gx = tl.where(_keep(rm, rk, K, k1, k2, thresh), gx + t * scale, gx)
+        tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty), mask=inb)
+
+
+def _rp(r: int) -> int:
+    return max(16, 1 << (int(r) - 1).bit_length())
+
+
+def usable(x: torch.Tensor, a: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether these kernels take a layer's input ``x`` [..., K] and LoRA factor ``a`` [r, K]: Triton, CUDA, bf16
+    or fp16 (both the same), 0 < r <= 128, ``x`` with unit stride along K, a one-element int64 key on the device."""
+    return (triton is not None and x.is_cuda and a.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and a.dtype == x.dtype and 0 < a.shape[0] <= MAX_R and a.shape[1] == x.shape[-1] and x.stride(-1) == 1
+            and a.is_contiguous() and key.device == x.device and key.numel() == 1 and key.dtype == torch.int64)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def down(x: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Tensor:
+    """``(keep * x / (1 - p)) @ a.T`` for ``x`` [M, K] (or [..., K], flattened), ``a`` [r, K]: [M, r] in x's dtype."""
+    x2 = _rows(x)
+    m, k = x2.shape
+    r = a.shape[0]
+    out = torch.empty((m, r), device=x.device, dtype=x.dtype)
+    if m:
+        _down_kernel[(triton.cdiv(m, BM_DOWN),)](x2, a, out, key, m, k, r, x2.stride(0), _salt_mix(salt),
+                                                 threshold(p), 1.0 / (1.0 - p), BM=BM_DOWN, BK=BK_DOWN, RP=_rp(r),
+                                                 num_warps=4, num_stages=3)
+    return out
+
+
+def grad_a(gxa: torch.Tensor, x: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Tensor:
+    """``gxa.T @ (keep * x / (1 - p))`` for ``gxa`` [M, r], ``x`` [M, K]: [r, K] in x's dtype."""
+    x2 = _rows(x)
+    g = gxa.reshape(-1, gxa.shape[-1]).contiguous()
+    m, k = x2.shape
+    r = g.shape[1]
+    cols = triton.cdiv(k, BK_GA)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    split = max(1, min(triton.cdiv(2 * sms, cols), triton.cdiv(m, BM_GA), 16))  # ~2 programs per SM
+    part = torch.empty((split, r, k), device=x.device, dtype=torch.float32)
+    if m:
+        _grad_a_kernel[(cols, split)](g, x2, part, key, m, k, r, x2.stride(0), _salt_mix(salt), threshold(p),
+                                      1.0 / (1.0 - p), SPLIT=split, BM=BM_GA, BK=BK_GA, RP=_rp(r), num_warps=4,
+                                      num_stages=3)
+    else:
+        part.zero_()
+    return (part[0] if split == 1 else part.sum(0)).to(x.dtype)
+
+
+def grad_x_add_(gx: torch.Tensor, gxa: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor,
+                salt: int) -> torch.Tensor:
+    """``gx += keep * (gxa @ a) / (1 - p)`` in place for contiguous ``gx`` [M, K], ``gxa`` [M, r], ``a`` [r, K];
+    returns gx."""
+    m, k = gx.shape
+    g = gxa.reshape(-1, gxa.shape[-1]).contiguous()
+    r = g.shape[1]
+    if m:
+        _grad_x_kernel[(triton.cdiv(m, BM_GX), triton.cdiv(k, BK_GX))](
+            gx, g, a, key, m, k, r, _salt_mix(salt), threshold(p), 1.0 / (1.0 - p), BM=BM_GX, BK=BK_GX, RP=_rp(r),
+            num_warps=4, num_stages=2)
+    return gx
+
+
+# -- torch references (the same math through dropout.dropout_reference) -------------------------------
+
+
+def down_reference(x, a, p, key: int, salt):
+    from .dropout import keep_mask_reference
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = keep_mask_reference(x2.numel(), p, key, salt, x.device).view(x2.shape)
+    return ((torch.where(keep, x2.double(), 0.0) @ a.double().t()) / (1.0 - p))
+
+
+def grad_a_reference(gxa, x, p, key: int, salt):
+    from .dropout import keep_mask_reference
+    x2 = x.reshape(-1, x.shape[-1])
+    keep = keep_mask_reference(x2.numel(), p, key, salt, x.device).view(x2.shape)
+    return gxa.reshape(-1, gxa.shape[-1]).double().t() @ torch.where(keep, x2.double(), 0.0) / (1.0 - p)
+
+
+def grad_x_add_reference(gx, gxa, a, p, key: int, salt):
+    from .dropout import keep_mask_reference
+    keep = keep_mask_reference(gx.numel(), p, key, salt, gx.device).view(gx.shape)
+    return gx.double() + torch.where(keep, gxa.double() @ a.double(), 0.0) / (1.0 - p)
