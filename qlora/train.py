@@ -594,6 +594,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                "tokenizer": tok}
     if device.type == "cuda":
         summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        summary["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)  # ~ what nvidia-smi shows
     dist.close()
     return summary
 
@@ -681,7 +682,8 @@ def _run(args) -> int:
         return _exit_worker(0)
     print(f"done: {s['steps']} steps in {s['time_s']}s ({s['tok_s']:.0f} tokens/s), final loss {s['final_loss']}"
           + (f", eval loss {s['eval_loss']}" if s["eval_loss"] is not None else "")
-          + (f", peak GPU memory {s['peak_mem_gib']} GiB" if "peak_mem_gib" in s else ""))
+          + (f", peak GPU memory {s['peak_mem_gib']} GiB ({s['peak_reserved_gib']} GiB reserved by PyTorch's "
+             "allocator)" if "peak_mem_gib" in s else ""))
     print(f"adapter: {s['adapter']}")
     return _exit_worker(0)
 
