@@ -34,6 +34,7 @@ import math
 import re
 from functools import lru_cache
 
+from .config import env_flag
 from .errors import QLoraError
 
 GiB = 1 << 30
@@ -240,7 +241,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
              target: str = "all-linear", dropout: float = 0.0, grad_checkpointing: bool = True,
              offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
              page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
-             counts: dict | None = None) -> dict:
+             counts: dict | None = None, fused_dropout: bool | None = None) -> dict:
     """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
 
     Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
@@ -252,7 +253,10 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     ``embed_offload``: the input embedding table sits in CPU memory
     (:func:`qlora.offload.offload_embeddings`; ignored for tied embeddings). ``lora_dtype``: see
     :func:`count_model`. ``first_step``: the first step, whose forward and backward run before
-    any optimizer state exists. ``counts``: a :func:`count_model` result to reuse.
+    any optimizer state exists. ``counts``: a :func:`count_model` result to reuse. ``fused_dropout``:
+    LoRA dropout runs inside the LoRA products (``qlora train`` on a GPU with 16-bit compute) and keeps
+    no dropped copy of each input; False: it does (CPU, fp32 compute); None: fused unless
+    ``QLORA_FUSED_DROPOUT=0``.
     """
     for name, v in (("seq", seq), ("batch", batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -278,7 +282,9 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
         saved_all = L * n_tok * (ACT["saved_h"] * h + ACT["saved_i"] * i)
         block = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
         offload = False                           # (offload without checkpointing is not modelled)
-    if dropout > 0 and rank > 0:
+    if fused_dropout is None:
+        fused_dropout = env_flag("QLORA_FUSED_DROPOUT", True)
+    if dropout > 0 and rank > 0 and not fused_dropout:
         block += n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * (L if not grad_checkpointing else 1)
     tail = n_tok * h * ACT["tail_h"]
     host_act = 0
@@ -462,7 +468,9 @@ def check_train_config(cfg, config=None, gpu_mem: int | None = None) -> str | No
                       double_quant=cfg.double_quant, target=cfg.target, dropout=cfg.dropout,
                       grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
                       embed_offload=getattr(cfg, "offload_embeddings", False),
-                      page_budget=0 if getattr(cfg, "offload_optimizer", False) else None)
+                      page_budget=0 if getattr(cfg, "offload_optimizer", False) else None,
+                      fused_dropout=getattr(cfg, "compute_dtype", "bf16") in ("bf16", "fp16")
+                      and env_flag("QLORA_FUSED_DROPOUT", True))
 
 
 def model_config(src: str | None):

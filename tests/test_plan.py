@@ -90,8 +90,13 @@ def test_activation_terms_follow_their_formulas():
     assert 3.8 < a["components"]["optimizer_states"] / d["components"]["optimizer_states"] < 4.0
     e = plan.estimate(cfg, 2048, 2, 16, "paged_adamw", page_budget=1000)
     assert e["components"]["optimizer_states"] == 1000 and e["host"]["optimizer_states"] == 8 * 41943040 - 1000
+    # LoRA dropout: a dropped copy per adapted input only where it is not fused into the LoRA products
+    f = plan.estimate(cfg, 2048, 2, 16, "adamw", dropout=0.05)
+    g = plan.estimate(cfg, 2048, 2, 16, "adamw", dropout=0.05, fused_dropout=False)
+    assert f["peak"] == a["peak"]
+    assert g["details"]["one_block"] - a["details"]["one_block"] == pytest.approx(4096 * (14.4 * H + 0.6 * 14336), abs=2)
     # the components add up to the peak
-    for est in (a, b, c, d, e):
+    for est in (a, b, c, d, e, f, g):
         assert sum(est["components"].values()) == est["peak"]
 
 
