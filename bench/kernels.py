@@ -18,7 +18,8 @@ host is slower than the GPU. Host microseconds per call are printed beside them.
   (Triton only);
 * RMSNorm / SwiGLU / RoPE forward+backward vs torch, and the chunked loss vs the unfused one;
 * the one-row LoRA product of CUDA-graph decoding (lora_row.py) vs torch's x @ A.T + addmm;
-* keyed LoRA dropout (dropout.py) vs torch's F.dropout.
+* keyed LoRA dropout (dropout.py) vs torch's F.dropout, and the LoRA products with that dropout inside
+  (lora_dropout.py) vs the separate dropout kernel + cuBLAS vs cuBLAS without dropout.
 
 ``--sweep`` also times launch configurations of the dequant and GEMV kernels (for tuning);
 ``--gemv-decompose`` times the CUDA GEMV with stages left out (where its time goes).
@@ -380,6 +381,74 @@ def dropout_table():
               f" ({fmt(gbs(ours), '.0f')} / {fmt(gbs(ref), '.0f')} GB/s); equal to the torch form: {same}")
 
 
+def lora_dropout_table(sweep: bool):
+    """LoRA products with keyed dropout inside (lora_dropout.py) against the separate keyed-dropout kernel + cuBLAS
+    (what QLORA_FUSED_DROPOUT=0 runs) and against cuBLAS without dropout, bf16, p = 0.05, per adapted input: the
+    forward product (run twice per step with checkpointing), dA, and the input gradient's LoRA part. GPU us from
+    CUDA graphs over 4 rotating inputs; --sweep also times launch configurations (each checked against float64)."""
+    from qlora.kernels import dropout as kd
+    from qlora.kernels import lora_dropout as ld
+    print("\nLoRA with dropout p=0.05 inside, bf16: GPU us (fused / dropout kernel + cuBLAS / cuBLAS without dropout)")
+    key = torch.tensor(42 << 32, device="cuda")
+    p, salt, dt = 0.05, 3, torch.bfloat16
+    us = lambda t: None if t is None else t * 1e3  # noqa: E731
+    for m, k, r in ((4096, 4096, 16), (4096, 14336, 16), (8192, 2048, 16), (8192, 8192, 16), (4096, 4096, 64)):
+        xs = [torch.randn(m, k, device="cuda", dtype=dt) for _ in range(4)]
+        xds = [kd.dropout(x, p, key, salt) for x in xs]
+        a = (torch.randn(r, k, device="cuda") * k ** -0.5).to(dt)
+        gs = [torch.randn(m, r, device="cuda", dtype=dt) for _ in range(4)]
+        gxs = [torch.randn(m, k, device="cuda", dtype=dt) for _ in range(4)]
+        rows = {
+            "down": (lambda cfg=None: [lambda x=x: ld.down(x, a, p, key, salt, cfg) for x in xs],
+                     [lambda x=x: kd.dropout(x, p, key, salt) @ a.t() for x in xs], [lambda x=x: x @ a.t() for x in xs]),
+            "grad_a": (lambda cfg=None: [lambda x=x, g=g: ld.grad_a(g, x, p, key, salt, cfg) for x, g in zip(xs, gs)],
+                       [lambda xd=xd, g=g: g.t() @ xd for xd, g in zip(xds, gs)],
+                       [lambda x=x, g=g: g.t() @ x for x, g in zip(xs, gs)]),
+            "grad_x": (lambda cfg=None: [lambda gx=gx, g=g: ld.grad_x_add_(gx, g, a, p, key, salt, cfg)
+                                         for gx, g in zip(gxs, gs)],
+                       [lambda gx=gx, g=g: gx + kd.dropout(g @ a, p, key, salt) for gx, g in zip(gxs, gs)],
+                       [lambda gx=gx, g=g: gx.addmm_(g, a) for gx, g in zip(gxs, gs)]),
+        }
+        tot = [0.0, 0.0, 0.0]
+        line = []
+        for name, (fused, sep, plain) in rows.items():
+            t = [graph_ms(fused()), graph_ms(sep), graph_ms(plain)]
+            n = 2 if name == "down" else 1  # forward and recompute
+            for i in range(3):
+                tot[i] += n * (t[i] or 0.0)
+            RESULTS[f"lora_dropout_{name}_{m}x{k}_r{r}"] = dict(fused=us(t[0]), separate=us(t[1]), no_dropout=us(t[2]))
+            line.append(f"{name} {fmt(us(t[0]), '.1f')} / {fmt(us(t[1]), '.1f')} / {fmt(us(t[2]), '.1f')}")
+        print(f"  M {m} K {k} r {r}: " + "; ".join(line) +
+              f"; per step (2 fwd + dA + dx) {us(tot[0]):.0f} / {us(tot[1]):.0f} / {us(tot[2]):.0f} us")
+        if not sweep:
+            continue
+        x, g, gx = xs[0], gs[0], gxs[0]
+        refs = {"down": ld.down_reference(x, a, p, 42 << 32, salt), "grad_a": ld.grad_a_reference(g, x, p, 42 << 32, salt),
+                "grad_x": ld.grad_x_add_reference(gx, g, a, p, 42 << 32, salt)}
+        runs = {"down": lambda cfg: ld.down(x, a, p, key, salt, cfg), "grad_a": lambda cfg: ld.grad_a(g, x, p, key, salt, cfg),
+                "grad_x": lambda cfg: ld.grad_x_add_(gx.clone(), g, a, p, key, salt, cfg)}
+        grid = {"down": [(16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
+                         (32, 128, 8, 3), (128, 64, 8, 3), (64, 256, 8, 3)],
+                "grad_a": [(64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                           (128, 128, 8, 3), (32, 32, 4, 4)],
+                "grad_x": [(64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 2), (32, 128, 4, 2), (128, 64, 4, 2),
+                           (64, 256, 8, 2), (128, 256, 8, 2)]}
+        for name, cfgs in grid.items():
+            res = []
+            for cfg in cfgs:
+                try:
+                    got = runs[name](cfg).double()
+                    err = ((got - refs[name]).abs().max() / refs[name].abs().max()).item()
+                    t = graph_ms(rows[name][0](cfg))
+                except Exception as e:  # noqa: BLE001 - a configuration that does not compile
+                    print(f"    {name} {cfg}: failed {type(e).__name__}: {str(e)[:80]}")
+                    continue
+                res.append((t if t is not None and err < 1e-2 else float("inf"), cfg, err))
+            res.sort(key=lambda z: z[0])
+            print(f"    sweep {name}: " + ", ".join(f"{c} {us(t):.1f} us (err {e:.1e})" for t, c, e in res[:4]) +
+                  f"; default {ld.CONFIGS[name]}")
+
+
 def dump_kernels(outdir: str):
     """Registers/spills and PTX of every compiled variant, for reading without a GPU."""
     import re
@@ -444,7 +513,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time launch configurations")
     ap.add_argument("--json", help="write all numbers to this file")
     ap.add_argument("--dump", help="write PTX of compiled kernels to DIR/kernels_ptx.txt and print register counts")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: dequant,matmul,gemv,ops,lora,dropout")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: dequant,matmul,gemv,ops,lora,dropout,lora_dropout")
     ap.add_argument("--gemv-decompose", action="store_true",
                     help="also time the CUDA GEMV with stages left out (Hopper; where its time goes)")
     args = ap.parse_args()
@@ -458,6 +527,7 @@ def main():
     copy_ceiling()
     sections = [("dequant", lambda: dequant_table(args.sweep)), ("gemv", lambda: gemv_table(args.sweep)),
                 ("ops", norm_act_table), ("lora", lora_row_table), ("dropout", dropout_table),
+                ("lora_dropout", lambda: lora_dropout_table(args.sweep)),
                 ("matmul", matmul_table)]
     for name, fn in sections:
         if name in skip:

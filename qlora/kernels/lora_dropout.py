@@ -129,49 +129,57 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def down(x: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Tensor:
+CONFIGS = {  # (rows, columns, warps, stages) per kernel; bench/kernels.py --sweep times alternatives
+    "down": (BM_DOWN, BK_DOWN, 4, 3), "grad_a": (BM_GA, BK_GA, 4, 3), "grad_x": (BM_GX, BK_GX, 4, 2),
+}
+
+
+def down(x: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor, salt: int, config=None) -> torch.Tensor:
     """``(keep * x / (1 - p)) @ a.T`` for ``x`` [M, K] (or [..., K], flattened), ``a`` [r, K]: [M, r] in x's dtype."""
     x2 = _rows(x)
     m, k = x2.shape
     r = a.shape[0]
+    bm, bk, warps, stages = config or CONFIGS["down"]
     out = torch.empty((m, r), device=x.device, dtype=x.dtype)
     if m:
-        _down_kernel[(triton.cdiv(m, BM_DOWN),)](x2, a, out, key, m, k, r, x2.stride(0), _salt_mix(salt),
-                                                 threshold(p), 1.0 / (1.0 - p), BM=BM_DOWN, BK=BK_DOWN, RP=_rp(r),
-                                                 num_warps=4, num_stages=3)
+        _down_kernel[(triton.cdiv(m, bm),)](x2, a, out, key, m, k, r, x2.stride(0), _salt_mix(salt),
+                                            threshold(p), 1.0 / (1.0 - p), BM=bm, BK=bk, RP=_rp(r),
+                                            num_warps=warps, num_stages=stages)
     return out
 
 
-def grad_a(gxa: torch.Tensor, x: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Tensor:
+def grad_a(gxa: torch.Tensor, x: torch.Tensor, p: float, key: torch.Tensor, salt: int, config=None) -> torch.Tensor:
     """``gxa.T @ (keep * x / (1 - p))`` for ``gxa`` [M, r], ``x`` [M, K]: [r, K] in x's dtype."""
     x2 = _rows(x)
     g = gxa.reshape(-1, gxa.shape[-1]).contiguous()
     m, k = x2.shape
     r = g.shape[1]
-    cols = triton.cdiv(k, BK_GA)
+    bm, bk, warps, stages = config or CONFIGS["grad_a"]
+    cols = triton.cdiv(k, bk)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    split = max(1, min(triton.cdiv(2 * sms, cols), triton.cdiv(m, BM_GA), 16))  # ~2 programs per SM
+    split = max(1, min(triton.cdiv(2 * sms, cols), triton.cdiv(m, bm), 16))  # ~2 programs per SM
     part = torch.empty((split, r, k), device=x.device, dtype=torch.float32)
     if m:
         _grad_a_kernel[(cols, split)](g, x2, part, key, m, k, r, x2.stride(0), _salt_mix(salt), threshold(p),
-                                      1.0 / (1.0 - p), SPLIT=split, BM=BM_GA, BK=BK_GA, RP=_rp(r), num_warps=4,
-                                      num_stages=3)
+                                      1.0 / (1.0 - p), SPLIT=split, BM=bm, BK=bk, RP=_rp(r), num_warps=warps,
+                                      num_stages=stages)
     else:
         part.zero_()
     return (part[0] if split == 1 else part.sum(0)).to(x.dtype)
 
 
 def grad_x_add_(gx: torch.Tensor, gxa: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor,
-                salt: int) -> torch.Tensor:
+                salt: int, config=None) -> torch.Tensor:
     """``gx += keep * (gxa @ a) / (1 - p)`` in place for contiguous ``gx`` [M, K], ``gxa`` [M, r], ``a`` [r, K];
     returns gx."""
     m, k = gx.shape
     g = gxa.reshape(-1, gxa.shape[-1]).contiguous()
     r = g.shape[1]
+    bm, bk, warps, stages = config or CONFIGS["grad_x"]
     if m:
-        _grad_x_kernel[(triton.cdiv(m, BM_GX), triton.cdiv(k, BK_GX))](
-            gx, g, a, key, m, k, r, _salt_mix(salt), threshold(p), 1.0 / (1.0 - p), BM=BM_GX, BK=BK_GX, RP=_rp(r),
-            num_warps=4, num_stages=2)
+        _grad_x_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
+            gx, g, a, key, m, k, r, _salt_mix(salt), threshold(p), 1.0 / (1.0 - p), BM=bm, BK=bk, RP=_rp(r),
+            num_warps=warps, num_stages=stages)
     return gx
 
 
