@@ -28,7 +28,7 @@ def _fmix_py(h):  # murmur3 fmix32 with Python's unbounded integers
 def _hash_py(i, key, salt):
     k1 = _fmix_py((key % M32) ^ _fmix_py((salt * 0x9E3779B9) % M32))
     k2 = _fmix_py(((key >> 32) % M32) ^ k1 ^ 0x9E3779B9)
-    return _fmix_py(_fmix_py((i % M32) ^ k1) ^ k2)
+    return _fmix_py((((i % M32) ^ k1) * 0x9E3779B1 + k2) % M32)
 
 
 # -- everywhere ----------------------------------------------------------------------------------
@@ -62,9 +62,11 @@ def test_drop_rate_and_independence(p):
     for a, b in ((0, 1), (0, 2), (1, 2)):
         both = int((~masks[a] & ~masks[b]).sum())
         assert abs(both - n * p * p) < 6 * math.sqrt(n * p * p), (a, b, both)
-    # no run structure along the index: neighbours are independent too
+    # no structure along the index: neighbours, and elements a row apart, are independent too
     m = ~masks[0]
-    assert abs(int((m[1:] & m[:-1]).sum()) - n * p * p) < 6 * math.sqrt(n * p * p)
+    for lag in (1, 2, 3, 64, 4096):
+        both = int((m[lag:] & m[:-lag]).sum())
+        assert abs(both - (n - lag) * p * p) < 6 * math.sqrt(n * p * p), (lag, both)
 
 
 def test_threshold_edges():

@@ -15,7 +15,9 @@ so a recompute gives the same mask, backward needs no saved mask (it applies the
 gradient), and no RNG state is touched. Keep probability: an element is dropped when its 32-bit hash is
 below ``round(p * 2**32)``; kept ones are scaled by ``1 / (1 - p)`` (as ``nn.Dropout``).
 
-The hash (murmur3's 32-bit finalizer, ``fmix``, applied twice with the key mixed in between) is written
+The hash of element ``i`` is ``fmix((i ^ k1) * PHI + k2)`` (murmur3's 32-bit finalizer ``fmix`` after a
+multiply by an odd constant, ``k1``/``k2`` derived from the key and the salt): one finalizer per element, so
+the kernels stay near memory speed (two finalizers made them bound by integer instructions). It is written
 once for the GPU (:func:`_dropout_kernel`, uint32 arithmetic in Triton) and once in torch
 (:func:`keep_mask_reference`, int64 with 32-bit wrap-around) and the two agree bit for bit (GPU test).
 Flat indices wrap at 2**32 elements (a 4-billion-element activation; masks would repeat past that).
@@ -33,6 +35,7 @@ except ImportError:  # pragma: no cover
 M32 = 0xFFFFFFFF
 C1, C2 = 0x85EBCA6B, 0xC2B2AE35  # murmur3 fmix32 multipliers
 GOLDEN = 0x9E3779B9
+PHI = 0x9E3779B1  # odd: multiplying by it is a bijection mod 2**32
 BLOCK = 2048
 
 
@@ -69,7 +72,7 @@ def hash_reference(n: int, key: int, salt: int, device=None) -> torch.Tensor:
     """The 32-bit hash of flat indices ``0..n-1`` (int64 tensor of values in [0, 2**32))."""
     k1, k2 = _keys(int(key), int(salt))
     idx = torch.arange(n, dtype=torch.int64, device=device) & M32
-    return _fmix(_fmix(idx ^ k1) ^ k2)
+    return _fmix((_mul32(idx ^ k1, PHI) + k2) & M32)
 
 
 def keep_mask_reference(n: int, p: float, key: int, salt: int, device=None) -> torch.Tensor:
@@ -106,7 +109,7 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        h = _fmix32(_fmix32(offs.to(tl.uint32) ^ k1) ^ k2)
+        h = _fmix32((offs.to(tl.uint32) ^ k1) * 0x9E3779B1 + k2)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         y = tl.where(h >= thresh.to(tl.uint32), x.to(tl.float32) * scale, 0.0)
         tl.store(y_ptr + offs, y.to(x.dtype), mask=mask)

@@ -54,7 +54,7 @@ if triton is not None:
     @triton.jit
     def _keep(rm, rk, K, k1, k2, thresh):
         flat = rm[:, None].to(tl.int64) * K + rk[None, :]
-        h = _fmix32(_fmix32(flat.to(tl.uint32) ^ k1) ^ k2)
+        h = _fmix32((flat.to(tl.uint32) ^ k1) * 0x9E3779B1 + k2)
         return h >= thresh.to(tl.uint32)
 
     @triton.jit(do_not_specialize=["salt_mix", "thresh"])
