@@ -153,6 +153,43 @@ def test_dropout_key_layout():
     assert dropout_key(2**40 + 3, 2**33 + 5) == (3 << 32) | 5
 
 
+@pytest.mark.parametrize("need_x", [True, False])
+def test_fused_dropout_autograd_equals_separate_dropout(need_x):
+    """The LoRA node with dropout inside its products (what runs on a GPU; here the functions' float64 torch
+    forms) against the node fed a separately dropped input: same output and gradients."""
+    from qlora.linear import _QLoRAMatmul
+    g = torch.Generator().manual_seed(0)
+    k, n, r, p, salt, s = 48, 40, 6, 0.3, 4, 2.0
+    x0 = torch.randn(2, 15, k, dtype=torch.float64, generator=g)
+    w = torch.randn(n, k, dtype=torch.float64, generator=g) * 0.1
+    a0 = torch.randn(r, k, dtype=torch.float64, generator=g) * 0.1
+    b0 = torch.randn(n, r, dtype=torch.float64, generator=g) * 0.1
+    gy = torch.randn(2, 15, n, dtype=torch.float64, generator=g)
+    key = torch.tensor(dropout_key(7, 3))
+
+    def run(fused):
+        x = x0.clone().requires_grad_(need_x)
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        if fused:
+            y = _QLoRAMatmul.apply(x, None, a, b, s, w, None, None, None, (p, key, salt))
+        else:
+            y = _QLoRAMatmul.apply(x, kd.apply(x, p, key, salt), a, b, s, w, None, None, None)
+        y.backward(gy)
+        return y.detach(), x.grad, a.grad, b.grad
+
+    got, want = run(True), run(False)
+    assert (got[1] is None) == (not need_x)
+    for u, v in zip(got, want):
+        if v is not None:
+            torch.testing.assert_close(u, v)
+    keep = kd.keep_mask_reference(x0.numel(), p, int(key), salt).view(x0.shape)  # and by hand
+    xd = torch.where(keep, x0 / (1 - p), 0.0)
+    torch.testing.assert_close(got[0], x0 @ w.t() + s * (xd @ a0.t()) @ b0.t())
+    torch.testing.assert_close(got[2], s * ((gy @ b0).reshape(-1, r).t() @ xd.reshape(-1, k)))
+    if need_x:
+        torch.testing.assert_close(got[1], gy @ w + torch.where(keep, s * (gy @ b0) @ a0 / (1 - p), 0.0))
+
+
 def test_qloralinear_uses_lora_dropout():
     m = QLoRALinear(16, 8, r=4, dropout=0.1)
     assert isinstance(m.lora_dropout, LoraDropout) and isinstance(m.lora_dropout, nn.Dropout)

@@ -15,7 +15,8 @@ Products accumulate in fp32; the 1/(1-p) scale is applied to the fp32 result, on
 (the unfused path rounds ``x / (1 - p)`` to bf16 first, so results differ by that rounding; tests compare both
 with a float64 computation). The mask equals :func:`dropout.keep_mask_reference` of ``x``'s flat index
 ``m * K + k``, so these match ``dropout.dropout`` followed by the plain products.
-Only 16-bit inputs (bf16/fp16: tensor-core dots) and r <= 128; :func:`usable` says when.
+Only 16-bit inputs (bf16/fp16: tensor-core dots) and r <= 128; :func:`usable` says when. Off the GPU each
+function computes its float64 reference instead (for CPU tests of the autograd code that calls them).
 """
 from __future__ import annotations
 
@@ -124,6 +125,12 @@ def usable(x: torch.Tensor, a: torch.Tensor, key: torch.Tensor) -> bool:
             and a.is_contiguous() and key.device == x.device and key.numel() == 1 and key.dtype == torch.int64)
 
 
+def _gpu(t: torch.Tensor) -> bool:
+    """The Triton kernels run (CUDA tensor, Triton importable); else the float64 torch forms below stand in
+    (slow: for tests of the code around them on a CPU)."""
+    return triton is not None and t.is_cuda
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -136,6 +143,8 @@ CONFIGS = {  # (rows, columns, warps, stages) per kernel; bench/kernels.py --swe
 
 def down(x: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor, salt: int, config=None) -> torch.Tensor:
     """``(keep * x / (1 - p)) @ a.T`` for ``x`` [M, K] (or [..., K], flattened), ``a`` [r, K]: [M, r] in x's dtype."""
+    if not _gpu(x):
+        return down_reference(x, a, p, int(key), salt).to(x.dtype)
     x2 = _rows(x)
     m, k = x2.shape
     r = a.shape[0]
@@ -150,6 +159,8 @@ def down(x: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor, salt: in
 
 def grad_a(gxa: torch.Tensor, x: torch.Tensor, p: float, key: torch.Tensor, salt: int, config=None) -> torch.Tensor:
     """``gxa.T @ (keep * x / (1 - p))`` for ``gxa`` [M, r], ``x`` [M, K]: [r, K] in x's dtype."""
+    if not _gpu(x):
+        return grad_a_reference(gxa, x, p, int(key), salt).to(x.dtype)
     x2 = _rows(x)
     g = gxa.reshape(-1, gxa.shape[-1]).contiguous()
     m, k = x2.shape
@@ -172,6 +183,8 @@ def grad_x_add_(gx: torch.Tensor, gxa: torch.Tensor, a: torch.Tensor, p: float, 
                 salt: int, config=None) -> torch.Tensor:
     """``gx += keep * (gxa @ a) / (1 - p)`` in place for contiguous ``gx`` [M, K], ``gxa`` [M, r], ``a`` [r, K];
     returns gx."""
+    if not _gpu(gx):
+        return gx.copy_(grad_x_add_reference(gx, gxa, a, p, int(key), salt))
     m, k = gx.shape
     g = gxa.reshape(-1, gxa.shape[-1]).contiguous()
     r = g.shape[1]
