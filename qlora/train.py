@@ -645,7 +645,8 @@ def _warm_up(cfg: TrainConfig):
         shapes = dict(hidden=dims["hidden"], intermediate=dims["intermediate"], vocab=dims["vocab"],
                       tokens=cfg.batch_size * cfg.max_length, blocksize=cfg.blocksize,
                       double_quant=cfg.double_quant, quant_type=None if cfg.quant_type == "none" else cfg.quant_type,
-                      dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float16)
+                      dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float16,
+                      rank=cfg.rank, dropout=cfg.dropout)
     return warm_up_cuda("cuda" if cfg.device == "auto" else cfg.device, dims["head_dim"] if dims else 128,
                         cfg.max_length, shapes)
 

@@ -29,32 +29,40 @@ from qlora.train import loss_sum
 batch, seq = 2, 64
 cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000)
-ran = compile_ahead("cuda", hidden=256, intermediate=688, head_dim=64, vocab=1000, tokens=batch * seq, seq=seq)
+from qlora.linear import dropout_key, keyed_dropout
+dropout = float(sys.argv[1])
+ran = compile_ahead("cuda", hidden=256, intermediate=688, head_dim=64, vocab=1000, tokens=batch * seq, seq=seq,
+                    rank=8, dropout=dropout)
 ahead = list(compiled)
 compiled.clear()
-model = build_random(cfg, QuantSettings(), LoraSettings(r=8, alpha=16, dropout=0.0), "cuda", "bf16", progress=False)
+model = build_random(cfg, QuantSettings(), LoraSettings(r=8, alpha=16, dropout=dropout), "cuda", "bf16",
+                     progress=False)
 model.train()
 ids = torch.arange(batch * seq, device="cuda").reshape(batch, seq) % 1000
-loss = loss_sum(model, {"input_ids": ids, "labels": ids}, "cuda") / ids.numel()
-loss.backward()
+key = torch.tensor(dropout_key(0, 0), device="cuda") if dropout > 0 else None
+with keyed_dropout(model, key):  # as the trainer runs a step
+    loss = loss_sum(model, {"input_ids": ids, "labels": ids}, "cuda") / ids.numel()
+    loss.backward()
 torch.cuda.synchronize()
 print(json.dumps(dict(ran=ran, ahead=ahead, step=compiled, loss=float(loss))))
 """
 
 
 @pytest.mark.gpu
-def test_compile_ahead_leaves_nothing_for_the_first_step(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_compile_ahead_leaves_nothing_for_the_first_step(tmp_path, dropout):
     import torch
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(dropout)], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     import json
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["ran"] == ["rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad"], r
-    assert len(r["ahead"]) >= 7, r  # forward and backward kernels
+    assert r["ran"] == ["rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad"] + (["lora_dropout"] if dropout else []), r
+    assert len(r["ahead"]) >= (10 if dropout else 7), r  # forward and backward kernels
     assert r["step"] == [], r  # the step found every kernel compiled
     assert 6.0 < r["loss"] < 8.0  # ~ln(1000): the step ran
 
@@ -86,15 +94,23 @@ def test_compiled_ahead_once_per_stamp(tmp_path, monkeypatch):
     failed) leaves none, so the next start tries again."""
     from qlora.kernels import warm
     calls = []
-    result = list(warm.KERNELS)
+    base = [k for k in warm.KERNELS if k != "lora_dropout"]  # no LoRA dropout: its kernels are not planned
+    result = list(base)
     monkeypatch.setattr(warm, "_stamp", lambda device, **kw: tmp_path / "cache" / f"stamp-{kw['hidden']}")
     monkeypatch.setattr(warm, "compile_ahead", lambda device, **kw: calls.append(kw) or list(result))
     kw = dict(hidden=64, intermediate=128, head_dim=16, vocab=100, tokens=8, seq=8)
-    assert warm.compile_ahead_once("cuda", **kw) == list(warm.KERNELS)
+    assert warm.planned() == base
+    assert warm.compile_ahead_once("cuda", **kw) == base
     assert warm.compile_ahead_once("cuda", **kw) is None and len(calls) == 1
     result.remove("rope")
     assert warm.compile_ahead_once("cuda", **dict(kw, hidden=32)) == result
     assert warm.compile_ahead_once("cuda", **dict(kw, hidden=32)) == result and len(calls) == 3
-    result[:] = [k for k in warm.KERNELS if k != "dequantize_4bit"]  # 16-bit LoRA: no dequantization
+    result[:] = [k for k in base if k != "dequantize_4bit"]  # 16-bit LoRA: no dequantization
     assert warm.compile_ahead_once("cuda", **dict(kw, hidden=16, quant_type=None)) == result
     assert warm.compile_ahead_once("cuda", **dict(kw, hidden=16, quant_type=None)) is None and len(calls) == 4
+    result[:] = list(warm.KERNELS)  # with LoRA dropout, its kernels too
+    assert warm.planned("nf4", rank=16, dropout=0.05) == list(warm.KERNELS)
+    assert warm.compile_ahead_once("cuda", **dict(kw, hidden=8, rank=16, dropout=0.05)) == result
+    assert warm.compile_ahead_once("cuda", **dict(kw, hidden=8, rank=16, dropout=0.05)) is None and len(calls) == 5
+    monkeypatch.setenv("QLORA_FUSED_DROPOUT", "0")
+    assert "lora_dropout" not in warm.planned("nf4", rank=16, dropout=0.05)

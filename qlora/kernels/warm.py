@@ -4,7 +4,8 @@ On a freshly started GPU machine (an empty Triton cache), the first 8B training 
 Triton kernels one after another, ~1.2 s of compiling plus ~1.9 s waiting for ``ptxas`` and for the
 C compiler that builds each kernel's launcher (bench/ttfs_profile.py --detail, session 8).
 :func:`compile_ahead` runs each of them once on small tensors whose dtypes, alignment and integer
-arguments fall into the same specialisation as the run's, so that the run finds them compiled (in
+arguments fall into the same specialisation as the run's (the LoRA products with dropout inside: on the
+run's own rows, whose count sets a compile-time split), so that the run finds them compiled (in
 Triton's in-process and on-disk caches). :func:`qlora.lean_imports.warm_up_cuda` calls it (through
 :func:`compile_ahead_once`) from one of its background threads while the main thread imports transformers and builds the model; the child
 processes (``ptxas``, the C compiler) do not hold the interpreter lock.
@@ -20,22 +21,25 @@ import torch
 from ..config import env_flag
 
 
-KERNELS = ("rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad")
+KERNELS = ("rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad", "lora_dropout")
 
 
-def planned(quant_type: str | None = "nf4") -> list[str]:
+def planned(quant_type: str | None = "nf4", rank: int = 0, dropout: float = 0.0) -> list[str]:
     """The kernels :func:`compile_ahead` runs: all of :data:`KERNELS`, less RoPE where
-    ``QLORA_ROPE_KERNEL=0`` (transformers' rotary embedding runs instead) and less the dequantization
-    for a 16-bit base (``quant_type`` None)."""
+    ``QLORA_ROPE_KERNEL=0`` (transformers' rotary embedding runs instead), less the dequantization
+    for a 16-bit base (``quant_type`` None), and the LoRA products with keyed dropout inside only for a
+    run with LoRA dropout (``rank`` > 0, ``dropout`` > 0, not ``QLORA_FUSED_DROPOUT=0``)."""
     return [k for k in KERNELS if not (k == "rope" and not env_flag("QLORA_ROPE_KERNEL", True))
-            and not (k == "dequantize_4bit" and quant_type is None)]
+            and not (k == "dequantize_4bit" and quant_type is None)
+            and not (k == "lora_dropout" and not (rank > 0 and dropout > 0 and env_flag("QLORA_FUSED_DROPOUT", True)))]
 
 
 def compile_ahead(device, hidden: int, intermediate: int, head_dim: int, vocab: int, tokens: int, seq: int,
                   dtype: torch.dtype = torch.bfloat16, quant_type: str | None = "nf4", blocksize: int = 64,
-                  double_quant: bool = True) -> list[str]:
+                  double_quant: bool = True, rank: int = 0, dropout: float = 0.0) -> list[str]:
     """Compile (by running once) the Triton kernels of a decoder training step: RMSNorm, SwiGLU and RoPE
-    forward and backward, the 4-bit dequantization (``quant_type`` None: none) and the loss gradient.
+    forward and backward, the 4-bit dequantization (``quant_type`` None: none), the loss gradient, and
+    with LoRA dropout (``rank``, ``dropout``) the three LoRA products that apply it.
     ``tokens``: tokens per micro-batch (rows of the norm's backward); ``seq``: positions per sequence.
     Returns the names of the kernels that ran."""
     from . import available, norm_act
@@ -79,9 +83,23 @@ def compile_ahead(device, hidden: int, intermediate: int, head_dim: int, vocab: 
         labels = torch.zeros(16, device=dev, dtype=torch.long)
         softmax_xent_grad_(logits, labels, torch.ones(1, device=dev), -100)
 
-    fns = {"rms_norm": norm, "swiglu": act, "rope": rope, "dequantize_4bit": dequant, "xent_grad": loss}
+    def lora_dropout():
+        # the run's own rows and widths: grad_a's split over rows (a compile-time constant) follows from them.
+        # Transient memory: one [tokens, intermediate] input (8B, 4096 tokens: 117 MB)
+        from . import lora_dropout as ld
+        key = torch.zeros((), dtype=torch.int64, device=dev)
+        for k in sorted({hidden, intermediate}):
+            x = torch.zeros(max(1, tokens), k, device=dev, dtype=dtype)
+            a = torch.zeros(rank, k, device=dev, dtype=dtype)
+            xa = ld.down(x, a, dropout, key, 1)
+            ld.grad_a(xa, x, dropout, key, 1)
+            ld.grad_x_add_(x, xa, a, dropout, key, 1)
+            del x
+
+    fns = {"rms_norm": norm, "swiglu": act, "rope": rope, "dequantize_4bit": dequant, "xent_grad": loss,
+           "lora_dropout": lora_dropout}
     with torch.cuda.device(dev):
-        for name in planned(quant_type):
+        for name in planned(quant_type, rank, dropout):
             attempt(name, fns[name])
         torch.cuda.synchronize(dev)
     return done
@@ -115,7 +133,7 @@ def compile_ahead_once(device, **kw) -> list[str] | None:
     except Exception:  # no triton, no CUDA: compile_ahead decides
         stamp = None
     done = compile_ahead(device, **kw)
-    if stamp is not None and done == planned(kw.get("quant_type", "nf4")):
+    if stamp is not None and done == planned(kw.get("quant_type", "nf4"), kw.get("rank", 0), kw.get("dropout", 0.0)):
         try:
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.touch()
