@@ -103,11 +103,6 @@ class GraphedMicroStep:
         self._pool = None
         self._side = torch.cuda.Stream(self.device)
 
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The first captured graph (None before a capture)."""
-        return next(iter(self.graphs.values())).graph if self.graphs else None
-
     # -- eager ----------------------------------------------------------------------------------
 
     def _eager(self, batch: Batch, scale: float, side: bool = True) -> torch.Tensor:

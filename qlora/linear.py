@@ -48,24 +48,29 @@ class LoraDropout(nn.Dropout):
 
     salt = 0  # set by keyed_dropout: this layer's position among the model's LoRA dropouts
 
+    def _key(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The active keyed_dropout context's key on x's device, or None (no context, eval, p = 0)."""
+        key = _DROPOUT_KEY[0]
+        if key is None or not self.training or self.p == 0:
+            return None
+        return key if key.device == x.device else key.to(x.device)
+
     def fused_args(self, x: torch.Tensor, a: torch.Tensor) -> tuple | None:
         """``(p, key, salt)`` when the keyed dropout of ``x`` can run inside the LoRA products of ``x`` and the
         factor ``a`` (kernels/lora_dropout.py: 16-bit on a GPU, in a keyed_dropout context, training), else
         None (then this module's forward makes the dropped copy). ``QLORA_FUSED_DROPOUT=0`` turns it off."""
-        key = _DROPOUT_KEY[0]
-        if key is None or not self.training or self.p == 0 or not _FUSED_DROPOUT[0]:
+        key = self._key(x) if _FUSED_DROPOUT[0] else None
+        if key is None:
             return None
         from .kernels import lora_dropout
-        if key.device != x.device:
-            key = key.to(x.device)
         return (self.p, key, self.salt) if lora_dropout.usable(x, a, key) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = _DROPOUT_KEY[0]
-        if key is None or not self.training or self.p == 0:
+        key = self._key(x)
+        if key is None:
             return super().forward(x)
         from .kernels import dropout as kd
-        return kd.apply(x, self.p, key if key.device == x.device else key.to(x.device), self.salt)
+        return kd.apply(x, self.p, key, self.salt)
 
 
 def keyed_dropout_usable(device: torch.device) -> bool:

@@ -214,16 +214,15 @@ def _step_with_retry(run_step, optimizer, device, log):
             log("out of GPU memory in this step: moved the optimizer state to CPU memory, running the step again")
 
 
-def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, casts, log):
+def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, casts, log, keyed: bool):
     """The micro-step as a :class:`~qlora.cuda_graphs.GraphedMicroStep` when ``--cuda-graphs`` and
-    the run allows one (see cuda_graphs.supported), else None (eager steps)."""
+    the run allows one (see cuda_graphs.supported; ``keyed``: LoRA dropout draws keyed masks), else None
+    (eager steps)."""
     if not cfg.cuda_graphs or device.type != "cuda":
         return None
     from .cuda_graphs import GraphedMicroStep, supported
-    from .linear import keyed_dropout_usable
     ok, why = supported(device, parallel=par.mode != "none", host_embeddings=cfg.offload_embeddings,
-                        dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing,
-                        keyed_dropout=keyed_dropout_usable(device))
+                        dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing, keyed_dropout=keyed)
     if ok and scaler is not None:
         ok, why = False, "fp16 loss scaling"
     if ok and not cfg.packing and off is not None:  # the offloader's pinned buffers are sized for one shape
@@ -451,8 +450,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu"))
     cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
     casts = lora_cast(model, enabled=par.mode == "none")  # entered per micro-batch
-    graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, log)
     keyed = cfg.dropout > 0 and keyed_dropout_usable(device)
+    graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, log, keyed)
     if graphed is not None:
         from .cuda_graphs import graph_batch
     bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),

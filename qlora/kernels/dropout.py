@@ -60,10 +60,15 @@ def _fmix(h):
     return h ^ (h >> 16)
 
 
+def salt_mix(salt: int) -> int:
+    """``fmix(salt * GOLDEN)``: the layer's part of the round keys, computed once on the host (kernels take it)."""
+    return _fmix((int(salt) * GOLDEN) & M32)
+
+
 def _keys(key: int, salt: int) -> tuple[int, int]:
     """The two 32-bit round keys of one (key, salt) pair (what the kernel computes from the device key)."""
     lo, hi = key & M32, (key >> 32) & M32
-    k1 = _fmix(lo ^ _fmix((salt * GOLDEN) & M32))
+    k1 = _fmix(lo ^ salt_mix(salt))
     k2 = _fmix(hi ^ k1 ^ GOLDEN)
     return k1, k2
 
@@ -98,28 +103,42 @@ if triton is not None:
         h = h * 0xC2B2AE35
         return h ^ (h >> 16)
 
-    @triton.jit(do_not_specialize=["salt_mix", "thresh"])
-    def _dropout_kernel(x_ptr, y_ptr, key_ptr, n, salt_mix, thresh, scale, BLOCK: tl.constexpr):
-        # salt_mix = fmix32(salt * GOLDEN), computed on the host (the salt is a constant of the layer)
+    @triton.jit
+    def round_keys(key_ptr, salt_mix):
+        """(k1, k2) from the device key and the host's :func:`salt_mix` (what :func:`_keys` computes)."""
         key = tl.load(key_ptr).to(tl.uint64)
         lo = (key & 0xFFFFFFFF).to(tl.uint32)
         hi = (key >> 32).to(tl.uint32)
         k1 = _fmix32(lo ^ salt_mix.to(tl.uint32))
         k2 = _fmix32(hi ^ k1 ^ 0x9E3779B9)
+        return k1, k2
+
+    @triton.jit
+    def keep(flat, k1, k2, thresh):
+        """Whether the elements at int64 flat indices ``flat`` are kept (:func:`hash_reference` >= thresh)."""
+        h = _fmix32((flat.to(tl.uint32) ^ k1) * 0x9E3779B1 + k2)
+        return h >= thresh.to(tl.uint32)
+
+    @triton.jit(do_not_specialize=["salt_mix", "thresh"])
+    def _dropout_kernel(x_ptr, y_ptr, key_ptr, n, salt_mix, thresh, scale, BLOCK: tl.constexpr):
+        k1, k2 = round_keys(key_ptr, salt_mix)
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        h = _fmix32((offs.to(tl.uint32) ^ k1) * 0x9E3779B1 + k2)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        y = tl.where(h >= thresh.to(tl.uint32), x.to(tl.float32) * scale, 0.0)
+        y = tl.where(keep(offs, k1, k2, thresh), x.to(tl.float32) * scale, 0.0)
         tl.store(y_ptr + offs, y.to(x.dtype), mask=mask)
 
 
+def key_ok(x: torch.Tensor, key: torch.Tensor) -> bool:
+    """A one-element int64 key on x's device (what the kernels read)."""
+    return key.device == x.device and key.numel() == 1 and key.dtype == torch.int64
+
+
 def usable(x: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether :func:`dropout` takes these tensors (Triton, CUDA, fp32/bf16/fp16, a one-element int64 key on
-    x's device)."""
-    return (triton is not None and x.is_cuda and key.device == x.device and key.numel() == 1
-            and key.dtype == torch.int64 and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    """Whether :func:`dropout` takes these tensors (Triton, CUDA, fp32/bf16/fp16, :func:`key_ok`)."""
+    return (triton is not None and x.is_cuda and key_ok(x, key)
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def dropout(x: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Tensor:
@@ -129,8 +148,7 @@ def dropout(x: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Te
     y = torch.empty_like(xc)
     n = xc.numel()
     if n:
-        salt_mix = _fmix((int(salt) * GOLDEN) & M32)
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](xc, y, key, n, salt_mix, threshold(p), 1.0 / (1.0 - p),
+        _dropout_kernel[(triton.cdiv(n, BLOCK),)](xc, y, key, n, salt_mix(salt), threshold(p), 1.0 / (1.0 - p),
                                                   BLOCK=BLOCK, num_warps=8)
     return y
 

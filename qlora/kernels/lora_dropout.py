@@ -22,46 +22,33 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import GOLDEN, M32, _fmix, threshold
+from .dropout import key_ok, keep_mask_reference, salt_mix, threshold
 
 try:
     import triton
     import triton.language as tl
 
-    from .dropout import _fmix32
+    from .dropout import keep, round_keys
 except ImportError:  # pragma: no cover
     triton = None
 
 MAX_R = 128
-BM_DOWN, BK_DOWN = 32, 128  # down: 32 token rows per program (4096 tokens: 128 programs), K in 128-wide steps
-BK_GA, BM_GA = 64, 64       # grad_a: 64 columns of K per program, M in 64-row steps
-BM_GX, BK_GX = 64, 128      # grad_x_add_: output tiles
-
-
-def _salt_mix(salt: int) -> int:
-    return _fmix((int(salt) * GOLDEN) & M32)
+CONFIGS = {  # (rows, columns, warps, stages) per kernel; bench/kernels.py --sweep times alternatives
+    "down": (32, 128, 4, 3),    # 32 token rows per program (4096 tokens: 128 programs), K in 128-wide steps
+    "grad_a": (64, 64, 4, 3),   # M in 64-row steps, 64 columns of K per program
+    "grad_x": (64, 128, 4, 2),  # output tiles
+}
 
 
 if triton is not None:
     @triton.jit
-    def _round_keys(key_ptr, salt_mix):
-        key = tl.load(key_ptr).to(tl.uint64)
-        lo = (key & 0xFFFFFFFF).to(tl.uint32)
-        hi = (key >> 32).to(tl.uint32)
-        k1 = _fmix32(lo ^ salt_mix.to(tl.uint32))
-        k2 = _fmix32(hi ^ k1 ^ 0x9E3779B9)
-        return k1, k2
-
-    @triton.jit
     def _keep(rm, rk, K, k1, k2, thresh):
-        flat = rm[:, None].to(tl.int64) * K + rk[None, :]
-        h = _fmix32((flat.to(tl.uint32) ^ k1) * 0x9E3779B1 + k2)
-        return h >= thresh.to(tl.uint32)
+        return keep(rm[:, None].to(tl.int64) * K + rk[None, :], k1, k2, thresh)
 
     @triton.jit(do_not_specialize=["salt_mix", "thresh"])
     def _down_kernel(x_ptr, a_ptr, out_ptr, key_ptr, M, K, R, stride_xm, salt_mix, thresh, scale,
                      BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
-        k1, k2 = _round_keys(key_ptr, salt_mix)
+        k1, k2 = round_keys(key_ptr, salt_mix)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, RP)
         acc = tl.zeros((BM, RP), dtype=tl.float32)
@@ -79,7 +66,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["salt_mix", "thresh"])
     def _grad_a_kernel(g_ptr, x_ptr, part_ptr, key_ptr, M, K, R, stride_xm, salt_mix, thresh, scale,
                        SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
-        k1, k2 = _round_keys(key_ptr, salt_mix)
+        k1, k2 = round_keys(key_ptr, salt_mix)
         rk = tl.program_id(0) * BK + tl.arange(0, BK)
         s = tl.program_id(1)
         rr = tl.arange(0, RP)
@@ -98,7 +85,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["salt_mix", "thresh"])
     def _grad_x_kernel(gx_ptr, g_ptr, a_ptr, key_ptr, M, K, R, salt_mix, thresh, scale,
                        BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr):
-        k1, k2 = _round_keys(key_ptr, salt_mix)
+        k1, k2 = round_keys(key_ptr, salt_mix)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
         rr = tl.arange(0, RP)
@@ -122,7 +109,7 @@ def usable(x: torch.Tensor, a: torch.Tensor, key: torch.Tensor) -> bool:
     or fp16 (both the same), 0 < r <= 128, ``x`` with unit stride along K, a one-element int64 key on the device."""
     return (triton is not None and x.is_cuda and a.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and a.dtype == x.dtype and 0 < a.shape[0] <= MAX_R and a.shape[1] == x.shape[-1] and x.stride(-1) == 1
-            and a.is_contiguous() and key.device == x.device and key.numel() == 1 and key.dtype == torch.int64)
+            and a.is_contiguous() and key_ok(x, key))
 
 
 def _gpu(t: torch.Tensor) -> bool:
@@ -136,11 +123,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-CONFIGS = {  # (rows, columns, warps, stages) per kernel; bench/kernels.py --sweep times alternatives
-    "down": (BM_DOWN, BK_DOWN, 4, 3), "grad_a": (BM_GA, BK_GA, 4, 3), "grad_x": (BM_GX, BK_GX, 4, 2),
-}
-
-
 def down(x: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor, salt: int, config=None) -> torch.Tensor:
     """``(keep * x / (1 - p)) @ a.T`` for ``x`` [M, K] (or [..., K], flattened), ``a`` [r, K]: [M, r] in x's dtype."""
     if not _gpu(x):
@@ -151,7 +133,7 @@ def down(x: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor, salt: in
     bm, bk, warps, stages = config or CONFIGS["down"]
     out = torch.empty((m, r), device=x.device, dtype=x.dtype)
     if m:
-        _down_kernel[(triton.cdiv(m, bm),)](x2, a, out, key, m, k, r, x2.stride(0), _salt_mix(salt),
+        _down_kernel[(triton.cdiv(m, bm),)](x2, a, out, key, m, k, r, x2.stride(0), salt_mix(salt),
                                             threshold(p), 1.0 / (1.0 - p), BM=bm, BK=bk, RP=_rp(r),
                                             num_warps=warps, num_stages=stages)
     return out
@@ -167,11 +149,11 @@ def grad_a(gxa: torch.Tensor, x: torch.Tensor, p: float, key: torch.Tensor, salt
     r = g.shape[1]
     bm, bk, warps, stages = config or CONFIGS["grad_a"]
     cols = triton.cdiv(k, bk)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     split = max(1, min(triton.cdiv(2 * sms, cols), triton.cdiv(m, bm), 16))  # ~2 programs per SM
     part = torch.empty((split, r, k), device=x.device, dtype=torch.float32)
     if m:
-        _grad_a_kernel[(cols, split)](g, x2, part, key, m, k, r, x2.stride(0), _salt_mix(salt), threshold(p),
+        _grad_a_kernel[(cols, split)](g, x2, part, key, m, k, r, x2.stride(0), salt_mix(salt), threshold(p),
                                       1.0 / (1.0 - p), SPLIT=split, BM=bm, BK=bk, RP=_rp(r), num_warps=warps,
                                       num_stages=stages)
     else:
@@ -191,7 +173,7 @@ def grad_x_add_(gx: torch.Tensor, gxa: torch.Tensor, a: torch.Tensor, p: float, 
     bm, bk, warps, stages = config or CONFIGS["grad_x"]
     if m:
         _grad_x_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
-            gx, g, a, key, m, k, r, _salt_mix(salt), threshold(p), 1.0 / (1.0 - p), BM=bm, BK=bk, RP=_rp(r),
+            gx, g, a, key, m, k, r, salt_mix(salt), threshold(p), 1.0 / (1.0 - p), BM=bm, BK=bk, RP=_rp(r),
             num_warps=warps, num_stages=stages)
     return gx
 
@@ -199,21 +181,19 @@ def grad_x_add_(gx: torch.Tensor, gxa: torch.Tensor, a: torch.Tensor, p: float, 
 # -- torch references (the same math through dropout.dropout_reference) -------------------------------
 
 
+def _kept64(t: torch.Tensor, p, key: int, salt) -> torch.Tensor:
+    """``t`` as [M, K] float64 with the keyed mask of its flat indices applied (dropped elements 0, unscaled)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return torch.where(keep_mask_reference(t2.numel(), p, key, salt, t.device).view(t2.shape), t2.double(), 0.0)
+
+
 def down_reference(x, a, p, key: int, salt):
-    from .dropout import keep_mask_reference
-    x2 = x.reshape(-1, x.shape[-1])
-    keep = keep_mask_reference(x2.numel(), p, key, salt, x.device).view(x2.shape)
-    return ((torch.where(keep, x2.double(), 0.0) @ a.double().t()) / (1.0 - p))
+    return (_kept64(x, p, key, salt) @ a.double().t()) / (1.0 - p)
 
 
 def grad_a_reference(gxa, x, p, key: int, salt):
-    from .dropout import keep_mask_reference
-    x2 = x.reshape(-1, x.shape[-1])
-    keep = keep_mask_reference(x2.numel(), p, key, salt, x.device).view(x2.shape)
-    return gxa.reshape(-1, gxa.shape[-1]).double().t() @ torch.where(keep, x2.double(), 0.0) / (1.0 - p)
+    return gxa.reshape(-1, gxa.shape[-1]).double().t() @ _kept64(x, p, key, salt) / (1.0 - p)
 
 
 def grad_x_add_reference(gx, gxa, a, p, key: int, salt):
-    from .dropout import keep_mask_reference
-    keep = keep_mask_reference(gx.numel(), p, key, salt, gx.device).view(gx.shape)
-    return gx.double() + torch.where(keep, gxa.double() @ a.double(), 0.0) / (1.0 - p)
+    return gx.double() + _kept64(gxa.double() @ a.double(), p, key, salt) / (1.0 - p)
