@@ -392,7 +392,8 @@ def lora_dropout_table(sweep: bool):
     key = torch.tensor(42 << 32, device="cuda")
     p, salt, dt = 0.05, 3, torch.bfloat16
     us = lambda t: None if t is None else t * 1e3  # noqa: E731
-    for m, k, r in ((4096, 4096, 16), (4096, 14336, 16), (8192, 2048, 16), (8192, 8192, 16), (4096, 4096, 64)):
+    for m, k, r in ((4096, 4096, 16), (4096, 14336, 16), (8192, 2048, 16), (8192, 8192, 16), (4096, 4096, 64),
+                    (4096, 4096, 128)):
         xs = [torch.randn(m, k, device="cuda", dtype=dt) for _ in range(4)]
         xds = [kd.dropout(x, p, key, salt) for x in xs]
         a = (torch.randn(r, k, device="cuda") * k ** -0.5).to(dt)
@@ -446,7 +447,7 @@ def lora_dropout_table(sweep: bool):
                 res.append((t if t is not None and err < 1e-2 else float("inf"), cfg, err))
             res.sort(key=lambda z: z[0])
             print(f"    sweep {name}: " + ", ".join(f"{c} {us(t):.1f} us (err {e:.1e})" for t, c, e in res[:4]) +
-                  f"; default {ld.CONFIGS[name]}")
+                  f"; default {ld.launch_config(name, r)}")
 
 
 def dump_kernels(outdir: str):

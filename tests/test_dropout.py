@@ -69,6 +69,18 @@ def test_drop_rate_and_independence(p):
         assert abs(both - (n - lag) * p * p) < 6 * math.sqrt(n * p * p), (lag, both)
 
 
+def test_launch_args_are_one_int32_type_with_the_same_bits():
+    """Triton types an int argument i32 or i64 by its value (one compile each): the kernels get the 32-bit salt
+    mix and threshold as signed int32 with the same bits, whatever the salt and rate."""
+    for salt in range(2000):
+        for p in (0.0, 0.05, 0.5, 0.7, 0.999):
+            sm, th, scale = kd.launch_args(p, salt)
+            assert -2**31 <= sm < 2**31 and -2**31 <= th < 2**31
+            assert sm & kd.M32 == kd.salt_mix(salt) and th & kd.M32 == kd.threshold(p)
+            assert scale == 1.0 / (1.0 - p)
+    assert any(kd.salt_mix(s) >= 2**31 for s in range(8)) and kd.threshold(0.7) >= 2**31  # both halves seen
+
+
 def test_threshold_edges():
     assert kd.threshold(0.0) == 0 and kd.threshold(0.5) == 2**31 and kd.threshold(1 - 1e-12) == M32 - 1
     x = torch.randn(64)
@@ -294,17 +306,18 @@ def test_fused_lora_dropout_kernels_match_float64(dtype, m, k, r):
     a = (torch.randn(r, k, device="cuda", generator=g) * k ** -0.5).to(dtype)
     gxa = torch.randn(m, r, device="cuda", dtype=dtype, generator=g)
     gx = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
-    key, salt, p = dropout_key(42, 7), 5, 0.1
+    key = dropout_key(42, 7)
     kt = torch.tensor(key, device="cuda")
     assert ld.usable(x, a, kt)
     tol = 8e-3 if dtype == torch.bfloat16 else 1e-3  # one rounding of the output
-    assert _rel(ld.down(x, a, p, kt, salt), ld.down_reference(x, a, p, key, salt)) < tol
-    assert _rel(ld.grad_a(gxa, x, p, kt, salt), ld.grad_a_reference(gxa, x, p, key, salt)) < tol
-    want = ld.grad_x_add_reference(gx, gxa, a, p, key, salt)
-    assert _rel(ld.grad_x_add_(gx.clone(), gxa, a, p, kt, salt), want) < tol
-    # the same mask as the stand-alone keyed dropout: the unfused path's products agree to its extra rounding
-    xd = kd.dropout(x, p, kt, salt)
-    assert _rel(xd @ a.t(), ld.down_reference(x, a, p, key, salt)) < 2 * tol
+    for salt, p in ((5, 0.1), (1, 0.7)):  # salt 1 and p 0.7: salt mix and threshold past 2**31 (negative int32)
+        assert _rel(ld.down(x, a, p, kt, salt), ld.down_reference(x, a, p, key, salt)) < tol
+        assert _rel(ld.grad_a(gxa, x, p, kt, salt), ld.grad_a_reference(gxa, x, p, key, salt)) < tol
+        want = ld.grad_x_add_reference(gx, gxa, a, p, key, salt)
+        assert _rel(ld.grad_x_add_(gx.clone(), gxa, a, p, kt, salt), want) < tol
+        # the same mask as the stand-alone keyed dropout: the unfused path's products agree to its extra rounding
+        xd = kd.dropout(x, p, kt, salt)
+        assert _rel(xd @ a.t(), ld.down_reference(x, a, p, key, salt)) < 2 * tol
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """AdamW 32/8-bit and paging against torch.optim.AdamW, bitsandbytes (CPU backend) and fp32 math."""
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -277,6 +278,51 @@ def test_pager_moves_only_the_excess_each_step(per_param, monkeypatch):
         assert opt.state_bytes()["device"] <= k * 800
 
 
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_pages_evicted_together_move_as_one_copy_each_way(bits, tmp_path, monkeypatch):
+    """Budget 0 (`--offload-optimizer`): after the first eviction each chunk's pages share one host block, so
+    every later step moves each chunk in and out with one copy each way (not one per state tensor), with
+    the same parameters and state as without paging; the state dict gives tensors of their own."""
+    from safetensors.torch import load_file, save_file
+    monkeypatch.setattr(optim, "PAGED_CHUNK_BYTES", 60000 if bits == 8 else 200000)  # several chunks, several tensors each
+    name = "adamw8bit" if bits == 8 else "adamw"
+    shapes = [(16, 300), (700, 16)] * 6  # LoRA-like pairs; 8-bit state above 4096 elements
+    def params():
+        g = torch.Generator().manual_seed(5)
+        return [torch.nn.Parameter(torch.randn(sh, generator=g)) for sh in shapes]
+    a, b = params(), params()
+    paged = optim.make_optimizer(a, "paged_" + name, lr=1e-2, weight_decay=0.1, page_budget_bytes=0)
+    plain = optim.make_optimizer(b, name, lr=1e-2, weight_decay=0.1)
+    chunks = len(paged._chunks([(paged.param_groups[0], p) for p in a]))
+    keys = 2 if bits == 32 else 4
+    assert 1 < chunks < len(shapes)
+    for t in range(5):
+        before = Counter(paged.pager.stats)
+        for opt, ps in ((paged, a), (plain, b)):
+            g = torch.Generator().manual_seed(100 + t)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        moved = paged.pager.stats - before
+        if t == 0:  # state created on the device, then out tensor by tensor into new blocks
+            assert moved["copies_in"] == 0 and moved["copies_out"] == keys * len(shapes) and moved["blocks"] == chunks
+        else:
+            assert moved["copies_in"] == chunks and moved["copies_out"] == chunks and moved["blocks"] == 0
+        assert moved["evictions"] == len(shapes)
+        assert same(a, b), t
+    sd = paged.state_dict()
+    assert state_equal(sd, plain.state_dict())
+    for st in sd["state"].values():  # no views into the pager's blocks
+        assert all(t.untyped_storage().nbytes() == t.nbytes for t in st.values())
+    tensors, meta = optim.state_dict_to_tensors(sd)
+    save_file(tensors, str(tmp_path / "o.safetensors"), metadata=meta)
+    torch.save(sd, tmp_path / "o.pt")
+    back = optim.state_dict_from_tensors(load_file(str(tmp_path / "o.safetensors")), meta)
+    assert state_equal(back, torch.load(tmp_path / "o.pt", weights_only=True), groups=False)  # JSON: lists
+    assert state_equal(back, plain.state_dict(), groups=False)
+
+
 def test_evict_all_then_continue():
     a, b = make_params(), make_params()
     paged = optim.make_optimizer(a, "paged_adamw8bit", lr=1e-2)
@@ -404,9 +450,10 @@ def test_cuda_paged_equals_unpaged(bits, tmp_path, monkeypatch):
     torch.cuda.synchronize()
     assert paged.pager.stats["evictions"] > 0 and paged.pager.stats["fetches"] > 0
     assert same(a, b)
+    assert any(t.device.type == "cpu" and t.is_pinned() for st in paged.state.values()
+               for k, t in st.items() if k != "step")  # pages in pinned host memory
     sd = paged.state_dict()
-    assert any(t.device.type == "cpu" and t.is_pinned() for st in sd["state"].values()
-               for k, t in st.items() if k != "step")
+    assert any(t.device.type == "cpu" for st in sd["state"].values() for k, t in st.items() if k != "step")
     assert state_equal(sd, plain.state_dict())
     # resume a paged CUDA run from its state dict
     c = [torch.nn.Parameter(p.detach().clone()) for p in a]
@@ -426,3 +473,32 @@ def test_cuda_adamw32_equals_torch_and_auto_budget_keeps_state_resident():
     run(ref, b, 8)
     assert same(a, b)
     assert ours.pager.stats["evictions"] == 0 and ours.state_bytes()["host"] == 0
+
+
+@pytest.mark.gpu
+def test_cuda_budget_zero_moves_all_state_every_step_and_changes_nothing():
+    """``--offload-optimizer``'s pager (budget 0) at a LoRA-like size: every page goes out after its update and
+    comes back next step, each chunk as one copy per direction on two copy streams, with no host
+    synchronisation between steps (a fetch must wait for the eviction that wrote its host block). Same
+    parameters and state as without paging."""
+    shapes = [(16, 4096), (14336, 16)] * 24
+    def params():
+        g = torch.Generator(device="cuda").manual_seed(3)
+        return [torch.nn.Parameter(torch.randn(sh, device="cuda", generator=g) * 0.01) for sh in shapes]
+    a, b = params(), params()
+    paged = optim.make_optimizer(a, "paged_adamw", lr=1e-2, weight_decay=0.1, page_budget_bytes=0)
+    plain = optim.make_optimizer(b, "adamw", lr=1e-2, weight_decay=0.1)
+    chunks = len(paged._chunks([(paged.param_groups[0], p) for p in a]))
+    for opt, ps in ((paged, a), (plain, b)):
+        g = torch.Generator(device="cuda").manual_seed(4)
+        for _ in range(8):
+            for p in ps:
+                p.grad = torch.randn(p.shape, device="cuda", generator=g)
+            opt.step()
+    torch.cuda.synchronize()
+    st = paged.pager.stats
+    assert 1 < chunks < len(shapes) and st["evictions"] == len(shapes) * 8 and st["fetches"] == len(shapes) * 7
+    assert st["copies_in"] == chunks * 7 and st["copies_out"] == 2 * len(shapes) + chunks * 7
+    assert paged.state_bytes()["device"] == 0
+    assert same(a, b)
+    assert state_equal(paged.state_dict(), plain.state_dict())

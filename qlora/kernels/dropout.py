@@ -65,6 +65,19 @@ def salt_mix(salt: int) -> int:
     return _fmix((int(salt) * GOLDEN) & M32)
 
 
+def _i32(v: int) -> int:
+    """A 32-bit pattern as the signed int32 with the same bits: Triton types an int argument i32 or i64 by its
+    value, and a kernel compiles once per type, so values that fill 32 bits would compile each kernel twice
+    (the kernels read these arguments as uint32 either way)."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def launch_args(p: float, salt: int) -> tuple[int, int, float]:
+    """``(salt_mix, thresh, scale)`` as the keyed-dropout kernels take them: one argument type for every salt
+    and rate, so one compiled kernel serves all layers of a run."""
+    return _i32(salt_mix(salt)), _i32(threshold(p)), 1.0 / (1.0 - p)
+
+
 def _keys(key: int, salt: int) -> tuple[int, int]:
     """The two 32-bit round keys of one (key, salt) pair (what the kernel computes from the device key)."""
     lo, hi = key & M32, (key >> 32) & M32
@@ -148,7 +161,7 @@ def dropout(x: torch.Tensor, p: float, key: torch.Tensor, salt: int) -> torch.Te
     y = torch.empty_like(xc)
     n = xc.numel()
     if n:
-        _dropout_kernel[(triton.cdiv(n, BLOCK),)](xc, y, key, n, salt_mix(salt), threshold(p), 1.0 / (1.0 - p),
+        _dropout_kernel[(triton.cdiv(n, BLOCK),)](xc, y, key, n, *launch_args(p, salt),
                                                   BLOCK=BLOCK, num_warps=8)
     return y
 

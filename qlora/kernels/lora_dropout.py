@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .dropout import key_ok, keep_mask_reference, salt_mix, threshold
+from .dropout import key_ok, keep_mask_reference, launch_args
 
 try:
     import triton
@@ -33,11 +33,20 @@ except ImportError:  # pragma: no cover
     triton = None
 
 MAX_R = 128
-CONFIGS = {  # (rows, columns, warps, stages) per kernel; bench/kernels.py --sweep times alternatives
-    "down": (32, 128, 4, 3),    # 32 token rows per program (4096 tokens: 128 programs), K in 128-wide steps
-    "grad_a": (64, 64, 4, 3),   # M in 64-row steps, 64 columns of K per program
-    "grad_x": (64, 128, 4, 2),  # output tiles
+# (rows, columns, warps, stages) per kernel and padded rank (16, 32, 64, 128); bench/kernels.py --sweep times
+# alternatives. Chosen on an H200 (bench/results/kernels_lora_dropout_sweep_2026-11-30_s12_h200.txt): down at
+# r 16 256-wide K steps (-10 to -23% against 128-wide), narrower row tiles at r 64 and 128 (r 128 with 256-wide
+# steps would not fit shared memory); grad_x with 32-row tiles at r 16-32 (-13 to -16%), 64x64 above.
+CONFIGS = {
+    "down": {16: (32, 256, 4, 3), 32: (32, 256, 4, 3), 64: (16, 128, 4, 3), 128: (32, 128, 8, 3)},
+    "grad_a": {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 64, 4, 3)},
+    "grad_x": {16: (32, 128, 4, 2), 32: (32, 128, 4, 2), 64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
 }
+
+
+def launch_config(name: str, r: int) -> tuple[int, int, int, int]:
+    """The launch configuration of kernel ``name`` ("down", "grad_a", "grad_x") at LoRA rank ``r``."""
+    return CONFIGS[name][_rp(r)]
 
 
 if triton is not None:
@@ -130,11 +139,11 @@ def down(x: torch.Tensor, a: torch.Tensor, p: float, key: torch.Tensor, salt: in
     x2 = _rows(x)
     m, k = x2.shape
     r = a.shape[0]
-    bm, bk, warps, stages = config or CONFIGS["down"]
+    bm, bk, warps, stages = config or launch_config("down", r)
     out = torch.empty((m, r), device=x.device, dtype=x.dtype)
     if m:
-        _down_kernel[(triton.cdiv(m, bm),)](x2, a, out, key, m, k, r, x2.stride(0), salt_mix(salt),
-                                            threshold(p), 1.0 / (1.0 - p), BM=bm, BK=bk, RP=_rp(r),
+        _down_kernel[(triton.cdiv(m, bm),)](x2, a, out, key, m, k, r, x2.stride(0),
+                                            *launch_args(p, salt), BM=bm, BK=bk, RP=_rp(r),
                                             num_warps=warps, num_stages=stages)
     return out
 
@@ -147,14 +156,14 @@ def grad_a(gxa: torch.Tensor, x: torch.Tensor, p: float, key: torch.Tensor, salt
     g = gxa.reshape(-1, gxa.shape[-1]).contiguous()
     m, k = x2.shape
     r = g.shape[1]
-    bm, bk, warps, stages = config or CONFIGS["grad_a"]
+    bm, bk, warps, stages = config or launch_config("grad_a", r)
     cols = triton.cdiv(k, bk)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     split = max(1, min(triton.cdiv(2 * sms, cols), triton.cdiv(m, bm), 16))  # ~2 programs per SM
     part = torch.empty((split, r, k), device=x.device, dtype=torch.float32)
     if m:
-        _grad_a_kernel[(cols, split)](g, x2, part, key, m, k, r, x2.stride(0), salt_mix(salt), threshold(p),
-                                      1.0 / (1.0 - p), SPLIT=split, BM=bm, BK=bk, RP=_rp(r), num_warps=warps,
+        _grad_a_kernel[(cols, split)](g, x2, part, key, m, k, r, x2.stride(0), *launch_args(p, salt),
+                                      SPLIT=split, BM=bm, BK=bk, RP=_rp(r), num_warps=warps,
                                       num_stages=stages)
     else:
         part.zero_()
@@ -170,10 +179,10 @@ def grad_x_add_(gx: torch.Tensor, gxa: torch.Tensor, a: torch.Tensor, p: float, 
     m, k = gx.shape
     g = gxa.reshape(-1, gxa.shape[-1]).contiguous()
     r = g.shape[1]
-    bm, bk, warps, stages = config or CONFIGS["grad_x"]
+    bm, bk, warps, stages = config or launch_config("grad_x", r)
     if m:
         _grad_x_kernel[(triton.cdiv(m, bm), triton.cdiv(k, bk))](
-            gx, g, a, key, m, k, r, salt_mix(salt), threshold(p), 1.0 / (1.0 - p), BM=bm, BK=bk, RP=_rp(r),
+            gx, g, a, key, m, k, r, *launch_args(p, salt), BM=bm, BK=bk, RP=_rp(r),
             num_warps=warps, num_stages=stages)
     return gx
 
