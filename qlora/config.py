@@ -47,6 +47,13 @@ def env_flag(name: str, default: bool) -> bool:
     return True if v in _TRUE else False if v in _FALSE else default
 
 
+def fused_dropout_enabled() -> bool:
+    """``QLORA_FUSED_DROPOUT`` (default on): on a GPU, keyed LoRA dropout runs inside the LoRA products
+    (``kernels/lora_dropout.py``) instead of writing a dropped copy of each input. Read by the layers
+    (``linear``), the compile-ahead list (``kernels.warm``) and the memory plan (``plan``)."""
+    return env_flag("QLORA_FUSED_DROPOUT", True)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | None = None) -> None:
     """Add one flag per field of ``cls``; defaults are left as None so that we can tell which
     flags were given (they override the YAML file)."""

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4
-from .config import env_flag
+from .config import env_flag, fused_dropout_enabled
 from .errors import QLoraError
 
 
@@ -38,7 +38,7 @@ def _dequant(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dtype) ->
 
 
 _DROPOUT_KEY: list = [None]  # the device key of keyed LoRA dropout while keyed_dropout() is active
-_FUSED_DROPOUT = [env_flag("QLORA_FUSED_DROPOUT", True)]  # keyed dropout inside the LoRA products (GPU)
+_FUSED_DROPOUT = [fused_dropout_enabled()]  # read once at import (tests flip it here)
 
 
 class LoraDropout(nn.Dropout):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import env_flag
+from ..config import env_flag, fused_dropout_enabled
 
 
 KERNELS = ("rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad", "lora_dropout")
@@ -31,7 +31,7 @@ def planned(quant_type: str | None = "nf4", rank: int = 0, dropout: float = 0.0)
     run with LoRA dropout (``rank`` > 0, ``dropout`` > 0, not ``QLORA_FUSED_DROPOUT=0``)."""
     return [k for k in KERNELS if not (k == "rope" and not env_flag("QLORA_ROPE_KERNEL", True))
             and not (k == "dequantize_4bit" and quant_type is None)
-            and not (k == "lora_dropout" and not (rank > 0 and dropout > 0 and env_flag("QLORA_FUSED_DROPOUT", True)))]
+            and not (k == "lora_dropout" and not (rank > 0 and dropout > 0 and fused_dropout_enabled()))]
 
 
 def compile_ahead(device, hidden: int, intermediate: int, head_dim: int, vocab: int, tokens: int, seq: int,
