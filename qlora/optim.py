@@ -52,8 +52,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 BLOCKSIZE = 256
 MIN_8BIT_SIZE = 4096
 CHUNK_ELEMS = 1 << 22  # parameters updated together at most (bounds the 8-bit path's temporaries)
-PAGED_CHUNK_BYTES = 32 << 20  # state paged in together at least (when a quarter budget is smaller); 8 MiB chunks
-                              # made the 8B shape's offloaded step 25 ms, 32 MiB 14 (H200; 7 resident)
+PAGED_CHUNK_BYTES = 32 << 20  # state paged in together at least (when a quarter budget is smaller); 8B LoRA
+                              # set, budget 0, H200, one call: 8 MiB chunks 25-29 ms per step, 32 MiB 14-23
 KEYS_32 = ("exp_avg", "exp_avg_sq")
 KEYS_8 = ("exp_avg_q8", "exp_avg_absmax", "exp_avg_sq_q8", "exp_avg_sq_absmax")
 _CHUNK = CHUNK_ELEMS  # elements quantized at a time (a multiple of BLOCKSIZE): bounds temporaries
@@ -164,8 +164,8 @@ ALIGN = 256  # bytes: where each state tensor starts inside a block
 class Block:
     """The host copies of several pages' state in one flat (pinned) buffer: pages evicted together keep one
     layout, so the whole set moves in and out as one copy each way, into and out of one flat device buffer
-    whose views become the state tensors (per-tensor copies cost ~40 us of host time per parameter: the
-    8B shape's 448 LoRA tensors made the paged step 33 ms, where the bytes alone take 7)."""
+    whose views become the state tensors (per-tensor copies cost ~40 us of host time each: the 896 state
+    tensors of the 8B shape's LoRA factors made the paged step 33 ms, where the bytes alone take 7)."""
 
     def __init__(self, pages: list[Page], pin: bool):
         self.pages = pages
