@@ -447,7 +447,7 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, optim_bits: int = 32, paged: bool = False,
                  page_budget_bytes: int | None = None, min_8bit_size: int = MIN_8BIT_SIZE):
-        _check_hparams(lr, betas, eps, weight_decay, page_budget_bytes)
+        check_hparams(lr, betas, eps, weight_decay, page_budget_bytes)
         if optim_bits not in (8, 32):
             raise QLoraError(f"optimizer state must be 8 or 32 bits, got {optim_bits!r}")
         super().__init__(params, dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])),
@@ -710,7 +710,9 @@ def _advance(steps: list[torch.Tensor]) -> list[float]:
     return torch.stack(steps).tolist()
 
 
-def _check_hparams(lr, betas, eps, weight_decay, page_budget_bytes) -> None:
+def check_hparams(lr, betas, eps, weight_decay, page_budget_bytes) -> None:
+    """Raise QLoraError for an AdamW setting out of range (``qlora train`` checks its flags with it before
+    the model loads)."""
     def bad(what: str) -> QLoraError:
         return QLoraError(f"invalid optimizer setting: {what}")
     if not isinstance(lr, (int, float)) or not lr >= 0:

@@ -314,6 +314,49 @@ def _plot(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Reject settings that cannot train (or would train wrongly) before anything slow happens: each
+    message names the flag. ``train`` calls it first; the data file is read next, also before the model
+    loads, so a typo costs seconds, not a model load."""
+    from .nf4 import check_blocksize
+    from .optim import check_hparams
+
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def need(ok: bool, flag: str, what: str, v) -> None:
+        if not ok:
+            raise QLoraError(f"--{flag} must be {what}, got {v!r}")
+
+    if not cfg.data:
+        raise QLoraError("--data FILE is required")
+    for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_last"):
+        v = getattr(cfg, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name.replace("_", "-"), "an integer >= 1", v)
+    for name in ("eval_every", "save_every"):
+        v = getattr(cfg, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name.replace("_", "-"),
+             "an integer >= 0 (0: only at the end)", v)
+    need(cfg.max_steps is None or (isinstance(cfg.max_steps, int) and not isinstance(cfg.max_steps, bool)
+                                   and cfg.max_steps >= 1),
+         "max-steps", "an integer >= 1 (leave it out to train for --epochs)", cfg.max_steps)
+    need(num(cfg.epochs) and cfg.epochs > 0, "epochs", "a number > 0", cfg.epochs)
+    need(isinstance(cfg.rank, int) and not isinstance(cfg.rank, bool) and cfg.rank >= 1, "rank", "an integer >= 1",
+         cfg.rank)
+    need(num(cfg.alpha) and cfg.alpha > 0, "alpha", "a number > 0", cfg.alpha)
+    need(num(cfg.dropout) and 0 <= cfg.dropout < 1, "dropout", "in [0, 1)", cfg.dropout)
+    need(num(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio < 1, "warmup-ratio", "in [0, 1)", cfg.warmup_ratio)
+    need(num(cfg.val_split) and 0 <= cfg.val_split < 1, "val-split", "in [0, 1)", cfg.val_split)
+    need(isinstance(cfg.max_grad_norm, (int, float)) and not isinstance(cfg.max_grad_norm, bool)
+         and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
+    try:
+        check_hparams(cfg.lr, (0.9, 0.999), 1e-8, cfg.weight_decay, None)
+        if cfg.quant_type != "none":
+            check_blocksize(cfg.blocksize)
+    except ValueError as e:  # nf4's message, worded for its Python callers
+        raise QLoraError(f"--blocksize: {e}") from None
+
+
 def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     """Run training as configured; returns a summary dict (also printed by the CLI).
     ``model``/``tokenizer``: an already loaded QLoRA model (from :func:`qlora.model.load_model`
@@ -321,19 +364,17 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     from tqdm.auto import tqdm
 
     from .adapters import save_adapter
-    from .data import Batches, load_examples, split_validation
+    from .data import Batches, read_records, split_validation, tokenize_records
     from .kernels.loss import check_labels
     from .linear import dequant_cache, dropout_key, keyed_dropout, keyed_dropout_usable, lora_cast
     from .model import LoraSettings, QuantSettings, load_model
     from .optim import check_offload, make_optimizer
 
     t_start = time.time()
-    if not cfg.data:
-        raise QLoraError("--data FILE is required")
-    check_offload(cfg.optim, cfg.offload_optimizer)  # before the model loads
-    for name in ("batch_size", "grad_accum", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise QLoraError(f"--{name.replace('_', '-')} must be >= 1")
+    check_config(cfg)  # before the model loads, as are the optimizer check and the data files below
+    check_offload(cfg.optim, cfg.offload_optimizer)
+    records, data_fmt = read_records(cfg.data, cfg.format)
+    val_records = read_records(cfg.val_data, cfg.format) if cfg.val_data else None
     from .distributed import Dist
     from .parallel import Parallel
     dist = Dist.from_env(cfg.device)
@@ -392,9 +433,10 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tok_kw = dict(max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt, truncate=cfg.truncate,
                   template=cfg.template)
-    examples, stats = load_examples(cfg.data, tok, cfg.format, **tok_kw)
-    if cfg.val_data:
-        val, vstats = load_examples(cfg.val_data, tok, cfg.format, **tok_kw)
+    examples, stats = tokenize_records(records, data_fmt, tok, **tok_kw)
+    stats["format"] = data_fmt
+    if val_records is not None:
+        val, _ = tokenize_records(*val_records, tok, **tok_kw)
     else:
         examples, val = split_validation(examples, cfg.val_split, cfg.seed)
     log(f"data: {stats['examples']} examples ({stats['format']}, {stats['trained_tokens']} trained tokens), "

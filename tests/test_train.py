@@ -81,6 +81,38 @@ def test_existing_output_refused_unless_resume_or_overwrite(setup, tmp_path):
     train(cfg(setup, tmp_path / "r", max_steps=1, overwrite=True), log=lambda m: None)
 
 
+
+@pytest.mark.parametrize("kw,flag", [
+    (dict(dropout=1.5), "--dropout"), (dict(warmup_ratio=2.0), "--warmup-ratio"), (dict(val_split=1.0), "--val-split"),
+    (dict(epochs=0.0, max_steps=None), "--epochs"), (dict(alpha=-1.0), "--alpha"), (dict(rank=0), "--rank"),
+    (dict(max_grad_norm=-1.0), "--max-grad-norm"), (dict(save_every=-1), "--save-every"),
+    (dict(eval_every=-2), "--eval-every"), (dict(log_every=0), "--log-every"), (dict(keep_last=0), "--keep-last"),
+    (dict(max_steps=0), "--max-steps"), (dict(max_steps=-3), "--max-steps"), (dict(blocksize=100), "--blocksize"),
+    (dict(lr=-1.0), "learning rate"), (dict(weight_decay=-1.0), "weight decay"), (dict(batch_size=0), "--batch-size"),
+    (dict(data="missing.jsonl"), "no such file"), (dict(val_data="missing.jsonl"), "no such file"),
+])
+def test_bad_settings_and_data_fail_before_the_model_loads(setup, tmp_path, monkeypatch, kw, flag):
+    """Each of these used to load the model first (minutes for an 8B one) or was taken silently: a negative
+    --save-every saved every step, --max-grad-norm -1 silently meant no clipping, --log-every 0 crashed after
+    training, --max-steps -3 ran nothing and saved an untrained adapter, --alpha -1 trained a negated adapter."""
+    import qlora.model
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the settings were checked")
+    monkeypatch.setattr(qlora.model, "load_model", no_load)
+    if "data" in kw or "val_data" in kw:
+        kw = {k: str(tmp_path / v) for k, v in kw.items()}
+    with pytest.raises(QLoraError, match=flag):
+        train(cfg(setup, tmp_path / "o", **kw), log=lambda m: None)
+    assert not (tmp_path / "o").exists()  # nothing written either
+
+
+def test_unreadable_records_fail_before_the_model_loads(setup, tmp_path, monkeypatch):
+    import qlora.model
+    monkeypatch.setattr(qlora.model, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"foo": 1}\n')
+    with pytest.raises(QLoraError, match=r"bad.jsonl:2: .*\['foo'\]"):
+        train(cfg(setup, tmp_path / "o", data=str(tmp_path / "bad.jsonl")), log=lambda m: None)
+
 def test_corrupt_checkpoint_detected_previous_used(setup, tmp_path):
     out = tmp_path / "r"
     train(cfg(setup, out, max_steps=6, keep_last=3), log=lambda m: None)
