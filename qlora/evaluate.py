@@ -135,10 +135,7 @@ def evaluate(model, tokenizer, records, fmt: str, max_new_tokens: int = 64, batc
     from .generate import encode_messages, inference_cache, resolve_layout
     if not records:
         raise QLoraError("no records to evaluate")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise QLoraError(f"batch size must be a positive integer, got {batch_size!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise QLoraError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_settings(batch_size, max_new_tokens, max_length)
     t0 = time.perf_counter()
     examples, stats = tokenize_records(records, fmt, tokenizer, max_length=max_length, template=template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -201,6 +198,19 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_run)
 
 
+def check_settings(batch_size: int, max_new_tokens: int, max_length: int) -> None:
+    """Raise QLoraError for a batch size, answer length or sequence length out of range (``qlora eval`` calls it
+    before loading the model)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if not is_int(batch_size) or batch_size < 1:
+        raise QLoraError(f"batch size must be a positive integer, got {batch_size!r}")
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise QLoraError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not is_int(max_length) or max_length < 1:
+        raise QLoraError(f"max_length must be a positive integer, got {max_length!r}")
+
+
 def _finite(x):
     return x if not isinstance(x, float) or math.isfinite(x) else None
 
@@ -211,6 +221,7 @@ def _run(args) -> int:
     set_threads(args.threads)
     if args.limit is not None and args.limit < 1:
         raise QLoraError(f"--limit must be a positive integer, got {args.limit}")
+    check_settings(args.batch_size, args.max_new_tokens, args.max_length)
     records, fmt = read_records(args.data, args.format)  # before the model load: fail fast
     records = records[:args.limit] if args.limit else records
     t0 = time.perf_counter()

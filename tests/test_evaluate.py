@@ -172,7 +172,7 @@ def test_eval_cli_json_and_table(tiny, tmp_path, capsys):
     assert out.count("reference:") == 3
 
 
-def test_eval_cli_errors(tiny, tmp_path, capsys):
+def test_eval_cli_errors(tiny, tmp_path, capsys, monkeypatch):
     path = tiny["chat"][0]
     data = write_jsonl(tmp_path / "d.jsonl", CHAT)
     (tmp_path / "empty.jsonl").write_text("")
@@ -183,8 +183,15 @@ def test_eval_cli_errors(tiny, tmp_path, capsys):
         (["--model", str(path), "--data", str(data), "--adapter", str(tmp_path / "x")], "adapter directory not found"),
         (["--model", str(path), "--data", str(data), "--limit", "0"], "--limit"),
         (["--model", str(path), "--data", str(data), "--batch-size", "0"], "batch size"),
+        (["--model", str(path), "--data", str(data), "--max-new-tokens", "-1"], "max_new_tokens"),
+        (["--model", str(path), "--data", str(data), "--max-length", "0"], "max_length"),
     ]
+    import qlora.generate
+    load = qlora.generate.load_for_inference
     for extra, needle in cases:
+        early = needle in ("batch size", "max_new_tokens", "max_length", "--limit")  # checked before the model loads
+        monkeypatch.setattr(qlora.generate, "load_for_inference",
+                            (lambda *a, **k: pytest.fail("model loaded before the check")) if early else load)
         rc = main(["eval", "--device", "cpu", "--dtype", "fp32", *extra])
         out, err = capsys.readouterr()
         assert rc == 2, (extra, err)
