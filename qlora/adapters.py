@@ -240,10 +240,10 @@ def merge(model_src, adapter_dir, output, dtype: str = "bf16", quantize: bool = 
     from . import nf4
     from .checkpoint import CheckpointWriter, quantization_config
     from .sources import quantizable_linear_names
-    config, source, tensors = merged_tensors(model_src, adapter_dir, dtype)
     out = Path(output)
-    if out.exists() and not force:
+    if out.exists() and not force:  # before opening the model (converting a GGUF base takes a while)
         raise QLoraError(f"output {out} already exists (use --force to replace it)")
+    config, source, tensors = merged_tensors(model_src, adapter_dir, dtype)
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = cfg["dtype"] = str(parse_dtype(dtype)).split(".")[-1]

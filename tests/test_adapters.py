@@ -144,6 +144,14 @@ def test_merge_quantize_writes_4bit_checkpoint_and_reports_error(base_dir, tmp_p
     assert 0 < d < 0.5  # re-quantizing the merged weights is lossy, but bounded
 
 
+
+def test_merge_refuses_an_existing_output_before_opening_the_model(tmp_path, monkeypatch):
+    import qlora.adapters
+    monkeypatch.setattr(qlora.adapters, "merged_tensors", lambda *a, **k: pytest.fail("model opened first"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(QLoraError, match="already exists"):
+        merge(None, tmp_path / "ad", tmp_path / "out", progress=False)
+
 def test_merged_tensors_rejects_mismatched_adapter(base_dir, tmp_path_factory, tmp_path):
     other = tmp_path_factory.mktemp("wide")
     AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**CFG, "intermediate_size": 192})).save_pretrained(other)
