@@ -86,6 +86,7 @@ CE_CHUNK_ELEMENTS = 1 << 24    # as qlora.kernels.loss.CHUNK_ELEMENTS
 DEQUANT_AT_PEAK = 0.4          # share of the largest dequantized weight alive at the block's peak (measured)
 CUDA_WORKSPACE = 64 * MiB      # cuBLAS/cuBLASLt workspaces and allocator rounding
 OPT_WORKSPACE = {32: 48 * MiB, 8: 160 * MiB}  # per-chunk temporaries of the optimizer step
+PAGED_CHUNK = 32 * MiB         # as qlora.optim.PAGED_CHUNK_BYTES: a paged step holds two (updated, prefetched)
 CONTEXT_BYTES = GiB // 2       # CUDA context + kernels: not in torch's counters
 SLACK = 0.03                   # allocator fragmentation on top of the allocated peak
 OPTIMS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -309,7 +310,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
         first = (saved_all + grads // L, grads // L, saved_all)
         last = (saved_all // L + grads, grads, saved_all // L)
         _, g_b, s_b = max(first, last)
-        paged_chunk = 2 * 32 * MiB if optim.startswith("paged") and resident_states < states else 0
+        paged_chunk = 2 * PAGED_CHUNK if optim.startswith("paged") and resident_states < states else 0
         return [
             ("loss backward", dict(base, gradients=0, activations=saved_all + tail + rope,
                                    workspace=CUDA_WORKSPACE + ce)),

@@ -176,3 +176,10 @@ def test_parse_size():
     for bad in ("", "-3G", "G", "3 parsecs", "0"):
         with pytest.raises(QLoraError):
             plan.parse_size(bad)
+
+
+def test_constants_follow_the_code_they_model():
+    from qlora import optim
+    from qlora.kernels import loss
+    assert plan.PAGED_CHUNK == optim.PAGED_CHUNK_BYTES
+    assert plan.CE_CHUNK_ELEMENTS == loss.CHUNK_ELEMENTS
