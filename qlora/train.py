@@ -263,9 +263,15 @@ def micro_step_fn(model, device, off, casts, static_shapes: bool = True):
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise QLoraError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise QLoraError(f"--device {name!r}: qlora trains on cpu or cuda (cuda:N); use auto to pick")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise QLoraError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    return dev
 
 
 def _prepare_output(cfg: TrainConfig) -> Path:
@@ -274,7 +280,8 @@ def _prepare_output(cfg: TrainConfig) -> Path:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise QLoraError(f"--output {out} is a file")
-    previous = out.is_dir() and any(out.iterdir())
+    # a folder holding only the config.yaml of a run that stopped before training (a bad --model, say) is free
+    previous = out.is_dir() and any(p.name != "config.yaml" for p in out.iterdir())
     if previous and not (cfg.resume or cfg.overwrite):
         raise QLoraError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
     if cfg.resume and not (out / "checkpoints").is_dir():
@@ -349,6 +356,17 @@ def check_config(cfg: TrainConfig) -> None:
     need(num(cfg.val_split) and 0 <= cfg.val_split < 1, "val-split", "in [0, 1)", cfg.val_split)
     need(isinstance(cfg.max_grad_norm, (int, float)) and not isinstance(cfg.max_grad_norm, bool)
          and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
+    _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
+    if (cfg.model or "").startswith("shape:"):
+        from .plan import shape_config
+        shape_config(cfg.model[6:])  # an unknown name fails here
+        if not cfg.tokenizer_from:
+            raise QLoraError("--model shape:NAME builds random weights and has no tokenizer: add --tokenizer-from SRC "
+                             "(a model directory or GGUF file whose tokenizer to use)")
+    elif cfg.model and not Path(cfg.model).expanduser().exists():
+        raise QLoraError(f"--model {cfg.model}: no such file or directory")
+    if cfg.tokenizer_from and not Path(cfg.tokenizer_from).exists():
+        raise QLoraError(f"--tokenizer-from {cfg.tokenizer_from}: no such file or directory")
     try:
         check_hparams(cfg.lr, (0.9, 0.999), 1e-8, cfg.weight_decay, None)
         if cfg.quant_type != "none":

@@ -90,6 +90,9 @@ def test_existing_output_refused_unless_resume_or_overwrite(setup, tmp_path):
     (dict(max_steps=0), "--max-steps"), (dict(max_steps=-3), "--max-steps"), (dict(blocksize=100), "--blocksize"),
     (dict(lr=-1.0), "learning rate"), (dict(weight_decay=-1.0), "weight decay"), (dict(batch_size=0), "--batch-size"),
     (dict(data="missing.jsonl"), "no such file"), (dict(val_data="missing.jsonl"), "no such file"),
+    (dict(device="tpu"), "--device"), (dict(model="shape:1b"), "--tokenizer-from"),
+    (dict(model="shape:nope", tokenizer_from="."), "unknown shape"), (dict(model="missing"), "--model"),
+    (dict(model="shape:1b", tokenizer_from="missing"), "--tokenizer-from"),
 ])
 def test_bad_settings_and_data_fail_before_the_model_loads(setup, tmp_path, monkeypatch, kw, flag):
     """Each of these used to load the model first (minutes for an 8B one) or was taken silently: a negative
@@ -99,11 +102,28 @@ def test_bad_settings_and_data_fail_before_the_model_loads(setup, tmp_path, monk
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the settings were checked")
     monkeypatch.setattr(qlora.model, "load_model", no_load)
-    if "data" in kw or "val_data" in kw:
-        kw = {k: str(tmp_path / v) for k, v in kw.items()}
+    kw = {k: str(tmp_path / v) if v in ("missing.jsonl", "missing") else v for k, v in kw.items()}
     with pytest.raises(QLoraError, match=flag):
         train(cfg(setup, tmp_path / "o", **kw), log=lambda m: None)
     assert not (tmp_path / "o").exists()  # nothing written either
+
+
+def test_a_run_that_stopped_before_training_leaves_its_output_reusable(setup, tmp_path, monkeypatch):
+    """A model that cannot be read fails after the output folder got its config.yaml; running again (fixed)
+    needs no --overwrite, while a folder with anything more of a run still does."""
+    import qlora.model
+    out = tmp_path / "o"
+
+    def unreadable(*a, **k):
+        raise QLoraError("cannot read the model")
+    with monkeypatch.context() as m:
+        m.setattr(qlora.model, "load_model", unreadable)
+        with pytest.raises(QLoraError, match="cannot read the model"):
+            train(cfg(setup, out, max_steps=1), log=lambda m: None)
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+    train(cfg(setup, out, max_steps=1), log=lambda m: None)
+    with pytest.raises(QLoraError, match="already holds a run"):
+        train(cfg(setup, out, max_steps=1), log=lambda m: None)
 
 
 def test_unreadable_records_fail_before_the_model_loads(setup, tmp_path, monkeypatch):
