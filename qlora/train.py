@@ -347,7 +347,8 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.max_steps is None or (isinstance(cfg.max_steps, int) and not isinstance(cfg.max_steps, bool)
                                    and cfg.max_steps >= 1),
          "max-steps", "an integer >= 1 (leave it out to train for --epochs)", cfg.max_steps)
-    need(num(cfg.epochs) and cfg.epochs > 0, "epochs", "a number > 0", cfg.epochs)
+    if cfg.max_steps is None:  # (ignored otherwise)
+        need(num(cfg.epochs) and cfg.epochs > 0, "epochs", "a number > 0", cfg.epochs)
     need(isinstance(cfg.rank, int) and not isinstance(cfg.rank, bool) and cfg.rank >= 1, "rank", "an integer >= 1",
          cfg.rank)
     need(num(cfg.alpha) and cfg.alpha > 0, "alpha", "a number > 0", cfg.alpha)
