@@ -209,6 +209,25 @@ class Block:
             (pg.on_block and self.device is not None) if resident else not pg.resident for pg in pages)
 
 
+def _events(pages: list[Page], attr: str) -> list:
+    """The distinct CUDA events (``ready`` or ``written``) of ``pages``."""
+    return list({id(ev): ev for ev in (getattr(pg, attr) for pg in pages) if ev is not None}.values())
+
+
+def _copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], stream, record_source: bool = False) -> None:
+    """``dst.copy_(src)`` for each pair: queued on ``stream`` (CUDA; ``record_source``: the source's memory is
+    reused only after its copy), or at once when ``stream`` is None (a CPU "device")."""
+    if stream is None:
+        for dst, src in pairs:
+            dst.copy_(src)
+        return
+    with torch.cuda.stream(stream):
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=True)
+            if record_source:
+                src.record_stream(stream)
+
+
 class Pager:
     """Keeps at most ``budget_bytes`` of optimizer state per device resident; the rest waits in
     host memory (pinned for CUDA parameters).
@@ -276,27 +295,18 @@ class Pager:
             cuda = dev.type == "cuda"
             blocks, single = self._whole_blocks(absent, resident=False)
             fresh = [{k: torch.empty_like(h, device=dev) for k, h in pg.host.items()} for pg in single]
-            flats = [(b, b.move_in(dev)) for b in blocks]  # allocated on the current stream
-            ready = None
+            copies = [(b.move_in(dev), b.host) for b in blocks]  # (device, host); allocated on the current stream
+            copies += [(t, pg.host[k]) for pg, new in zip(single, fresh) for k, t in new.items()]
+            ready = side = None
             if cuda:
                 side = self._stream(dev, "in")
                 side.wait_stream(torch.cuda.current_stream(dev))  # fresh memory's previous users are done
-                for ev in {id(pg.written): pg.written for pg in absent if pg.written is not None}.values():
+                for ev in _events(absent, "written"):
                     side.wait_event(ev)  # the evictions that wrote these host copies (on the other stream)
-                with torch.cuda.stream(side):
-                    for b, flat in flats:
-                        flat.copy_(b.host, non_blocking=True)
-                    for pg, new in zip(single, fresh):
-                        for k, t in new.items():
-                            t.copy_(pg.host[k], non_blocking=True)
+            _copy(copies, side)
+            if cuda:
                 ready = torch.cuda.Event()
                 ready.record(side)
-            else:
-                for b, flat in flats:
-                    flat.copy_(b.host)
-                for pg, new in zip(single, fresh):
-                    for k, t in new.items():
-                        t.copy_(pg.host[k])
             for pg, new in zip(single, fresh):
                 pg.state.update(new)
                 pg.on_block = False
@@ -304,9 +314,9 @@ class Pager:
                 pg.resident, pg.ready = True, ready
             moved = sum(pg.nbytes for pg in absent)
             self.resident_bytes[dev] += moved
-            self.stats.update(fetches=len(absent), bytes_in=moved, copies_in=len(flats) + sum(len(n) for n in fresh))
+            self.stats.update(fetches=len(absent), bytes_in=moved, copies_in=len(copies))
         if wait:
-            for ev in {id(pg.ready): pg.ready for pg in pages if pg.ready is not None}.values():
+            for ev in _events(pages, "ready"):
                 torch.cuda.current_stream(pages[0].device).wait_event(ev)
             for pg in pages:
                 pg.ready = None
@@ -340,36 +350,24 @@ class Pager:
         dev = pages[0].device
         cuda = dev.type == "cuda"
         blocks, single = self._whole_blocks(pages, resident=True)
+        copies = [(b.host, b.device) for b in blocks]  # (host, device) in the order issued
         loose = [pg for pg in single if pg.block is None]
-        if loose:
-            blocks.append(Block(loose, pin=cuda))  # sets their host views; their state is still on the device
-            for pg in loose:
-                pg.on_block = False
-            single = [pg for pg in single if pg.block is not blocks[-1]]
+        if loose:  # a block of their own from now on; their state is still in separate device tensors
+            Block(loose, pin=cuda)
             self.stats.update(blocks=1)
-        copies = []  # (host, device) in the order issued
-        for b in blocks:
-            if b.device is not None and all(pg.on_block for pg in b.pages):
-                copies.append((b.host, b.device))
-            else:  # a new block: its pages' device tensors are separate
-                copies += [(pg.host[k], pg.state[k]) for pg in b.pages for k in pg.keys]
         copies += [(pg.host[k], pg.state[k]) for pg in single for k in pg.keys]
+        side = None
         if cuda:
             side = self._stream(dev, "out")
             side.wait_stream(torch.cuda.current_stream(dev))  # the updates have been issued before
-            for ev in {id(pg.ready): pg.ready for pg in pages if pg.ready is not None}.values():
+            for ev in _events(pages, "ready"):
                 side.wait_event(ev)  # a page fetched but never waited for: its copy in comes first
-            with torch.cuda.stream(side):
-                for h, d in copies:
-                    h.copy_(d, non_blocking=True)
-                    d.record_stream(side)  # freed memory is reused only after the copy
+        _copy(copies, side, record_source=True)
+        if cuda:
             written = torch.cuda.Event()
             written.record(side)
             for pg in pages:
                 pg.written, pg.ready = written, None
-        else:
-            for h, d in copies:
-                h.copy_(d)
         for b in blocks:
             b.device = None
         for pg in pages:

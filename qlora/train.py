@@ -328,7 +328,10 @@ def check_config(cfg: TrainConfig) -> None:
     from .nf4 import check_blocksize
     from .optim import check_hparams
 
-    def num(v) -> bool:
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v) -> bool:  # finite
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     def need(ok: bool, flag: str, what: str, v) -> None:
@@ -337,24 +340,20 @@ def check_config(cfg: TrainConfig) -> None:
 
     if not cfg.data:
         raise QLoraError("--data FILE is required")
-    for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_last"):
+    for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_last", "rank"):
         v = getattr(cfg, name)
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name.replace("_", "-"), "an integer >= 1", v)
+        need(integer(v) and v >= 1, name.replace("_", "-"), "an integer >= 1", v)
     for name in ("eval_every", "save_every"):
         v = getattr(cfg, name)
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, name.replace("_", "-"),
-             "an integer >= 0 (0: only at the end)", v)
-    need(cfg.max_steps is None or (isinstance(cfg.max_steps, int) and not isinstance(cfg.max_steps, bool)
-                                   and cfg.max_steps >= 1),
+        need(integer(v) and v >= 0, name.replace("_", "-"), "an integer >= 0 (0: only at the end)", v)
+    need(cfg.max_steps is None or (integer(cfg.max_steps) and cfg.max_steps >= 1),
          "max-steps", "an integer >= 1 (leave it out to train for --epochs)", cfg.max_steps)
     if cfg.max_steps is None:  # (ignored otherwise)
-        need(num(cfg.epochs) and cfg.epochs > 0, "epochs", "a number > 0", cfg.epochs)
-    need(isinstance(cfg.rank, int) and not isinstance(cfg.rank, bool) and cfg.rank >= 1, "rank", "an integer >= 1",
-         cfg.rank)
-    need(num(cfg.alpha) and cfg.alpha > 0, "alpha", "a number > 0", cfg.alpha)
-    need(num(cfg.dropout) and 0 <= cfg.dropout < 1, "dropout", "in [0, 1)", cfg.dropout)
-    need(num(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio < 1, "warmup-ratio", "in [0, 1)", cfg.warmup_ratio)
-    need(num(cfg.val_split) and 0 <= cfg.val_split < 1, "val-split", "in [0, 1)", cfg.val_split)
+        need(number(cfg.epochs) and cfg.epochs > 0, "epochs", "a number > 0", cfg.epochs)
+    need(number(cfg.alpha) and cfg.alpha > 0, "alpha", "a number > 0", cfg.alpha)
+    need(number(cfg.dropout) and 0 <= cfg.dropout < 1, "dropout", "in [0, 1)", cfg.dropout)
+    need(number(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio < 1, "warmup-ratio", "in [0, 1)", cfg.warmup_ratio)
+    need(number(cfg.val_split) and 0 <= cfg.val_split < 1, "val-split", "in [0, 1)", cfg.val_split)
     need(isinstance(cfg.max_grad_norm, (int, float)) and not isinstance(cfg.max_grad_norm, bool)
          and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
     _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
