@@ -38,7 +38,7 @@ SHAPES = {
 
 def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False,
         cast_once: bool = True, cuda_graphs: bool = True, memory_phases: bool = False, dropout: float = 0.0,
-        keyed: bool = True) -> dict:
+        keyed: bool = True, profile_detail: bool = False) -> dict:
     marks = {"start": round(time.time() - T_START, 2)}  # where the time to the first step goes
     import torch
     marks["torch imported"] = round(time.time() - T_START, 2)
@@ -97,8 +97,9 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
         if cuda:
             torch.cuda.synchronize()
         if profile and i == steps - 1:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                          + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []),
+                                          record_shapes=profile_detail, with_stack=profile_detail)
             prof.__enter__()
         ts = time.time()
         n = int((ids[:, 1:] >= 0).sum())
@@ -149,10 +150,56 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
         r["profile_gpu_busy_ms"] = round(sum(e.self_device_time_total for e in kernels) / 1e3, 1)
         r["profile_kernel_launches"] = sum(e.count for e in kernels)
         r["profile_step_ms"] = round(times[-1] * 1e3, 1)
+        if profile_detail:
+            r.update(profile_detail_tables(prof))
     del model, opt, graphed, casts
     import gc
     gc.collect()
     return r
+
+
+ELEMENTWISE = {"aten::copy_", "aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::cat", "aten::clone",
+               "aten::fill_", "aten::zero_", "aten::index"}
+
+
+def _caller(e) -> str:
+    """Where a profiled op was called from: the nearest Python frames outside torch (forward), else the
+    autograd node that ran it (backward, which runs in the engine's thread without Python frames)."""
+    par, frames = e.cpu_parent, []
+    while par is not None and len(frames) < 4:
+        if ".py(" in par.name and "site-packages/torch/" not in par.name and not par.name.startswith("torch/"):
+            frames.append(re.sub(r"^.*/(site-packages|qlora|bench)/", "", par.name))
+        elif par.name.startswith("autograd::engine::evaluate_function: "):
+            frames.append(par.name.split(": ", 1)[1])
+            break
+        par = par.cpu_parent
+    if not frames:  # no Python frame and no autograd node: the op's parents by name
+        par = e.cpu_parent
+        while par is not None and len(frames) < 3:
+            frames.append(par.name[:60])
+            par = par.cpu_parent
+    return " <- ".join(frames)
+
+
+def profile_detail_tables(prof) -> dict:
+    """``profile_ops``: the top ops other than matmul/attention kernels by self device time, with their input
+    shapes; ``profile_callers``: device time of the elementwise ops (copies, adds, clones...) by caller. Device
+    time of a host-memory copy counts too: those run on the offloader's or pager's own streams."""
+    from collections import defaultdict
+    ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0),
+                 key=lambda e: -e.self_device_time_total)
+    agg: dict = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.name in ELEMENTWISE:
+            a = agg[(e.name, _caller(e))]
+            a[0] += e.device_time_total
+            a[1] += 1
+    return {
+        "profile_ops": [(e.key[:60], str(e.input_shapes)[:120], round(e.self_device_time_total / 1e3, 2), e.count)
+                        for e in ops[:45]],
+        "profile_callers": [(name, where[:200], round(t / 1e3, 2), n)
+                            for (name, where), (t, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:30]],
+    }
 
 
 def parse_peers(path: str) -> dict:
@@ -184,6 +231,9 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peers", help="output of ../shared/bench/peers/run_peers.sh on the same shape, to compare")
     ap.add_argument("--profile", action="store_true", help="profile the last step (top CUDA kernels)")
+    ap.add_argument("--profile-detail", action="store_true",
+                    help="with --profile: also the top ops with their input shapes, and the elementwise ops (copies, "
+                         "adds, clones) by caller; use with --no-cuda-graphs, as a replayed graph hides the ops")
     ap.add_argument("--no-lora-cast", dest="lora_cast", action="store_false",
                     help="cast LoRA factors per layer call instead of once per step (qlora.linear.lora_cast)")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -199,7 +249,7 @@ def main():
     res = {}
     for mode in a.modes.split(","):
         r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile, a.lora_cast, a.cuda_graphs,
-                a.memory_phases, a.dropout, a.keyed)
+                a.memory_phases, a.dropout, a.keyed, a.profile and a.profile_detail)
         r["lora_cast"] = a.lora_cast
         res[mode] = r
         print(json.dumps(r), flush=True)

@@ -18,6 +18,16 @@ def opt(default, help: str, choices=None, **kw):
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, **kw))
 
 
+def is_int(v) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` is an int to Python, never a count or a size here)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool`` (it may be nan or infinite: callers check ranges)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _base_type(tp):
     if isinstance(tp, str):
         tp = eval(tp, vars(typing))  # annotations are strings under `from __future__ import annotations`

@@ -27,6 +27,7 @@ import re
 import sys
 import time
 
+from .config import is_int
 from .errors import QLoraError
 
 _TRAILING = ".!?,;:\u3002\uff01\uff1f"  # ASCII and CJK full stops, marks, commas
@@ -201,8 +202,6 @@ def add_cli(sub) -> None:
 def check_settings(batch_size: int, max_new_tokens: int, max_length: int) -> None:
     """Raise QLoraError for a batch size, answer length or sequence length out of range (``qlora eval`` calls it
     before loading the model)."""
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
     if not is_int(batch_size) or batch_size < 1:
         raise QLoraError(f"batch size must be a positive integer, got {batch_size!r}")
     if not is_int(max_new_tokens) or max_new_tokens < 0:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4
-from .config import env_flag, fused_dropout_enabled
+from .config import env_flag, fused_dropout_enabled, is_int
 from .errors import QLoraError
 
 
@@ -229,7 +229,7 @@ class QLoRALinear(nn.Module):
     def set_lora(self, r: int, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False,
                  lora_dtype: torch.dtype = torch.float32, device=None) -> None:
         """(Re)create the adapter: fresh A (Kaiming uniform) and B = 0; r = 0 removes it."""
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        if not is_int(r) or r < 0:
             raise QLoraError(f"LoRA rank must be a positive integer, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")

@@ -41,6 +41,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+from .config import is_int
 from .errors import QLoraError
 
 DEFAULT_MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are: copies would cost more than they free
@@ -75,7 +76,7 @@ class ActivationOffloader:
 
     def __init__(self, min_bytes: int = DEFAULT_MIN_BYTES, prefetch: bool = True, exclude: nn.Module | None = None,
                  include_cpu: bool = False, static: bool = False):
-        if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
+        if not is_int(min_bytes) or min_bytes < 0:
             raise QLoraError(f"min_bytes must be an integer >= 0, got {min_bytes!r}")
         self.min_bytes, self.prefetch, self.include_cpu = min_bytes, prefetch, include_cpu
         self.stats: Counter = Counter()

@@ -46,6 +46,7 @@ from itertools import chain
 import torch
 
 from . import nf4
+from .config import is_int, is_number
 from .errors import QLoraError
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
@@ -713,16 +714,15 @@ def check_hparams(lr, betas, eps, weight_decay, page_budget_bytes) -> None:
     the model loads)."""
     def bad(what: str) -> QLoraError:
         return QLoraError(f"invalid optimizer setting: {what}")
-    if not isinstance(lr, (int, float)) or not lr >= 0:
+    if not is_number(lr) or not lr >= 0:
         raise bad(f"learning rate must be a number >= 0, got {lr!r}")
-    if len(tuple(betas)) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+    if len(tuple(betas)) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
         raise bad(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not isinstance(eps, (int, float)) or not eps >= 0:
+    if not is_number(eps) or not eps >= 0:
         raise bad(f"eps must be >= 0, got {eps!r}")
-    if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+    if not is_number(weight_decay) or not weight_decay >= 0:
         raise bad(f"weight decay must be >= 0, got {weight_decay!r}")
-    if page_budget_bytes is not None and (isinstance(page_budget_bytes, bool) or
-                                          not isinstance(page_budget_bytes, int) or page_budget_bytes < 0):
+    if page_budget_bytes is not None and (not is_int(page_budget_bytes) or page_budget_bytes < 0):
         raise bad(f"page_budget_bytes must be an integer >= 0, got {page_budget_bytes!r}")
 
 

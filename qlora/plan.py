@@ -34,7 +34,7 @@ import math
 import re
 from functools import lru_cache
 
-from .config import fused_dropout_enabled
+from .config import fused_dropout_enabled, is_int, is_number
 from .errors import QLoraError
 
 GiB = 1 << 30
@@ -98,7 +98,7 @@ OPTIMS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 def parse_size(text: str | int | float) -> int:
     """'24GiB', '24G' and '24' are GiB; '80GB' is 80e9 bytes; also MiB/MB/TiB/TB. Returns bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
+    if is_number(text):
         return int(text * GiB)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", str(text).lower())
     if not m or not float(m.group(1)) > 0:
@@ -179,9 +179,9 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
     65B setting), the optimizer states stay fp32."""
     from .model import parse_dtype, select_targets
     dt, ldt = parse_dtype(dtype), parse_dtype(lora_dtype)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+    if not is_int(rank) or rank < 0:
         raise QLoraError(f"LoRA rank must be an integer >= 0, got {rank!r}")
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+    if not is_int(blocksize) or blocksize < 1:
         raise QLoraError(f"blocksize must be a positive integer, got {blocksize!r}")
     summ = _summary(config.to_json_string(use_diff=True), config.model_type, dtype)
     names = [n for n, *_ in summ["linears"]]
@@ -260,7 +260,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     ``QLORA_FUSED_DROPOUT=0``.
     """
     for name, v in (("seq", seq), ("batch", batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise QLoraError(f"{name} must be a positive integer, got {v!r}")
     if optim not in OPTIMS:
         raise QLoraError(f"unknown optimizer {optim!r}: choose one of {', '.join(OPTIMS)}")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .config import add_dataclass_args, build_config, opt, to_yaml
+from .config import add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
 from .errors import QLoraError
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -328,11 +328,8 @@ def check_config(cfg: TrainConfig) -> None:
     from .nf4 import check_blocksize
     from .optim import check_hparams
 
-    def integer(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     def number(v) -> bool:  # finite
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return is_number(v) and math.isfinite(v)
 
     def need(ok: bool, flag: str, what: str, v) -> None:
         if not ok:
@@ -342,11 +339,11 @@ def check_config(cfg: TrainConfig) -> None:
         raise QLoraError("--data FILE is required")
     for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_last", "rank"):
         v = getattr(cfg, name)
-        need(integer(v) and v >= 1, name.replace("_", "-"), "an integer >= 1", v)
+        need(is_int(v) and v >= 1, name.replace("_", "-"), "an integer >= 1", v)
     for name in ("eval_every", "save_every"):
         v = getattr(cfg, name)
-        need(integer(v) and v >= 0, name.replace("_", "-"), "an integer >= 0 (0: only at the end)", v)
-    need(cfg.max_steps is None or (integer(cfg.max_steps) and cfg.max_steps >= 1),
+        need(is_int(v) and v >= 0, name.replace("_", "-"), "an integer >= 0 (0: only at the end)", v)
+    need(cfg.max_steps is None or (is_int(cfg.max_steps) and cfg.max_steps >= 1),
          "max-steps", "an integer >= 1 (leave it out to train for --epochs)", cfg.max_steps)
     if cfg.max_steps is None:  # (ignored otherwise)
         need(number(cfg.epochs) and cfg.epochs > 0, "epochs", "a number > 0", cfg.epochs)
@@ -354,8 +351,7 @@ def check_config(cfg: TrainConfig) -> None:
     need(number(cfg.dropout) and 0 <= cfg.dropout < 1, "dropout", "in [0, 1)", cfg.dropout)
     need(number(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio < 1, "warmup-ratio", "in [0, 1)", cfg.warmup_ratio)
     need(number(cfg.val_split) and 0 <= cfg.val_split < 1, "val-split", "in [0, 1)", cfg.val_split)
-    need(isinstance(cfg.max_grad_norm, (int, float)) and not isinstance(cfg.max_grad_norm, bool)
-         and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
+    need(is_number(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
     _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
     if (cfg.model or "").startswith("shape:"):
         from .plan import shape_config

@@ -425,9 +425,13 @@ def test_make_optimizer_checks_its_inputs():
     for kwargs, msg in [(dict(name="sgd"), "unknown optimizer"),
                         (dict(name="adamw", page_budget_bytes=10), "paged optimizers only"),
                         (dict(lr=-1.0), "learning rate"),
+                        (dict(lr=True), "learning rate"),  # a bool is an int to Python, not a rate
                         (dict(betas=(0.9, 1.0)), "betas"),
+                        (dict(betas=(False, 0.9)), "betas"),
+                        (dict(eps=float("nan")), "eps"),
                         (dict(weight_decay=-0.1), "weight decay"),
-                        (dict(page_budget_bytes=-5), "page_budget_bytes")]:
+                        (dict(page_budget_bytes=-5), "page_budget_bytes"),
+                        (dict(name="paged_adamw", page_budget_bytes=True), "page_budget_bytes")]:
         with pytest.raises(QLoraError, match=msg):
             optim.make_optimizer(ps, **kwargs)
     with pytest.raises(QLoraError, match="no trainable parameters"):

@@ -231,3 +231,10 @@ def test_offload_optimizer_gives_same_losses(setup, tmp_path):
     with pytest.raises(QLoraError, match="paged optimizer"):
         train(cfg(setup, tmp_path / "c", optim="adamw", offload_optimizer=True), log=lambda m: None)
     assert not (tmp_path / "c").exists()  # refused before the output folder or the model
+
+
+def test_integer_and_number_checks_refuse_bools():
+    """One helper pair serves every settings check: a bool is never a count, a size or a rate."""
+    from qlora.config import is_int, is_number
+    assert is_int(3) and is_int(0) and not is_int(True) and not is_int(3.0) and not is_int("3")
+    assert is_number(3) and is_number(0.5) and is_number(float("inf")) and not is_number(False) and not is_number("1")
