@@ -474,9 +474,12 @@ def check_train_config(cfg, config=None, gpu_mem: int | None = None) -> str | No
 
 
 def model_config(src: str | None):
-    """The transformers config of a model source (None: the embedded model), reading no weights."""
+    """The transformers config of a model source (None: the embedded model), reading no weights.
+    ``shape:NAME`` is a known shape, as ``qlora train --model shape:NAME`` takes it."""
     if src is None:
         return shape_config("embedded")
+    if src.startswith("shape:"):
+        return shape_config(src[len("shape:"):])
     from .sources import open_source
     return open_source(src).config
 
@@ -521,7 +524,8 @@ def add_cli(sub) -> None:
                                    "model's config alone (no weights are read), say whether it fits in --gpu-mem and "
                                    "the largest batch and sequence that do. Exit status 0: fits, 1: does not fit.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="SRC", help="model: HF dir, GGUF file or 4-bit checkpoint (config only)")
+    src.add_argument("--model", metavar="SRC", help="model: HF dir, GGUF file or 4-bit checkpoint (config only), "
+                                                    "or shape:NAME (as --shape NAME)")
     src.add_argument("--shape", metavar="NAME", help=f"a known shape: {', '.join(SHAPES)} (default: embedded)")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (train's --max-length; default 1024)")
     p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
@@ -548,7 +552,8 @@ def add_cli(sub) -> None:
 
 def run(args) -> int:
     if args.model:
-        config, name = model_config(args.model), args.model
+        config = model_config(args.model)
+        name = getattr(config, "qlora_shape", None) or args.model
     else:
         config = shape_config(args.shape or "embedded")
         name = config.qlora_shape

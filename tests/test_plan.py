@@ -150,6 +150,16 @@ def test_cli_offload_optimizer_takes_the_states_off_the_peak(capsys):
     assert cli.main(["plan", "--shape", "8b", "--optim", "adamw", "--offload-optimizer", "true"]) != 0
 
 
+def test_cli_takes_train_s_shape_spelling(capsys):
+    """`--model shape:NAME`, as `qlora train` takes it, plans the same as `--shape NAME`."""
+    args = ["--seq", "2048", "--batch", "2", "--rank", "16", "--json", "--gpu-mem", "24GiB"]
+    assert cli.main(["plan", "--shape", "llama-3.1-8b"] + args) == 0
+    by_shape = json.loads(capsys.readouterr().out)
+    assert cli.main(["plan", "--model", "shape:llama-3.1-8b"] + args) == 0
+    by_model = json.loads(capsys.readouterr().out)
+    assert by_model == by_shape and by_shape["peak"] > 5 * 2**30
+
+
 def test_cli_reads_only_the_config_of_a_model_dir(tmp_path, capsys):
     from tests.tiny import make_tiny_model
     d = make_tiny_model(tmp_path / "m")
@@ -162,6 +172,7 @@ def test_cli_reads_only_the_config_of_a_model_dir(tmp_path, capsys):
     (["plan", "--shape", "8b", "--gpu-mem", "24XB"], "cannot read the memory size '24XB'"),
     (["plan", "--shape", "8b", "--seq", "0"], "seq must be a positive integer"),
     (["plan", "--model", "/nonexistent/model"], "no such file or directory"),
+    (["plan", "--model", "shape:llama-9000"], "unknown shape 'llama-9000'"),
 ])
 def test_errors_are_one_line(argv, needle, capsys):
     assert cli.main(argv) == 2
