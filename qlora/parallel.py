@@ -25,6 +25,7 @@ before rank 0 writes), so a run saved with N processes in one mode resumes with 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -119,8 +120,11 @@ class Parallel:
             frozen = [f"lm.{n}" for n, p in model.named_parameters() if not p.requires_grad]
             frozen += [f"lm.{n}" for n, _ in model.named_buffers()]
             DDP._set_params_and_buffers_to_ignore_for_model(self.module, frozen)
-            self.runner = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                              broadcast_buffers=False, find_unused_parameters=False)
+            with warnings.catch_warnings():  # torch >= 2.12 calls broadcast_buffers deprecated, but its successor
+                # still syncs buffers at init, and these buffers (rotary tables...) are equal on every rank anyway
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.runner = DDP(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                  broadcast_buffers=False, find_unused_parameters=False)
         else:
             from torch.distributed.fsdp import FSDPModule, fully_shard
             frozen_to_parameters(model)

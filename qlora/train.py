@@ -422,8 +422,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
         from .model import build_random
         from .plan import shape_config
         from .sources import open_source
-        model = build_random(shape_config(cfg.model[6:]), quant, lora, device, dtype, cfg.seed, progress=cfg.progress,
-                             on_block=par.block_hook())
+        model = build_random(shape_config(cfg.model[6:]), quant, lora, device, dtype, cfg.seed,
+                             progress=cfg.progress and dist.main, on_block=par.block_hook())
         tok = None
         if cfg.tokenizer_from:
             from transformers import AutoTokenizer
@@ -431,8 +431,8 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
             tok = (open_source(p).load_tokenizer() if p.suffix == ".gguf" or (p / "config.json").is_file()
                    else AutoTokenizer.from_pretrained(str(p)))
     elif model is None:
-        model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress,
-                                on_block=par.block_hook())
+        model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress and dist.main,
+                                on_block=par.block_hook())  # one process's bars (each rank loads the same)
     else:
         tok = tokenizer
     attn = cfg.attention if cfg.attention != "auto" else (
