@@ -105,15 +105,24 @@ def dropout_key(seed: int, index: int) -> int:
     return ((int(seed) & 0x7FFFFFFF) << 32) | (int(index) & 0xFFFFFFFF)
 
 
+# Output after apply. The autograd nodes below save what backward needs and return their output *unfilled*; the
+# caller (_frozen_matmul_4bit, _qlora_matmul) writes it once apply has returned. A checkpointed block's recompute
+# (torch.utils.checkpoint, non-reentrant, early stop on by default) stops as soon as the block's last saved
+# tensor is saved again, which happens as apply returns. For a Llama-style block that is the down_proj node:
+# with its GEMM after apply, the recompute never runs down_proj's GEMM, dequant and LoRA update, whose output
+# backward does not need (a ninth of the block's GEMM work per training step). Anywhere else the caller fills
+# the output right away: the same math, the same kernels, in a different place.
+
+
 class _FrozenMatmul4bit(torch.autograd.Function):
-    """y = x @ dequant(W).T with W frozen; saves only the packed weight (no activations)."""
+    """y = x @ dequant(W).T with W frozen; saves only the packed weight (no activations). The output comes
+    back unfilled: see :func:`_frozen_matmul_4bit`."""
 
     @staticmethod
     def forward(ctx, x, packed, state_holder):
-        w = _dequant(packed, state_holder.state, x.dtype)
         ctx.state_holder = state_holder
         ctx.save_for_backward(packed)
-        return x @ w.t()
+        return x.new_empty(*x.shape[:-1], state_holder.out_features)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -122,6 +131,15 @@ class _FrozenMatmul4bit(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ _dequant(packed, ctx.state_holder.state, grad_y.dtype)
         return grad_x, None, None
+
+
+def _frozen_matmul_4bit(x: torch.Tensor, packed: torch.Tensor, holder) -> torch.Tensor:
+    """``x @ dequant(W).T``, differentiable in x, W frozen; the GEMM runs after the node is recorded."""
+    y = _FrozenMatmul4bit.apply(x, packed, holder)
+    with torch.no_grad():
+        w = _dequant(packed, holder.state, x.dtype)
+        torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out=y.view(-1, y.shape[-1]))
+    return y
 
 
 # QLORA_FUSED_LORA=0: train through separate autograd ops (the same math) instead of _QLoRAMatmul
@@ -146,14 +164,16 @@ class _QLoRAMatmul(torch.autograd.Function):
     ``dB = s * g.T @ xa`` with the scaling in the GEMM epilogue, ``dA = gxa.T @ xd``, and
     ``dx = g @ W + gxa @ A`` as one matmul plus one in-place addmm (an out-of-place addmm first
     copies its input: one device-to-device copy of an output-sized tensor per call). On a GPU whose
-    host is slow the per-node and per-launch costs were a third of an 8B step."""
+    host is slow the per-node and per-launch costs were a third of an 8B step.
+
+    Forward computes only ``xa`` and returns ``(y unfilled, xa)``; :func:`_qlora_matmul` writes ``y``
+    after apply returns (see the comment above ``_FrozenMatmul4bit``)."""
 
     @staticmethod
     def forward(ctx, x, xd, a, b, scaling, weight, bias, packed, holder, drop=None):
         # drop: (p, key, salt) of a keyed LoRA dropout done inside the LoRA products (kernels/lora_dropout.py:
         # the dropped copy of x is never written); xd is then None
         n_in = x.shape[-1]
-        w = weight if weight is not None else _dequant(packed, holder.state, x.dtype)
         x2 = x.reshape(-1, n_in)
         xd2 = x2 if xd is None else xd.reshape(-1, n_in)
         if drop is not None:
@@ -161,14 +181,14 @@ class _QLoRAMatmul(torch.autograd.Function):
             xa = lora_dropout.down(x2, a, *drop)
         else:
             xa = xd2 @ a.t()
-        y = F.linear(x2, w, bias).addmm_(xa, b.t(), alpha=scaling)  # in place: out-of-place addmm copies y first
         ctx.scaling, ctx.holder, ctx.shared, ctx.x_shape = scaling, holder, xd is None and drop is None, x.shape
         ctx.drop = drop
         ctx.save_for_backward(xd2, xa, a, b, weight, packed)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        ctx.mark_non_differentiable(xa)
+        return x.new_empty(*x.shape[:-1], b.shape[0]), xa
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_xa=None):
         xd2, xa, a, b, weight, packed = ctx.saved_tensors
         s, drop = ctx.scaling, ctx.drop
         g2 = g.reshape(-1, g.shape[-1])
@@ -193,6 +213,21 @@ class _QLoRAMatmul(torch.autograd.Function):
         if not ctx.shared and drop is None and ctx.needs_input_grad[1]:
             gxd = (gxa @ a).view(ctx.x_shape)
         return gx, gxd, ga, gb, None, None, None, None, None, None
+
+
+def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None) -> torch.Tensor:
+    """``x @ W.T (+ bias) + scaling * (xd @ A.T) @ B.T`` through :class:`_QLoRAMatmul`, its output written
+    after the node is recorded (in place: an out-of-place addmm would copy y first)."""
+    y, xa = _QLoRAMatmul.apply(x, xd, a, b, scaling, weight, bias, packed, holder, drop)
+    with torch.no_grad():
+        w = weight if weight is not None else _dequant(packed, holder.state, x.dtype)
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        if bias is not None:
+            torch.addmm(bias, x2, w.t(), out=y2)
+        else:
+            torch.mm(x2, w.t(), out=y2)
+        y2.addmm_(xa, b.t(), alpha=scaling)
+    return y
 
 
 class QLoRALinear(nn.Module):
@@ -367,8 +402,8 @@ class QLoRALinear(nn.Module):
                 if drop is None:
                     xd = self.lora_dropout(xc)
             weight = self._wcache if cached else self.weight
-            y = _QLoRAMatmul.apply(xc, xd, a, b, self.scaling, weight, self.bias,
-                                   None if weight is not None else self._raw("weight_packed"), self, drop)
+            y = _qlora_matmul(xc, xd, a, b, self.scaling, weight, self.bias,
+                              None if weight is not None else self._raw("weight_packed"), self, drop)
             return y.to(in_dtype)
         row = not grad and xc.is_cuda and xc.numel() == self.in_features  # one token's row when generating
         if cached:
@@ -376,7 +411,8 @@ class QLoRALinear(nn.Module):
         elif self.weight_packed is not None:
             y = self._decode_gemv(xc) if row else None  # read the 4-bit weight once
             if y is None:
-                y = _FrozenMatmul4bit.apply(xc, self._raw("weight_packed"), self)
+                y = (_frozen_matmul_4bit(xc, self._raw("weight_packed"), self) if grad
+                     else xc @ _dequant(self._raw("weight_packed"), self.state, xc.dtype).t())
         else:
             y = F.linear(xc, self.weight)
         if self.bias is not None:

@@ -169,7 +169,7 @@ def test_dropout_key_layout():
 def test_fused_dropout_autograd_equals_separate_dropout(need_x):
     """The LoRA node with dropout inside its products (what runs on a GPU; here the functions' float64 torch
     forms) against the node fed a separately dropped input: same output and gradients."""
-    from qlora.linear import _QLoRAMatmul
+    from qlora.linear import _qlora_matmul
     g = torch.Generator().manual_seed(0)
     k, n, r, p, salt, s = 48, 40, 6, 0.3, 4, 2.0
     x0 = torch.randn(2, 15, k, dtype=torch.float64, generator=g)
@@ -183,9 +183,9 @@ def test_fused_dropout_autograd_equals_separate_dropout(need_x):
         x = x0.clone().requires_grad_(need_x)
         a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
         if fused:
-            y = _QLoRAMatmul.apply(x, None, a, b, s, w, None, None, None, (p, key, salt))
+            y = _qlora_matmul(x, None, a, b, s, w, None, None, None, (p, key, salt))
         else:
-            y = _QLoRAMatmul.apply(x, kd.apply(x, p, key, salt), a, b, s, w, None, None, None)
+            y = _qlora_matmul(x, kd.apply(x, p, key, salt), a, b, s, w, None, None, None)
         y.backward(gy)
         return y.detach(), x.grad, a.grad, b.grad
 

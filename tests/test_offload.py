@@ -197,3 +197,51 @@ def test_gpu_offload_lowers_peak_and_is_exact():
     assert torch.equal(results[True][0], results[False][0])
     for n, g in results[False][1].items():
         assert torch.equal(results[True][1][n], g), n
+
+
+@pytest.mark.parametrize("target", ["all-linear", "q_proj,v_proj"])
+def test_recompute_skips_the_last_layer_s_gemm(monkeypatch, target):
+    """A checkpointed block's recompute stops once the block's last saved tensor is saved again (torch's
+    early stop). Our layers record their autograd node before they run their GEMM, so the recompute never
+    dequantizes or multiplies down_proj, the last layer of a Llama block, with or without an adapter on it:
+    in backward down_proj's weight is dequantized once (for the input gradient), every other layer's twice
+    (recompute, input gradient); losses and gradients equal those without checkpointing, bit for bit."""
+    import qlora.linear as lin
+    cfg = _config()
+    batch = _batch(cfg)
+
+    def build():
+        m = build_random(cfg, QuantSettings(), LoraSettings(r=4, alpha=8, dropout=0.0, target=target),
+                         device="cpu", progress=False)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n.endswith("lora_B"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+        return m.train()
+
+    plain = build()
+    ref_loss, ref_grads = _loss_and_grads(plain, batch)
+    model = build()
+    enable_checkpointing(model, offload=False)
+    names = {m.weight_packed.data_ptr(): n for n, m in model.named_modules() if isinstance(m, lin.QLoRALinear)}
+    counts, real = {}, lin._dequant
+    backward = [False]
+
+    def counting(packed, state, dtype):
+        if backward[0]:
+            name = names[packed.data_ptr()].rsplit(".", 1)[-1]
+            counts[name] = counts.get(name, 0) + 1
+        return real(packed, state, dtype)
+
+    monkeypatch.setattr(lin, "_dequant", counting)
+    model.zero_grad(set_to_none=True)
+    loss = loss_sum(model, batch, "cpu")
+    backward[0] = True
+    loss.backward()
+    layers = cfg.num_hidden_layers
+    assert counts["down_proj"] == layers, counts
+    for name in ("o_proj", "gate_proj", "up_proj"):  # their inputs need gradients in every block
+        assert counts[name] == 2 * layers, (name, counts)
+    assert torch.equal(loss.detach(), ref_loss)
+    for n, g in ref_grads.items():
+        assert torch.equal(dict(model.named_parameters())[n].grad, g), n
