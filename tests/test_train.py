@@ -93,6 +93,7 @@ def test_existing_output_refused_unless_resume_or_overwrite(setup, tmp_path):
     (dict(device="tpu"), "--device"), (dict(model="shape:1b"), "--tokenizer-from"),
     (dict(model="shape:nope", tokenizer_from="."), "unknown shape"), (dict(model="missing"), "--model"),
     (dict(model="shape:1b", tokenizer_from="missing"), "--tokenizer-from"),
+    (dict(target="q_proj,qproj"), "--target: unknown target module.s. qproj"),
 ])
 def test_bad_settings_and_data_fail_before_the_model_loads(setup, tmp_path, monkeypatch, kw, flag):
     """Each of these used to load the model first (minutes for an 8B one) or was taken silently: a negative
@@ -238,3 +239,16 @@ def test_integer_and_number_checks_refuse_bools():
     from qlora.config import is_int, is_number
     assert is_int(3) and is_int(0) and not is_int(True) and not is_int(3.0) and not is_int("3")
     assert is_number(3) and is_number(0.5) and is_number(float("inf")) and not is_number(False) and not is_number("1")
+
+
+def test_a_target_list_trains_only_those_layers(setup, tmp_path):
+    """--target q_proj,v_proj passes the up-front check and puts adapters on those layers alone (the adapter's
+    config and tensors name only them)."""
+    out = tmp_path / "t"
+    train(cfg(setup, out, target="q_proj,v_proj", max_steps=2, save_every=0), log=lambda m: None)
+    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(conf["target_modules"]) == ["q_proj", "v_proj"]
+    from safetensors import safe_open
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        layers = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in f.keys()}
+    assert layers == {"q_proj", "v_proj"}
