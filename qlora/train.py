@@ -371,24 +371,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise QLoraError(f"--blocksize: {e}") from None
 
 
-def check_target(cfg: TrainConfig) -> None:
-    """A ``--target`` list of layer names is checked against the model's block linears before the weights load:
-    from its config and a skeleton on the meta device (~1 s), where loading takes 14 s for the embedded model and
-    minutes for an 8B one. ``all-linear`` needs no check."""
-    if cfg.target in ("all-linear", "all"):
-        return
-    from .model import block_linear_names, select_targets, skeleton
-    from .plan import model_config
-    try:
-        config = model_config(cfg.model)
-    except QLoraError:
-        return  # an unreadable model is reported where it loads
-    try:
-        select_targets(block_linear_names(skeleton(config)), cfg.target)
-    except QLoraError as e:
-        raise QLoraError(f"--target: {e}") from None
-
-
 def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     """Run training as configured; returns a summary dict (also printed by the CLI).
     ``model``/``tokenizer``: an already loaded QLoRA model (from :func:`qlora.model.load_model`
@@ -407,8 +389,6 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     check_offload(cfg.optim, cfg.offload_optimizer)
     records, data_fmt = read_records(cfg.data, cfg.format)
     val_records = read_records(cfg.val_data, cfg.format) if cfg.val_data else None
-    if model is None:
-        check_target(cfg)
     from .distributed import Dist
     from .parallel import Parallel
     dist = Dist.from_env(cfg.device)
