@@ -13,6 +13,9 @@ from pathlib import Path
 from .errors import QLoraError
 
 
+COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")  # --compute-dtype of every command that runs a model (qlora.hardware)
+
+
 def opt(default, help: str, choices=None, **kw):
     """A config field with help text (and optional choices)."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, **kw))

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import COMPUTE_DTYPES
 from .errors import QLoraError
 
 SAMPLES = (0, 41)  # held-out questions shown before/after
@@ -42,8 +43,9 @@ def accuracy(answers, keys) -> float:
 
 def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int = 16, alpha: float = 32,
              batch_size: int = 16, device: str = "auto", overwrite: bool = True, progress: bool = True,
-             log=print) -> dict:
+             log=print, compute_dtype: str = "auto") -> dict:
     from .demo_data import write
+    from .hardware import resolve
     from .model import LoraSettings, QuantSettings, load_model
     from .train import TrainConfig, _device, train
     t0 = time.time()
@@ -51,14 +53,17 @@ def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int 
     train_file, held_file, keys = write(out / "data")
     held = [json.loads(x) for x in held_file.read_text().splitlines()]
     dev = _device(device)
-    cfg = TrainConfig(data=str(train_file), output=str(out / "run"), rank=rank, alpha=alpha, dropout=0.0, lr=lr,
+    compute = resolve(compute_dtype, dev)
+    cfg = TrainConfig(compute_dtype=compute.dtype, data=str(train_file), output=str(out / "run"), rank=rank, alpha=alpha, dropout=0.0, lr=lr,
                       batch_size=batch_size, grad_accum=1, epochs=epochs, max_length=128, optim="adamw",
                       grad_checkpointing=dev.type == "cuda", save_every=0, keep_last=1, device=str(dev),
                       overwrite=overwrite, progress=progress, seed=0)
-    log(f"[1/4] loading the embedded SmolLM2-135M-Instruct into NF4 on {dev} ...")
+    log(f"[1/4] loading the embedded SmolLM2-135M-Instruct into NF4 on {dev}; {compute.header()} ...")
+    if compute.warning:
+        log(f"      warning: {compute.warning}")
     model, tok = load_model(None, QuantSettings(compute_dtype=cfg.compute_dtype),
-                            LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target), dev, "bf16", seed=cfg.seed,
-                            progress=progress)
+                            LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target), dev, cfg.compute_dtype,
+                            seed=cfg.seed, progress=progress)
     t_load = time.time() - t0
     log(f"      loaded in {t_load:.0f}s; data: {out / 'data'} (216 training questions, 72 held-out rephrasings)")
     log("[2/4] answering the 72 held-out questions before fine-tuning ...")
@@ -104,6 +109,9 @@ def add_cli(sub) -> None:
                    help="examples per step (default 16: on a CPU bigger matmuls run closer to peak, "
                         "so 16 trains faster per token than 8)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--compute-dtype", "--dtype", dest="compute_dtype", default="auto", choices=COMPUTE_DTYPES,
+                   help="matmul dtype; auto = what the hardware runs fast (bf16 on GPUs of compute capability >= 8.0 "
+                        "and CPUs with native bf16, fp16 on older GPUs, fp32 on other CPUs) (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)
 
@@ -112,7 +120,7 @@ def _run(args) -> int:
     if args.epochs <= 0:
         raise QLoraError("--epochs must be > 0")
     run_demo(args.output, args.epochs, args.lr, args.rank, args.alpha, args.batch_size, args.device,
-             progress=not args.no_progress, log=lambda m: print(m, flush=True))
+             progress=not args.no_progress, log=lambda m: print(m, flush=True), compute_dtype=args.compute_dtype)
     return 0
 
 

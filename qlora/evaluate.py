@@ -225,7 +225,8 @@ def _run(args) -> int:
     records = records[:args.limit] if args.limit else records
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
-    model, tok = load_for_inference(args.model, args.adapter, args.device, args.dtype, progress=tty)
+    model, tok = load_for_inference(args.model, args.adapter, args.device, args.dtype, progress=tty,
+                                    log=lambda m: print(m, file=sys.stderr))
     print(f"loaded model in {time.perf_counter() - t0:.1f} s; evaluating {len(records)} {fmt} records",
           file=sys.stderr)
     m = evaluate(model, tok, records, fmt, args.max_new_tokens, args.batch_size, args.template,

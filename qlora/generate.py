@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import COMPUTE_DTYPES
 from .errors import QLoraError
 
 LAYOUTS = ("auto", "chat", "plain", "none")
@@ -317,14 +318,22 @@ def pick_device(name: str = "auto") -> str:
     return name
 
 
-def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype: str = "bf16",
-                       progress: bool = True):
+def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype: str = "auto",
+                       progress: bool = True, log=None):
     """(model, tokenizer) ready for inference: the base quantized as the adapter's training run did
-    (``qlora_config.json``, else NF4+DQ defaults), no LoRA layers but the adapter's."""
+    (``qlora_config.json``, else NF4+DQ defaults), no LoRA layers but the adapter's. ``dtype``: the
+    compute dtype, ``auto`` resolved for the device (:mod:`qlora.hardware`); ``log`` (if given) gets the
+    choice and a warning where an explicit dtype is slow on this machine."""
     from .adapters import adapter_quant_settings, load_adapter, read_adapter
-    from .model import QuantSettings, load_model, parse_dtype
+    from .hardware import resolve
+    from .model import QuantSettings, load_model
     device = pick_device(device)
-    parse_dtype(dtype)
+    compute = resolve(dtype, device)
+    dtype = compute.dtype
+    if log is not None:
+        log(compute.header())
+        if compute.warning:
+            log(f"warning: {compute.warning}")
     if model_src is not None and not Path(model_src).expanduser().exists():
         raise QLoraError(f"model not found: {model_src} (give an HF model directory, a .gguf file or a "
                          "qlora quantize output; leave --model out for the embedded SmolLM2-135M)")
@@ -351,8 +360,10 @@ def add_model_args(p) -> None:
                         "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter directory (default: none)")
     p.add_argument("--device", default="auto", metavar="DEV", help="cpu, cuda or auto (default: auto = cuda if available)")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
-                   help="compute dtype of the model (default: bf16)")
+    p.add_argument("--compute-dtype", "--dtype", dest="dtype", default="auto", choices=COMPUTE_DTYPES,
+                   help="compute dtype of the model; auto = what the hardware runs fast (bf16 on GPUs of compute "
+                        "capability >= 8.0 and CPUs with native bf16, fp16 on older GPUs, fp32 on other CPUs; "
+                        "--dtype is the old spelling) (default: auto)")
     p.add_argument("--no-dequant-cache", dest="dequant_cache", action="store_false",
                    help="dequantize 4-bit weights at every forward instead of keeping a 16-bit copy while "
                         "generating (less memory, much slower; default: cache on). On GPUs of compute "
@@ -416,7 +427,8 @@ def _load(args):
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    model, tok = load_for_inference(args.model, args.adapter, args.device, args.dtype, progress=sys.stderr.isatty())
+    model, tok = load_for_inference(args.model, args.adapter, args.device, args.dtype, progress=sys.stderr.isatty(),
+                                    log=lambda m: print(m, file=sys.stderr))
     print(f"loaded {getattr(model, 'qlora_source', args.model)}{' + ' + args.adapter if args.adapter else ''} "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return model, tok

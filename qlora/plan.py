@@ -470,7 +470,7 @@ def check_train_config(cfg, config=None, gpu_mem: int | None = None) -> str | No
                       grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
                       embed_offload=getattr(cfg, "offload_embeddings", False),
                       page_budget=0 if getattr(cfg, "offload_optimizer", False) else None,
-                      fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("bf16", "fp16") else False)
+                      fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("auto", "bf16", "fp16") else False)
 
 
 def model_config(src: str | None):

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from .config import add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
+from .config import COMPUTE_DTYPES, add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
 from .errors import QLoraError
+from .hardware import resolve
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -58,7 +59,10 @@ class TrainConfig:
     quant_type: str = opt("nf4", "4-bit code of the frozen base; none = 16-bit LoRA", ["nf4", "fp4", "int4", "none"], group="model")
     blocksize: int = opt(64, "quantization block size", group="model")
     double_quant: bool = opt(True, "double-quantize the block scales", group="model")
-    compute_dtype: str = opt("bf16", "matmul dtype (fp16 uses loss scaling)", ["bf16", "fp16", "fp32"], group="model")
+    compute_dtype: str = opt("auto", "matmul dtype; auto = what the hardware runs fast: bf16 on CUDA of compute "
+                             "capability >= 8.0 and on CPUs with native bf16 (AVX512-BF16/AMX), fp16 with loss scaling "
+                             "on older GPUs, fp32 on other CPUs (measured once; the choice is printed and written to "
+                             "config.yaml)", COMPUTE_DTYPES, group="model")
     attention: str = opt("auto", "attention implementation: sdpa or eager; auto = eager on a CPU when --max-length "
                          "is at most 512 (faster for short sequences there), sdpa otherwise", ["auto", "sdpa", "eager"],
                          group="model")
@@ -397,6 +401,11 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     out = _prepare_output(cfg) if dist.main else Path(cfg.output)
     dist.barrier()
     device = _device(dist.device(cfg.device))
+    compute = resolve(cfg.compute_dtype, device)
+    cfg = dataclasses.replace(cfg, compute_dtype=compute.dtype)  # the resolved dtype is what config.yaml records
+    log(compute.header())
+    if compute.warning:
+        log(f"warning: {compute.warning}")
     par = Parallel(dist, cfg.parallel, device)
     if par.sharded:
         _check_fsdp(cfg)
@@ -406,7 +415,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     quant = QuantSettings(None if cfg.quant_type == "none" else cfg.quant_type, cfg.blocksize, cfg.double_quant,
                           cfg.compute_dtype)
     lora = LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target, cfg.rslora)
-    dtype = "fp32" if cfg.compute_dtype == "fp32" else cfg.compute_dtype
+    dtype = cfg.compute_dtype
     if dist.main:
         (out / "config.yaml").write_text(to_yaml(cfg))
 
@@ -696,11 +705,11 @@ def _warm_up(cfg: TrainConfig):
     from .lean_imports import warm_up_cuda
     dims = _model_dims(cfg.model or "")
     shapes = None
-    if dims is not None and cfg.compute_dtype in ("bf16", "fp16"):
+    if dims is not None and cfg.compute_dtype in ("auto", "bf16", "fp16"):  # auto: bf16 on the GPUs that warm up
         shapes = dict(hidden=dims["hidden"], intermediate=dims["intermediate"], vocab=dims["vocab"],
                       tokens=cfg.batch_size * cfg.max_length, blocksize=cfg.blocksize,
                       double_quant=cfg.double_quant, quant_type=None if cfg.quant_type == "none" else cfg.quant_type,
-                      dtype=torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float16,
+                      dtype=torch.float16 if cfg.compute_dtype == "fp16" else torch.bfloat16,
                       rank=cfg.rank, dropout=cfg.dropout)
     return warm_up_cuda("cuda" if cfg.device == "auto" else cfg.device, dims["head_dim"] if dims else 128,
                         cfg.max_length, shapes)
