@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -153,37 +154,60 @@ def _shared_gguf_reader():
 
 
 class GGUFSource(Source):
-    """A GGUF file. The tensors are dequantized to float32 and kept in memory on first use."""
+    """A GGUF file. The tensors are dequantized to float32 and kept in memory on first use; a small file's
+    conversion is stored once and read from there afterwards (qlora.gguf_cache)."""
 
     kind = "gguf"
 
-    def __init__(self, path: Path, config):
+    def __init__(self, path: Path, config, cached: Path | None = None):
         super().__init__(path, config)
         self._tensors: dict[str, torch.Tensor] | None = None
         self.progress = True  # transformers' own "Converting and de-quantizing" bar (False: silent)
+        self.cached = cached  # the converted copy (qlora.gguf_cache), read instead of converting again
+        self._reader = CheckpointReader(cached) if cached is not None else None
 
     def _load(self) -> dict[str, torch.Tensor]:
-        if self._tensors is None:
-            from transformers import AutoModelForCausalLM
-            from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(self.config)
-            import functools
-
-            import transformers.modeling_gguf_pytorch_utils as hf_gguf
-            bar = hf_gguf.tqdm
-            hf_gguf.tqdm = functools.partial(bar, disable=not self.progress)
-            try:
-                with _shared_gguf_reader():
-                    parsed = load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=model)
-            except Exception as e:  # noqa: BLE001 - gguf raises many types on a bad file
-                raise QLoraError(f"cannot read the tensors of {self.path}: {type(e).__name__}: {e}") from None
-            finally:
-                hf_gguf.tqdm = bar
-            self._tensors = parsed["tensors"]
-            if not self._tensors:
-                raise QLoraError(f"{self.path}: no tensor matches the {self.config.model_type} architecture")
+        if self._tensors is None and self._reader is not None:
+            self._tensors = {n: self._reader.read(n) for n in self._reader.names()}
+        elif self._tensors is None:
+            self._tensors = self._convert()
+            self._store()
         return self._tensors
+
+    def _convert(self) -> dict[str, torch.Tensor]:
+        """transformers' conversion: every tensor dequantized to float32, under its transformers name."""
+        import functools
+
+        import transformers.modeling_gguf_pytorch_utils as hf_gguf
+        from transformers import AutoModelForCausalLM
+
+        from . import gguf_cache
+        where = gguf_cache.cache_dir(self.path)
+        if where is not None and self.progress:
+            print(f"first use of {self.path.name}: converting it once; the result is kept in {where} for later runs",
+                  file=sys.stderr)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config)
+        bar = hf_gguf.tqdm
+        hf_gguf.tqdm = functools.partial(bar, disable=not self.progress)
+        try:
+            with _shared_gguf_reader():
+                parsed = hf_gguf.load_gguf_checkpoint(str(self.path), return_tensors=True, model_to_load=model)
+        except Exception as e:  # noqa: BLE001 - gguf raises many types on a bad file
+            raise QLoraError(f"cannot read the tensors of {self.path}: {type(e).__name__}: {e}") from None
+        finally:
+            hf_gguf.tqdm = bar
+        if not parsed["tensors"]:
+            raise QLoraError(f"{self.path}: no tensor matches the {self.config.model_type} architecture")
+        return parsed["tensors"]
+
+    def _store(self) -> None:
+        """Keep this conversion for later runs (small files only: qlora.gguf_cache)."""
+        from . import gguf_cache
+        if gguf_cache.cache_dir(self.path) is None:
+            return
+        log = (lambda m: print(m, file=sys.stderr)) if self.progress else None
+        self.cached = gguf_cache.store(self.path, self.config, self._tensors, self.load_tokenizer(), log=log)
 
     def names(self):
         return list(self._load())
@@ -199,6 +223,8 @@ class GGUFSource(Source):
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
+        if self.cached is not None:
+            return AutoTokenizer.from_pretrained(str(self.cached), trust_remote_code=False)
         try:
             with _shared_gguf_reader():
                 return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
@@ -285,6 +311,11 @@ def _open_gguf(p: Path) -> Source:
         if f.read(4) != GGUF_MAGIC:
             raise QLoraError(f"{p} is not a GGUF file (bad magic bytes)")
     from transformers import AutoConfig
+
+    from .gguf_cache import find
+    cached = find(p)
+    if cached is not None:
+        return GGUFSource(p, AutoConfig.from_pretrained(str(cached), trust_remote_code=False), cached)
     try:
         with _shared_gguf_reader():
             config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)

@@ -449,3 +449,56 @@ def test_cli_export(small_tok, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--output", str(tmp_path / "y.gguf"), "--type", "q2_k"])
     assert set(EXPORT_TYPES) == {"f16", "bf16", "q8_0", "q4_0", "q4_k_m"}
+
+
+def test_converted_gguf_is_cached_bit_for_bit(small_tok, tmp_path, monkeypatch):
+    """The first open of a GGUF converts it with transformers and stores the result; the next reads the stored
+    copy without converting, and gets the same config, tensors (bit for bit) and tokenizer."""
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
+
+    from qlora import gguf_cache
+    from qlora.sources import open_source
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    m = _tiny("llama", len(small_tok), tie_word_embeddings=False)
+    path = tmp_path / "tiny.gguf"
+    export_gguf(m.config, m.state_dict().items(), small_tok, path, "q8_0", progress=False)
+    first = open_source(path)
+    first.progress = False
+    assert first.cached is None
+    ref = {n: first.get(n) for n in first.names()}  # transformers' conversion, stored as it happens
+    assert first.cached is not None and first.cached.parent == tmp_path / "cache" / "qlora" / "gguf"
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(hf_gguf, "load_gguf_checkpoint", no_conversion)
+    again = open_source(path)
+    assert again.cached == first.cached and again.kind == "gguf"
+    assert again.config.to_dict() | {"_name_or_path": ""} == first.config.to_dict() | {"_name_or_path": ""}
+    assert sorted(again.names()) == sorted(ref)
+    for n, t in ref.items():
+        assert torch.equal(again.get(n), t), n
+    text = "The capital of France is Paris."
+    assert again.load_tokenizer()(text)["input_ids"] == small_tok(text)["input_ids"]
+    path.write_bytes(path.read_bytes()[:-1] + b"\x01")  # other bytes: another key, no stale copy
+    assert gguf_cache.find(path) is None
+
+
+def test_big_or_unwritable_gguf_cache_is_skipped(small_tok, tmp_path, monkeypatch):
+    from qlora import gguf_cache
+    from qlora.sources import open_source
+    m = _tiny("llama", len(small_tok))
+    path = tmp_path / "tiny.gguf"
+    export_gguf(m.config, m.state_dict().items(), small_tok, path, "f16", progress=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf_cache, "CACHE_MAX_BYTES", 1000)
+    s = open_source(path)
+    s.names()
+    assert s.cached is None and not (tmp_path / "cache").exists()
+    monkeypatch.setattr(gguf_cache, "CACHE_MAX_BYTES", 1 << 30)
+    (tmp_path / "ro").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro"))
+    s = open_source(path)
+    lines = []
+    s.cached = None
+    assert gguf_cache.store(path, s.config, {n: s.get(n) for n in s.names()}, None, log=lines.append) is None
+    assert "could not cache" in lines[0]
