@@ -352,3 +352,14 @@ def test_pair_batches_hold_both_answers_and_follow_the_seed(tok, tmp_path):
     again = PairBatches(pairs, 5, tok.pad_token_id, seed=3)
     assert again.plan(0) == b.plan(0) and again.plan(1) == b.plan(1)
     assert PairBatches(pairs, 5, tok.pad_token_id, seed=4).plan(0) != b.plan(0)
+
+
+def test_plain_template_trains_on_the_answer_only(tok, tmp_path):
+    recs = read_pairs(_write(tmp_path / "d.jsonl", PAIRS[:1]))
+    (pair,), stats = tokenize_pairs(recs, tok, max_length=64, template="plain")
+    assert stats["template"] == "plain"
+    for e, answer in ((pair.chosen, PAIRS[0]["chosen"]), (pair.rejected, PAIRS[0]["rejected"])):
+        trained = [t for t in e.labels if t != -100]
+        assert tok.decode(trained) == f"{answer} <|im_end|>"  # the answer and the EOS that ends it
+        # "### Instruction:" is not in the tiny vocabulary (<unk>), the prompt is, before the answer
+        assert tok.decode(e.input_ids).endswith(f"{PAIRS[0]['prompt']} <unk> <unk> {answer} <|im_end|>")
