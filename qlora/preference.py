@@ -141,7 +141,8 @@ class DPO:
         if loss_type not in DPO_LOSSES:
             raise QLoraError(f"unknown DPO loss {loss_type!r}: choose one of {', '.join(DPO_LOSSES)}")
         if not 0.0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"):
-            raise QLoraError(f"label smoothing must be in [0, 0.5) and only with the sigmoid loss, got {label_smoothing}")
+            raise QLoraError(f"label smoothing must be in [0, 0.5) and used with the sigmoid loss only, "
+                             f"got {label_smoothing} with {loss_type}")
         self.beta, self.loss_type, self.label_smoothing = _check_beta(beta), loss_type, float(label_smoothing)
         self.ref_logps = ref_logps
 

@@ -104,7 +104,8 @@ def _conversations(chosen, rejected, prompt, where: str) -> tuple[list[dict], st
         chosen, rejected = prompt + chosen, prompt + rejected
     elif isinstance(prompt, str):
         if not any(m["role"] == "user" for m in chosen + rejected):
-            chosen, rejected = [{"role": "user", "content": prompt}] + chosen, [{"role": "user", "content": prompt}] + rejected
+            user = [{"role": "user", "content": prompt}]
+            chosen, rejected = user + chosen, user + rejected
     elif prompt is not None:
         raise QLoraError(f"{where}: field 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
     for key, msgs in (("chosen", chosen), ("rejected", rejected)):
