@@ -62,6 +62,13 @@ def read_records(path, fmt: str | None = None) -> tuple[list[Record], str]:
         fmt = None
     if fmt is not None and fmt not in FORMATS:
         raise QLoraError(f"unknown data format {fmt!r}: choose one of auto, {', '.join(FORMATS)}")
+    records = read_file(path)
+    return records, _check_formats(records, fmt)
+
+
+def read_file(path) -> list[Record]:
+    """Every record of a local JSONL/JSON/CSV/TSV/Parquet file, each knowing its file and line, with no
+    format check (``read_records`` checks the SFT formats; preference data checks its own)."""
     p = Path(path)
     if not p.exists():
         hint = " (only local files are read: download the data set first)" if "://" in str(path) else ""
@@ -83,7 +90,7 @@ def read_records(path, fmt: str | None = None) -> tuple[list[Record], str]:
         records = _read_json_array(p, text) if head == "[" else _read_jsonl(p, text)
     if not records:
         raise QLoraError(f"{path}: the file has no records")
-    return records, _check_formats(records, fmt)
+    return records
 
 
 def _read_text(p: Path) -> str:
