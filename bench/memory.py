@@ -20,6 +20,9 @@ Rows (``--rows``, comma separated; ``--all`` = all of them):
 * ``spike``   8B, batch 1, seq 2048 with one step at 8192 in the middle, under a tight cap:
               paged AdamW (on OOM: every optimizer page to CPU, retry the batch) vs plain AdamW.
 * ``70b``     Llama-3.1-70B shape, seq 2048 x batch 1, r=64 under 44 GiB; r=16 under 40 GiB.
+* ``consumer`` the GPU capped as a 24 GiB card: 8B at batch 1, r=16 at `qlora plan`'s longest sequence
+              (with and without activation offload) and 10% past it; then 70B, r=64, seq 2048 under 46 GiB
+              (``--consumer-70b none`` skips the 70B part). Not in ``--all``.
 * ``long``    8B at batch 1: one step at ``--long-tokens`` (default 204800) with offload, after a
               probe at 32k tokens that predicts its time; ``--long-search`` binary-searches the
               longest sequence instead (each probe is a full step: slow).
@@ -482,6 +485,47 @@ def row_70b():
     free()
 
 
+def row_consumer():
+    """Consumer GPUs, the allocator capped at what a 24 GiB card leaves after the CUDA context: the 8B shape at
+    batch 1, r=16 (16-bit input embeddings on the GPU, `qlora plan`'s defaults) at the longest sequence
+    `qlora plan --gpu-mem 24GiB` gives, without and with activation offload, and 10% past it (which should
+    not fit); then the 70B shape, r=64, seq 2048 under 46 GiB with the input embeddings in CPU memory, as
+    `qlora plan --gpu-mem 46GiB` suggests."""
+    small = ARGS.device == "cpu"
+    shape, layers = (ARGS.small_shape, 2) if small else ("llama-3.1-8b", None)
+    cfg, model, built = build(shape, rank=16, layers=layers, embed_offload=False)
+    log(build_row("consumer_8b_build", cfg, model, built))
+    gpu = 2 * GiB if small else 24 * GiB
+    cap = None if small else plan.usable_bytes(gpu)
+    for offload in (False, True):
+        longest = plan.max_fit(cfg, gpu, batch=1, rank=16, optim="paged_adamw", offload=offload)
+        if small:  # the script check: a CPU step at the plan's longest sequence of 2 GiB would take minutes
+            longest = min(longest, 4 * ARGS.cpu_seq)
+        tag = "offload" if offload else "resident"
+        for seq, what in ((longest, "plan_longest"), (int(longest * 1.1) // 128 * 128, "plan_longest_plus_10pct")):
+            if left() < 120:
+                log(dict(row=f"24g_8b_{tag}_{what}", status="skipped: time limit"))
+                continue
+            report(f"24g_8b_{tag}_{what}", cfg, model, [seq], 1, 16, "paged_adamw", offload, cap,
+                   gpu_gib=gpu / GiB, plan_longest=longest)
+    del model
+    free()
+    if "70b" not in ARGS.consumer_70b:
+        return
+    shape, seq, layers = ("llama-3.1-70b", 2048, None) if not small else (ARGS.small_shape, ARGS.cpu_seq, 2)
+    if BUILD_S.get("8b") and BUILD_S["8b"] * 9.5 + 60 > left():
+        log(dict(row="48g_70b", status="skipped: time limit"))
+        return
+    cfg, model, built = build(shape, rank=64, layers=layers, embed_offload=True)
+    log(build_row("consumer_70b_build", cfg, model, built))
+    gpu = 46 * GiB
+    report("46g_70b_r64", cfg, model, [seq] * ARGS.steps_70b, 1, 64, "paged_adamw", False,
+           None if small else plan.usable_bytes(gpu), gpu_gib=46, plan_fits=plan.fits(plan.estimate(
+               cfg, seq, 1, 64, "paged_adamw", embed_offload=True, gpu_mem=gpu), gpu))
+    del model
+    free()
+
+
 def replay(path: str) -> None:
     """Recompute the predictions of a results file with the current plan; print a Markdown table."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
@@ -516,6 +560,7 @@ def main(argv=None) -> int:
     ap.add_argument("--small-shape", default="smollm2-135m", help="shape for --cpu (default smollm2-135m)")
     ap.add_argument("--cpu-seq", type=int, default=128)
     ap.add_argument("--replay", metavar="FILE", help="print the table of FILE with the current plan")
+    ap.add_argument("--consumer-70b", default="70b", help="consumer row: '70b' also runs the 70B part, 'none' not")
     ARGS = ap.parse_args(argv)
     if ARGS.replay:
         replay(ARGS.replay)
@@ -532,14 +577,19 @@ def main(argv=None) -> int:
     env["transformers"] = transformers.__version__
     log(env)
     for name in rows:
-        if name not in ("calib", "8b", "spike", "70b", "long"):
+        if name not in ("calib", "8b", "spike", "70b", "long", "consumer"):
             raise SystemExit(f"unknown row {name!r}")
     shared = None
-    order = [r for r in ("calib", "8b", "spike", "70b", "long") if r in rows]
+    order = [r for r in ("calib", "8b", "spike", "70b", "long", "consumer") if r in rows]
     for name in order:
         try:
             if name == "calib":
                 row_calib()
+            elif name == "consumer":
+                if shared is not None:
+                    shared[1].to("cpu")
+                    free()
+                row_consumer()
             elif name == "70b":
                 if shared is not None:  # make room: the shared 8B model waits in CPU memory
                     shared[1].to("cpu")

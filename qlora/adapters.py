@@ -259,8 +259,10 @@ def merge(model_src, adapter_dir, output, dtype: str = "bf16", quantize: bool = 
                 w.add(name, t.contiguous())
             n += 1
         if quantize:
+            # a 4-bit checkpoint is read by transformers+bitsandbytes on a GPU: auto means their bf16 there
+            compute = "bf16" if q.compute_dtype == "auto" else q.compute_dtype
             cfg["quantization_config"] = quantization_config(q.quant_type or "nf4", q.double_quant,
-                                                             parse_dtype(q.compute_dtype))
+                                                             parse_dtype(compute))
         source.save_tokenizer(w.tmp_dir)  # inside the temp dir: the output appears whole or not at all
         files = w.finish(cfg)
     return dict(output=str(out), tensors=n, files=[str(f) for f in files])

@@ -54,9 +54,9 @@ def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int 
     held = [json.loads(x) for x in held_file.read_text().splitlines()]
     dev = _device(device)
     compute = resolve(compute_dtype, dev)
-    cfg = TrainConfig(compute_dtype=compute.dtype, data=str(train_file), output=str(out / "run"), rank=rank, alpha=alpha, dropout=0.0, lr=lr,
-                      batch_size=batch_size, grad_accum=1, epochs=epochs, max_length=128, optim="adamw",
-                      grad_checkpointing=dev.type == "cuda", save_every=0, keep_last=1, device=str(dev),
+    cfg = TrainConfig(data=str(train_file), output=str(out / "run"), rank=rank, alpha=alpha, dropout=0.0, lr=lr,
+                      compute_dtype=compute.dtype, batch_size=batch_size, grad_accum=1, epochs=epochs, max_length=128,
+                      optim="adamw", grad_checkpointing=dev.type == "cuda", save_every=0, keep_last=1, device=str(dev),
                       overwrite=overwrite, progress=progress, seed=0)
     log(f"[1/4] loading the embedded SmolLM2-135M-Instruct into NF4 on {dev}; {compute.header()} ...")
     if compute.warning:

@@ -43,7 +43,7 @@ def _rope_with_kernel(original):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, unsqueeze_dim=1, **kwargs):
         from . import kernels
         if (args or kwargs or unsqueeze_dim != 1 or not q.is_cuda or cos.dim() != 3 or cos.shape[-1] != q.shape[-1]
-                or k.shape[-1] != q.shape[-1] or not kernels.available()):
+                or k.shape[-1] != q.shape[-1] or not kernels.available(q.device)):
             return original(q, k, cos, sin, *args, unsqueeze_dim=unsqueeze_dim, **kwargs)
         return kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
 

@@ -332,6 +332,9 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
     dtype = compute.dtype
     if log is not None:
         log(compute.header())
+        if device.startswith("cuda"):
+            from .kernels import describe
+            log(describe(device))
         if compute.warning:
             log(f"warning: {compute.warning}")
     if model_src is not None and not Path(model_src).expanduser().exists():

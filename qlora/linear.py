@@ -30,7 +30,7 @@ def _dequant(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dtype) ->
     if packed.is_cuda:
         try:
             from . import kernels
-            if kernels.available():
+            if kernels.available(packed.device):
                 return kernels.dequantize_4bit(packed, state, dtype)
         except ImportError:
             pass
@@ -79,7 +79,7 @@ def keyed_dropout_usable(device: torch.device) -> bool:
     if torch.device(device).type != "cuda":
         return False
     from . import kernels
-    return kernels.available()  # CUDA, Triton, and not QLORA_KERNELS=0
+    return kernels.available(device)  # CUDA, Triton, compute capability >= 8.0, and not QLORA_KERNELS=0
 
 
 @contextlib.contextmanager
@@ -487,7 +487,7 @@ def _prepare_gemv(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, l
     except ImportError:
         return _NoGemv(x, packed, absmax)
     state = layer.state
-    if not kernels.available() or not gemv_cuda.supported(x, state):
+    if not kernels.available(x.device) or not gemv_cuda.supported(x, state):
         return _NoGemv(x, packed, absmax)
     try:
         return gemv_cuda.prepare(x, packed, state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class QuantSettings:
     quant_type: str | None = "nf4"  # nf4 | fp4 | int4 | None (16-bit LoRA, same code path)
     blocksize: int = 64
     double_quant: bool = True
-    compute_dtype: str = "bf16"
+    compute_dtype: str = "auto"  # auto: resolved for the device the model is built on (qlora.hardware)
 
 
 @dataclass
@@ -39,6 +40,17 @@ class LoraSettings:
     dropout: float = 0.05
     target: str = "all-linear"
     rslora: bool = False
+
+
+def resolve_dtypes(quant: QuantSettings, dtype: str | torch.dtype, device) -> tuple[QuantSettings, torch.dtype]:
+    """``quant`` with its compute dtype and ``dtype`` (the unquantized tensors') resolved for ``device``
+    where they say ``auto`` (qlora.hardware: what the device runs fast)."""
+    from .hardware import resolve
+    if quant.compute_dtype == "auto":
+        quant = dataclasses.replace(quant, compute_dtype=resolve("auto", device).dtype)
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = resolve("auto", device).dtype
+    return quant, parse_dtype(dtype)
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -100,6 +112,7 @@ def apply_qlora(model: nn.Module, quant: QuantSettings = QuantSettings(), lora: 
     names = block_linear_names(model)
     if not names:
         raise QLoraError(f"no linear layers found inside transformer blocks of {type(model).__name__}")
+    quant, _ = resolve_dtypes(quant, torch.float32, next(model.parameters()).device)
     targets = select_targets(names, lora.target) if lora is not None else set()
     if seed is not None:
         torch.manual_seed(seed)
@@ -215,7 +228,7 @@ def _finish(model: nn.Module, config, device, dtype) -> None:
 
 
 def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
-                      device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16",
+                      device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
                       seed: int = 0, progress: bool = True, on_block=None) -> nn.Module:
     """Fill a meta skeleton from ``source`` (HF dir, GGUF or 4-bit checkpoint), quantizing block
     linears on ``device`` one at a time. LoRA init uses ``seed``.
@@ -224,8 +237,8 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     of its tensors are in place, e.g. to shard it across processes (FSDP2) before the next block
     is read, so no process ever holds the whole model."""
     from tqdm.auto import tqdm
-    dtype = parse_dtype(dtype)
     device = torch.device(device)
+    quant, dtype = resolve_dtypes(quant, dtype, device)
     config = source.config
     if hasattr(source, "progress"):
         source.progress = progress
@@ -299,11 +312,12 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
 
 
 def build_random(config, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
-                 device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16", seed: int = 0,
+                 device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", seed: int = 0,
                  std: float = 0.02, progress: bool = True, on_block=None) -> nn.Module:
     """A model with random weights built directly in 4-bit, one layer at a time (for benchmarks of
     8B–70B shapes): each linear's random 16-bit weight exists only until it is quantized."""
-    dtype, device = parse_dtype(dtype), torch.device(device)
+    device = torch.device(device)
+    quant, dtype = resolve_dtypes(quant, dtype, device)
 
     class _Random:
         def __init__(self, model):
@@ -326,7 +340,7 @@ def build_random(config, quant: QuantSettings = QuantSettings(), lora: LoraSetti
 
 
 def load_model(src=None, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
-               device: str | torch.device = "cpu", dtype: str | torch.dtype = "bf16", seed: int = 0,
+               device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", seed: int = 0,
                progress: bool = True, on_block=None):
     """Load ``src`` (HF dir, GGUF file, 4-bit checkpoint; None = the embedded SmolLM2-135M) as a
     QLoRA model. Returns ``(model, tokenizer)``."""

@@ -406,6 +406,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     log(compute.header())
     if compute.warning:
         log(f"warning: {compute.warning}")
+    if device.type == "cuda":
+        from .kernels import describe
+        log(describe(device))
     par = Parallel(dist, cfg.parallel, device)
     if par.sharded:
         _check_fsdp(cfg)

@@ -1,8 +1,9 @@
 """GPU kernels (Triton, and one in CUDA C++), each beside its pure-torch reference, and dispatch functions.
 
 Every function here takes the Triton path when :func:`available` (CUDA present, Triton
-importable, and not switched off with ``QLORA_KERNELS=0``) and the tensors are on a CUDA
-device; otherwise it runs the torch reference, so callers never branch themselves.
+importable, compute capability >= 8.0, and not switched off with ``QLORA_KERNELS=0``) and the
+tensors are on a CUDA device; otherwise it runs the torch reference, so callers never branch
+themselves. :func:`describe` says which, for the run header.
 
 =============================  ============================  ===================================
 function                       Triton kernel                 reference
@@ -34,7 +35,7 @@ from . import norm_act
 from .loss import chunked_linear_cross_entropy, linear_cross_entropy_reference
 
 __all__ = [
-    "available", "dequantize_4bit", "matmul_4bit", "rms_norm", "swiglu", "rope",
+    "available", "describe", "dequantize_4bit", "matmul_4bit", "rms_norm", "swiglu", "rope",
     "chunked_linear_cross_entropy", "linear_cross_entropy_reference", "lora_row_",
 ]
 
@@ -48,15 +49,50 @@ def _triton_importable() -> bool:
     return True
 
 
-def available() -> bool:
-    """True when the Triton kernels can run: CUDA, Triton, and ``QLORA_KERNELS`` is not ``0``."""
+# The Triton kernels convert to and from bf16 with sm_80 instructions and were tuned and tested on sm_90
+# (H100/H200): below compute capability 8.0 (T4, V100) every function here takes its torch reference.
+MIN_CAPABILITY = (8, 0)
+
+
+@lru_cache(maxsize=None)
+def _capable(index: int) -> bool:
+    return tuple(torch.cuda.get_device_capability(index)) >= MIN_CAPABILITY
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """True when the Triton kernels can run on ``device`` (default: the current CUDA device): CUDA, Triton,
+    compute capability >= MIN_CAPABILITY, and ``QLORA_KERNELS`` is not ``0``."""
     if not env_flag("QLORA_KERNELS", True):
         return False
-    return torch.cuda.is_available() and _triton_importable()
+    if not (torch.cuda.is_available() and _triton_importable()):
+        return False
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def describe(device: torch.device | str) -> str:
+    """One line saying which kernels a run on ``device`` uses, and why (printed in the run header)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "kernels: torch (CPU)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if available(device):
+        from .gemv_cuda import available as gemv_ok
+        extra = "; one-row 4-bit GEMV in CUDA C++" if gemv_ok(device) else ""
+        return f"kernels: Triton (compute capability {major}.{minor}){extra}"
+    if not env_flag("QLORA_KERNELS", True):
+        why = "QLORA_KERNELS=0"
+    elif not _triton_importable():
+        why = "Triton is not installed"
+    else:
+        why = f"compute capability {major}.{minor} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+    return f"kernels: torch references ({why})"
 
 
 def _use(t: torch.Tensor) -> bool:
-    return t.is_cuda and available()
+    return t.is_cuda and available(t.device)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,

@@ -89,7 +89,7 @@ def softmax_xent_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     kernel runs where :func:`qlora.kernels.available` and the logits are on CUDA with unit stride
     on V; otherwise :func:`softmax_xent_grad_torch_`, with ``buf`` as its fp32 work space."""
     from . import available
-    if triton is None or not logits.is_cuda or logits.stride(1) != 1 or not available():
+    if triton is None or not logits.is_cuda or logits.stride(1) != 1 or not available(logits.device):
         return softmax_xent_grad_torch_(logits, labels, scale, ignore_index, buf)
     return _launch(logits, labels, scale, ignore_index)
 

@@ -97,7 +97,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         unit = 1.0 / n_valid.clamp(min=1).float() if reduction == "mean" else torch.ones((), device=hidden.device)
         # the in-place pass: on a CPU, and on a GPU where the Triton kernel runs (kernels.available)
         from . import available
-        inplace = grad_in_forward and n > 0 and (not hidden.is_cuda or available())
+        inplace = grad_in_forward and n > 0 and (not hidden.is_cuda or available(hidden.device))
         if inplace:
             rows = min(chunk_size, n)
             lbuf = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=hidden.device)

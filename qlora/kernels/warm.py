@@ -43,9 +43,9 @@ def compile_ahead(device, hidden: int, intermediate: int, head_dim: int, vocab: 
     ``tokens``: tokens per micro-batch (rows of the norm's backward); ``seq``: positions per sequence.
     Returns the names of the kernels that ran."""
     from . import available, norm_act
-    if not available():
-        return []
     dev = torch.device(device)
+    if not available(dev):
+        return []
     done = []
 
     def attempt(name, fn):
