@@ -321,7 +321,7 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
                        progress: bool = True):
     """(model, tokenizer) ready for inference: the base quantized as the adapter's training run did
     (``qlora_config.json``, else NF4+DQ defaults), no LoRA layers but the adapter's."""
-    from .adapters import adapter_quant_settings, load_adapter, read_adapter
+    from .adapters import adapter_quant_settings, check_fits, load_adapter, read_adapter
     from .model import QuantSettings, load_model, parse_dtype
     device = pick_device(device)
     parse_dtype(dtype)
@@ -330,8 +330,9 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
                          "qlora quantize output; leave --model out for the embedded SmolLM2-135M)")
     quant = QuantSettings()
     if adapter is not None:
-        read_adapter(adapter)  # fail on a bad adapter before the (slow) model load
+        _, pairs = read_adapter(adapter)  # fail on a bad adapter before the (slow) model load
         quant = adapter_quant_settings(adapter)
+        check_fits(adapter, model_src, pairs)  # its layers and shapes, from the model's config alone
     quant.compute_dtype = dtype
     model, tokenizer = load_model(model_src, quant=quant, lora=None, device=device, dtype=dtype, progress=progress)
     if tokenizer is None:
