@@ -391,6 +391,11 @@ def _train(cfg: TrainConfig, log, model, tokenizer, held: contextlib.ExitStack) 
     check_offload(cfg.optim, cfg.offload_optimizer)
     records, data_fmt = read_records(cfg.data, cfg.format)
     val_records = read_records(cfg.val_data, cfg.format) if cfg.val_data else None
+    if not cfg.truncate:  # over-long records, with the model folder's tokenizer: before the model loads
+        from .data import check_lengths_before_load
+        for recs in [(records, data_fmt)] + ([val_records] if val_records else []):
+            tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
+            check_lengths_before_load(*recs, tok_src, cfg.max_length, cfg.train_on_prompt, cfg.template)
     from .distributed import Dist
     from .parallel import Parallel
     dist = Dist.from_env(cfg.device)
