@@ -399,7 +399,7 @@ def export_gguf(config, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer, 
                         fallbacks.append(g)
                     data = encode_tensor(t, qt)
                     infos.append((g, data.shape, data.dtype, data.nbytes, None if data.dtype != np.uint8 else qt, f.tell()))
-                    data.tofile(f)
+                    f.write(np.ascontiguousarray(data).data)  # not tofile: a short write there has no errno
                     counts[qt.name] += 1
                     n_params += t.numel()
                     bar.update(1)
