@@ -10,6 +10,7 @@ the transformers model, and adapters peft saved load here. We also write ``qlora
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,9 +20,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import is_int, is_number
 from .errors import QLoraError
 from .linear import QLoRALinear
 from .model import LoraSettings, QuantSettings, block_linear_names, lora_modules, parse_dtype
+from .outdir import guard_write, lock_beside
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -68,9 +71,22 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
         "alpha_pattern": {},
     }
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    with guard_write(out, needed):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        _write_adapter_files(tmp, out, tensors, config, quant, extra, needed)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_adapter_files(tmp: Path, out: Path, tensors: dict, config: dict, quant, extra, needed: int) -> None:
+    """Fill the temp folder ``tmp`` and swap it in as ``out``; a full disk or read-only folder is one
+    QLoraError naming ``out`` (the caller removes ``tmp``)."""
+    with guard_write(out, needed):
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if quant is not None or extra:
@@ -83,10 +99,6 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -96,10 +108,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[
         raise QLoraError(f"adapter directory not found: {d}")
     if not (d / CONFIG).is_file():
         raise QLoraError(f"{d} is not a PEFT adapter: no {CONFIG}")
-    try:
-        cfg = json.loads((d / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise QLoraError(f"{d / CONFIG}: invalid JSON ({e})") from None
+    cfg = _read_json_object(d / CONFIG)
+    _check_lora_fields(cfg, d / CONFIG)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise QLoraError(f"{d}: only LoRA adapters are supported, this is {cfg.get('peft_type')}")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
@@ -127,11 +137,50 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[
     if not pairs:
         raise QLoraError(f"{wfile}: holds no lora_A/lora_B weights")
     out = {}
+    r = int(cfg.get("r", 8))
     for name, p in pairs.items():
         if set(p) != {"lora_A", "lora_B"}:
             raise QLoraError(f"{wfile}: {name} has only {', '.join(p)}")
-        out[name] = (p["lora_A"], p["lora_B"])
+        a, b = p["lora_A"], p["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise QLoraError(f"{wfile}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, but "
+                             f"{d / CONFIG} says r={r} (A must be [r, in], B [out, r])")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise QLoraError(f"{wfile}: {name} holds {a.dtype}/{b.dtype} tensors, not floating point")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # would generate nothing, silently
+            raise QLoraError(f"{wfile}: {name} holds NaN or infinite values (the run that saved it diverged): "
+                             "use an earlier checkpoint")
+        out[name] = (a, b)
     return cfg, out
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QLoraError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise QLoraError(f"{path}: expected a JSON object of settings, got a {type(cfg).__name__}")
+    return cfg
+
+
+def _check_lora_fields(cfg: dict, path: Path) -> None:
+    """r, lora_alpha, lora_dropout, use_rslora of a PEFT config: the values qlora reads, checked."""
+    def bad(key, what):
+        raise QLoraError(f"{path}: {key} must be {what}, got {cfg[key]!r}")
+    if "r" in cfg and not (is_int(cfg["r"]) and cfg["r"] >= 1):
+        bad("r", "an integer >= 1")
+    if "lora_alpha" in cfg and not (is_number(cfg["lora_alpha"]) and math.isfinite(cfg["lora_alpha"])
+                                    and cfg["lora_alpha"] > 0):
+        bad("lora_alpha", "a number > 0")
+    d = cfg.get("lora_dropout")
+    if d is not None and not (is_number(d) and 0 <= d < 1):
+        bad("lora_dropout", "a number in [0, 1)")
+    if "use_rslora" in cfg and not isinstance(cfg["use_rslora"], bool):
+        bad("use_rslora", "true or false")
+    tm = cfg.get("target_modules")
+    if tm is not None and not isinstance(tm, (str, list)):
+        bad("target_modules", "a list of module names")
 
 
 def load_adapter(model, adapter_dir: str | os.PathLike, trainable: bool = False):
@@ -168,12 +217,74 @@ def load_adapter(model, adapter_dir: str | os.PathLike, trainable: bool = False)
 
 
 def adapter_quant_settings(adapter_dir) -> QuantSettings:
-    """How the base was quantized when the adapter was trained (defaults if unknown)."""
+    """How the base was quantized when the adapter was trained (defaults if unknown), checked: a
+    bad value names the file and field here, before any model loads."""
+    from .nf4 import check_blocksize
     p = Path(adapter_dir) / QCONFIG
-    if p.is_file():
-        q = json.loads(p.read_text()).get("quant", {})
-        return QuantSettings(**{k: v for k, v in q.items() if k in QuantSettings.__dataclass_fields__})
-    return QuantSettings()
+    if not p.is_file():
+        return QuantSettings()
+    q = _read_json_object(p).get("quant", {})
+    if not isinstance(q, dict):
+        raise QLoraError(f"{p}: quant must be an object of quantization settings, got {q!r}")
+    s = QuantSettings(**{k: v for k, v in q.items() if k in QuantSettings.__dataclass_fields__})
+    if s.quant_type not in (None, "nf4", "fp4", "int4"):
+        raise QLoraError(f"{p}: quant.quant_type must be nf4, fp4, int4 or null, got {s.quant_type!r}")
+    try:
+        check_blocksize(s.blocksize)
+    except ValueError as e:
+        raise QLoraError(f"{p}: quant.blocksize: {e}") from None
+    if not isinstance(s.double_quant, bool):
+        raise QLoraError(f"{p}: quant.double_quant must be true or false, got {s.double_quant!r}")
+    if s.compute_dtype not in ("bf16", "fp16", "fp32"):
+        raise QLoraError(f"{p}: quant.compute_dtype must be bf16, fp16 or fp32, got {s.compute_dtype!r}")
+    return s
+
+
+def check_fits(adapter_dir, model_src, pairs: dict | None = None, config=None) -> None:
+    """Refuse an adapter whose layers or shapes do not fit the model, from the model's config alone
+    (a meta skeleton: no weights read), so the mistake costs seconds, not a model load. ``pairs``:
+    the adapter's tensors if already read; ``config``: the model's, if already opened."""
+    from .model import skeleton
+    if pairs is None:
+        cfg, pairs = read_adapter(adapter_dir)
+    else:
+        cfg = _read_json_object(Path(adapter_dir) / CONFIG)
+    if config is None:
+        from .sources import open_source
+        if model_src is None:
+            from .embedded import embedded_model_path
+            model_src = embedded_model_path()
+        config = open_source(model_src).config
+    model = skeleton(config)
+    linears = set(block_linear_names(model))
+    missing = sorted(set(pairs) - linears)
+    if missing:
+        raise QLoraError(f"adapter {adapter_dir} does not fit the model {model_src}: it has layers the model "
+                         f"lacks, e.g. {', '.join(missing[:3])} ({len(missing)} in all)")
+    r = int(cfg.get("r", 8))
+    for name, (a, b) in pairs.items():
+        m = model.get_submodule(name)
+        if tuple(a.shape) != (r, m.in_features) or tuple(b.shape) != (m.out_features, r):
+            raise QLoraError(f"adapter {adapter_dir} does not fit the model {model_src}: {name} expects "
+                             f"A {(r, m.in_features)} and B {(m.out_features, r)}, the adapter has "
+                             f"A {tuple(a.shape)} and B {tuple(b.shape)}")
+
+
+def check_resume_fits(ck_root: Path, model_src, rank: int) -> None:
+    """``--resume``: the newest checkpoint's adapter must have ``rank`` (--rank) and fit the model,
+    checked before the model loads (a corrupt newest checkpoint is left to the resume itself)."""
+    steps = sorted(Path(ck_root).glob("step-*"))
+    if not steps or not (steps[-1] / "adapter" / CONFIG).is_file():
+        return
+    ad = steps[-1] / "adapter"
+    try:
+        cfg, pairs = read_adapter(ad)
+    except QLoraError:
+        return  # corrupt: latest_checkpoint reports it and takes an older one
+    if int(cfg.get("r", 8)) != rank:
+        raise QLoraError(f"--resume: {ad} was trained with --rank {cfg.get('r')}, this run asks for --rank {rank}: "
+                         "resume with the same settings")
+    check_fits(ad, model_src, pairs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +311,8 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
     quant = quant or (adapter_quant_settings(adapter_dir) if adapter_dir else QuantSettings())
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     scaling = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    if adapter_dir:
+        check_fits(adapter_dir, model_src, pairs, source.config)  # before a weight is read
     names = source.names()
     weight_names = {f"{n}.weight": n for n in pairs}
     absent = [n for n in weight_names if n not in names]
@@ -234,15 +347,24 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
 def merge(model_src, adapter_dir, output, dtype: str = "bf16", quantize: bool = False, force: bool = False,
           max_shard_size: str = "5GB", progress: bool = True) -> dict:
     """Write a plain Hugging Face model directory (or, with ``quantize``, a 4-bit checkpoint of the
-    merged weights) with the tokenizer; transformers loads it without qlora installed."""
+    merged weights) with the tokenizer; transformers loads it without qlora installed. ``OUT.lock``
+    beside the output keeps a second merge into it out while this one runs."""
+    out = Path(output)
+    if out.exists() and not force:  # before opening the model (converting a GGUF base takes a while)
+        raise QLoraError(f"output {out} already exists (use --force to replace it)")
+    if adapter_dir:
+        read_adapter(adapter_dir)  # a bad adapter fails before the model opens
+        adapter_quant_settings(adapter_dir)
+    with lock_beside(out, f"merge output {out}"), guard_write(out):  # temp files: CheckpointWriter.abort
+        return _merge_into(out, model_src, adapter_dir, dtype, quantize, force, max_shard_size, progress)
+
+
+def _merge_into(out: Path, model_src, adapter_dir, dtype, quantize, force, max_shard_size, progress) -> dict:
     from tqdm.auto import tqdm
 
     from . import nf4
     from .checkpoint import CheckpointWriter, quantization_config
     from .sources import quantizable_linear_names
-    out = Path(output)
-    if out.exists() and not force:  # before opening the model (converting a GGUF base takes a while)
-        raise QLoraError(f"output {out} already exists (use --force to replace it)")
     config, source, tensors = merged_tensors(model_src, adapter_dir, dtype)
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)

@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlora {args.command}: error: out of CPU memory", file=sys.stderr)
         return 1
     except Exception as e:  # a bug of ours: keep the traceback when asked
+        from .outdir import SPACE_ERRORS, write_error
+        err = write_error(e, getattr(e, "filename", None) or "a file", codes=SPACE_ERRORS)
+        if err is not None:  # a full disk or read-only folder where no command-specific check caught it
+            print(f"qlora {args.command}: error: {err}", file=sys.stderr)
+            return 2
         if os.environ.get("QLORA_DEBUG"):
             raise
         print(f"qlora {args.command}: internal error: {type(e).__name__}: {e}\n"

@@ -100,6 +100,8 @@ def load_yaml(path) -> dict:
         raise QLoraError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
+    except UnicodeDecodeError:
+        raise QLoraError(f"{p}: not a text file (a YAML file of option: value lines was expected)") from None
     except yaml.YAMLError as e:
         raise QLoraError(f"{p}: invalid YAML ({e})") from None
     if not isinstance(data, dict):
@@ -111,27 +113,37 @@ def build_config(cls, yaml_path=None, cli: argparse.Namespace | dict | None = No
     """defaults < YAML < CLI flags (those not None) < overrides; unknown YAML keys are errors."""
     names = {f.name: f for f in dataclasses.fields(cls)}
     values: dict = {}
+    from_file: set = set()  # keys whose value the YAML file gave (errors name the file)
     if yaml_path:
         data = load_yaml(yaml_path)
         unknown = sorted(k for k in data if k.replace("-", "_") not in names)
         if unknown:
             raise QLoraError(f"{yaml_path}: unknown option(s) {', '.join(unknown)}")
         values.update({k.replace("-", "_"): v for k, v in data.items()})
+        from_file = set(values)
     if cli is not None:
         items = vars(cli).items() if isinstance(cli, argparse.Namespace) else cli.items()
-        values.update({k: v for k, v in items if k in names and v is not None})
+        given = {k: v for k, v in items if k in names and v is not None}
+        values.update(given)
+        from_file -= set(given)
     values.update(overrides)
+    from_file -= set(overrides)
     out = {}
     for k, v in values.items():
         tp = _base_type(names[k].type)
         choices = names[k].metadata.get("choices")
+        where = f"{yaml_path}: option {k}" if k in from_file else f"option {k}"
         try:
+            if tp is int and isinstance(v, float) and not v.is_integer():
+                raise ValueError  # int(2.9) would be 2: a flag refuses it, so does the file
             if v is not None and tp in (int, float) and not isinstance(v, bool):
                 v = tp(v)
             elif v is not None and tp is bool and not isinstance(v, bool):
                 v = _parse_bool(v)
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise QLoraError(f"option {k}: expected {tp.__name__}, got {v!r}") from None
+            elif v is not None and tp is str and not isinstance(v, str):
+                raise TypeError  # `data: {a: 1}`, `output: 123`: a path or a name is a string
+        except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError):
+            raise QLoraError(f"{where}: expected {tp.__name__}, got {v!r}") from None
         if choices and v is not None and v not in choices:
             raise QLoraError(f"option {k}: {v!r} is not one of {', '.join(map(str, choices))}")
         out[k] = v

@@ -63,7 +63,11 @@ def read_records(path, fmt: str | None = None) -> tuple[list[Record], str]:
     if fmt is not None and fmt not in FORMATS:
         raise QLoraError(f"unknown data format {fmt!r}: choose one of auto, {', '.join(FORMATS)}")
     records = read_file(path)
-    return records, _check_formats(records, fmt)
+    fmt = _check_formats(records, fmt)
+    if not any(_answered(r, fmt) for r in records):  # before any model loads
+        raise QLoraError(f"{path}: 0 of {len(records)} examples have a response to train on: every "
+                         f"{'text' if fmt == 'text' else 'assistant answer'} is empty")
+    return records, fmt
 
 
 def read_file(path) -> list[Record]:
@@ -91,6 +95,32 @@ def read_file(path) -> list[Record]:
     if not records:
         raise QLoraError(f"{path}: the file has no records")
     return records
+
+
+def _answered(record: dict, fmt: str) -> bool:
+    """The record has a non-empty response: an assistant message (or the text) that is not blank.
+    A blank one would train only the end-of-turn token: a model that answers nothing."""
+    if fmt == "text":
+        return bool(str(record.get("text") or "").strip())
+    return any(m["content"].strip() for m in to_messages(record, fmt) if m["role"] == "assistant")
+
+
+def check_lengths_before_load(records, fmt: str, model_src, max_length: int, train_on_prompt: bool = False,
+                              template: str = "auto") -> None:
+    """``--truncate false``: refuse records longer than ``max_length`` tokens before the model loads,
+    when its tokenizer loads on its own in a moment (a model folder with tokenizer files). A GGUF file
+    or the embedded model carries its tokenizer inside the model file: there the check runs after the
+    load, in :func:`tokenize_records`."""
+    p = Path(model_src).expanduser() if model_src else None
+    if p is None or not p.is_dir() or not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    except Exception:  # noqa: BLE001 - the model load reports a bad tokenizer, with its own message
+        return
+    tokenize_records(records, fmt, tok, max_length=max_length, train_on_prompt=train_on_prompt, truncate=False,
+                     template=template)
 
 
 def _read_text(p: Path) -> str:
@@ -412,6 +442,33 @@ def _example(tk: _Tok, encoded, spans, prefix: list[int], train_all: bool) -> Ex
     return Example(ids, labels)
 
 
+# A message longer than max_length * CUT_CHARS_PER_TOKEN characters is cut there before it is rendered and
+# tokenized, so a huge record costs time and memory in proportion to max_length, not to its size. 32
+# characters a token is a generous bound (English text averages ~4), and the cut is checked, not assumed:
+# it is kept only when the message's first half of the kept characters already holds max_length + CUT_SLACK
+# tokens, so the first max_length tokens lie far from the cut and are those of the uncut text; else (one
+# giant word, a tokenizer whose unknown-word token swallows it) the bound doubles until that holds.
+CUT_CHARS_PER_TOKEN = 32
+CUT_SLACK = 8
+
+
+class _Cutter:
+    """Cuts over-long message texts by characters at a bound that provably leaves the first
+    ``max_length`` tokens unchanged (see CUT_CHARS_PER_TOKEN)."""
+
+    def __init__(self, tk: "_Tok", max_length: int):
+        self.tk, self.need, self.bound = tk, max_length + CUT_SLACK, max_length * CUT_CHARS_PER_TOKEN
+
+    def __call__(self, text: str) -> tuple[str, bool]:
+        """(text, whether it was cut)."""
+        c = self.bound
+        while len(text) > c:
+            if len(self.tk.tok(text[:c // 2], add_special_tokens=False)["input_ids"]) >= self.need:
+                return text[:c], True
+            c *= 2
+        return text, False
+
+
 def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train_on_prompt: bool = False,
                      truncate: bool = True, template: str = "auto") -> tuple[list[Example], dict]:
     """Render, tokenize and mask every record.
@@ -421,8 +478,12 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
     Loss is on the assistant turns (each ending with a trained EOS or end-of-turn token) unless
     ``train_on_prompt``; ``text`` records train on every token plus an EOS. Sequences longer
     than ``max_length`` are cut at the end (``truncate``) or rejected; those left without a
-    trained token are dropped. Stats: records, examples, truncated, dropped, longest (before
-    truncation), tokens, trained_tokens, template, template_fallback."""
+    trained token are dropped. A message far longer than ``max_length`` is cut by characters before it
+    is tokenized (:class:`_Cutter`: same first ``max_length`` tokens, time and memory bounded by
+    ``max_length``). Data in which no record has a non-empty response (assistant turn, or text) is
+    refused. Stats: records, examples, truncated, dropped, longest (before truncation; for a record cut
+    by characters, its length after the cut, already more than ``max_length``), tokens,
+    trained_tokens, template, template_fallback, cut (records cut by characters), empty_responses."""
     if fmt not in FORMATS:
         raise QLoraError(f"unknown data format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if template not in TEMPLATES:
@@ -436,25 +497,40 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
     use_chat = fmt != "text" and (template == "chat" or (template == "auto" and has_template))
     stats = {"records": len(records), "examples": 0, "truncated": 0, "dropped": 0, "longest": 0,
              "tokens": 0, "trained_tokens": 0, "template": "none" if fmt == "text" else
-             ("chat" if use_chat else "plain"), "template_fallback": 0}
+             ("chat" if use_chat else "plain"), "template_fallback": 0, "cut": 0, "empty_responses": 0}
+    cut = _Cutter(tk, max_length)
     layouts = []  # (text, trained spans, prefix ids, train on all tokens)
+    answered = []  # per record: has a non-empty response
     for n, rec in enumerate(records, 1):
         where = getattr(rec, "where", f"record {n}")
         if fmt == "text":
             text = rec.get("text")
             if not isinstance(text, str):
                 raise QLoraError(f"{where}: missing field 'text' (format text needs text)")
+            text, was_cut = cut(text)
+            stats["cut"] += was_cut
+            answered.append(bool(text.strip()))
             layouts.append((text, [(0, len(text))], tk.prefix, True))
             continue
         if fmt != "chat":
             _check_fields(rec if isinstance(rec, Record) else _record(rec, where), fmt)
         msgs = to_messages(rec, fmt)
+        was_cut = False
+        for m in msgs:
+            m["content"], c = cut(m["content"])
+            was_cut |= c
+        stats["cut"] += was_cut
+        answered.append(any(m["content"].strip() for m in msgs if m["role"] == "assistant"))
         if use_chat:
             text, spans, fell_back = _chat_layout(tk, msgs, where)
             stats["template_fallback"] += fell_back
             layouts.append((text, spans, [], train_on_prompt))
         else:
             layouts.append((*_plain_layout(msgs), tk.prefix, train_on_prompt))
+    stats["empty_responses"] = answered.count(False)
+    if not any(answered):  # each would train only the end-of-turn token: a model that answers nothing
+        raise QLoraError(f"0 of {len(records)} examples have a response to train on: every "
+                         f"{'text' if fmt == 'text' else 'assistant answer'} is empty")
     examples, too_long = [], 0
     for c in range(0, len(layouts), 1024):  # the tokenizer encodes a chunk at once (in parallel)
         chunk = layouts[c:c + 1024]

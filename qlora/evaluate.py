@@ -86,6 +86,19 @@ def split_record(record: dict, fmt: str) -> tuple[list[dict], str] | None:
     return msgs[:last], msgs[last]["content"]
 
 
+def check_references(records, fmt: str) -> None:
+    """Refuse a record whose reference answer (its last assistant message) is empty: the empty string
+    is "contained" in every answer, so ``contains`` would count it as right."""
+    if fmt == "text":
+        return
+    for n, r in enumerate(records, 1):
+        _, ref = split_record(r, fmt)
+        if not ref.strip():
+            where = getattr(r, "where", f"record {n}")
+            raise QLoraError(f"{where}: the reference answer (the last assistant message) is empty, so it cannot "
+                             "be scored: fill it in, drop the record, or pass --max-new-tokens 0 (loss only)")
+
+
 def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64, batch_size: int = 8,
                    progress: bool = False) -> list[str]:
     """Greedy answers to token-id prompts, ``batch_size`` at a time, left-padded (so every row's
@@ -137,6 +150,8 @@ def evaluate(model, tokenizer, records, fmt: str, max_new_tokens: int = 64, batc
     if not records:
         raise QLoraError("no records to evaluate")
     check_settings(batch_size, max_new_tokens, max_length)
+    if max_new_tokens > 0:
+        check_references(records, fmt)
     t0 = time.perf_counter()
     examples, stats = tokenize_records(records, fmt, tokenizer, max_length=max_length, template=template)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -223,6 +238,8 @@ def _run(args) -> int:
     check_settings(args.batch_size, args.max_new_tokens, args.max_length)
     records, fmt = read_records(args.data, args.format)  # before the model load: fail fast
     records = records[:args.limit] if args.limit else records
+    if args.max_new_tokens > 0:
+        check_references(records, fmt)
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
     model, tok = load_for_inference(args.model, args.adapter, args.device, args.dtype, progress=tty,

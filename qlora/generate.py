@@ -324,7 +324,7 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
     (``qlora_config.json``, else NF4+DQ defaults), no LoRA layers but the adapter's. ``dtype``: the
     compute dtype, ``auto`` resolved for the device (:mod:`qlora.hardware`); ``log`` (if given) gets the
     choice and a warning where an explicit dtype is slow on this machine."""
-    from .adapters import adapter_quant_settings, load_adapter, read_adapter
+    from .adapters import adapter_quant_settings, check_fits, load_adapter, read_adapter
     from .hardware import resolve
     from .model import QuantSettings, load_model
     device = pick_device(device)
@@ -342,8 +342,9 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
                          "qlora quantize output; leave --model out for the embedded SmolLM2-135M)")
     quant = QuantSettings()
     if adapter is not None:
-        read_adapter(adapter)  # fail on a bad adapter before the (slow) model load
+        _, pairs = read_adapter(adapter)  # fail on a bad adapter before the (slow) model load
         quant = adapter_quant_settings(adapter)
+        check_fits(adapter, model_src, pairs)  # its layers and shapes, from the model's config alone
     quant.compute_dtype = dtype
     model, tokenizer = load_model(model_src, quant=quant, lora=None, device=device, dtype=dtype, progress=progress)
     if tokenizer is None:

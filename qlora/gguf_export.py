@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .errors import QLoraError
+from .outdir import guard_write, lock_beside
 
 EXPORT_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # HF -> GGUF
@@ -312,7 +313,8 @@ def _target(path, force: bool) -> Path:
         raise QLoraError(f"output {out} is a directory; give a file name such as {out / 'model.gguf'}")
     if out.exists() and not force:
         raise QLoraError(f"output {out} already exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with guard_write(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -369,71 +371,75 @@ def export_gguf(config, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer, 
     spill = out.with_name(f".{out.name}.data{os.getpid()}")
     expected = _expected_names(config, arch, tied)
     bar = tqdm(total=len(expected), desc=f"export {type}", unit="tensor", disable=not progress)
-    try:
-        with open(spill, "wb") as f:
-            for hf_name, t in stream():
-                if _SKIP.search(hf_name) or (tied and hf_name == "lm_head.weight"):
-                    continue
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                    raise QLoraError(f"tensor {hf_name}: expected a floating-point torch tensor")
-                g = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
-                    name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-                if g is None:
-                    raise QLoraError(f"tensor {hf_name} has no GGUF name for the {arch} architecture")
-                if g in seen:
-                    raise QLoraError(f"tensor {hf_name} given twice (as {g})")
-                seen.add(g)
-                if arch == "llama" and re.search(r"\.attn_[qk]\.(weight|bias)$", g):
-                    t = _permute_qk(t, n_head if ".attn_q." in g else n_kv, hf_name)
-                if g == "token_embd.weight" and t.shape[0] != config.vocab_size:
-                    raise QLoraError(f"{hf_name} has {t.shape[0]} rows, config.vocab_size is {config.vocab_size}")
-                if t.dim() == 2 and not torch.isfinite(t).all():
-                    raise QLoraError(f"tensor {hf_name} holds NaN or Inf values")
-                qt = tensor_qtype(g, tuple(t.shape), type, n_layers, tied)
-                if type == "q4_k_m" and qt not in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K,
-                                                   gguf.GGMLQuantizationType.F32):
-                    fallbacks.append(g)
-                data = encode_tensor(t, qt)
-                infos.append((g, data.shape, data.dtype, data.nbytes, None if data.dtype != np.uint8 else qt, f.tell()))
-                data.tofile(f)
-                counts[qt.name] += 1
-                n_params += t.numel()
-                bar.update(1)
-                del t, data
-        missing = [m for m in expected if m not in seen]
-        if missing:
-            raise QLoraError(f"the model is missing {len(missing)} tensor(s) the {arch} GGUF needs, "
-                             f"e.g. {', '.join(missing[:3])}")
+    # OUT.lock: one writer at a time; a full disk or read-only folder: one line, temp files removed
+    with lock_beside(out, f"export output {out}"), guard_write(out, cleanup=(tmp, spill)):
+        try:
+            with open(spill, "wb") as f:
+                for hf_name, t in stream():
+                    if _SKIP.search(hf_name) or (tied and hf_name == "lm_head.weight"):
+                        continue
+                    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                        raise QLoraError(f"tensor {hf_name}: expected a floating-point torch tensor")
+                    g = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
+                        name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                    if g is None:
+                        raise QLoraError(f"tensor {hf_name} has no GGUF name for the {arch} architecture")
+                    if g in seen:
+                        raise QLoraError(f"tensor {hf_name} given twice (as {g})")
+                    seen.add(g)
+                    if arch == "llama" and re.search(r"\.attn_[qk]\.(weight|bias)$", g):
+                        t = _permute_qk(t, n_head if ".attn_q." in g else n_kv, hf_name)
+                    if g == "token_embd.weight" and t.shape[0] != config.vocab_size:
+                        raise QLoraError(f"{hf_name} has {t.shape[0]} rows, config.vocab_size is {config.vocab_size}")
+                    if t.dim() == 2 and not torch.isfinite(t).all():
+                        raise QLoraError(f"tensor {hf_name} holds NaN or Inf values")
+                    qt = tensor_qtype(g, tuple(t.shape), type, n_layers, tied)
+                    if type == "q4_k_m" and qt not in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K,
+                                                       gguf.GGMLQuantizationType.F32):
+                        fallbacks.append(g)
+                    data = encode_tensor(t, qt)
+                    infos.append((g, data.shape, data.dtype, data.nbytes, None if data.dtype != np.uint8 else qt, f.tell()))
+                    f.write(np.ascontiguousarray(data).data)  # not tofile: a short write there has no errno
+                    counts[qt.name] += 1
+                    n_params += t.numel()
+                    bar.update(1)
+                    del t, data
+            missing = [m for m in expected if m not in seen]
+            if missing:
+                raise QLoraError(f"the model is missing {len(missing)} tensor(s) the {arch} GGUF needs, "
+                                 f"e.g. {', '.join(missing[:3])}")
 
-        w = gguf.GGUFWriter(tmp, arch)
-        w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(_model_name(config, name))
-        w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-                         "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[type])
-        if type not in ("f16", "bf16"):
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _arch_metadata(w, config, arch, warnings)
-        _write_tokenizer(w, tok_meta)
-        for g, shape, dtype, nbytes, raw, _ in infos:
-            w.add_tensor_info(g, shape, dtype, nbytes, raw_dtype=raw)
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for g, shape, dtype, nbytes, raw, off in infos:
-            w.write_tensor_data(np.memmap(spill, dtype=np.uint8, mode="r", offset=off, shape=(nbytes,)))
-        w.close()
-        os.replace(tmp, out)
-    finally:
-        bar.close()
-        for p in (tmp, spill):
-            if p.exists():
-                p.unlink()
+            w = gguf.GGUFWriter(tmp, arch)
+            w.add_type(gguf.GGUFType.MODEL)
+            w.add_name(_model_name(config, name))
+            w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                             "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M}[type])
+            if type not in ("f16", "bf16"):
+                w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            _arch_metadata(w, config, arch, warnings)
+            _write_tokenizer(w, tok_meta)
+            for g, shape, dtype, nbytes, raw, _ in infos:
+                w.add_tensor_info(g, shape, dtype, nbytes, raw_dtype=raw)
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for g, shape, dtype, nbytes, raw, off in infos:
+                w.write_tensor_data(np.memmap(spill, dtype=np.uint8, mode="r", offset=off, shape=(nbytes,)))
+            w.close()
+            os.replace(tmp, out)
+            if ollama:
+                modelfile = write_modelfile(out, tokenizer, out.with_suffix(".Modelfile"), force=force)["path"]
+        finally:
+            bar.close()
+            for p in (tmp, spill):
+                if p.exists():
+                    p.unlink()
     summary = {"path": str(out), "type": type, "arch": arch, "tensors": len(infos), "params": n_params,
                "bytes": out.stat().st_size, "seconds": round(time.time() - t0, 1),
                "tensor_types": dict(counts), "fallbacks": fallbacks, "warnings": warnings, "modelfile": None}
     if ollama:
-        summary["modelfile"] = write_modelfile(out, tokenizer, out.with_suffix(".Modelfile"), force=force)["path"]
+        summary["modelfile"] = modelfile
     return summary
 
 
@@ -590,6 +596,11 @@ def _open_model(model, adapter):
 
 def run(args) -> int:
     _target(args.output, args.force)  # fail before the (slow) model load
+    with lock_beside(args.output, f"export output {args.output}"):  # export_gguf's lock, taken before the load
+        return _run_locked(args)
+
+
+def _run_locked(args) -> int:
     if args.ollama:
         _target(Path(args.output).expanduser().with_suffix(".Modelfile"), args.force)
     if args.model and not Path(args.model).expanduser().exists():

@@ -28,6 +28,7 @@ import torch
 from . import nf4
 from .checkpoint import COMPUTE_DTYPES, CheckpointWriter, parse_size, quantization_config
 from .errors import QLoraError
+from .outdir import guard_write, lock_beside
 
 QUANT_TYPES = ("nf4", "fp4")  # the 4-bit types a bitsandbytes checkpoint can hold
 MB = 1e6
@@ -62,13 +63,21 @@ def quantize_model(src, out, quant_type: str = "nf4", blocksize: int = 64, doubl
     ``output_mb`` (output tensors), ``bits_per_param`` (stored bits of the quantized weights,
     tables and state included, per weight element), ``seconds``, ``files``.
     """
-    from .sources import open_source, quantizable_linear_names
-
     t0 = time.perf_counter()
     cdtype = _check_options(quant_type, blocksize, compute_dtype, max_shard_size)
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise QLoraError(f"{out} already exists: choose another output or pass --force to replace it")
+    # OUT.lock beside the output: one writer at a time; a full disk or read-only folder is one line
+    # (CheckpointWriter removes its temp folder)
+    with lock_beside(out, f"quantize output {out}"), guard_write(out):
+        return _quantize_into(src, out, quant_type, blocksize, double_quant, cdtype, force, progress,
+                              max_shard_size, t0)
+
+
+def _quantize_into(src, out: Path, quant_type, blocksize, double_quant, cdtype, force, progress, max_shard_size,
+                   t0) -> dict:
+    from .sources import open_source, quantizable_linear_names
     source = open_source(src)
     if source.kind == "bnb4":
         raise QLoraError(f"{source.path} is already a 4-bit checkpoint: quantize its 16-bit original instead")

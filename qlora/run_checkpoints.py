@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import QLoraError
+from .outdir import write_errno, write_error
 
 
 def _sha256(path: Path) -> str:
@@ -43,15 +44,18 @@ def save_checkpoint(run_dir: Path, step: int, model, opt_, state: dict, quant, k
     from safetensors.torch import save_file
 
     from .adapters import save_adapter
+    from .model import lora_modules
     from .optim import state_dict_to_tensors
     ck_root = run_dir / "checkpoints"
-    ck_root.mkdir(parents=True, exist_ok=True)
     final = ck_root / f"step-{step:07d}"
     tmp = ck_root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tensors, meta = state_dict_to_tensors(opt_state if opt_state is not None else opt_.state_dict())
+    pairs = lora.values() if lora is not None else [(m.lora_A, m.lora_B) for m in lora_modules(model).values()]
+    needed = sum(t.numel() * t.element_size() for t in [*tensors.values(), *(x for ab in pairs for x in ab)])
     try:
+        ck_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(model, tmp / "adapter", quant=quant, tensors=lora)
-        tensors, meta = state_dict_to_tensors(opt_state if opt_state is not None else opt_.state_dict())
         save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=meta)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -67,11 +71,16 @@ def save_checkpoint(run_dir: Path, step: int, model, opt_, state: dict, quant, k
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    except OSError as e:
+    except Exception as e:
+        # a full disk, a quota or a read-only folder (save_adapter's QLoraError says which, with the sizes)
+        if not isinstance(e, (OSError, QLoraError)) and write_errno(e) is None:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
+        why = write_error(e, final, needed) or e
+        why = str(why) if isinstance(why, QLoraError) else (getattr(why, "strerror", None) or str(why))
         good = latest_checkpoint(run_dir)
-        raise QLoraError(f"could not save the checkpoint of step {step} ({e.strerror or e}); "
-                         f"the previous checkpoint {good.name if good else '(none)'} is intact") from None
+        raise QLoraError(f"could not save the checkpoint of step {step} ({why}); temporary files removed; "
+                         f"the previous checkpoint {good if good else '(none)'} is intact") from None
     for old in sorted(ck_root.glob("step-*"))[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

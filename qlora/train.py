@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -278,23 +277,17 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def _prepare_output(cfg: TrainConfig) -> Path:
-    if not cfg.output:
-        raise QLoraError("--output DIR is required")
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise QLoraError(f"--output {out} is a file")
-    # a folder holding only the config.yaml of a run that stopped before training (a bad --model, say) is free
-    previous = out.is_dir() and any(p.name != "config.yaml" for p in out.iterdir())
-    if previous and not (cfg.resume or cfg.overwrite):
-        raise QLoraError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-    if cfg.resume and not (out / "checkpoints").is_dir():
-        raise QLoraError(f"--resume: {out} has no checkpoints to resume from")
-    if previous and cfg.overwrite and not cfg.resume:
-        for p in out.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _prepare_output(cfg: TrainConfig, held: contextlib.ExitStack):
+    """Check --output and lock it for the life of the run (``held`` releases the lock); --overwrite
+    removes the previous run only at :meth:`~qlora.outdir.RunDir.clear`, once every check has passed.
+    With --resume, the newest checkpoint's adapter is checked against the model's config first."""
+    from .outdir import prepare_run_dir
+    run_dir = prepare_run_dir(cfg.output, cfg.resume, cfg.overwrite)
+    held.callback(run_dir.lock.release)
+    if cfg.resume:
+        from .adapters import check_resume_fits
+        check_resume_fits(run_dir.path / "checkpoints", cfg.model, cfg.rank)
+    return run_dir
 
 
 PLOT_EVERY_S = 30.0
@@ -378,7 +371,16 @@ def check_config(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     """Run training as configured; returns a summary dict (also printed by the CLI).
     ``model``/``tokenizer``: an already loaded QLoRA model (from :func:`qlora.model.load_model`
-    with the same settings) to train instead of loading ``cfg.model``."""
+    with the same settings) to train instead of loading ``cfg.model``. The output folder stays
+    locked until it returns; a full disk or read-only folder ends it with one line naming the
+    last good checkpoint (qlora/outdir.py)."""
+    from .outdir import SPACE_ERRORS, guard_write
+    last_good = lambda: latest_checkpoint(Path(cfg.output)) if cfg.output else None  # noqa: E731
+    with contextlib.ExitStack() as held, guard_write(cfg.output or ".", last_good=last_good, codes=SPACE_ERRORS):
+        return _train(cfg, log, model, tokenizer, held)
+
+
+def _train(cfg: TrainConfig, log, model, tokenizer, held: contextlib.ExitStack) -> dict:
     from tqdm.auto import tqdm
 
     from .adapters import save_adapter
@@ -393,12 +395,18 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
     check_offload(cfg.optim, cfg.offload_optimizer)
     records, data_fmt = read_records(cfg.data, cfg.format)
     val_records = read_records(cfg.val_data, cfg.format) if cfg.val_data else None
+    if not cfg.truncate:  # over-long records, with the model folder's tokenizer: before the model loads
+        from .data import check_lengths_before_load
+        for recs in [(records, data_fmt)] + ([val_records] if val_records else []):
+            tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
+            check_lengths_before_load(*recs, tok_src, cfg.max_length, cfg.train_on_prompt, cfg.template)
     from .distributed import Dist
     from .parallel import Parallel
     dist = Dist.from_env(cfg.device)
     if not dist.main:
         log = lambda m: None  # noqa: E731  (rank 0 speaks for all)
-    out = _prepare_output(cfg) if dist.main else Path(cfg.output)
+    run_dir = _prepare_output(cfg, held) if dist.main else None  # rank 0 checks and locks the folder
+    out = run_dir.path if run_dir else Path(cfg.output)
     dist.barrier()
     device = _device(dist.device(cfg.device))
     compute = resolve(cfg.compute_dtype, device)
@@ -419,8 +427,6 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
                           cfg.compute_dtype)
     lora = LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target, cfg.rslora)
     dtype = cfg.compute_dtype
-    if dist.main:
-        (out / "config.yaml").write_text(to_yaml(cfg))
 
     if model is None and device.type == "cuda" and not (cfg.model or "").startswith("shape:"):
         from .plan import check_train_config
@@ -495,6 +501,9 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
         f"LoRA r={cfg.rank} on {cfg.target}: {n_trainable / 1e6:.2f}M trainable parameters; "
         f"{total} steps of {cfg.batch_size}x{cfg.grad_accum}" + (f"x{dist.world} processes ({par.mode})" if dist.active else ""))
 
+    if dist.main:  # every check has passed: only now may --overwrite remove the previous run
+        run_dir.clear()
+        (out / "config.yaml").write_text(to_yaml(cfg))
     step, rows = 0, []
     if cfg.resume:
         ck = latest_checkpoint(out, warn=log)

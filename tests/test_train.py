@@ -109,8 +109,9 @@ def test_bad_settings_and_data_fail_before_the_model_loads(setup, tmp_path, monk
 
 
 def test_a_run_that_stopped_before_training_leaves_its_output_reusable(setup, tmp_path, monkeypatch):
-    """A model that cannot be read fails after the output folder got its config.yaml; running again (fixed)
-    needs no --overwrite, while a folder with anything more of a run still does."""
+    """A model that cannot be read fails before anything of the run is written (config.yaml comes once every
+    check has passed; the lock file goes with the run); running again (fixed) needs no --overwrite, while a
+    folder with a run in it does."""
     import qlora.model
     out = tmp_path / "o"
 
@@ -120,7 +121,7 @@ def test_a_run_that_stopped_before_training_leaves_its_output_reusable(setup, tm
         m.setattr(qlora.model, "load_model", unreadable)
         with pytest.raises(QLoraError, match="cannot read the model"):
             train(cfg(setup, out, max_steps=1), log=lambda m: None)
-    assert [p.name for p in out.iterdir()] == ["config.yaml"]
+    assert [p.name for p in out.iterdir()] == []
     train(cfg(setup, out, max_steps=1), log=lambda m: None)
     with pytest.raises(QLoraError, match="already holds a run"):
         train(cfg(setup, out, max_steps=1), log=lambda m: None)
