@@ -22,7 +22,7 @@ Rows (``--rows``, comma separated; ``--all`` = all of them):
 * ``70b``     Llama-3.1-70B shape, seq 2048 x batch 1, r=64 under 44 GiB; r=16 under 40 GiB.
 * ``consumer`` the GPU capped as a 24 GiB card: 8B at batch 1, r=16 at `qlora plan`'s longest sequence
               (with and without activation offload) and 10% past it; then 70B, r=64, seq 2048 under 46 GiB
-              (``--consumer-70b none`` skips the 70B part). Not in ``--all``.
+              (``--consumer-70b none|only``: without it, or it alone). Not in ``--all``.
 * ``long``    8B at batch 1: one step at ``--long-tokens`` (default 204800) with offload, after a
               probe at 32k tokens that predicts its time; ``--long-search`` binary-searches the
               longest sequence instead (each probe is a full step: slow).
@@ -492,9 +492,17 @@ def row_consumer():
     not fit); then the 70B shape, r=64, seq 2048 under 46 GiB with the input embeddings in CPU memory, as
     `qlora plan --gpu-mem 46GiB` suggests."""
     small = ARGS.device == "cpu"
+    if ARGS.consumer_70b != "only":
+        row_consumer_8b(small)
+    if ARGS.consumer_70b != "none":
+        row_consumer_70b(small)
+
+
+def row_consumer_8b(small: bool):
     shape, layers = (ARGS.small_shape, 2) if small else ("llama-3.1-8b", None)
     cfg, model, built = build(shape, rank=16, layers=layers, embed_offload=False)
     log(build_row("consumer_8b_build", cfg, model, built))
+    BUILD_S["8b"] = built
     gpu = 2 * GiB if small else 24 * GiB
     cap = None if small else plan.usable_bytes(gpu)
     for offload in (False, True):
@@ -510,8 +518,9 @@ def row_consumer():
                    gpu_gib=gpu / GiB, plan_longest=longest)
     del model
     free()
-    if "70b" not in ARGS.consumer_70b:
-        return
+
+
+def row_consumer_70b(small: bool):
     shape, seq, layers = ("llama-3.1-70b", 2048, None) if not small else (ARGS.small_shape, ARGS.cpu_seq, 2)
     if BUILD_S.get("8b") and BUILD_S["8b"] * 9.5 + 60 > left():
         log(dict(row="48g_70b", status="skipped: time limit"))
@@ -560,7 +569,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small-shape", default="smollm2-135m", help="shape for --cpu (default smollm2-135m)")
     ap.add_argument("--cpu-seq", type=int, default=128)
     ap.add_argument("--replay", metavar="FILE", help="print the table of FILE with the current plan")
-    ap.add_argument("--consumer-70b", default="70b", help="consumer row: '70b' also runs the 70B part, 'none' not")
+    ap.add_argument("--consumer-70b", default="also", choices=["also", "none", "only"],
+                    help="consumer row: the 70B part after the 8B one (also), not at all (none), or alone (only)")
     ARGS = ap.parse_args(argv)
     if ARGS.replay:
         replay(ARGS.replay)
