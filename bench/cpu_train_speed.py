@@ -81,7 +81,7 @@ def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     from qlora.linear import dequant_cache, lora_cast
     from qlora.model import LoraSettings, QuantSettings, load_model
     from qlora.optim import make_optimizer
-    from qlora.train import loss_sum
+    from qlora.loss import loss_sum
     torch.manual_seed(0)
     m, tok = load_model(None, QuantSettings(), LoraSettings(16, 32, 0.0), "cpu", "bf16", progress=False)
     m.set_attn_implementation(attention)

@@ -167,9 +167,10 @@ def run_job(fmt: str, seed: int, task: str, device: str, epochs: float, n_text: 
     from qlora.demo import accuracy, held_out_answers
     from qlora.demo_data import write
     from qlora.embedded import embedded_model_path
+    from qlora.loss import evaluate_loss
     from qlora.model import LoraSettings, QuantSettings, build_from_source
     from qlora.sources import open_source
-    from qlora.train import TrainConfig, evaluate_loss, train
+    from qlora.train import TrainConfig, train
     t0 = time.time()
     source = open_source(model_path or embedded_model_path())
     if tokenizer:

@@ -35,7 +35,7 @@ if DETAIL:  # time every Triton compilation
         compiles.append((getattr(src, "name", "?"), round(time.time() - t, 2), "main" if main else "warm-up")); return r
     for mod in (tcc, tc, tjit):
         if hasattr(mod, "compile"): mod.compile = timed
-from qlora.model import LoraSettings, QuantSettings, build_random; from qlora.train import loss_sum; from qlora.optim import make_optimizer
+from qlora.model import LoraSettings, QuantSettings, build_random; from qlora.loss import loss_sum; from qlora.optim import make_optimizer
 from qlora.offload import enable_checkpointing
 mark("import qlora")
 from qlora.plan import shape_config

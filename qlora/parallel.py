@@ -30,6 +30,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from . import loss as losses
 from .errors import QLoraError
 from .linear import QLoRALinear
 
@@ -37,7 +38,7 @@ MODES = ("auto", "none", "ddp", "fsdp")
 
 
 class LossModule(nn.Module):
-    """``forward(batch) -> sum of token cross-entropies`` of ``lm`` on ``batch`` (see train.loss_sum).
+    """``forward(batch) -> sum of token cross-entropies`` of ``lm`` on ``batch`` (see loss.loss_sum).
 
     ``head_unshard``: the LM head is an FSDP2 unit whose weight the chunked loss reads directly (not
     through its forward), so gather it around the loss; its gradients are formed in the forward pass
@@ -48,13 +49,12 @@ class LossModule(nn.Module):
         self.lm, self.device, self.head_unshard = lm, device, head_unshard
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from .train import loss_sum
         if not self.head_unshard:
-            return loss_sum(self.lm, batch, self.device)
+            return losses.loss_sum(self.lm, batch, self.device)
         head = self.lm.get_output_embeddings()
         head.unshard()
         try:
-            return loss_sum(self.lm, batch, self.device)
+            return losses.loss_sum(self.lm, batch, self.device)
         finally:
             head.reshard()
 

@@ -35,6 +35,7 @@ import torch
 
 from .config import add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
 from .errors import QLoraError
+from .loss import evaluate_loss, loss_sum
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -124,55 +125,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return max(0.0, 1.0 - frac)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
-
-
-# ---------------------------------------------------------------------------------------------
-# loss
-
-
-def _chunked_loss_ok(model) -> bool:
-    cfg = model.config
-    return (hasattr(model, "model") and model.get_output_embeddings() is not None
-            and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
-            and cfg.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"))
-
-
-def loss_sum(model, batch: dict, device, grad_in_forward: bool = True, static_shapes: bool = False) -> torch.Tensor:
-    """Sum of token cross-entropies over the batch's trained tokens (labels != -100), computed
-    without a full fp32 logits tensor where the architecture allows. ``grad_in_forward`` (default):
-    the LM head's share of the backward pass is done during forward while its logits are at hand,
-    saving the recomputation of the logits in backward (see kernels.loss); it only applies when
-    gradients are enabled. ``static_shapes``: no shape depends on the data (the LM head runs on
-    every position, ignored ones add 0) and nothing waits for the GPU, as a CUDA graph needs; the
-    caller checks the labels' range."""
-    from .kernels.loss import chunked_linear_cross_entropy
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    labels = batch["labels"].to(device)
-    if _chunked_loss_ok(model):
-        h = model.model(**inputs, use_cache=False).last_hidden_state
-        tgt = labels[:, 1:]
-        if static_shapes:
-            return chunked_linear_cross_entropy(h[:, :-1], model.get_output_embeddings().weight, tgt,
-                                                reduction="sum", grad_in_forward=grad_in_forward)
-        keep = tgt != -100  # the LM head runs only where a token is scored (prompts are most tokens)
-        return chunked_linear_cross_entropy(h[:, :-1][keep], model.get_output_embeddings().weight, tgt[keep],
-                                            reduction="sum", grad_in_forward=grad_in_forward)
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=-100, reduction="sum")
-
-
-@torch.no_grad()
-def evaluate_loss(model, batches, device, loss_fn=None) -> float:
-    """Mean token loss over ``batches`` (``loss_fn(batch)`` gives a batch's loss sum; default loss_sum)."""
-    was = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for b in batches:
-        total += (loss_fn(b) if loss_fn is not None else loss_sum(model, b, device)).item()
-        n += int(b["num_tokens"])
-    model.train(was)
-    return total / max(1, n)
 
 
 # ---------------------------------------------------------------------------------------------

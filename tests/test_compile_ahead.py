@@ -25,7 +25,7 @@ for mod in (tc, tcc, tjit):
 from transformers import LlamaConfig
 from qlora.kernels.warm import compile_ahead
 from qlora.model import LoraSettings, QuantSettings, build_random
-from qlora.train import loss_sum
+from qlora.loss import loss_sum
 batch, seq = 2, 64
 cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000)

@@ -242,7 +242,7 @@ def test_kernel_reads_the_key_on_the_device_in_a_graph():
 def test_graphed_checkpointed_steps_with_dropout_equal_eager_steps_without_checkpointing():
     from qlora.cuda_graphs import GraphedMicroStep, causal_attention
     from qlora.offload import enable_checkpointing
-    from qlora.train import loss_sum
+    from qlora.loss import loss_sum
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=500, max_position_embeddings=512)
     torch.manual_seed(0)

@@ -145,21 +145,18 @@ def test_corrupt_checkpoint_detected_previous_used(setup, tmp_path):
     assert "step-0000006 is corrupt" in msgs[0]
 
 
-def test_nan_loss_stops_with_step(setup, tmp_path):
-    import qlora.train as T
-    orig = T.loss_sum
+def test_nan_loss_stops_with_step(setup, tmp_path, monkeypatch):
+    import qlora.loss as L
+    orig = L.loss_sum
     calls = {"n": 0}
 
     def nan_after_step_3(*a, **k):  # the loss turns NaN in step 4 (2 micro-batches a step)
         calls["n"] += 1
         return orig(*a, **k) * (float("nan") if calls["n"] > 6 else 1.0)
 
-    T.loss_sum = nan_after_step_3
-    try:
-        with pytest.raises(QLoraError, match=r"loss became nan at step 4.*step-0000003"):
-            train(cfg(setup, tmp_path / "r", max_steps=6), log=lambda m: None)
-    finally:
-        T.loss_sum = orig
+    monkeypatch.setattr(L, "loss_sum", nan_after_step_3)  # the training loss every path reads from qlora.loss
+    with pytest.raises(QLoraError, match=r"loss became nan at step 4.*step-0000003"):
+        train(cfg(setup, tmp_path / "r", max_steps=6), log=lambda m: None)
 
 
 def test_disk_full_keeps_previous_checkpoint(setup, tmp_path, monkeypatch):
