@@ -7,11 +7,11 @@ compute what the modules compute (RMSNorm in fp32, cast back, times the weight;
 are unavailable (CPU, no Triton, ``QLORA_KERNELS=0``)."""
 from __future__ import annotations
 
-import sys
 import weakref
 
 import torch.nn as nn
 
+from .compat import modeling_function, set_modeling_function
 from .config import env_flag
 
 # norms of the form weight * normalize(x) (Gemma's 1 + weight differs: left alone)
@@ -54,12 +54,11 @@ def _rope_with_kernel(original):
 def _patch_rope(attention_class) -> bool:
     """Route the rotary embedding of ``attention_class``'s modeling module through the kernel
     (module-wide: the module's function is replaced once; it falls back to the original itself)."""
-    mod = sys.modules.get(attention_class.__module__)
-    fn = getattr(mod, "apply_rotary_pos_emb", None)
-    if fn is None or not callable(fn):
+    fn = modeling_function(attention_class, "apply_rotary_pos_emb")
+    if fn is None:
         return False
     if not hasattr(fn, "_qlora_original"):
-        mod.apply_rotary_pos_emb = _rope_with_kernel(fn)
+        set_modeling_function(attention_class, "apply_rotary_pos_emb", _rope_with_kernel(fn))
     return True
 
 

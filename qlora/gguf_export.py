@@ -319,7 +319,7 @@ def _target(path, force: bool) -> Path:
 def _model_name(config, name: str | None) -> str:
     if name:
         return name
-    src = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
+    src = str(getattr(config, "name_or_path", "") or "")
     # not the bare model type: transformers' GGUF reader treats general.name == "mistral" specially
     return Path(src).name or src or f"{config.model_type}-qlora"
 

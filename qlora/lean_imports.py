@@ -220,10 +220,8 @@ def hide_unused_packages() -> list[str]:
         return []
     if "transformers" in sys.modules:  # too late: it may have decided they are available already, and a
         return []  # later lazy import of its model code would then fail on the hidden package
-    hidden = [name for name in UNUSED if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None
-    return hidden
+    from .compat import hide_packages
+    return hide_packages(UNUSED)
 
 
 class WarmUp:
@@ -288,12 +286,8 @@ def warm_up_cuda(device, head_dim: int = 128, seq: int = 2048, shapes: dict | No
     def triton_kernels():
         with torch.cuda.device(device):
             try:
-                import triton
-                from triton.compiler.compiler import make_backend
-                from triton.runtime.cache import triton_key
-                triton_key()  # lru-cached: hashes libtriton (~0.3 s warm, more from a cold disk)
-                driver = triton.runtime.driver.active  # builds its cuda_utils module on first use (gcc)
-                make_backend(driver.get_current_target()).hash()  # runs ptxas --version
+                from .compat import triton_first_use
+                triton_first_use()
             except Exception:
                 pass
             if shapes:  # once per set of sizes and versions (a stamp in Triton's cache)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .compat import set_module_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
 
@@ -154,11 +155,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> bool:
         mod = model.get_submodule(mod_name) if mod_name else model
     except AttributeError:
         return False
-    if attr in mod._parameters:
-        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    elif attr in mod._buffers:
-        mod._buffers[attr] = value
-    else:
+    if not set_module_tensor(mod, attr, value):
         return False
     return True
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import loss as losses
+from .compat import ddp_ignore, local_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
 
@@ -119,7 +120,7 @@ class Parallel:
             self.module = LossModule(model, self.device)
             frozen = [f"lm.{n}" for n, p in model.named_parameters() if not p.requires_grad]
             frozen += [f"lm.{n}" for n, _ in model.named_buffers()]
-            DDP._set_params_and_buffers_to_ignore_for_model(self.module, frozen)
+            ddp_ignore(self.module, frozen)
             with warnings.catch_warnings():  # torch >= 2.12 calls broadcast_buffers deprecated, but its successor
                 # still syncs buffers at init, and these buffers (rotary tables...) are equal on every rank anyway
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
@@ -146,7 +147,6 @@ class Parallel:
 
     def local_bytes(self) -> tuple[int, int]:
         """(bytes of model parameters and buffers held by this process, bytes of the whole model)."""
-        from torch.distributed.tensor import DTensor
         here = whole = 0
         seen = set()
         for t in list(self.module.parameters()) + list(self.module.buffers()):
@@ -154,7 +154,7 @@ class Parallel:
                 continue
             seen.add(id(t))
             whole += t.numel() * t.element_size()
-            loc = t._local_tensor if isinstance(t, DTensor) else t
+            loc = local_tensor(t)
             here += loc.numel() * loc.element_size()
         return here, whole
 
@@ -163,7 +163,7 @@ class Parallel:
         storage, so updating it updates the parameter)."""
         if not self.sharded:
             return self.params
-        return [p._local_tensor for p in self.params]
+        return [local_tensor(p) for p in self.params]
 
     # -- the step ----------------------------------------------------------------------------------
 
@@ -181,13 +181,13 @@ class Parallel:
     def before_optimizer(self) -> None:
         if self.sharded:  # hand the local gradient shards to the optimizer's local tensors
             for p, lt in zip(self.params, self.optimizer_params()):
-                lt.grad = None if p.grad is None else p.grad._local_tensor
+                lt.grad = None if p.grad is None else local_tensor(p.grad)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         if not self.sharded:
             return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         import torch.distributed as tdist
-        grads = [p.grad._local_tensor for p in self.params if p.grad is not None]
+        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in grads:
             sq += g.float().pow(2).sum()
@@ -237,7 +237,7 @@ class Parallel:
             m = model.get_submodule(name)
             for p, t in ((m.lora_A, a), (m.lora_B, b)):
                 if self.sharded:
-                    p._local_tensor.copy_(self.local(t.to(p.dtype), p))
+                    local_tensor(p).copy_(self.local(t.to(p.dtype), p))
                 else:
                     p.data.copy_(t)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import attention_implementation
 from .config import add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
 from .errors import QLoraError
 from .loss import evaluate_loss, loss_sum
@@ -389,7 +390,7 @@ def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
         tok = tokenizer
     attn = cfg.attention if cfg.attention != "auto" else (
         "eager" if device.type == "cpu" and cfg.max_length <= 512 else "sdpa")
-    if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", attn) != attn:
+    if hasattr(model, "set_attn_implementation") and attention_implementation(model.config) not in (attn, None):
         model.set_attn_implementation(attn)
     if cfg.offload_embeddings:
         from .offload import offload_embeddings

@@ -44,6 +44,7 @@ from functools import lru_cache
 
 import torch
 
+from ..compat import compile_cuda_kernel, kernel_shared_memory, nvrtc_available, raw_stream_getter
 from ..config import env_flag
 from ..errors import QLoraError
 from ..nf4 import QuantState
@@ -550,14 +551,14 @@ def _compile(device: torch.device, name: str, source: str, defines: dict, smem: 
                 text = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEBUG + source
                 try:
                     with torch.cuda.device(device):
-                        kern = torch.cuda._compile_kernel(text, name)
+                        kern = compile_cuda_kernel(text, name)
                 except (RuntimeError, OSError, AttributeError) as e:  # no NVRTC, a driver too old, ...
                     _broken.append(f"{type(e).__name__}: {e}")
                     warnings.warn(f"qlora: the CUDA GEMV kernel did not compile, using the Triton one "
                                   f"({_broken[0][:300]})", RuntimeWarning, stacklevel=3)
                     raise CompileError(_broken[0]) from e
                 _kernels[key] = kern
-    if getattr(kern, "_max_shared_mem_bytes", 0) < smem:
+    if kernel_shared_memory(kern) < smem:
         with torch.cuda.device(device):
             kern.set_shared_memory_config(smem)
     return kern
@@ -571,7 +572,7 @@ def available(device: torch.device) -> bool:
     """True when this device can run the kernel: PyTorch with NVRTC kernels, compute capability >= 9.0
     (bulk copies and transaction barriers), not switched off with ``QLORA_CUDA_GEMV=0``, and no
     earlier compilation failed."""
-    if _broken or not env_flag("QLORA_CUDA_GEMV", True) or not hasattr(torch.cuda, "_compile_kernel"):
+    if _broken or not env_flag("QLORA_CUDA_GEMV", True) or not nvrtc_available():
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 9
@@ -688,7 +689,7 @@ def _smem_base(device: torch.device) -> int:
 def _probe_smem_base(device: torch.device) -> int:
     try:
         with torch.cuda.device(device):
-            probe = torch.cuda._compile_kernel(
+            probe = compile_cuda_kernel(
                 'extern "C" __global__ void qlora_smem_base(unsigned* out) { extern __shared__ char s[];'
                 ' out[0] = (unsigned)__cvta_generic_to_shared(s); }', "qlora_smem_base")
             out = torch.zeros(1, dtype=torch.int32, device=device)
@@ -772,15 +773,6 @@ def _nothing():
     return None
 
 
-def _raw_stream():
-    """``device index -> the current CUDA stream's handle``: torch's raw getter (what Triton's launcher
-    uses, ~0.3 us) where it exists, else through a Stream object (~3 us)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw
-    return lambda index: torch.cuda.current_stream(index).cuda_stream
-
-
 class Prepared:
     """The CUDA GEMV planned for one weight and one-row inputs of one dtype on one device (:func:`prepare`):
     the compiled kernel, the launch configuration and the weight's device pointers, with the launch's
@@ -795,7 +787,7 @@ class Prepared:
         if Prepared._lib is None:
             lib = ctypes.CDLL("libcuda.so.1")
             lib.cuLaunchKernel.restype = ctypes.c_int
-            Prepared._lib, Prepared._stream = lib, staticmethod(_raw_stream())
+            Prepared._lib, Prepared._stream = lib, staticmethod(raw_stream_getter())
         self.kern = kern  # keeps the module loaded
         self.tensors = tensors
         self.dtype, self.device, self.index = x.dtype, x.device, x.get_device()
