@@ -136,6 +136,8 @@ def run(mode: str, cfg, args) -> dict:
         os.environ["QLORA_CUDA_GEMV"] = "0"
     else:
         os.environ.pop("QLORA_CUDA_GEMV", None)
+    from qlora.settings import refresh
+    refresh()  # qlora reads its QLORA_* switches once
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

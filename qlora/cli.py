@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from .errors import QLoraError
+from .settings import switches
 
 # subcommand -> module that implements it (in help order)
 COMMANDS = {
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlora {args.command}: error: out of CPU memory", file=sys.stderr)
         return 1
     except Exception as e:  # a bug of ours: keep the traceback when asked
-        if os.environ.get("QLORA_DEBUG"):
+        if switches().debug:
             raise
         print(f"qlora {args.command}: internal error: {type(e).__name__}: {e}\n"
               f"(set QLORA_DEBUG=1 for the traceback)", file=sys.stderr)

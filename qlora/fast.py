@@ -12,7 +12,7 @@ import weakref
 import torch.nn as nn
 
 from .compat import modeling_function, set_modeling_function
-from .config import env_flag
+from .settings import switches
 
 # norms of the form weight * normalize(x) (Gemma's 1 + weight differs: left alone)
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
@@ -29,10 +29,6 @@ def _mlp_forward(self, x):
     from . import kernels
     # gate and up are fresh tensors read only by the activation: its backward may overwrite them
     return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True))
-
-
-# QLORA_ROPE_KERNEL=0: leave transformers' rotary embedding (eager element-wise ops) alone
-ROPE_KERNEL = env_flag("QLORA_ROPE_KERNEL", True)
 
 
 def _rope_with_kernel(original):
@@ -88,7 +84,7 @@ def use_fused_kernels(model: nn.Module) -> dict:
     n = {"rmsnorm": 0, "swiglu_mlp": 0, "rope": 0}
     for m in model.modules():
         name = type(m).__name__
-        if ROPE_KERNEL and name in _ATTENTIONS and _patch_rope(type(m)):
+        if switches().rope_kernel and name in _ATTENTIONS and _patch_rope(type(m)):
             n["rope"] += 1
         if name in _NORMS and hasattr(m, "variance_epsilon"):
             m.forward = _Forward(_norm_forward, m)

@@ -19,3 +19,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_switches():
+    """Each test starts and ends with qlora.settings read from the environment as it is then (a test
+    that sets a QLORA_* variable through ``switch`` leaves nothing behind)."""
+    from qlora import settings
+    settings.refresh()
+    yield
+    settings.refresh()
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    """``switch("QLORA_X", "0")`` sets a QLORA_* variable for this test and re-reads qlora.settings;
+    ``switch("QLORA_X", None)`` unsets it."""
+    from qlora import settings
+
+    def set_(name: str, value: str | None):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        settings.refresh()
+    return set_

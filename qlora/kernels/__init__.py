@@ -27,9 +27,9 @@ from functools import lru_cache
 
 import torch
 
-from ..config import env_flag
 from ..nf4 import QuantState
 from ..nf4 import dequantize_4bit as _dequantize_4bit_torch
+from ..settings import switches
 from . import norm_act
 from .loss import chunked_linear_cross_entropy, linear_cross_entropy_reference
 
@@ -50,7 +50,7 @@ def _triton_importable() -> bool:
 
 def available() -> bool:
     """True when the Triton kernels can run: CUDA, Triton, and ``QLORA_KERNELS`` is not ``0``."""
-    if not env_flag("QLORA_KERNELS", True):
+    if not switches().kernels:
         return False
     return torch.cuda.is_available() and _triton_importable()
 
@@ -117,7 +117,7 @@ def lora_row_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     """``y += scaling * B @ (A @ x)`` in place for one row (``y`` [N], ``x`` [K], ``a`` [r, K], ``b`` [N, r];
     no autograd) when the Triton kernel takes it: returns True then, else False and ``y`` is untouched
     (the caller computes it with torch)."""
-    if not (_use(x) and env_flag("QLORA_LORA_ROW", True)):
+    if not (_use(x) and switches().lora_row):
         return False
     from . import lora_row
     if not lora_row.usable(y, x, a, b):

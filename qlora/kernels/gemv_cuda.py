@@ -45,9 +45,9 @@ from functools import lru_cache
 import torch
 
 from ..compat import compile_cuda_kernel, kernel_shared_memory, nvrtc_available, raw_stream_getter
-from ..config import env_flag
 from ..errors import QLoraError
 from ..nf4 import QuantState
+from ..settings import switches
 
 SLICE = 256                      # K elements per warp (8 lanes x 32)
 MAX_SPLIT_LEN = 16 * SLICE       # at most 16 warps per thread block (x in registers)
@@ -572,7 +572,7 @@ def available(device: torch.device) -> bool:
     """True when this device can run the kernel: PyTorch with NVRTC kernels, compute capability >= 9.0
     (bulk copies and transaction barriers), not switched off with ``QLORA_CUDA_GEMV=0``, and no
     earlier compilation failed."""
-    if _broken or not env_flag("QLORA_CUDA_GEMV", True) or not nvrtc_available():
+    if _broken or not switches().cuda_gemv or not nvrtc_available():
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 9
@@ -605,7 +605,7 @@ def kind(x: torch.Tensor, state: QuantState) -> str:
     x, K and the block size multiples of 64, the shared-memory layout fits) or ``"fma"``."""
     n_out, k = (int(s) for s in state.shape)
     bs = state.blocksize
-    if x.dtype == torch.float32 or k % 64 or bs % 64 or not env_flag("QLORA_GEMV_MMA", True):
+    if x.dtype == torch.float32 or k % 64 or bs % 64 or not switches().gemv_mma:
         return "fma"
     if _smem_base(x.device) != MMA_SMEM_BASE:  # not remembered inside, as it may be unknown for now
         return "fma"
