@@ -124,15 +124,6 @@ def lora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear) and m.r > 0}
 
 
-def count_params(model: nn.Module) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen_4bit = sum(m.in_features * m.out_features for m in model.modules()
-                      if isinstance(m, QLoRALinear) and m.weight_packed is not None)
-    other = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return dict(trainable=trainable, quantized=frozen_4bit, other_frozen=other,
-                total=trainable + frozen_4bit + other)
-
-
 # ---------------------------------------------------------------------------------------------
 # building from a source, tensor by tensor
 
