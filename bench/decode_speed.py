@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODES = ("ours", "ours-nograph", "ours+cache", "ours-dequant", "reference")
 

@@ -42,8 +42,6 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
 from qlora import plan  # noqa: E402
 from qlora.linear import QLoRALinear  # noqa: E402
 from qlora.model import LoraSettings, QuantSettings, build_random  # noqa: E402

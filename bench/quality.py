@@ -34,9 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# the repository root, not bench/ (whose kernels.py would shadow the `kernels` package bitsandbytes probes)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FORMATS = {  # name -> (quant_type, double_quant)
     "bf16": (None, False), "nf4+dq": ("nf4", True), "nf4": ("nf4", False), "fp4": ("fp4", True), "int4": ("int4", True),

@@ -13,32 +13,7 @@ from qlora.config import build_config
 from qlora.errors import QLoraError
 from qlora.train import TrainConfig, latest_checkpoint, train
 
-from tiny import make_tiny_model
-
-CITIES = ["paris", "rome", "berlin"]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    make_tiny_model(d / "model")
-    rows = [{"instruction": f"what is the capital of {c} ?", "output": f"the answer is {c} ."}
-            for i in range(40) for c in [CITIES[i % 3]]]
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
-
-
-def cfg(setup, out, **kw):
-    base = dict(data=str(setup / "data.jsonl"), model=str(setup / "model"), output=str(out), rank=4, alpha=8,
-                lr=3e-3, batch_size=4, grad_accum=2, max_steps=6, save_every=3, compute_dtype="fp32",
-                progress=False, optim="adamw", warmup_ratio=0.0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
+from helpers import cfg, losses
 
 def test_loss_falls_and_outputs_written(setup, tmp_path):
     s = train(cfg(setup, tmp_path / "r", max_steps=12, dropout=0.0, lr=1e-2), log=lambda m: None)
