@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from . import loss as losses
+from .methods import SFT
 from .compat import ddp_ignore, local_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
@@ -39,23 +39,25 @@ MODES = ("auto", "none", "ddp", "fsdp")
 
 
 class LossModule(nn.Module):
-    """``forward(batch) -> sum of token cross-entropies`` of ``lm`` on ``batch`` (see loss.loss_sum).
+    """``forward(batch) -> (loss sum, metrics)`` of ``lm`` on ``batch`` by the training ``method``
+    (qlora.methods; default SFT: the sum of token cross-entropies, see loss.loss_sum).
 
     ``head_unshard``: the LM head is an FSDP2 unit whose weight the chunked loss reads directly (not
     through its forward), so gather it around the loss; its gradients are formed in the forward pass
     (loss_sum's default ``grad_in_forward``) so backward never needs the gathered weight again."""
 
-    def __init__(self, lm: nn.Module, device, head_unshard: bool = False):
+    def __init__(self, lm: nn.Module, device, head_unshard: bool = False, method=None):
         super().__init__()
         self.lm, self.device, self.head_unshard = lm, device, head_unshard
+        self.method = method if method is not None else SFT()
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, static_shapes: bool = False) -> tuple:
         if not self.head_unshard:
-            return losses.loss_sum(self.lm, batch, self.device)
+            return self.method.loss(self.lm, batch, self.device, static_shapes)
         head = self.lm.get_output_embeddings()
         head.unshard()
         try:
-            return losses.loss_sum(self.lm, batch, self.device)
+            return self.method.loss(self.lm, batch, self.device, static_shapes)
         finally:
             head.reshard()
 
@@ -111,13 +113,14 @@ class Parallel:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
         return shard
 
-    def wrap(self, model: nn.Module) -> None:
+    def wrap(self, model: nn.Module, method=None) -> None:
+        """Wrap ``model`` with the loss of ``method`` (qlora.methods; default SFT) for this mode."""
         if self.mode == "none":
-            self.module = LossModule(model, self.device)
+            self.module = LossModule(model, self.device, method=method)
             self.runner = self.module
         elif self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.module = LossModule(model, self.device)
+            self.module = LossModule(model, self.device, method=method)
             frozen = [f"lm.{n}" for n, p in model.named_parameters() if not p.requires_grad]
             frozen += [f"lm.{n}" for n, _ in model.named_buffers()]
             ddp_ignore(self.module, frozen)
@@ -140,7 +143,7 @@ class Parallel:
                     fully_shard(emb, mesh=self.mesh, reshard_after_forward=True)
                 if head is not None:
                     fully_shard(head, mesh=self.mesh, reshard_after_forward=True)
-            self.module = LossModule(model, self.device, head_unshard=not tied and head is not None)
+            self.module = LossModule(model, self.device, head_unshard=not tied and head is not None, method=method)
             fully_shard(self.module, mesh=self.mesh)
             self.runner = self.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -167,8 +170,12 @@ class Parallel:
 
     # -- the step ----------------------------------------------------------------------------------
 
+    def forward(self, batch: dict, static_shapes: bool = False) -> tuple:
+        """(loss sum, metrics) of a micro-batch through the wrapper (see LossModule)."""
+        return self.runner(batch, static_shapes)
+
     def loss(self, batch: dict) -> torch.Tensor:
-        return self.runner(batch)
+        return self.forward(batch)[0]
 
     def sync_context(self, last: bool):
         """Gradient sync only on the step's last micro-batch."""
