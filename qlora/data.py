@@ -15,6 +15,9 @@ Labels follow the transformers convention: ``labels`` is aligned with ``input_id
 model shifts it (the logits at position t are scored against ``labels[t + 1]``); -100 means
 "no loss". ``labels[0]`` is always -100 (nothing predicts the first token), which also keeps a
 packed row from scoring one example's first token against the previous example.
+
+Longer than 500 lines: reading, format detection, rendering with loss masks and batching are one
+pipeline in the order data flows through it; each part is short.
 """
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ Conventions of llama.cpp that the file follows:
 Metadata: ``general.*``, ``{arch}.*`` hyper-parameters (context length, sizes, heads, RoPE base
 and scaling, RMS eps), ``tokenizer.ggml.*`` (model, pre-tokenizer, tokens, token types, merges or
 scores, bos/eos/unk/pad ids, add_bos/add_eos) and ``tokenizer.chat_template``.
+
+Longer than 500 lines: one export format end to end (tensor types and encoding, metadata, tokenizer,
+Ollama Modelfile, the command); the parts are short and used only here.
 """
 from __future__ import annotations
 

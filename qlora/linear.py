@@ -11,6 +11,9 @@
 * Matmuls run in ``compute_dtype`` (bf16 default); LoRA factors are kept in ``lora_dtype``
   (fp32 default, so optimizer updates are not lost to bf16 rounding) and cast for the matmul.
   The output has the input's dtype.
+
+Longer than 500 lines: the layer, its autograd node and the contexts that change its forward (dequant
+cache, LoRA casts, keyed dropout) all work on the layer's own fields.
 """
 from __future__ import annotations
 

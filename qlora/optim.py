@@ -34,6 +34,9 @@ launches per chunk instead of per tensor.
 State dict: ``torch.optim`` layout. Per parameter ``step`` (fp32 0-dim CPU tensor) and either
 ``exp_avg`` / ``exp_avg_sq`` (fp32) or ``exp_avg_q8`` / ``exp_avg_absmax`` / ``exp_avg_sq_q8`` /
 ``exp_avg_sq_absmax`` (uint8 / fp32), wherever they currently live (device or pinned host).
+
+Longer than 500 lines: the 8-bit state code, the pager and the AdamW step are one mechanism (the step
+quantizes and pages its own states); each section is short and a reader of the step needs the other two.
 """
 from __future__ import annotations
 

@@ -26,6 +26,9 @@ principles, in bytes, from the model's config only (a skeleton on the ``meta`` d
 
 The peak is the largest of three moments of a step: the loss backward (all block inputs saved),
 the backward of a block (gradients accumulating), and the optimizer step (activations gone).
+
+Longer than 500 lines: counting, the estimate, the advice and the command's printout share the
+calibrated constants at the top; each part is short.
 """
 from __future__ import annotations
 

@@ -1,8 +1,25 @@
-"""`qlora train`: the training loop, readable top to bottom.
+"""`qlora train`: the training run, readable top to bottom.
 
 load model (4-bit base + LoRA) → read and tokenize data → batches → optimizer + schedule →
 for each step: accumulate gradients over micro-batches (loss normalised by the step's trained
 tokens) → clip → update → log → eval / checkpoint every N steps → final adapter (PEFT format).
+
+:class:`Run` holds one run: ``setup`` (``_setup_output``, ``_setup_model``, ``_setup_data``,
+``_setup_optimizer``, ``_resume``), ``fit`` (``train_step`` per optimizer step, each micro-batch
+through the one :class:`MicroStep`, eager or replayed from a CUDA graph), ``evaluate``, ``save``
+(a checkpoint) and ``finish``; what the steps run inside (signal handlers, the metrics file, the
+dequantized-weight cache, the progress bar) is held by a ``contextlib.ExitStack``.
+:func:`train` is the public entry point.
+
+The seam for other training methods is ``method`` (qlora/methods.py): the run asks it for the
+examples, the batches, the token count that normalises the loss, and the loss of a batch
+(``loss(model, batch, device, static_shapes) -> (loss sum, metrics)``; the DDP/FSDP wrapper calls
+it too). :class:`~qlora.methods.SFT` is the default; a preference method (DPO, ORPO) plugs in there
+and leaves the run as it is.
+
+Longer than 500 lines because it is the whole of `qlora train`: the configuration (one field per
+flag, ~75 lines), its checks, the run and the command line; each part is short, and splitting them
+would send a reader of the run to three files.
 
 Output directory::
 

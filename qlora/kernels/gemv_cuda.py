@@ -34,6 +34,9 @@ Needs: compute capability >= 9.0 (bulk copies, transaction barriers), ``torch.cu
 and the scales of the last (partial) 16-row group whole 16-byte units. :func:`supported` says so;
 callers fall back to the Triton kernel otherwise; :func:`kind` says which variant runs.
 ``QLORA_CUDA_GEMV=0`` turns the kernel off, ``QLORA_GEMV_MMA=0`` the tensor-core variant.
+
+Longer than 500 lines: about 480 of them are the CUDA C++ source of the two kernel variants, kept
+beside the Python that plans, compiles and launches them.
 """
 from __future__ import annotations
 
