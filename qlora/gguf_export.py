@@ -31,7 +31,6 @@ Ollama Modelfile, the command); the parts are short and used only here.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time

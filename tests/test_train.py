@@ -225,3 +225,28 @@ def test_a_target_list_trains_only_those_layers(setup, tmp_path):
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
         layers = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in f.keys()}
     assert layers == {"q_proj", "v_proj"}
+
+
+def test_a_method_plugs_in_at_the_seam(setup, tmp_path):
+    """A training method (qlora.methods) supplies the loss and its metrics: the run takes both, and the
+    same loss through the default SFT gives the same losses."""
+    from qlora.methods import SFT
+
+    class Counting(SFT):
+        def loss(self, model, batch, device, static_shapes=False):
+            total, _ = super().loss(model, batch, device, static_shapes)
+            return total, {"scored": batch["num_tokens"]}
+
+    kw = dict(max_steps=2, dropout=0.0, save_every=0)
+    train(cfg(setup, tmp_path / "sft", **kw), log=lambda m: None)
+    train(cfg(setup, tmp_path / "m", **kw), log=lambda m: None, method=Counting())
+    rows = [json.loads(r) for r in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert losses(tmp_path / "m") == losses(tmp_path / "sft")
+    # the step's mean of the batches' scored tokens, against the batches themselves
+    from qlora.data import Batches, read_records, tokenize_records
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(setup / "model"))
+    examples, _ = tokenize_records(*read_records(str(setup / "data.jsonl")), tok, max_length=1024)
+    ep = Batches(examples, 4, tok.pad_token_id, max_length=1024, seed=42).epoch(0)
+    want = [sum(int(b["num_tokens"]) for b in ep[2 * s:2 * s + 2]) / 2 for s in range(2)]
+    assert [r["scored"] for r in rows if "scored" in r] == pytest.approx(want)
