@@ -21,12 +21,9 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _batches(tok, path, batch_size=8):
@@ -81,7 +78,7 @@ def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     from qlora.linear import dequant_cache, lora_cast
     from qlora.model import LoraSettings, QuantSettings, load_model
     from qlora.optim import make_optimizer
-    from qlora.train import loss_sum
+    from qlora.loss import loss_sum
     torch.manual_seed(0)
     m, tok = load_model(None, QuantSettings(), LoraSettings(16, 32, 0.0), "cpu", "bf16", progress=False)
     m.set_attn_implementation(attention)

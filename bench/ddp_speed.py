@@ -17,12 +17,8 @@ data-parallel modes of ``qlora train`` (qlora/parallel.py, the same step code):
 """
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # bench/kernels.py would pass for the `kernels` package (transformers then imports it)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main():

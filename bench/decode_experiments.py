@@ -23,11 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 from qlora.decoding import _mask as _library_mask  # noqa: E402 (the hook as the library defines it)
 
@@ -63,7 +58,6 @@ def main() -> int:
     from qlora import decoding
     from qlora.linear import lora_cast
     from qlora.plan import shape_config
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from decode_speed import build_ours, time_generate
 
     cfg = shape_config(args.shape)

@@ -30,8 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODES = ("ours", "ours-nograph", "ours+cache", "ours-dequant", "reference")
 
@@ -136,6 +134,8 @@ def run(mode: str, cfg, args) -> dict:
         os.environ["QLORA_CUDA_GEMV"] = "0"
     else:
         os.environ.pop("QLORA_CUDA_GEMV", None)
+    from qlora.settings import refresh
+    refresh()  # qlora reads its QLORA_* switches once
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

@@ -7,13 +7,10 @@ mean |logit difference| against the source model and perplexity on text that shi
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # bench/kernels.py would pass for the `kernels` package (transformers then imports it)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main():

@@ -3,7 +3,7 @@
 Each variant is the library's ``_MMA_KERNEL`` text with edits applied here; the runner swaps it in, checks
 that its output is bitwise the library's on shapes that cover the kernel's paths (partial last group, K
 split, fp16, no double quant, block sizes 64/128/256), then times library and variants alternately in one
-process over rotating weight copies (``bench/kernels.py``'s CUDA-graph harness). Nothing here changes the
+process over rotating weight copies (``bench/kernel_speed.py``'s CUDA-graph harness). Nothing here changes the
 library; adopt a variant by editing ``_MMA_KERNEL`` once it has measured faster.
 
 Measured so far (H200, W 14336x4096 bf16, ``bench/results/gemv_experiments_2026-11-30_s10_h200.txt``):
@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _sub(text: str, old: str, new: str) -> str:
@@ -138,8 +135,7 @@ def main() -> int:
 
     from qlora import nf4
     from qlora.kernels import gemv_cuda as G
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import kernels as KB  # bench/kernels.py: the timing harness
+    import kernel_speed as KB  # bench/kernel_speed.py: the timing harness
 
     names = [v for v in args.variants.split(",") if v]
     base = G._MMA_KERNEL

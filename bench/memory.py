@@ -6,7 +6,7 @@
     python bench/memory.py --cpu                            # tiny shapes on the CPU (checks the script)
 
 Each row builds a random-weight model directly in 4-bit (``qlora.model.build_random``), trains a few
-steps as ``qlora train`` does (``qlora.train.loss_sum``: chunked loss; gradient clipping; our
+steps as ``qlora train`` does (``qlora.loss.loss_sum``: chunked loss; gradient clipping; our
 paged optimizers; per-block checkpointing, optionally with activation offload), under a memory
 cap set with ``torch.cuda.set_per_process_memory_fraction``, and prints one JSON line: measured
 ``torch.cuda.max_memory_allocated`` over the steps, the plan's prediction, their ratio, tokens/s.
@@ -45,14 +45,12 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
 from qlora import plan  # noqa: E402
 from qlora.linear import QLoRALinear  # noqa: E402
 from qlora.model import LoraSettings, QuantSettings, build_random  # noqa: E402
 from qlora.offload import ActivationOffloader, HostEmbedding, enable_checkpointing, offload_embeddings  # noqa: E402
 from qlora.optim import make_optimizer  # noqa: E402
-from qlora.train import loss_sum  # noqa: E402
+from qlora.loss import loss_sum  # noqa: E402
 
 GiB = 1 << 30
 T0 = time.time()
@@ -345,7 +343,7 @@ def tail_delta(model, cfg, tokens: int, offload: bool) -> int:
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         with off.hooks() if off else contextlib.nullcontext():
-            h = model.model.norm(x)  # then as qlora.train.loss_sum: the head only at scored positions
+            h = model.model.norm(x)  # then as qlora.loss.loss_sum: the head only at scored positions
             keep = labels[:, 1:] != -100
             loss = chunked_linear_cross_entropy(h[:, :-1][keep], model.get_output_embeddings().weight,
                                                 labels[:, 1:][keep], reduction="sum")

@@ -34,9 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# the repository root, not bench/ (whose kernels.py would shadow the `kernels` package bitsandbytes probes)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FORMATS = {  # name -> (quant_type, double_quant)
     "bf16": (None, False), "nf4+dq": ("nf4", True), "nf4": ("nf4", False), "fp4": ("fp4", True), "int4": ("int4", True),
@@ -167,9 +164,10 @@ def run_job(fmt: str, seed: int, task: str, device: str, epochs: float, n_text: 
     from qlora.demo import accuracy, held_out_answers
     from qlora.demo_data import write
     from qlora.embedded import embedded_model_path
+    from qlora.loss import evaluate_loss
     from qlora.model import LoraSettings, QuantSettings, build_from_source
     from qlora.sources import open_source
-    from qlora.train import TrainConfig, evaluate_loss, train
+    from qlora.train import TrainConfig, train
     t0 = time.time()
     source = open_source(model_path or embedded_model_path())
     if tokenizer:

@@ -17,11 +17,8 @@ T_START = time.time()  # time-to-first-step counts from here (imports included)
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # bench/kernels.py would pass for the `kernels` package (transformers then imports it)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qlora.lean_imports import fast_start  # noqa: E402
 
 fast_start()  # as the qlora command does

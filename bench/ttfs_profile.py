@@ -12,8 +12,7 @@ import time
 T0 = time.time()
 marks = []
 def mark(what): marks.append((what, round(time.time() - T0, 2))); print(marks[-1], flush=True)
-import os, sys; sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-sys.path.insert(0, ".")  # run from the repository root; bench/ off the path (bench/kernels.py is not `kernels`)
+import sys
 DETAIL = "--detail" in sys.argv
 from qlora.lean_imports import fast_start; fast_start()  # as the qlora command does
 import torch; mark("import torch")
@@ -35,7 +34,7 @@ if DETAIL:  # time every Triton compilation
         compiles.append((getattr(src, "name", "?"), round(time.time() - t, 2), "main" if main else "warm-up")); return r
     for mod in (tcc, tc, tjit):
         if hasattr(mod, "compile"): mod.compile = timed
-from qlora.model import LoraSettings, QuantSettings, build_random; from qlora.train import loss_sum; from qlora.optim import make_optimizer
+from qlora.model import LoraSettings, QuantSettings, build_random; from qlora.loss import loss_sum; from qlora.optim import make_optimizer
 from qlora.offload import enable_checkpointing
 mark("import qlora")
 from qlora.plan import shape_config

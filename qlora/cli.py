@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from .errors import QLoraError
+from .settings import switches
 
 # subcommand -> module that implements it (in help order)
 COMMANDS = {
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if err is not None:  # a full disk or read-only folder where no command-specific check caught it
             print(f"qlora {args.command}: error: {err}", file=sys.stderr)
             return 2
-        if os.environ.get("QLORA_DEBUG"):
+        if switches().debug:
             raise
         print(f"qlora {args.command}: internal error: {type(e).__name__}: {e}\n"
               f"(set QLORA_DEBUG=1 for the traceback)", file=sys.stderr)

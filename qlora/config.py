@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import types
 import typing
 from pathlib import Path
@@ -51,20 +50,6 @@ def _parse_bool(s: str) -> bool:
     if v in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """A QLORA_* switch from the environment: 1/true/yes/on or 0/false/no/off (any case); unset,
-    empty or anything else gives ``default``."""
-    v = os.environ.get(name, "").strip().lower()
-    return True if v in _TRUE else False if v in _FALSE else default
-
-
-def fused_dropout_enabled() -> bool:
-    """``QLORA_FUSED_DROPOUT`` (default on): on a GPU, keyed LoRA dropout runs inside the LoRA products
-    (``kernels/lora_dropout.py``) instead of writing a dropped copy of each input. Read by the layers
-    (``linear``), the compile-ahead list (``kernels.warm``) and the memory plan (``plan``)."""
-    return env_flag("QLORA_FUSED_DROPOUT", True)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | None = None) -> None:

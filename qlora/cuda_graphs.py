@@ -43,6 +43,8 @@ from typing import Callable
 
 import torch
 
+from .compat import attention_implementation, set_attention_implementation
+
 Batch = dict
 
 
@@ -242,17 +244,17 @@ def causal_attention(model, enabled: bool = True):
     builds a full ``[B, 1, T, T]`` mask, which makes SDPA leave its flash kernel. Only a model whose
     attention is ``sdpa`` is switched; others are left alone."""
     cfg = getattr(model, "config", None)
-    if not enabled or cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa":
+    if not enabled or cfg is None or attention_implementation(cfg) != "sdpa":
         yield
         return
     if not getattr(causal_attention, "_registered", False):
         _register_causal()
         causal_attention._registered = True
-    cfg._attn_implementation_internal = CAUSAL_ATTENTION
+    set_attention_implementation(cfg, CAUSAL_ATTENTION)
     try:
         yield
     finally:
-        cfg._attn_implementation_internal = "sdpa"
+        set_attention_implementation(cfg, "sdpa")
 
 
 def pad_packed(batch: Batch, shapes: dict, pad_id: int) -> Batch | None:

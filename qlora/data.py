@@ -15,6 +15,9 @@ Labels follow the transformers convention: ``labels`` is aligned with ``input_id
 model shifts it (the logits at position t are scored against ``labels[t + 1]``); -100 means
 "no loss". ``labels[0]`` is always -100 (nothing predicts the first token), which also keeps a
 packed row from scoring one example's first token against the previous example.
+
+Longer than 500 lines: reading, format detection, rendering with loss masks and batching are one
+pipeline in the order data flows through it; each part is short.
 """
 from __future__ import annotations
 
@@ -720,26 +723,3 @@ class Batches:
         out = {"input_ids": ids, "labels": labels, "position_ids" if self.packing else "attention_mask": aux}
         out["num_tokens"] = (labels != IGNORE).sum()
         return out
-
-
-
-# ---------------------------------------------------------------------------------------- cli
-def add_cli_args(parser) -> None:
-    """The data flags, in their own group, for commands that train or evaluate on a file."""
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", metavar="PATH", help="training data: .jsonl, .json, .csv, .tsv or .parquet")
-    g.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
-                   help="record format (default: detected from the keys of the records)")
-    g.add_argument("--template", default="auto", choices=TEMPLATES,
-                   help="auto: the tokenizer's chat template if it has one, else plain '### Instruction:'")
-    g.add_argument("--max-length", type=int, default=1024, help="tokens per example (default: 1024)")
-    g.add_argument("--no-truncate", dest="truncate", action="store_false",
-                   help="fail instead of cutting examples longer than --max-length")
-    g.add_argument("--train-on-prompt", action="store_true",
-                   help="also take the loss on prompt/user/system tokens (default: responses only)")
-    g.add_argument("--packing", action="store_true",
-                   help="concatenate several examples per row of --max-length tokens")
-    g.add_argument("--val-split", type=float, default=0.0,
-                   help="fraction of examples held out for validation (default: 0)")
-    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                   help="do not batch examples of similar length together")

@@ -25,6 +25,8 @@ import inspect
 import warnings
 from typing import Callable, Iterable
 
+from .compat import attention_implementation
+
 KV_MEMORY_SHARE = 0.5  # a static KV cache may take at most this share of the GPU's free memory
 
 
@@ -52,7 +54,7 @@ def unsupported(model, max_len: int) -> str | None:
     """Why :func:`decode` cannot run ``model`` with ``max_len`` cache positions, or None when it can."""
     import torch
     cfg = model.config
-    impl = getattr(cfg, "_attn_implementation", None)
+    impl = attention_implementation(cfg)
     if impl not in ("sdpa", "eager"):
         return f"attention implementation {impl!r} (sdpa or eager needed)"
     if _cache_arg(_forward_params(model)) is None:
@@ -132,7 +134,7 @@ def _decode(model, ids, max_new_tokens, temperature, top_p, stops, on_token, gra
         kw["logits_to_keep"] = 1
     positions = torch.arange(max_len, device=device)
 
-    eager_attn = getattr(model.config, "_attn_implementation", None) == "eager"
+    eager_attn = attention_implementation(model.config) == "eager"
     dtype = model.get_input_embeddings().weight.dtype
 
     def logits_of(input_ids, position_ids, allowed):  # allowed: [1, 1, q, max_len] bool, True = attend

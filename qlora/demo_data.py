@@ -10,7 +10,6 @@ import json
 import random
 from pathlib import Path
 
-PRODUCT = "Nimbus T7"
 SYSTEM = "You are the support assistant for the Quorvane Nimbus T7 drone."
 
 # (topic as used in questions, key value, answer sentence)

@@ -48,33 +48,6 @@ def contains(answer: str, reference: str) -> bool:
     return r in a or (bool(a) and a in r)
 
 
-# -------------------------------------------------------------------------------------- loss
-def token_loss(model, examples, pad_id: int, batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
-    """(sum of token NLL in fp32, number of scored tokens) over ``examples`` (:class:`qlora.data.Example`).
-
-    Batches are right-padded; only logits from the earliest scored position of a batch on are
-    computed (``logits_to_keep``), and only scored positions are up-cast to fp32."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    from .data import IGNORE, Batches
-    device = next(model.parameters()).device
-    batches = Batches(examples, batch_size, pad_id, shuffle=False)
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    for batch in tqdm(batches.epoch(0), desc="loss", unit="batch", disable=not progress, leave=False):
-        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        scored = labels[:, 1:] != IGNORE  # target t+1 is predicted at position t
-        first = int(scored.any(0).nonzero()[0])
-        keep = ids.shape[1] - first  # positions first .. T-1 (the last one predicts nothing)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits[:, :-1]
-        targets = labels[:, first + 1:]
-        sel = targets != IGNORE
-        total += F.cross_entropy(logits[sel].float(), targets[sel], reduction="sum").double().cpu()
-        count += int(sel.sum())
-    return float(total), count
-
-
 # -------------------------------------------------------------------------------- generation
 def split_record(record: dict, fmt: str) -> tuple[list[dict], str] | None:
     """(messages before the last assistant turn, that turn's text), or None for ``text`` records."""
@@ -147,6 +120,7 @@ def evaluate(model, tokenizer, records, fmt: str, max_new_tokens: int = 64, batc
 
     from .data import tokenize_records
     from .generate import encode_messages, inference_cache, resolve_layout
+    from .loss import token_loss
     if not records:
         raise QLoraError("no records to evaluate")
     check_settings(batch_size, max_new_tokens, max_length)

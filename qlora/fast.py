@@ -7,12 +7,12 @@ compute what the modules compute (RMSNorm in fp32, cast back, times the weight;
 are unavailable (CPU, no Triton, ``QLORA_KERNELS=0``)."""
 from __future__ import annotations
 
-import sys
 import weakref
 
 import torch.nn as nn
 
-from .config import env_flag
+from .compat import modeling_function, set_modeling_function
+from .settings import switches
 
 # norms of the form weight * normalize(x) (Gemma's 1 + weight differs: left alone)
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
@@ -29,10 +29,6 @@ def _mlp_forward(self, x):
     from . import kernels
     # gate and up are fresh tensors read only by the activation: its backward may overwrite them
     return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x), inplace_backward=True))
-
-
-# QLORA_ROPE_KERNEL=0: leave transformers' rotary embedding (eager element-wise ops) alone
-ROPE_KERNEL = env_flag("QLORA_ROPE_KERNEL", True)
 
 
 def _rope_with_kernel(original):
@@ -54,12 +50,11 @@ def _rope_with_kernel(original):
 def _patch_rope(attention_class) -> bool:
     """Route the rotary embedding of ``attention_class``'s modeling module through the kernel
     (module-wide: the module's function is replaced once; it falls back to the original itself)."""
-    mod = sys.modules.get(attention_class.__module__)
-    fn = getattr(mod, "apply_rotary_pos_emb", None)
-    if fn is None or not callable(fn):
+    fn = modeling_function(attention_class, "apply_rotary_pos_emb")
+    if fn is None:
         return False
     if not hasattr(fn, "_qlora_original"):
-        mod.apply_rotary_pos_emb = _rope_with_kernel(fn)
+        set_modeling_function(attention_class, "apply_rotary_pos_emb", _rope_with_kernel(fn))
     return True
 
 
@@ -89,7 +84,7 @@ def use_fused_kernels(model: nn.Module) -> dict:
     n = {"rmsnorm": 0, "swiglu_mlp": 0, "rope": 0}
     for m in model.modules():
         name = type(m).__name__
-        if ROPE_KERNEL and name in _ATTENTIONS and _patch_rope(type(m)):
+        if switches().rope_kernel and name in _ATTENTIONS and _patch_rope(type(m)):
             n["rope"] += 1
         if name in _NORMS and hasattr(m, "variance_epsilon"):
             m.forward = _Forward(_norm_forward, m)

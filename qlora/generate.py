@@ -278,8 +278,8 @@ def generate_full(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
 def _graph_decoding(model, device, max_len: int, graph: bool | None) -> bool:
     """Whether to decode with :func:`qlora.decoding.decode` (CUDA graphs): on CUDA devices, unless turned off
     (``graph=False``, ``QLORA_CUDA_GRAPH_DECODE=0``) or the model cannot (then says why on stderr, once)."""
-    from .config import env_flag
-    if device.type != "cuda" or graph is False or (graph is None and not env_flag("QLORA_CUDA_GRAPH_DECODE", True)):
+    from .settings import switches
+    if device.type != "cuda" or graph is False or (graph is None and not switches().cuda_graph_decode):
         return False
     from .decoding import unsupported
     why = unsupported(model, max_len)

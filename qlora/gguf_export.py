@@ -24,11 +24,13 @@ Conventions of llama.cpp that the file follows:
 Metadata: ``general.*``, ``{arch}.*`` hyper-parameters (context length, sizes, heads, RoPE base
 and scaling, RMS eps), ``tokenizer.ggml.*`` (model, pre-tokenizer, tokens, token types, merges or
 scores, bos/eos/unk/pad ids, add_bos/add_eos) and ``tokenizer.chat_template``.
+
+Longer than 500 lines: one export format end to end (tensor types and encoding, metadata, tokenizer,
+Ollama Modelfile, the command); the parts are short and used only here.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -321,7 +323,7 @@ def _target(path, force: bool) -> Path:
 def _model_name(config, name: str | None) -> str:
     if name:
         return name
-    src = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
+    src = str(getattr(config, "name_or_path", "") or "")
     # not the bare model type: transformers' GGUF reader treats general.name == "mistral" specially
     return Path(src).name or src or f"{config.model_type}-qlora"
 

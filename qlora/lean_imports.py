@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import env_flag
+from .settings import switches
 
 UNUSED = ("torchvision", "torchaudio", "sklearn", "scipy")
 # compiled by the background process after the hot list (HOT_LIST), package by package
@@ -128,7 +128,7 @@ def cache_bytecode(precompile: bool | None = None) -> str | None:
     (see the module's doc); must run before torch is imported. ``precompile``: start the background
     compiler (default: on Linux machines with 4 or more cores). Returns the folder, or None where nothing
     was changed."""
-    if not env_flag("QLORA_PYCACHE", True) or sys.pycache_prefix or "torch" in sys.modules:
+    if not switches().pycache or sys.pycache_prefix or "torch" in sys.modules:
         return None
     try:
         if not _needs_cache():
@@ -216,14 +216,12 @@ def fast_start() -> None:
 def hide_unused_packages() -> list[str]:
     """Hide the UNUSED packages from later imports, except those already imported, unless the
     user opted out or transformers is already imported; returns the names hidden."""
-    if env_flag("QLORA_KEEP_IMPORTS", False):
+    if switches().keep_imports:
         return []
     if "transformers" in sys.modules:  # too late: it may have decided they are available already, and a
         return []  # later lazy import of its model code would then fail on the hidden package
-    hidden = [name for name in UNUSED if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None
-    return hidden
+    from .compat import hide_packages
+    return hide_packages(UNUSED)
 
 
 class WarmUp:
@@ -270,7 +268,7 @@ def warm_up_cuda(device, head_dim: int = 128, seq: int = 2048, shapes: dict | No
     GPU memory (a few MB, and the norm's backward on ``tokens`` rows). Returns the threads, or None
     where there is nothing to warm (no CUDA device, ``QLORA_WARMUP=0``)."""
     import torch
-    if not env_flag("QLORA_WARMUP", True) or not torch.cuda.is_available():
+    if not switches().warmup or not torch.cuda.is_available():
         return None
     device = torch.device(device)
     if device.type != "cuda":
@@ -288,12 +286,8 @@ def warm_up_cuda(device, head_dim: int = 128, seq: int = 2048, shapes: dict | No
     def triton_kernels():
         with torch.cuda.device(device):
             try:
-                import triton
-                from triton.compiler.compiler import make_backend
-                from triton.runtime.cache import triton_key
-                triton_key()  # lru-cached: hashes libtriton (~0.3 s warm, more from a cold disk)
-                driver = triton.runtime.driver.active  # builds its cuda_utils module on first use (gcc)
-                make_backend(driver.get_current_target()).hash()  # runs ptxas --version
+                from .compat import triton_first_use
+                triton_first_use()
             except Exception:
                 pass
             if shapes:  # once per set of sizes and versions (a stamp in Triton's cache)

@@ -11,6 +11,9 @@
 * Matmuls run in ``compute_dtype`` (bf16 default); LoRA factors are kept in ``lora_dtype``
   (fp32 default, so optimizer updates are not lost to bf16 rounding) and cast for the matmul.
   The output has the input's dtype.
+
+Longer than 500 lines: the layer, its autograd node and the contexts that change its forward (dequant
+cache, LoRA casts, keyed dropout) all work on the layer's own fields.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4
-from .config import env_flag, fused_dropout_enabled, is_int
+from .config import is_int
 from .errors import QLoraError
+from .settings import switches
 
 
 def _dequant(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dtype) -> torch.Tensor:
@@ -38,7 +42,6 @@ def _dequant(packed: torch.Tensor, state: nf4.QuantState, dtype: torch.dtype) ->
 
 
 _DROPOUT_KEY: list = [None]  # the device key of keyed LoRA dropout while keyed_dropout() is active
-_FUSED_DROPOUT = [fused_dropout_enabled()]  # read once at import (tests flip it here)
 
 
 class LoraDropout(nn.Dropout):
@@ -59,7 +62,7 @@ class LoraDropout(nn.Dropout):
         """``(p, key, salt)`` when the keyed dropout of ``x`` can run inside the LoRA products of ``x`` and the
         factor ``a`` (kernels/lora_dropout.py: 16-bit on a GPU, in a keyed_dropout context, training), else
         None (then this module's forward makes the dropped copy). ``QLORA_FUSED_DROPOUT=0`` turns it off."""
-        key = self._key(x) if _FUSED_DROPOUT[0] else None
+        key = self._key(x) if switches().fused_dropout else None
         if key is None:
             return None
         from .kernels import lora_dropout
@@ -140,10 +143,6 @@ def _frozen_matmul_4bit(x: torch.Tensor, packed: torch.Tensor, holder) -> torch.
         w = _dequant(packed, holder.state, x.dtype)
         torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out=y.view(-1, y.shape[-1]))
     return y
-
-
-# QLORA_FUSED_LORA=0: train through separate autograd ops (the same math) instead of _QLoRAMatmul
-FUSED_LORA = env_flag("QLORA_FUSED_LORA", True)
 
 
 def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, s: float) -> torch.Tensor:
@@ -394,7 +393,8 @@ class QLoRALinear(nn.Module):
         xc = x.to(self.compute_dtype)
         grad = torch.is_grad_enabled()
         cached = self._wcache is not None and (self._wcache_grad or not grad)
-        if self.r > 0 and not self.disable_adapter and grad and FUSED_LORA:
+        # QLORA_FUSED_LORA=0: train through separate autograd ops (the same math) instead of _QLoRAMatmul
+        if self.r > 0 and not self.disable_adapter and grad and switches().fused_lora:
             a, b = self._lora_factors()
             xd = drop = None
             if not isinstance(self.lora_dropout, nn.Identity):

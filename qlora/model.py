@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .compat import set_module_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
 
@@ -136,15 +137,6 @@ def lora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear) and m.r > 0}
 
 
-def count_params(model: nn.Module) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen_4bit = sum(m.in_features * m.out_features for m in model.modules()
-                      if isinstance(m, QLoRALinear) and m.weight_packed is not None)
-    other = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return dict(trainable=trainable, quantized=frozen_4bit, other_frozen=other,
-                total=trainable + frozen_4bit + other)
-
-
 # ---------------------------------------------------------------------------------------------
 # building from a source, tensor by tensor
 
@@ -167,11 +159,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> bool:
         mod = model.get_submodule(mod_name) if mod_name else model
     except AttributeError:
         return False
-    if attr in mod._parameters:
-        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    elif attr in mod._buffers:
-        mod._buffers[attr] = value
-    else:
+    if not set_module_tensor(mod, attr, value):
         return False
     return True
 

@@ -41,6 +41,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
+from .compat import checkpoint_function, local_tensor, set_checkpoint_function
 from .config import is_int
 from .errors import QLoraError
 
@@ -91,7 +92,7 @@ class ActivationOffloader:
     def exclude(self, module: nn.Module) -> None:
         """Never offload tensors that share storage with ``module``'s parameters or buffers."""
         for t in list(module.parameters()) + list(module.buffers()):
-            t = getattr(t, "_local_tensor", t)  # an FSDP2 shard (DTensor): its local storage
+            t = local_tensor(t)  # an FSDP2 shard (DTensor): its local storage
             if t is not None and not t.is_meta:
                 self._skip.add(t.untyped_storage().data_ptr())
 
@@ -216,7 +217,7 @@ def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
     except ImportError:  # older transformers: any module that carries the checkpoint function
         GradientCheckpointingLayer = None
     return [m for m in model.modules()
-            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")
+            if getattr(m, "gradient_checkpointing", False) and checkpoint_function(m) is not None
             and (GradientCheckpointingLayer is None or isinstance(m, GradientCheckpointingLayer))]
 
 
@@ -240,20 +241,20 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
     if not blocks:
         raise QLoraError(f"{type(model).__name__}: no checkpointed decoder blocks found")
     for block in blocks:  # undo an earlier wrap
-        block._gradient_checkpointing_func = getattr(block, "_qlora_checkpoint_func", block._gradient_checkpointing_func)
+        set_checkpoint_function(block, getattr(block, "_qlora_checkpoint_func", checkpoint_function(block)))
     if not offload:
         return None
     off = offloader or ActivationOffloader(min_bytes, static=True)  # static: what a CUDA graph of the step needs
     off.exclude(model)
     for block in blocks:
-        inner = block._gradient_checkpointing_func
+        inner = checkpoint_function(block)
         block._qlora_checkpoint_func = inner
 
         def offloaded_checkpoint(function, *args, _inner=inner, **kw):
             with off.hooks():
                 return _inner(function, *args, **kw)
 
-        block._gradient_checkpointing_func = offloaded_checkpoint
+        set_checkpoint_function(block, offloaded_checkpoint)
     return off
 
 

@@ -34,6 +34,9 @@ launches per chunk instead of per tensor.
 State dict: ``torch.optim`` layout. Per parameter ``step`` (fp32 0-dim CPU tensor) and either
 ``exp_avg`` / ``exp_avg_sq`` (fp32) or ``exp_avg_q8`` / ``exp_avg_absmax`` / ``exp_avg_sq_q8`` /
 ``exp_avg_sq_absmax`` (uint8 / fp32), wherever they currently live (device or pinned host).
+
+Longer than 500 lines: the 8-bit state code, the pager and the AdamW step are one mechanism (the step
+quantizes and pages its own states); each section is short and a reader of the step needs the other two.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from itertools import chain
 import torch
 
 from . import nf4
+from .compat import fused_adamw_, has_fused_adamw
 from .config import is_int, is_number
 from .errors import QLoraError
 
@@ -532,14 +536,13 @@ class AdamW(torch.optim.Optimizer):
         ps = params if fp32 else [p.float() for p in params]
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
         ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        if params[0].device.type == "cpu" and hasattr(torch, "_fused_adamw_"):
+        if params[0].device.type == "cpu" and has_fused_adamw():
             # torch's fused CPU kernel (= torch.optim.AdamW(fused=True)): one vectorized pass per
             # tensor instead of ~10 foreach ops, which the CPU runs tensor by tensor (4.6 vs 19.8 ms
             # a step for the demo's 420 LoRA factors)
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1.0)
-            torch._fused_adamw_(ps, grads, ms, vs, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd,
-                                eps=eps, amsgrad=False, maximize=False)
+            fused_adamw_(ps, grads, ms, vs, steps, lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps)
         else:  # op for op torch.optim.adam._multi_tensor_adam (decoupled weight decay, no amsgrad)
             steps = _advance([s["step"] for s in states])
             if wd != 0:

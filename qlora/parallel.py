@@ -30,6 +30,8 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .methods import SFT
+from .compat import ddp_ignore, local_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
 
@@ -37,24 +39,25 @@ MODES = ("auto", "none", "ddp", "fsdp")
 
 
 class LossModule(nn.Module):
-    """``forward(batch) -> sum of token cross-entropies`` of ``lm`` on ``batch`` (see train.loss_sum).
+    """``forward(batch) -> (loss sum, metrics)`` of ``lm`` on ``batch`` by the training ``method``
+    (qlora.methods; default SFT: the sum of token cross-entropies, see loss.loss_sum).
 
     ``head_unshard``: the LM head is an FSDP2 unit whose weight the chunked loss reads directly (not
     through its forward), so gather it around the loss; its gradients are formed in the forward pass
     (loss_sum's default ``grad_in_forward``) so backward never needs the gathered weight again."""
 
-    def __init__(self, lm: nn.Module, device, head_unshard: bool = False):
+    def __init__(self, lm: nn.Module, device, head_unshard: bool = False, method=None):
         super().__init__()
         self.lm, self.device, self.head_unshard = lm, device, head_unshard
+        self.method = method if method is not None else SFT()
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        from .train import loss_sum
+    def forward(self, batch: dict, static_shapes: bool = False) -> tuple:
         if not self.head_unshard:
-            return loss_sum(self.lm, batch, self.device)
+            return self.method.loss(self.lm, batch, self.device, static_shapes)
         head = self.lm.get_output_embeddings()
         head.unshard()
         try:
-            return loss_sum(self.lm, batch, self.device)
+            return self.method.loss(self.lm, batch, self.device, static_shapes)
         finally:
             head.reshard()
 
@@ -110,16 +113,17 @@ class Parallel:
             fully_shard(block, mesh=self.mesh, reshard_after_forward=True)
         return shard
 
-    def wrap(self, model: nn.Module) -> None:
+    def wrap(self, model: nn.Module, method=None) -> None:
+        """Wrap ``model`` with the loss of ``method`` (qlora.methods; default SFT) for this mode."""
         if self.mode == "none":
-            self.module = LossModule(model, self.device)
+            self.module = LossModule(model, self.device, method=method)
             self.runner = self.module
         elif self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.module = LossModule(model, self.device)
+            self.module = LossModule(model, self.device, method=method)
             frozen = [f"lm.{n}" for n, p in model.named_parameters() if not p.requires_grad]
             frozen += [f"lm.{n}" for n, _ in model.named_buffers()]
-            DDP._set_params_and_buffers_to_ignore_for_model(self.module, frozen)
+            ddp_ignore(self.module, frozen)
             with warnings.catch_warnings():  # torch >= 2.12 calls broadcast_buffers deprecated, but its successor
                 # still syncs buffers at init, and these buffers (rotary tables...) are equal on every rank anyway
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
@@ -139,14 +143,13 @@ class Parallel:
                     fully_shard(emb, mesh=self.mesh, reshard_after_forward=True)
                 if head is not None:
                     fully_shard(head, mesh=self.mesh, reshard_after_forward=True)
-            self.module = LossModule(model, self.device, head_unshard=not tied and head is not None)
+            self.module = LossModule(model, self.device, head_unshard=not tied and head is not None, method=method)
             fully_shard(self.module, mesh=self.mesh)
             self.runner = self.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 
     def local_bytes(self) -> tuple[int, int]:
         """(bytes of model parameters and buffers held by this process, bytes of the whole model)."""
-        from torch.distributed.tensor import DTensor
         here = whole = 0
         seen = set()
         for t in list(self.module.parameters()) + list(self.module.buffers()):
@@ -154,7 +157,7 @@ class Parallel:
                 continue
             seen.add(id(t))
             whole += t.numel() * t.element_size()
-            loc = t._local_tensor if isinstance(t, DTensor) else t
+            loc = local_tensor(t)
             here += loc.numel() * loc.element_size()
         return here, whole
 
@@ -163,12 +166,16 @@ class Parallel:
         storage, so updating it updates the parameter)."""
         if not self.sharded:
             return self.params
-        return [p._local_tensor for p in self.params]
+        return [local_tensor(p) for p in self.params]
 
     # -- the step ----------------------------------------------------------------------------------
 
+    def forward(self, batch: dict, static_shapes: bool = False) -> tuple:
+        """(loss sum, metrics) of a micro-batch through the wrapper (see LossModule)."""
+        return self.runner(batch, static_shapes)
+
     def loss(self, batch: dict) -> torch.Tensor:
-        return self.runner(batch)
+        return self.forward(batch)[0]
 
     def sync_context(self, last: bool):
         """Gradient sync only on the step's last micro-batch."""
@@ -181,13 +188,13 @@ class Parallel:
     def before_optimizer(self) -> None:
         if self.sharded:  # hand the local gradient shards to the optimizer's local tensors
             for p, lt in zip(self.params, self.optimizer_params()):
-                lt.grad = None if p.grad is None else p.grad._local_tensor
+                lt.grad = None if p.grad is None else local_tensor(p.grad)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         if not self.sharded:
             return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         import torch.distributed as tdist
-        grads = [p.grad._local_tensor for p in self.params if p.grad is not None]
+        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in grads:
             sq += g.float().pow(2).sum()
@@ -237,7 +244,7 @@ class Parallel:
             m = model.get_submodule(name)
             for p, t in ((m.lora_A, a), (m.lora_B, b)):
                 if self.sharded:
-                    p._local_tensor.copy_(self.local(t.to(p.dtype), p))
+                    local_tensor(p).copy_(self.local(t.to(p.dtype), p))
                 else:
                     p.data.copy_(t)
 

@@ -26,6 +26,9 @@ principles, in bytes, from the model's config only (a skeleton on the ``meta`` d
 
 The peak is the largest of three moments of a step: the loss backward (all block inputs saved),
 the backward of a block (gradients accumulating), and the optimizer step (activations gone).
+
+Longer than 500 lines: counting, the estimate, the advice and the command's printout share the
+calibrated constants at the top; each part is short.
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ import math
 import re
 from functools import lru_cache
 
-from .config import fused_dropout_enabled, is_int, is_number
+from .config import is_int, is_number
 from .errors import QLoraError
+from .settings import switches
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -284,7 +288,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
         block = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
         offload = False                           # (offload without checkpointing is not modelled)
     if fused_dropout is None:
-        fused_dropout = fused_dropout_enabled()
+        fused_dropout = switches().fused_dropout
     if dropout > 0 and rank > 0 and not fused_dropout:
         block += n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * (L if not grad_checkpointing else 1)
     tail = n_tok * h * ACT["tail_h"]

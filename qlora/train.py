@@ -1,8 +1,25 @@
-"""`qlora train`: the training loop, readable top to bottom.
+"""`qlora train`: the training run, readable top to bottom.
 
 load model (4-bit base + LoRA) → read and tokenize data → batches → optimizer + schedule →
 for each step: accumulate gradients over micro-batches (loss normalised by the step's trained
 tokens) → clip → update → log → eval / checkpoint every N steps → final adapter (PEFT format).
+
+:class:`Run` holds one run: ``setup`` (``_setup_output``, ``_setup_model``, ``_setup_data``,
+``_setup_optimizer``, ``_resume``), ``fit`` (``train_step`` per optimizer step, each micro-batch
+through the one :class:`MicroStep`, eager or replayed from a CUDA graph), ``evaluate``, ``save``
+(a checkpoint) and ``finish``; what the steps run inside (signal handlers, the metrics file, the
+dequantized-weight cache, the progress bar) is held by a ``contextlib.ExitStack``.
+:func:`train` is the public entry point.
+
+The seam for other training methods is ``method`` (qlora/methods.py): the run asks it for the
+examples, the batches, the token count that normalises the loss, and the loss of a batch
+(``loss(model, batch, device, static_shapes) -> (loss sum, metrics)``; the DDP/FSDP wrapper calls
+it too). :class:`~qlora.methods.SFT` is the default; a preference method (DPO, ORPO) plugs in there
+and leaves the run as it is.
+
+Longer than 500 lines because it is the whole of `qlora train`: the configuration (one field per
+flag, ~75 lines), its checks, the run and the command line; each part is short, and splitting them
+would send a reader of the run to three files.
 
 Output directory::
 
@@ -32,9 +49,11 @@ from pathlib import Path
 
 import torch
 
+from .compat import attention_implementation
 from .config import COMPUTE_DTYPES, add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
 from .errors import QLoraError
 from .hardware import resolve
+from .loss import evaluate_loss
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -130,55 +149,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# loss
-
-
-def _chunked_loss_ok(model) -> bool:
-    cfg = model.config
-    return (hasattr(model, "model") and model.get_output_embeddings() is not None
-            and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
-            and cfg.model_type in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma"))
-
-
-def loss_sum(model, batch: dict, device, grad_in_forward: bool = True, static_shapes: bool = False) -> torch.Tensor:
-    """Sum of token cross-entropies over the batch's trained tokens (labels != -100), computed
-    without a full fp32 logits tensor where the architecture allows. ``grad_in_forward`` (default):
-    the LM head's share of the backward pass is done during forward while its logits are at hand,
-    saving the recomputation of the logits in backward (see kernels.loss); it only applies when
-    gradients are enabled. ``static_shapes``: no shape depends on the data (the LM head runs on
-    every position, ignored ones add 0) and nothing waits for the GPU, as a CUDA graph needs; the
-    caller checks the labels' range."""
-    from .kernels.loss import chunked_linear_cross_entropy
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    labels = batch["labels"].to(device)
-    if _chunked_loss_ok(model):
-        h = model.model(**inputs, use_cache=False).last_hidden_state
-        tgt = labels[:, 1:]
-        if static_shapes:
-            return chunked_linear_cross_entropy(h[:, :-1], model.get_output_embeddings().weight, tgt,
-                                                reduction="sum", grad_in_forward=grad_in_forward)
-        keep = tgt != -100  # the LM head runs only where a token is scored (prompts are most tokens)
-        return chunked_linear_cross_entropy(h[:, :-1][keep], model.get_output_embeddings().weight, tgt[keep],
-                                            reduction="sum", grad_in_forward=grad_in_forward)
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                             ignore_index=-100, reduction="sum")
-
-
-@torch.no_grad()
-def evaluate_loss(model, batches, device, loss_fn=None) -> float:
-    """Mean token loss over ``batches`` (``loss_fn(batch)`` gives a batch's loss sum; default loss_sum)."""
-    was = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for b in batches:
-        total += (loss_fn(b) if loss_fn is not None else loss_sum(model, b, device)).item()
-        n += int(b["num_tokens"])
-    model.train(was)
-    return total / max(1, n)
-
-
-# ---------------------------------------------------------------------------------------------
 # the run
 
 
@@ -217,13 +187,58 @@ def _step_with_retry(run_step, optimizer, device, log):
             log("out of GPU memory in this step: moved the optimizer state to CPU memory, running the step again")
 
 
-def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, casts, log, keyed: bool):
-    """The micro-step as a :class:`~qlora.cuda_graphs.GraphedMicroStep` when ``--cuda-graphs`` and
-    the run allows one (see cuda_graphs.supported; ``keyed``: LoRA dropout draws keyed masks), else None
-    (eager steps)."""
+class MicroStep:
+    """``step(batch, scale) -> detached loss``: forward and backward of one micro-batch, the loss sum
+    times ``scale`` (1 / the step's trained tokens; a 0-dim device tensor when a CUDA graph captures
+    it), under activation offload (``off``, if any), the LoRA casts and the batch's dropout key. The one
+    micro-step of a run: the eager loop calls it, and :class:`~qlora.cuda_graphs.GraphedMicroStep` runs
+    it eagerly and captures it (``static_shapes``: no shape depends on the data; a batch without mask
+    or positions then runs SDPA's causal kernel, see cuda_graphs.causal_attention).
+
+    ``forward(batch, static_shapes) -> (loss sum, metrics)`` is the method's loss through the parallel
+    wrapper (:meth:`qlora.parallel.Parallel.forward`); ``sync(last)``: the wrapper's gradient-sync
+    context; ``grad_scale`` and ``scaler`` (fp16 loss scaling) apply to the backward only."""
+
+    def __init__(self, model, forward, off=None, casts=None, static_shapes: bool = False, sync=None,
+                 grad_scale: float = 1.0, scaler=None):
+        self.model, self.forward, self.off, self.static_shapes = model, forward, off, static_shapes
+        self.casts = casts if casts is not None else contextlib.nullcontext()
+        self.sync = sync or (lambda last: contextlib.nullcontext())
+        self.grad_scale, self.scaler = grad_scale, scaler
+        self.metrics: dict = {}  # the last call's (eager calls only: a graph replay runs no Python)
+
+    def __call__(self, b: dict, scale, last: bool = True) -> torch.Tensor:
+        from .cuda_graphs import causal_attention
+        from .linear import keyed_dropout
+        off = self.off
+        if off is not None:
+            off.begin_step()
+        with (off.hooks() if off is not None else contextlib.nullcontext()), self.sync(last), self.casts, \
+                keyed_dropout(self.model, b.get("dropout_key")), \
+                causal_attention(self.model, enabled=self.static_shapes and "attention_mask" not in b
+                                 and "position_ids" not in b):
+            total, self.metrics = self.forward(b, self.static_shapes)
+            loss = total * scale
+            scaled = loss * self.grad_scale if self.grad_scale != 1.0 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach()
+
+
+def micro_step_fn(model, device, off, casts, static_shapes: bool = True, method=None) -> MicroStep:
+    """The :class:`MicroStep` of ``model`` alone (one process, no loss scaling) with ``method``'s loss
+    (default SFT), for callers outside a run (bench/train_speed.py)."""
+    from .methods import SFT
+    method = method if method is not None else SFT()
+    return MicroStep(model, lambda b, static: method.loss(model, b, device, static), off, casts,
+                     static_shapes=static_shapes)
+
+
+def _graphed(cfg: TrainConfig, par, device, step: MicroStep, params, off, scaler, log, keyed: bool):
+    """``step`` as a :class:`~qlora.cuda_graphs.GraphedMicroStep` when ``--cuda-graphs`` and the run
+    allows one (see cuda_graphs.supported; ``keyed``: LoRA dropout draws keyed masks), else None (eager)."""
     if not cfg.cuda_graphs or device.type != "cuda":
         return None
-    from .cuda_graphs import GraphedMicroStep, supported
+    from .cuda_graphs import GraphedMicroStep, bucket_count, supported
     ok, why = supported(device, parallel=par.mode != "none", host_embeddings=cfg.offload_embeddings,
                         dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing, keyed_dropout=keyed)
     if ok and scaler is not None:
@@ -237,31 +252,10 @@ def _graphed_step(cfg: TrainConfig, model, par, params, device, off, scaler, cas
         return None
     # the train loop pads every packed batch to one shape (--max-length rows), and every length-grouped batch
     # to one of a few bucket lengths (cuda_graphs.bucket_length), one graph each
-    from .cuda_graphs import bucket_count
     graphs = 1 if cfg.packing else bucket_count(cfg.max_length) + 1  # + full rows without a mask
-    return GraphedMicroStep(micro_step_fn(model, device, off, casts), params, device, log=log,
-                            accumulate=cfg.grad_accum > 1 or graphs > 1, max_graphs=graphs)
-
-
-def micro_step_fn(model, device, off, casts, static_shapes: bool = True):
-    """``step(batch, scale)``: forward and backward of one micro-batch, the loss sum times
-    ``scale`` (a 0-dim device tensor), under activation offload (``off``, if any) and the LoRA
-    casts; returns the detached loss. What :class:`~qlora.cuda_graphs.GraphedMicroStep` runs
-    eagerly and captures."""
-    from .cuda_graphs import causal_attention
-    from .linear import keyed_dropout
-
-    def step(b, scale):
-        if off is not None:
-            off.begin_step()
-        with (off.hooks() if off is not None else contextlib.nullcontext()), casts, \
-                keyed_dropout(model, b.get("dropout_key")), \
-                causal_attention(model, enabled="attention_mask" not in b and "position_ids" not in b):
-            loss = loss_sum(model, b, device, static_shapes=static_shapes) * scale
-            loss.backward()
-        return loss.detach()
-    return step
-
+    step.static_shapes = True
+    return GraphedMicroStep(step, params, device, log=log, accumulate=cfg.grad_accum > 1 or graphs > 1,
+                            max_graphs=graphs)
 
 def _device(name: str) -> torch.device:
     if name == "auto":
@@ -368,312 +362,411 @@ def check_config(cfg: TrainConfig) -> None:
         raise QLoraError(f"--blocksize: {e}") from None
 
 
-def train(cfg: TrainConfig, log=print, model=None, tokenizer=None) -> dict:
-    """Run training as configured; returns a summary dict (also printed by the CLI).
+class Run:
+    """One training run: :meth:`setup` (output folder, model, data, optimizer, resume), :meth:`fit` (the
+    steps, evaluating and checkpointing as configured), :meth:`finish` (final evaluation, checkpoint and
+    adapter; the summary). :func:`train` runs the three. ``method`` (qlora.methods, default SFT) is what
+    is learned: its examples, batches, token count and loss."""
+
+    def __init__(self, cfg: TrainConfig, log=print, model=None, tokenizer=None, method=None,
+                 held: contextlib.ExitStack | None = None):
+        from .methods import SFT
+        self.cfg, self.log, self.model, self.tok = cfg, log, model, tokenizer
+        self.held = held if held is not None else contextlib.ExitStack()  # what the run holds until train returns
+        self.method = method if method is not None else SFT()
+        self.t_start = time.time()
+        self.step, self.rows, self.epochs = 0, [], {}
+        self.tokens_seen, self.last_loss, self.last_eval, self.ck_path = 0, float("nan"), None, None
+        self.stop = {"signal": None}
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything before the first step; settings and data files are checked before the model loads."""
+        from .distributed import Dist
+        from .optim import check_offload
+        cfg = self.cfg
+        check_config(cfg)  # before the model loads, as are the optimizer check and the data files below
+        check_offload(cfg.optim, cfg.offload_optimizer)
+        self.records = self._read_data()
+        self.dist = Dist.from_env(cfg.device)
+        if not self.dist.main:
+            self.log = lambda m: None  # noqa: E731  (rank 0 speaks for all)
+        self._setup_output()
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        if self.dist.main:  # every check has passed: only now may --overwrite remove the previous run
+            self.run_dir.clear()
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+        if cfg.resume:
+            self._resume()
+
+    def _read_data(self):
+        from .data import read_records
+        cfg = self.cfg
+        records, fmt = read_records(cfg.data, cfg.format)
+        val = read_records(cfg.val_data, cfg.format) if cfg.val_data else None
+        if not cfg.truncate:  # over-long records, with the model folder's tokenizer: before the model loads
+            from .data import check_lengths_before_load
+            tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
+            for recs in [(records, fmt)] + ([val] if val else []):
+                check_lengths_before_load(*recs, tok_src, cfg.max_length, cfg.train_on_prompt, cfg.template)
+        return records, fmt, val
+
+    def _setup_output(self) -> None:
+        from .model import LoraSettings, QuantSettings
+        from .parallel import Parallel
+        cfg, dist = self.cfg, self.dist
+        self.run_dir = _prepare_output(cfg, self.held) if dist.main else None  # rank 0 checks and locks the folder
+        self.out = self.run_dir.path if self.run_dir else Path(cfg.output)
+        dist.barrier()
+        self.device = _device(dist.device(cfg.device))
+        self._resolve_compute()
+        cfg = self.cfg
+        self.par = Parallel(dist, cfg.parallel, self.device)
+        if self.par.sharded:
+            _check_fsdp(cfg)
+            if self.model is not None:
+                raise QLoraError("--parallel fsdp loads the model itself (shards it as it loads): pass no model object")
+        torch.manual_seed(cfg.seed)
+        self.quant = QuantSettings(None if cfg.quant_type == "none" else cfg.quant_type, cfg.blocksize,
+                                   cfg.double_quant, cfg.compute_dtype)
+        self.lora = LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target, cfg.rslora)
+
+    def _resolve_compute(self) -> None:
+        """``--compute-dtype auto`` resolved for the device (qlora.hardware); the resolved value is what
+        config.yaml records. The header says which dtype and kernels run, and why."""
+        compute = resolve(self.cfg.compute_dtype, self.device)
+        self.cfg = dataclasses.replace(self.cfg, compute_dtype=compute.dtype)
+        self.log(compute.header())
+        if compute.warning:
+            self.log(f"warning: {compute.warning}")
+        if self.device.type == "cuda":
+            from .kernels import describe
+            self.log(describe(self.device))
+
+    def _setup_model(self) -> None:
+        """Load (or build, for shape:NAME) the 4-bit model with LoRA, unless one was given; attention,
+        embedding offload."""
+        from .model import load_model
+        cfg, device, main = self.cfg, self.device, self.dist.main
+        dtype = cfg.compute_dtype
+        shape = (cfg.model or "").startswith("shape:")
+        if self.model is None and device.type == "cuda" and not shape:
+            from .plan import check_train_config
+            try:
+                warning = check_train_config(cfg)
+            except QLoraError:
+                warning = None
+            if warning:
+                self.log(f"warning: {warning}")
+        if self.model is None and shape:
+            from .model import build_random
+            from .plan import shape_config
+            self.model = build_random(shape_config(cfg.model[6:]), self.quant, self.lora, device, dtype, cfg.seed,
+                                      progress=cfg.progress and main, on_block=self.par.block_hook())
+            self.tok = self._tokenizer_from(cfg.tokenizer_from) if cfg.tokenizer_from else None
+        elif self.model is None:
+            self.model, self.tok = load_model(cfg.model, self.quant, self.lora, device, dtype, cfg.seed,
+                                              progress=cfg.progress and main,
+                                              on_block=self.par.block_hook())  # one process's bars (each rank loads the same)
+        model = self.model
+        attn = cfg.attention if cfg.attention != "auto" else (
+            "eager" if device.type == "cpu" and cfg.max_length <= 512 else "sdpa")
+        if hasattr(model, "set_attn_implementation") and attention_implementation(model.config) not in (attn, None):
+            model.set_attn_implementation(attn)
+        if cfg.offload_embeddings:
+            from .offload import offload_embeddings
+            offload_embeddings(model)
+        if self.tok is None:
+            raise QLoraError("the model has no tokenizer")
+
+    @staticmethod
+    def _tokenizer_from(src: str):
+        from transformers import AutoTokenizer
+
+        from .sources import open_source
+        p = Path(src)
+        return (open_source(p).load_tokenizer() if p.suffix == ".gguf" or (p / "config.json").is_file()
+                else AutoTokenizer.from_pretrained(str(p)))
+
+    def _setup_data(self) -> None:
+        """Tokenize (by the method), hold out validation, batch; the step count and warmup follow."""
+        from .data import split_validation
+        cfg, tok = self.cfg, self.tok
+        records, data_fmt, val_records = self.records
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        examples, stats = self.method.examples(records, data_fmt, tok, cfg)
+        if val_records is not None:
+            val, _ = self.method.examples(*val_records, tok, cfg)
+        else:
+            examples, val = split_validation(examples, cfg.val_split, cfg.seed)
+        self.log(f"data: {stats['examples']} examples ({data_fmt}, {stats['trained_tokens']} trained tokens), "
+                 f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; {len(val)} for "
+                 "validation")
+        self.batches = self.method.batches(examples, cfg, self.pad_id, train=True)
+        self.val_batches = list(self.method.batches(val, cfg, self.pad_id, train=False).epoch(0)) if val else []
+        micro_per_step = cfg.grad_accum * self.dist.world  # global micro-batches per optimizer step
+        self.per_epoch = max(1, len(self.batches) // micro_per_step)
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.batches) / micro_per_step))
+        self.warmup = math.ceil(cfg.warmup_ratio * self.total)
+
+    def _setup_optimizer(self) -> None:
+        """Checkpointing (and activation offload), the parallel wrapper, optimizer and loss scaler."""
+        from .optim import make_optimizer
+        cfg, model, par = self.cfg, self.model, self.par
+        self.off = None
+        if cfg.grad_checkpointing:
+            from .offload import enable_checkpointing
+            self.off = enable_checkpointing(model, offload=cfg.offload_activations)
+        elif cfg.offload_activations:
+            raise QLoraError("--offload-activations needs gradient checkpointing")
+        model.train()
+        par.wrap(model, self.method)
+        self.params = par.optimizer_params()
+        self.optimizer = make_optimizer(self.params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
+                                        page_budget_bytes=0 if cfg.offload_optimizer else None)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.compute_dtype == "fp16" else None
+        n_trainable = sum(p.numel() for p in par.params)
+        if par.sharded:
+            here, whole = par.local_bytes()
+            self.log(f"fsdp: this process holds {_human(here)} of the model's {_human(whole)}")
+        self.log(f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} on {self.device}, "
+                 f"{self.quant.quant_type or '16-bit'} base, LoRA r={cfg.rank} on {cfg.target}: "
+                 f"{n_trainable / 1e6:.2f}M trainable parameters; {self.total} steps of "
+                 f"{cfg.batch_size}x{cfg.grad_accum}"
+                 + (f"x{self.dist.world} processes ({par.mode})" if self.dist.active else ""))
+
+    def _resume(self) -> None:
+        out = self.out
+        ck = latest_checkpoint(out, warn=self.log)
+        if ck is None:
+            raise QLoraError(f"--resume: no intact checkpoint in {out / 'checkpoints'}")
+        self.step = load_checkpoint(ck, self.model, self.optimizer, self.par)["step"]
+        mpath = out / "metrics.jsonl"
+        if mpath.exists() and self.dist.main:  # keep the metrics up to the checkpoint
+            self.rows = [r for r in map(json.loads, mpath.read_text().splitlines()) if r.get("step", 0) <= self.step]
+            mpath.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.log(f"resumed from {ck.name} (step {self.step})")
+
+    # -- the steps ------------------------------------------------------------------------------------
+
+    def _enter(self, stack: contextlib.ExitStack) -> None:
+        """What the steps run inside, left in reverse order by ``stack``: Ctrl-C/SIGTERM handlers (they
+        ask for a checkpoint and a clean stop), the metrics file, the dequantized-weight cache, the
+        micro-step (CUDA-graphed where allowed) and the progress bar."""
+        from tqdm.auto import tqdm
+
+        from .linear import dequant_cache, keyed_dropout_usable, lora_cast
+        cfg, par, device, dist = self.cfg, self.par, self.device, self.dist
+
+        def on_signal(signum, frame):
+            self.stop["signal"] = signal.Signals(signum).name
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            stack.callback(signal.signal, s, signal.signal(s, on_signal))
+        self.metrics = stack.enter_context(open(self.out / "metrics.jsonl" if dist.main else os.devnull, "a"))
+        cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto"
+                                                                      and device.type == "cpu"))
+        stack.enter_context(dequant_cache(self.model, enabled=cache_on, training=True))
+        self.keyed = cfg.dropout > 0 and keyed_dropout_usable(device)
+        self.micro = MicroStep(self.model, par.forward, self.off,
+                               lora_cast(self.model, enabled=par.mode == "none"),  # entered per micro-batch
+                               sync=par.sync_context, grad_scale=par.grad_scale, scaler=self.scaler)
+        self.graphed = _graphed(cfg, par, device, self.micro, self.params, self.off, self.scaler, self.log,
+                                self.keyed)
+        self.bar = stack.enter_context(tqdm(total=self.total, initial=self.step, desc="training", unit="step",
+                                            disable=not (cfg.progress and dist.main), dynamic_ncols=True))
+
+    def fit(self) -> bool:
+        """Run the steps to the end; False when a signal stopped the run (a checkpoint was saved)."""
+        with contextlib.ExitStack() as stack:
+            self._enter(stack)
+            self.t_loop = self.last_plot = time.time()
+            while self.step < self.total:
+                row = self.train_step()
+                self._record(row)
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
+                    self.ck_path = self.save()
+                if self.dist.sum(1.0 if self.stop["signal"] else 0.0) > 0:
+                    self.stop["signal"] = self.stop["signal"] or "SIGTERM"
+                    self.ck_path = self.save()
+                    self.bar.close()
+                    self.log(f"{self.stop['signal']}: saved {self.ck_path} at step {self.step}; continue with --resume")
+                    self.dist.close()
+                    return False
+        return True
+
+    def _micro_batches(self) -> list[dict]:
+        """This step's micro-batches for this process; the data position follows from the step (exact
+        resume), and so do the LoRA dropout keys (keyed on a GPU)."""
+        from .linear import dropout_key
+        cfg, dist = self.cfg, self.dist
+        micro = []
+        for i in range(cfg.grad_accum):
+            gi = (self.step * cfg.grad_accum + i) * dist.world + dist.rank  # round-robin over ranks
+            ep = gi // len(self.batches)
+            if self.epochs.get("k") != ep:
+                self.epochs.update(k=ep, batches=self.batches.epoch(ep))
+            b = self.epochs["batches"][gi % len(self.batches)]
+            micro.append(dict(b, dropout_key=torch.tensor(dropout_key(cfg.seed, gi))) if self.keyed else b)
+        return micro
+
+    def _forward_backward(self, micro: list[dict], n_tok: float) -> tuple[float, int, dict]:
+        """Every micro-batch's forward and backward: (loss of the step, input tokens, mean metrics)."""
+        from .kernels.loss import check_labels
+        cfg, device, pad_id = self.cfg, self.device, self.pad_id
+        total_loss, n_in, metrics = 0.0, 0, {}
+        for i, b in enumerate(micro):
+            n_in += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b else int(b["attention_mask"].sum())
+            if self.graphed is not None:  # the same forward+backward, replayed from a CUDA graph
+                from .cuda_graphs import graph_batch
+                # the graphed loss cannot check the labels on the GPU: check the host batch
+                check_labels(b["labels"], self.model.get_output_embeddings().weight.shape[0])
+                # few shapes: packed rows padded to --max-length, length-grouped rows (as packed rows of one
+                # example each) to a bucket length; batches to --batch-size rows
+                g = graph_batch({k: v for k, v in b.items() if k != "dropout_key"}, cfg.batch_size, cfg.max_length,
+                                pad_id, cfg.packing)
+                if "dropout_key" in b:
+                    g = dict(g, dropout_key=b["dropout_key"])
+                total_loss += self.graphed(g, 1.0 / n_tok).item()
+                continue
+            if "dropout_key" in b:
+                b = dict(b, dropout_key=b["dropout_key"].to(device))
+            total_loss += self.micro(b, 1.0 / n_tok, last=i == len(micro) - 1).item()
+            for k, v in self.micro.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / len(micro)
+        return total_loss, n_in, metrics
+
+    def train_step(self) -> dict:
+        """One optimizer step: learning rate, forward/backward over the micro-batches (again once after a
+        CUDA out-of-memory), clipping, update; returns its metrics row."""
+        cfg, dist, optimizer, par, scaler = self.cfg, self.dist, self.optimizer, self.par, self.scaler
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
+        micro = self._micro_batches()
+        n_tok = dist.sum(sum(self.method.tokens(b) for b in micro))
+        step_loss, n_in, metrics = _step_with_retry(lambda: self._forward_backward(micro, n_tok), optimizer,
+                                                    self.device, self.log)
+        self.tokens_seen += n_in
+        step_loss = dist.sum(step_loss)
+        if not math.isfinite(step_loss):
+            good = latest_checkpoint(self.out)
+            raise QLoraError(f"the loss became {step_loss} at step {self.step + 1}; stopped. Last good checkpoint: "
+                             f"{good if good else 'none'}. Try a lower --lr or --compute-dtype bf16")
+        par.before_optimizer()
+        if scaler:
+            scaler.unscale_(optimizer)
+        gnorm = par.clip_grad_norm(cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        keep = self.graphed is not None and self.graphed.accumulate  # a graph accumulates into fixed .grad tensors
+        optimizer.zero_grad(set_to_none=not keep)
+        if not keep:
+            par.zero_grad()
+        self.step += 1
+        self.last_loss = step_loss
+        tokens_all = dist.sum(self.tokens_seen)
+        row = {"step": self.step, "epoch": round(self.step / self.per_epoch, 3), "loss": round(step_loss, 5),
+               "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(gnorm), 4),
+               "tokens": int(tokens_all), "tok_s": round(tokens_all / max(time.time() - self.t_loop, 1e-9), 1)}
+        row.update({k: round(dist.sum(v) / dist.world, 5) for k, v in metrics.items()})
+        if self.device.type == "cuda":
+            row["mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        if cfg.eval_every and self.val_batches and self.step % cfg.eval_every == 0:
+            row["eval_loss"] = round(self.evaluate(), 5)
+        return row
+
+    def _record(self, row: dict) -> None:
+        """The step's row into the metrics file (every --log-every steps, and with an evaluation), the
+        progress bar and, now and then, the loss plot."""
+        step, total = self.step, self.total
+        self.rows.append(row)
+        if step % self.cfg.log_every == 0 or "eval_loss" in row:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
+                             **({"mem": f"{row['mem_gib']}G"} if "mem_gib" in row else {}))
+        self.bar.update(1)
+        # the plot as training goes, at most every PLOT_EVERY_S seconds (drawing costs ~0.1 s, the
+        # first one ~1.5 s with matplotlib's import: on a CPU run that is time taken from training)
+        if self.dist.main and ("eval_loss" in row or step % max(10, total // 50) == 0) \
+                and time.time() - self.last_plot >= PLOT_EVERY_S:
+            _plot(self.out / "loss.png", self.rows)
+            self.last_plot = time.time()
+
+    # -- evaluation, saving, the end ----------------------------------------------------------------------
+
+    def evaluate(self) -> float:
+        """Mean loss per token on the validation batches (through the parallel wrapper)."""
+        self.last_eval = evaluate_loss(self.model, self.val_batches, self.device, self.par.loss)
+        return self.last_eval
+
+    def save(self) -> Path | None:
+        """A checkpoint of this step (collective: every process gathers, rank 0 writes); its path on rank 0."""
+        path = None
+        par, optimizer = self.par, self.optimizer
+        lora_full, opt_full = par.lora_tensors(self.model), par.optimizer_state(optimizer.state_dict())  # collective
+        if self.dist.main:
+            path = save_checkpoint(self.out, self.step, self.model, optimizer,
+                                   {"step": self.step, "total": self.total, "epoch_size": len(self.batches),
+                                    "world": self.dist.world}, self.quant, self.cfg.keep_last,
+                                   lora=lora_full, opt_state=opt_full)
+        self.dist.barrier()
+        return path
+
+    def finish(self) -> dict:
+        """The final evaluation (unless the last step had one), checkpoint and adapter; the summary."""
+        from .adapters import save_adapter
+        cfg, dist, out, step = self.cfg, self.dist, self.out, self.step
+        if self.val_batches and (not cfg.eval_every or step % cfg.eval_every):
+            self.rows.append({"step": step, "eval_loss": round(self.evaluate(), 5)})
+            if dist.main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(self.rows[-1]) + "\n")
+        self.ck_path = self.save()
+        adapter = out / "adapter"
+        lora_full = self.par.lora_tensors(self.model)  # collective under FSDP
+        if dist.main:
+            save_adapter(self.model, adapter, base_model=cfg.model or "embedded:SmolLM2-135M-Instruct",
+                         quant=self.quant, extra={"train": dataclasses.asdict(cfg)}, tensors=lora_full)
+            self.tok.save_pretrained(adapter)
+            _plot(out / "loss.png", self.rows)
+        dist.barrier()
+        tokens_seen = int(dist.sum(self.tokens_seen))
+        now = time.time()
+        summary = {"steps": step, "time_s": round(now - self.t_start, 1), "train_time_s": round(now - self.t_loop, 1),
+                   "tokens": tokens_seen, "tok_s": round(tokens_seen / max(now - self.t_loop, 1e-9), 1),
+                   "final_loss": round(self.last_loss, 4),
+                   "eval_loss": None if self.last_eval is None else round(self.last_eval, 4),
+                   "adapter": str(adapter), "checkpoint": str(self.ck_path), "output": str(out), "model": self.model,
+                   "tokenizer": self.tok}
+        if self.device.type == "cuda":
+            summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+            summary["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(self.device) / 2**30, 2)  # ~ nvidia-smi
+        dist.close()
+        return summary
+
+
+def train(cfg: TrainConfig, log=print, model=None, tokenizer=None, method=None) -> dict:
+    """Run training as configured; returns a summary dict (also printed by the CLI), or
+    ``{"interrupted": True, "step", "checkpoint"}`` when Ctrl-C/SIGTERM stopped it.
     ``model``/``tokenizer``: an already loaded QLoRA model (from :func:`qlora.model.load_model`
-    with the same settings) to train instead of loading ``cfg.model``. The output folder stays
-    locked until it returns; a full disk or read-only folder ends it with one line naming the
-    last good checkpoint (qlora/outdir.py)."""
+    with the same settings) to train instead of loading ``cfg.model``; ``method``: what is learned
+    (qlora.methods; default SFT). The output folder stays locked until it returns; a full disk or
+    read-only folder ends it with one line naming the last good checkpoint (qlora/outdir.py)."""
     from .outdir import SPACE_ERRORS, guard_write
     last_good = lambda: latest_checkpoint(Path(cfg.output)) if cfg.output else None  # noqa: E731
     with contextlib.ExitStack() as held, guard_write(cfg.output or ".", last_good=last_good, codes=SPACE_ERRORS):
-        return _train(cfg, log, model, tokenizer, held)
-
-
-def _train(cfg: TrainConfig, log, model, tokenizer, held: contextlib.ExitStack) -> dict:
-    from tqdm.auto import tqdm
-
-    from .adapters import save_adapter
-    from .data import Batches, read_records, split_validation, tokenize_records
-    from .kernels.loss import check_labels
-    from .linear import dequant_cache, dropout_key, keyed_dropout, keyed_dropout_usable, lora_cast
-    from .model import LoraSettings, QuantSettings, load_model
-    from .optim import check_offload, make_optimizer
-
-    t_start = time.time()
-    check_config(cfg)  # before the model loads, as are the optimizer check and the data files below
-    check_offload(cfg.optim, cfg.offload_optimizer)
-    records, data_fmt = read_records(cfg.data, cfg.format)
-    val_records = read_records(cfg.val_data, cfg.format) if cfg.val_data else None
-    if not cfg.truncate:  # over-long records, with the model folder's tokenizer: before the model loads
-        from .data import check_lengths_before_load
-        for recs in [(records, data_fmt)] + ([val_records] if val_records else []):
-            tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
-            check_lengths_before_load(*recs, tok_src, cfg.max_length, cfg.train_on_prompt, cfg.template)
-    from .distributed import Dist
-    from .parallel import Parallel
-    dist = Dist.from_env(cfg.device)
-    if not dist.main:
-        log = lambda m: None  # noqa: E731  (rank 0 speaks for all)
-    run_dir = _prepare_output(cfg, held) if dist.main else None  # rank 0 checks and locks the folder
-    out = run_dir.path if run_dir else Path(cfg.output)
-    dist.barrier()
-    device = _device(dist.device(cfg.device))
-    compute = resolve(cfg.compute_dtype, device)
-    cfg = dataclasses.replace(cfg, compute_dtype=compute.dtype)  # the resolved dtype is what config.yaml records
-    log(compute.header())
-    if compute.warning:
-        log(f"warning: {compute.warning}")
-    if device.type == "cuda":
-        from .kernels import describe
-        log(describe(device))
-    par = Parallel(dist, cfg.parallel, device)
-    if par.sharded:
-        _check_fsdp(cfg)
-        if model is not None:
-            raise QLoraError("--parallel fsdp loads the model itself (shards it as it loads): pass no model object")
-    torch.manual_seed(cfg.seed)
-    quant = QuantSettings(None if cfg.quant_type == "none" else cfg.quant_type, cfg.blocksize, cfg.double_quant,
-                          cfg.compute_dtype)
-    lora = LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target, cfg.rslora)
-    dtype = cfg.compute_dtype
-
-    if model is None and device.type == "cuda" and not (cfg.model or "").startswith("shape:"):
-        from .plan import check_train_config
-        try:
-            warning = check_train_config(cfg)
-        except QLoraError:
-            warning = None
-        if warning:
-            log(f"warning: {warning}")
-    if model is None and (cfg.model or "").startswith("shape:"):
-        from .model import build_random
-        from .plan import shape_config
-        from .sources import open_source
-        model = build_random(shape_config(cfg.model[6:]), quant, lora, device, dtype, cfg.seed,
-                             progress=cfg.progress and dist.main, on_block=par.block_hook())
-        tok = None
-        if cfg.tokenizer_from:
-            from transformers import AutoTokenizer
-            p = Path(cfg.tokenizer_from)
-            tok = (open_source(p).load_tokenizer() if p.suffix == ".gguf" or (p / "config.json").is_file()
-                   else AutoTokenizer.from_pretrained(str(p)))
-    elif model is None:
-        model, tok = load_model(cfg.model, quant, lora, device, dtype, cfg.seed, progress=cfg.progress and dist.main,
-                                on_block=par.block_hook())  # one process's bars (each rank loads the same)
-    else:
-        tok = tokenizer
-    attn = cfg.attention if cfg.attention != "auto" else (
-        "eager" if device.type == "cpu" and cfg.max_length <= 512 else "sdpa")
-    if hasattr(model, "set_attn_implementation") and getattr(model.config, "_attn_implementation", attn) != attn:
-        model.set_attn_implementation(attn)
-    if cfg.offload_embeddings:
-        from .offload import offload_embeddings
-        offload_embeddings(model)
-    if tok is None:
-        raise QLoraError("the model has no tokenizer")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    tok_kw = dict(max_length=cfg.max_length, train_on_prompt=cfg.train_on_prompt, truncate=cfg.truncate,
-                  template=cfg.template)
-    examples, stats = tokenize_records(records, data_fmt, tok, **tok_kw)
-    stats["format"] = data_fmt
-    if val_records is not None:
-        val, _ = tokenize_records(*val_records, tok, **tok_kw)
-    else:
-        examples, val = split_validation(examples, cfg.val_split, cfg.seed)
-    log(f"data: {stats['examples']} examples ({stats['format']}, {stats['trained_tokens']} trained tokens), "
-        f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; {len(val)} for validation")
-    batches = Batches(examples, cfg.batch_size, pad_id, packing=cfg.packing, max_length=cfg.max_length, seed=cfg.seed)
-    val_batches = list(Batches(val, cfg.batch_size, pad_id, max_length=cfg.max_length, shuffle=False).epoch(0)) \
-        if val else []
-    micro_per_step = cfg.grad_accum * dist.world  # global micro-batches per optimizer step
-    per_epoch = max(1, len(batches) // micro_per_step)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batches) / micro_per_step))
-    warmup = math.ceil(cfg.warmup_ratio * total)
-
-    off = None
-    if cfg.grad_checkpointing:
-        from .offload import enable_checkpointing
-        off = enable_checkpointing(model, offload=cfg.offload_activations)
-    elif cfg.offload_activations:
-        raise QLoraError("--offload-activations needs gradient checkpointing")
-    model.train()
-    par.wrap(model)
-    params = par.optimizer_params()
-    optimizer = make_optimizer(params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
-                               page_budget_bytes=0 if cfg.offload_optimizer else None)
-    scaler = torch.amp.GradScaler(device.type) if cfg.compute_dtype == "fp16" else None
-    n_trainable = sum(p.numel() for p in par.params)
-    if par.sharded:
-        here, whole = par.local_bytes()
-        log(f"fsdp: this process holds {_human(here)} of the model's {_human(whole)}")
-    log(f"model: {cfg.model or 'embedded SmolLM2-135M-Instruct'} on {device}, {quant.quant_type or '16-bit'} base, "
-        f"LoRA r={cfg.rank} on {cfg.target}: {n_trainable / 1e6:.2f}M trainable parameters; "
-        f"{total} steps of {cfg.batch_size}x{cfg.grad_accum}" + (f"x{dist.world} processes ({par.mode})" if dist.active else ""))
-
-    if dist.main:  # every check has passed: only now may --overwrite remove the previous run
-        run_dir.clear()
-        (out / "config.yaml").write_text(to_yaml(cfg))
-    step, rows = 0, []
-    if cfg.resume:
-        ck = latest_checkpoint(out, warn=log)
-        if ck is None:
-            raise QLoraError(f"--resume: no intact checkpoint in {out / 'checkpoints'}")
-        st = load_checkpoint(ck, model, optimizer, par)
-        step = st["step"]
-        mpath = out / "metrics.jsonl"
-        if mpath.exists() and dist.main:  # keep the metrics up to the checkpoint
-            rows = [r for r in map(json.loads, mpath.read_text().splitlines()) if r.get("step", 0) <= step]
-            mpath.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        log(f"resumed from {ck.name} (step {step})")
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    metrics = open(out / "metrics.jsonl" if dist.main else os.devnull, "a")
-    cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and device.type == "cpu"))
-    cache = dequant_cache(model, enabled=cache_on, training=True).__enter__()
-    casts = lora_cast(model, enabled=par.mode == "none")  # entered per micro-batch
-    keyed = cfg.dropout > 0 and keyed_dropout_usable(device)
-    graphed = _graphed_step(cfg, model, par, params, device, off, scaler, casts, log, keyed)
-    if graphed is not None:
-        from .cuda_graphs import graph_batch
-    bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not (cfg.progress and dist.main),
-               dynamic_ncols=True)
-    tokens_seen, t_loop, last_loss, last_eval, ck_path = 0, time.time(), float("nan"), None, None
-    last_plot = t_loop
-    epochs: dict = {}
-
-    def checkpoint():
-        path = None
-        lora_full, opt_full = par.lora_tensors(model), par.optimizer_state(optimizer.state_dict())  # collective
-        if dist.main:
-            path = save_checkpoint(out, step, model, optimizer, {"step": step, "total": total, "epoch_size":
-                                   len(batches), "world": dist.world}, quant, cfg.keep_last,
-                                   lora=lora_full, opt_state=opt_full)
-        dist.barrier()
-        return path
-
-    try:
-        while step < total:
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
-            micro, keys = [], []
-            for i in range(cfg.grad_accum):  # the data position follows from the step: exact resume
-                gi = (step * cfg.grad_accum + i) * dist.world + dist.rank  # round-robin over ranks
-                ep = gi // len(batches)
-                if epochs.get("k") != ep:
-                    epochs.update(k=ep, batches=batches.epoch(ep))
-                micro.append(epochs["batches"][gi % len(batches)])
-                # LoRA dropout masks follow from the seed and the micro-batch too (keyed on a GPU)
-                keys.append(torch.tensor(dropout_key(cfg.seed, gi)) if keyed else None)
-            n_tok = dist.sum(sum(int(b["num_tokens"]) for b in micro))
-            def run_step():
-                total_loss, n_in = 0.0, 0
-                for i, b in enumerate(micro):
-                    n_in += int((b["input_ids"] != pad_id).sum()) if "attention_mask" not in b \
-                        else int(b["attention_mask"].sum())
-                    if graphed is not None:  # the same forward+backward, replayed from a CUDA graph
-                        # the graphed loss cannot check the labels on the GPU: check the host batch
-                        check_labels(b["labels"], model.get_output_embeddings().weight.shape[0])
-                        # few shapes: packed rows padded to --max-length, length-grouped rows (as packed rows of
-                        # one example each) to a bucket length; batches to --batch-size rows
-                        b = graph_batch(b, cfg.batch_size, cfg.max_length, pad_id, cfg.packing)
-                        if keys[i] is not None:
-                            b = dict(b, dropout_key=keys[i])
-                        total_loss += graphed(b, 1.0 / n_tok).item()
-                        continue
-                    key = keys[i].to(device) if keys[i] is not None else None
-                    with (off.hooks() if off is not None else contextlib.nullcontext()), \
-                            par.sync_context(i == len(micro) - 1), casts, keyed_dropout(model, key):
-                        loss = par.loss(b) / n_tok
-                        scaled = loss * par.grad_scale if par.grad_scale != 1.0 else loss
-                        (scaler.scale(scaled) if scaler else scaled).backward()
-                    total_loss += loss.item()
-                return total_loss, n_in
-
-            step_loss, n_in = _step_with_retry(run_step, optimizer, device, log)
-            tokens_seen += n_in
-            step_loss = dist.sum(step_loss)
-            if not math.isfinite(step_loss):
-                good = latest_checkpoint(out)
-                raise QLoraError(f"the loss became {step_loss} at step {step + 1}; stopped. Last good checkpoint: "
-                                 f"{good if good else 'none'}. Try a lower --lr or --compute-dtype bf16")
-            par.before_optimizer()
-            if scaler:
-                scaler.unscale_(optimizer)
-            gnorm = par.clip_grad_norm(cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            keep = graphed is not None and graphed.accumulate  # a CUDA graph accumulates into fixed .grad tensors
-            optimizer.zero_grad(set_to_none=not keep)
-            if not keep:
-                par.zero_grad()
-            step += 1
-            last_loss = step_loss
-            elapsed = time.time() - t_loop
-            tokens_all = dist.sum(tokens_seen)
-            row = {"step": step, "epoch": round(step / per_epoch, 3), "loss": round(step_loss, 5),
-                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(gnorm), 4),
-                   "tokens": int(tokens_all), "tok_s": round(tokens_all / max(elapsed, 1e-9), 1)}
-            if device.type == "cuda":
-                row["mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if cfg.eval_every and val_batches and step % cfg.eval_every == 0:
-                last_eval = evaluate_loss(model, val_batches, device, par.loss)
-                row["eval_loss"] = round(last_eval, 5)
-            rows.append(row)
-            if step % cfg.log_every == 0 or "eval_loss" in row:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
-                            **({"mem": f"{row['mem_gib']}G"} if "mem_gib" in row else {}))
-            bar.update(1)
-            # the plot as training goes, at most every PLOT_EVERY_S seconds (drawing costs ~0.1 s, the
-            # first one ~1.5 s with matplotlib's import: on a CPU run that is time taken from training)
-            if dist.main and ("eval_loss" in row or step % max(10, total // 50) == 0) \
-                    and time.time() - last_plot >= PLOT_EVERY_S:
-                _plot(out / "loss.png", rows)
-                last_plot = time.time()
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                ck_path = checkpoint()
-            if dist.sum(1.0 if stop["signal"] else 0.0) > 0:
-                stop["signal"] = stop["signal"] or "SIGTERM"
-                ck_path = checkpoint()
-                bar.close()
-                log(f"{stop['signal']}: saved {ck_path} at step {step}; continue with --resume")
-                dist.close()
-                return {"interrupted": True, "step": step, "checkpoint": str(ck_path)}
-    finally:
-        cache.__exit__(None, None, None)
-        bar.close()
-        metrics.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-
-    if val_batches and (not cfg.eval_every or step % cfg.eval_every):
-        last_eval = evaluate_loss(model, val_batches, device, par.loss)
-        rows.append({"step": step, "eval_loss": round(last_eval, 5)})
-        if dist.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rows[-1]) + "\n")
-    ck_path = checkpoint()
-    adapter = out / "adapter"
-    lora_full = par.lora_tensors(model)  # collective under FSDP
-    if dist.main:
-        save_adapter(model, adapter, base_model=cfg.model or "embedded:SmolLM2-135M-Instruct",
-                     quant=quant, extra={"train": dataclasses.asdict(cfg)}, tensors=lora_full)
-        tok.save_pretrained(adapter)
-        _plot(out / "loss.png", rows)
-    dist.barrier()
-    tokens_seen = int(dist.sum(tokens_seen))
-    took = time.time() - t_start
-    summary = {"steps": step, "time_s": round(took, 1), "train_time_s": round(time.time() - t_loop, 1),
-               "tokens": tokens_seen, "tok_s": round(tokens_seen / max(time.time() - t_loop, 1e-9), 1),
-               "final_loss": round(last_loss, 4), "eval_loss": None if last_eval is None else round(last_eval, 4),
-               "adapter": str(adapter), "checkpoint": str(ck_path), "output": str(out), "model": model,
-               "tokenizer": tok}
-    if device.type == "cuda":
-        summary["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        summary["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)  # ~ what nvidia-smi shows
-    dist.close()
-    return summary
-
+        run = Run(cfg, log, model, tokenizer, method, held)
+        run.setup()
+        if not run.fit():
+            return {"interrupted": True, "step": run.step, "checkpoint": str(run.ck_path)}
+        return run.finish()
 
 # ---------------------------------------------------------------------------------------------
 # CLI

@@ -19,3 +19,52 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_switches():
+    """Each test starts and ends with qlora.settings read from the environment as it is then (a test
+    that sets a QLORA_* variable through ``switch`` leaves nothing behind)."""
+    from qlora import settings
+    settings.refresh()
+    yield
+    settings.refresh()
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    """``switch("QLORA_X", "0")`` sets a QLORA_* variable for this test and re-reads qlora.settings;
+    ``switch("QLORA_X", None)`` unsets it."""
+    from qlora import settings
+
+    def set_(name: str, value: str | None):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        settings.refresh()
+    return set_
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The training tests' folder: a tiny model and a data file (helpers.make_train_dir)."""
+    from helpers import make_train_dir
+    return make_train_dir(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny, tmp_path_factory):
+    """An adapter with non-zero B on q_proj and down_proj of the module's ``tiny`` model (its first
+    item: the model directory), saved in the PEFT format."""
+    from qlora.adapters import save_adapter
+    from qlora.linear import QLoRALinear
+    from qlora.model import LoraSettings, load_model
+    path = tiny[0]
+    m, _ = load_model(str(path), lora=LoraSettings(r=4, alpha=8, target="q_proj,down_proj"), dtype="fp32",
+                      progress=False)
+    g = torch.Generator().manual_seed(1)
+    for mod in m.modules():
+        if isinstance(mod, QLoRALinear) and mod.r:
+            mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 0.5
+    return save_adapter(m, tmp_path_factory.mktemp("ad") / "adapter")

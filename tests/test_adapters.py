@@ -167,7 +167,7 @@ def test_twenty_training_steps_match_transformers_bitsandbytes_peft(base_dir, tm
     peft LoRA, torch's AdamW, the model's own loss) from the same initial adapter on the same
     batches. Every step's loss within 0.5% of the reference's."""
     from qlora.optim import make_optimizer
-    from qlora.train import loss_sum
+    from qlora.loss import loss_sum
     dt = torch.float32 if compute == "fp32" else torch.bfloat16
     m = ours(base_dir, quant=QuantSettings(compute_dtype=compute)).train()
     save_adapter(m, tmp_path / "init", base_model=str(base_dir), quant=FP32)  # A random, B = 0

@@ -25,7 +25,7 @@ for mod in (tc, tcc, tjit):
 from transformers import LlamaConfig
 from qlora.kernels.warm import compile_ahead
 from qlora.model import LoraSettings, QuantSettings, build_random
-from qlora.train import loss_sum
+from qlora.loss import loss_sum
 batch, seq = 2, 64
 cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000)
@@ -67,8 +67,8 @@ def test_compile_ahead_leaves_nothing_for_the_first_step(tmp_path, dropout):
     assert 6.0 < r["loss"] < 8.0  # ~ln(1000): the step ran
 
 
-def test_nothing_to_compile_without_triton_kernels(monkeypatch):
-    monkeypatch.setenv("QLORA_KERNELS", "0")
+def test_nothing_to_compile_without_triton_kernels(switch):
+    switch("QLORA_KERNELS", "0")
     from qlora.kernels.warm import compile_ahead
     assert compile_ahead("cpu", hidden=64, intermediate=128, head_dim=16, vocab=100, tokens=8, seq=8) == []
 
@@ -89,7 +89,7 @@ def test_train_reads_the_kernel_sizes_without_transformers(tmp_path):
     assert _model_dims(str(tmp_path / "missing")) is None
 
 
-def test_compiled_ahead_once_per_stamp(tmp_path, monkeypatch):
+def test_compiled_ahead_once_per_stamp(tmp_path, monkeypatch, switch):
     """A complete compile-ahead leaves a stamp and is skipped next time; an incomplete one (a kernel
     failed) leaves none, so the next start tries again."""
     from qlora.kernels import warm
@@ -112,5 +112,5 @@ def test_compiled_ahead_once_per_stamp(tmp_path, monkeypatch):
     assert warm.planned("nf4", rank=16, dropout=0.05) == list(warm.KERNELS)
     assert warm.compile_ahead_once("cuda", **dict(kw, hidden=8, rank=16, dropout=0.05)) == result
     assert warm.compile_ahead_once("cuda", **dict(kw, hidden=8, rank=16, dropout=0.05)) is None and len(calls) == 5
-    monkeypatch.setenv("QLORA_FUSED_DROPOUT", "0")
+    switch("QLORA_FUSED_DROPOUT", "0")
     assert "lora_dropout" not in warm.planned("nf4", rank=16, dropout=0.05)

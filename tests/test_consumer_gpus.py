@@ -26,9 +26,9 @@ def gpu_of(monkeypatch):
 
 @pytest.mark.parametrize("cc,triton", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((8, 6), True),
                                        ((8, 9), True), ((9, 0), True)])
-def test_kernels_are_gated_by_compute_capability(gpu_of, monkeypatch, cc, triton):
+def test_kernels_are_gated_by_compute_capability(gpu_of, switch, cc, triton):
     gpu_of(cc)
-    monkeypatch.delenv("QLORA_KERNELS", raising=False)
+    switch("QLORA_KERNELS", None)
     assert kernels.available("cuda") is triton
     assert kernels.available("cpu") is False
     line = kernels.describe("cuda")
@@ -37,7 +37,7 @@ def test_kernels_are_gated_by_compute_capability(gpu_of, monkeypatch, cc, triton
         assert ("CUDA C++" in line) is (cc >= (9, 0))  # the one-row GEMV needs Hopper's bulk copies
     else:
         assert line == f"kernels: torch references (compute capability {cc[0]}.{cc[1]} < 8.0)"
-    monkeypatch.setenv("QLORA_KERNELS", "0")
+    switch("QLORA_KERNELS", "0")
     assert not kernels.available("cuda") and "QLORA_KERNELS=0" in kernels.describe("cuda")
 
 

@@ -11,8 +11,9 @@ import transformers
 
 from qlora.cuda_graphs import (GraphedMicroStep, bucket_count, bucket_length, causal_attention, graph_batch,
                                pad_packed, supported, to_packed_form)
+from qlora.loss import loss_sum
 from qlora.model import LoraSettings, QuantSettings, build_random
-from qlora.train import TrainConfig, loss_sum, train
+from qlora.train import TrainConfig, train
 from tiny import make_tiny_model
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -5,7 +5,7 @@ import torch
 
 from qlora.decoding import decode, kv_bytes, pick, unsupported
 from qlora.generate import generate_full, load_for_inference
-from test_generate import EOS, USER, adapter_dir, chat_ids, make_model_dir  # noqa: F401 (a fixture)
+from helpers import EOS, USER, chat_ids, make_model_dir
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

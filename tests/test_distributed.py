@@ -10,7 +10,7 @@ import pytest
 
 from qlora.train import train
 
-from test_train import cfg, losses, setup  # noqa: F401  (fixture)
+from helpers import cfg, losses
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def torchrun(args, tmp):
     return r
 
 
-def test_two_processes_equal_one_with_same_global_batch(setup, tmp_path):  # noqa: F811
+def test_two_processes_equal_one_with_same_global_batch(setup, tmp_path):
     one = tmp_path / "one"
     train(cfg(setup, one, grad_accum=2, dropout=0.0, save_every=3), log=lambda m: None)
     two = tmp_path / "two"
@@ -57,7 +57,7 @@ def untied(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_fsdp_two_processes_equal_one_and_resume_across_modes(setup, untied, tmp_path, tied):  # noqa: F811
+def test_fsdp_two_processes_equal_one_and_resume_across_modes(setup, untied, tmp_path, tied):
     """FSDP2 over 2 gloo processes (4-bit base, LoRA and AdamW state sharded) computes the same losses
     and evaluation as 1 process with the same global batch; its checkpoint resumes in 1 process,
     and a 1-process checkpoint resumes under FSDP with 2."""
@@ -96,7 +96,7 @@ def test_fsdp_two_processes_equal_one_and_resume_across_modes(setup, untied, tmp
     assert all(close(x[0], y[0]) for x, y in zip(a, rows(one))), (a, rows(one))
 
 
-def test_fsdp_refuses_what_it_cannot_shard(setup, tmp_path):  # noqa: F811
+def test_fsdp_refuses_what_it_cannot_shard(setup, tmp_path):
     r = subprocess.run([sys.executable, "-m", "qlora.cli", "train", "--gpus", "2", "--data", str(setup / "data.jsonl"),
                         "--model", str(setup / "model"), "--output", str(tmp_path / "x"), "--device", "cpu",
                         "--parallel", "fsdp", "--optim", "paged_adamw8bit", "--progress", "false"],
@@ -109,7 +109,7 @@ def test_fsdp_refuses_what_it_cannot_shard(setup, tmp_path):  # noqa: F811
 @pytest.mark.skipif(not (__import__("torch").cuda.is_available() and __import__("torch").cuda.device_count() >= 2),
                     reason="needs 2 GPUs")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_gpus_equal_one(setup, tmp_path, mode):  # noqa: F811
+def test_two_gpus_equal_one(setup, tmp_path, mode):
     """NCCL on 2 GPUs, bf16 compute and the Triton kernels: same losses as 1 GPU at the same global batch."""
     common = ["--data", str(setup / "data.jsonl"), "--model", str(setup / "model"), *TINY_ARGS,
               "--optim", "paged_adamw", "--device", "cuda"]

@@ -242,7 +242,7 @@ def test_kernel_reads_the_key_on_the_device_in_a_graph():
 def test_graphed_checkpointed_steps_with_dropout_equal_eager_steps_without_checkpointing():
     from qlora.cuda_graphs import GraphedMicroStep, causal_attention
     from qlora.offload import enable_checkpointing
-    from qlora.train import loss_sum
+    from qlora.loss import loss_sum
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=500, max_position_embeddings=512)
     torch.manual_seed(0)
@@ -321,8 +321,7 @@ def test_fused_lora_dropout_kernels_match_float64(dtype, m, k, r):
 
 
 @pytest.mark.gpu
-def test_fused_dropout_layer_equals_unfused_layer():
-    import qlora.linear as lin
+def test_fused_dropout_layer_equals_unfused_layer(switch):
     torch.manual_seed(0)
     layer = QLoRALinear.from_weight(torch.randn(384, 256, device="cuda") * 0.05, r=16, alpha=32, dropout=0.2).cuda()
     with torch.no_grad():
@@ -333,17 +332,14 @@ def test_fused_dropout_layer_equals_unfused_layer():
     key = torch.tensor(dropout_key(1, 3), device="cuda")
     out = {}
     for fused in (True, False):
-        lin._FUSED_DROPOUT[0] = fused
-        try:
-            x = x0.clone().requires_grad_(True)
-            layer.zero_grad(set_to_none=True)
-            with keyed_dropout(layer, key):
-                assert (layer.lora_dropout.fused_args(x, layer.lora_A.to(torch.bfloat16)) is not None) == fused
-                y = layer(x)
-                y.backward(gy)
-            out[fused] = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
-        finally:
-            lin._FUSED_DROPOUT[0] = True
+        switch("QLORA_FUSED_DROPOUT", "1" if fused else "0")
+        x = x0.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        with keyed_dropout(layer, key):
+            assert (layer.lora_dropout.fused_args(x, layer.lora_A.to(torch.bfloat16)) is not None) == fused
+            y = layer(x)
+            y.backward(gy)
+        out[fused] = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
     for a, b in zip(out[True], out[False]):  # the unfused path rounds the dropped input to bf16 first: a few
         assert _rel(a, b.double()) < 1e-2     # outputs one bf16 step apart, relative to the largest value
     assert out[True][2].abs().max() > 0

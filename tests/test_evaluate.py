@@ -13,7 +13,7 @@ from qlora.errors import QLoraError
 from qlora.evaluate import contains, evaluate, exact, greedy_answers, normalize
 from qlora.generate import encode_messages, generate, load_for_inference
 
-from test_generate import EOS, load, make_model_dir, reference_model  # noqa: E402 (tests/ is on sys.path)
+from helpers import EOS, load, make_model_dir, reference_model
 
 CHAT = [
     {"messages": [{"role": "user", "content": "what color is the sky ?"},

@@ -1,7 +1,6 @@
 """Fused-kernel routing: same outputs and gradients as the unpatched transformers modules (the CPU
 run checks the routing through the torch references; the GPU run checks the Triton kernels)."""
 import copy
-import os
 
 import pytest
 import torch
@@ -68,11 +67,11 @@ def test_patched_model_is_freed_by_reference_counting_and_deep_copies():
 
 
 @pytest.mark.gpu
-def test_training_steps_kernels_on_and_off_same_losses():
+def test_training_steps_kernels_on_and_off_same_losses(switch):
     from qlora.optim import make_optimizer
     losses = {}
     for on in (True, False):
-        os.environ["QLORA_KERNELS"] = "1" if on else "0"
+        switch("QLORA_KERNELS", "1" if on else "0")
         try:
             m, fast = _pair("cuda")
             model = fast if on else m
@@ -88,7 +87,7 @@ def test_training_steps_kernels_on_and_off_same_losses():
                 out.append(loss.item())
             losses[on] = out
         finally:
-            os.environ.pop("QLORA_KERNELS", None)
+            switch("QLORA_KERNELS", None)
     assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(losses[True], losses[False])), losses
 
 

@@ -7,66 +7,13 @@ import sys
 import pytest
 import torch
 
-from qlora import nf4
 from qlora.cli import build_parser, main
 from qlora.data import IGNORE, tokenize_records
 from qlora.errors import QLoraError
 from qlora.generate import encode_messages, generate, generate_full, load_for_inference, stop_token_ids
 from qlora.linear import QLoRALinear
 
-WORDS = ("<pad> <s> </s> <unk> <user> <assistant> <system> ### Instruction Response : . , ? "
-         "the capital of france is paris sky blue green grass what color hello world how are you fine "
-         "thanks yes no one two three four five cat dog red big small tell me a story about and then").split()
-TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
-            "{% if add_generation_prompt %}<assistant> {% endif %}")
-EOS = 2
-
-
-def make_tokenizer(template=TEMPLATE):
-    """WordLevel over WORDS, whitespace/punctuation split, <s> in front, a one-line chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    if template:
-        tok.chat_template = template
-    return tok
-
-
-def make_model_dir(path, template=TEMPLATE, seed=0, hidden=64):
-    """A tiny random Llama (fp32) with the test tokenizer, saved as an HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.1, bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    make_tokenizer(template).save_pretrained(str(path))
-    return path
-
-
-def load(path, adapter=None):
-    return load_for_inference(str(path), adapter, device="cpu", dtype="fp32", progress=False)
-
-
-def reference_model(path, ours):
-    """transformers' Llama with each block linear = nf4.dequantize_4bit(our packed weight)
-    (+ scaling * B @ A where our layer carries an adapter)."""
-    from transformers import LlamaForCausalLM
-    ref = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    n = 0
-    for name, m in ours.named_modules():
-        if isinstance(m, QLoRALinear):
-            w = nf4.dequantize_4bit(m.weight_packed, m.state, torch.float32)
-            if m.r:
-                w = w + m.scaling * (m.lora_B.float() @ m.lora_A.float())
-            ref.get_submodule(name).weight.data.copy_(w)
-            n += 1
-    assert n == 14
-    return ref
+from helpers import EOS, USER, chat_ids, load, make_model_dir, make_tokenizer, reference_model
 
 
 def ref_answer(ref, tok, ids, max_new_tokens, eos=(EOS,)):
@@ -79,11 +26,6 @@ def ref_answer(ref, tok, ids, max_new_tokens, eos=(EOS,)):
     return out[:cut]
 
 
-def chat_ids(tok, msgs):
-    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = make_model_dir(tmp_path_factory.mktemp("gen") / "m")
@@ -91,7 +33,6 @@ def tiny(tmp_path_factory):
     return path, model, tok, reference_model(path, model)
 
 
-USER = [{"role": "user", "content": "what color is the sky ?"}]
 
 
 # ------------------------------------------------------------------------------ generation
@@ -190,21 +131,6 @@ def test_sampling(tiny):
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(max_new_tokens=0)):
         with pytest.raises(QLoraError):
             generate(model, tok, "hello", **bad)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny, tmp_path_factory):
-    """An adapter with non-zero B on q_proj and down_proj, saved in the PEFT format."""
-    from qlora.adapters import save_adapter
-    from qlora.model import LoraSettings, load_model
-    path = tiny[0]
-    m, _ = load_model(str(path), lora=LoraSettings(r=4, alpha=8, target="q_proj,down_proj"), dtype="fp32",
-                      progress=False)
-    g = torch.Generator().manual_seed(1)
-    for mod in m.modules():
-        if isinstance(mod, QLoRALinear) and mod.r:
-            mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 0.5
-    return save_adapter(m, tmp_path_factory.mktemp("ad") / "adapter")
 
 
 def test_adapter_matches_merged_reference(tiny, adapter_dir):

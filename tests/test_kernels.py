@@ -285,7 +285,7 @@ def test_cuda_gemv_more_nested_scales_than_threads(variant):
 
 @pytest.mark.gpu
 @hopper
-def test_cuda_gemv_dispatch_and_fallbacks(monkeypatch):
+def test_cuda_gemv_dispatch_and_fallbacks(monkeypatch, switch):
     """kernels.matmul_4bit sends one row to the CUDA kernel; QLORA_CUDA_GEMV=0, more rows, K > 4096,
     shapes it does not take and a failed compilation go to the Triton kernel, with the same result."""
     from qlora.kernels import gemv_cuda, gemv
@@ -305,14 +305,14 @@ def test_cuda_gemv_dispatch_and_fallbacks(monkeypatch):
     x4 = x3.float()  # fp32 x, K > 4096: the FMA variant would split K; the Triton one is preferred
     assert gemv_cuda.kind(x4, st3) == "fma" and not gemv_cuda.preferred(x4, st3)
     assert _rel(K.matmul_4bit(x4, p3, st3), gemv.gemv_4bit_triton(x4, p3, st3)) == 0 and calls == [1, 1]
-    monkeypatch.setenv("QLORA_CUDA_GEMV", "0")
+    switch("QLORA_CUDA_GEMV", "0")
     assert not gemv_cuda.supported(x, st)
     K.matmul_4bit(x, packed, st)
     assert calls == [1, 1]
-    monkeypatch.delenv("QLORA_CUDA_GEMV")
-    monkeypatch.setenv("QLORA_GEMV_MMA", "0")  # the FMA variant instead of the tensor-core one
+    switch("QLORA_CUDA_GEMV", None)
+    switch("QLORA_GEMV_MMA", "0")  # the FMA variant instead of the tensor-core one
     assert gemv_cuda.kind(x, st) == "fma" and _rel(K.matmul_4bit(x, packed, st), want) < 1e-2
-    monkeypatch.delenv("QLORA_GEMV_MMA")
+    switch("QLORA_GEMV_MMA", None)
     p2, st2 = nf4.quantize_4bit(_rand(8, 4288, seed=4, scale=0.05), 64, "nf4", True)  # 8 rows x 67 scales
     assert not gemv_cuda.supported(_rand(1, 4288, seed=5), st2)
     with pytest.raises(QLoraError):
@@ -483,8 +483,8 @@ def test_references_match_transformers():
         assert torch.equal(na.rope_reference(k, cos, sin), k_ref)
 
 
-def test_dispatch_falls_back_on_cpu(monkeypatch):
-    monkeypatch.setenv("QLORA_KERNELS", "0")
+def test_dispatch_falls_back_on_cpu(switch):
+    switch("QLORA_KERNELS", "0")
     assert not K.available()
     w = torch.randn(40, 64, generator=_gen(1)) * 0.05
     packed, st = nf4.quantize_4bit(w, 64, "nf4", True)

@@ -163,10 +163,10 @@ def test_record_hot_modules_lists_new_imports_relative_to_sys_path(tmp_path):
     assert not any(x.startswith("qlora/") and x.endswith(("lean_imports.py", "config.py")) for x in lines)  # imported before
 
 
-def test_warm_up_needs_cuda(monkeypatch):
+def test_warm_up_needs_cuda(switch):
     from qlora.lean_imports import warm_up_cuda
     assert warm_up_cuda("cpu") is None
-    monkeypatch.setenv("QLORA_WARMUP", "0")
+    switch("QLORA_WARMUP", "0")
     assert warm_up_cuda("cuda") is None
 
 

@@ -236,14 +236,13 @@ def test_grads_with_lora_dropout_match_float_reference(x_grad):
         torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_and_unfused_lora_paths_agree(monkeypatch):
+def test_fused_and_unfused_lora_paths_agree(switch):
     """QLORA_FUSED_LORA=0 (separate autograd ops) computes what the fused node computes."""
-    import qlora.linear as L
     m, _, _ = _layer(r=8, alpha=16, dtype=torch.float32)
     x = torch.randn(4, 80, requires_grad=True)
     out = []
     for fused in (True, False):
-        monkeypatch.setattr(L, "FUSED_LORA", fused)
+        switch("QLORA_FUSED_LORA", "1" if fused else "0")
         x.grad = None
         m.zero_grad()
         y = m(x)
@@ -273,7 +272,7 @@ def _hopper():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="the CUDA GEMV needs compute capability >= 9.0")
-def test_one_row_inference_reads_4bit_weight_through_cuda_gemv(monkeypatch):
+def test_one_row_inference_reads_4bit_weight_through_cuda_gemv(monkeypatch, switch):
     """Generating (no grad, one row on a Hopper GPU) multiplies by the 4-bit weight through the CUDA GEMV,
     prepared once per layer, dtype and device: the result is the dequantized weight's (float64 reference,
     bf16 tolerance); grad mode, more rows, a CPU move and QLORA_CUDA_GEMV=0 take the dequantizing path."""
@@ -310,7 +309,7 @@ def test_one_row_inference_reads_4bit_weight_through_cuda_gemv(monkeypatch):
     with torch.no_grad():
         m(x.cpu())
     m.to("cuda")
-    monkeypatch.setenv("QLORA_CUDA_GEMV", "0")
+    switch("QLORA_CUDA_GEMV", "0")
     with torch.no_grad():
         y = m(x)
     assert prepared == [1] and not m._gemv.ok  # remembered as not taken

@@ -8,7 +8,7 @@ import transformers
 from qlora.errors import QLoraError
 from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.offload import ActivationOffloader, HostEmbedding, enable_checkpointing, offload_activations, offload_embeddings
-from qlora.train import loss_sum
+from qlora.loss import loss_sum
 
 
 def _config(layers=3, hidden=64, vocab=96):

@@ -13,32 +13,7 @@ from qlora.config import build_config
 from qlora.errors import QLoraError
 from qlora.train import TrainConfig, latest_checkpoint, train
 
-from tiny import make_tiny_model
-
-CITIES = ["paris", "rome", "berlin"]
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    make_tiny_model(d / "model")
-    rows = [{"instruction": f"what is the capital of {c} ?", "output": f"the answer is {c} ."}
-            for i in range(40) for c in [CITIES[i % 3]]]
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
-
-
-def cfg(setup, out, **kw):
-    base = dict(data=str(setup / "data.jsonl"), model=str(setup / "model"), output=str(out), rank=4, alpha=8,
-                lr=3e-3, batch_size=4, grad_accum=2, max_steps=6, save_every=3, compute_dtype="fp32",
-                progress=False, optim="adamw", warmup_ratio=0.0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def losses(out):
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
+from helpers import cfg, losses
 
 def test_loss_falls_and_outputs_written(setup, tmp_path):
     s = train(cfg(setup, tmp_path / "r", max_steps=12, dropout=0.0, lr=1e-2), log=lambda m: None)
@@ -146,21 +121,18 @@ def test_corrupt_checkpoint_detected_previous_used(setup, tmp_path):
     assert "step-0000006 is corrupt" in msgs[0]
 
 
-def test_nan_loss_stops_with_step(setup, tmp_path):
-    import qlora.train as T
-    orig = T.loss_sum
+def test_nan_loss_stops_with_step(setup, tmp_path, monkeypatch):
+    import qlora.loss as L
+    orig = L.loss_sum
     calls = {"n": 0}
 
     def nan_after_step_3(*a, **k):  # the loss turns NaN in step 4 (2 micro-batches a step)
         calls["n"] += 1
         return orig(*a, **k) * (float("nan") if calls["n"] > 6 else 1.0)
 
-    T.loss_sum = nan_after_step_3
-    try:
-        with pytest.raises(QLoraError, match=r"loss became nan at step 4.*step-0000003"):
-            train(cfg(setup, tmp_path / "r", max_steps=6), log=lambda m: None)
-    finally:
-        T.loss_sum = orig
+    monkeypatch.setattr(L, "loss_sum", nan_after_step_3)  # the training loss every path reads from qlora.loss
+    with pytest.raises(QLoraError, match=r"loss became nan at step 4.*step-0000003"):
+        train(cfg(setup, tmp_path / "r", max_steps=6), log=lambda m: None)
 
 
 def test_disk_full_keeps_previous_checkpoint(setup, tmp_path, monkeypatch):
@@ -254,3 +226,28 @@ def test_a_target_list_trains_only_those_layers(setup, tmp_path):
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
         layers = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in f.keys()}
     assert layers == {"q_proj", "v_proj"}
+
+
+def test_a_method_plugs_in_at_the_seam(setup, tmp_path):
+    """A training method (qlora.methods) supplies the loss and its metrics: the run takes both, and the
+    same loss through the default SFT gives the same losses."""
+    from qlora.methods import SFT
+
+    class Counting(SFT):
+        def loss(self, model, batch, device, static_shapes=False):
+            total, _ = super().loss(model, batch, device, static_shapes)
+            return total, {"scored": batch["num_tokens"]}
+
+    kw = dict(max_steps=2, dropout=0.0, save_every=0)
+    train(cfg(setup, tmp_path / "sft", **kw), log=lambda m: None)
+    train(cfg(setup, tmp_path / "m", **kw), log=lambda m: None, method=Counting())
+    rows = [json.loads(r) for r in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert losses(tmp_path / "m") == losses(tmp_path / "sft")
+    # the step's mean of the batches' scored tokens, against the batches themselves
+    from qlora.data import Batches, read_records, tokenize_records
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(setup / "model"))
+    examples, _ = tokenize_records(*read_records(str(setup / "data.jsonl")), tok, max_length=1024)
+    ep = Batches(examples, 4, tok.pad_token_id, max_length=1024, seed=42).epoch(0)
+    want = [sum(int(b["num_tokens"]) for b in ep[2 * s:2 * s + 2]) / 2 for s in range(2)]
+    assert [r["scored"] for r in rows if "scored" in r] == pytest.approx(want)

@@ -28,9 +28,9 @@ from functools import lru_cache
 
 import torch
 
-from ..config import env_flag
 from ..nf4 import QuantState
 from ..nf4 import dequantize_4bit as _dequantize_4bit_torch
+from ..settings import switches
 from . import norm_act
 from .loss import chunked_linear_cross_entropy, linear_cross_entropy_reference
 
@@ -62,7 +62,7 @@ def _capable(index: int) -> bool:
 def available(device: torch.device | str | None = None) -> bool:
     """True when the Triton kernels can run on ``device`` (default: the current CUDA device): CUDA, Triton,
     compute capability >= MIN_CAPABILITY, and ``QLORA_KERNELS`` is not ``0``."""
-    if not env_flag("QLORA_KERNELS", True):
+    if not switches().kernels:
         return False
     if not (torch.cuda.is_available() and _triton_importable()):
         return False
@@ -82,7 +82,7 @@ def describe(device: torch.device | str) -> str:
         from .gemv_cuda import available as gemv_ok
         extra = "; one-row 4-bit GEMV in CUDA C++" if gemv_ok(device) else ""
         return f"kernels: Triton (compute capability {major}.{minor}){extra}"
-    if not env_flag("QLORA_KERNELS", True):
+    if not switches().kernels:
         why = "QLORA_KERNELS=0"
     elif not _triton_importable():
         why = "Triton is not installed"
@@ -153,7 +153,7 @@ def lora_row_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     """``y += scaling * B @ (A @ x)`` in place for one row (``y`` [N], ``x`` [K], ``a`` [r, K], ``b`` [N, r];
     no autograd) when the Triton kernel takes it: returns True then, else False and ``y`` is untouched
     (the caller computes it with torch)."""
-    if not (_use(x) and env_flag("QLORA_LORA_ROW", True)):
+    if not (_use(x) and switches().lora_row):
         return False
     from . import lora_row
     if not lora_row.usable(y, x, a, b):

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 # Bytes of packed input per program (a multiple of every blocksize // 2 up to 2048) and warps.
-# On an H100, 14336x4096: 2.79-2.81 TB/s for tiles of 1-4 KiB with 4 or 8 warps (bench/kernels.py).
+# On an H100, 14336x4096: 2.79-2.81 TB/s for tiles of 1-4 KiB with 4 or 8 warps (bench/kernel_speed.py).
 TILE_BYTES = 2048
 NUM_WARPS = 4
 

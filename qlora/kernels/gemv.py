@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover
 
 MAX_GEMV_ROWS = 16
 # Launch parameters: (rows per program, K elements per loop step, warps, software-pipeline
-# stages); the split over K comes from the SM count. Chosen from bench/kernels.py --sweep on an
+# stages); the split over K comes from the SM count. Chosen from bench/kernel_speed.py --sweep on an
 # H100 (GPU time, bf16, 1 row): 10.6 us for 4096x4096, 28.3 us for W 14336x4096, 28.8 us for
 # W 4096x14336; 16 rows: 19.8 / 58.2 / 51.3 us. See NOTES.md.
 FMA_CONFIG = (8, 1024, 2, 1)

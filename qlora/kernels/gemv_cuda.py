@@ -34,6 +34,9 @@ Needs: compute capability >= 9.0 (bulk copies, transaction barriers), ``torch.cu
 and the scales of the last (partial) 16-row group whole 16-byte units. :func:`supported` says so;
 callers fall back to the Triton kernel otherwise; :func:`kind` says which variant runs.
 ``QLORA_CUDA_GEMV=0`` turns the kernel off, ``QLORA_GEMV_MMA=0`` the tensor-core variant.
+
+Longer than 500 lines: about 480 of them are the CUDA C++ source of the two kernel variants, kept
+beside the Python that plans, compiles and launches them.
 """
 from __future__ import annotations
 
@@ -44,9 +47,10 @@ from functools import lru_cache
 
 import torch
 
-from ..config import env_flag
+from ..compat import compile_cuda_kernel, kernel_shared_memory, nvrtc_available, raw_stream_getter
 from ..errors import QLoraError
 from ..nf4 import QuantState
+from ..settings import switches
 
 SLICE = 256                      # K elements per warp (8 lanes x 32)
 MAX_SPLIT_LEN = 16 * SLICE       # at most 16 warps per thread block (x in registers)
@@ -550,14 +554,14 @@ def _compile(device: torch.device, name: str, source: str, defines: dict, smem: 
                 text = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEBUG + source
                 try:
                     with torch.cuda.device(device):
-                        kern = torch.cuda._compile_kernel(text, name)
+                        kern = compile_cuda_kernel(text, name)
                 except (RuntimeError, OSError, AttributeError) as e:  # no NVRTC, a driver too old, ...
                     _broken.append(f"{type(e).__name__}: {e}")
                     warnings.warn(f"qlora: the CUDA GEMV kernel did not compile, using the Triton one "
                                   f"({_broken[0][:300]})", RuntimeWarning, stacklevel=3)
                     raise CompileError(_broken[0]) from e
                 _kernels[key] = kern
-    if getattr(kern, "_max_shared_mem_bytes", 0) < smem:
+    if kernel_shared_memory(kern) < smem:
         with torch.cuda.device(device):
             kern.set_shared_memory_config(smem)
     return kern
@@ -571,7 +575,7 @@ def available(device: torch.device) -> bool:
     """True when this device can run the kernel: PyTorch with NVRTC kernels, compute capability >= 9.0
     (bulk copies and transaction barriers), not switched off with ``QLORA_CUDA_GEMV=0``, and no
     earlier compilation failed."""
-    if _broken or not env_flag("QLORA_CUDA_GEMV", True) or not hasattr(torch.cuda, "_compile_kernel"):
+    if _broken or not switches().cuda_gemv or not nvrtc_available():
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 9
@@ -604,7 +608,7 @@ def kind(x: torch.Tensor, state: QuantState) -> str:
     x, K and the block size multiples of 64, the shared-memory layout fits) or ``"fma"``."""
     n_out, k = (int(s) for s in state.shape)
     bs = state.blocksize
-    if x.dtype == torch.float32 or k % 64 or bs % 64 or not env_flag("QLORA_GEMV_MMA", True):
+    if x.dtype == torch.float32 or k % 64 or bs % 64 or not switches().gemv_mma:
         return "fma"
     if _smem_base(x.device) != MMA_SMEM_BASE:  # not remembered inside, as it may be unknown for now
         return "fma"
@@ -688,7 +692,7 @@ def _smem_base(device: torch.device) -> int:
 def _probe_smem_base(device: torch.device) -> int:
     try:
         with torch.cuda.device(device):
-            probe = torch.cuda._compile_kernel(
+            probe = compile_cuda_kernel(
                 'extern "C" __global__ void qlora_smem_base(unsigned* out) { extern __shared__ char s[];'
                 ' out[0] = (unsigned)__cvta_generic_to_shared(s); }', "qlora_smem_base")
             out = torch.zeros(1, dtype=torch.int32, device=device)
@@ -772,15 +776,6 @@ def _nothing():
     return None
 
 
-def _raw_stream():
-    """``device index -> the current CUDA stream's handle``: torch's raw getter (what Triton's launcher
-    uses, ~0.3 us) where it exists, else through a Stream object (~3 us)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw
-    return lambda index: torch.cuda.current_stream(index).cuda_stream
-
-
 class Prepared:
     """The CUDA GEMV planned for one weight and one-row inputs of one dtype on one device (:func:`prepare`):
     the compiled kernel, the launch configuration and the weight's device pointers, with the launch's
@@ -795,7 +790,7 @@ class Prepared:
         if Prepared._lib is None:
             lib = ctypes.CDLL("libcuda.so.1")
             lib.cuLaunchKernel.restype = ctypes.c_int
-            Prepared._lib, Prepared._stream = lib, staticmethod(_raw_stream())
+            Prepared._lib, Prepared._stream = lib, staticmethod(raw_stream_getter())
         self.kern = kern  # keeps the module loaded
         self.tensors = tensors
         self.dtype, self.device, self.index = x.dtype, x.device, x.get_device()

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
     triton = None
 
 MAX_R = 128
-# (rows, columns, warps, stages) per kernel and padded rank (16, 32, 64, 128); bench/kernels.py --sweep times
+# (rows, columns, warps, stages) per kernel and padded rank (16, 32, 64, 128); bench/kernel_speed.py --sweep times
 # alternatives. Chosen on an H200 (bench/results/kernels_lora_dropout_sweep_2026-11-30_s12_h200.txt): down at
 # r 16 256-wide K steps (-10 to -23% against 128-wide), narrower row tiles at r 64 and 128 (r 128 with 256-wide
 # steps would not fit shared memory); grad_x with 32-row tiles at r 16-32 (-13 to -16%), 64x64 above.

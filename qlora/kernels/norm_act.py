@@ -31,8 +31,6 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-
 
 # ---------------------------------------------------------------------------------------------
 # torch references

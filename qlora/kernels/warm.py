@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import env_flag, fused_dropout_enabled
+from ..settings import switches
 
 
 KERNELS = ("rms_norm", "swiglu", "rope", "dequantize_4bit", "xent_grad", "lora_dropout")
@@ -29,9 +29,9 @@ def planned(quant_type: str | None = "nf4", rank: int = 0, dropout: float = 0.0)
     ``QLORA_ROPE_KERNEL=0`` (transformers' rotary embedding runs instead), less the dequantization
     for a 16-bit base (``quant_type`` None), and the LoRA products with keyed dropout inside only for a
     run with LoRA dropout (``rank`` > 0, ``dropout`` > 0, not ``QLORA_FUSED_DROPOUT=0``)."""
-    return [k for k in KERNELS if not (k == "rope" and not env_flag("QLORA_ROPE_KERNEL", True))
+    return [k for k in KERNELS if not (k == "rope" and not switches().rope_kernel)
             and not (k == "dequantize_4bit" and quant_type is None)
-            and not (k == "lora_dropout" and not (rank > 0 and dropout > 0 and fused_dropout_enabled()))]
+            and not (k == "lora_dropout" and not (rank > 0 and dropout > 0 and switches().fused_dropout))]
 
 
 def compile_ahead(device, hidden: int, intermediate: int, head_dim: int, vocab: int, tokens: int, seq: int,
@@ -117,7 +117,7 @@ def _stamp(device, **kw) -> Path:
     here = Path(__file__).parent
     sources = [(p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(here.glob("*.py"))]
     key = json.dumps([sorted((k, str(v)) for k, v in kw.items()), sources, torch.__version__, version("triton"),
-                      torch.cuda.get_device_capability(device), os.environ.get("QLORA_ROPE_KERNEL", "")])
+                      torch.cuda.get_device_capability(device), switches().rope_kernel])
     return Path(folder) / f"qlora-compiled-ahead-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
 
 

@@ -1,6 +1,6 @@
 """Kernel benchmark on one CUDA GPU: our Triton kernels vs our torch references vs bitsandbytes.
 
-    python bench/kernels.py [--sweep] [--gemv-decompose] [--skip SECTIONS] [--json results.json]
+    python bench/kernel_speed.py [--sweep] [--gemv-decompose] [--skip SECTIONS] [--json results.json]
 
 Prints, each measured in this run, two kinds of time: "graph" = GPU time per call replayed from
 a CUDA graph over several copies of the weights read in turn (so reads come from device memory,
@@ -33,9 +33,6 @@ import os
 import sys
 
 import torch
-
-# run from anywhere; and keep this folder off the path (bitsandbytes imports a package named "kernels")
-sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 from qlora import nf4  # noqa: E402
 from qlora.kernels import gemv, gemv_cuda, loss, norm_act  # noqa: E402
@@ -519,7 +516,7 @@ def main():
                     help="also time the CUDA GEMV with stages left out (Hopper; where its time goes)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU")
+        print("bench/kernel_speed.py needs a CUDA GPU")
         return 2
     import triton
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
