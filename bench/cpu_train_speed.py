@@ -72,6 +72,9 @@ def _hf_step(m, opt, params, clip: float | None):
     return step
 
 
+COMPUTE = ["auto"]  # --compute-dtype of the ``ours`` rows
+
+
 def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     import torch
 
@@ -80,7 +83,9 @@ def ours(attention: str, batches_of, steps: int, rounds: int) -> list[float]:
     from qlora.optim import make_optimizer
     from qlora.loss import loss_sum
     torch.manual_seed(0)
-    m, tok = load_model(None, QuantSettings(), LoraSettings(16, 32, 0.0), "cpu", "bf16", progress=False)
+    from qlora.hardware import resolve
+    dt = resolve(COMPUTE[0], "cpu").dtype
+    m, tok = load_model(None, QuantSettings(compute_dtype=dt), LoraSettings(16, 32, 0.0), "cpu", dt, progress=False)
     m.set_attn_implementation(attention)
     m.train()
     params = [p for p in m.parameters() if p.requires_grad]
@@ -159,7 +164,10 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8, help="examples per step (the demo's is 8)")
+    ap.add_argument("--compute-dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="compute dtype of the ours rows (default auto: what qlora train picks here)")
     a = ap.parse_args()
+    COMPUTE[0] = a.compute_dtype
     import os
     import tempfile
 
@@ -175,7 +183,11 @@ def main():
         res[row] = r
         print(json.dumps({"row": row, "tok_s": [round(x, 1) for x in r], "median": round(statistics.median(r), 1)}),
               flush=True)
-    print(f"\nCPU ({os.cpu_count()} cores, load average {load:.2f} at start), demo batches of {a.batch_size}, r=16, bf16")
+    from qlora.hardware import cpu_flags, resolve
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"\nCPU {model} ({os.cpu_count()} cores, flags: {', '.join(sorted(cpu_flags())) or 'no avx512_bf16/amx_bf16'}; "
+          f"torch capability {__import__('torch').backends.cpu.get_cpu_capability()}), load average {load:.2f} at start; "
+          f"demo batches of {a.batch_size}, r=16; ours: {resolve(a.compute_dtype, 'cpu').header()}; plain/reference: bf16")
     print("| row | tokens/s (median of rounds) | rounds |")
     print("|---|---|---|")
     for row, r in res.items():

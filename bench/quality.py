@@ -193,7 +193,7 @@ def run_job(fmt: str, seed: int, task: str, device: str, epochs: float, n_text: 
     held_batches = list(Batches(held_ex, 8, tok.pad_token_id, shuffle=False, max_length=128).epoch(0))
     qt, dq = FORMATS[fmt]
     quant = QuantSettings(quant_type=qt, double_quant=dq)
-    model = build_from_source(source, quant, LoraSettings(16, 32, 0.0), device, "bf16", seed, progress=False)
+    model = build_from_source(source, quant, LoraSettings(16, 32, 0.0), device, "auto", seed, progress=False)
     row = {"format": fmt, "seed": seed, "task": task}
     if measure_base:
         row["recon"] = recon_error(model, source)

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import is_int, is_number
+from .config import COMPUTE_DTYPES, is_int, is_number
 from .errors import QLoraError
 from .linear import QLoRALinear
 from .model import LoraSettings, QuantSettings, block_linear_names, lora_modules, parse_dtype
@@ -235,8 +235,8 @@ def adapter_quant_settings(adapter_dir) -> QuantSettings:
         raise QLoraError(f"{p}: quant.blocksize: {e}") from None
     if not isinstance(s.double_quant, bool):
         raise QLoraError(f"{p}: quant.double_quant must be true or false, got {s.double_quant!r}")
-    if s.compute_dtype not in ("bf16", "fp16", "fp32"):
-        raise QLoraError(f"{p}: quant.compute_dtype must be bf16, fp16 or fp32, got {s.compute_dtype!r}")
+    if s.compute_dtype not in COMPUTE_DTYPES:
+        raise QLoraError(f"{p}: quant.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {s.compute_dtype!r}")
     return s
 
 

@@ -328,15 +328,7 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
     from .hardware import resolve
     from .model import QuantSettings, load_model
     device = pick_device(device)
-    compute = resolve(dtype, device)
-    dtype = compute.dtype
-    if log is not None:
-        log(compute.header())
-        if device.startswith("cuda"):
-            from .kernels import describe
-            log(describe(device))
-        if compute.warning:
-            log(f"warning: {compute.warning}")
+    compute = resolve(dtype, device)  # a bad name or bf16 on a GPU without it fails here, before the load
     if model_src is not None and not Path(model_src).expanduser().exists():
         raise QLoraError(f"model not found: {model_src} (give an HF model directory, a .gguf file or a "
                          "qlora quantize output; leave --model out for the embedded SmolLM2-135M)")
@@ -345,7 +337,14 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
         _, pairs = read_adapter(adapter)  # fail on a bad adapter before the (slow) model load
         quant = adapter_quant_settings(adapter)
         check_fits(adapter, model_src, pairs)  # its layers and shapes, from the model's config alone
-    quant.compute_dtype = dtype
+    if log is not None:  # every check has passed: say how it will run
+        log(compute.header())
+        if device.startswith("cuda"):
+            from .kernels import describe
+            log(describe(device))
+        if compute.warning:
+            log(f"warning: {compute.warning}")
+    quant.compute_dtype = dtype = compute.dtype
     model, tokenizer = load_model(model_src, quant=quant, lora=None, device=device, dtype=dtype, progress=progress)
     if tokenizer is None:
         raise QLoraError(f"{model_src} has no tokenizer files (tokenizer.json / tokenizer_config.json): "

@@ -49,7 +49,7 @@ def adapters_off(model: torch.nn.Module):
 
 # -------------------------------------------------------------------------------- log-probs
 def _chunked_ok(model) -> bool:
-    from .train import _chunked_loss_ok  # the architectures whose LM head the chunked loss reproduces
+    from .loss import _chunked_loss_ok  # the architectures whose LM head the chunked loss reproduces
     return _chunked_loss_ok(model)
 
 

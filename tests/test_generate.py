@@ -270,7 +270,7 @@ def test_cli_errors(tiny, tmp_path, capsys):
     cases = [
         (["--model", str(tmp_path / "nope")], "not found"),
         (["--model", str(path), "--adapter", str(tmp_path / "no_adapter")], "adapter directory not found"),
-        (["--model", str(path), "--adapter", str(bad_adapter)], "does not fit this base model"),
+        (["--model", str(path), "--adapter", str(bad_adapter)], "does not fit the model"),
         (["--model", str(path), "--temperature", "-1"], "temperature"),
         (["--model", str(path), "--device", "tpu"], "unknown device"),
         (["--model", str(path), "--threads", "0"], "--threads"),
