@@ -18,7 +18,9 @@ def _config(layers=3, hidden=64, vocab=96):
 
 
 def _model(cfg, device="cpu", r=4):
-    m = build_random(cfg, QuantSettings(), LoraSettings(r=r, alpha=8, dropout=0.0), device=device, progress=False)
+    # bf16 as on a GPU (the byte counts below are bf16's), whatever the CPU's auto dtype; tiny, so fast anywhere
+    m = build_random(cfg, QuantSettings(compute_dtype="bf16"), LoraSettings(r=r, alpha=8, dropout=0.0), device=device,
+                     dtype="bf16", progress=False)
     with torch.no_grad():  # B = 0 at init would make A's gradients zero: give B values
         for n, p in m.named_parameters():
             if n.endswith("lora_B"):

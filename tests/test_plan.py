@@ -38,7 +38,8 @@ def _storages(tensors) -> int:
     (_llama, "all-linear", True, False), (_llama, "q_proj,v_proj", False, True), (_qwen2, "all-linear", True, False)])
 def test_model_bytes_equal_a_built_model(cfg_fn, target, dq, tied):
     cfg = cfg_fn(tied) if cfg_fn is _llama else cfg_fn()
-    model = build_random(cfg, QuantSettings(double_quant=dq), LoraSettings(r=4, target=target), progress=False)
+    model = build_random(cfg, QuantSettings(double_quant=dq, compute_dtype="bf16"), LoraSettings(r=4, target=target),
+                         dtype="bf16", progress=False)  # the plan counts bf16 (a GPU's auto), whatever this CPU's is
     counts = plan.count_model(cfg, rank=4, target=target, double_quant=dq, device="cpu")
     q = [m for m in model.modules() if isinstance(m, QLoRALinear)]
     assert counts["weights_4bit"] == _storages(m.weight_packed for m in q)
@@ -58,7 +59,8 @@ def test_model_bytes_equal_a_built_model(cfg_fn, target, dq, tied):
 def test_gradient_and_optimizer_bytes_equal_a_real_step(optim):
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=64)
-    model = build_random(cfg, QuantSettings(), LoraSettings(r=16, dropout=0.0), progress=False)  # some tensors >= 4096
+    model = build_random(cfg, QuantSettings(compute_dtype="bf16"), LoraSettings(r=16, dropout=0.0), dtype="bf16",
+                         progress=False)  # some tensors >= 4096
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optim)
     ids = torch.randint(0, 64, (1, 8))
