@@ -157,6 +157,7 @@ def _rounded_logits(emb, dtype):
         m.load_state_dict(saved)
 
 
+@pytest.mark.slow
 def test_embedded_f16_round_trip_and_metadata(embedded, tmp_path):
     out, s = _export(embedded, tmp_path, "f16", ollama=True)
     cfg = embedded["model"].config
