@@ -508,12 +508,15 @@ def row_consumer_8b(small: bool):
         if small:  # the script check: a CPU step at the plan's longest sequence of 2 GiB would take minutes
             longest = min(longest, 4 * ARGS.cpu_seq)
         tag = "offload" if offload else "resident"
-        for seq, what in ((longest, "plan_longest"), (int(longest * 1.1) // 128 * 128, "plan_longest_plus_10pct")):
+        for pct in range(0, 10 * ARGS.consumer_steps_over + 1, 10):  # the plan's longest, then +10%, +20%, ...
+            seq, name = int(longest * (1 + pct / 100)) // 128 * 128, f"24g_8b_{tag}_plan_longest_plus_{pct}pct"
             if left() < 120:
-                log(dict(row=f"24g_8b_{tag}_{what}", status="skipped: time limit"))
-                continue
-            report(f"24g_8b_{tag}_{what}", cfg, model, [seq], 1, 16, "paged_adamw", offload, cap,
-                   gpu_gib=gpu / GiB, plan_longest=longest)
+                log(dict(row=name, status="skipped: time limit"))
+                break
+            r = report(name, cfg, model, [seq], 1, 16, "paged_adamw", offload, cap, oom_retry=True,
+                       gpu_gib=gpu / GiB, plan_longest=longest)
+            if r["status"] != "ok":
+                break
     del model
     free()
 
@@ -526,8 +529,10 @@ def row_consumer_70b(small: bool):
     cfg, model, built = build(shape, rank=64, layers=layers, embed_offload=True)
     log(build_row("consumer_70b_build", cfg, model, built))
     gpu = 46 * GiB
+    # oom_retry: as `qlora train` does, a step that runs out of memory moves the optimizer pages to CPU memory
+    # and runs again (the plan's "fits" counts on that paging)
     report("46g_70b_r64", cfg, model, [seq] * ARGS.steps_70b, 1, 64, "paged_adamw", False,
-           None if small else plan.usable_bytes(gpu), gpu_gib=46, plan_fits=plan.fits(plan.estimate(
+           None if small else plan.usable_bytes(gpu), oom_retry=True, gpu_gib=46, plan_fits=plan.fits(plan.estimate(
                cfg, seq, 1, 64, "paged_adamw", embed_offload=True, gpu_mem=gpu), gpu))
     del model
     free()
@@ -567,6 +572,8 @@ def main(argv=None) -> int:
     ap.add_argument("--small-shape", default="smollm2-135m", help="shape for --cpu (default smollm2-135m)")
     ap.add_argument("--cpu-seq", type=int, default=128)
     ap.add_argument("--replay", metavar="FILE", help="print the table of FILE with the current plan")
+    ap.add_argument("--consumer-steps-over", type=int, default=1,
+                    help="consumer row: also try the 8B sequence 10%%, 20%%, ... past the plan's longest, up to N steps")
     ap.add_argument("--consumer-70b", default="also", choices=["also", "none", "only"],
                     help="consumer row: the 70B part after the 8B one (also), not at all (none), or alone (only)")
     ARGS = ap.parse_args(argv)
