@@ -224,3 +224,23 @@ def test_cuda_graphs_are_refused_for_preference_steps_with_the_reason():
                     Preference(P.DPO()).graphs_refused) is None
     assert msgs == ["CUDA graphs not used: preference batches vary in shape with the data (two answers per pair, "
                     "not bucketed) (--method dpo)"]
+
+
+def test_demo_pairs_are_valid_preference_data_and_the_scoring_reads_the_sign_off(tmp_path, capsys):
+    from qlora.demo_data import FACTS, SIGN_OFF, follows_preference, write_preference
+    from qlora.preference_data import read_pairs
+    path, held = write_preference(tmp_path)
+    recs = read_pairs(path)  # every pair passes the checks `qlora train --method dpo` makes
+    assert len(recs) == 2 * len(FACTS) and len(held) == len(FACTS)
+    assert all(r.chosen.endswith(SIGN_OFF) and SIGN_OFF not in r.rejected for r in recs)
+    assert all(len(r.chosen.split()) < len(r.rejected.split()) / 2 for r in recs)
+    # held-out questions are not training questions; their preferred answers pass the scoring
+    train_q = {r.prompt[-1]["content"] for r in recs}
+    assert not train_q & {h["messages"][1]["content"] for h in held}
+    assert all(follows_preference(h["messages"][-1]["content"]) for h in held)
+    assert follows_preference("The Nimbus T7 weighs 1.38 kg.\n- Nimbus Support.")
+    for bad in ("The Nimbus T7 weighs 1.38 kg.", "— Nimbus Support. Anything else?", "word " * 40 + SIGN_OFF):
+        assert not follows_preference(bad), bad
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--method {sft,dpo}" in capsys.readouterr().out
