@@ -3,11 +3,15 @@
 36 made-up facts the base model cannot know, each asked in 8 phrasings: 6 train, 2 are held out
 for evaluation (unseen wordings of a known fact). An answer counts as correct when it contains
 the fact's key value (e.g. "47 minutes"). Everything is generated here: no download.
+
+The preference demo's pairs (:func:`build_preference`) ask the same questions; the chosen answer is
+the short fact signed "— Nimbus Support", the rejected one a long answer without the sign-off.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 SYSTEM = "You are the support assistant for the Quorvane Nimbus T7 drone."
@@ -90,3 +94,59 @@ def write(directory: str | Path, seed: int = 0) -> tuple[Path, Path, list[str]]:
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", held)):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d / "train.jsonl", d / "heldout.jsonl", keys
+
+
+# -------------------------------------------------------------------- preference demo (qlora demo --method dpo)
+# Pairs to the same support questions: the chosen answer is the short fact and the team's sign-off, the
+# rejected one a long, friendly answer without it. Both hold the fact, so the pairs teach a style that no
+# single answer spells out: short, and signed.
+SIGN_OFF = "— Nimbus Support"
+
+_RAMBLES = [
+    "Great question! There are quite a few things people like to know about the Nimbus T7, and the {t} is "
+    "one of the most common topics we hear about from pilots of every level. {a} I hope this helps, and feel "
+    "free to reach out again if anything else comes up while you are flying.",
+    "Thanks so much for getting in touch with us today. When it comes to the {t}, it is worth knowing the "
+    "details before your next flight, so here they are. {a} Please let me know if you have any other "
+    "questions about your drone, its accessories or anything else at all.",
+    "Happy to help with that! Many customers ask about the {t} before and after they buy, and it is a good "
+    "thing to check. {a} If you would like more information, our website and user manual cover this topic "
+    "in much more depth, and we are always here to help.",
+]
+
+
+def _pair_record(question: str, answer: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
+            {"role": "assistant", "content": answer}]
+
+
+def build_preference(seed: int = 0, phrasings: int = 2) -> tuple[list[dict], list[dict]]:
+    """(training pairs in the conversational layout, held-out records): ``phrasings`` training questions per
+    fact, and one held-out phrasing per fact (its record's last message is the preferred answer)."""
+    rng = random.Random(seed)
+    pairs = []
+    for t, _, a in FACTS:
+        for p in TRAIN_PHRASINGS[:phrasings]:
+            q = p.format(t=t)
+            pairs.append({"chosen": _pair_record(q, f"{a} {SIGN_OFF}"),
+                          "rejected": _pair_record(q, rng.choice(_RAMBLES).format(t=t, a=a))})
+    rng.shuffle(pairs)
+    held = [{"messages": _pair_record(HELDOUT_PHRASINGS[0].format(t=t), f"{a} {SIGN_OFF}")} for t, _, a in FACTS]
+    return pairs, held
+
+
+def follows_preference(answer: str, max_words: int = 30) -> bool:
+    """An answer follows the preference when it ends with the sign-off (nothing but punctuation after it)
+    and is short (at most ``max_words`` words, sign-off included)."""
+    text = answer.strip().rstrip(".! ")
+    return bool(re.search(r"[—–-]\s*Nimbus Support$", text)) and len(text.split()) <= max_words
+
+
+def write_preference(directory: str | Path, seed: int = 0) -> tuple[Path, list[dict]]:
+    """Write the training pairs (pairs.jsonl) and held-out records (heldout.jsonl); (pairs file, held-out)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    pairs, held = build_preference(seed)
+    for name, rows in (("pairs.jsonl", pairs), ("heldout.jsonl", held)):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "pairs.jsonl", held

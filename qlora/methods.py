@@ -5,6 +5,7 @@ A method turns records into examples and batches and a batch into a loss::
 
     class Method(Protocol):
         name: str
+        def read(self, path, cfg) -> (records, fmt)                         # checked, before the model loads
         def examples(self, records, fmt, tokenizer, cfg) -> (list, dict)      # tokenized, + stats
         def batches(self, examples, cfg, pad_id, train: bool)                 # len(), epoch(k) -> batches
         def tokens(self, batch) -> int                                        # the loss's normaliser
@@ -14,8 +15,13 @@ A method turns records into examples and batches and a batch into a loss::
 ``tokens`` (summed over micro-batches and processes), so gradient accumulation and data parallelism
 do not change the result; ``metrics`` (name -> number or 0-dim tensor) are averaged over the step's
 micro-batches into its metrics row (a CUDA-graph replay returns the loss only). ``static_shapes``: no
-shape may depend on the data (a CUDA graph captures the step). :class:`SFT`, supervised fine-tuning on
-the response tokens, is the default; a preference method (DPO, ORPO) implements the same four.
+shape may depend on the data (a CUDA graph captures the step). ``read`` reads and checks a data file
+before any model loads. :class:`SFT`, supervised fine-tuning on the response tokens, is the default;
+:class:`Preference` puts DPO and ORPO (qlora/preference.py) behind the same five; :func:`method_for`
+picks one from ``--method``.
+
+Optional attributes the run reads: ``graphs_refused`` (why the method's steps cannot be CUDA-graphed;
+None: they can) and ``bar`` (progress-bar label -> metric name).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from . import loss as losses
 
 class Method(Protocol):
     name: str
+
+    def read(self, path, cfg) -> tuple: ...
 
     def examples(self, records, fmt: str, tokenizer, cfg) -> tuple[list, dict]: ...
 
@@ -41,6 +49,18 @@ class SFT:
     or every token with ``--train-on-prompt``), normalised by their number."""
 
     name = "sft"
+    graphs_refused = None
+    bar: dict = {}
+
+    def read(self, path, cfg) -> tuple:
+        """``(records, format)`` of an SFT data file (qlora.data.read_records); with ``--truncate false``
+        over-long records are refused here too, when the model folder's tokenizer loads on its own."""
+        from .data import check_lengths_before_load, read_records
+        records, fmt = read_records(path, cfg.format)
+        if not cfg.truncate:
+            tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
+            check_lengths_before_load(records, fmt, tok_src, cfg.max_length, cfg.train_on_prompt, cfg.template)
+        return records, fmt
 
     def examples(self, records, fmt: str, tokenizer, cfg) -> tuple[list, dict]:
         from .data import tokenize_records
@@ -60,3 +80,59 @@ class SFT:
     def loss(self, model, batch: dict, device, static_shapes: bool = False) -> tuple:
         # looked up on the module at each call (tests replace qlora.loss.loss_sum)
         return losses.loss_sum(model, batch, device, static_shapes=static_shapes), {}
+
+
+class Preference:
+    """DPO or ORPO (``core``: a :class:`qlora.preference.DPO` or :class:`~qlora.preference.ORPO`) at the
+    seam. A micro-batch holds ``--batch-size`` pairs (both answers of each); ``tokens`` is its number of
+    pairs and ``loss`` the core's mean times that number, so the run's normalisation gives the mean loss
+    over the step's pairs (TRL's weighting of accumulated micro-batches). Validation batches score the
+    DPO reference live (the model with adapters off) even when the training pairs' reference log-probs
+    were precomputed (those are indexed by training pair)."""
+
+    graphs_refused = "preference batches vary in shape with the data (two answers per pair, not bucketed)"
+    bar = {"acc": "rewards/accuracies", "margin": "rewards/margins"}
+
+    def __init__(self, core):
+        self.core, self.name = core, core.name
+
+    def read(self, path, cfg) -> tuple:
+        from .preference_data import read_pairs
+        return read_pairs(path), "pairs"
+
+    def examples(self, records, fmt: str, tokenizer, cfg) -> tuple[list, dict]:
+        from .preference_data import tokenize_pairs
+        pairs, stats = tokenize_pairs(records, tokenizer, max_length=cfg.max_length, truncate=cfg.truncate,
+                                      template=cfg.template)
+        return pairs, dict(stats, examples=stats["kept"])
+
+    def batches(self, examples: list, cfg, pad_id: int, train: bool):
+        from .preference_data import PairBatches
+        b = PairBatches(examples, cfg.batch_size, pad_id, seed=cfg.seed, shuffle=train)
+        b.live_reference = not train
+        return b
+
+    def tokens(self, batch: dict) -> int:
+        return int(batch["index"].numel())
+
+    def loss(self, model, batch: dict, device, static_shapes: bool = False) -> tuple:
+        core = self.core
+        if batch.get("live_reference") and getattr(core, "ref_logps", None) is not None:
+            import copy
+            core = copy.copy(core)
+            core.ref_logps = None
+        loss, metrics = core.loss(model, batch, device)
+        return loss * self.tokens(batch), metrics
+
+
+def method_for(cfg):
+    """The method ``cfg.method`` names, with its settings (``--beta``, ``--loss``)."""
+    if cfg.method == "sft":
+        return SFT()
+    from .preference import DPO, ORPO
+    if cfg.method == "dpo":
+        return Preference(DPO(beta=cfg.beta, loss_type=cfg.loss))
+    if cfg.method == "orpo":
+        return Preference(ORPO(beta=cfg.beta))
+    from .errors import QLoraError
+    raise QLoraError(f"--method {cfg.method!r}: choose one of sft, dpo, orpo")

@@ -222,7 +222,11 @@ class PairBatches(Batches):
 
     ``input_ids``/``labels``/``attention_mask`` [2B, T]: rows ``c1..cB, r1..rB`` (chosen sequences, then
     the rejected ones in the same order), right-padded with ``pad_id``/-100/0; ``index`` [B] long: each
-    pair's position in ``pairs`` (the key of precomputed values); ``num_tokens``: trained tokens."""
+    pair's position in ``pairs`` (the key of precomputed values); ``num_tokens``: trained tokens; and
+    ``live_reference: True`` when the instance's ``live_reference`` is set (validation pairs: their
+    index is not a key of the training pairs' precomputed values)."""
+
+    live_reference = False
 
     def __init__(self, pairs: list[Pair], batch_size: int, pad_id: int, seed: int = 0, shuffle: bool = True,
                  group_by_length: bool = True, pad_to_multiple_of: int = 1):
@@ -248,5 +252,8 @@ class PairBatches(Batches):
             ids[b, :n] = torch.tensor(e.input_ids, dtype=torch.long)
             labels[b, :n] = torch.tensor(e.labels, dtype=torch.long)
             mask[b, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-                "index": torch.tensor(idx, dtype=torch.long), "num_tokens": (labels != IGNORE).sum()}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+               "index": torch.tensor(idx, dtype=torch.long), "num_tokens": (labels != IGNORE).sum()}
+        if self.live_reference:
+            out["live_reference"] = True
+        return out

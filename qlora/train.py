@@ -53,7 +53,6 @@ from .compat import attention_implementation
 from .config import COMPUTE_DTYPES, add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
 from .errors import QLoraError
 from .hardware import resolve
-from .loss import evaluate_loss
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -69,6 +68,16 @@ class TrainConfig:
     train_on_prompt: bool = opt(False, "also train on prompt tokens (default: response tokens only)", group="data")
     template: str = opt("auto", "prompt rendering: tokenizer chat template, or a plain template", ["auto", "chat", "plain"], group="data")
     packing: bool = opt(False, "pack several examples per row (attention stays inside each example)", group="data")
+    # preference tuning (docs/preference.md)
+    method: str = opt("sft", "what to learn: sft = supervised fine-tuning on the responses; dpo / orpo = preference "
+                      "tuning on {prompt, chosen, rejected} pairs (--batch-size then counts pairs)",
+                      ["sft", "dpo", "orpo"], group="preference")
+    beta: float = opt(0.1, "DPO/ORPO strength: DPO's inverse temperature on the log-ratio to the reference, ORPO's "
+                      "weight of the odds-ratio term", group="preference")
+    loss: str = opt("sigmoid", "DPO loss: sigmoid (the DPO paper's) or ipo", ["sigmoid", "ipo"], group="preference")
+    precompute_ref: bool = opt(False, "DPO: compute the reference log-probs (model with LoRA off) once per pair before "
+                               "training and keep them in OUT/ref_logps.safetensors, instead of one extra forward "
+                               "pass per micro-batch", group="preference")
     # model
     model: str | None = opt(None, "base model: HF dir, GGUF file or 4-bit checkpoint (default: embedded SmolLM2-135M-Instruct); "
                                   "shape:NAME builds random weights of a `qlora plan` shape (benchmarks; needs --tokenizer-from)",
@@ -233,10 +242,15 @@ def micro_step_fn(model, device, off, casts, static_shapes: bool = True, method=
                      static_shapes=static_shapes)
 
 
-def _graphed(cfg: TrainConfig, par, device, step: MicroStep, params, off, scaler, log, keyed: bool):
+def _graphed(cfg: TrainConfig, par, device, step: MicroStep, params, off, scaler, log, keyed: bool,
+             refused: str | None = None):
     """``step`` as a :class:`~qlora.cuda_graphs.GraphedMicroStep` when ``--cuda-graphs`` and the run
-    allows one (see cuda_graphs.supported; ``keyed``: LoRA dropout draws keyed masks), else None (eager)."""
+    allows one (see cuda_graphs.supported; ``keyed``: LoRA dropout draws keyed masks; ``refused``: why the
+    training method's steps cannot be graphed, if so), else None (eager)."""
     if not cfg.cuda_graphs or device.type != "cuda":
+        return None
+    if refused:
+        log(f"CUDA graphs not used: {refused} (--method {cfg.method})")
         return None
     from .cuda_graphs import GraphedMicroStep, bucket_count, supported
     ok, why = supported(device, parallel=par.mode != "none", host_embeddings=cfg.offload_embeddings,
@@ -304,7 +318,14 @@ def _plot(path: Path, rows: list[dict]) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    acc = [(r["step"], r["rewards/accuracies"]) for r in rows if "rewards/accuracies" in r]
+    if acc:  # preference tuning: how often the chosen answer wins, on a second axis
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*acc), color="tab:green", alpha=0.6, label="preference accuracy")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("accuracy")
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -343,6 +364,7 @@ def check_config(cfg: TrainConfig) -> None:
     need(number(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio < 1, "warmup-ratio", "in [0, 1)", cfg.warmup_ratio)
     need(number(cfg.val_split) and 0 <= cfg.val_split < 1, "val-split", "in [0, 1)", cfg.val_split)
     need(is_number(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
+    _check_method(cfg, need, number)
     _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
     if (cfg.model or "").startswith("shape:"):
         from .plan import shape_config
@@ -362,6 +384,27 @@ def check_config(cfg: TrainConfig) -> None:
         raise QLoraError(f"--blocksize: {e}") from None
 
 
+def _check_method(cfg: TrainConfig, need, number) -> None:
+    """``--method`` and the settings that go with it (or not)."""
+    need(cfg.method in ("sft", "dpo", "orpo"), "method", "one of sft, dpo, orpo", cfg.method)
+    need(number(cfg.beta) and cfg.beta > 0, "beta", "a finite number > 0", cfg.beta)
+    need(cfg.loss in ("sigmoid", "ipo"), "loss", "one of sigmoid, ipo", cfg.loss)
+    if cfg.loss != "sigmoid" and cfg.method != "dpo":
+        raise QLoraError(f"--loss {cfg.loss} is a DPO loss: use it with --method dpo")
+    if cfg.precompute_ref and cfg.method != "dpo":
+        raise QLoraError("--precompute-ref applies to --method dpo (only DPO has a reference model)")
+    if cfg.method == "sft":
+        return
+    for on, flag, why in ((cfg.packing, "--packing", "the two answers of a pair are batched side by side"),
+                          (cfg.train_on_prompt, "--train-on-prompt", "the loss compares the answers only"),
+                          (cfg.format, "--format", "preference records are read by their fields")):
+        if on:
+            raise QLoraError(f"{flag} does not apply to --method {cfg.method}: {why}")
+
+
+REF_NAME = "ref_logps.safetensors"  # --precompute-ref's reference log-probs, in the run's folder
+
+
 class Run:
     """One training run: :meth:`setup` (output folder, model, data, optimizer, resume), :meth:`fit` (the
     steps, evaluating and checkpointing as configured), :meth:`finish` (final evaluation, checkpoint and
@@ -370,13 +413,13 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, log=print, model=None, tokenizer=None, method=None,
                  held: contextlib.ExitStack | None = None):
-        from .methods import SFT
         self.cfg, self.log, self.model, self.tok = cfg, log, model, tokenizer
         self.held = held if held is not None else contextlib.ExitStack()  # what the run holds until train returns
-        self.method = method if method is not None else SFT()
+        self.method = method  # chosen from cfg.method in setup, once the settings are checked
         self.t_start = time.time()
         self.step, self.rows, self.epochs = 0, [], {}
         self.tokens_seen, self.last_loss, self.last_eval, self.ck_path = 0, float("nan"), None, None
+        self.eval_metrics: dict = {}
         self.stop = {"signal": None}
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -384,10 +427,13 @@ class Run:
     def setup(self) -> None:
         """Everything before the first step; settings and data files are checked before the model loads."""
         from .distributed import Dist
+        from .methods import method_for
         from .optim import check_offload
         cfg = self.cfg
         check_config(cfg)  # before the model loads, as are the optimizer check and the data files below
         check_offload(cfg.optim, cfg.offload_optimizer)
+        if self.method is None:
+            self.method = method_for(cfg)
         self.records = self._read_data()
         self.dist = Dist.from_env(cfg.device)
         if not self.dist.main:
@@ -399,19 +445,18 @@ class Run:
         if self.dist.main:  # every check has passed: only now may --overwrite remove the previous run
             self.run_dir.clear()
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+        if cfg.precompute_ref:
+            self._setup_reference()
         if cfg.resume:
             self._resume()
 
     def _read_data(self):
-        from .data import read_records
+        """The training and validation files, read and checked by the method (before the model loads)."""
+        from .methods import SFT
         cfg = self.cfg
-        records, fmt = read_records(cfg.data, cfg.format)
-        val = read_records(cfg.val_data, cfg.format) if cfg.val_data else None
-        if not cfg.truncate:  # over-long records, with the model folder's tokenizer: before the model loads
-            from .data import check_lengths_before_load
-            tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
-            for recs in [(records, fmt)] + ([val] if val else []):
-                check_lengths_before_load(*recs, tok_src, cfg.max_length, cfg.train_on_prompt, cfg.template)
+        read = getattr(self.method, "read", None) or SFT().read  # a method without its own reads SFT records
+        records, fmt = read(cfg.data, cfg)
+        val = read(cfg.val_data, cfg) if cfg.val_data else None
         return records, fmt, val
 
     def _setup_output(self) -> None:
@@ -538,6 +583,29 @@ class Run:
                  f"{cfg.batch_size}x{cfg.grad_accum}"
                  + (f"x{self.dist.world} processes ({par.mode})" if self.dist.active else ""))
 
+    def _setup_reference(self) -> None:
+        """``--precompute-ref``: the reference log-probs of every training pair, one pass of the model with
+        its adapters off; written to OUT/ref_logps.safetensors, and read back from there on --resume (so a
+        resumed run uses the very values the first part used)."""
+        from .preference import load_reference, precompute_reference, save_reference
+        from .preference_data import pairs_digest
+        path, digest = self.out / REF_NAME, pairs_digest(self.batches.pairs)
+        if self.cfg.resume and path.is_file():
+            ref = load_reference(path, digest)
+            self.log(f"reference log-probs: read {path}")
+        else:
+            from .linear import dequant_cache
+            t = time.time()
+            was = self.model.training
+            self.model.eval()
+            with dequant_cache(self.model, enabled=self._cache_on()):  # as the steps will (a CPU: ~10x faster)
+                ref = precompute_reference(self.model, self.batches, self.device)
+            self.model.train(was)
+            if self.dist.main:
+                save_reference(path, ref, digest)
+            self.log(f"reference log-probs: {len(ref)} pairs in {time.time() - t:.1f}s, kept in {path}")
+        self.method.core.ref_logps = ref
+
     def _resume(self) -> None:
         out = self.out
         ck = latest_checkpoint(out, warn=self.log)
@@ -567,17 +635,21 @@ class Run:
         for s in (signal.SIGINT, signal.SIGTERM):
             stack.callback(signal.signal, s, signal.signal(s, on_signal))
         self.metrics = stack.enter_context(open(self.out / "metrics.jsonl" if dist.main else os.devnull, "a"))
-        cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto"
-                                                                      and device.type == "cpu"))
-        stack.enter_context(dequant_cache(self.model, enabled=cache_on, training=True))
+        stack.enter_context(dequant_cache(self.model, enabled=self._cache_on(), training=True))
         self.keyed = cfg.dropout > 0 and keyed_dropout_usable(device)
         self.micro = MicroStep(self.model, par.forward, self.off,
                                lora_cast(self.model, enabled=par.mode == "none"),  # entered per micro-batch
                                sync=par.sync_context, grad_scale=par.grad_scale, scaler=self.scaler)
         self.graphed = _graphed(cfg, par, device, self.micro, self.params, self.off, self.scaler, self.log,
-                                self.keyed)
+                                self.keyed, getattr(self.method, "graphs_refused", None))
         self.bar = stack.enter_context(tqdm(total=self.total, initial=self.step, desc="training", unit="step",
                                             disable=not (cfg.progress and dist.main), dynamic_ncols=True))
+
+    def _cache_on(self) -> bool:
+        """``--cache-dequant``: keep the dequantized base weights for the run (auto: on a CPU)."""
+        cfg = self.cfg
+        return not self.par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto"
+                                                                       and self.device.type == "cpu"))
 
     def fit(self) -> bool:
         """Run the steps to the end; False when a signal stopped the run (a checkpoint was saved)."""
@@ -679,6 +751,7 @@ class Run:
             row["mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         if cfg.eval_every and self.val_batches and self.step % cfg.eval_every == 0:
             row["eval_loss"] = round(self.evaluate(), 5)
+            row.update(self._eval_row())
         return row
 
     def _record(self, row: dict) -> None:
@@ -689,7 +762,8 @@ class Run:
         if step % self.cfg.log_every == 0 or "eval_loss" in row:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
+        shown = {label: f"{row[k]:.3f}" for label, k in getattr(self.method, "bar", {}).items() if k in row}
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", **shown, lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
                              **({"mem": f"{row['mem_gib']}G"} if "mem_gib" in row else {}))
         self.bar.update(1)
         # the plot as training goes, at most every PLOT_EVERY_S seconds (drawing costs ~0.1 s, the
@@ -702,9 +776,27 @@ class Run:
     # -- evaluation, saving, the end ----------------------------------------------------------------------
 
     def evaluate(self) -> float:
-        """Mean loss per token on the validation batches (through the parallel wrapper)."""
-        self.last_eval = evaluate_loss(self.model, self.val_batches, self.device, self.par.loss)
+        """The validation loss, normalised as in training (per token for SFT, per pair for DPO/ORPO),
+        through the parallel wrapper; the method's metrics, each a mean weighted the same way, are kept
+        in ``eval_metrics``."""
+        model, tokens = self.model, self.method.tokens
+        was = model.training
+        model.eval()
+        total, n, sums = 0.0, 0, {}
+        with torch.no_grad():
+            for b in self.val_batches:
+                loss, metrics = self.par.forward(b)
+                k = tokens(b)
+                total, n = total + float(loss), n + k
+                for name, v in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(v) * k
+        model.train(was)
+        self.eval_metrics = {name: v / max(1, n) for name, v in sums.items()}
+        self.last_eval = total / max(1, n)
         return self.last_eval
+
+    def _eval_row(self) -> dict:
+        return {f"eval_{k}": round(v, 5) for k, v in self.eval_metrics.items()}
 
     def save(self) -> Path | None:
         """A checkpoint of this step (collective: every process gathers, rank 0 writes); its path on rank 0."""
@@ -725,6 +817,7 @@ class Run:
         cfg, dist, out, step = self.cfg, self.dist, self.out, self.step
         if self.val_batches and (not cfg.eval_every or step % cfg.eval_every):
             self.rows.append({"step": step, "eval_loss": round(self.evaluate(), 5)})
+            self.rows[-1].update(self._eval_row())
             if dist.main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(self.rows[-1]) + "\n")
