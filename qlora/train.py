@@ -55,6 +55,7 @@ from .errors import QLoraError
 from .hardware import resolve
 from .loss import evaluate_loss
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .validation import AUTO_FROM, AUTO_MAX, AUTO_MIN
 
 
 @dataclass
@@ -63,7 +64,9 @@ class TrainConfig:
     data: str | None = opt(None, "training data file: JSONL, JSON, CSV or Parquet", group="data", metavar="FILE")
     format: str | None = opt(None, "record format (default: detected)", ["alpaca", "chat", "completion", "text"], group="data")
     val_data: str | None = opt(None, "validation data file (instead of --val-split)", group="data", metavar="FILE")
-    val_split: float = opt(0.0, "fraction of the data held out for validation", group="data")
+    val_split: str = opt("auto", f"records held out for validation: a fraction in [0, 1), or auto = 5%% (at least "
+                         f"{AUTO_MIN}, at most {AUTO_MAX}) of data of {AUTO_FROM} records or more, none of smaller data",
+                         group="data", metavar="F|auto", or_number=True)
     max_length: int = opt(1024, "maximum tokens per example", group="data")
     truncate: bool = opt(True, "truncate longer examples (and count them); false: refuse them", group="data")
     train_on_prompt: bool = opt(False, "also train on prompt tokens (default: response tokens only)", group="data")
@@ -119,7 +122,16 @@ class TrainConfig:
     seed: int = opt(42, "random seed (LoRA init, dropout, data order)", group="optimization")
     # run
     output: str | None = opt(None, "output directory", group="run", metavar="DIR")
-    eval_every: int = opt(0, "evaluate every N steps (0: only at the end, when there is validation data)", group="run")
+    eval_every: int = opt(0, "evaluate every N steps (0: at the end of each epoch and of the run, when there is "
+                          "validation data)", group="run")
+    eval_samples: int = opt(64, "validation records (with a reference answer) answered greedily at each evaluation "
+                            "for exact_match/contains (0: loss only)", group="run")
+    eval_max_new_tokens: int = opt(48, "most tokens per greedy answer at an evaluation and in the before/after "
+                                   "comparison", group="run")
+    compare_prompts: int = opt(4, "validation prompts answered before and after training, printed side by side "
+                               "and kept in OUT/answers.json (0: none)", group="run")
+    early_stop: int = opt(0, "stop after N evaluations without a better validation loss and keep the best adapter "
+                          "as OUT/adapter (0: off)", group="run")
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)", group="run")
     keep_last: int = opt(3, "checkpoints to keep", group="run")
     log_every: int = opt(1, "write metrics every N steps", group="run")
@@ -341,7 +353,8 @@ def check_config(cfg: TrainConfig) -> None:
     need(number(cfg.alpha) and cfg.alpha > 0, "alpha", "a number > 0", cfg.alpha)
     need(number(cfg.dropout) and 0 <= cfg.dropout < 1, "dropout", "in [0, 1)", cfg.dropout)
     need(number(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio < 1, "warmup-ratio", "in [0, 1)", cfg.warmup_ratio)
-    need(number(cfg.val_split) and 0 <= cfg.val_split < 1, "val-split", "in [0, 1)", cfg.val_split)
+    from .validation import check as check_validation
+    check_validation(cfg)  # --val-split, --eval-samples, --compare-prompts, --early-stop
     need(is_number(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
     _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
     if (cfg.model or "").startswith("shape:"):
@@ -399,6 +412,8 @@ class Run:
         if self.dist.main:  # every check has passed: only now may --overwrite remove the previous run
             self.run_dir.clear()
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+            from .validation import save_setup
+            save_setup(self.out, len(self.records[0]), self.held, self.cfg.val_split, self.data_stats)
         if cfg.resume:
             self._resume()
 
@@ -492,19 +507,27 @@ class Run:
                 else AutoTokenizer.from_pretrained(str(p)))
 
     def _setup_data(self) -> None:
-        """Tokenize (by the method), hold out validation, batch; the step count and warmup follow."""
-        from .data import split_validation
+        """Hold out validation records (qlora/validation.py), tokenize (by the method), batch; the step count
+        and warmup follow."""
+        from . import validation
         cfg, tok = self.cfg, self.tok
         records, data_fmt, val_records = self.records
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        examples, stats = self.method.examples(records, data_fmt, tok, cfg)
         if val_records is not None:
-            val, _ = self.method.examples(*val_records, tok, cfg)
+            (val_recs, val_fmt), self.held = val_records, None
         else:
-            examples, val = split_validation(examples, cfg.val_split, cfg.seed)
-        self.log(f"data: {stats['examples']} examples ({data_fmt}, {stats['trained_tokens']} trained tokens), "
-                 f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; {len(val)} for "
-                 "validation")
+            records, val_recs, self.held = validation.split_records(records, cfg.val_split, cfg.seed, self.out,
+                                                                    cfg.resume)
+            val_fmt = data_fmt
+        examples, stats = self.method.examples(records, data_fmt, tok, cfg)
+        val = self.method.examples(val_recs, val_fmt, tok, cfg)[0] if val_recs else []
+        self.data_stats = dict(stats, format=data_fmt, lengths=validation.lengths(examples), validation=len(val))
+        self.log(f"data: {stats['examples']} training examples ({data_fmt}, {stats['trained_tokens']} trained tokens), "
+                 f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; "
+                 + validation.describe(validation.parse_split(cfg.val_split), len(self.records[0]), len(val),
+                                       cfg.val_data))
+        self.validator = validation.Validator(cfg, val_recs, val_fmt, sft=self.method.name == "sft"
+                                              and not self.par.sharded) if val_recs else None
         self.batches = self.method.batches(examples, cfg, self.pad_id, train=True)
         self.val_batches = list(self.method.batches(val, cfg, self.pad_id, train=False).epoch(0)) if val else []
         micro_per_step = cfg.grad_accum * self.dist.world  # global micro-batches per optimizer step
@@ -583,6 +606,8 @@ class Run:
         """Run the steps to the end; False when a signal stopped the run (a checkpoint was saved)."""
         with contextlib.ExitStack() as stack:
             self._enter(stack)
+            if self.step == 0:  # a resumed run keeps the answers from before its first step
+                self._compare("before")
             self.t_loop = self.last_plot = time.time()
             while self.step < self.total:
                 row = self.train_step()
@@ -677,8 +702,9 @@ class Run:
         row.update({k: round(dist.sum(v) / dist.world, 5) for k, v in metrics.items()})
         if self.device.type == "cuda":
             row["mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-        if cfg.eval_every and self.val_batches and self.step % cfg.eval_every == 0:
-            row["eval_loss"] = round(self.evaluate(), 5)
+        from .validation import eval_due
+        if self.val_batches and eval_due(self.step, self.total, cfg.eval_every, self.per_epoch):
+            row.update(self.evaluation())
         return row
 
     def _record(self, row: dict) -> None:
@@ -701,10 +727,28 @@ class Run:
 
     # -- evaluation, saving, the end ----------------------------------------------------------------------
 
+    def evaluation(self) -> dict:
+        """An evaluation's metrics: the validation loss and, for records with a reference answer, the greedy
+        answers' exact_match/contains (qlora/validation.py)."""
+        row = {"eval_loss": round(self.evaluate(), 5)}
+        row.update(self.validator.metrics(self.model, self.tok) if self.validator else {})
+        return row
+
     def evaluate(self) -> float:
         """Mean loss per token on the validation batches (through the parallel wrapper)."""
         self.last_eval = evaluate_loss(self.model, self.val_batches, self.device, self.par.loss)
         return self.last_eval
+
+    def _compare(self, when: str) -> None:
+        """Greedy answers to --compare-prompts validation prompts ``when`` (before/after training) into
+        OUT/answers.json; after training, printed beside the answers from before."""
+        if self.validator is None:
+            return
+        from .validation import side_by_side
+        items = self.validator.compare(self.model, self.tok, self.out, when, main=self.dist.main)
+        if items and when == "after":
+            self.log("answers to validation prompts before and after training:")
+            side_by_side(self.log, items)
 
     def save(self) -> Path | None:
         """A checkpoint of this step (collective: every process gathers, rank 0 writes); its path on rank 0."""
@@ -723,8 +767,8 @@ class Run:
         """The final evaluation (unless the last step had one), checkpoint and adapter; the summary."""
         from .adapters import save_adapter
         cfg, dist, out, step = self.cfg, self.dist, self.out, self.step
-        if self.val_batches and (not cfg.eval_every or step % cfg.eval_every):
-            self.rows.append({"step": step, "eval_loss": round(self.evaluate(), 5)})
+        if self.val_batches and not (self.rows and "eval_loss" in self.rows[-1]):  # unless the last step had one
+            self.rows.append({"step": step, "epoch": round(step / self.per_epoch, 3), **self.evaluation()})
             if dist.main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(self.rows[-1]) + "\n")
@@ -736,6 +780,7 @@ class Run:
                          quant=self.quant, extra={"train": dataclasses.asdict(cfg)}, tensors=lora_full)
             self.tok.save_pretrained(adapter)
             _plot(out / "loss.png", self.rows)
+        self._compare("after")
         dist.barrier()
         tokens_seen = int(dist.sum(self.tokens_seen))
         now = time.time()
