@@ -427,6 +427,8 @@ class Run:
             tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
             for recs in [(records, fmt)] + ([val] if val else []):
                 check_lengths_before_load(*recs, tok_src, cfg.max_length, cfg.train_on_prompt, cfg.template)
+        from .fitcheck import check_early_stop
+        check_early_stop(cfg, len(records), val is not None)
         return records, fmt, val
 
     def _setup_output(self) -> None:
@@ -526,6 +528,8 @@ class Run:
                  f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; "
                  + validation.describe(validation.parse_split(cfg.val_split), len(self.records[0]), len(val),
                                        cfg.val_data))
+        from .fitcheck import Watch
+        self.watch = Watch(cfg, self.out, self.log, self.dist.main)  # fit warnings, early stop
         self.validator = validation.Validator(cfg, val_recs, val_fmt, sft=self.method.name == "sft"
                                               and not self.par.sharded) if val_recs else None
         self.batches = self.method.batches(examples, cfg, self.pad_id, train=True)
@@ -571,6 +575,7 @@ class Run:
         if mpath.exists() and self.dist.main:  # keep the metrics up to the checkpoint
             self.rows = [r for r in map(json.loads, mpath.read_text().splitlines()) if r.get("step", 0) <= self.step]
             mpath.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.watch.resumed(mpath, self.step)
         self.log(f"resumed from {ck.name} (step {self.step})")
 
     # -- the steps ------------------------------------------------------------------------------------
@@ -608,10 +613,13 @@ class Run:
             self._enter(stack)
             if self.step == 0:  # a resumed run keeps the answers from before its first step
                 self._compare("before")
+            self.watch.start(self.step, self.total, self.data_stats["examples"], self.data_stats, self.dist.world)
             self.t_loop = self.last_plot = time.time()
             while self.step < self.total:
                 row = self.train_step()
                 self._record(row)
+                if self.watch.stop:  # --early-stop: the same decision on every process (same eval losses)
+                    break
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
                     self.ck_path = self.save()
                 if self.dist.sum(1.0 if self.stop["signal"] else 0.0) > 0:
@@ -732,6 +740,9 @@ class Run:
         answers' exact_match/contains (qlora/validation.py)."""
         row = {"eval_loss": round(self.evaluate(), 5)}
         row.update(self.validator.metrics(self.model, self.tok) if self.validator else {})
+        from .fitcheck import adapter_now
+        self.watch.evaluated(self.step, row["eval_loss"], self.rows + [dict(step=self.step, loss=self.last_loss, **row)],
+                             lambda: adapter_now(self.par, self.model))
         return row
 
     def evaluate(self) -> float:
@@ -772,7 +783,10 @@ class Run:
             if dist.main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(self.rows[-1]) + "\n")
+        self.watch.end(self.rows, step)
         self.ck_path = self.save()
+        if self.watch.best_tensors is not None:  # --early-stop: the adapter of the best evaluation
+            self.par.load_lora(self.model, self.watch.best_tensors)
         adapter = out / "adapter"
         lora_full = self.par.lora_tensors(self.model)  # collective under FSDP
         if dist.main:
