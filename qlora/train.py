@@ -795,6 +795,9 @@ class Run:
             self.tok.save_pretrained(adapter)
             _plot(out / "loss.png", self.rows)
         self._compare("after")
+        if dist.main:
+            from .report import write_report
+            write_report(out)
         dist.barrier()
         tokens_seen = int(dist.sum(self.tokens_seen))
         now = time.time()

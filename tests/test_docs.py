@@ -25,7 +25,7 @@ from qlora.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {"docs/train.md": ["train"], "docs/data.md": ["train"], "docs/optim.md": ["train"],
          "docs/generate.md": ["generate", "chat", "eval"], "docs/merge.md": ["merge"],
-         "docs/export.md": ["export"], "docs/quantize.md": ["quantize"], "docs/memory.md": ["plan", "train"],
+         "docs/export.md": ["export"], "docs/quantize.md": ["quantize"], "docs/memory.md": ["plan", "train"], "docs/report.md": ["report"],
          "README.md": None}  # None: every command
 OTHER_TOOLS = {"--nproc-per-node"}  # torchrun's, named where `qlora train --gpus` is explained
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -60,7 +60,7 @@ def _pages_of(command: str) -> list[str]:
 
 def test_every_page_exists_and_every_command_has_one():
     assert all((ROOT / p).is_file() for p in PAGES)
-    assert set(COMMANDS) == {"demo", "quantize", "train", "eval", "generate", "chat", "merge", "export", "plan"}
+    assert set(COMMANDS) == {"demo", "quantize", "train", "eval", "generate", "chat", "merge", "export", "plan", "report"}
 
 
 @pytest.mark.parametrize("page", list(PAGES))
