@@ -3,7 +3,7 @@ and every flag of every command is described on that command's page(s).
 
 Rules (the parsers are the real ones, from qlora.cli.build_parser):
 
-* Pages and their commands: docs/train.md, data.md, optim.md -> train; docs/generate.md -> generate,
+* Pages and their commands: docs/train.md, data.md, optim.md -> train; docs/report.md -> report (and train); docs/generate.md -> generate,
   chat, eval; docs/merge.md -> merge; docs/export.md -> export; docs/quantize.md -> quantize;
   docs/memory.md -> plan (and train, whose memory options it explains); README.md -> every command.
 * A flag written after ``qlora CMD`` on the same line (a command line, in a code block or inline) must
@@ -25,7 +25,8 @@ from qlora.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {"docs/train.md": ["train"], "docs/data.md": ["train"], "docs/optim.md": ["train"],
          "docs/generate.md": ["generate", "chat", "eval"], "docs/merge.md": ["merge"],
-         "docs/export.md": ["export"], "docs/quantize.md": ["quantize"], "docs/memory.md": ["plan", "train"], "docs/report.md": ["report"],
+         "docs/export.md": ["export"], "docs/quantize.md": ["quantize"], "docs/memory.md": ["plan", "train"],
+         "docs/report.md": ["report", "train"],
          "README.md": None}  # None: every command
 OTHER_TOOLS = {"--nproc-per-node"}  # torchrun's, named where `qlora train --gpus` is explained
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
