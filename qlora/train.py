@@ -523,8 +523,10 @@ class Run:
             val_fmt = data_fmt
         examples, stats = self.method.examples(records, data_fmt, tok, cfg)
         val = self.method.examples(val_recs, val_fmt, tok, cfg)[0] if val_recs else []
-        self.data_stats = dict(stats, format=data_fmt, lengths=validation.lengths(examples), validation=len(val))
-        self.log(f"data: {stats['examples']} training examples ({data_fmt}, {stats['trained_tokens']} trained tokens), "
+        self.data_stats = dict({"examples": len(examples)}, **stats, format=data_fmt,
+                               lengths=validation.lengths(examples), validation=len(val))
+        self.log(f"data: {self.data_stats['examples']} training examples ({data_fmt}, {stats['trained_tokens']} "
+                 "trained tokens), "
                  f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; "
                  + validation.describe(validation.parse_split(cfg.val_split), len(self.records[0]), len(val),
                                        cfg.val_data))
@@ -738,10 +740,11 @@ class Run:
     def evaluation(self) -> dict:
         """An evaluation's metrics: the validation loss and, for records with a reference answer, the greedy
         answers' exact_match/contains (qlora/validation.py)."""
-        row = {"eval_loss": round(self.evaluate(), 5)}
+        row, self.eval_step = {"eval_loss": round(self.evaluate(), 5)}, self.step
         row.update(self.validator.metrics(self.model, self.tok) if self.validator else {})
         from .fitcheck import adapter_now
-        self.watch.evaluated(self.step, row["eval_loss"], self.rows + [dict(step=self.step, loss=self.last_loss, **row)],
+        self.watch.evaluated(self.step, row["eval_loss"], self.rows + [dict(step=self.step, loss=self.last_loss,
+                                                                            **row)],
                              lambda: adapter_now(self.par, self.model))
         return row
 
@@ -778,7 +781,7 @@ class Run:
         """The final evaluation (unless the last step had one), checkpoint and adapter; the summary."""
         from .adapters import save_adapter
         cfg, dist, out, step = self.cfg, self.dist, self.out, self.step
-        if self.val_batches and not (self.rows and "eval_loss" in self.rows[-1]):  # unless the last step had one
+        if self.val_batches and getattr(self, "eval_step", None) != step:  # unless the last step had one
             self.rows.append({"step": step, "epoch": round(step / self.per_epoch, 3), **self.evaluation()})
             if dist.main:
                 with open(out / "metrics.jsonl", "a") as f:
