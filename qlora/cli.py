@@ -22,6 +22,7 @@ COMMANDS = {
     "merge": "qlora.adapters",
     "export": "qlora.gguf_export",
     "plan": "qlora.plan",
+    "report": "qlora.report",
 }
 
 

@@ -125,7 +125,8 @@ def build_config(cls, yaml_path=None, cli: argparse.Namespace | dict | None = No
                 v = tp(v)
             elif v is not None and tp is bool and not isinstance(v, bool):
                 v = _parse_bool(v)
-            elif v is not None and tp is str and not isinstance(v, str):
+            elif v is not None and tp is str and not isinstance(v, str) \
+                    and not (names[k].metadata.get("or_number") and is_number(v)):
                 raise TypeError  # `data: {a: 1}`, `output: 123`: a path or a name is a string
         except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError):
             raise QLoraError(f"{where}: expected {tp.__name__}, got {v!r}") from None

@@ -573,15 +573,8 @@ def split_validation(examples: list, val_split: float, seed: int = 0) -> tuple[l
     seeded shuffle; both parts keep the input order. Same inputs and seed -> same split."""
     if not 0 <= val_split < 1:
         raise QLoraError(f"--val-split must be in [0, 1), got {val_split}")
-    if val_split == 0:
-        return list(examples), []
-    n = len(examples)
-    k = max(1, round(n * val_split))
-    if k >= n:
-        raise QLoraError(f"--val-split {val_split} leaves no training example ({n} examples)")
-    order = list(range(n))
-    random.Random(f"qlora-val:{seed}").shuffle(order)
-    held = set(order[:k])
+    from .validation import held_indices  # the one seeded choice; `qlora train` splits records with it
+    held = set(held_indices(len(examples), float(val_split), seed))
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 

@@ -22,21 +22,8 @@ def _norm(s: str) -> str:
 
 
 def held_out_answers(model, tok, records, max_new_tokens=32, batch_size=24):
-    import torch
-
-    from .evaluate import greedy_answers
-    from .generate import encode_messages, inference_cache, resolve_layout
-    layout = resolve_layout(tok, "auto", fallback="plain")
-    prompts = [encode_messages(tok, r["messages"][:-1], layout) for r in records]
-    was_training, use_cache = model.training, model.config.use_cache
-    model.eval()
-    model.config.use_cache = True  # KV cache while generating
-    try:
-        with torch.no_grad(), inference_cache(model):
-            return greedy_answers(model, tok, prompts, max_new_tokens, batch_size)
-    finally:
-        model.train(was_training)
-        model.config.use_cache = use_cache
+    from .validation import answer
+    return answer(model, tok, [r["messages"][:-1] for r in records], max_new_tokens, batch_size=batch_size)
 
 
 def accuracy(answers, keys) -> float:
@@ -60,6 +47,7 @@ def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int 
     from .demo_data import write
     from .hardware import resolve
     from .train import TrainConfig, _device, train
+    from .validation import side_by_side
     t0 = time.time()
     out = Path(output)
     train_file, held_file, keys = write(out / "data")
@@ -69,7 +57,8 @@ def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int 
     cfg = TrainConfig(data=str(train_file), output=str(out / "run"), rank=rank, alpha=alpha, dropout=0.0, lr=lr,
                       compute_dtype=compute.dtype, batch_size=batch_size, grad_accum=1, epochs=epochs, max_length=128,
                       optim="adamw", grad_checkpointing=dev.type == "cuda", save_every=0, keep_last=1, device=str(dev),
-                      overwrite=overwrite, progress=progress, seed=0)
+                      overwrite=overwrite, progress=progress, seed=0,
+                      val_split=0.0, compare_prompts=0)  # the demo holds out its own 72 rephrasings
     model, tok = _load(cfg, dev, compute, progress, log)
     t_load = time.time() - t0
     log(f"      loaded in {t_load:.0f}s; data: {out / 'data'} (216 training questions, 72 held-out rephrasings)")
@@ -84,9 +73,8 @@ def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int 
     acc1 = accuracy(after, keys)
     total = time.time() - t0
     log("")
-    for i in SAMPLES:
-        q = held[i]["messages"][1]["content"]
-        log(f"Q: {q}\n   before: {before[i].strip()}\n   after:  {after[i].strip()}\n   (expected: {keys[i]})")
+    side_by_side(log, [{"question": held[i]["messages"][1]["content"], "before": before[i], "after": after[i],
+                        "expected": keys[i]} for i in SAMPLES])  # as `qlora train` prints its own
     log("")
     log(f"held-out accuracy: {acc0:.0%} before -> {acc1:.0%} after fine-tuning "
         f"({sum(_norm(k) in _norm(a) for a, k in zip(after, keys))}/{len(keys)})")
@@ -123,7 +111,7 @@ def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 5
                       rank=rank, alpha=alpha, dropout=0.0, lr=lr, compute_dtype=compute.dtype, batch_size=batch_size,
                       grad_accum=1, epochs=epochs, max_length=192, optim="adamw", warmup_ratio=0.0,
                       grad_checkpointing=dev.type == "cuda", save_every=0, keep_last=1, device=str(dev),
-                      overwrite=overwrite, progress=progress, seed=0)
+                      overwrite=overwrite, progress=progress, seed=0, val_split=0.0, compare_prompts=0)
     model, tok = _load(cfg, dev, compute, progress, log)
     t_load = time.time() - t0
     n = len(held)

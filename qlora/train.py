@@ -54,6 +54,7 @@ from .config import COMPUTE_DTYPES, add_dataclass_args, build_config, is_int, is
 from .errors import QLoraError
 from .hardware import resolve
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .validation import AUTO_FROM, AUTO_MAX, AUTO_MIN
 
 
 @dataclass
@@ -62,7 +63,9 @@ class TrainConfig:
     data: str | None = opt(None, "training data file: JSONL, JSON, CSV or Parquet", group="data", metavar="FILE")
     format: str | None = opt(None, "record format (default: detected)", ["alpaca", "chat", "completion", "text"], group="data")
     val_data: str | None = opt(None, "validation data file (instead of --val-split)", group="data", metavar="FILE")
-    val_split: float = opt(0.0, "fraction of the data held out for validation", group="data")
+    val_split: str = opt("auto", f"records held out for validation: a fraction in [0, 1), or auto = 5%% (at least "
+                         f"{AUTO_MIN}, at most {AUTO_MAX}) of data of {AUTO_FROM} records or more, none of smaller data",
+                         group="data", metavar="F|auto", or_number=True)
     max_length: int = opt(1024, "maximum tokens per example", group="data")
     truncate: bool = opt(True, "truncate longer examples (and count them); false: refuse them", group="data")
     train_on_prompt: bool = opt(False, "also train on prompt tokens (default: response tokens only)", group="data")
@@ -128,7 +131,16 @@ class TrainConfig:
     seed: int = opt(42, "random seed (LoRA init, dropout, data order)", group="optimization")
     # run
     output: str | None = opt(None, "output directory", group="run", metavar="DIR")
-    eval_every: int = opt(0, "evaluate every N steps (0: only at the end, when there is validation data)", group="run")
+    eval_every: int = opt(0, "evaluate every N steps (0: at the end of each epoch and of the run, when there is "
+                          "validation data)", group="run")
+    eval_samples: int = opt(64, "validation records (with a reference answer) answered greedily at each evaluation "
+                            "for exact_match/contains (0: loss only)", group="run")
+    eval_max_new_tokens: int = opt(48, "most tokens per greedy answer at an evaluation and in the before/after "
+                                   "comparison", group="run")
+    compare_prompts: int = opt(4, "validation prompts answered before and after training, printed side by side "
+                               "and kept in OUT/answers.json (0: none)", group="run")
+    early_stop: int = opt(0, "stop after N evaluations without a better validation loss and keep the best adapter "
+                          "as OUT/adapter (0: off)", group="run")
     save_every: int = opt(100, "checkpoint every N steps (0: only at the end)", group="run")
     keep_last: int = opt(3, "checkpoints to keep", group="run")
     log_every: int = opt(1, "write metrics every N steps", group="run")
@@ -362,7 +374,8 @@ def check_config(cfg: TrainConfig) -> None:
     need(number(cfg.alpha) and cfg.alpha > 0, "alpha", "a number > 0", cfg.alpha)
     need(number(cfg.dropout) and 0 <= cfg.dropout < 1, "dropout", "in [0, 1)", cfg.dropout)
     need(number(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio < 1, "warmup-ratio", "in [0, 1)", cfg.warmup_ratio)
-    need(number(cfg.val_split) and 0 <= cfg.val_split < 1, "val-split", "in [0, 1)", cfg.val_split)
+    from .validation import check as check_validation
+    check_validation(cfg)  # --val-split, --eval-samples, --compare-prompts, --early-stop
     need(is_number(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
     _check_method(cfg, need, number)
     _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
@@ -445,6 +458,8 @@ class Run:
         if self.dist.main:  # every check has passed: only now may --overwrite remove the previous run
             self.run_dir.clear()
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+            from .validation import save_setup
+            save_setup(self.out, len(self.records[0]), self.held, self.cfg.val_split, self.data_stats)
         if cfg.precompute_ref:
             self._setup_reference()
         if cfg.resume:
@@ -457,6 +472,8 @@ class Run:
         read = getattr(self.method, "read", None) or SFT().read  # a method without its own reads SFT records
         records, fmt = read(cfg.data, cfg)
         val = read(cfg.val_data, cfg) if cfg.val_data else None
+        from .fitcheck import check_early_stop
+        check_early_stop(cfg, len(records), val is not None)
         return records, fmt, val
 
     def _setup_output(self) -> None:
@@ -537,19 +554,31 @@ class Run:
                 else AutoTokenizer.from_pretrained(str(p)))
 
     def _setup_data(self) -> None:
-        """Tokenize (by the method), hold out validation, batch; the step count and warmup follow."""
-        from .data import split_validation
+        """Hold out validation records (qlora/validation.py), tokenize (by the method), batch; the step count
+        and warmup follow."""
+        from . import validation
         cfg, tok = self.cfg, self.tok
         records, data_fmt, val_records = self.records
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        examples, stats = self.method.examples(records, data_fmt, tok, cfg)
         if val_records is not None:
-            val, _ = self.method.examples(*val_records, tok, cfg)
+            (val_recs, val_fmt), self.held = val_records, None
         else:
-            examples, val = split_validation(examples, cfg.val_split, cfg.seed)
-        self.log(f"data: {stats['examples']} examples ({data_fmt}, {stats['trained_tokens']} trained tokens), "
-                 f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; {len(val)} for "
-                 "validation")
+            records, val_recs, self.held = validation.split_records(records, cfg.val_split, cfg.seed, self.out,
+                                                                    cfg.resume)
+            val_fmt = data_fmt
+        examples, stats = self.method.examples(records, data_fmt, tok, cfg)
+        val = self.method.examples(val_recs, val_fmt, tok, cfg)[0] if val_recs else []
+        self.data_stats = dict({"examples": len(examples)}, **stats, format=data_fmt,
+                               lengths=validation.lengths(examples), validation=len(val))
+        self.log(f"data: {self.data_stats['examples']} training examples ({data_fmt}, {stats['trained_tokens']} "
+                 "trained tokens), "
+                 f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; "
+                 + validation.describe(validation.parse_split(cfg.val_split), len(self.records[0]), len(val),
+                                       cfg.val_data))
+        from .fitcheck import Watch
+        self.watch = Watch(cfg, self.out, self.log, self.dist.main)  # fit warnings, early stop
+        self.validator = validation.Validator(cfg, val_recs, val_fmt, sft=self.method.name == "sft"
+                                              and not self.par.sharded) if val_recs else None
         self.batches = self.method.batches(examples, cfg, self.pad_id, train=True)
         self.val_batches = list(self.method.batches(val, cfg, self.pad_id, train=False).epoch(0)) if val else []
         micro_per_step = cfg.grad_accum * self.dist.world  # global micro-batches per optimizer step
@@ -616,6 +645,7 @@ class Run:
         if mpath.exists() and self.dist.main:  # keep the metrics up to the checkpoint
             self.rows = [r for r in map(json.loads, mpath.read_text().splitlines()) if r.get("step", 0) <= self.step]
             mpath.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.watch.resumed(mpath, self.step)
         self.log(f"resumed from {ck.name} (step {self.step})")
 
     # -- the steps ------------------------------------------------------------------------------------
@@ -655,10 +685,15 @@ class Run:
         """Run the steps to the end; False when a signal stopped the run (a checkpoint was saved)."""
         with contextlib.ExitStack() as stack:
             self._enter(stack)
+            if self.step == 0:  # a resumed run keeps the answers from before its first step
+                self._compare("before")
+            self.watch.start(self.step, self.total, self.data_stats["examples"], self.data_stats, self.dist.world)
             self.t_loop = self.last_plot = time.time()
             while self.step < self.total:
                 row = self.train_step()
                 self._record(row)
+                if self.watch.stop:  # --early-stop: the same decision on every process (same eval losses)
+                    break
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
                     self.ck_path = self.save()
                 if self.dist.sum(1.0 if self.stop["signal"] else 0.0) > 0:
@@ -749,9 +784,9 @@ class Run:
         row.update({k: round(dist.sum(v) / dist.world, 5) for k, v in metrics.items()})
         if self.device.type == "cuda":
             row["mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
-        if cfg.eval_every and self.val_batches and self.step % cfg.eval_every == 0:
-            row["eval_loss"] = round(self.evaluate(), 5)
-            row.update(self._eval_row())
+        from .validation import eval_due
+        if self.val_batches and eval_due(self.step, self.total, cfg.eval_every, self.per_epoch):
+            row.update(self.evaluation())
         return row
 
     def _record(self, row: dict) -> None:
@@ -774,6 +809,18 @@ class Run:
             self.last_plot = time.time()
 
     # -- evaluation, saving, the end ----------------------------------------------------------------------
+
+    def evaluation(self) -> dict:
+        """An evaluation's metrics: the validation loss and, for records with a reference answer, the greedy
+        answers' exact_match/contains (qlora/validation.py)."""
+        row, self.eval_step = {"eval_loss": round(self.evaluate(), 5)}, self.step
+        row.update(self._eval_row())  # the method's metrics (preference: eval_rewards/accuracies, ...)
+        row.update(self.validator.metrics(self.model, self.tok) if self.validator else {})
+        from .fitcheck import adapter_now
+        self.watch.evaluated(self.step, row["eval_loss"], self.rows + [dict(step=self.step, loss=self.last_loss,
+                                                                            **row)],
+                             lambda: adapter_now(self.par, self.model))
+        return row
 
     def evaluate(self) -> float:
         """The validation loss, normalised as in training (per token for SFT, per pair for DPO/ORPO),
@@ -798,6 +845,17 @@ class Run:
     def _eval_row(self) -> dict:
         return {f"eval_{k}": round(v, 5) for k, v in self.eval_metrics.items()}
 
+    def _compare(self, when: str) -> None:
+        """Greedy answers to --compare-prompts validation prompts ``when`` (before/after training) into
+        OUT/answers.json; after training, printed beside the answers from before."""
+        if self.validator is None:
+            return
+        from .validation import side_by_side
+        items = self.validator.compare(self.model, self.tok, self.out, when, main=self.dist.main)
+        if items and when == "after":
+            self.log("answers to validation prompts before and after training:")
+            side_by_side(self.log, items)
+
     def save(self) -> Path | None:
         """A checkpoint of this step (collective: every process gathers, rank 0 writes); its path on rank 0."""
         path = None
@@ -815,13 +873,15 @@ class Run:
         """The final evaluation (unless the last step had one), checkpoint and adapter; the summary."""
         from .adapters import save_adapter
         cfg, dist, out, step = self.cfg, self.dist, self.out, self.step
-        if self.val_batches and (not cfg.eval_every or step % cfg.eval_every):
-            self.rows.append({"step": step, "eval_loss": round(self.evaluate(), 5)})
-            self.rows[-1].update(self._eval_row())
+        if self.val_batches and getattr(self, "eval_step", None) != step:  # unless the last step had one
+            self.rows.append({"step": step, "epoch": round(step / self.per_epoch, 3), **self.evaluation()})
             if dist.main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(self.rows[-1]) + "\n")
+        self.watch.end(self.rows, step)
         self.ck_path = self.save()
+        if self.watch.best_tensors is not None:  # --early-stop: the adapter of the best evaluation
+            self.par.load_lora(self.model, self.watch.best_tensors)
         adapter = out / "adapter"
         lora_full = self.par.lora_tensors(self.model)  # collective under FSDP
         if dist.main:
@@ -829,6 +889,10 @@ class Run:
                          quant=self.quant, extra={"train": dataclasses.asdict(cfg)}, tensors=lora_full)
             self.tok.save_pretrained(adapter)
             _plot(out / "loss.png", self.rows)
+        self._compare("after")
+        if dist.main:
+            from .report import write_report
+            write_report(out)
         dist.barrier()
         tokens_seen = int(dist.sum(self.tokens_seen))
         now = time.time()

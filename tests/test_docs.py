@@ -3,7 +3,7 @@ and every flag of every command is described on that command's page(s).
 
 Rules (the parsers are the real ones, from qlora.cli.build_parser):
 
-* Pages and their commands: docs/train.md, data.md, optim.md, preference.md -> train; docs/generate.md -> generate,
+* Pages and their commands: docs/train.md, data.md, optim.md, preference.md -> train; docs/report.md -> report (and train); docs/generate.md -> generate,
   chat, eval; docs/merge.md -> merge; docs/export.md -> export; docs/quantize.md -> quantize;
   docs/memory.md -> plan (and train, whose memory options it explains); README.md -> every command.
 * A flag written after ``qlora CMD`` on the same line (a command line, in a code block or inline) must
@@ -27,6 +27,7 @@ PAGES = {"docs/train.md": ["train"], "docs/data.md": ["train"], "docs/optim.md":
          "docs/preference.md": ["train"],
          "docs/generate.md": ["generate", "chat", "eval"], "docs/merge.md": ["merge"],
          "docs/export.md": ["export"], "docs/quantize.md": ["quantize"], "docs/memory.md": ["plan", "train"],
+         "docs/report.md": ["report", "train"],
          "README.md": None}  # None: every command
 OTHER_TOOLS = {"--nproc-per-node"}  # torchrun's, named where `qlora train --gpus` is explained
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -61,7 +62,7 @@ def _pages_of(command: str) -> list[str]:
 
 def test_every_page_exists_and_every_command_has_one():
     assert all((ROOT / p).is_file() for p in PAGES)
-    assert set(COMMANDS) == {"demo", "quantize", "train", "eval", "generate", "chat", "merge", "export", "plan"}
+    assert set(COMMANDS) == {"demo", "quantize", "train", "eval", "generate", "chat", "merge", "export", "plan", "report"}
 
 
 @pytest.mark.parametrize("page", list(PAGES))

@@ -164,8 +164,9 @@ def test_overwrite_removes_only_what_a_run_writes_and_never_follows_symlinks(set
     assert (elsewhere / "precious.txt").read_text() == "keep"  # rmtree of checkpoints/ unlinked the link only
     assert not (out / "checkpoints" / "link-inside").exists()
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != old_adapter  # the new run's
-    rows = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 1  # one run's metrics, not two runs' mixed
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1]  # one run's metrics, not two runs' mixed
+    assert [r["kind"] for r in rows if "warning" in r] == ["few_steps"]  # (that run's one fit warning)
 
 
 def test_symlink_where_a_run_writes_is_refused(setup, tmp_path, monkeypatch):

@@ -52,7 +52,8 @@ def cfg(d, out, **kw):
 
 
 def rows(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "warning" not in r]  # fit warnings (qlora/fitcheck.py) are rows of their own
 
 
 def quiet(m):
