@@ -114,7 +114,8 @@ def check_lengths_before_load(records, fmt: str, model_src, max_length: int, tra
     when its tokenizer loads on its own in a moment (a model folder with tokenizer files). A GGUF file
     or the embedded model carries its tokenizer inside the model file: there the check runs after the
     load, in :func:`tokenize_records`."""
-    p = Path(model_src).expanduser() if model_src else None
+    from .hub import local
+    p = Path(local(model_src)).expanduser() if model_src else None
     if p is None or not p.is_dir() or not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return
     from transformers import AutoTokenizer

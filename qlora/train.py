@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .compat import attention_implementation
 from .config import COMPUTE_DTYPES, add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
 from .errors import QLoraError
@@ -70,7 +71,8 @@ class TrainConfig:
     template: str = opt("auto", "prompt rendering: tokenizer chat template, or a plain template", ["auto", "chat", "plain"], group="data")
     packing: bool = opt(False, "pack several examples per row (attention stays inside each example)", group="data")
     # model
-    model: str | None = opt(None, "base model: HF dir, GGUF file or 4-bit checkpoint (default: embedded SmolLM2-135M-Instruct); "
+    model: str | None = opt(None, "base model: HF dir, GGUF file, 4-bit checkpoint or Hub id org/name[@revision] (default: embedded "
+                                  "SmolLM2-135M-Instruct); "
                                   "shape:NAME builds random weights of a `qlora plan` shape (benchmarks; needs --tokenizer-from)",
                             group="model", metavar="SRC")
     tokenizer_from: str | None = opt(None, "take the tokenizer from this model source (for shape:NAME models)", group="model", metavar="SRC")
@@ -350,9 +352,9 @@ def check_config(cfg: TrainConfig) -> None:
         if not cfg.tokenizer_from:
             raise QLoraError("--model shape:NAME builds random weights and has no tokenizer: add --tokenizer-from SRC "
                              "(a model directory or GGUF file whose tokenizer to use)")
-    elif cfg.model and not Path(cfg.model).expanduser().exists():
+    elif cfg.model and not Path(hub.local(cfg.model)).expanduser().exists():  # an id: its snapshot, fetched now
         raise QLoraError(f"--model {cfg.model}: no such file or directory")
-    if cfg.tokenizer_from and not Path(cfg.tokenizer_from).exists():
+    if cfg.tokenizer_from and not Path(hub.local(cfg.tokenizer_from)).exists():
         raise QLoraError(f"--tokenizer-from {cfg.tokenizer_from}: no such file or directory")
     try:
         check_hparams(cfg.lr, (0.9, 0.999), 1e-8, cfg.weight_decay, None)
@@ -487,7 +489,7 @@ class Run:
         from transformers import AutoTokenizer
 
         from .sources import open_source
-        p = Path(src)
+        p = Path(hub.local(src))
         return (open_source(p).load_tokenizer() if p.suffix == ".gguf" or (p / "config.json").is_file()
                 else AutoTokenizer.from_pretrained(str(p)))
 
@@ -793,7 +795,7 @@ def _model_dims(model: str) -> dict | None:
             from .plan import SHAPES, shape_key
             c = SHAPES[shape_key(model[6:])]
         else:
-            c = json.loads((Path(model) / "config.json").read_text())
+            c = json.loads((Path(hub.local(model)) / "config.json").read_text())
         c = c.get("text_config", c)
         return dict(head_dim=int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]),
                     hidden=int(c["hidden_size"]), intermediate=int(c["intermediate_size"]), vocab=int(c["vocab_size"]))
