@@ -56,16 +56,20 @@ def _record(obj, where: str) -> Record:
 
 
 # ----------------------------------------------------------------------------------- reading
-def read_records(path, fmt: str | None = None) -> tuple[list[Record], str]:
-    """Read every record of a local JSONL/JSON/CSV/TSV/Parquet file and check its format.
+def read_records(path, fmt: str | None = None, fields: str | None = None) -> tuple[list[Record], str]:
+    """Read every record of a local JSONL/JSON/CSV/TSV/Parquet file (or a data set: qlora.hfdata) and
+    check its format.
 
     Returns ``(records, format)``; ``fmt`` forces a format (missing fields are then errors),
-    ``None`` or ``"auto"`` detects it from the first record and requires the rest to match."""
+    ``None`` or ``"auto"`` detects it from the first record and requires the rest to match;
+    ``fields`` (``--data-field``) renames columns first, e.g. ``question=instruction,answer=output``."""
+    from .hfdata import parse_fields, rename
     if fmt == "auto":
         fmt = None
     if fmt is not None and fmt not in FORMATS:
         raise QLoraError(f"unknown data format {fmt!r}: choose one of auto, {', '.join(FORMATS)}")
-    records = read_file(path)
+    mapping = parse_fields(fields)
+    records = rename(read_file(path), mapping, str(path))
     fmt = _check_formats(records, fmt)
     if not any(_answered(r, fmt) for r in records):  # before any model loads
         raise QLoraError(f"{path}: 0 of {len(records)} examples have a response to train on: every "
@@ -75,7 +79,14 @@ def read_records(path, fmt: str | None = None) -> tuple[list[Record], str]:
 
 def read_file(path) -> list[Record]:
     """Every record of a local JSONL/JSON/CSV/TSV/Parquet file, each knowing its file and line, with no
-    format check (``read_records`` checks the SFT formats; preference data checks its own)."""
+    format check (``read_records`` checks the SFT formats; preference data checks its own). A data set
+    of the ``datasets`` library (``hf:org/name[:split]``, a save_to_disk folder) is read by qlora.hfdata."""
+    from . import hfdata
+    if hfdata.is_dataset(path):
+        records = [_record(r, f"{path}:row {i}") for i, r in enumerate(hfdata.read(path), 1)]
+        if not records:
+            raise QLoraError(f"{path}: the data set has no rows")
+        return records
     p = Path(path)
     if not p.exists():
         hint = " (only local files are read: download the data set first)" if "://" in str(path) else ""

@@ -43,7 +43,7 @@ def local(src):
     from huggingface_hub import constants
     key = (*parsed, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
     if key not in _RESOLVED:
-        _RESOLVED[key] = _snapshot(s, *parsed)
+        _RESOLVED[key] = _weights(s, *parsed)
     return _RESOLVED[key]
 
 
@@ -52,25 +52,35 @@ def _patterns() -> list[str]:
     return [*WEIGHTS, *TOKENIZER_FILES, "additional_chat_templates/*"]
 
 
-def _snapshot(src: str, repo: str, revision: str | None) -> str:
+def _weights(src: str, repo: str, revision: str | None) -> str:
+    folder = Path(snapshot(repo, revision, _patterns(), "model", f"--model {src}: no such local path, and"))
+    if not any(folder.glob("*.safetensors")):
+        raise QLoraError(f"--model {src}: the Hub repository has no safetensors weights (pickle checkpoints are "
+                         "never loaded because unpickling can run code): pick a repository with *.safetensors")
+    return str(folder)
+
+
+def snapshot(repo: str, revision: str | None, patterns, repo_type: str, what: str) -> str:
+    """The local folder of ``repo``'s files matching ``patterns`` (downloaded unless cached); ``what``
+    (the flag and value, a colon or a clause) starts every error message."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
-    where = f"--model {src}: no such local path, and"
+    where = what
     try:
-        path = snapshot_download(repo, revision=revision, allow_patterns=_patterns())
+        return snapshot_download(repo, revision=revision, allow_patterns=list(patterns), repo_type=repo_type)
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             raise QLoraError(f"{where} the Hugging Face cache ({constants.HF_HUB_CACHE}) has no snapshot of it while "
-                             "HF_HUB_OFFLINE=1 forbids downloading: run once online or pass a model folder") from None
+                             "HF_HUB_OFFLINE=1 forbids downloading: run once online or pass a local copy") from None
         raise QLoraError(f"{where} the Hugging Face Hub cannot be reached and the cache ({constants.HF_HUB_CACHE}) "
-                         "has no snapshot of it: check the network (or HF_ENDPOINT) or pass a model folder") from None
+                         "has no snapshot of it: check the network (or HF_ENDPOINT) or pass a local copy") from None
     except GatedRepoError:
         raise QLoraError(f"{where} {repo} is gated on the Hub: accept its terms on its page, then log in "
                          "(`hf auth login` or HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise QLoraError(f"{where} the Hub has no model {repo} (or it is private: log in with `hf auth login` "
-                         "or set HF_TOKEN)") from None
+        raise QLoraError(f"{where} the Hub has no {repo_type} {repo} (or it is private: log in with "
+                         "`hf auth login` or set HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise QLoraError(f"{where} {repo} has no revision {revision!r} on the Hub") from None
     except IncompleteSnapshotError:
@@ -78,11 +88,6 @@ def _snapshot(src: str, repo: str, revision: str | None) -> str:
                          "download it again online") from None
     except HfHubHTTPError as e:
         raise QLoraError(f"{where} the Hub answered {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    folder = Path(path)
-    if not any(folder.glob("*.safetensors")):
-        raise QLoraError(f"--model {src}: the Hub repository has no safetensors weights (pickle checkpoints are "
-                         "never loaded because unpickling can run code): pick a repository with *.safetensors")
-    return str(folder)
 
 
 def recorded_base(adapter_dir) -> str | None:

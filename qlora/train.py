@@ -61,7 +61,10 @@ from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 @dataclass
 class TrainConfig:
     # data
-    data: str | None = opt(None, "training data file: JSONL, JSON, CSV or Parquet", group="data", metavar="FILE")
+    data: str | None = opt(None, "training data: a JSONL, JSON, CSV or Parquet file, a datasets save_to_disk folder "
+                           "(FOLDER[:split]) or a Hub data set hf:org/name[:split]", group="data", metavar="FILE")
+    data_field: str | None = opt(None, "rename data columns to the format's fields, e.g. "
+                                 "question=instruction,answer=output", group="data", metavar="COL=FIELD,...")
     format: str | None = opt(None, "record format (default: detected)", ["alpaca", "chat", "completion", "text"], group="data")
     val_data: str | None = opt(None, "validation data file (instead of --val-split)", group="data", metavar="FILE")
     val_split: float = opt(0.0, "fraction of the data held out for validation", group="data")
@@ -407,8 +410,8 @@ class Run:
     def _read_data(self):
         from .data import read_records
         cfg = self.cfg
-        records, fmt = read_records(cfg.data, cfg.format)
-        val = read_records(cfg.val_data, cfg.format) if cfg.val_data else None
+        records, fmt = read_records(cfg.data, cfg.format, cfg.data_field)
+        val = read_records(cfg.val_data, cfg.format, cfg.data_field) if cfg.val_data else None
         if not cfg.truncate:  # over-long records, with the model folder's tokenizer: before the model loads
             from .data import check_lengths_before_load
             tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
