@@ -136,6 +136,9 @@ class TrainConfig:
     resume: bool = opt(False, "continue from the newest good checkpoint in --output", group="run")
     overwrite: bool = opt(False, "replace a previous run in --output", group="run")
     progress: bool = opt(True, "show a progress bar", group="run")
+    report_to: str = opt("none", "also send the metrics and the run config to these trackers (comma list): none, "
+                         "tensorboard (OUT/tb), wandb (OUT/wandb), mlflow (MLFLOW_TRACKING_URI, else OUT/mlruns)",
+                         group="run", metavar="LIST")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +360,8 @@ def check_config(cfg: TrainConfig) -> None:
                              "(a model directory or GGUF file whose tokenizer to use)")
     elif cfg.model and not Path(hub.local(cfg.model)).expanduser().exists():  # an id: its snapshot, fetched now
         raise QLoraError(f"--model {cfg.model}: no such file or directory")
+    from .trackers import check as check_trackers
+    check_trackers(cfg.report_to)  # a tracker asked for but not installed: one line before the model loads
     if cfg.tokenizer_from and not Path(hub.local(cfg.tokenizer_from)).exists():
         raise QLoraError(f"--tokenizer-from {cfg.tokenizer_from}: no such file or directory")
     try:
@@ -572,6 +577,9 @@ class Run:
         for s in (signal.SIGINT, signal.SIGTERM):
             stack.callback(signal.signal, s, signal.signal(s, on_signal))
         self.metrics = stack.enter_context(open(self.out / "metrics.jsonl" if dist.main else os.devnull, "a"))
+        from .trackers import open_trackers  # --report-to: open until train() returns (finish logs a last row)
+        self.trackers = self.held.enter_context(open_trackers(cfg.report_to, self.out, dataclasses.asdict(cfg),
+                                                              dist.main))
         cache_on = not par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto"
                                                                       and device.type == "cpu"))
         stack.enter_context(dequant_cache(self.model, enabled=cache_on, training=True))
@@ -694,6 +702,7 @@ class Run:
         if step % self.cfg.log_every == 0 or "eval_loss" in row:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
+            self.trackers.log(row)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
                              **({"mem": f"{row['mem_gib']}G"} if "mem_gib" in row else {}))
         self.bar.update(1)
@@ -733,6 +742,7 @@ class Run:
             if dist.main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(self.rows[-1]) + "\n")
+                self.trackers.log(self.rows[-1])
         self.ck_path = self.save()
         adapter = out / "adapter"
         lora_full = self.par.lora_tensors(self.model)  # collective under FSDP
