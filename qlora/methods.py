@@ -44,8 +44,11 @@ class SFT:
 
     def examples(self, records, fmt: str, tokenizer, cfg) -> tuple[list, dict]:
         from .data import tokenize_records
+        # text documents are never truncated: windows, or with --packing full rows of their concatenation
+        text_mode = "stream" if cfg.packing else "windows"
         return tokenize_records(records, fmt, tokenizer, max_length=cfg.max_length,
-                                train_on_prompt=cfg.train_on_prompt, truncate=cfg.truncate, template=cfg.template)
+                                train_on_prompt=cfg.train_on_prompt, truncate=cfg.truncate, template=cfg.template,
+                                text_mode=text_mode, stride=getattr(cfg, "stride", 0))
 
     def batches(self, examples: list, cfg, pad_id: int, train: bool):
         from .data import Batches

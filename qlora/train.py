@@ -72,7 +72,11 @@ class TrainConfig:
     truncate: bool = opt(True, "truncate longer examples (and count them); false: refuse them", group="data")
     train_on_prompt: bool = opt(False, "also train on prompt tokens (default: response tokens only)", group="data")
     template: str = opt("auto", "prompt rendering: tokenizer chat template, or a plain template", ["auto", "chat", "plain"], group="data")
-    packing: bool = opt(False, "pack several examples per row (attention stays inside each example)", group="data")
+    packing: bool = opt(False, "pack several examples per row (attention stays inside each example); with --format "
+                        "text: concatenate the documents (EOS between) and cut full rows", group="data")
+    stride: int = opt(0, "--format text: tokens each window (or packed row) repeats from the previous one as "
+                      "context, not trained again (long documents are cut into windows of --max-length, never "
+                      "truncated)", group="data", metavar="N")
     # model
     model: str | None = opt(None, "base model: HF dir, GGUF file, 4-bit checkpoint or Hub id org/name[@revision] (default: embedded "
                                   "SmolLM2-135M-Instruct); "
@@ -362,6 +366,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise QLoraError(f"--model {cfg.model}: no such file or directory")
     from .trackers import check as check_trackers
     check_trackers(cfg.report_to)  # a tracker asked for but not installed: one line before the model loads
+    from .pretrain import check_stride
+    check_stride(cfg.stride, cfg.max_length)
     if cfg.tokenizer_from and not Path(hub.local(cfg.tokenizer_from)).exists():
         raise QLoraError(f"--tokenizer-from {cfg.tokenizer_from}: no such file or directory")
     try:
@@ -417,7 +423,7 @@ class Run:
         cfg = self.cfg
         records, fmt = read_records(cfg.data, cfg.format, cfg.data_field)
         val = read_records(cfg.val_data, cfg.format, cfg.data_field) if cfg.val_data else None
-        if not cfg.truncate:  # over-long records, with the model folder's tokenizer: before the model loads
+        if not cfg.truncate and fmt != "text":  # over-long records (text is cut into windows), before the load
             from .data import check_lengths_before_load
             tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
             for recs in [(records, fmt)] + ([val] if val else []):
@@ -514,7 +520,9 @@ class Run:
             examples, val = split_validation(examples, cfg.val_split, cfg.seed)
         self.log(f"data: {stats['examples']} examples ({data_fmt}, {stats['trained_tokens']} trained tokens), "
                  f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; {len(val)} for "
-                 "validation")
+                 "validation" + (f"; {stats['documents']} documents, {stats['tokens']} tokens in {stats['windows']} "
+                                 f"{'rows' if cfg.packing else 'windows'} of up to {cfg.max_length}"
+                                 if "windows" in stats else ""))
         self.batches = self.method.batches(examples, cfg, self.pad_id, train=True)
         self.val_batches = list(self.method.batches(val, cfg, self.pad_id, train=False).epoch(0)) if val else []
         micro_per_step = cfg.grad_accum * self.dist.world  # global micro-batches per optimizer step
