@@ -301,7 +301,9 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
     at a time.
     """
     from . import nf4
+    from .hub import base_for
     from .sources import open_source
+    model_src = base_for(model_src, adapter_dir)  # no --model: the base the adapter records
     if model_src is None:
         from .embedded import embedded_model_path
         model_src = embedded_model_path()
@@ -396,8 +398,9 @@ def add_cli(sub) -> None:
                                    "weight becomes dequant(W) + scale*B@A (the 4-bit base the adapter was trained "
                                    "on), tensor by tensor; the tokenizer is copied. transformers loads the result "
                                    "without qlora.")
-    p.add_argument("--model", default=None, help="base model: HF directory, GGUF file or 4-bit checkpoint "
-                                                 "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="base model: HF directory, GGUF file, 4-bit checkpoint or Hub id "
+                                                 "org/name[@revision] (default: the base the adapter records, "
+                                                 "else the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --force)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged weights (default bf16)")

@@ -56,16 +56,20 @@ def _record(obj, where: str) -> Record:
 
 
 # ----------------------------------------------------------------------------------- reading
-def read_records(path, fmt: str | None = None) -> tuple[list[Record], str]:
-    """Read every record of a local JSONL/JSON/CSV/TSV/Parquet file and check its format.
+def read_records(path, fmt: str | None = None, fields: str | None = None) -> tuple[list[Record], str]:
+    """Read every record of a local JSONL/JSON/CSV/TSV/Parquet file (or a data set: qlora.hfdata) and
+    check its format.
 
     Returns ``(records, format)``; ``fmt`` forces a format (missing fields are then errors),
-    ``None`` or ``"auto"`` detects it from the first record and requires the rest to match."""
+    ``None`` or ``"auto"`` detects it from the first record and requires the rest to match;
+    ``fields`` (``--data-field``) renames columns first, e.g. ``question=instruction,answer=output``."""
+    from .hfdata import parse_fields, rename
     if fmt == "auto":
         fmt = None
     if fmt is not None and fmt not in FORMATS:
         raise QLoraError(f"unknown data format {fmt!r}: choose one of auto, {', '.join(FORMATS)}")
-    records = read_file(path)
+    mapping = parse_fields(fields)
+    records = rename(read_file(path), mapping, str(path))
     fmt = _check_formats(records, fmt)
     if not any(_answered(r, fmt) for r in records):  # before any model loads
         raise QLoraError(f"{path}: 0 of {len(records)} examples have a response to train on: every "
@@ -75,7 +79,14 @@ def read_records(path, fmt: str | None = None) -> tuple[list[Record], str]:
 
 def read_file(path) -> list[Record]:
     """Every record of a local JSONL/JSON/CSV/TSV/Parquet file, each knowing its file and line, with no
-    format check (``read_records`` checks the SFT formats; preference data checks its own)."""
+    format check (``read_records`` checks the SFT formats; preference data checks its own). A data set
+    of the ``datasets`` library (``hf:org/name[:split]``, a save_to_disk folder) is read by qlora.hfdata."""
+    from . import hfdata
+    if hfdata.is_dataset(path):
+        records = [_record(r, f"{path}:row {i}") for i, r in enumerate(hfdata.read(path), 1)]
+        if not records:
+            raise QLoraError(f"{path}: the data set has no rows")
+        return records
     p = Path(path)
     if not p.exists():
         hint = " (only local files are read: download the data set first)" if "://" in str(path) else ""
@@ -114,7 +125,8 @@ def check_lengths_before_load(records, fmt: str, model_src, max_length: int, tra
     when its tokenizer loads on its own in a moment (a model folder with tokenizer files). A GGUF file
     or the embedded model carries its tokenizer inside the model file: there the check runs after the
     load, in :func:`tokenize_records`."""
-    p = Path(model_src).expanduser() if model_src else None
+    from .hub import local
+    p = Path(local(model_src)).expanduser() if model_src else None
     if p is None or not p.is_dir() or not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return
     from transformers import AutoTokenizer
@@ -473,7 +485,8 @@ class _Cutter:
 
 
 def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train_on_prompt: bool = False,
-                     truncate: bool = True, template: str = "auto") -> tuple[list[Example], dict]:
+                     truncate: bool = True, template: str = "auto", text_mode: str = "truncate",
+                     stride: int = 0) -> tuple[list[Example], dict]:
     """Render, tokenize and mask every record.
 
     ``template``: ``auto`` uses the tokenizer's chat template when it has one and the plain
@@ -486,7 +499,12 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
     ``max_length``). Data in which no record has a non-empty response (assistant turn, or text) is
     refused. Stats: records, examples, truncated, dropped, longest (before truncation; for a record cut
     by characters, its length after the cut, already more than ``max_length``), tokens,
-    trained_tokens, template, template_fallback, cut (records cut by characters), empty_responses."""
+    trained_tokens, template, template_fallback, cut (records cut by characters), empty_responses.
+
+    ``text_mode`` (``text`` records only): ``truncate`` as above; ``windows`` splits each long document
+    into windows of ``max_length`` tokens, ``stream`` concatenates the documents and cuts full rows
+    (qlora.pretrain; ``stride``: tokens each window repeats as context); no text is lost, and stats gain
+    ``documents`` and ``windows``."""
     if fmt not in FORMATS:
         raise QLoraError(f"unknown data format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if template not in TEMPLATES:
@@ -510,7 +528,7 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
             text = rec.get("text")
             if not isinstance(text, str):
                 raise QLoraError(f"{where}: missing field 'text' (format text needs text)")
-            text, was_cut = cut(text)
+            text, was_cut = cut(text) if text_mode == "truncate" else (text, False)  # windows keep every token
             stats["cut"] += was_cut
             answered.append(bool(text.strip()))
             layouts.append((text, [(0, len(text))], tk.prefix, True))
@@ -534,12 +552,15 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
     if not any(answered):  # each would train only the end-of-turn token: a model that answers nothing
         raise QLoraError(f"0 of {len(records)} examples have a response to train on: every "
                          f"{'text' if fmt == 'text' else 'assistant answer'} is empty")
-    examples, too_long = [], 0
+    examples, too_long, docs = [], 0, []
     for c in range(0, len(layouts), 1024):  # the tokenizer encodes a chunk at once (in parallel)
         chunk = layouts[c:c + 1024]
         for (text, spans, prefix, train_all), enc in zip(chunk, tk.encode([(t, sp) for t, sp, _, _ in chunk])):
             ex = _example(tk, enc, spans, prefix, train_all)
             stats["longest"] = max(stats["longest"], len(ex))
+            if fmt == "text" and text_mode != "truncate":
+                docs.append((ex.input_ids, ex.labels))  # cut into windows below, whole
+                continue
             if len(ex) > max_length:
                 too_long += 1
                 ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
@@ -549,6 +570,8 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
             examples.append(ex)
             stats["tokens"] += len(ex)
             stats["trained_tokens"] += sum(t != IGNORE for t in ex.labels)
+    if docs:
+        _text_windows(docs, text_mode, max_length, stride, examples, stats)
     if too_long and not truncate:
         raise QLoraError(f"{too_long} of {len(records)} records are longer than max_length={max_length} tokens "
                          f"(longest: {stats['longest']}): raise --max-length or allow truncation")
@@ -558,6 +581,23 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
         raise QLoraError(f"no record has a token left to train on (of {len(records)}, {too_long} truncated "
                          f"to max_length={max_length}): raise --max-length")
     return examples, stats
+
+
+def _text_windows(docs, mode: str, max_length: int, stride: int, examples: list, stats: dict) -> None:
+    """Whole tokenized documents -> windows (``windows``) or full rows of their concatenation (``stream``)."""
+    from .pretrain import stream, windows
+    if mode not in ("windows", "stream"):
+        raise QLoraError(f"unknown text mode {mode!r}: truncate, windows or stream")
+    pieces = stream(docs, max_length, stride) if mode == "stream" else \
+        [w for ids, labels in docs for w in windows(ids, labels, max_length, stride)]
+    stats["documents"], stats["windows"] = len(docs), len(pieces)
+    for ids, labels in pieces:
+        if not any(t != IGNORE for t in labels):
+            stats["dropped"] += 1
+            continue
+        examples.append(Example(ids, labels))
+        stats["tokens"] += len(ids)
+        stats["trained_tokens"] += sum(t != IGNORE for t in labels)
 
 
 def load_examples(path, tokenizer, fmt: str | None = None, **kwargs) -> tuple[list[Example], dict]:

@@ -326,10 +326,12 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
     choice and a warning where an explicit dtype is slow on this machine."""
     from .adapters import adapter_quant_settings, check_fits, load_adapter, read_adapter
     from .hardware import resolve
+    from .hub import base_for, local
     from .model import QuantSettings, load_model
     device = pick_device(device)
     compute = resolve(dtype, device)  # a bad name or bf16 on a GPU without it fails here, before the load
-    if model_src is not None and not Path(model_src).expanduser().exists():
+    model_src = base_for(model_src, adapter)  # no --model: the base the adapter records
+    if model_src is not None and not Path(local(model_src)).expanduser().exists():
         raise QLoraError(f"model not found: {model_src} (give an HF model directory, a .gguf file or a "
                          "qlora quantize output; leave --model out for the embedded SmolLM2-135M)")
     quant = QuantSettings()
@@ -359,8 +361,8 @@ def load_for_inference(model_src=None, adapter=None, device: str = "auto", dtype
 def add_model_args(p) -> None:
     """--model/--adapter/--device/--dtype/--no-dequant-cache (shared with ``qlora eval``)."""
     p.add_argument("--model", default=None, metavar="SRC",
-                   help="base model: HF directory, .gguf file or qlora 4-bit checkpoint "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
+                   help="base model: HF directory, .gguf file, qlora 4-bit checkpoint or Hub id org/name[@revision] "
+                        "(default: the base the adapter records, else the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, metavar="DIR", help="LoRA adapter directory (default: none)")
     p.add_argument("--device", default="auto", metavar="DEV", help="cpu, cuda or auto (default: auto = cuda if available)")
     p.add_argument("--compute-dtype", "--dtype", dest="dtype", default="auto", choices=COMPUTE_DTYPES,

@@ -549,8 +549,9 @@ def add_cli(sub) -> None:
     p = sub.add_parser("export", help="write a GGUF file (llama.cpp / Ollama), optionally merging an adapter",
                        description="Merge an adapter into its base (optional) and write one GGUF file: "
                                    "f16/bf16, q8_0, q4_0 or q4_k_m (llama.cpp's Q4_K_M mix).")
-    p.add_argument("--model", default=None, help="base model: a Hugging Face directory or a .gguf file "
-                                                 "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="base model: a Hugging Face directory, a .gguf file or a Hub id "
+                                                 "org/name[@revision] (default: the base the adapter records, "
+                                                 "else the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory to merge in before export")
     p.add_argument("--output", "-o", required=True, help="GGUF file to write")
     p.add_argument("--type", default="q4_k_m", choices=EXPORT_TYPES, help="tensor types (default: q4_k_m)")
@@ -603,9 +604,10 @@ def run(args) -> int:
 
 
 def _run_locked(args) -> int:
+    from .hub import local
     if args.ollama:
         _target(Path(args.output).expanduser().with_suffix(".Modelfile"), args.force)
-    if args.model and not Path(args.model).expanduser().exists():
+    if args.model and not Path(local(args.model)).expanduser().exists():
         raise QLoraError(f"model {args.model} not found (give a Hugging Face directory or a .gguf file)")
     if args.adapter and not Path(args.adapter).expanduser().is_dir():
         raise QLoraError(f"adapter directory {args.adapter} not found")

@@ -56,16 +56,19 @@ class SFT:
         """``(records, format)`` of an SFT data file (qlora.data.read_records); with ``--truncate false``
         over-long records are refused here too, when the model folder's tokenizer loads on its own."""
         from .data import check_lengths_before_load, read_records
-        records, fmt = read_records(path, cfg.format)
-        if not cfg.truncate:
+        records, fmt = read_records(path, cfg.format, getattr(cfg, "data_field", None))
+        if not cfg.truncate and fmt != "text":  # text documents are cut into windows, never refused
             tok_src = cfg.tokenizer_from if (cfg.model or "").startswith("shape:") else cfg.model
             check_lengths_before_load(records, fmt, tok_src, cfg.max_length, cfg.train_on_prompt, cfg.template)
         return records, fmt
 
     def examples(self, records, fmt: str, tokenizer, cfg) -> tuple[list, dict]:
         from .data import tokenize_records
+        # text documents are never truncated: windows, or with --packing full rows of their concatenation
+        text_mode = "stream" if cfg.packing else "windows"
         return tokenize_records(records, fmt, tokenizer, max_length=cfg.max_length,
-                                train_on_prompt=cfg.train_on_prompt, truncate=cfg.truncate, template=cfg.template)
+                                train_on_prompt=cfg.train_on_prompt, truncate=cfg.truncate, template=cfg.template,
+                                text_mode=text_mode, stride=getattr(cfg, "stride", 0))
 
     def batches(self, examples: list, cfg, pad_id: int, train: bool):
         from .data import Batches

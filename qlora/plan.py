@@ -528,8 +528,8 @@ def add_cli(sub) -> None:
                                    "model's config alone (no weights are read), say whether it fits in --gpu-mem and "
                                    "the largest batch and sequence that do. Exit status 0: fits, 1: does not fit.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="SRC", help="model: HF dir, GGUF file or 4-bit checkpoint (config only), "
-                                                    "or shape:NAME (as --shape NAME)")
+    src.add_argument("--model", metavar="SRC", help="model: HF dir, GGUF file, 4-bit checkpoint or Hub id "
+                                                    "org/name[@revision] (config only), or shape:NAME (as --shape NAME)")
     src.add_argument("--shape", metavar="NAME", help=f"a known shape: {', '.join(SHAPES)} (default: embedded)")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (train's --max-length; default 1024)")
     p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")

@@ -176,7 +176,7 @@ def add_cli(sub) -> None:
                                    "transformers directory with safetensors, or a .gguf file) to 4 bits and "
                                    "write a checkpoint directory OUT that qlora and transformers+bitsandbytes "
                                    "load.")
-    p.add_argument("src", metavar="SRC", help="model directory (config.json + *.safetensors) or .gguf file")
+    p.add_argument("src", metavar="SRC", help="model directory (config.json + *.safetensors), .gguf file or Hub id org/name[@revision]")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist, unless --force)")
     p.add_argument("--quant-type", default="nf4", help="nf4 (default) or fp4")
     p.add_argument("--blocksize", type=int, default=64, help="elements per absmax scale: power of two, 32..4096 "

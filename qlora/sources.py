@@ -243,8 +243,9 @@ class GGUFSource(Source):
 
 def open_source(path: str | os.PathLike) -> Source:
     """Open ``path`` (a model directory or a ``.gguf`` file) and check it, without loading tensors
-    (except that a GGUF's are read on first use)."""
-    p = Path(path).expanduser()
+    (except that a GGUF's are read on first use). A Hub id (``org/name[@rev]``) opens its cached snapshot."""
+    from .hub import local
+    p = Path(local(path)).expanduser()
     if not p.exists():
         raise QLoraError(f"{p}: no such file or directory")
     if p.is_dir():

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .compat import attention_implementation
 from .config import COMPUTE_DTYPES, add_dataclass_args, build_config, is_int, is_number, opt, to_yaml
 from .errors import QLoraError
@@ -60,7 +61,10 @@ from .validation import AUTO_FROM, AUTO_MAX, AUTO_MIN
 @dataclass
 class TrainConfig:
     # data
-    data: str | None = opt(None, "training data file: JSONL, JSON, CSV or Parquet", group="data", metavar="FILE")
+    data: str | None = opt(None, "training data: a JSONL, JSON, CSV or Parquet file, a datasets save_to_disk folder "
+                           "(FOLDER[:split]) or a Hub data set hf:org/name[:split]", group="data", metavar="FILE")
+    data_field: str | None = opt(None, "rename data columns to the format's fields, e.g. "
+                                 "question=instruction,answer=output", group="data", metavar="COL=FIELD,...")
     format: str | None = opt(None, "record format (default: detected)", ["alpaca", "chat", "completion", "text"], group="data")
     val_data: str | None = opt(None, "validation data file (instead of --val-split)", group="data", metavar="FILE")
     val_split: str = opt("auto", f"records held out for validation: a fraction in [0, 1), or auto = 5%% (at least "
@@ -70,7 +74,11 @@ class TrainConfig:
     truncate: bool = opt(True, "truncate longer examples (and count them); false: refuse them", group="data")
     train_on_prompt: bool = opt(False, "also train on prompt tokens (default: response tokens only)", group="data")
     template: str = opt("auto", "prompt rendering: tokenizer chat template, or a plain template", ["auto", "chat", "plain"], group="data")
-    packing: bool = opt(False, "pack several examples per row (attention stays inside each example)", group="data")
+    packing: bool = opt(False, "pack several examples per row (attention stays inside each example); with --format "
+                        "text: concatenate the documents (EOS between) and cut full rows", group="data")
+    stride: int = opt(0, "--format text: tokens each window (or packed row) repeats from the previous one as "
+                      "context, not trained again (long documents are cut into windows of --max-length, never "
+                      "truncated)", group="data", metavar="N")
     # preference tuning (docs/preference.md)
     method: str = opt("sft", "what to learn: sft = supervised fine-tuning on the responses; dpo / orpo = preference "
                       "tuning on {prompt, chosen, rejected} pairs (--batch-size then counts pairs)",
@@ -82,7 +90,8 @@ class TrainConfig:
                                "training and keep them in OUT/ref_logps.safetensors, instead of one extra forward "
                                "pass per micro-batch", group="preference")
     # model
-    model: str | None = opt(None, "base model: HF dir, GGUF file or 4-bit checkpoint (default: embedded SmolLM2-135M-Instruct); "
+    model: str | None = opt(None, "base model: HF dir, GGUF file, 4-bit checkpoint or Hub id org/name[@revision] (default: embedded "
+                                  "SmolLM2-135M-Instruct); "
                                   "shape:NAME builds random weights of a `qlora plan` shape (benchmarks; needs --tokenizer-from)",
                             group="model", metavar="SRC")
     tokenizer_from: str | None = opt(None, "take the tokenizer from this model source (for shape:NAME models)", group="model", metavar="SRC")
@@ -152,6 +161,9 @@ class TrainConfig:
     resume: bool = opt(False, "continue from the newest good checkpoint in --output", group="run")
     overwrite: bool = opt(False, "replace a previous run in --output", group="run")
     progress: bool = opt(True, "show a progress bar", group="run")
+    report_to: str = opt("none", "also send the metrics and the run config to these trackers (comma list): none, "
+                         "tensorboard (OUT/tb), wandb (OUT/wandb), mlflow (MLFLOW_TRACKING_URI, else OUT/mlruns)",
+                         group="run", metavar="LIST")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,9 +397,13 @@ def check_config(cfg: TrainConfig) -> None:
         if not cfg.tokenizer_from:
             raise QLoraError("--model shape:NAME builds random weights and has no tokenizer: add --tokenizer-from SRC "
                              "(a model directory or GGUF file whose tokenizer to use)")
-    elif cfg.model and not Path(cfg.model).expanduser().exists():
+    elif cfg.model and not Path(hub.local(cfg.model)).expanduser().exists():  # an id: its snapshot, fetched now
         raise QLoraError(f"--model {cfg.model}: no such file or directory")
-    if cfg.tokenizer_from and not Path(cfg.tokenizer_from).exists():
+    from .trackers import check as check_trackers
+    check_trackers(cfg.report_to)  # a tracker asked for but not installed: one line before the model loads
+    from .pretrain import check_stride
+    check_stride(cfg.stride, cfg.max_length)
+    if cfg.tokenizer_from and not Path(hub.local(cfg.tokenizer_from)).exists():
         raise QLoraError(f"--tokenizer-from {cfg.tokenizer_from}: no such file or directory")
     try:
         check_hparams(cfg.lr, (0.9, 0.999), 1e-8, cfg.weight_decay, None)
@@ -427,7 +443,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, log=print, model=None, tokenizer=None, method=None,
                  held: contextlib.ExitStack | None = None):
         self.cfg, self.log, self.model, self.tok = cfg, log, model, tokenizer
-        self.held = held if held is not None else contextlib.ExitStack()  # what the run holds until train returns
+        self.holds = held if held is not None else contextlib.ExitStack()  # what the run holds until train returns
         self.method = method  # chosen from cfg.method in setup, once the settings are checked
         self.t_start = time.time()
         self.step, self.rows, self.epochs = 0, [], {}
@@ -480,7 +496,7 @@ class Run:
         from .model import LoraSettings, QuantSettings
         from .parallel import Parallel
         cfg, dist = self.cfg, self.dist
-        self.run_dir = _prepare_output(cfg, self.held) if dist.main else None  # rank 0 checks and locks the folder
+        self.run_dir = _prepare_output(cfg, self.holds) if dist.main else None  # rank 0 checks and locks the folder
         self.out = self.run_dir.path if self.run_dir else Path(cfg.output)
         dist.barrier()
         self.device = _device(dist.device(cfg.device))
@@ -549,7 +565,7 @@ class Run:
         from transformers import AutoTokenizer
 
         from .sources import open_source
-        p = Path(src)
+        p = Path(hub.local(src))
         return (open_source(p).load_tokenizer() if p.suffix == ".gguf" or (p / "config.json").is_file()
                 else AutoTokenizer.from_pretrained(str(p)))
 
@@ -574,7 +590,9 @@ class Run:
                  "trained tokens), "
                  f"{stats['truncated']} truncated to {cfg.max_length}, {stats['dropped']} dropped; "
                  + validation.describe(validation.parse_split(cfg.val_split), len(self.records[0]), len(val),
-                                       cfg.val_data))
+                                       cfg.val_data)
+                 + (f"; {stats['documents']} documents, {stats['tokens']} tokens in {stats['windows']} "
+                    f"{'rows' if cfg.packing else 'windows'} of up to {cfg.max_length}" if "windows" in stats else ""))
         from .fitcheck import Watch
         self.watch = Watch(cfg, self.out, self.log, self.dist.main)  # fit warnings, early stop
         self.validator = validation.Validator(cfg, val_recs, val_fmt, sft=self.method.name == "sft"
@@ -665,6 +683,9 @@ class Run:
         for s in (signal.SIGINT, signal.SIGTERM):
             stack.callback(signal.signal, s, signal.signal(s, on_signal))
         self.metrics = stack.enter_context(open(self.out / "metrics.jsonl" if dist.main else os.devnull, "a"))
+        from .trackers import open_trackers  # --report-to: open until train() returns (finish logs a last row)
+        self.trackers = self.holds.enter_context(open_trackers(cfg.report_to, self.out, dataclasses.asdict(cfg),
+                                                               dist.main))
         stack.enter_context(dequant_cache(self.model, enabled=self._cache_on(), training=True))
         self.keyed = cfg.dropout > 0 and keyed_dropout_usable(device)
         self.micro = MicroStep(self.model, par.forward, self.off,
@@ -797,6 +818,7 @@ class Run:
         if step % self.cfg.log_every == 0 or "eval_loss" in row:
             self.metrics.write(json.dumps(row) + "\n")
             self.metrics.flush()
+            self.trackers.log(row)
         shown = {label: f"{row[k]:.3f}" for label, k in getattr(self.method, "bar", {}).items() if k in row}
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", **shown, lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}",
                              **({"mem": f"{row['mem_gib']}G"} if "mem_gib" in row else {}))
@@ -878,6 +900,7 @@ class Run:
             if dist.main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(self.rows[-1]) + "\n")
+                self.trackers.log(self.rows[-1])
         self.watch.end(self.rows, step)
         self.ck_path = self.save()
         if self.watch.best_tensors is not None:  # --early-stop: the adapter of the best evaluation
@@ -950,7 +973,7 @@ def _model_dims(model: str) -> dict | None:
             from .plan import SHAPES, shape_key
             c = SHAPES[shape_key(model[6:])]
         else:
-            c = json.loads((Path(model) / "config.json").read_text())
+            c = json.loads((Path(hub.local(model)) / "config.json").read_text())
         c = c.get("text_config", c)
         return dict(head_dim=int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]),
                     hidden=int(c["hidden_size"]), intermediate=int(c["intermediate_size"]), vocab=int(c["vocab_size"]))

@@ -101,3 +101,30 @@ def cfg(setup, out, **kw):
 
 def losses(out):
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# ------------------------------------------------------------------ a Hugging Face cache, laid out as documented
+
+def make_hub_cache(cache, repo_id, files_dir, repo_type="model", commit="0123456789abcdef0123456789abcdef01234567"):
+    """Put the files of ``files_dir`` into the Hugging Face cache folder ``cache`` (HF_HOME/hub) as
+    huggingface_hub lays out a download: blobs named by content hash, snapshots/<commit>/ of relative
+    symlinks to them, refs/main = commit. Returns the snapshot folder (tests check the layout with
+    huggingface_hub's own scan_cache_dir / try_to_load_from_cache)."""
+    import hashlib
+    import os
+    from pathlib import Path
+    root = Path(cache) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    for f in sorted(Path(files_dir).rglob("*")):
+        if not f.is_file():
+            continue
+        data = f.read_bytes()
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snap / f.relative_to(files_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs" / "main").write_text(commit)
+    return snap

@@ -28,6 +28,7 @@ PAGES = {"docs/train.md": ["train"], "docs/data.md": ["train"], "docs/optim.md":
          "docs/generate.md": ["generate", "chat", "eval"], "docs/merge.md": ["merge"],
          "docs/export.md": ["export"], "docs/quantize.md": ["quantize"], "docs/memory.md": ["plan", "train"],
          "docs/report.md": ["report", "train"],
+         "docs/hub.md": ["train", "generate", "chat", "eval", "merge", "export", "quantize", "plan"],
          "README.md": None}  # None: every command
 OTHER_TOOLS = {"--nproc-per-node"}  # torchrun's, named where `qlora train --gpus` is explained
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
