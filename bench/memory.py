@@ -496,13 +496,20 @@ def row_consumer():
         row_consumer_70b(small)
 
 
+def card_cap(gpu: int) -> int:
+    """What torch's caching allocator may reserve on a card of ``gpu`` bytes: all of it but the CUDA context.
+    (``set_per_process_memory_fraction`` caps reserved memory, so the allocator's slack, which the plan adds on top
+    of the allocated peak, must fit inside the cap: capping at ``plan.usable_bytes`` would leave none.)"""
+    return gpu - plan.CONTEXT_BYTES
+
+
 def row_consumer_8b(small: bool):
     shape, layers = (ARGS.small_shape, 2) if small else ("llama-3.1-8b", None)
     cfg, model, built = build(shape, rank=16, layers=layers, embed_offload=False)
     log(build_row("consumer_8b_build", cfg, model, built))
     BUILD_S["8b"] = built
     gpu = 2 * GiB if small else 24 * GiB
-    cap = None if small else plan.usable_bytes(gpu)
+    cap = None if small else card_cap(gpu)
     for offload in (False, True):
         longest = plan.max_fit(cfg, gpu, batch=1, rank=16, optim="paged_adamw", offload=offload)
         if small:  # the script check: a CPU step at the plan's longest sequence of 2 GiB would take minutes
@@ -532,7 +539,7 @@ def row_consumer_70b(small: bool):
     # oom_retry: as `qlora train` does, a step that runs out of memory moves the optimizer pages to CPU memory
     # and runs again (the plan's "fits" counts on that paging)
     report("46g_70b_r64", cfg, model, [seq] * ARGS.steps_70b, 1, 64, "paged_adamw", False,
-           None if small else plan.usable_bytes(gpu), oom_retry=True, gpu_gib=46, plan_fits=plan.fits(plan.estimate(
+           None if small else card_cap(gpu), oom_retry=True, gpu_gib=46, plan_fits=plan.fits(plan.estimate(
                cfg, seq, 1, 64, "paged_adamw", embed_offload=True, gpu_mem=gpu), gpu))
     del model
     free()
