@@ -299,31 +299,39 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     return model
 
 
+class RandomSource:
+    """A :class:`qlora.sources.Source` of random weights for ``config``: norms 1, other floating tensors
+    N(0, ``std``) drawn in :meth:`names` order from one generator on ``device`` (seeded), integer tensors 0.
+    Read in that order twice, two instances of the same arguments give the same tensors: what lets a benchmark
+    write the very weights :func:`build_random` quantizes to an HF folder for another stack
+    (bench/dpo_speed.py)."""
+
+    def __init__(self, config, dtype: torch.dtype, device, seed: int = 0, std: float = 0.02):
+        self.config, self.dtype, self.device, self.std = config, dtype, torch.device(device), std
+        self.shapes = {n: (t.shape, t.dtype) for n, t in skeleton(config, dtype).state_dict().items()}
+        self.g = torch.Generator(device=self.device).manual_seed(seed)
+
+    def names(self):
+        return list(self.shapes)
+
+    def get(self, name):
+        shape, dt = self.shapes[name]
+        if name.endswith("norm.weight") or re.search(r"norm[^.]*\.weight$", name):
+            return torch.ones(shape, dtype=self.dtype, device=self.device)
+        if not dt.is_floating_point:
+            return torch.zeros(shape, dtype=dt, device=self.device)
+        return torch.empty(shape, dtype=self.dtype, device=self.device).normal_(0.0, self.std, generator=self.g)
+
+
 def build_random(config, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", seed: int = 0,
                  std: float = 0.02, progress: bool = True, on_block=None) -> nn.Module:
     """A model with random weights built directly in 4-bit, one layer at a time (for benchmarks of
-    8B–70B shapes): each linear's random 16-bit weight exists only until it is quantized."""
+    8B–70B shapes): each linear's random 16-bit weight exists only until it is quantized
+    (weights: :class:`RandomSource`)."""
     device = torch.device(device)
     quant, dtype = resolve_dtypes(quant, dtype, device)
-
-    class _Random:
-        def __init__(self, model):
-            self.config, self.shapes = config, {n: (t.shape, t.dtype) for n, t in model.state_dict().items()}
-            self.g = torch.Generator(device=device).manual_seed(seed)
-
-        def names(self):
-            return list(self.shapes)
-
-        def get(self, name):
-            shape, dt = self.shapes[name]
-            if name.endswith("norm.weight") or re.search(r"norm[^.]*\.weight$", name):
-                return torch.ones(shape, dtype=dtype, device=device)
-            if not dt.is_floating_point:
-                return torch.zeros(shape, dtype=dt, device=device)
-            return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=self.g)
-
-    src = _Random(skeleton(config, dtype))
+    src = RandomSource(config, dtype, device, seed, std)
     return build_from_source(src, quant, lora, device, dtype, seed, progress, on_block)
 
 
