@@ -34,7 +34,7 @@ used by both stacks) is a word-level one whose words are the ids written in deci
 sequences. A real tokenizer would not do: random ids do not survive decode -> encode, and the speed does not
 depend on the tokenizer. The TRL child checks that its tokenized dataset holds exactly our ids.
 
-``--small``: a tiny Llama shape on the CPU, seconds for all rows (fp32; ours with plain AdamW, TRL with
+``--small``: a tiny Llama shape on the CPU, seq 64, 4 steps, seconds per row (fp32; ours with plain AdamW, TRL with
 ``adamw_torch``: paged optimizers need CUDA). TRL's row still loads the model in bitsandbytes 4-bit when that works
 on the CPU (bitsandbytes 0.50.2 does), else without quantization, and says which in its JSON line (``quantized``).
 
@@ -390,6 +390,8 @@ def table(results: list[dict], a) -> str:
         mem = f"{r['peak_gib'] / trl['peak_gib']:.2f}x" if trl and r["peak_gib"] and trl["peak_gib"] else "-"
         lines.append(f"| {r['row']} | {r['tok_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib'] if r['peak_gib'] is not None else '-'} "
                      f"| {sp} | {mem} |")
+    if a.small:
+        lines.append("\n(--small: a CPU check of the script; these figures say nothing about speed)")
     by = {r["row"]: r for r in ok}
     if "ours" in by and "sft" in by:
         lines.append(f"\nour DPO step / our SFT step on the same tokens: {by['ours']['step_s'] / by['sft']['step_s']:.2f}x "
@@ -406,9 +408,9 @@ def parse(argv=None):
     ap.add_argument("--shape", default="llama-3.1-8b", help="a `qlora plan` shape (default llama-3.1-8b)")
     ap.add_argument("--seq", type=int, default=1024, help="tokens per sequence (prompt + answer)")
     ap.add_argument("--pairs", type=int, default=2, help="pairs per micro-batch (2 sequences each)")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the median (CUDA graph capture, "
-                    "allocator and paging warm-up)")
+    ap.add_argument("--steps", type=int, help="optimizer steps per row (default 8; 4 with --small)")
+    ap.add_argument("--warmup", type=int, help="first steps left out of the median (CUDA graph capture, allocator and "
+                    "paging warm-up; default 3; 1 with --small)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -423,8 +425,10 @@ def parse(argv=None):
     ap.add_argument("--verbose", action="store_true", help="show the rows' own output")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    if a.small:
+    if a.small:  # seconds on a CPU: bitsandbytes' CPU 4-bit path takes ~5 s a step even for this shape
         a.seq, a.shape = min(a.seq, 64), "small"
+    a.steps = a.steps or (4 if a.small else 8)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.small else 3)
     a.model_dir = Path(a.model_dir or f"/tmp/dpo_speed_{a.shape}")
     a.passthrough = [f"--shape={a.shape}", f"--seq={a.seq}", f"--pairs={a.pairs}", f"--steps={a.steps}",
                      f"--warmup={a.warmup}", f"--rank={a.rank}", f"--beta={a.beta}", f"--seed={a.seed}",
