@@ -364,7 +364,6 @@ def child(a, row: str) -> dict | None:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", row] + a.passthrough
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
-    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as qlora train and the reference do
     p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=None if a.verbose else subprocess.PIPE,
                        text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
@@ -388,14 +387,15 @@ def table(results: list[dict], a) -> str:
             continue
         sp = f"{r['tok_s'] / trl['tok_s']:.2f}x" if trl else "-"
         mem = f"{r['peak_gib'] / trl['peak_gib']:.2f}x" if trl and r["peak_gib"] and trl["peak_gib"] else "-"
-        lines.append(f"| {r['row']} | {r['tok_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib'] if r['peak_gib'] is not None else '-'} "
-                     f"| {sp} | {mem} |")
+        peak = r["peak_gib"] if r["peak_gib"] is not None else "-"
+        lines.append(f"| {r['row']} | {r['tok_s']:,.0f} | {r['step_s']:.3f} | {peak} | {sp} | {mem} |")
+    lines.append("")
     if a.small:
-        lines.append("\n(--small: a CPU check of the script; these figures say nothing about speed)")
+        lines.append("(--small: a CPU check of the script; these figures say nothing about speed)")
     by = {r["row"]: r for r in ok}
     if "ours" in by and "sft" in by:
-        lines.append(f"\nour DPO step / our SFT step on the same tokens: {by['ours']['step_s'] / by['sft']['step_s']:.2f}x "
-                     "(target <= 1.6x)")
+        ratio = by["ours"]["step_s"] / by["sft"]["step_s"]
+        lines.append(f"our DPO step / our SFT step on the same tokens: {ratio:.2f}x (target <= 1.6x)")
     if "ours" in by and trl:
         mem = (f", peak {by['ours']['peak_gib'] / trl['peak_gib']:.2f}x TRL's (target <= 0.5x)"
                if by["ours"]["peak_gib"] and trl["peak_gib"] else "")
