@@ -193,7 +193,7 @@ def ours_examples(method: str, pairs):
 
 
 def run_ours(a, row: str) -> dict:
-    """One of our rows through qlora.train.Run on synthetic examples (no data file, no tokenizing)."""
+    """One of our rows through qlora.train.Run, its data the synthetic pairs' token ids (:class:`Given`)."""
     import contextlib
 
     import torch
@@ -212,7 +212,7 @@ def run_ours(a, row: str) -> dict:
                       warmup_ratio=0.0, optim="adamw" if a.small else "paged_adamw", compute_dtype=dtype,
                       batch_size=a.pairs * (2 if method == "sft" else 1), grad_accum=1, max_steps=a.steps,
                       max_length=a.seq, grad_checkpointing=True, cuda_graphs=not a.no_cuda_graphs, output=str(out),
-                      save_every=0, progress=False, device=device, seed=a.seed)
+                      val_split=0.0, save_every=0, progress=False, device=device, seed=a.seed)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.time()
@@ -220,7 +220,9 @@ def run_ours(a, row: str) -> dict:
     model = build_random(config, QuantSettings(compute_dtype=dtype), LoraSettings(r=a.rank, alpha=16.0, dropout=0.0),
                          device, dtype, seed=a.seed, progress=False)
     build_s = time.time() - t
-    run = synthetic_run_class()(cfg, examples, model, word_tokenizer(config.vocab_size, eos_id(config)))
+    from qlora.methods import method_for
+    run = Run(cfg, log=lambda m: print(m, file=sys.stderr), model=model,
+              tokenizer=word_tokenizer(config.vocab_size, eos_id(config)), method=Given(method_for(cfg), examples))
     t = time.time()
     run.setup()  # with ours-pre: the reference log-probs of every pair, before the first step
     setup_s = time.time() - t
@@ -243,30 +245,27 @@ def run_ours(a, row: str) -> dict:
                 cuda_graphs=run.graphed is not None, loss=rows[-1]["loss"], times=[round(x, 4) for x in times])
 
 
-def synthetic_run_class():
-    """:class:`qlora.train.Run` fed with token ids (a function: the TRL child must not import qlora)."""
-    from qlora.train import Run
+class Given:
+    """A training method (qlora.methods) whose data are examples given as token ids: ``read`` hands them over
+    as the records and ``examples`` returns them as they are (no file, no tokenizer); batches, token counts and
+    the loss are the wrapped method's. It plugs in at the run's method seam, so the rest of
+    :class:`qlora.train.Run` (output folder, validation split, optimizer, reference, steps) is the run's own."""
 
-    class _SyntheticRun(Run):
-        """:class:`Run` on examples given as token ids: no data file is read, nothing is tokenized; the
-        model and tokenizer are given. Every other part (output folder, checkpointing, optimizer, reference,
-        steps) is the run's own."""
+    def __init__(self, method, examples: list):
+        self.inner, self.given = method, examples
+        self.name = method.name
 
-        def __init__(self, cfg, examples, model, tokenizer):
-            super().__init__(cfg, log=lambda m: print(m, file=sys.stderr), model=model, tokenizer=tokenizer)
-            self.synthetic = examples
+    def __getattr__(self, name):  # batches, tokens, loss, graphs_refused, bar, core: the wrapped method's
+        return getattr(self.inner, name)
 
-        def _read_data(self):
-            return None
+    def read(self, path, cfg) -> tuple:
+        return self.given, "token ids"
 
-        def _setup_data(self):
-            cfg = self.cfg
-            self.pad_id = self.tok.pad_token_id
-            self.batches = self.method.batches(self.synthetic, cfg, self.pad_id, train=True)
-            self.val_batches = []
-            self.per_epoch, self.total, self.warmup = len(self.batches), cfg.max_steps, 0
-
-    return _SyntheticRun
+    def examples(self, records, fmt: str, tokenizer, cfg) -> tuple[list, dict]:
+        seqs = [e for x in records for e in ((x.chosen, x.rejected) if hasattr(x, "chosen") else (x,))]
+        trained = sum(sum(t != -100 for t in e.labels) for e in seqs)
+        return list(records), {"examples": len(records), "kept": len(records), "tokens": sum(map(len, seqs)),
+                               "trained_tokens": trained, "truncated": 0, "dropped": 0}
 
 
 # ------------------------------------------------------------------------------------------------ TRL
