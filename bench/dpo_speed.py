@@ -207,6 +207,7 @@ def run_ours(a, row: str) -> dict:
     examples = ours_examples(method, pairs)
     dtype = "fp32" if a.small else "bf16"
     out = Path(tempfile.mkdtemp(prefix=f"dpo_speed_{row}_")) / "run"
+    # model=None: the model is given to the run (its log line then names the embedded default model)
     cfg = TrainConfig(data="synthetic", method=method, beta=a.beta, loss="sigmoid", precompute_ref=row == "ours-pre",
                       model=None, rank=a.rank, alpha=16.0, dropout=0.0, lr=2e-4, max_grad_norm=0.3,
                       warmup_ratio=0.0, optim="adamw" if a.small else "paged_adamw", compute_dtype=dtype,
