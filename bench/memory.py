@@ -538,9 +538,15 @@ def row_consumer_70b(small: bool):
     gpu = 46 * GiB
     # oom_retry: as `qlora train` does, a step that runs out of memory moves the optimizer pages to CPU memory
     # and runs again (the plan's "fits" counts on that paging)
-    report("46g_70b_r64", cfg, model, [seq] * ARGS.steps_70b, 1, 64, "paged_adamw", False,
-           None if small else card_cap(gpu), oom_retry=True, gpu_gib=46, plan_fits=plan.fits(plan.estimate(
-               cfg, seq, 1, 64, "paged_adamw", embed_offload=True, gpu_mem=gpu), gpu))
+    fits = plan.fits(plan.estimate(cfg, seq, 1, 64, "paged_adamw", embed_offload=True, gpu_mem=gpu), gpu)
+    cap = None if small else card_cap(gpu)
+    report("46g_70b_r64", cfg, model, [seq] * ARGS.steps_70b, 1, 64, "paged_adamw", False, cap, oom_retry=True,
+           gpu_gib=46, plan_fits=fits)
+    # the optimizer keeps on the GPU only the state the plan leaves room for (what --memory-budget 46GiB passes
+    # to it), instead of what is free at its first step (which the next backward then lacks)
+    budget = plan.page_budget(cfg, seq, 1, gpu, rank=64, embed_offload=True)
+    report("46g_70b_r64_plan_page_budget", cfg, model, [seq] * ARGS.steps_70b, 1, 64, "paged_adamw", False, cap,
+           page_budget=budget, oom_retry=True, gpu_gib=46, plan_fits=fits)
     del model
     free()
 
