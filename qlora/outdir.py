@@ -32,8 +32,9 @@ LOCK_NAME = ".qlora.lock"
 # what a training run writes into its folder (qlora/train.py, trackers, reports): the only names
 # --overwrite removes; temp names of atomic writes (.adapter.tmp-*, loss.tmp.png) count too
 RUN_NAMES = frozenset({"config.yaml", "metrics.jsonl", "loss.png", "loss.tmp.png", "checkpoints", "adapter",
-                       "report.html", "report.md", "tb", "wandb", "mlruns"})
-_RUN_TEMP = re.compile(r"^\.adapter\.(tmp|old)-")
+                       "report.html", "report.md", "tb", "wandb", "mlruns",
+                       "qlora_base.safetensors"})  # the LoftQ/PiSSA base (qlora.variants.BASE_FILE)
+_RUN_TEMP = re.compile(r"^\.(adapter\.(tmp|old)|qlora_base\.safetensors\.tmp)-")
 
 _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
