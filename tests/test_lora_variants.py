@@ -238,10 +238,10 @@ def test_we_load_peft_dora_adapters(setup, tmp_path):
 @pytest.mark.parametrize("kw", [dict(dora=True), dict(init="pissa", lora_plus_ratio=4.0)])
 def test_resume_exact_with_variants(setup, tmp_path, kw):
     full = tmp_path / "full"
-    train(cfg(setup, full, **kw), log=lambda m: None)
+    train(cfg(setup, full, max_steps=4, save_every=2, **kw), log=lambda m: None)
     part = tmp_path / "part"
-    train(cfg(setup, part, max_steps=3, **kw), log=lambda m: None)
-    train(cfg(setup, part, resume=True, **kw), log=lambda m: None)
+    train(cfg(setup, part, max_steps=2, save_every=2, **kw), log=lambda m: None)
+    train(cfg(setup, part, max_steps=4, save_every=2, resume=True, **kw), log=lambda m: None)
     assert losses(part) == losses(full)
 
 
