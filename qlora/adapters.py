@@ -80,7 +80,7 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
         "alpha_pattern": {},
         "use_dora": any(m.lora_magnitude is not None for m in mods.values()),
     }
-    base_file = getattr(model, "qlora_base_file", None)
+    stored = getattr(model, "qlora_base_file", None)
     init = getattr(model, "qlora_init", None)
     if init:
         extra = {**(extra or {}), "init": init}
@@ -90,8 +90,8 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if base_file is not None:
-            _link_or_copy(Path(base_file), tmp / BASE_FILE)
+        if stored is not None:
+            _link_or_copy(Path(stored), tmp / BASE_FILE)
         _write_adapter_files(tmp, out, tensors, config, quant, extra, needed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -262,13 +262,10 @@ def load_adapter(model, adapter_dir: str | os.PathLike, trainable: bool = False)
         if isinstance(m, QLoRALinear) and m.r:
             m.set_lora(0)
     mags = read_magnitudes(adapter_dir, pairs)
-    base = Path(adapter_dir) / BASE_FILE
-    if base.is_file():  # LoftQ/PiSSA: the corrected base this adapter was trained on
+    base = base_file(adapter_dir)
+    if base is not None:  # LoftQ/PiSSA: the corrected base this adapter was trained on
         from .variants import load_base
         load_base(model, base)
-    elif _read_init(adapter_dir) in ("loftq", "pissa"):
-        raise QLoraError(f"{adapter_dir}: trained with --init {_read_init(adapter_dir)} on a corrected base, but its "
-                         f"{BASE_FILE} is missing (copy the whole adapter folder)")
     for name, (a, b) in pairs.items():
         m = model.get_submodule(name)
         dev = m.weight_packed.device if m.weight_packed is not None else m.weight.device
@@ -282,17 +279,26 @@ def load_adapter(model, adapter_dir: str | os.PathLike, trainable: bool = False)
     return model
 
 
-def _read_init(adapter_dir) -> str:
-    """The --init an adapter of ours was trained with (qlora_config.json; gaussian when unknown)."""
+def base_file(adapter_dir) -> Path | None:
+    """The corrected base a LoftQ/PiSSA adapter carries (None for other adapters); an adapter of ours whose
+    ``qlora_config.json`` says it was trained on one but lacks the file is refused."""
+    path = Path(adapter_dir) / BASE_FILE
+    if path.is_file():
+        return path
     p = Path(adapter_dir) / QCONFIG
     init = _read_json_object(p).get("init") if p.is_file() else None
-    return init.get("init", "gaussian") if isinstance(init, dict) else "gaussian"
+    init = init.get("init", "gaussian") if isinstance(init, dict) else "gaussian"
+    if init in ("loftq", "pissa"):
+        raise QLoraError(f"{adapter_dir}: trained with --init {init} on a corrected base, but its {BASE_FILE} is "
+                         "missing (copy the whole adapter folder)")
+    return None
 
 
 def adapter_quant_settings(adapter_dir) -> QuantSettings:
     """How the base was quantized when the adapter was trained (defaults if unknown), checked: a
-    bad value names the file and field here, before any model loads."""
+    bad value names the file and field here, before any model loads (so is a LoftQ/PiSSA base file gone missing)."""
     from .nf4 import check_blocksize
+    base_file(adapter_dir)
     p = Path(adapter_dir) / QCONFIG
     if not p.is_file():
         return QuantSettings()
@@ -389,9 +395,7 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
     names = source.names()
     weight_names = {f"{n}.weight": n for n in pairs}
     mags = read_magnitudes(adapter_dir, pairs) if adapter_dir else {}
-    base_file = Path(adapter_dir) / BASE_FILE if adapter_dir else None
-    if base_file is not None and not base_file.is_file():
-        base_file = None
+    stored_file = base_file(adapter_dir) if adapter_dir else None
     absent = [n for n in weight_names if n not in names]
     if absent:
         raise QLoraError(f"adapter {adapter_dir} does not fit base {model_src}: the base has no "
@@ -404,7 +408,7 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
         from .variants import dora_merge, stored_base
         for name in names:
             q = source.quantized(name)
-            stored = stored_base(base_file, name[:-7]) if base_file and name in weight_names else None
+            stored = stored_base(stored_file, name[:-7]) if stored_file and name in weight_names else None
             if stored is not None:  # LoftQ/PiSSA: the corrected base the adapter was trained on
                 w = stored
             elif q is not None:

@@ -698,6 +698,9 @@ def lora_plus_groups(names: list[str], params: list, lr: float, ratio: float) ->
     ``ratio = 0``: one plain group (LoRA+ off). Empty groups are left out."""
     if not ratio:
         return list(params)
+    params = list(params)
+    if len(names) != len(params):
+        raise QLoraError(f"LoRA+ groups: {len(names)} names for {len(params)} parameters")
     fast = [n.endswith("lora_B") or "lora_B." in n or p.dim() == 1 for n, p in zip(names, params)]
     groups = [{"params": [p for p, f in zip(params, fast) if not f], "lr": lr, "lr_ratio": 1.0},
               {"params": [p for p, f in zip(params, fast) if f], "lr": lr * ratio, "lr_ratio": float(ratio)}]

@@ -138,6 +138,8 @@ def load_base(model, path: str | os.PathLike) -> list[str]:
             raise QLoraError(f"{path}: {name} has shape {tuple(info['shape'])}, the model's layer "
                              f"{(m.out_features, m.in_features)}")
         get = lambda k: tensors[f"{name}.{k}"].to(dev) if f"{name}.{k}" in tensors else None  # noqa: E731
+        if get("weight_packed") is None or get("absmax") is None:
+            raise QLoraError(f"{path}: {name} lacks its packed weight or scales (a damaged file)")
         state = nf4.QuantState(quant_type=info["quant_type"], absmax=get("absmax"), code=get("code"),
                                shape=torch.Size(info["shape"]), dtype=getattr(torch, info["dtype"]),
                                blocksize=info["blocksize"], nested_absmax=get("nested_absmax"),

@@ -275,13 +275,18 @@ def test_bad_values_one_line(setup, tmp_path, capsys, args, msg):
     assert code == 2 and msg in err and "Traceback" not in err, err
 
 
-def test_missing_base_file_is_one_clear_error(setup, tmp_path):
+def test_missing_base_file_is_one_clear_error(setup, tmp_path, capsys):
     out = tmp_path / "r"
     train(cfg(setup, out, init="pissa", max_steps=1, save_every=0), log=lambda m: None)
     (out / "adapter" / variants.BASE_FILE).unlink()
     model, _ = load_model(str(setup / "model"), FP32, lora=None, dtype="fp32", progress=False)
     with pytest.raises(QLoraError, match="qlora_base.safetensors is missing"):
         load_adapter(model, out / "adapter")
+    code = main(["merge", "--model", str(setup / "model"), "--adapter", str(out / "adapter"),
+                 "--output", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 2 and "qlora_base.safetensors is missing" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
 
 
 def test_overwrite_removes_the_stored_base(setup, tmp_path):
