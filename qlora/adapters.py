@@ -6,6 +6,11 @@ An adapter directory holds ``adapter_config.json`` (PEFT's ``LoraConfig``) and
 ``base_model.model.M.lora_B.weight`` [out, r]. ``peft.PeftModel.from_pretrained`` loads it onto
 the transformers model, and adapters peft saved load here. We also write ``qlora_config.json``
 (how the base was quantized while training), which peft ignores and ``merge`` uses.
+
+DoRA adds ``base_model.model.M.lora_magnitude_vector`` [out] per layer and ``"use_dora": true`` (peft's keys).
+A LoftQ/PiSSA adapter holds ``qlora_base.safetensors``, the corrected 4-bit base it was trained on
+(qlora.variants), and says ``"init_lora_weights": true``: peft's documented way to save such an adapter, so that
+``PeftModel.from_pretrained`` does not run the SVD again on the base it is given.
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ from .errors import QLoraError
 from .linear import QLoRALinear
 from .model import LoraSettings, QuantSettings, block_linear_names, lora_modules, parse_dtype
 from .outdir import guard_write, lock_beside
+from .variants import BASE_FILE
 
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's magnitude, peft's key suffix (no ".weight")
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 QCONFIG = "qlora_config.json"
@@ -48,10 +55,12 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
     dropout = next(iter(mods.values())).lora_dropout
     pairs = tensors if tensors is not None else {n: (m.lora_A, m.lora_B) for n, m in mods.items()}
     tensors = {}
-    for name in mods:
+    for name, m in mods.items():
         a, b = pairs[name]
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().cpu()
+        if m.lora_magnitude is not None:
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = m.lora_magnitude.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -69,18 +78,33 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
         "layers_to_transform": None,
         "rank_pattern": {},
         "alpha_pattern": {},
+        "use_dora": any(m.lora_magnitude is not None for m in mods.values()),
     }
+    stored = getattr(model, "qlora_base_file", None)
+    init = getattr(model, "qlora_init", None)
+    if init:
+        extra = {**(extra or {}), "init": init}
     out = Path(out_dir)
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     with guard_write(out, needed):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        if stored is not None:
+            _link_or_copy(Path(stored), tmp / BASE_FILE)
         _write_adapter_files(tmp, out, tensors, config, quant, extra, needed)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link of ``src`` (no extra disk space for the base in every checkpoint), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _write_adapter_files(tmp: Path, out: Path, tensors: dict, config: dict, quant, extra, needed: int) -> None:
@@ -154,6 +178,36 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[
     return cfg, out
 
 
+def read_magnitudes(adapter_dir, pairs: dict) -> dict[str, torch.Tensor]:
+    """DoRA's {layer name: magnitude [out]} of a ``use_dora`` adapter (every layer of ``pairs`` must have one;
+    {} for plain LoRA)."""
+    d = Path(adapter_dir)
+    if not _read_json_object(d / CONFIG).get("use_dora"):
+        return {}
+    sd = load_file(str(d / WEIGHTS))
+    out = {}
+    for name, (a, b) in pairs.items():
+        m = next((sd[k] for k in (f"{PREFIX}{name}.{MAGNITUDE}", f"{PREFIX}{name}.{MAGNITUDE}.weight",
+                                  f"{name}.{MAGNITUDE}") if k in sd), None)
+        if m is None:
+            raise QLoraError(f"{d / WEIGHTS}: use_dora is set but {name} has no {MAGNITUDE}")
+        if tuple(m.shape) != (b.shape[0],) or not m.is_floating_point() or not torch.isfinite(m).all():
+            raise QLoraError(f"{d / WEIGHTS}: {name}.{MAGNITUDE} must be {b.shape[0]} finite floats, "
+                             f"got {m.dtype} {tuple(m.shape)}")
+        out[name] = m
+    return out
+
+
+def set_magnitudes(model, mags: dict[str, torch.Tensor]) -> None:
+    """Give each named layer DoRA's magnitude ``mags[name]`` (creating the parameter where missing)."""
+    for name, mag in mags.items():
+        m = model.get_submodule(name)
+        if m.lora_magnitude is None:
+            m.lora_magnitude = torch.nn.Parameter(torch.empty(m.out_features, dtype=m.lora_A.dtype,
+                                                              device=m.lora_A.device))
+        m.lora_magnitude.data.copy_(mag)
+
+
 def _read_json_object(path: Path) -> dict:
     try:
         cfg = json.loads(path.read_text())
@@ -178,6 +232,8 @@ def _check_lora_fields(cfg: dict, path: Path) -> None:
         bad("lora_dropout", "a number in [0, 1)")
     if "use_rslora" in cfg and not isinstance(cfg["use_rslora"], bool):
         bad("use_rslora", "true or false")
+    if "use_dora" in cfg and not isinstance(cfg["use_dora"], bool):
+        bad("use_dora", "true or false")
     tm = cfg.get("target_modules")
     if tm is not None and not isinstance(tm, (str, list)):
         bad("target_modules", "a list of module names")
@@ -205,21 +261,44 @@ def load_adapter(model, adapter_dir: str | os.PathLike, trainable: bool = False)
     for m in model.modules():  # layers not in the adapter carry no LoRA
         if isinstance(m, QLoRALinear) and m.r:
             m.set_lora(0)
+    mags = read_magnitudes(adapter_dir, pairs)
+    base = base_file(adapter_dir)
+    if base is not None:  # LoftQ/PiSSA: the corrected base this adapter was trained on
+        from .variants import load_base
+        load_base(model, base)
     for name, (a, b) in pairs.items():
         m = model.get_submodule(name)
         dev = m.weight_packed.device if m.weight_packed is not None else m.weight.device
         m.set_lora(r, alpha, float(cfg.get("lora_dropout", 0.0) or 0.0), rslora, device=dev)
         m.lora_A.data.copy_(a)
         m.lora_B.data.copy_(b)
+    set_magnitudes(model, mags)
+    from .model import TRAINABLE
     for n, p in model.named_parameters():
-        p.requires_grad_(trainable and n.endswith(("lora_A", "lora_B")))
+        p.requires_grad_(trainable and n.endswith(TRAINABLE))
     return model
+
+
+def base_file(adapter_dir) -> Path | None:
+    """The corrected base a LoftQ/PiSSA adapter carries (None for other adapters); an adapter of ours whose
+    ``qlora_config.json`` says it was trained on one but lacks the file is refused."""
+    path = Path(adapter_dir) / BASE_FILE
+    if path.is_file():
+        return path
+    p = Path(adapter_dir) / QCONFIG
+    init = _read_json_object(p).get("init") if p.is_file() else None
+    init = init.get("init", "gaussian") if isinstance(init, dict) else "gaussian"
+    if init in ("loftq", "pissa"):
+        raise QLoraError(f"{adapter_dir}: trained with --init {init} on a corrected base, but its {BASE_FILE} is "
+                         "missing (copy the whole adapter folder)")
+    return None
 
 
 def adapter_quant_settings(adapter_dir) -> QuantSettings:
     """How the base was quantized when the adapter was trained (defaults if unknown), checked: a
-    bad value names the file and field here, before any model loads."""
+    bad value names the file and field here, before any model loads (so is a LoftQ/PiSSA base file gone missing)."""
     from .nf4 import check_blocksize
+    base_file(adapter_dir)
     p = Path(adapter_dir) / QCONFIG
     if not p.is_file():
         return QuantSettings()
@@ -317,6 +396,8 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
         check_fits(adapter_dir, model_src, pairs, source.config)  # before a weight is read
     names = source.names()
     weight_names = {f"{n}.weight": n for n in pairs}
+    mags = read_magnitudes(adapter_dir, pairs) if adapter_dir else {}
+    stored_file = base_file(adapter_dir) if adapter_dir else None
     absent = [n for n in weight_names if n not in names]
     if absent:
         raise QLoraError(f"adapter {adapter_dir} does not fit base {model_src}: the base has no "
@@ -326,9 +407,13 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
     block_weights = set(quantizable_linear_names(source.config))
 
     def gen():
+        from .variants import dora_merge, stored_base
         for name in names:
             q = source.quantized(name)
-            if q is not None:
+            stored = stored_base(stored_file, name[:-7]) if stored_file and name in weight_names else None
+            if stored is not None:  # LoftQ/PiSSA: the corrected base the adapter was trained on
+                w = stored
+            elif q is not None:
                 w = nf4.dequantize_4bit(q[0], q[1], torch.float32)
             elif name in block_weights and quant.quant_type:  # the 4-bit base that was trained on
                 p, st = nf4.quantize_4bit(source.get(name), quant.blocksize, quant.quant_type, quant.double_quant)
@@ -340,7 +425,9 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
                 if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]:
                     raise QLoraError(f"adapter {adapter_dir} does not fit base {model_src}: {name} is "
                                      f"{tuple(w.shape)}, the adapter has A {tuple(a.shape)}, B {tuple(b.shape)}")
-                w = w.float() + scaling * (b.float() @ a.float())
+                mag = mags.get(weight_names[name])
+                w = (dora_merge(w, a, b, scaling, mag) if mag is not None
+                     else w.float() + scaling * (b.float() @ a.float()))
             yield name, w.to(dtype) if w.is_floating_point() else w
 
     return source.config, source, gen()

@@ -8,6 +8,9 @@
 * ``A`` [r, in] starts Kaiming-uniform (a = sqrt 5), ``B`` [out, r] starts at zero, so a fresh
   adapter leaves the base model unchanged (PEFT's initialisation).
 * ``scaling = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+* DoRA (``use_dora``, :meth:`init_dora`): a trainable magnitude ``m`` [out] (peft's ``lora_magnitude_vector``)
+  rescales each output row: ``y = x W^T + (m/n - 1) xd W^T + (m/n) scaling (xd A^T) B^T + bias`` with
+  ``n = ||W + scaling B A||_row`` detached (peft's ``use_dora=True`` forward; ``xd = x`` without dropout).
 * Matmuls run in ``compute_dtype`` (bf16 default); LoRA factors are kept in ``lora_dtype``
   (fp32 default, so optimizer updates are not lost to bf16 rounding) and cast for the matmul.
   The output has the input's dtype.
@@ -254,6 +257,7 @@ class QLoRALinear(nn.Module):
         self._lora_c: tuple | None = None  # (A, B) in compute dtype while a lora_cast context is active
         self._lora_c_grad = False  # whether _lora_c was cast with gradients on (else: use it only with them off)
         self._carriers: dict = {}  # name -> (shape, dtype, nbytes) of integer tensors held as bf16 bytes (FSDP2)
+        self.lora_magnitude: nn.Parameter | None = None  # DoRA's magnitude (see init_dora)
         # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
         # non-persistent: the base is always re-read from its source, adapters are saved apart).
         for k in self.BASE_TENSORS:
@@ -276,6 +280,17 @@ class QLoRALinear(nn.Module):
             self.reset_lora_parameters()
         else:
             self.lora_A = self.lora_B = None
+        self.lora_magnitude = None
+
+    def init_dora(self) -> None:
+        """Turn the adapter into DoRA: magnitude ``m = ||dequant(W) + scaling B A||_row`` (so the output is
+        unchanged), computed now from the current base and factors, as peft's ``dora_init``."""
+        from .variants import dora_norm
+        if self.r == 0:
+            raise QLoraError("DoRA needs a LoRA adapter on the layer (rank > 0)")
+        w = self.base_weight(torch.float32)
+        self.lora_magnitude = nn.Parameter(dora_norm(w, self.lora_A, self.lora_B, self.scaling)
+                                           .to(self.lora_A.dtype))
 
     # -- construction ------------------------------------------------------------------------
 
@@ -374,7 +389,11 @@ class QLoRALinear(nn.Module):
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     def merged_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """dequant(W) + scaling * B @ A, summed in fp32, then cast."""
+        """dequant(W) + scaling * B @ A, summed in fp32, then cast (with DoRA, each row rescaled by m / norm)."""
+        if self.lora_magnitude is not None:
+            from .variants import dora_merge
+            w = dora_merge(self.base_weight(torch.float32), self.lora_A, self.lora_B, self.scaling, self.lora_magnitude)
+            return w.to(dtype)
         return (self.base_weight(torch.float32) + self.delta_weight()).to(dtype)
 
     def _device(self) -> torch.device:
@@ -389,6 +408,8 @@ class QLoRALinear(nn.Module):
         return self.lora_A.to(self.compute_dtype), self.lora_B.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_magnitude is not None and not self.disable_adapter:
+            return self._dora_forward(x)
         in_dtype = x.dtype
         xc = x.to(self.compute_dtype)
         grad = torch.is_grad_enabled()
@@ -433,6 +454,37 @@ class QLoRALinear(nn.Module):
                  torch.addmm(y2, xa, b.t(), alpha=self.scaling)).view(y.shape)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA's output (see the module docstring) through plain autograd ops: the base products run through
+        the frozen 4-bit matmul (no dequantized copy saved for backward); the row norm is computed from one
+        transient dequantization, detached."""
+        from .variants import dora_norm
+        in_dtype, xc = x.dtype, x.to(self.compute_dtype)
+        grad = torch.is_grad_enabled()
+        cached = self._wcache is not None and (self._wcache_grad or not grad)
+        a, b = self._lora_factors()
+
+        def base(v):
+            if cached:
+                return F.linear(v, self._wcache)
+            if self.weight_packed is None:
+                return F.linear(v, self.weight)
+            return _frozen_matmul_4bit(v, self._raw("weight_packed"), self) if grad else \
+                v @ _dequant(self._raw("weight_packed"), self.state, v.dtype).t()
+        w = self._wcache if cached else self.base_weight(self.compute_dtype)
+        norm = dora_norm(w, self.lora_A, self.lora_B, self.scaling)
+        del w
+        scale = (self.lora_magnitude / norm).to(self.compute_dtype)
+        dropout = not isinstance(self.lora_dropout, nn.Identity) and self.lora_dropout.training
+        xd = self.lora_dropout(xc) if dropout else xc
+        y = base(xc)
+        yd = base(xd) if dropout else y
+        lora = (xd @ a.t()) @ b.t()
+        y = y + ((scale - 1) * yd + scale * lora * self.scaling)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
     def _decode_gemv(self, xc: torch.Tensor) -> torch.Tensor | None:
         """``xc @ dequant(W).T`` for one row through the CUDA GEMV (``kernels.gemv_cuda``: Hopper and newer;
         ~13 us for W 14336x4096 on an H200 against ~30 for cuBLAS on a bf16 copy), None where it does not
@@ -465,7 +517,8 @@ class QLoRALinear(nn.Module):
         base = f"{self.quant_type}, block={self._meta.get('blocksize')}, dq={self.nested_absmax is not None}" \
             if self.weight_packed is not None else "16-bit"
         return (f"in={self.in_features}, out={self.out_features}, base={base}, r={self.r}, "
-                f"alpha={self.alpha:g}{', rslora' if self.use_rslora else ''}")
+                f"alpha={self.alpha:g}{', rslora' if self.use_rslora else ''}"
+                f"{', dora' if self.lora_magnitude is not None else ''}")
 
 
 class _NoGemv:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import nf4
 from .compat import set_module_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
@@ -41,6 +42,9 @@ class LoraSettings:
     dropout: float = 0.05
     target: str = "all-linear"
     rslora: bool = False
+    init: str = "gaussian"  # gaussian (A Kaiming-uniform, B = 0) | loftq | pissa (qlora.variants)
+    loftq_iters: int = 1
+    dora: bool = False
 
 
 def resolve_dtypes(quant: QuantSettings, dtype: str | torch.dtype, device) -> tuple[QuantSettings, torch.dtype]:
@@ -123,14 +127,29 @@ def apply_qlora(model: nn.Module, quant: QuantSettings = QuantSettings(), lora: 
             continue
         q = QLoRALinear.from_linear(lin, quant_type=quant.quant_type, blocksize=quant.blocksize,
                                     double_quant=quant.double_quant, **_lora_kwargs(lora, quant, n in targets))
+        if q.r > 0:
+            _init_variant(q, lambda: lin.weight.detach(), lora, quant)
         set_module(model, n, q)
     freeze_base(model)
     return model
 
 
+def _init_variant(layer: QLoRALinear, weight, lora: LoraSettings, quant: QuantSettings) -> None:
+    """LoftQ / PiSSA initialisation from the original weight (``weight()`` gives it) and DoRA's magnitude
+    (qlora.variants)."""
+    if lora.init != "gaussian":
+        from .variants import init_layer
+        init_layer(layer, weight(), lora.init, lora.loftq_iters, quant)
+    if lora.dora:
+        layer.init_dora()
+
+
+TRAINABLE = ("lora_A", "lora_B", "lora_magnitude")  # parameter names (last component) that train
+
+
 def freeze_base(model: nn.Module) -> None:
     for n, p in model.named_parameters():
-        p.requires_grad_(n.endswith("lora_A") or n.endswith("lora_B"))
+        p.requires_grad_(n.endswith(TRAINABLE))
 
 
 def lora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
@@ -275,6 +294,8 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
                 bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=sqrt 5)
                 a.uniform_(-bound, bound, generator=gen)
                 layer.lora_A.data.copy_(a)
+                _init_variant(layer, lambda: (source.get(name) if q is None else  # read again only if needed
+                                              nf4.dequantize_4bit(q[0], q[1], torch.float32)).to(device), lora, quant)
             set_module(model, mod_name, layer)
         elif name.endswith(".bias") and name[:-5] in linears:
             biases[name[:-5]] = source.get(name)

@@ -691,6 +691,22 @@ def check_offload(name: str, offload: bool) -> None:
         raise QLoraError(f"--offload-optimizer needs a paged optimizer (paged_adamw or paged_adamw8bit), not {name}")
 
 
+def lora_plus_groups(names: list[str], params: list, lr: float, ratio: float) -> list:
+    """LoRA+ (Hayou et al., 2024) parameter groups, as peft's ``create_loraplus_optimizer`` forms them: every
+    ``lora_B`` and every 1-D parameter (DoRA's magnitude) at ``ratio * lr``, the rest (``lora_A``) at ``lr``.
+    ``names`` name ``params`` one for one. Each group carries ``lr_ratio``: the schedule multiplies it in.
+    ``ratio = 0``: one plain group (LoRA+ off). Empty groups are left out."""
+    if not ratio:
+        return list(params)
+    params = list(params)
+    if len(names) != len(params):
+        raise QLoraError(f"LoRA+ groups: {len(names)} names for {len(params)} parameters")
+    fast = [n.endswith("lora_B") or "lora_B." in n or p.dim() == 1 for n, p in zip(names, params)]
+    groups = [{"params": [p for p, f in zip(params, fast) if not f], "lr": lr, "lr_ratio": 1.0},
+              {"params": [p for p, f in zip(params, fast) if f], "lr": lr * ratio, "lr_ratio": float(ratio)}]
+    return [g for g in groups if g["params"]]
+
+
 def make_optimizer(params, name: str = "paged_adamw", lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                    weight_decay: float = 0.0, page_budget_bytes: int | None = None) -> torch.optim.Optimizer:
     """Build one of :data:`OPTIMIZERS` over ``params`` (tensors or param-group dicts)."""

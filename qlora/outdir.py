@@ -34,9 +34,10 @@ LOCK_NAME = ".qlora.lock"
 # --overwrite removes; temp names of atomic writes (.adapter.tmp-*, loss.tmp.png) count too
 RUN_NAMES = frozenset({"config.yaml", "metrics.jsonl", "loss.png", "loss.tmp.png", "checkpoints", "adapter",
                        "report.html", "report.md", "tb", "wandb", "mlruns", "ref_logps.safetensors",
-                       "validation.json", "data_stats.json", "answers.json"})  # qlora/validation.py
-_RUN_TEMP = re.compile(r"^\.(adapter\.(tmp|old)|ref_logps\.safetensors\.tmp)-|^(validation|data_stats|answers)\.json\.tmp$"
-                       r"|^report\.(html|md)\.tmp$")
+                       "validation.json", "data_stats.json", "answers.json",  # qlora/validation.py
+                       "qlora_base.safetensors"})  # the LoftQ/PiSSA base (qlora.variants.BASE_FILE)
+_RUN_TEMP = re.compile(r"^\.(adapter\.(tmp|old)|ref_logps\.safetensors\.tmp|qlora_base\.safetensors\.tmp)-"
+                       r"|^(validation|data_stats|answers)\.json\.tmp$|^report\.(html|md)\.tmp$")
 
 _WRITE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",

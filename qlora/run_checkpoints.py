@@ -110,10 +110,11 @@ def load_checkpoint(ck: Path, model, opt_, par) -> dict:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .adapters import read_adapter
+    from .adapters import read_adapter, read_magnitudes, set_magnitudes
     from .optim import state_dict_from_tensors
     _, pairs = read_adapter(ck / "adapter")
     par.load_lora(model, pairs)
+    set_magnitudes(model, read_magnitudes(ck / "adapter", pairs))  # DoRA (one process: --parallel fsdp refuses it)
     with safe_open(str(ck / "optimizer.safetensors"), "pt") as f:
         meta = f.metadata()
     sd = state_dict_from_tensors(load_file(str(ck / "optimizer.safetensors")), meta)

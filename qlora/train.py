@@ -56,6 +56,7 @@ from .errors import QLoraError
 from .hardware import resolve
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .validation import AUTO_FROM, AUTO_MAX, AUTO_MIN
+from .variants import BASE_FILE
 
 
 @dataclass
@@ -111,6 +112,16 @@ class TrainConfig:
                          "layer: a resumed run and a CUDA-graph replay draw the same masks)", group="lora")
     target: str = opt("all-linear", "layers that get LoRA: all-linear or names like q_proj,v_proj", group="lora")
     rslora: bool = opt(False, "rank-stabilised LoRA (scale = alpha / sqrt(r))", group="lora")
+    init: str = opt("gaussian", "LoRA initialisation: gaussian = peft's default (A Kaiming-uniform, B = 0: the model "
+                    "starts as the 4-bit base); loftq = A, B from SVDs of the quantization error, base re-quantized "
+                    "(dequant(Q) + B A ~ W; exact at --alpha equal to --rank, as peft); pissa = A, B from the top "
+                    "singular vectors of W, the residual quantized. loftq/pissa store the base they make in "
+                    "OUT/qlora_base.safetensors and in each adapter folder", ["gaussian", "loftq", "pissa"], group="lora")
+    loftq_iters: int = opt(1, "LoftQ alternating steps (quantize, SVD), as peft's loftq_iter", group="lora")
+    dora: bool = opt(False, "DoRA: a trained magnitude per output row on top of the LoRA direction "
+                     "(peft use_dora=True)", group="lora")
+    lora_plus_ratio: float = opt(0.0, "LoRA+: learning rate of B (and of DoRA's magnitude) = this times --lr, "
+                                 "as peft's create_loraplus_optimizer (0: off; the paper suggests 16)", group="lora")
     # optimisation
     optim: str = opt("paged_adamw", "optimizer", ["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"], group="optimization")
     lr: float = opt(2e-4, "peak learning rate", group="optimization")
@@ -194,11 +205,12 @@ def _human(n: float) -> str:
 
 def _check_fsdp(cfg: TrainConfig) -> None:
     bad = [("8bit" in cfg.optim, f"--optim {cfg.optim}"),
-           (cfg.cache_dequant == "on", "--cache-dequant on")]
+           (cfg.cache_dequant == "on", "--cache-dequant on"),
+           (cfg.dora, "--dora"), (cfg.init != "gaussian", f"--init {cfg.init}")]
     for cond, what in bad:
         if cond:
             raise QLoraError(f"--parallel fsdp does not support {what} (use --optim adamw or paged_adamw, "
-                             "--cache-dequant off)")
+                             "--cache-dequant off, --init gaussian, no --dora)")
 
 
 def _step_with_retry(run_step, optimizer, device, log):
@@ -390,6 +402,7 @@ def check_config(cfg: TrainConfig) -> None:
     check_validation(cfg)  # --val-split, --eval-samples, --compare-prompts, --early-stop
     need(is_number(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
     _check_method(cfg, need, number)
+    _check_variants(cfg, need, number)
     _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
     if (cfg.model or "").startswith("shape:"):
         from .plan import shape_config
@@ -434,6 +447,19 @@ def _check_method(cfg: TrainConfig, need, number) -> None:
 REF_NAME = "ref_logps.safetensors"  # --precompute-ref's reference log-probs, in the run's folder
 
 
+def _check_variants(cfg: TrainConfig, need, number) -> None:
+    """--init, --loftq-iters, --dora, --lora-plus-ratio (qlora.variants)."""
+    from .variants import INITS
+    need(cfg.init in INITS, "init", f"one of {', '.join(INITS)}", cfg.init)
+    need(is_int(cfg.loftq_iters) and cfg.loftq_iters >= 1, "loftq-iters", "an integer >= 1", cfg.loftq_iters)
+    need(isinstance(cfg.dora, bool), "dora", "true or false", cfg.dora)
+    need(number(cfg.lora_plus_ratio) and cfg.lora_plus_ratio >= 0, "lora-plus-ratio", "a number >= 0 (0: off)",
+         cfg.lora_plus_ratio)
+    if cfg.init == "loftq" and cfg.quant_type == "none":
+        raise QLoraError("--init loftq corrects the 4-bit quantization error: it needs --quant-type nf4 (or fp4, "
+                         "int4), not none")
+
+
 class Run:
     """One training run: :meth:`setup` (output folder, model, data, optimizer, resume), :meth:`fit` (the
     steps, evaluating and checkpointing as configured), :meth:`finish` (final evaluation, checkpoint and
@@ -476,6 +502,11 @@ class Run:
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
             from .validation import save_setup
             save_setup(self.out, len(self.records[0]), self.held, self.cfg.val_split, self.data_stats)
+            if cfg.init != "gaussian" and not (cfg.resume and (self.out / BASE_FILE).is_file()):
+                from .variants import save_base
+                save_base(self.model, self.out / BASE_FILE)
+        if cfg.init != "gaussian":
+            self.model.qlora_base_file = self.out / BASE_FILE
         if cfg.precompute_ref:
             self._setup_reference()
         if cfg.resume:
@@ -510,7 +541,10 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.quant = QuantSettings(None if cfg.quant_type == "none" else cfg.quant_type, cfg.blocksize,
                                    cfg.double_quant, cfg.compute_dtype)
-        self.lora = LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target, cfg.rslora)
+        # --resume with LoftQ/PiSSA: the stored base replaces the SVDs (see _setup_model)
+        init = "gaussian" if cfg.resume and (self.out / BASE_FILE).is_file() else cfg.init
+        self.lora = LoraSettings(cfg.rank, cfg.alpha, cfg.dropout, cfg.target, cfg.rslora, init, cfg.loftq_iters,
+                                 cfg.dora)
 
     def _resolve_compute(self) -> None:
         """``--compute-dtype auto`` resolved for the device (qlora.hardware); the resolved value is what
@@ -550,6 +584,7 @@ class Run:
                                               progress=cfg.progress and main,
                                               on_block=self.par.block_hook())  # one process's bars (each rank loads the same)
         model = self.model
+        self._variant_base()
         attn = cfg.attention if cfg.attention != "auto" else (
             "eager" if device.type == "cpu" and cfg.max_length <= 512 else "sdpa")
         if hasattr(model, "set_attn_implementation") and attention_implementation(model.config) not in (attn, None):
@@ -559,6 +594,16 @@ class Run:
             offload_embeddings(model)
         if self.tok is None:
             raise QLoraError("the model has no tokenizer")
+
+    def _variant_base(self) -> None:
+        """LoftQ/PiSSA: the model's base is the corrected one; a resumed run reads it back from
+        OUT/qlora_base.safetensors (an SVD is not bit-reproducible everywhere). Adapters saved from now on
+        carry the file (``model.qlora_base_file``, set in :meth:`setup` once it is written)."""
+        from .variants import load_base
+        path = self.out / BASE_FILE
+        if self.cfg.init != "gaussian" and self.cfg.resume and path.is_file():
+            load_base(self.model, path)  # (A, B and a DoRA magnitude come from the checkpoint)
+        self.model.qlora_init = {"init": self.cfg.init, "loftq_iters": self.cfg.loftq_iters, "dora": self.cfg.dora}
 
     @staticmethod
     def _tokenizer_from(src: str):
@@ -606,7 +651,7 @@ class Run:
 
     def _setup_optimizer(self) -> None:
         """Checkpointing (and activation offload), the parallel wrapper, optimizer and loss scaler."""
-        from .optim import make_optimizer
+        from .optim import lora_plus_groups, make_optimizer
         cfg, model, par = self.cfg, self.model, self.par
         self.off = None
         if cfg.grad_checkpointing:
@@ -617,7 +662,9 @@ class Run:
         model.train()
         par.wrap(model, self.method)
         self.params = par.optimizer_params()
-        self.optimizer = make_optimizer(self.params, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        groups = lora_plus_groups(names, self.params, cfg.lr, cfg.lora_plus_ratio)
+        self.optimizer = make_optimizer(groups, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
                                         page_budget_bytes=0 if cfg.offload_optimizer else None)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.compute_dtype == "fp16" else None
         n_trainable = sum(p.numel() for p in par.params)
@@ -771,8 +818,8 @@ class Run:
         """One optimizer step: learning rate, forward/backward over the micro-batches (again once after a
         CUDA out-of-memory), clipping, update; returns its metrics row."""
         cfg, dist, optimizer, par, scaler = self.cfg, self.dist, self.optimizer, self.par, self.scaler
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
+        for g in optimizer.param_groups:  # lr_ratio: LoRA+'s B groups
+            g["lr"] = cfg.lr * g.get("lr_ratio", 1.0) * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
         micro = self._micro_batches()
         n_tok = dist.sum(sum(self.method.tokens(b) for b in micro))
         step_loss, n_in, metrics = _step_with_retry(lambda: self._forward_backward(micro, n_tok), optimizer,
