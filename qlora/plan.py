@@ -246,7 +246,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
              target: str = "all-linear", dropout: float = 0.0, grad_checkpointing: bool = True,
              offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
              page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
-             counts: dict | None = None, fused_dropout: bool | None = None) -> dict:
+             counts: dict | None = None, fused_dropout: bool | None = None, keep_blocks: int = 0) -> dict:
     """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
 
     Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
@@ -261,7 +261,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     any optimizer state exists. ``counts``: a :func:`count_model` result to reuse. ``fused_dropout``:
     LoRA dropout runs inside the LoRA products (``qlora train`` on a GPU with 16-bit compute) and keeps
     no dropped copy of each input; False: it does (CPU, fp32 compute); None: fused unless
-    ``QLORA_FUSED_DROPOUT=0``.
+    ``QLORA_FUSED_DROPOUT=0``. ``keep_blocks``: with checkpointing, the last K blocks keep all their
+    activations (no recompute; :func:`activation_model`).
     """
     for name, v in (("seq", seq), ("batch", batch)):
         if not is_int(v) or v < 1:
@@ -278,26 +279,14 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
 
     # activations
     rope = n_tok * c["head_dim"] * 2 * 2          # cos and sin, 16-bit, shared by all blocks
-    if grad_checkpointing:
-        saved_all = L * n_tok * h * 2             # block inputs
-        block = n_tok * (ACT["block_h"] * h + ACT["block_i"] * i)
-        if offload:
-            block += 2 * n_tok * h * 2            # the input being used + the next one prefetched
-    else:
-        saved_all = L * n_tok * (ACT["saved_h"] * h + ACT["saved_i"] * i)
-        block = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
-        offload = False                           # (offload without checkpointing is not modelled)
     if fused_dropout is None:
         fused_dropout = switches().fused_dropout
-    if dropout > 0 and rank > 0 and not fused_dropout:
-        block += n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * (L if not grad_checkpointing else 1)
-    tail = n_tok * h * ACT["tail_h"]
-    host_act = 0
-    if offload:
-        # block inputs and the tail's saved tensors wait in host memory; the latter come back
-        # for the loss backward, so its peak does not change
-        host_act, saved_all = saved_all + n_tok * h * 6, 0
-    saved_all, tail, block = int(saved_all), int(tail), int(block)
+    act = activation_model(c, n_tok, L if not grad_checkpointing else keep_blocks, offload,
+                           unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout)
+    keep_blocks, offload, saved_all, block = act["keep"], act["offload"], act["saved"], act["one_block"]
+    tail = int(n_tok * h * ACT["tail_h"])
+    host_act = act["host"] + (n_tok * h * 6 if offload else 0)  # the tail's saved tensors (they come back for
+    # the loss backward, so its peak does not change)
 
     ce_rows = min(n_tok, max(1, CE_CHUNK_ELEMENTS // v))
     ce = ce_rows * v * CE_BYTES_PER_LOGIT
@@ -311,14 +300,12 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                     optimizer_states=0 if first_step else resident_states)
         # backward through the blocks: inputs are freed and gradients appear block by block;
         # the sum is largest at one end (first block processed, or last)
-        first = (saved_all + grads // L, grads // L, saved_all)
-        last = (saved_all // L + grads, grads, saved_all // L)
-        _, g_b, s_b = max(first, last)
+        _, g_b, s_b, t_b = max((s + grads * n // L + t, grads * n // L, s, t) for s, n, t in act["moments"])
         paged_chunk = 2 * PAGED_CHUNK if optim.startswith("paged") and resident_states < states else 0
         return [
             ("loss backward", dict(base, gradients=0, activations=saved_all + tail + rope,
                                    workspace=CUDA_WORKSPACE + ce)),
-            ("block backward", dict(base, gradients=g_b, activations=s_b + rope + block,
+            ("block backward", dict(base, gradients=g_b, activations=s_b + rope + t_b,
                                     workspace=CUDA_WORKSPACE + dequant)),
             ("optimizer step", dict(base, optimizer_states=resident_states, gradients=grads, activations=0,
                                     workspace=CUDA_WORKSPACE + OPT_WORKSPACE[eight] + paged_chunk)),
@@ -340,7 +327,58 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                 host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb),
                 settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
                               dropout=dropout, grad_checkpointing=grad_checkpointing, offload=offload,
+                              keep_blocks=keep_blocks,
                               embed_offload=bool(host_emb), lora_dtype=lora_dtype))
+
+
+def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False) -> dict:
+    """Activation bytes of a step whose last ``keep`` blocks keep all their activations (no recompute)
+    and whose other ``L - keep`` blocks are checkpointed (their inputs, ``N*H*2`` bytes each, in pinned
+    host memory with ``offload``). ``keep = L`` is no checkpointing at all.
+
+    A kept block saves ``N*(saved_h*H + saved_i*I)`` bytes (:data:`ACT`; counted from first principles,
+    see :func:`kept_block_bytes_per_token`, and to be calibrated on a GPU). Returns ``saved`` (what is
+    alive at the loss backward), ``host`` (offloaded), ``one_block`` (the backward transient of a
+    checkpointed block, or of a kept one when all are kept) and ``moments``: ``(saved, blocks with
+    gradients, transient)`` at the candidates for the peak of the backward through the blocks, the
+    block processed first (the last, kept), the first checkpointed one (the kept ones freed) and block 0.
+    """
+    L, h, i = c["layers"], c["hidden"], c["intermediate"]
+    if not is_int(keep) or not 0 <= keep <= L:
+        raise QLoraError(f"blocks kept without recompute must be in [0, {L}], got {keep!r}")
+    offload = bool(offload) and keep < L          # (offload without checkpointing is not modelled)
+    kept = n_tok * (ACT["saved_h"] * h + ACT["saved_i"] * i)
+    inp = 0 if offload else n_tok * h * 2         # a checkpointed block's input
+    ckpt = n_tok * (ACT["block_h"] * h + ACT["block_i"] * i) + (2 * n_tok * h * 2 if offload else 0)
+    # (offload: the input being used + the next one prefetched)
+    nockpt = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
+    drop = n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * max(keep, 1) if unfused_dropout else 0
+    saved = int(keep * kept + (L - keep) * inp)
+    moments = []
+    if keep:
+        moments.append((saved, 1, int(nockpt + drop)))
+    if keep == L:
+        moments.append((saved // L, L, int(nockpt + drop)))
+    else:
+        moments += [(int((L - keep) * inp), keep + 1, int(ckpt + drop)), (int(inp), L, int(ckpt + drop))]
+    return dict(keep=keep, offload=offload, saved=saved, moments=moments,
+                one_block=int((nockpt if keep == L else ckpt) + drop),
+                host=int((L - keep) * n_tok * h * 2) if offload else 0)
+
+
+def kept_block_bytes_per_token(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
+                               rank: int = 0, targets: int = 7) -> float:
+    """Bytes per token a Llama block saves for backward when it is not checkpointed, counted tensor by
+    tensor (bf16 compute, SDPA, QLoRA linears that save only their input):
+    fp32 RMSNorm input 4H and normed 16-bit output 2H (saved once for q/k/v), RoPE'd q and k, v, the
+    attention output and its logsumexp (fp32 per head), o_proj's (contiguous) input 2H; again 4H + 2H
+    for the second norm; gate and up outputs, silu(gate) and the product (2I each); the LoRA
+    intermediates x@A (r per adapted linear, 16-bit). The calibrated :data:`ACT` ``saved_h``/``saved_i``
+    are what the estimate uses; this count is their first-principles reference (a CPU test checks it
+    against the tensors autograd actually saves)."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    attn = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * heads + 2 * hidden
+    return 4 * hidden + 2 * hidden + attn + 4 * hidden + 2 * hidden + 8 * intermediate + 2 * rank * targets
 
 
 def usable_bytes(gpu_mem: int, context: int = CONTEXT_BYTES) -> int:
