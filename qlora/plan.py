@@ -370,15 +370,18 @@ def kept_block_bytes_per_token(hidden: int, intermediate: int, heads: int, kv_he
                                rank: int = 0, targets: int = 7) -> float:
     """Bytes per token a Llama block saves for backward when it is not checkpointed, counted tensor by
     tensor (bf16 compute, SDPA, QLoRA linears that save only their input):
-    fp32 RMSNorm input 4H and normed 16-bit output 2H (saved once for q/k/v), RoPE'd q and k, v, the
-    attention output and its logsumexp (fp32 per head), o_proj's (contiguous) input 2H; again 4H + 2H
-    for the second norm; gate and up outputs, silu(gate) and the product (2I each); the LoRA
-    intermediates x@A (r per adapted linear, 16-bit). The calibrated :data:`ACT` ``saved_h``/``saved_i``
-    are what the estimate uses; this count is their first-principles reference (a CPU test checks it
-    against the tensors autograd actually saves)."""
+    fp32 RMSNorm input 4H, its per-token rsqrt (4), and the normed 16-bit output 2H (saved once for
+    q/k/v); RoPE'd q and k, v, the attention output (also o_proj's input: SDPA's output layout makes the
+    head merge a view) and its logsumexp (fp32 per head); again 4H + 4 + 2H for the second norm; gate
+    and up outputs, silu(gate) and the product (2I each); the LoRA intermediates x@A (r per adapted
+    linear, 16-bit). For Llama-3-8B (GQA 4:1) that is 17H + 8I + small terms: the calibrated
+    :data:`ACT` ``saved_h``/``saved_i`` (17.2, 8.0), which the estimate uses, agree. A CPU test checks
+    this count against the tensors autograd actually saves; the GPU's (flash attention) must be
+    calibrated with bench/memory.py."""
     q, kv = heads * head_dim, kv_heads * head_dim
-    attn = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * heads + 2 * hidden
-    return 4 * hidden + 2 * hidden + attn + 4 * hidden + 2 * hidden + 8 * intermediate + 2 * rank * targets
+    attn = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * heads
+    norms = 2 * (4 * hidden + 4 + 2 * hidden)
+    return norms + attn + 8 * intermediate + 2 * rank * targets
 
 
 def usable_bytes(gpu_mem: int, context: int = CONTEXT_BYTES) -> int:
@@ -506,13 +509,18 @@ def check_train_config(cfg, config=None, gpu_mem: int | None = None) -> str | No
         gpu_mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     if config is None:
         config = model_config(cfg.model)
-    return check_fits(config, cfg.max_length, cfg.batch_size, gpu_mem, rank=cfg.rank, optim=cfg.optim,
-                      quant_type=None if cfg.quant_type == "none" else cfg.quant_type, blocksize=cfg.blocksize,
-                      double_quant=cfg.double_quant, target=cfg.target, dropout=cfg.dropout,
-                      grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
-                      embed_offload=getattr(cfg, "offload_embeddings", False),
-                      page_budget=0 if getattr(cfg, "offload_optimizer", False) else None,
-                      fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("auto", "bf16", "fp16") else False)
+    return check_fits(config, cfg.max_length, cfg.batch_size, gpu_mem, **plan_kwargs(cfg))
+
+
+def plan_kwargs(cfg) -> dict:
+    """:func:`estimate`'s settings of a :class:`qlora.train.TrainConfig` (its optimizer, LoRA, base
+    and activation flags)."""
+    return dict(rank=cfg.rank, optim=cfg.optim, quant_type=None if cfg.quant_type == "none" else cfg.quant_type,
+                blocksize=cfg.blocksize, double_quant=cfg.double_quant, target=cfg.target, dropout=cfg.dropout,
+                grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
+                embed_offload=getattr(cfg, "offload_embeddings", False),
+                page_budget=0 if getattr(cfg, "offload_optimizer", False) else None,
+                fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("auto", "bf16", "fp16") else False)
 
 
 def model_config(src: str | None):
@@ -540,12 +548,14 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
     lines = [f"{name}: seq {s['seq']} x batch {s['batch']} ({d['tokens']} tokens), "
              f"{s['quant_type'] or '16-bit'} base ({d['quantized_parameters'] / 1e9:.2f}B quantized parameters), "
              f"LoRA r={s['rank']} on {s['target']} ({d['lora_parameters'] / 1e6:.1f}M), {s['optim']}, "
-             f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}, offload {'on' if s['offload'] else 'off'}"
+             f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}"
+             + (f" ({s['keep_blocks']} blocks kept without recompute)" if s["grad_checkpointing"] and s.get("keep_blocks")
+                else "") + f", offload {'on' if s['offload'] else 'off'}"
              + (", embeddings on CPU" if s["embed_offload"] else "")]
     notes = {
         "optimizer_states": f"{host['optimizer_states'] / GiB:.2f} GiB paged out to CPU memory"
         if host["optimizer_states"] else "",
-        "activations": (f"block inputs {_gib(d['saved_block_inputs'])}, outside blocks "
+        "activations": (f"saved by the blocks {_gib(d['saved_block_inputs'])}, outside blocks "
                         f"{_gib(d['saved_outside_blocks'])}, one block {_gib(d['one_block'])}"
                         + (f"; {_gib(host['activations'])} offloaded to CPU" if host["activations"] else "")),
         "frozen_16bit": f"input embeddings in CPU memory ({_gib(host['embeddings'])})" if host["embeddings"] else "",
@@ -587,6 +597,9 @@ def add_cli(sub) -> None:
     p.add_argument("--offload-optimizer", default="false", choices=["true", "false"],
                    help="paged optimizer state in CPU memory between steps (train's --offload-optimizer; default false)")
     p.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA factors' dtype (default fp32)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="print the policy `qlora train --memory-budget` would choose for this budget (auto: this "
+                        "machine's free GPU memory): blocks kept without recompute, offload, optimizer paging")
     p.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory, e.g. 24GiB, 80GB (default: this machine's GPU)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(func=run)
@@ -616,6 +629,8 @@ def run(args) -> int:
         check_offload(args.optim, True)
         kw["page_budget"] = 0
     kw["counts"] = counts_for(config, **kw)
+    if args.memory_budget:
+        return _run_budget(args, config, name, kw)
     est = estimate(config, args.seq, args.batch, gpu_mem=gpu_mem, **kw)
     ok = None if gpu_mem is None else fits(est, gpu_mem)
     if args.json:
@@ -645,3 +660,33 @@ def run(args) -> int:
     kw.pop("counts")
     print(f"does NOT fit in {_gib(gpu_mem)}: " + check_fits(config, args.seq, args.batch, gpu_mem, **kw))
     return 1
+
+
+def _run_budget(args, config, name: str, kw: dict) -> int:
+    """`qlora plan --memory-budget`: the policy train would choose, and the estimate of the run with it."""
+    from .budget import auto_budget, choose, parse_budget
+    value = parse_budget(args.memory_budget)
+    if value == "off":
+        raise QLoraError("qlora plan --memory-budget: give a size like 24GiB (or auto on a machine with a GPU)")
+    if value == "auto":
+        import torch
+        if not torch.cuda.is_available():
+            raise QLoraError("qlora plan --memory-budget auto needs a GPU here: give a size like 24GiB")
+        value = auto_budget(torch.device("cuda", torch.cuda.current_device()))
+    kw = dict(kw)
+    forced = True if kw.pop("offload") else None
+    policy = choose(config, args.seq, args.batch, value, checkpointing=kw.pop("grad_checkpointing"),
+                    offload=forced, **kw)
+    est = estimate(config, args.seq, args.batch, gpu_mem=value, keep_blocks=policy.keep, offload=policy.offload,
+                   grad_checkpointing=True, **kw)
+    if args.json:
+        out = {k: est[k] for k in ("peak", "phase", "components", "details", "host", "settings")}
+        out.update(required=required_bytes(est), memory_budget=value,
+                   policy=dict(keep=policy.keep, layers=policy.layers, offload=policy.offload,
+                               page_budget=policy.page_budget, states_on_host=policy.states_on_host))
+        print(json.dumps(out))
+        return 0
+    for line in format_plan(est, name, value):
+        print(line)
+    print(policy.describe())
+    return 0
