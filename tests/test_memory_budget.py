@@ -258,3 +258,39 @@ def test_plan_prints_the_policy_train_would_choose(capsys):
     assert main(args + ["--memory-budget", "2GiB"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "too small" in err[0]
+
+
+# ------------------------------------------------------------------ launch reductions (issue 29)
+
+def _xa_zero_fills(layer, x):
+    """Gradients of one backward of ``layer`` and the zero-fill ops of xa's shape [tokens, r] it ran."""
+    from torch.profiler import ProfilerActivity, profile
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        (y.float() ** 2).sum().backward()
+    shape = [x.numel() // x.shape[-1], layer.r]
+    fills = [e.name for e in prof.events() if e.name in ("aten::zero_", "aten::fill_") and e.input_shapes
+             and e.input_shapes[0] == shape]
+    return fills, [x.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_zero_gradient_is_materialised_for_xa(monkeypatch, dtype):
+    """The fused LoRA node's second output (xa) gets no gradient: autograd no longer fills a zero tensor for it in
+    every backward (a launch per adapted linear); the gradients are bit for bit those with the zero fill (the
+    behaviour before, restored here by making set_materialize_grads a no-op)."""
+    torch.manual_seed(0)
+    layer = lin.QLoRALinear.from_linear(torch.nn.Linear(64, 96, bias=False), r=8, alpha=16, compute_dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 10, 64)
+    fills, grads = _xa_zero_fills(layer, x)
+    assert fills == []
+    with monkeypatch.context() as m:
+        m.setattr(torch.autograd.function.FunctionCtx, "set_materialize_grads", lambda self, value: None)
+        old_fills, old_grads = _xa_zero_fills(layer, x)
+    assert old_fills  # the profile does see the fill when autograd makes it
+    for g, ref in zip(grads, old_grads):
+        assert g is not None and torch.equal(g, ref)
