@@ -147,6 +147,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
              ttfs_phases=dict(marks, **{"first step done": round(first_step_at, 2)}),
              peak_gib=round(max([torch.cuda.max_memory_allocated() / 2**30] + [p[2] for p in phases]), 2) if cuda else 0.0,
              plan_peak_gib=round(predicted / 2**30, 2),
+             measured_over_plan=round(torch.cuda.max_memory_allocated() / predicted, 3) if cuda else None,  # target: 0.95-1.05
              mfu=round(tok_s * flops["6n"] / PEAK_FLOPS, 3) if cuda else None,  # 6N/token (+ attention)
              mfu_executed=round(tok_s * flops["executed"] / PEAK_FLOPS, 3) if cuda else None,
              flops_per_token=flops,

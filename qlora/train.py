@@ -4,7 +4,7 @@ load model (4-bit base + LoRA) → read and tokenize data → batches → optimi
 for each step: accumulate gradients over micro-batches (loss normalised by the step's trained
 tokens) → clip → update → log → eval / checkpoint every N steps → final adapter (PEFT format).
 
-:class:`Run` holds one run: ``setup`` (``_setup_output``, ``_setup_model``, ``_setup_data``,
+:class:`Run` holds one run: ``setup`` (``_setup_output``, ``_setup_budget``, ``_setup_model``, ``_setup_data``,
 ``_setup_optimizer``, ``_resume``), ``fit`` (``train_step`` per optimizer step, each micro-batch
 through the one :class:`MicroStep`, eager or replayed from a CUDA graph), ``evaluate``, ``save``
 (a checkpoint) and ``finish``; what the steps run inside (signal handlers, the metrics file, the
