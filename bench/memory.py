@@ -377,7 +377,7 @@ def row_calib():
                          heads=cfg.num_attention_heads, kv=cfg.num_key_value_heads, tokens=n, checkpoint=ckpt,
                          dropout=0.0, peak=d["peak"], forward=d.get("forward"), retained=d.get("retained"),
                          cuda_overhead=overhead,
-                         per_token=round(d["peak"] / n, 1)))
+                         per_token=round(d["peak"] / n, 1), **({} if ckpt else kept_block_counts(cfg, d, n))))
         set_rank_dropout(model, 0.05)
         d = block_delta(model, cfg, tokens[0], checkpoint=True)
         log(dict(row="calib_block", shape=shape, hidden=cfg.hidden_size, inter=cfg.intermediate_size, tokens=tokens[0],
@@ -390,6 +390,19 @@ def row_calib():
                              offload=offload, peak=p, per_token=round(p / n, 1)))
         del model
         free()
+
+
+def kept_block_counts(cfg, d: dict, tokens: int) -> dict:
+    """For a block run without checkpointing (what --memory-budget keeps): what it retained after forward
+    per token, beside the plan's ACT saved_h/saved_i and the first-principles count (the calibration of
+    a kept block)."""
+    from qlora.plan import ACT, kept_block_bytes_per_token
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    return dict(retained_per_token=round(d["retained"] / tokens, 1) if d.get("retained") is not None else None,
+                plan_saved_per_token=round(ACT["saved_h"] * h + ACT["saved_i"] * i, 1),
+                counted_saved_per_token=kept_block_bytes_per_token(h, i, cfg.num_attention_heads,
+                                                                   cfg.num_key_value_heads, hd, rank=16))
 
 
 def set_rank_dropout(model, p: float) -> None:

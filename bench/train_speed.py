@@ -7,6 +7,12 @@ path with a bf16 base). Prints one JSON line per run, and a table with the refer
 peers' figures when their outputs are passed with --peers FILE (the output of run_peers.sh).
 
     python bench/train_speed.py --shape 1b --seq 2048 --batch 4 --steps 8
+    python bench/train_speed.py --shape 8b --seq 2048 --batch 2 --memory-budget 24GiB
+
+With --memory-budget the run takes the policy ``qlora train --memory-budget`` would (qlora.budget): its row
+has the policy, the predicted peak (``plan_peak_gib``; every row has it) beside the measured one
+(``peak_gib``), and MFU on 6N FLOPs/token (``mfu``) and on the FLOPs executed (``mfu_executed``: no weight
+gradients for the frozen base, the recompute of the checkpointed blocks counted).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ SHAPES = {
 
 def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False,
         cast_once: bool = True, cuda_graphs: bool = True, memory_phases: bool = False, dropout: float = 0.0,
-        keyed: bool = True, profile_detail: bool = False) -> dict:
+        keyed: bool = True, profile_detail: bool = False, memory_budget: str | None = None) -> dict:
     marks = {"start": round(time.time() - T_START, 2)}  # where the time to the first step goes
     import torch
     marks["torch imported"] = round(time.time() - T_START, 2)
@@ -64,15 +70,20 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     quant = QuantSettings(quant_type="nf4" if mode.startswith("qlora") else None)
     model = build_random(cfg, quant, LoraSettings(r=16, alpha=16, dropout=dropout), device, "bf16", progress=False)
     from qlora.offload import enable_checkpointing
-    off = enable_checkpointing(model, offload=mode.endswith("+offload"))  # offload: block inputs to pinned CPU memory
+    optim = "paged_adamw" if cuda else "adamw"
+    plan_kw = dict(rank=16, optim=optim, quant_type=quant.quant_type, dropout=dropout)
+    policy = choose_policy(cfg, seq, batch, memory_budget, device, plan_kw, offload=mode.endswith("+offload"))
+    # offload: block inputs to pinned CPU memory; a budget's policy: the last K blocks keep their activations
+    off = enable_checkpointing(model, offload=policy.offload if policy else mode.endswith("+offload"),
+                               keep=policy.keep_indices if policy else ())
     model.train()
     load_s = time.time() - t0
     marks["model built"] = round(time.time() - T_START, 2)
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     # +offload: the paged optimizer's state also waits in CPU memory between steps (page budget 0)
-    opt = make_optimizer(params, "paged_adamw" if cuda else "adamw", lr=2e-4,
-                         page_budget_bytes=0 if cuda and mode.endswith("+offload") else None)
+    pages = 0 if cuda and mode.endswith("+offload") else None
+    opt = make_optimizer(params, optim, lr=2e-4, page_budget_bytes=policy.page_budget if policy else pages)
     g = torch.Generator().manual_seed(0)
     times, first_step_at, loss, phases = [], None, float("nan"), []
     prof = None
@@ -122,18 +133,26 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
             first_step_at = time.time() - T_START
     steady = sorted(times[2:]) if len(times) > 2 else times
     med = steady[len(steady) // 2]
-    n_matmul = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "lora_A"))
-    n_matmul += cfg.vocab_size * cfg.hidden_size
     tok_s = batch * seq / med
-    # LoRA step with full recompute: forward 2N + recompute 2N + input-gradient backward 2N FLOPs per token
-    # (+ attention); MFU against 989 TFLOP/s dense bf16 (H100 SXM).
-    flops_tok = 6 * n_matmul + 6 * 2 * cfg.num_hidden_layers * seq * cfg.hidden_size
+    flops = flops_per_token(model, cfg, seq, policy.keep if policy else 0)
+    if policy is None:  # the plan's prediction for this mode's settings, beside the measurement
+        from qlora.plan import estimate
+        predicted = estimate(cfg, seq, batch, offload=mode.endswith("+offload"), fused_dropout=True,
+                             page_budget=pages, **plan_kw)["peak"]
+    else:
+        predicted = policy.peak
     r = dict(mode=mode, shape=shape, seq=seq, batch=batch, steps=steps, load_s=round(load_s, 1),
              weights_gib=round(weights_gib, 2), step_s=round(med, 3), tok_s=round(tok_s, 1),
              loss=round(loss, 3), time_to_first_step_s=round(first_step_at, 1),
              ttfs_phases=dict(marks, **{"first step done": round(first_step_at, 2)}),
              peak_gib=round(max([torch.cuda.max_memory_allocated() / 2**30] + [p[2] for p in phases]), 2) if cuda else 0.0,
-             mfu=round(tok_s * flops_tok / 989e12, 3) if cuda else None,
+             plan_peak_gib=round(predicted / 2**30, 2),
+             measured_over_plan=round(torch.cuda.max_memory_allocated() / predicted, 3) if cuda else None,  # target: 0.95-1.05
+             mfu=round(tok_s * flops["6n"] / PEAK_FLOPS, 3) if cuda else None,  # 6N/token (+ attention)
+             mfu_executed=round(tok_s * flops["executed"] / PEAK_FLOPS, 3) if cuda else None,
+             flops_per_token=flops,
+             **({"memory_budget_gib": round(policy.budget / 2**30, 2), "policy": policy.describe(),
+                 "kept_blocks": policy.keep, "offload": policy.offload} if policy else {}),
              cuda_graphs=dict(graphed.stats, failed=graphed.failed) if graphed is not None else False,
              dropout=dropout, keyed_dropout=keyed,
              **({"memory_phases": phases} if memory_phases else {}))
@@ -153,6 +172,46 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     import gc
     gc.collect()
     return r
+
+
+PEAK_FLOPS = 989e12  # dense bf16, H100 SXM (H200: the same chip)
+
+
+def choose_policy(cfg, seq: int, batch: int, budget: str | None, device: str, plan_kw: dict, offload: bool):
+    """The --memory-budget policy (qlora.budget) for this run, or None without a budget."""
+    if budget is None:
+        return None
+    import torch
+
+    from qlora.budget import auto_budget, choose, parse_budget
+    from qlora.plan import CONTEXT_BYTES
+    value = parse_budget(budget)
+    if value == "off":
+        return None
+    dev = torch.device(device)
+    if value == "auto":
+        value = auto_budget(dev)
+    return choose(cfg, seq, batch, value, context=CONTEXT_BYTES if dev.type == "cuda" else 0,
+                  offload=True if offload else None, fused_dropout=True, **plan_kw)
+
+
+def flops_per_token(model, cfg, seq: int, kept: int) -> dict:
+    """Matmul FLOPs per token of one training step. ``6n``: the usual 6N (N = block linears + lm_head) plus
+    attention (fwd + bwd, 12*L*seq*H); ``executed``: what runs, with the frozen base's missing weight
+    gradients and the recompute counted: forward 2N, input-gradient backward 2N, LoRA 6 per parameter,
+    the recompute of the L - kept checkpointed blocks (their linears but down_proj, whose GEMM the recompute
+    skips), causal attention forward 2*seq*H, backward 4*seq*H and again 2*seq*H when recomputed, per layer."""
+    L, H = cfg.num_hidden_layers, cfg.hidden_size
+    linears = [m for m in model.modules() if hasattr(m, "lora_A")]
+    n_blocks = sum(m.in_features * m.out_features for m in linears)
+    n_down = sum(m.in_features * m.out_features for n, m in model.named_modules()
+                 if hasattr(m, "lora_A") and n.endswith("down_proj"))
+    n = n_blocks + cfg.vocab_size * H
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    recomputed = (L - kept) / L
+    executed = (4 * n + 6 * lora + 2 * (n_blocks - n_down) * recomputed
+                + L * seq * H * (2 + 4 + 2 * recomputed))
+    return {"6n": int(6 * n + 12 * L * seq * H), "executed": int(executed)}
 
 
 ELEMENTWISE = {"aten::copy_", "aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::cat", "aten::clone",
@@ -222,9 +281,13 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--modes", default="qlora,lora16",
+    ap.add_argument("--memory-budget", metavar="off|auto|SIZE",
+                    help="as qlora train --memory-budget: the plan chooses how many blocks keep their activations, "
+                         "offload and optimizer paging; the row gives the policy, predicted and measured peak "
+                         "(default modes then: qlora)")
+    ap.add_argument("--modes", default=None,
                     help="comma list of qlora, lora16, qlora+offload (checkpointed activations and optimizer "
-                         "state in CPU memory)")
+                         "state in CPU memory); default qlora,lora16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peers", help="output of ../shared/bench/peers/run_peers.sh on the same shape, to compare")
     ap.add_argument("--profile", action="store_true", help="profile the last step (top CUDA kernels)")
@@ -244,25 +307,32 @@ def main():
                     help="also report the peak memory of each step's forward+backward and optimizer step")
     a = ap.parse_args()
     res = {}
-    for mode in a.modes.split(","):
+    modes = a.modes or ("qlora" if a.memory_budget else "qlora,lora16")
+    for mode in modes.split(","):
         r = run(a.shape, a.seq, a.batch, a.steps, mode, a.device, a.profile, a.lora_cast, a.cuda_graphs,
-                a.memory_phases, a.dropout, a.keyed, a.profile and a.profile_detail)
+                a.memory_phases, a.dropout, a.keyed, a.profile and a.profile_detail, a.memory_budget)
         r["lora_cast"] = a.lora_cast
         res[mode] = r
         print(json.dumps(r), flush=True)
     peers = parse_peers(a.peers) if a.peers else {}
     print(f"\n{a.shape} shape, seq {a.seq} x batch {a.batch}, LoRA r=16 all-linear")
-    print(f"| stack | tok/s | peak GiB | vs reference | vs unsloth |")
-    print("|---|---|---|---|---|")
+    print(f"| stack | tok/s | peak GiB | plan GiB | MFU 6N | MFU executed | policy | vs reference | vs unsloth |")
+    print("|---|---|---|---|---|---|---|---|---|")
     ref, uns = peers.get("reference", {}).get("tok_s"), peers.get("unsloth", {}).get("tok_s")
     rows = [(f"qlora ({m})", r) for m, r in res.items()] + [(k, v) for k, v in peers.items()]
     for name, r in rows:
         vr = f"{r['tok_s'] / ref:.2f}x" if ref else "-"
         vu = f"{r['tok_s'] / uns:.2f}x" if uns else "-"
-        print(f"| {name} | {r['tok_s']:,.0f} | {r.get('peak_gib', '-')} | {vr} | {vu} |")
+        policy = f"{r['kept_blocks']} kept{', offload' if r['offload'] else ''}" if "kept_blocks" in r else "-"
+        print(f"| {name} | {r['tok_s']:,.0f} | {r.get('peak_gib', '-')} | {r.get('plan_peak_gib', '-')} | "
+              f"{r.get('mfu') or '-'} | {r.get('mfu_executed') or '-'} | {policy} | {vr} | {vu} |")
     if "qlora" in res and "lora16" in res:
         print(f"our QLoRA / our 16-bit LoRA: {res['qlora']['tok_s'] / res['lora16']['tok_s']:.2f}x")
 
 
 if __name__ == "__main__":
-    main()
+    from qlora.errors import QLoraError
+    try:
+        main()
+    except QLoraError as e:  # a bad --memory-budget, or one nothing fits: one line, as qlora train says it
+        raise SystemExit(f"train_speed.py: error: {e}") from None

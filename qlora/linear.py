@@ -187,10 +187,15 @@ class _QLoRAMatmul(torch.autograd.Function):
         ctx.drop = drop
         ctx.save_for_backward(xd2, xa, a, b, weight, packed)
         ctx.mark_non_differentiable(xa)
+        # xa's gradient is never used: without this autograd fills a zero tensor of its shape for every
+        # call's backward (an allocation and a launch per adapted linear); undefined gradients come as None
+        ctx.set_materialize_grads(False)
         return x.new_empty(*x.shape[:-1], b.shape[0]), xa
 
     @staticmethod
     def backward(ctx, g, _g_xa=None):
+        if g is None:  # y took no part in the loss (only possible with materialize_grads off)
+            return (None,) * 10
         xd2, xa, a, b, weight, packed = ctx.saved_tensors
         s, drop = ctx.scaling, ctx.drop
         g2 = g.reshape(-1, g.shape[-1])

@@ -221,10 +221,20 @@ def _checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
             and (GradientCheckpointingLayer is None or isinstance(m, GradientCheckpointingLayer))]
 
 
+def _no_recompute(function, *args, **kwargs):
+    """A block's forward run as is: autograd keeps all its activations, backward recomputes nothing."""
+    return function(*args, **kwargs)
+
+
 def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: int = DEFAULT_MIN_BYTES,
-                         offloader: ActivationOffloader | None = None) -> ActivationOffloader | None:
+                         offloader: ActivationOffloader | None = None, keep=()) -> ActivationOffloader | None:
     """Turn on per-block gradient checkpointing (non-reentrant) of a transformers model and, with
     ``offload``, move each block's saved input to pinned CPU memory until its backward.
+
+    ``keep``: indices of decoder blocks (0-based, in model order) that are *not* checkpointed: they
+    keep all their activations and backward recomputes nothing for them (the memory budget's policy,
+    qlora.budget, keeps the last K blocks). The math is the same op for op, so losses and gradients are
+    bit for bit those of recomputing. Their activations are never offloaded.
 
     Returns the :class:`ActivationOffloader` used (``offloader`` if given), or None without
     offload. Its ``hooks()`` can also wrap the loss computation to offload the tensors saved
@@ -240,22 +250,28 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
     blocks = _checkpointed_blocks(model)
     if not blocks:
         raise QLoraError(f"{type(model).__name__}: no checkpointed decoder blocks found")
-    for block in blocks:  # undo an earlier wrap
-        set_checkpoint_function(block, getattr(block, "_qlora_checkpoint_func", checkpoint_function(block)))
-    if not offload:
-        return None
-    off = offloader or ActivationOffloader(min_bytes, static=True)  # static: what a CUDA graph of the step needs
-    off.exclude(model)
-    for block in blocks:
-        inner = checkpoint_function(block)
+    keep = set(keep)
+    bad = sorted(k for k in keep if not is_int(k) or not 0 <= k < len(blocks))
+    if bad:
+        raise QLoraError(f"blocks to keep must be indices in [0, {len(blocks)}), got {bad}")
+    off = None
+    if offload and len(keep) < len(blocks):
+        off = offloader or ActivationOffloader(min_bytes, static=True)  # static: what a CUDA graph of the step needs
+        off.exclude(model)
+    for i, block in enumerate(blocks):
+        inner = getattr(block, "_qlora_checkpoint_func", checkpoint_function(block))  # undo an earlier wrap
         block._qlora_checkpoint_func = inner
+        set_checkpoint_function(block, _no_recompute if i in keep else
+                                _offloaded(inner, off) if off is not None else inner)
+    return off if offload else None
 
-        def offloaded_checkpoint(function, *args, _inner=inner, **kw):
-            with off.hooks():
-                return _inner(function, *args, **kw)
 
-        set_checkpoint_function(block, offloaded_checkpoint)
-    return off
+def _offloaded(inner, off: ActivationOffloader):
+    """``inner`` (a block's checkpoint function) with the block's saved input offloaded by ``off``."""
+    def offloaded_checkpoint(function, *args, **kw):
+        with off.hooks():
+            return inner(function, *args, **kw)
+    return offloaded_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
              target: str = "all-linear", dropout: float = 0.0, grad_checkpointing: bool = True,
              offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
              page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
-             counts: dict | None = None, fused_dropout: bool | None = None) -> dict:
+             counts: dict | None = None, fused_dropout: bool | None = None, keep_blocks: int = 0) -> dict:
     """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
 
     Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
@@ -261,7 +261,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     any optimizer state exists. ``counts``: a :func:`count_model` result to reuse. ``fused_dropout``:
     LoRA dropout runs inside the LoRA products (``qlora train`` on a GPU with 16-bit compute) and keeps
     no dropped copy of each input; False: it does (CPU, fp32 compute); None: fused unless
-    ``QLORA_FUSED_DROPOUT=0``.
+    ``QLORA_FUSED_DROPOUT=0``. ``keep_blocks``: with checkpointing, the last K blocks keep all their
+    activations (no recompute; :func:`activation_model`).
     """
     for name, v in (("seq", seq), ("batch", batch)):
         if not is_int(v) or v < 1:
@@ -278,26 +279,14 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
 
     # activations
     rope = n_tok * c["head_dim"] * 2 * 2          # cos and sin, 16-bit, shared by all blocks
-    if grad_checkpointing:
-        saved_all = L * n_tok * h * 2             # block inputs
-        block = n_tok * (ACT["block_h"] * h + ACT["block_i"] * i)
-        if offload:
-            block += 2 * n_tok * h * 2            # the input being used + the next one prefetched
-    else:
-        saved_all = L * n_tok * (ACT["saved_h"] * h + ACT["saved_i"] * i)
-        block = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
-        offload = False                           # (offload without checkpointing is not modelled)
     if fused_dropout is None:
         fused_dropout = switches().fused_dropout
-    if dropout > 0 and rank > 0 and not fused_dropout:
-        block += n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * (L if not grad_checkpointing else 1)
-    tail = n_tok * h * ACT["tail_h"]
-    host_act = 0
-    if offload:
-        # block inputs and the tail's saved tensors wait in host memory; the latter come back
-        # for the loss backward, so its peak does not change
-        host_act, saved_all = saved_all + n_tok * h * 6, 0
-    saved_all, tail, block = int(saved_all), int(tail), int(block)
+    act = activation_model(c, n_tok, L if not grad_checkpointing else keep_blocks, offload,
+                           unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout)
+    keep_blocks, offload, saved_all, block = act["keep"], act["offload"], act["saved"], act["one_block"]
+    tail = int(n_tok * h * ACT["tail_h"])
+    host_act = act["host"] + (n_tok * h * 6 if offload else 0)  # the tail's saved tensors (they come back for
+    # the loss backward, so its peak does not change)
 
     ce_rows = min(n_tok, max(1, CE_CHUNK_ELEMENTS // v))
     ce = ce_rows * v * CE_BYTES_PER_LOGIT
@@ -311,14 +300,12 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                     optimizer_states=0 if first_step else resident_states)
         # backward through the blocks: inputs are freed and gradients appear block by block;
         # the sum is largest at one end (first block processed, or last)
-        first = (saved_all + grads // L, grads // L, saved_all)
-        last = (saved_all // L + grads, grads, saved_all // L)
-        _, g_b, s_b = max(first, last)
+        _, g_b, s_b, t_b = max((s + grads * n // L + t, grads * n // L, s, t) for s, n, t in act["moments"])
         paged_chunk = 2 * PAGED_CHUNK if optim.startswith("paged") and resident_states < states else 0
         return [
             ("loss backward", dict(base, gradients=0, activations=saved_all + tail + rope,
                                    workspace=CUDA_WORKSPACE + ce)),
-            ("block backward", dict(base, gradients=g_b, activations=s_b + rope + block,
+            ("block backward", dict(base, gradients=g_b, activations=s_b + rope + t_b,
                                     workspace=CUDA_WORKSPACE + dequant)),
             ("optimizer step", dict(base, optimizer_states=resident_states, gradients=grads, activations=0,
                                     workspace=CUDA_WORKSPACE + OPT_WORKSPACE[eight] + paged_chunk)),
@@ -340,7 +327,61 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                 host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb),
                 settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
                               dropout=dropout, grad_checkpointing=grad_checkpointing, offload=offload,
+                              keep_blocks=keep_blocks,
                               embed_offload=bool(host_emb), lora_dtype=lora_dtype))
+
+
+def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False) -> dict:
+    """Activation bytes of a step whose last ``keep`` blocks keep all their activations (no recompute)
+    and whose other ``L - keep`` blocks are checkpointed (their inputs, ``N*H*2`` bytes each, in pinned
+    host memory with ``offload``). ``keep = L`` is no checkpointing at all.
+
+    A kept block saves ``N*(saved_h*H + saved_i*I)`` bytes (:data:`ACT`; counted from first principles,
+    see :func:`kept_block_bytes_per_token`, and to be calibrated on a GPU). Returns ``saved`` (what is
+    alive at the loss backward), ``host`` (offloaded), ``one_block`` (the backward transient of a
+    checkpointed block, or of a kept one when all are kept) and ``moments``: ``(saved, blocks with
+    gradients, transient)`` at the candidates for the peak of the backward through the blocks, the
+    block processed first (the last, kept), the first checkpointed one (the kept ones freed) and block 0.
+    """
+    L, h, i = c["layers"], c["hidden"], c["intermediate"]
+    if not is_int(keep) or not 0 <= keep <= L:
+        raise QLoraError(f"blocks kept without recompute must be in [0, {L}], got {keep!r}")
+    offload = bool(offload) and keep < L          # (offload without checkpointing is not modelled)
+    kept = n_tok * (ACT["saved_h"] * h + ACT["saved_i"] * i)
+    inp = 0 if offload else n_tok * h * 2         # a checkpointed block's input
+    ckpt = n_tok * (ACT["block_h"] * h + ACT["block_i"] * i) + (2 * n_tok * h * 2 if offload else 0)
+    # (offload: the input being used + the next one prefetched)
+    nockpt = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
+    drop = n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * max(keep, 1) if unfused_dropout else 0
+    saved = int(keep * kept + (L - keep) * inp)
+    moments = []
+    if keep:
+        moments.append((saved, 1, int(nockpt + drop)))
+    if keep == L:
+        moments.append((saved // L, L, int(nockpt + drop)))
+    else:
+        moments += [(int((L - keep) * inp), keep + 1, int(ckpt + drop)), (int(inp), L, int(ckpt + drop))]
+    return dict(keep=keep, offload=offload, saved=saved, moments=moments,
+                one_block=int((nockpt if keep == L else ckpt) + drop),
+                host=int((L - keep) * n_tok * h * 2) if offload else 0)
+
+
+def kept_block_bytes_per_token(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
+                               rank: int = 0, targets: int = 7) -> float:
+    """Bytes per token a Llama block saves for backward when it is not checkpointed, counted tensor by
+    tensor (bf16 compute, SDPA, QLoRA linears that save only their input):
+    fp32 RMSNorm input 4H, its per-token rsqrt (4), and the normed 16-bit output 2H (saved once for
+    q/k/v); RoPE'd q and k, v, the attention output (also o_proj's input: SDPA's output layout makes the
+    head merge a view) and its logsumexp (fp32 per head); again 4H + 4 + 2H for the second norm; gate
+    and up outputs, silu(gate) and the product (2I each); the LoRA intermediates x@A (r per adapted
+    linear, 16-bit). For Llama-3-8B (GQA 4:1) that is 17H + 8I + small terms: the calibrated
+    :data:`ACT` ``saved_h``/``saved_i`` (17.2, 8.0), which the estimate uses, agree. A CPU test checks
+    this count against the tensors autograd actually saves; the GPU's (flash attention) must be
+    calibrated with bench/memory.py."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    attn = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * heads
+    norms = 2 * (4 * hidden + 4 + 2 * hidden)
+    return norms + attn + 8 * intermediate + 2 * rank * targets
 
 
 def usable_bytes(gpu_mem: int, context: int = CONTEXT_BYTES) -> int:
@@ -468,13 +509,24 @@ def check_train_config(cfg, config=None, gpu_mem: int | None = None) -> str | No
         gpu_mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     if config is None:
         config = model_config(cfg.model)
-    return check_fits(config, cfg.max_length, cfg.batch_size, gpu_mem, rank=cfg.rank, optim=cfg.optim,
-                      quant_type=None if cfg.quant_type == "none" else cfg.quant_type, blocksize=cfg.blocksize,
-                      double_quant=cfg.double_quant, target=cfg.target, dropout=cfg.dropout,
-                      grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
-                      embed_offload=getattr(cfg, "offload_embeddings", False),
-                      page_budget=0 if getattr(cfg, "offload_optimizer", False) else None,
-                      fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("auto", "bf16", "fp16") else False)
+    return check_fits(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem, **plan_kwargs(cfg))
+
+
+def rows_per_micro_batch(cfg) -> int:
+    """Sequences in one micro-batch of a :class:`qlora.train.TrainConfig`: preference methods (dpo, orpo) batch
+    both answers of each of ``--batch-size`` pairs."""
+    return cfg.batch_size * (2 if getattr(cfg, "method", "sft") in ("dpo", "orpo") else 1)
+
+
+def plan_kwargs(cfg) -> dict:
+    """:func:`estimate`'s settings of a :class:`qlora.train.TrainConfig` (its optimizer, LoRA, base
+    and activation flags)."""
+    return dict(rank=cfg.rank, optim=cfg.optim, quant_type=None if cfg.quant_type == "none" else cfg.quant_type,
+                blocksize=cfg.blocksize, double_quant=cfg.double_quant, target=cfg.target, dropout=cfg.dropout,
+                grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
+                embed_offload=getattr(cfg, "offload_embeddings", False),
+                page_budget=0 if getattr(cfg, "offload_optimizer", False) else None,
+                fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("auto", "bf16", "fp16") else False)
 
 
 def model_config(src: str | None):
@@ -502,12 +554,14 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
     lines = [f"{name}: seq {s['seq']} x batch {s['batch']} ({d['tokens']} tokens), "
              f"{s['quant_type'] or '16-bit'} base ({d['quantized_parameters'] / 1e9:.2f}B quantized parameters), "
              f"LoRA r={s['rank']} on {s['target']} ({d['lora_parameters'] / 1e6:.1f}M), {s['optim']}, "
-             f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}, offload {'on' if s['offload'] else 'off'}"
+             f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}"
+             + (f" ({s['keep_blocks']} blocks kept without recompute)" if s["grad_checkpointing"] and s.get("keep_blocks")
+                else "") + f", offload {'on' if s['offload'] else 'off'}"
              + (", embeddings on CPU" if s["embed_offload"] else "")]
     notes = {
         "optimizer_states": f"{host['optimizer_states'] / GiB:.2f} GiB paged out to CPU memory"
         if host["optimizer_states"] else "",
-        "activations": (f"block inputs {_gib(d['saved_block_inputs'])}, outside blocks "
+        "activations": (f"saved by the blocks {_gib(d['saved_block_inputs'])}, outside blocks "
                         f"{_gib(d['saved_outside_blocks'])}, one block {_gib(d['one_block'])}"
                         + (f"; {_gib(host['activations'])} offloaded to CPU" if host["activations"] else "")),
         "frozen_16bit": f"input embeddings in CPU memory ({_gib(host['embeddings'])})" if host["embeddings"] else "",
@@ -549,6 +603,9 @@ def add_cli(sub) -> None:
     p.add_argument("--offload-optimizer", default="false", choices=["true", "false"],
                    help="paged optimizer state in CPU memory between steps (train's --offload-optimizer; default false)")
     p.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA factors' dtype (default fp32)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="print the policy `qlora train --memory-budget` would choose for this budget (auto: this "
+                        "machine's free GPU memory): blocks kept without recompute, offload, optimizer paging")
     p.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory, e.g. 24GiB, 80GB (default: this machine's GPU)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(func=run)
@@ -578,6 +635,8 @@ def run(args) -> int:
         check_offload(args.optim, True)
         kw["page_budget"] = 0
     kw["counts"] = counts_for(config, **kw)
+    if args.memory_budget:
+        return _run_budget(args, config, name, kw)
     est = estimate(config, args.seq, args.batch, gpu_mem=gpu_mem, **kw)
     ok = None if gpu_mem is None else fits(est, gpu_mem)
     if args.json:
@@ -607,3 +666,33 @@ def run(args) -> int:
     kw.pop("counts")
     print(f"does NOT fit in {_gib(gpu_mem)}: " + check_fits(config, args.seq, args.batch, gpu_mem, **kw))
     return 1
+
+
+def _run_budget(args, config, name: str, kw: dict) -> int:
+    """`qlora plan --memory-budget`: the policy train would choose, and the estimate of the run with it."""
+    from .budget import auto_budget, choose, parse_budget
+    value = parse_budget(args.memory_budget)
+    if value == "off":
+        raise QLoraError("qlora plan --memory-budget: give a size like 24GiB (or auto on a machine with a GPU)")
+    if value == "auto":
+        import torch
+        if not torch.cuda.is_available():
+            raise QLoraError("qlora plan --memory-budget auto needs a GPU here: give a size like 24GiB")
+        value = auto_budget(torch.device("cuda", torch.cuda.current_device()))
+    kw = dict(kw)
+    forced = True if kw.pop("offload") else None
+    policy = choose(config, args.seq, args.batch, value, checkpointing=kw.pop("grad_checkpointing"),
+                    offload=forced, **kw)
+    est = estimate(config, args.seq, args.batch, gpu_mem=value, keep_blocks=policy.keep, offload=policy.offload,
+                   grad_checkpointing=True, **kw)
+    if args.json:
+        out = {k: est[k] for k in ("peak", "phase", "components", "details", "host", "settings")}
+        out.update(required=required_bytes(est), memory_budget=value,
+                   policy=dict(keep=policy.keep, layers=policy.layers, offload=policy.offload,
+                               page_budget=policy.page_budget, states_on_host=policy.states_on_host))
+        print(json.dumps(out))
+        return 0
+    for line in format_plan(est, name, value):
+        print(line)
+    print(policy.describe())
+    return 0

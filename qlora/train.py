@@ -4,7 +4,7 @@ load model (4-bit base + LoRA) → read and tokenize data → batches → optimi
 for each step: accumulate gradients over micro-batches (loss normalised by the step's trained
 tokens) → clip → update → log → eval / checkpoint every N steps → final adapter (PEFT format).
 
-:class:`Run` holds one run: ``setup`` (``_setup_output``, ``_setup_model``, ``_setup_data``,
+:class:`Run` holds one run: ``setup`` (``_setup_output``, ``_setup_budget``, ``_setup_model``, ``_setup_data``,
 ``_setup_optimizer``, ``_resume``), ``fit`` (``train_step`` per optimizer step, each micro-batch
 through the one :class:`MicroStep`, eager or replayed from a CUDA graph), ``evaluate``, ``save``
 (a checkpoint) and ``finish``; what the steps run inside (signal handlers, the metrics file, the
@@ -141,6 +141,11 @@ class TrainConfig:
     offload_optimizer: bool = opt(False, "keep a paged optimizer's state in CPU memory between steps (8 bytes per "
                                   "LoRA parameter off the GPU during forward/backward; copied in and out each step)",
                                   group="optimization")
+    memory_budget: str = opt("off", "memory the run may use on its device: off (the flags above decide), auto (the "
+                             "device's free memory minus 5%%) or a size like 24GiB; the run then keeps the activations "
+                             "of as many blocks as fit (no recompute), offloads block inputs and pages optimizer state "
+                             "only as needed (qlora plan's estimate; the choice is printed)", group="optimization",
+                             metavar="off|auto|SIZE")
     cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
                             "host launches): packed rows are padded to --max-length, other batches to one of a few "
                             "bucket lengths (a graph each, one memory pool); needs one process, bf16, no "
@@ -404,6 +409,8 @@ def check_config(cfg: TrainConfig) -> None:
     _check_method(cfg, need, number)
     _check_variants(cfg, need, number)
     _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
+    from .budget import parse_budget
+    parse_budget(cfg.memory_budget)
     if (cfg.model or "").startswith("shape:"):
         from .plan import shape_config
         shape_config(cfg.model[6:])  # an unknown name fails here
@@ -494,6 +501,7 @@ class Run:
         if not self.dist.main:
             self.log = lambda m: None  # noqa: E731  (rank 0 speaks for all)
         self._setup_output()
+        self._setup_budget()
         self._setup_model()
         self._setup_data()
         self._setup_optimizer()
@@ -558,6 +566,14 @@ class Run:
             from .kernels import describe
             self.log(describe(self.device))
 
+    def _setup_budget(self) -> None:
+        """--memory-budget: the policy (blocks kept without recompute, offload, optimizer paging) chosen from
+        the model's config before the model loads; a budget nothing fits is one line here."""
+        from .budget import for_train
+        self.policy = for_train(self.cfg, self.device, self.model.config if self.model is not None else None)
+        if self.policy is not None:
+            self.log(self.policy.describe())
+
     def _setup_model(self) -> None:
         """Load (or build, for shape:NAME) the 4-bit model with LoRA, unless one was given; attention,
         embedding offload."""
@@ -565,7 +581,7 @@ class Run:
         cfg, device, main = self.cfg, self.device, self.dist.main
         dtype = cfg.compute_dtype
         shape = (cfg.model or "").startswith("shape:")
-        if self.model is None and device.type == "cuda" and not shape:
+        if self.model is None and device.type == "cuda" and not shape and self.policy is None:
             from .plan import check_train_config
             try:
                 warning = check_train_config(cfg)
@@ -653,8 +669,11 @@ class Run:
         """Checkpointing (and activation offload), the parallel wrapper, optimizer and loss scaler."""
         from .optim import lora_plus_groups, make_optimizer
         cfg, model, par = self.cfg, self.model, self.par
-        self.off = None
-        if cfg.grad_checkpointing:
+        self.off, policy = None, self.policy
+        if policy is not None:  # the budget's choice (it honours --grad-checkpointing false and the offload flags)
+            from .offload import enable_checkpointing
+            self.off = enable_checkpointing(model, offload=policy.offload, keep=policy.keep_indices)
+        elif cfg.grad_checkpointing:
             from .offload import enable_checkpointing
             self.off = enable_checkpointing(model, offload=cfg.offload_activations)
         elif cfg.offload_activations:
@@ -663,9 +682,10 @@ class Run:
         par.wrap(model, self.method)
         self.params = par.optimizer_params()
         names = [n for n, p in model.named_parameters() if p.requires_grad]
+        pages = policy.page_budget if policy is not None else (0 if cfg.offload_optimizer else None)
         groups = lora_plus_groups(names, self.params, cfg.lr, cfg.lora_plus_ratio)
         self.optimizer = make_optimizer(groups, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
-                                        page_budget_bytes=0 if cfg.offload_optimizer else None)
+                                        page_budget_bytes=pages)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.compute_dtype == "fp16" else None
         n_trainable = sum(p.numel() for p in par.params)
         if par.sharded:
@@ -852,6 +872,8 @@ class Run:
         row.update({k: round(dist.sum(v) / dist.world, 5) for k, v in metrics.items()})
         if self.device.type == "cuda":
             row["mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+            if self.policy is not None:  # beside the measurement: plan and measurement in one row
+                row["plan_peak_gib"] = round(self.policy.peak / 2**30, 2)
         from .validation import eval_due
         if self.val_batches and eval_due(self.step, self.total, cfg.eval_every, self.per_epoch):
             row.update(self.evaluation())

@@ -1,0 +1,147 @@
+"""`--memory-budget`: choose per run how much to recompute, offload and page so that the predicted peak fits.
+
+A policy has three parts (all exact: they change where activations and optimizer state live, never the
+math, so losses and gradients are bit for bit those of full recompute):
+
+* ``keep``: the last K decoder blocks keep all their activations (no recompute in backward); the other
+  ``L - K`` are checkpointed. The last ones because backward reaches them first: their activations are
+  freed before the checkpointed blocks' recompute peaks (qlora.plan.activation_model).
+* ``offload``: the checkpointed blocks' inputs wait in pinned CPU memory (qlora.offload).
+* the optimizer state a paged optimizer keeps on the device; the rest waits in CPU memory (qlora.optim).
+
+The choice is lexicographic, fastest first: the most kept blocks (each one saves a block's forward in
+backward, ~1/4 of its FLOPs), then inputs on the device rather than offloaded, and, for that, as much
+optimizer state on the device as fits (:func:`qlora.plan.estimate` with the budget as ``gpu_mem``
+spills only what does not fit). More budget never keeps fewer blocks. The predictions are
+:func:`qlora.plan.estimate`'s; the kept block's constants come from counting and still need a GPU
+calibration (docs/memory.md).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import QLoraError
+from .plan import (CONTEXT_BYTES, GiB, counts_for, estimate, fits, parse_size, plan_kwargs, required_bytes,
+                   rows_per_micro_batch)
+
+AUTO_MARGIN = 0.05  # of the device's memory left unplanned under `auto`: other processes, fragmentation beyond SLACK
+
+
+def parse_budget(value) -> str | int:
+    """``off``, ``auto`` or a size (``24GiB``, ``80GB``, ``24``: GiB) in bytes; a bad value is one line."""
+    text = str(value).strip().lower()
+    if text in ("off", "auto"):
+        return text
+    try:
+        return parse_size(value)
+    except QLoraError:
+        raise QLoraError(f"--memory-budget must be off, auto or a size like 24GiB or 80GB, got {value!r}") from None
+
+
+def auto_budget(device) -> int:
+    """``auto``: the free memory of the device now, minus :data:`AUTO_MARGIN` of its total; on a CUDA
+    device the context this process already holds counts back in (the estimate adds it again)."""
+    import torch
+    if getattr(device, "type", str(device)) == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free + CONTEXT_BYTES - AUTO_MARGIN * total)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(_mem_available() - AUTO_MARGIN * total)
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What :func:`choose` picked. ``page_budget``: the optimizer's ``page_budget_bytes`` (None: no limit
+    from the plan, as without a budget); ``states_on_host``: optimizer state bytes in CPU memory."""
+
+    budget: int
+    layers: int
+    keep: int
+    offload: bool
+    page_budget: int | None
+    states_on_host: int
+    peak: int
+    phase: str
+    required: int
+
+    @property
+    def keep_indices(self) -> range:
+        """The blocks that keep their activations (the last ``keep``), as enable_checkpointing(keep=...) takes them."""
+        return range(self.layers - self.keep, self.layers)
+
+    def describe(self) -> str:
+        """The run header's line."""
+        recomputed = self.layers - self.keep
+        where = "" if not recomputed else (", their inputs in CPU memory" if self.offload else ", inputs on the device")
+        states = (f"optimizer state: {self.states_on_host / GiB:.2f} GiB in CPU memory" if self.states_on_host
+                  else "optimizer state on the device")
+        return (f"memory budget {self.budget / GiB:.1f} GiB: {self.keep} of {self.layers} blocks keep their activations, "
+                f"{recomputed} recomputed{where}; {states}; predicted peak {self.peak / GiB:.2f} GiB at the "
+                f"{self.phase} (needs {self.required / GiB:.2f} GiB with slack and context)")
+
+
+def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_BYTES, checkpointing: bool = True,
+           offload: bool | None = None, **kw) -> Policy:
+    """The fastest policy whose predicted need (:func:`qlora.plan.required_bytes`) fits ``budget`` bytes.
+
+    ``checkpointing=False`` allows only keeping every block; ``offload`` True/False forces the block
+    inputs' place (None: the budget decides); ``kw``: :func:`qlora.plan.estimate`'s settings (an
+    explicit ``page_budget``, e.g. 0 for --offload-optimizer, is kept). Raises one line when nothing fits."""
+    kw = {k: v for k, v in kw.items() if k not in ("grad_checkpointing", "keep_blocks", "gpu_mem")}
+    kw.setdefault("counts", counts_for(config, **kw))
+    layers = int(config.num_hidden_layers)
+    offloads = [False, True] if offload is None else [bool(offload)]
+    last = None
+    for keep in range(layers, -1 if checkpointing else layers - 1, -1):
+        for off in offloads if keep < layers else offloads[:1]:
+            est = estimate(config, seq, batch, keep_blocks=keep, offload=off, gpu_mem=budget, **kw)
+            last = est
+            if fits(est, budget, context):
+                return _policy(est, budget, layers, keep, off, context, kw)
+    least = ("every block recomputed" if checkpointing else "--grad-checkpointing false") + (
+        ", block inputs in CPU memory" if checkpointing and True in offloads else "")
+    raise QLoraError(f"--memory-budget {budget / GiB:.1f} GiB is too small for this run: even with {least} and the optimizer "
+                     f"state paged out as far as it can be, it needs about {required_bytes(last, context) / GiB:.1f} "
+                     f"GiB (peak {last['peak'] / GiB:.1f} GiB at the {last['phase']}, plus slack and context); give a "
+                     f"larger budget, a smaller batch or shorter sequences")
+
+
+def _policy(est: dict, budget: int, layers: int, keep: int, off: bool, context: int, kw: dict) -> Policy:
+    states_total = est["details"]["optimizer_states_total"]
+    resident = est["components"]["optimizer_states"]
+    paged = kw.get("optim", "paged_adamw").startswith("paged")
+    explicit = kw.get("page_budget")
+    page_budget = explicit if explicit is not None else (resident if paged and resident < states_total else None)
+    return Policy(budget=budget, layers=layers, keep=keep, offload=est["settings"]["offload"] and off,
+                  page_budget=page_budget, states_on_host=est["host"]["optimizer_states"], peak=est["peak"],
+                  phase=est["phase"], required=required_bytes(est, context))
+
+
+def for_train(cfg, device, config=None) -> Policy | None:
+    """The policy of a :class:`qlora.train.TrainConfig` on ``device`` (None with ``--memory-budget off``);
+    ``config``: the model's transformers config (read from ``cfg.model`` when None, no weights)."""
+    value = parse_budget(cfg.memory_budget)
+    if value == "off":
+        return None
+    from .plan import model_config
+    budget = auto_budget(device) if value == "auto" else value
+    if budget <= 0:
+        raise QLoraError(f"--memory-budget auto: no free memory on {device}")
+    config = config if config is not None else model_config(cfg.model)
+    context = CONTEXT_BYTES if getattr(device, "type", str(device)) == "cuda" else 0
+    kw = plan_kwargs(cfg)
+    forced = True if kw.pop("offload") else None  # --offload-activations true: only policies that offload
+    return choose(config, cfg.max_length, rows_per_micro_batch(cfg), budget, context=context,
+                  checkpointing=kw.pop("grad_checkpointing"), offload=forced, **kw)

@@ -1,0 +1,296 @@
+"""--memory-budget: blocks kept without recompute give the same losses and gradients as recomputing them, bit for
+bit; the chooser keeps more blocks for more budget and never picks a policy the plan says does not fit; a budget
+nothing fits is one line before the model loads; the header, metrics, CLI and `qlora plan --memory-budget`."""
+import json
+
+import pytest
+import torch
+import transformers
+
+import qlora.linear as lin
+from qlora.budget import auto_budget, choose, for_train, parse_budget
+from qlora.cli import main
+from qlora.errors import QLoraError
+from qlora.loss import loss_sum
+from qlora.model import LoraSettings, QuantSettings, build_random
+from qlora.offload import ActivationOffloader, enable_checkpointing
+from qlora.plan import (GiB, activation_model, counts_for, estimate, fits, kept_block_bytes_per_token, parse_size,
+                        plan_kwargs, required_bytes, shape_config)
+from qlora.train import train
+
+from helpers import cfg, losses
+
+LAYERS = 3
+
+
+def _config(layers=LAYERS, hidden=64):
+    return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                    max_position_embeddings=512, tie_word_embeddings=False)
+
+
+def _model(dtype):
+    m = build_random(_config(), QuantSettings(compute_dtype=dtype), LoraSettings(r=4, alpha=8, dropout=0.0),
+                     device="cpu", dtype=dtype, progress=False)
+    with torch.no_grad():  # B = 0 at init would make A's gradients zero: give B values
+        for n, p in m.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    return m.train()
+
+
+def _batch(b=2, t=16):
+    ids = torch.randint(0, 96, (b, t), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _loss_and_grads(model, batch, count=None):
+    """Loss, LoRA gradients and, with ``count`` (a dict), how often each block's layers dequantize in backward."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_sum(model, batch, "cpu")
+    if count is not None:
+        count["on"] = True
+    loss.backward()
+    if count is not None:
+        count["on"] = False
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_kept_blocks_give_the_same_losses_and_gradients_bit_for_bit(monkeypatch, dtype, offload):
+    """For K = 0..L kept blocks (with and without offload of the others' inputs): the same loss and gradients as
+    no checkpointing at all, bit for bit; kept blocks dequantize each layer once in backward (no recompute), while
+    checkpointed ones still skip down_proj in their recompute (test_offload's early-stop optimisation); only the
+    checkpointed blocks' inputs are offloaded."""
+    model, batch = _model(dtype), _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)  # no checkpointing: nothing is recomputed
+    where = {m.weight_packed.data_ptr(): n for n, m in model.named_modules() if isinstance(m, lin.QLoRALinear)}
+    count, real = {"on": False}, lin._dequant
+
+    def counting(packed, state, dt):
+        if count["on"]:
+            name = where[packed.data_ptr()]
+            key = (int(name.split("layers.")[1].split(".")[0]), name.rsplit(".", 1)[-1])
+            count[key] = count.get(key, 0) + 1
+        return real(packed, state, dt)
+    monkeypatch.setattr(lin, "_dequant", counting)
+    for k in range(LAYERS + 1):
+        keep = range(LAYERS - k, LAYERS)
+        off = ActivationOffloader(min_bytes=0, include_cpu=True) if offload else None
+        got = enable_checkpointing(model, offload=offload, offloader=off, keep=keep)
+        for key in [key for key in count if key != "on"]:
+            del count[key]
+        loss, grads = _loss_and_grads(model, batch, count)
+        assert torch.equal(loss, ref_loss), k
+        for n, g in ref_grads.items():
+            assert torch.equal(grads[n], g), (k, n)
+        for layer in range(LAYERS):
+            kept = layer in keep
+            assert count[(layer, "down_proj")] == 1, (k, layer, count)
+            for name in ("q_proj", "o_proj", "gate_proj", "up_proj"):
+                assert count[(layer, name)] == (1 if kept else 2), (k, layer, name, count)
+        if offload and k < LAYERS:
+            assert got is off and off.stats["packed"] == LAYERS - k
+        elif offload:
+            assert got is None  # every block kept: nothing to offload
+
+
+def test_bad_keep_indices_are_one_line():
+    with pytest.raises(QLoraError, match=r"blocks to keep must be indices in \[0, 3\)"):
+        enable_checkpointing(_model("fp32"), keep=[3])
+
+
+def test_kept_block_count_matches_what_autograd_saves():
+    """The first-principles count of a kept (not checkpointed) block's saved bytes per token equals what autograd
+    saves inside one bf16 block on the CPU (saved-tensor hooks, distinct storages, parameters and the RoPE tables
+    made outside the block left out; the per-token slope of two lengths, so the per-layer LoRA casts cancel)."""
+    h, i, heads, kvh = 128, 352, 4, 2
+    config = transformers.LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=2, num_attention_heads=heads,
+                                      num_key_value_heads=kvh, vocab_size=96, max_position_embeddings=512)
+    config._attn_implementation = "sdpa"
+    model = build_random(config, QuantSettings(compute_dtype="bf16"), LoraSettings(r=4, alpha=8, dropout=0.0),
+                         device="cpu", dtype="bf16", progress=False).train()
+    skip = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    block, saved = model.model.layers[1], {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def pre(mod, args, kw):
+        for t in kw["position_embeddings"]:  # cos/sin: made once outside the blocks, shared by all
+            skip.add(t.untyped_storage().data_ptr())
+        hooks.__enter__()
+    block.register_forward_pre_hook(pre, with_kwargs=True)
+    block.register_forward_hook(lambda *a: hooks.__exit__(None, None, None))
+    per = []
+    for t in (32, 96):
+        saved.clear()
+        model(input_ids=torch.randint(0, 96, (2, t)))
+        per.append(sum(saved.values()))
+    slope = (per[1] - per[0]) / (2 * (96 - 32))
+    assert slope == kept_block_bytes_per_token(h, i, heads, kvh, h // heads, rank=4)
+
+
+def test_activation_model_ends_are_the_old_estimates_and_memory_grows_with_kept_blocks():
+    """keep=0 is plain checkpointing and keep=L no checkpointing (the estimate as before); every kept block adds
+    memory, and offload lowers what stays on the device."""
+    config = shape_config("8b")
+    kw = dict(rank=16, dropout=0.0)
+    c = counts_for(config, **kw)
+    ckpt = estimate(config, 2048, 2, counts=c, **kw)
+    assert estimate(config, 2048, 2, counts=c, keep_blocks=0, **kw)["peak"] == ckpt["peak"]
+    nockpt = estimate(config, 2048, 2, counts=c, grad_checkpointing=False, **kw)
+    assert estimate(config, 2048, 2, counts=c, keep_blocks=32, **kw)["peak"] == nockpt["peak"]
+    peaks = [estimate(config, 2048, 2, counts=c, keep_blocks=k, **kw)["peak"] for k in range(33)]
+    assert all(a < b for a, b in zip(peaks, peaks[1:]))
+    act = activation_model(c, 4096, 10, offload=True)
+    assert act["host"] == 22 * 4096 * 4096 * 2  # the 22 checkpointed inputs, 16-bit
+    assert act["saved"] == pytest.approx(10 * 4096 * (17.2 * 4096 + 8.0 * 14336), abs=1)
+    with pytest.raises(QLoraError, match="kept without recompute"):
+        activation_model(c, 4096, 33, offload=False)
+
+
+def test_more_budget_keeps_more_blocks_and_the_choice_fits_and_is_the_most_that_does():
+    config = shape_config("8b")
+    kw = dict(rank=16, dropout=0.0, counts=counts_for(shape_config("8b"), rank=16))
+    chosen = []
+    for gib in range(8, 44, 2):
+        budget = gib * GiB
+        p = choose(config, 2048, 2, budget, **kw)
+        est = estimate(config, 2048, 2, keep_blocks=p.keep, offload=p.offload, gpu_mem=budget, **kw)
+        assert fits(est, budget) and p.peak == est["peak"] and p.required <= budget
+        if p.keep < 32:  # one more kept block does not fit, offloaded or not
+            for off in (False, True):
+                assert not fits(estimate(config, 2048, 2, keep_blocks=p.keep + 1, offload=off, gpu_mem=budget, **kw),
+                                budget)
+        chosen.append(p)
+    keeps = [p.keep for p in chosen]
+    assert keeps == sorted(keeps) and keeps[0] < 8 and keeps[-1] == 32, keeps
+    assert list(chosen[0].keep_indices) == list(range(32 - keeps[0], 32))
+    forced = choose(config, 2048, 2, 24 * GiB, offload=True, **kw)
+    assert forced.offload and forced.keep >= chosen[8].keep  # offload frees device memory: at least as many kept
+    assert choose(config, 2048, 2, 80 * GiB, checkpointing=False, **kw).keep == 32
+
+
+def test_too_small_a_budget_is_one_line_before_the_model_loads(setup, tmp_path, monkeypatch, capsys):
+    import qlora.model
+    monkeypatch.setattr(qlora.model, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(QLoraError, match=r"--memory-budget 0\.0 GiB is too small for this run: even with every block "
+                                         r"recomputed.*needs about"):
+        train(cfg(setup, tmp_path / "o", memory_budget="1MiB"), log=lambda m: None)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    rc = main(["train", "--data", str(setup / "data.jsonl"), "--model", str(setup / "model"), "--output",
+               str(tmp_path / "c"), "--memory-budget", "1MiB", "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "too small" in err[-1] and not any("Traceback" in line for line in err)
+    assert sum("memory-budget" in line for line in err) == 1
+
+
+@pytest.mark.parametrize("value", ["lots", "-3GiB", "0", "24XB"])
+def test_bad_budget_values_are_one_line(setup, tmp_path, value):
+    with pytest.raises(QLoraError, match="--memory-budget must be off, auto or a size"):
+        train(cfg(setup, tmp_path / "o", memory_budget=value), log=lambda m: None)
+
+
+def test_parse_budget_and_auto_on_the_cpu():
+    assert parse_budget("off") == "off" and parse_budget(" AUTO ") == "auto"
+    assert parse_budget("24GiB") == 24 * GiB and parse_budget("80GB") == 80 * 10**9 and parse_budget(24) == 24 * GiB
+    avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    assert 0 < auto_budget(torch.device("cpu")) < avail
+
+
+def test_train_header_policy_and_same_losses_as_without_a_budget(setup, tmp_path, monkeypatch):
+    """A budget that keeps 1 of the tiny model's 2 blocks: the header says so, the run keeps the last block (what
+    enable_checkpointing receives), metrics.jsonl has no memory columns on the CPU, and the losses are those of
+    the run without a budget (full recompute), exactly."""
+    from qlora import offload
+    from qlora.plan import model_config
+    ref = tmp_path / "ref"
+    run = dict(max_steps=2, grad_accum=1, save_every=0, max_length=8192)  # the plan counts max-length rows: activations dominate
+    train(cfg(setup, ref, **run), log=lambda m: None)
+    c = cfg(setup, tmp_path / "b", **run)
+    config = model_config(c.model)
+    kw = plan_kwargs(c)
+    kw.pop("grad_checkpointing")
+    need = [required_bytes(estimate(config, c.max_length, c.batch_size, keep_blocks=k, **kw), 0) for k in (1, 2)]
+    assert need[0] < need[1]
+    budget = (need[0] + need[1]) / 2 / 2**20  # MiB: keeps 1 block on a CPU (no CUDA context), not 2
+    seen, real = {}, offload.enable_checkpointing
+
+    def record(model, offload=False, **kw):
+        seen.update(kw, offload=offload)
+        return real(model, offload=offload, **kw)
+    monkeypatch.setattr(offload, "enable_checkpointing", record)
+    log = []
+    train(cfg(setup, tmp_path / "b", memory_budget=f"{budget:.3f}MiB", **run), log=log.append)
+    header = [m for m in log if m.startswith("memory budget")]
+    assert len(header) == 1 and "1 of 2 blocks keep their activations, 1 recomputed" in header[0], log
+    assert list(seen["keep"]) == [1] and seen["offload"] is False
+    assert losses(tmp_path / "b") == losses(ref)
+    rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("mem_gib" not in r and "plan_peak_gib" not in r for r in rows)
+    assert "memory_budget:" in (tmp_path / "b" / "config.yaml").read_text()
+
+
+def test_train_help_lists_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--memory-budget off|auto|SIZE" in out
+
+
+def test_plan_prints_the_policy_train_would_choose(capsys):
+    args = ["plan", "--shape", "8b", "--seq", "2048", "--batch", "2", "--rank", "16", "--dropout", "0"]
+    assert main(args + ["--memory-budget", "24GiB"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    p = choose(shape_config("8b"), 2048, 2, 24 * GiB, rank=16, dropout=0.0)
+    assert lines[-1] == p.describe()
+    assert f"({p.keep} blocks kept without recompute)" in lines[0]
+    assert main(args + ["--memory-budget", "24GiB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy"]["keep"] == p.keep and out["peak"] == p.peak and out["required"] <= parse_size("24GiB")
+    assert main(args + ["--memory-budget", "2GiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "too small" in err[0]
+
+
+# ------------------------------------------------------------------ launch reductions (issue 29)
+
+def _xa_zero_fills(layer, x):
+    """Gradients of one backward of ``layer`` and the zero-fill ops of xa's shape [tokens, r] it ran."""
+    from torch.profiler import ProfilerActivity, profile
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        (y.float() ** 2).sum().backward()
+    shape = [x.numel() // x.shape[-1], layer.r]
+    fills = [e.name for e in prof.events() if e.name in ("aten::zero_", "aten::fill_") and e.input_shapes
+             and e.input_shapes[0] == shape]
+    return fills, [x.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_zero_gradient_is_materialised_for_xa(monkeypatch, dtype):
+    """The fused LoRA node's second output (xa) gets no gradient: autograd no longer fills a zero tensor for it in
+    every backward (a launch per adapted linear); the gradients are bit for bit those with the zero fill (the
+    behaviour before, restored here by making set_materialize_grads a no-op)."""
+    torch.manual_seed(0)
+    layer = lin.QLoRALinear.from_linear(torch.nn.Linear(64, 96, bias=False), r=8, alpha=16, compute_dtype=dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 10, 64)
+    fills, grads = _xa_zero_fills(layer, x)
+    assert fills == []
+    with monkeypatch.context() as m:
+        m.setattr(torch.autograd.function.FunctionCtx, "set_materialize_grads", lambda self, value: None)
+        old_fills, old_grads = _xa_zero_fills(layer, x)
+    assert old_fills  # the profile does see the fill when autograd makes it
+    for g, ref in zip(grads, old_grads):
+        assert g is not None and torch.equal(g, ref)
