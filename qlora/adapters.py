@@ -24,6 +24,7 @@ from .config import COMPUTE_DTYPES, is_int, is_number
 from .errors import QLoraError
 from .linear import QLoRALinear
 from .model import LoraSettings, QuantSettings, block_linear_names, lora_modules, parse_dtype
+from .moe import target_kind
 from .outdir import guard_write, lock_beside
 
 PREFIX = "base_model.model."
@@ -59,7 +60,7 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
         "r": ranks.pop(),
         "lora_alpha": alphas.pop(),
         "lora_dropout": getattr(dropout, "p", 0.0),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
+        "target_modules": sorted({target_kind(n) for n in mods}),
         "use_rslora": rs.pop(),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -292,15 +293,17 @@ def check_resume_fits(ck_root: Path, model_src, rank: int) -> None:
 
 
 def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str | torch.dtype = "bf16",
-                   quant: QuantSettings | None = None):
+                   quant: QuantSettings | None = None, fuse_experts: bool = True):
     """Stream the merged model: ``(config, tokenizer, iterator of (name, tensor))``.
 
     Block linear weights become ``dequant(quant(W))`` — the 4-bit base the adapter was trained on,
     quantized as in ``qlora_config.json`` — plus ``scaling * B @ A`` where adapted, summed in fp32
     and cast to ``dtype``; every other tensor passes through in ``dtype``. One weight is in memory
-    at a time.
+    at a time. A mixture-of-experts model's experts are merged one expert at a time and written as
+    transformers' fused 3-D tensors (``fuse_experts``; else one weight per expert, qlora's layout).
     """
-    from . import nf4
+    from . import moe, nf4
+    from .model import skeleton
     from .sources import open_source
     if model_src is None:
         from .embedded import embedded_model_path
@@ -313,6 +316,8 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
     scaling = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
     if adapter_dir:
         check_fits(adapter_dir, model_src, pairs, source.config)  # before a weight is read
+    shape = skeleton(source.config)  # meta: the experts' layout, no weights
+    layout, source = moe.expert_layout(shape), moe.wrap_source(source, shape)
     names = source.names()
     weight_names = {f"{n}.weight": n for n in pairs}
     absent = [n for n in weight_names if n not in names]
@@ -341,7 +346,7 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
                 w = w.float() + scaling * (b.float() @ a.float())
             yield name, w.to(dtype) if w.is_floating_point() else w
 
-    return source.config, source, gen()
+    return source.config, source, moe.fuse_experts(gen(), layout) if fuse_experts else gen()
 
 
 def merge(model_src, adapter_dir, output, dtype: str = "bf16", quantize: bool = False, force: bool = False,
@@ -365,7 +370,7 @@ def _merge_into(out: Path, model_src, adapter_dir, dtype, quantize, force, max_s
     from . import nf4
     from .checkpoint import CheckpointWriter, quantization_config
     from .sources import quantizable_linear_names
-    config, source, tensors = merged_tensors(model_src, adapter_dir, dtype)
+    config, source, tensors = merged_tensors(model_src, adapter_dir, dtype, fuse_experts=not quantize)
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = cfg["dtype"] = str(parse_dtype(dtype)).split(".")[-1]

@@ -269,3 +269,25 @@ def wrap_source(source, model: nn.Module):
     """``source`` seen through per-expert names when ``model`` (split) has routed experts, else itself."""
     layout = expert_layout(model)
     return ExpertSource(source, layout) if layout else source
+
+
+_OURS = re.compile(r"^(.*)\.(gate_up_proj|down_proj)\.(\d+)\.weight$")
+
+
+def fuse_experts(items, layout: dict[str, tuple[int, bool]]):
+    """A stream of ``(name, tensor)`` with per-expert weights (:class:`ExpertSource`'s names) turned back
+    into transformers' fused 3-D parameters (``<experts>.gate_up_proj`` [E, 2I, H], Llama 4 transposed),
+    each yielded once its last expert arrives: a merged MoE model that ``from_pretrained`` loads."""
+    held: dict = {}
+    for name, t in items:
+        m = _OURS.match(name)
+        if m is None or m.group(1) not in layout:
+            yield name, t
+            continue
+        base, proj, e = m.group(1), m.group(2), int(m.group(3))
+        n, transposed = layout[base]
+        got = held.setdefault((base, proj), {})
+        got[e] = t.t() if transposed else t
+        if len(got) == n:
+            del held[(base, proj)]
+            yield f"{base}.{proj}", torch.stack([got[i] for i in range(n)])

@@ -80,3 +80,129 @@ def test_logits_equal_transformers_on_dequantized_weights(tmp_path, family):
     with torch.no_grad():
         got, want = ours(x).logits, ref(x).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_and_per_expert_checkpoints_load_the_same(tmp_path):
+    """transformers publishes experts per expert; a fused [E, 2I, H] checkpoint (its state_dict) loads to the
+    same 4-bit bytes."""
+    per = save_moe(tmp_path / "per", "mixtral")
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    from safetensors.torch import save_file
+    ref = AutoModelForCausalLM.from_pretrained(str(per), dtype=torch.float32)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(fused / "model.safetensors"),
+              metadata={"format": "pt"})
+    (fused / "config.json").write_text((per / "config.json").read_text())
+    assert any(n.endswith("experts.gate_up_proj") for n in open_source(fused).names())
+    assert any(".experts.0.w1.weight" in n for n in open_source(per).names())
+    a, b = load_ours(per), load_ours(fused)
+    for (n, x), (m, y) in zip(a.named_modules(), b.named_modules()):
+        assert n == m
+        if isinstance(x, QLoRALinear):
+            assert torch.equal(x.weight_packed, y.weight_packed) and torch.equal(x.absmax, y.absmax), n
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama4_text"])
+def test_expert_bytes_equal_bitsandbytes_quantize_4bit(tmp_path, family):
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    d = save_moe(tmp_path / family, family)
+    ours = load_ours(d)
+    ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    fused = moe.fused_experts(ref)
+    checked = 0
+    for n in block_linear_names(ours):
+        if not moe.is_expert_linear(n):
+            continue
+        experts, proj, e = n.rsplit(".", 2)
+        w = getattr(fused[experts], proj)[int(e)].detach()
+        w = w.t().contiguous() if family == "llama4_text" else w  # Llama 4 stores [in, out]
+        p_ref, s_ref = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        m = ours.get_submodule(n)
+        assert torch.equal(m.weight_packed, p_ref) and torch.equal(m.absmax, s_ref.absmax), n
+        assert torch.equal(m.nested_absmax, s_ref.state2.absmax) and m._meta["offset"] == s_ref.offset.item()
+        checked += 1
+    assert checked == 2 * 2 * 4  # layers x projections x experts
+
+
+def test_routers_stay_16_bit_and_unadapted_shared_experts_are_dense_mlps(tmp_path):
+    d = save_moe(tmp_path / "l4", "llama4_text")
+    ours = load_ours(d, LoraSettings(r=4, alpha=8, dropout=0.0, target="all-linear"))
+    router = ours.model.layers[0].feed_forward.router
+    assert type(router).__name__ == "Llama4Router" and not any(p.requires_grad for p in router.parameters())
+    ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    assert torch.equal(router.weight, ref.model.layers[0].feed_forward.router.weight)  # bit for bit as loaded
+    shared = ours.model.layers[0].feed_forward.shared_expert
+    assert all(isinstance(getattr(shared, p), QLoRALinear) and getattr(shared, p).r == 4
+               for p in ("gate_proj", "up_proj", "down_proj"))
+    # all-linear leaves the routed experts frozen (their LoRA is opt-in: docs/moe.md)
+    assert all(m.r == 0 for m in ours.model.layers[0].feed_forward.experts.gate_up_proj)
+    d2 = save_moe(tmp_path / "q2", "qwen2_moe")
+    names = block_linear_names(skeleton(open_source(d2).config))
+    assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in names)
+    assert any(n.endswith("shared_expert.down_proj") for n in names)
+
+
+def test_targets_name_expert_projections():
+    names = block_linear_names(skeleton(CONFIGS["qwen3_moe"]()))
+    experts = {n for n in names if moe.is_expert_linear(n)}
+    assert len(experts) == 2 * 2 * 4
+    assert select_targets(names, "all-linear") == set(names) - experts
+    assert select_targets(names, "experts.down_proj") == {n for n in experts if ".down_proj." in n}
+    assert select_targets(names, "q_proj,experts") == experts | {n for n in names if n.endswith("q_proj")}
+    assert select_targets(names, "all-linear,experts.gate_up_proj") == \
+        set(names) - {n for n in experts if ".down_proj." in n}
+    with pytest.raises(QLoraError, match="experts.gate_up_proj"):
+        select_targets(names, "w1")  # the message lists what exists
+
+
+def test_expert_lora_gradients_equal_transformers_float_reference():
+    """One layer's experts: ours (4-bit base, LoRA per expert) against transformers' own Qwen3MoeExperts
+    forward whose fused parameters are dequant(W_e) + scaling * B_e @ A_e built from leaf tensors."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+    cfg = CONFIGS["qwen3_moe"]()
+    torch.manual_seed(0)
+    hf = Qwen3MoeExperts(cfg)
+    torch.nn.init.normal_(hf.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(hf.down_proj, std=0.2)
+    model = torch.nn.Module()
+    model.experts = hf
+    moe.split_experts(model)
+    from qlora.model import apply_qlora
+    layer = torch.nn.Module()
+    layer.layers = torch.nn.ModuleList([model])  # a numbered block, as in a transformer
+    apply_qlora(layer, FP32, LoraSettings(r=4, alpha=8, dropout=0.0, target="experts"), seed=0)
+    ours = model.experts
+    g = torch.Generator().manual_seed(2)
+    for m in list(ours.gate_up_proj) + list(ours.down_proj):
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.3
+    x = torch.randn(10, 64, generator=g, requires_grad=True)
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(10)])
+    idx[0] = torch.tensor([0, 3])
+    wts = torch.rand(10, 2, generator=g)
+    out = ours(x, idx, wts)
+    up = torch.randn(out.shape, generator=g)
+    (out * up).sum().backward()
+    leaves = {}
+    fused = {}
+    for proj in moe.PROJS:
+        mods = getattr(ours, proj)
+        a = [m.lora_A.detach().clone().requires_grad_() for m in mods]
+        b = [m.lora_B.detach().clone().requires_grad_() for m in mods]
+        leaves[proj] = (a, b)
+        fused[proj] = torch.stack([m.base_weight(torch.float32) + m.scaling * bb @ aa
+                                   for m, aa, bb in zip(mods, a, b)])
+    ref = Qwen3MoeExperts(cfg)
+    del ref.gate_up_proj, ref.down_proj
+    ref.gate_up_proj, ref.down_proj = fused["gate_up_proj"], fused["down_proj"]
+    x2 = x.detach().clone().requires_grad_()
+    want = ref(x2, idx, wts)
+    (want * up).sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    nonzero = 0
+    for proj in moe.PROJS:
+        for m, aa, bb in zip(getattr(ours, proj), *leaves[proj]):
+            torch.testing.assert_close(m.lora_A.grad, aa.grad, rtol=1e-4, atol=2e-5)
+            torch.testing.assert_close(m.lora_B.grad, bb.grad, rtol=1e-4, atol=2e-5)
+            nonzero += bool(aa.grad.abs().sum() > 0)
+    assert nonzero >= 6  # the active experts learned something (expert 0 and 3 at least)
