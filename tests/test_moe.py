@@ -34,6 +34,16 @@ CONFIGS = {
 FP32 = QuantSettings(compute_dtype="fp32")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny per-expert matmuls: on a busy 2-core machine the OpenMP hand-off between two threads costs
+    ~10 ms per op (a 6-step run took 17 s against 3 s on one thread)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def save_moe(path, family, seed=0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32)
@@ -206,3 +216,41 @@ def test_expert_lora_gradients_equal_transformers_float_reference():
             torch.testing.assert_close(m.lora_B.grad, bb.grad, rtol=1e-4, atol=2e-5)
             nonzero += bool(aa.grad.abs().sum() > 0)
     assert nonzero >= 6  # the active experts learned something (expert 0 and 3 at least)
+
+
+@pytest.fixture(scope="module")
+def moe_train(tmp_path_factory):
+    """A tiny Qwen3-MoE with the tiny tokenizer and 40 instruction records, as helpers.make_train_dir."""
+    from helpers import CITIES
+    from tiny import tiny_tokenizer
+    d = tmp_path_factory.mktemp("moetrain")
+    tok = tiny_tokenizer()
+    cfg = CONFIGS["qwen3_moe"]()
+    cfg.vocab_size, cfg.pad_token_id, cfg.eos_token_id = len(tok), tok.pad_token_id, tok.eos_token_id
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(str(d / "model"))
+    tok.save_pretrained(str(d / "model"))
+    rows = [{"instruction": f"what is the capital of {c} ?", "output": f"the answer is {c} ."}
+            for i in range(40) for c in [CITIES[i % 3]]]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_train_on_moe_learns_experts_and_resume_is_exact(moe_train, tmp_path):
+    import shutil
+
+    from helpers import cfg, losses
+    from qlora.adapters import read_adapter
+    from qlora.train import train
+    kw = dict(target="all-linear,experts", max_steps=4, save_every=2, batch_size=2, grad_accum=1)
+    full = tmp_path / "full"
+    train(cfg(moe_train, full, **kw), log=lambda m: None)
+    part = tmp_path / "part"
+    train(cfg(moe_train, part, **kw), log=lambda m: None)
+    shutil.rmtree(part / "checkpoints" / "step-0000004")  # as if the run had died after step 2
+    train(cfg(moe_train, part, resume=True, **kw), log=lambda m: None)
+    assert len(losses(full)) == 4 and losses(part) == losses(full)  # bit-identical on the CPU
+    conf, pairs = read_adapter(full / "adapter")
+    assert "experts.gate_up_proj" in conf["target_modules"] and "experts.down_proj" in conf["target_modules"]
+    moved = [n for n, (a, b) in pairs.items() if moe.is_expert_linear(n) and b.abs().sum() > 0]
+    assert len(moved) >= 4  # routed experts' B left zero: they were trained
