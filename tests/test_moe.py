@@ -48,6 +48,10 @@ def save_moe(path, family, seed=0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32)
     model.save_pretrained(str(path))
+    from tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    assert len(tok) <= 64
+    tok.save_pretrained(str(path))
     return path
 
 
@@ -254,3 +258,74 @@ def test_train_on_moe_learns_experts_and_resume_is_exact(moe_train, tmp_path):
     assert "experts.gate_up_proj" in conf["target_modules"] and "experts.down_proj" in conf["target_modules"]
     moved = [n for n, (a, b) in pairs.items() if moe.is_expert_linear(n) and b.abs().sum() > 0]
     assert len(moved) >= 4  # routed experts' B left zero: they were trained
+
+
+def _randomize_experts_lora(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, QLoRALinear) and m.r:
+            m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.3
+
+
+def test_quantize_cli_writes_bitsandbytes_bytes_per_expert_and_loads_back(tmp_path, capsys):
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+    from qlora.checkpoint import CheckpointReader
+    from qlora.cli import main
+    d = save_moe(tmp_path / "m", "qwen3_moe")
+    assert main(["quantize", str(d), str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    reader = CheckpointReader(tmp_path / "q")
+    ref = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    for i in range(2):
+        experts = ref.model.layers[i].mlp.experts
+        for proj in moe.PROJS:
+            for e in range(4):
+                packed, state = reader.read_quantized(f"model.layers.{i}.mlp.experts.{proj}.{e}.weight")
+                p_ref, s_ref = bnbF.quantize_4bit(getattr(experts, proj)[e].detach(), blocksize=64, quant_type="nf4",
+                                                  compress_statistics=True)
+                assert torch.equal(packed, p_ref) and torch.equal(state.absmax, s_ref.absmax)
+    assert reader.read_quantized("model.layers.0.mlp.gate.weight") is None  # the router stays 16-bit
+    a, b = load_ours(d).eval(), load_ours(tmp_path / "q").eval()
+    with torch.no_grad():
+        assert torch.equal(a(ids()).logits, b(ids()).logits)
+
+
+def test_expert_adapter_saves_merges_and_generates(tmp_path, capsys):
+    from qlora.adapters import save_adapter
+    from qlora.cli import main
+    from qlora.generate import load_for_inference
+    d = save_moe(tmp_path / "m", "llama4_text")  # fused, transposed experts on disk
+    ours = load_ours(d, LoraSettings(r=4, alpha=8, dropout=0.0, target="all-linear,experts")).eval()
+    _randomize_experts_lora(ours)
+    save_adapter(ours, tmp_path / "ad", quant=FP32)
+    with torch.no_grad():
+        want = ours(ids()).logits
+    model, _ = load_for_inference(str(d), str(tmp_path / "ad"), device="cpu", dtype="fp32", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()).logits, want, rtol=1e-5, atol=1e-5)
+    assert main(["merge", "--model", str(d), "--adapter", str(tmp_path / "ad"), "--output", str(tmp_path / "merged"),
+                 "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids()).logits, want, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    rc = main(["export", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "llama4_text" in err and len(err.strip().splitlines()) == 1
+
+
+def test_vision_language_model_quantizes_only_the_language_model():
+    from qlora.sources import quantizable_linear_names
+    text = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    model = skeleton(cfg)
+    every = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    tower = [n for n in every if "vision_tower" in n or "multi_modal_projector" in n]
+    assert tower and len([n for n in tower if "layers.0." in n]) >= 4  # the tower has block linears of its own
+    names = block_linear_names(model)
+    assert names and not set(names) & set(tower)
+    assert all("language_model.layers." in n for n in names)
+    assert {n[:-len(".weight")] for n in quantizable_linear_names(cfg)} == set(names)
