@@ -81,9 +81,10 @@ class QLoRAExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, inter
         self.act_fn, self.dense = act_fn, dense
-        kw = dict(bias=False, device=device, dtype=dtype)
-        self.gate_up_proj = nn.ModuleList(nn.Linear(hidden, 2 * inter, **kw) for _ in range(num_experts))
-        self.down_proj = nn.ModuleList(nn.Linear(inter, hidden, **kw) for _ in range(num_experts))
+        kw = dict(bias=False, device=device, dtype=dtype)  # skip_init: the weights are filled from the source
+        self.gate_up_proj = nn.ModuleList(nn.utils.skip_init(nn.Linear, hidden, 2 * inter, **kw)
+                                          for _ in range(num_experts))
+        self.down_proj = nn.ModuleList(nn.utils.skip_init(nn.Linear, inter, hidden, **kw) for _ in range(num_experts))
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj[e](x).chunk(2, dim=-1)

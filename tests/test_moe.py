@@ -329,3 +329,25 @@ def test_vision_language_model_quantizes_only_the_language_model():
     assert names and not set(names) & set(tower)
     assert all("language_model.layers." in n for n in names)
     assert {n[:-len(".weight")] for n in quantizable_linear_names(cfg)} == set(names)
+
+
+def test_plan_counts_every_expert_in_nf4_and_the_routed_activations(tmp_path):
+    from qlora.plan import count_model, estimate, shape_config
+    c = count_model(shape_config("mixtral-8x7b"), rank=16)
+    h, i, L, e = 4096, 14336, 32, 8
+    attn = h * h * 2 + 2 * h * 1024  # q, o and the 8 kv heads' k, v
+    assert c["quantized_params"] == L * (e * 3 * h * i + attn)  # ~46.4B: every expert is stored
+    assert c["weights_4bit"] == c["quantized_params"] // 2
+    assert c["intermediate"] == 2 * i and c["routed_k"] == 2  # activations of the top-2 experts per token
+    # the tiny model: the plan's 4-bit bytes are what loading really allocates
+    d = save_moe(tmp_path / "m", "qwen3_moe")
+    tiny = count_model(open_source(d).config, rank=4, device="cpu")
+    built = load_ours(d)
+    packed = sum(m.weight_packed.numel() for m in built.modules() if isinstance(m, QLoRALinear))
+    assert tiny["weights_4bit"] == packed
+    # routing adds a per-token cost that grows with k
+    cfg = open_source(d).config
+    one = estimate(cfg, 512, 1, rank=4, counts=count_model(cfg, rank=4))["details"]["one_block"]
+    cfg.num_experts_per_tok = 4
+    four = estimate(cfg, 512, 1, rank=4, counts=count_model(cfg, rank=4))["details"]["one_block"]
+    assert four > one
