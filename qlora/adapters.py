@@ -24,7 +24,7 @@ from .config import COMPUTE_DTYPES, is_int, is_number
 from .errors import QLoraError
 from .linear import QLoRALinear
 from .model import LoraSettings, QuantSettings, block_linear_names, lora_modules, parse_dtype
-from .moe import target_kind
+from .moe import expert_layout, from_peft_layout, target_kind, to_peft_layout
 from .outdir import guard_write, lock_beside
 
 PREFIX = "base_model.model."
@@ -48,19 +48,22 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
         raise QLoraError("saving adapters with per-layer ranks/alphas is not supported")
     dropout = next(iter(mods.values())).lora_dropout
     pairs = tensors if tensors is not None else {n: (m.lora_A, m.lora_B) for n, m in mods.items()}
+    pairs = {n: (a.detach().cpu(), b.detach().cpu()) for n, (a, b) in ((n, pairs[n]) for n in mods)}
+    pairs, target_parameters = to_peft_layout(pairs, expert_layout(model))  # MoE experts: peft's layout
     tensors = {}
-    for name in mods:
-        a, b = pairs[name]
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().cpu()
+    for name, (a, b) in pairs.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": ranks.pop(),
         "lora_alpha": alphas.pop(),
-        "lora_dropout": getattr(dropout, "p", 0.0),
-        "target_modules": sorted({target_kind(n) for n in mods}),
+        # peft refuses dropout on parameter targets; it is a training setting (the run's config.yaml keeps it)
+        "lora_dropout": 0.0 if target_parameters else getattr(dropout, "p", 0.0),
+        "target_modules": sorted({target_kind(n) for n in mods if n in pairs}),  # (experts: target_parameters)
+        "target_parameters": target_parameters or None,
         "use_rslora": rs.pop(),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -143,7 +146,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[
         if set(p) != {"lora_A", "lora_B"}:
             raise QLoraError(f"{wfile}: {name} has only {', '.join(p)}")
         a, b = p["lora_A"], p["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+        experts = cfg.get("target_parameters") and a.dim() == 2 and a.shape[0] % r == 0 and b.shape[-1] == a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or ((a.shape[0] != r or b.shape[1] != r) and not experts):
             raise QLoraError(f"{wfile}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, but "
                              f"{d / CONFIG} says r={r} (A must be [r, in], B [out, r])")
         if not (a.is_floating_point() and b.is_floating_point()):
@@ -152,7 +156,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[
             raise QLoraError(f"{wfile}: {name} holds NaN or infinite values (the run that saved it diverged): "
                              "use an earlier checkpoint")
         out[name] = (a, b)
-    return cfg, out
+    return cfg, _per_expert(out, cfg, wfile)
+
+
+def _per_expert(pairs: dict, cfg: dict, wfile: Path) -> dict:
+    """Experts adapted in peft's layout (``target_parameters``) as qlora's per-expert pairs."""
+    tp = cfg.get("target_parameters")
+    if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) for t in tp)):
+        raise QLoraError(f"{wfile.parent / CONFIG}: target_parameters must be a list of parameter names, got {tp!r}")
+    return from_peft_layout(pairs, tp, int(cfg.get("r", 8)))
 
 
 def _read_json_object(path: Path) -> dict:

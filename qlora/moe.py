@@ -292,3 +292,80 @@ def fuse_experts(items, layout: dict[str, tuple[int, bool]]):
         if len(got) == n:
             del held[(base, proj)]
             yield f"{base}.{proj}", torch.stack([got[i] for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters in peft's layout (peft >= 0.17 ``target_parameters``: lora.ParamWrapper on a 3-D parameter)
+#
+# peft keeps one LoRA pair per targeted 3-D parameter [E, out, in]: ``lora_A`` [r*E, in] (expert e's A is rows
+# e*r..e*r+r) and ``lora_B`` [out, r*E] (expert e's B is columns e, e+E, e+2E... : reshape(out, r, E)[..., e]),
+# delta[e] = scaling * B_e @ A_e. Two targeted parameters of one module nest: the first registered
+# (gate_up_proj) is wrapped first, so its keys are ``<experts>.base_layer.lora_A.weight`` and down_proj's are
+# ``<experts>.lora_A.weight``. Llama 4's transposed experts are not described by that layout without a
+# transposition peft does not make for them (it has no ``is_transposed`` flag): their adapters keep qlora's
+# per-expert names.
+
+
+def _peft_keys(experts: str, projs: list[str]) -> dict[str, str]:
+    """{projection: peft module name} for the targeted projections of one experts module (nesting order)."""
+    ordered = [p for p in PROJS if p in projs]
+    return {p: experts + ".base_layer" * (len(ordered) - 1 - i) for i, p in enumerate(ordered)}
+
+
+def to_peft_layout(pairs: dict, layout: dict[str, tuple[int, bool]]) -> tuple[dict, list[str]]:
+    """qlora's per-expert ``{name: (A, B)}`` -> peft's (``{module: (A, B)}``, ``target_parameters``). Experts
+    adapted only in part (never made by qlora: targets name whole projections) or transposed stay per expert."""
+    out, grouped = {}, {}
+    for name, ab in pairs.items():
+        m = _EXPERT_LINEAR.search(name)
+        experts = name[:m.start()] + ("." if m.group(1) else "") + "experts" if m else None
+        if experts is None or experts not in layout or layout[experts][1]:
+            out[name] = ab
+            continue
+        grouped.setdefault((experts, m.group(2)), {})[int(name.rsplit(".", 1)[1])] = ab
+    targets = set()
+    for (experts, proj), per in grouped.items():
+        n = layout[experts][0]
+        if len(per) != n:
+            out.update({f"{experts}.{proj}.{e}": ab for e, ab in per.items()})
+            continue
+        key = _peft_keys(experts, [p for p in PROJS if (experts, p) in grouped])[proj]
+        a = torch.cat([per[e][0] for e in range(n)], dim=0)
+        b = torch.stack([per[e][1] for e in range(n)], dim=-1).reshape(per[0][1].shape[0], -1)
+        out[key] = (a, b)
+        targets.add(_param_suffix(experts, proj))
+    return out, sorted(targets)
+
+
+def _param_suffix(experts: str, proj: str) -> str:
+    """peft's target_parameters entry: the experts' path inside a block (``mlp.experts.gate_up_proj``)."""
+    m = re.search(r"\.\d+\.(.+)$", experts)
+    return f"{m.group(1) if m else experts}.{proj}"
+
+
+def from_peft_layout(pairs: dict, target_parameters: list[str] | None, r: int) -> dict:
+    """peft's ParamWrapper pairs (see :func:`to_peft_layout`) -> qlora's per-expert ``{name: (A, B)}``."""
+    if not target_parameters:
+        return pairs
+    out, by_experts = {}, {}
+    for name, ab in pairs.items():
+        experts = name.replace(".base_layer", "")
+        projs = [p for p in PROJS if any(f"{experts}.{p}".endswith(t) for t in target_parameters)]
+        if not projs:
+            out[name] = ab
+            continue
+        by_experts.setdefault(experts, {})[name] = ab
+        by_experts[experts]["__projs__"] = projs
+    for experts, got in by_experts.items():
+        projs = got.pop("__projs__")
+        for proj, key in _peft_keys(experts, projs).items():
+            if key not in got:
+                raise QLoraError(f"the adapter targets {experts}.{proj} (target_parameters) but has no {key} weights")
+            a, b = got[key]
+            if a.shape[0] % r or b.shape[1] != a.shape[0]:
+                raise QLoraError(f"{key}: A {tuple(a.shape)} and B {tuple(b.shape)} are not r={r} per expert")
+            n = a.shape[0] // r
+            bs = b.reshape(b.shape[0], r, n)
+            for e in range(n):
+                out[f"{experts}.{proj}.{e}"] = (a[e * r:(e + 1) * r].contiguous(), bs[..., e].contiguous())
+    return out

@@ -255,7 +255,8 @@ def test_train_on_moe_learns_experts_and_resume_is_exact(moe_train, tmp_path):
     train(cfg(moe_train, part, resume=True, **kw), log=lambda m: None)
     assert len(losses(full)) == 4 and losses(part) == losses(full)  # bit-identical on the CPU
     conf, pairs = read_adapter(full / "adapter")
-    assert "experts.gate_up_proj" in conf["target_modules"] and "experts.down_proj" in conf["target_modules"]
+    assert conf["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]  # peft's layout
+    assert conf["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     moved = [n for n, (a, b) in pairs.items() if moe.is_expert_linear(n) and b.abs().sum() > 0]
     assert len(moved) >= 4  # routed experts' B left zero: they were trained
 
@@ -351,3 +352,29 @@ def test_plan_counts_every_expert_in_nf4_and_the_routed_activations(tmp_path):
     cfg.num_experts_per_tok = 4
     four = estimate(cfg, 512, 1, rank=4, counts=count_model(cfg, rank=4))["details"]["one_block"]
     assert four > one
+
+
+def test_expert_adapter_in_peft_layout_loads_in_peft_and_back(tmp_path):
+    """qwen3_moe experts adapted: the adapter is written in peft's target_parameters layout; peft 0.21 loads it
+    onto transformers' model (on our dequantized base) with our logits, and qlora reads it back exactly."""
+    from peft import PeftModel
+    from qlora.adapters import load_adapter, read_adapter, save_adapter
+    d = save_moe(tmp_path / "m", "qwen3_moe")
+    ours = load_ours(d, LoraSettings(r=4, alpha=8, dropout=0.05, target="q_proj,experts")).eval()
+    _randomize_experts_lora(ours)
+    save_adapter(ours, tmp_path / "ad", quant=FP32)
+    conf = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert conf["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert conf["target_modules"] == ["q_proj"] and conf["lora_dropout"] == 0.0
+    base = load_ours(d).eval()  # no adapter: the dequantized base for transformers
+    ref = PeftModel.from_pretrained(reference(d, base), str(tmp_path / "ad")).eval()
+    with torch.no_grad():
+        want = ours(ids()).logits
+        torch.testing.assert_close(ref(ids()).logits, want, rtol=1e-5, atol=1e-5)
+    _, pairs = read_adapter(tmp_path / "ad")
+    for n, m in ours.named_modules():
+        if isinstance(m, QLoRALinear) and m.r:
+            assert torch.equal(pairs[n][0], m.lora_A) and torch.equal(pairs[n][1], m.lora_B), n
+    load_adapter(base, tmp_path / "ad")
+    with torch.no_grad():
+        assert torch.equal(base(ids()).logits, want)
