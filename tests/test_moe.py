@@ -378,3 +378,17 @@ def test_expert_adapter_in_peft_layout_loads_in_peft_and_back(tmp_path):
     load_adapter(base, tmp_path / "ad")
     with torch.no_grad():
         assert torch.equal(base(ids()).logits, want)
+
+
+def test_unsupported_experts_refused_in_one_line():
+    cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
+                                    num_experts_per_tok=2)
+    with pytest.raises(QLoraError) as e:  # transformers 5.25 has no SDPA attention for it
+        skeleton(cfg)
+    assert "gpt_oss" in str(e.value) and "\n" not in str(e.value)
+    with torch.device("meta"):  # and its experts (biases, interleaved gate/up) are refused on their own
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with pytest.raises(QLoraError, match="GptOssExperts.*not supported") as e:
+        moe.split_experts(model)
+    assert "\n" not in str(e.value)
