@@ -107,7 +107,8 @@ def run_steps(step, cfg, args, dev) -> dict:
         times.append(time.perf_counter() - t)
     warm = times[2:] or times
     tok = args.batch * args.seq
-    return dict(losses=losses, step_s=round(statistics.median(warm), 4), tokens_per_s=round(tok / statistics.median(warm), 1))
+    med = statistics.median(warm)
+    return dict(losses=losses, step_s=round(med, 4), tokens_per_s=round(tok / med, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +186,8 @@ def expert_share(model, step, cfg, args, dev) -> dict:
     for m in model.modules():
         if isinstance(m, QLoRAExperts):
             handles += [m.register_forward_pre_hook(pre("forward")), m.register_forward_hook(post("forward")),
-                        m.register_full_backward_pre_hook(pre("backward")), m.register_full_backward_hook(post("backward"))]
+                        m.register_full_backward_pre_hook(pre("backward")),
+                        m.register_full_backward_hook(post("backward"))]
     try:
         b = batch_of(cfg, args.seq, args.batch, 99)
         sync(dev)
@@ -314,7 +316,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['row']:9} {r['shape']:14} {r['who']:32} {status:10} {_fmt(r.get('peak_gib')):>9} "
                      f"{_fmt(r.get('plan_gib')):>9} {_fmt(r.get('tokens_per_s')):>9}")
         if r["row"] == "peer":
-            lines.append(f"{'':9} {'':14} (its 16-bit experts alone: {r['experts_16bit_gib']} GiB; cap {r['cap_gib']} GiB)")
+            lines.append(f"{'':9} {'':14} (its 16-bit experts alone: {r['experts_16bit_gib']} GiB; "
+                         f"cap {r['cap_gib']} GiB)")
     return "\n".join(lines)
 
 

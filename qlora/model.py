@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .compat import set_module_tensor
 from . import moe
+from .compat import set_module_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
 

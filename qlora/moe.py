@@ -121,7 +121,8 @@ class QLoRAExperts(nn.Module):
         return out.view(-1, self.hidden_dim)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, dense={self.dense}"
+        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, inter={self.intermediate_dim}, "
+                f"dense={self.dense}")
 
 
 def fused_experts(model: nn.Module) -> dict[str, nn.Module]:

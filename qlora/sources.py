@@ -326,8 +326,8 @@ def _open_gguf(p: Path) -> Source:
 
 def quantizable_linear_names(config) -> list[str]:
     """Weight names of every ``nn.Linear`` inside the transformer blocks (the ``nn.ModuleList``
-    of layers), excluding the output head and embeddings, MoE routers and vision towers, found by building the model on the
-    meta device (no memory, no weights)."""
+    of layers), excluding the output head and embeddings, MoE routers and vision towers, found by
+    building the model on the meta device (no memory, no weights); routed experts one per expert."""
     from transformers import AutoModelForCausalLM
     try:
         with torch.device("meta"):
