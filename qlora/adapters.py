@@ -29,6 +29,7 @@ from .config import COMPUTE_DTYPES, is_int, is_number
 from .errors import QLoraError
 from .linear import QLoRALinear
 from .model import LoraSettings, QuantSettings, block_linear_names, lora_modules, parse_dtype
+from .moe import expert_layout, from_peft_layout, target_kind, to_peft_layout
 from .outdir import guard_write, lock_beside
 from .variants import BASE_FILE
 
@@ -54,12 +55,16 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
         raise QLoraError("saving adapters with per-layer ranks/alphas is not supported")
     dropout = next(iter(mods.values())).lora_dropout
     pairs = tensors if tensors is not None else {n: (m.lora_A, m.lora_B) for n, m in mods.items()}
+    pairs = {n: (a.detach().cpu(), b.detach().cpu()) for n, (a, b) in ((n, pairs[n]) for n in mods)}
+    pairs, target_parameters = to_peft_layout(pairs, expert_layout(model))  # MoE experts: peft's layout
     tensors = {}
-    for name, m in mods.items():
-        a, b = pairs[name]
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.detach().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.detach().contiguous().cpu()
+    for name, (a, b) in pairs.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    for name, m in mods.items():  # DoRA's magnitudes (dense layers only: see qlora.variants)
         if m.lora_magnitude is not None:
+            if name not in pairs:
+                raise QLoraError(f"{name}: DoRA on routed experts is not supported (peft has no expert layout for it)")
             tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = m.lora_magnitude.detach().contiguous().cpu()
     config = {
         "peft_type": "LORA",
@@ -67,8 +72,10 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str | None = Non
         "base_model_name_or_path": base_model,
         "r": ranks.pop(),
         "lora_alpha": alphas.pop(),
-        "lora_dropout": getattr(dropout, "p", 0.0),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in mods}),
+        # peft refuses dropout on parameter targets; it is a training setting (the run's config.yaml keeps it)
+        "lora_dropout": 0.0 if target_parameters else getattr(dropout, "p", 0.0),
+        "target_modules": sorted({target_kind(n) for n in mods if n in pairs}),  # (experts: target_parameters)
+        "target_parameters": target_parameters or None,
         "use_rslora": rs.pop(),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -166,7 +173,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[
         if set(p) != {"lora_A", "lora_B"}:
             raise QLoraError(f"{wfile}: {name} has only {', '.join(p)}")
         a, b = p["lora_A"], p["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+        experts = cfg.get("target_parameters") and a.dim() == 2 and a.shape[0] % r == 0 and b.shape[-1] == a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or ((a.shape[0] != r or b.shape[1] != r) and not experts):
             raise QLoraError(f"{wfile}: {name} has A {tuple(a.shape)} and B {tuple(b.shape)}, but "
                              f"{d / CONFIG} says r={r} (A must be [r, in], B [out, r])")
         if not (a.is_floating_point() and b.is_floating_point()):
@@ -175,7 +183,15 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[
             raise QLoraError(f"{wfile}: {name} holds NaN or infinite values (the run that saved it diverged): "
                              "use an earlier checkpoint")
         out[name] = (a, b)
-    return cfg, out
+    return cfg, _per_expert(out, cfg, wfile)
+
+
+def _per_expert(pairs: dict, cfg: dict, wfile: Path) -> dict:
+    """Experts adapted in peft's layout (``target_parameters``) as qlora's per-expert pairs."""
+    tp = cfg.get("target_parameters")
+    if tp is not None and not (isinstance(tp, list) and all(isinstance(t, str) for t in tp)):
+        raise QLoraError(f"{wfile.parent / CONFIG}: target_parameters must be a list of parameter names, got {tp!r}")
+    return from_peft_layout(pairs, tp, int(cfg.get("r", 8)))
 
 
 def read_magnitudes(adapter_dir, pairs: dict) -> dict[str, torch.Tensor]:
@@ -371,16 +387,18 @@ def check_resume_fits(ck_root: Path, model_src, rank: int) -> None:
 
 
 def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str | torch.dtype = "bf16",
-                   quant: QuantSettings | None = None):
+                   quant: QuantSettings | None = None, fuse_experts: bool = True):
     """Stream the merged model: ``(config, tokenizer, iterator of (name, tensor))``.
 
     Block linear weights become ``dequant(quant(W))`` — the 4-bit base the adapter was trained on,
     quantized as in ``qlora_config.json`` — plus ``scaling * B @ A`` where adapted, summed in fp32
     and cast to ``dtype``; every other tensor passes through in ``dtype``. One weight is in memory
-    at a time.
+    at a time. A mixture-of-experts model's experts are merged one expert at a time and written as
+    transformers' fused 3-D tensors (``fuse_experts``; else one weight per expert, qlora's layout).
     """
-    from . import nf4
+    from . import moe, nf4
     from .hub import base_for
+    from .model import skeleton
     from .sources import open_source
     model_src = base_for(model_src, adapter_dir)  # no --model: the base the adapter records
     if model_src is None:
@@ -394,6 +412,8 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
     scaling = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
     if adapter_dir:
         check_fits(adapter_dir, model_src, pairs, source.config)  # before a weight is read
+    shape = skeleton(source.config)  # meta: the experts' layout, no weights
+    layout, source = moe.expert_layout(shape), moe.wrap_source(source, shape)
     names = source.names()
     weight_names = {f"{n}.weight": n for n in pairs}
     mags = read_magnitudes(adapter_dir, pairs) if adapter_dir else {}
@@ -430,7 +450,7 @@ def merged_tensors(model_src, adapter_dir: str | os.PathLike | None, dtype: str 
                      else w.float() + scaling * (b.float() @ a.float()))
             yield name, w.to(dtype) if w.is_floating_point() else w
 
-    return source.config, source, gen()
+    return source.config, source, moe.fuse_experts(gen(), layout) if fuse_experts else gen()
 
 
 def merge(model_src, adapter_dir, output, dtype: str = "bf16", quantize: bool = False, force: bool = False,
@@ -454,7 +474,7 @@ def _merge_into(out: Path, model_src, adapter_dir, dtype, quantize, force, max_s
     from . import nf4
     from .checkpoint import CheckpointWriter, quantization_config
     from .sources import quantizable_linear_names
-    config, source, tensors = merged_tensors(model_src, adapter_dir, dtype)
+    config, source, tensors = merged_tensors(model_src, adapter_dir, dtype, fuse_experts=not quantize)
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["torch_dtype"] = cfg["dtype"] = str(parse_dtype(dtype)).split(".")[-1]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import nf4
+from . import moe, nf4
 from .compat import set_module_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
@@ -74,24 +74,28 @@ _BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj.weig
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    """Names of the linear layers inside the transformer blocks (lm_head and embeddings excluded)."""
+    """Names of the linear layers inside the transformer blocks (lm_head and embeddings excluded; MoE routers
+    and a vision-language model's vision tower too: qlora.moe). Routed experts appear one per expert."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, QLoRALinear)) and m is not out and _BLOCK.search(n)]
+            if isinstance(m, (nn.Linear, QLoRALinear)) and m is not out and _BLOCK.search(n)
+            and not moe.is_router(n, m) and not moe.outside_language_model(n)]
 
 
 def select_targets(linear_names: list[str], target: str | list[str]) -> set[str]:
-    """``all-linear`` → every block linear; else a comma list of layer names (``q_proj,v_proj``)
-    matched against the last component of each module name."""
-    if target in ("all-linear", "all", ["all-linear"]):
-        return set(linear_names)
+    """``all-linear`` → every block linear but the routed experts; else a comma list of layer names
+    (``q_proj,v_proj``) matched against the last component of each module name, ``experts.gate_up_proj`` /
+    ``experts.down_proj`` (``experts``: both) for the routed experts, ``all-linear`` among them."""
     wanted = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
-    available = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-    unknown = [t for t in wanted if t not in available]
+    wanted = [w for t in wanted for w in (("experts.gate_up_proj", "experts.down_proj") if t == "experts" else (t,))]
+    kinds = {n: moe.target_kind(n) for n in linear_names}
+    available = sorted(set(kinds.values()))
+    dense = any(t in ("all-linear", "all") for t in wanted)
+    unknown = [t for t in wanted if t not in available and t not in ("all-linear", "all")]
     if not wanted or unknown:
         raise QLoraError(f"unknown target module(s) {', '.join(unknown) or repr(target)}: this model's "
                          f"block linears are {', '.join(available)} (or use all-linear)")
-    return {n for n in linear_names if n.rsplit(".", 1)[-1] in wanted}
+    return {n for n, k in kinds.items() if k in wanted or (dense and not moe.is_expert_linear(n))}
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -114,6 +118,7 @@ def apply_qlora(model: nn.Module, quant: QuantSettings = QuantSettings(), lora: 
                 seed: int | None = None) -> nn.Module:
     """Swap, in place, the block linears of a loaded model for QLoRALinear (quantizing their weights
     on their current device) and freeze everything but the LoRA factors."""
+    moe.split_experts(model)
     names = block_linear_names(model)
     if not names:
         raise QLoraError(f"no linear layers found inside transformer blocks of {type(model).__name__}")
@@ -169,7 +174,7 @@ def skeleton(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     except (ValueError, KeyError) as e:
         raise QLoraError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: {e}") from None
     model.config.use_cache = False
-    return model
+    return moe.split_experts(model)  # routed experts: one linear per expert (qlora.moe)
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> bool:
@@ -250,6 +255,7 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     if hasattr(source, "progress"):
         source.progress = progress
     model = skeleton(config, dtype)
+    source = moe.wrap_source(source, model)  # per-expert names whatever the files' experts layout
     linears = block_linear_names(model)
     targets = select_targets(linears, lora.target) if lora is not None else set()
     by_weight = {n + ".weight": n for n in linears}

@@ -13,7 +13,10 @@ principles, in bytes, from the model's config only (a skeleton on the ``meta`` d
   optimizer states of 8 bytes per parameter (32-bit AdamW) or ``2 + 8/256`` (8-bit; tensors under
   4096 elements stay 32-bit). Paged optimizers keep on the GPU only what fits (the rest waits in
   host memory; see :func:`page_budget`).
-* **activations**, with ``N = batch*seq`` tokens, ``H`` hidden, ``I`` intermediate size, ``L`` layers:
+* **activations**, with ``N = batch*seq`` tokens, ``H`` hidden, ``I`` intermediate size, ``L`` layers
+  (a mixture of experts: ``I = k * expert size + shared expert size`` for top-k routing, plus each routed
+  copy's gathered input and output, ``4*k*H`` bytes per token, and the router's ``6*E``; every expert's
+  weights count in the frozen model, one 4-bit linear per expert and projection):
   with per-block checkpointing, the block inputs ``L*N*H*2`` (0 with offload, then they sit in
   pinned host memory); what is saved outside the blocks (final norm input in fp32, the loss'
   hidden states, RoPE tables); and the peak inside the one block being recomputed and
@@ -62,6 +65,15 @@ SHAPES: dict[str, dict] = {
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                        rope_theta=1000000.0, max_position_embeddings=32768, tie_word_embeddings=False),
+    # mixtures of experts: every expert counted in NF4, activations of the top-k routed tokens (see count_model)
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          rope_theta=1000000.0, max_position_embeddings=40960, tie_word_embeddings=False),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_local_experts=8, num_experts_per_tok=2, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, rope_theta=1000000.0, max_position_embeddings=32768,
+                         tie_word_embeddings=False),
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
@@ -169,8 +181,11 @@ def _summary(config_json: str, model_type: str, dtype: str) -> dict:
             seen.add(id(t))
             other += _nbytes(t.numel(), dt if (t.is_floating_point() and isinstance(t, torch.nn.Parameter)) else t.dtype)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    from .moe import QLoRAExperts
+    experts = next(((m.num_experts, m.intermediate_dim) for m in model.modules() if isinstance(m, QLoRAExperts)), None)
+    shared = max((o for n, _, o, _ in linears if "shared_expert" in n and n.endswith("up_proj")), default=0)
     return dict(linears=linears, other=other, embedding_numel=emb.weight.numel(),
-                tied=head is not None and head.weight is emb.weight)
+                tied=head is not None and head.weight is emb.weight, experts=experts, shared_intermediate=shared)
 
 
 def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: str | None = "nf4",
@@ -217,6 +232,11 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
     out["vocab"] = int(config.vocab_size)
     out["hidden"] = int(config.hidden_size)
     out["intermediate"] = int(getattr(config, "intermediate_size", 4 * config.hidden_size))
+    out["routed_k"] = out["experts"] = 0
+    if summ["experts"] is not None:  # MoE: a token's MLP activations are those of its top-k experts (+ shared)
+        out["experts"], k = summ["experts"][0], int(getattr(config, "num_experts_per_tok", 1))
+        out["routed_k"] = k
+        out["intermediate"] = k * summ["experts"][1] + summ["shared_intermediate"]
     heads = int(config.num_attention_heads)
     out["head_dim"] = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return out
@@ -281,8 +301,11 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     rope = n_tok * c["head_dim"] * 2 * 2          # cos and sin, 16-bit, shared by all blocks
     if fused_dropout is None:
         fused_dropout = switches().fused_dropout
+    # MoE (not calibrated): each of a token's k routed copies has its gathered 16-bit input and weighted output
+    # alive in the block, and the router keeps its logits and fp32 probabilities
+    routed = n_tok * (c.get("routed_k", 0) * 4 * h + c.get("experts", 0) * 6)
     act = activation_model(c, n_tok, L if not grad_checkpointing else keep_blocks, offload,
-                           unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout)
+                           unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout, routed=routed)
     keep_blocks, offload, saved_all, block = act["keep"], act["offload"], act["saved"], act["one_block"]
     tail = int(n_tok * h * ACT["tail_h"])
     host_act = act["host"] + (n_tok * h * 6 if offload else 0)  # the tail's saved tensors (they come back for
@@ -331,7 +354,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                               embed_offload=bool(host_emb), lora_dtype=lora_dtype))
 
 
-def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False) -> dict:
+def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False,
+                     routed: int = 0) -> dict:
     """Activation bytes of a step whose last ``keep`` blocks keep all their activations (no recompute)
     and whose other ``L - keep`` blocks are checkpointed (their inputs, ``N*H*2`` bytes each, in pinned
     host memory with ``offload``). ``keep = L`` is no checkpointing at all.
@@ -342,6 +366,7 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
     checkpointed block, or of a kept one when all are kept) and ``moments``: ``(saved, blocks with
     gradients, transient)`` at the candidates for the peak of the backward through the blocks, the
     block processed first (the last, kept), the first checkpointed one (the kept ones freed) and block 0.
+    ``routed``: a mixture-of-experts block's extra transient bytes (its routed copies, the router's outputs).
     """
     L, h, i = c["layers"], c["hidden"], c["intermediate"]
     if not is_int(keep) or not 0 <= keep <= L:
@@ -353,6 +378,7 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
     # (offload: the input being used + the next one prefetched)
     nockpt = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
     drop = n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * max(keep, 1) if unfused_dropout else 0
+    drop += routed
     saved = int(keep * kept + (L - keep) * inp)
     moments = []
     if keep:

@@ -4,6 +4,10 @@ bitsandbytes-format 4-bit checkpoint that both qlora and transformers+bitsandbyt
 Every ``nn.Linear`` weight of the transformer blocks (:func:`qlora.sources.quantizable_linear_names`)
 becomes NF4 (or FP4) codes with one absmax per ``blocksize`` elements, double-quantized by
 default; everything else (embeddings, norms, lm_head, biases) is copied in the source dtype.
+A mixture-of-experts model's routed experts are written one quantized weight per expert and projection,
+``<experts>.gate_up_proj.<N>.weight`` [2I, H] and ``<experts>.down_proj.<N>.weight`` [H, I] (qlora.moe),
+whichever layout the source stores; transformers cannot load that layout (its experts are 3-D
+parameters, which bitsandbytes does not quantize), qlora can.
 A GGUF's tensors arrive as float32 and are written in the compute dtype; its quantized weights
 are quantized from those float32 values and dequantize to the compute dtype.
 
@@ -83,6 +87,9 @@ def _quantize_into(src, out: Path, quant_type, blocksize, double_quant, cdtype, 
         raise QLoraError(f"{source.path} is already a 4-bit checkpoint: quantize its 16-bit original instead")
     _check_paths(source.path, out)
     targets = set(quantizable_linear_names(source.config))
+    from .model import skeleton
+    from .moe import wrap_source
+    source = wrap_source(source, skeleton(source.config))  # MoE: one weight per expert, either stored layout
     names = source.names()
     missing = sorted(targets - set(names))
     if missing:

@@ -327,8 +327,8 @@ def _open_gguf(p: Path) -> Source:
 
 def quantizable_linear_names(config) -> list[str]:
     """Weight names of every ``nn.Linear`` inside the transformer blocks (the ``nn.ModuleList``
-    of layers), excluding the output head and embeddings, found by building the model on the
-    meta device (no memory, no weights)."""
+    of layers), excluding the output head and embeddings, MoE routers and vision towers, found by
+    building the model on the meta device (no memory, no weights); routed experts one per expert."""
     from transformers import AutoModelForCausalLM
     try:
         with torch.device("meta"):
@@ -337,12 +337,15 @@ def quantizable_linear_names(config) -> list[str]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QLoraError(f"unsupported architecture {getattr(config, 'model_type', None)!r}: "
                          f"transformers cannot build a causal LM for it ({first})") from None
+    from . import moe
+    moe.split_experts(model)  # routed experts: one weight per expert, named as qlora.moe.ExpertSource reads them
     head = model.get_output_embeddings()
     names = []
     for block_list_name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.ModuleList):
             continue
         for sub_name, sub in mod.named_modules(prefix=block_list_name):
-            if isinstance(sub, torch.nn.Linear) and sub is not head:
+            if (isinstance(sub, torch.nn.Linear) and sub is not head and not moe.is_router(sub_name, sub)
+                    and not moe.outside_language_model(sub_name)):
                 names.append(f"{sub_name}.weight")
     return list(dict.fromkeys(names))
