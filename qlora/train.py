@@ -299,11 +299,16 @@ def _prepare_output(cfg: TrainConfig, held: contextlib.ExitStack):
 PLOT_EVERY_S = 30.0
 
 
-def _plot(path: Path, rows: list[dict]) -> None:
+# matplotlib draws loss.png only: an optional extra, so a lighter install still trains (without the plot)
+NO_PLOT = "loss.png skipped: matplotlib is not installed (pip install 'qlora[plot]'); metrics.jsonl has the numbers"
+
+
+def _plot(path: Path, rows: list[dict]) -> bool:
+    """Draw the loss curves into ``path`` (atomically); False when matplotlib is missing."""
     try:
         import matplotlib
-    except ImportError:  # a declared dependency; a bare environment still trains, without the plot
-        return
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -322,6 +327,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+    return True
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -758,7 +764,8 @@ class Run:
             save_adapter(self.model, adapter, base_model=cfg.model or "embedded:SmolLM2-135M-Instruct",
                          quant=self.quant, extra={"train": dataclasses.asdict(cfg)}, tensors=lora_full)
             self.tok.save_pretrained(adapter)
-            _plot(out / "loss.png", self.rows)
+            if not _plot(out / "loss.png", self.rows):
+                self.log(NO_PLOT)
         dist.barrier()
         tokens_seen = int(dist.sum(self.tokens_seen))
         now = time.time()
