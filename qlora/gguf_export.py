@@ -554,7 +554,11 @@ def add_cli(sub) -> None:
                                                  "else the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory to merge in before export")
     p.add_argument("--output", "-o", required=True, help="GGUF file to write")
-    p.add_argument("--type", default="q4_k_m", choices=EXPORT_TYPES, help="tensor types (default: q4_k_m)")
+    p.add_argument("--format", default="gguf", choices=("gguf", "gguf-lora"),
+                   help="gguf: the whole model (adapter merged in); gguf-lora: only the adapter, for llama.cpp "
+                        "--lora / Ollama ADAPTER beside a base GGUF you have (default: gguf)")
+    p.add_argument("--type", default=None, choices=sorted(set(EXPORT_TYPES) | {"f32"}),
+                   help="tensor types (default: q4_k_m; gguf-lora: f16, and one of f32, f16, bf16, q8_0)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--ollama", action="store_true", help="also write <output>.Modelfile for `ollama create`")
     p.add_argument("--name", default=None, help="general.name stored in the file (default: from the model)")
@@ -603,8 +607,38 @@ def run(args) -> int:
         return _run_locked(args)
 
 
+def _run_lora(args) -> int:
+    """``--format gguf-lora``: the adapter's factors only, checked against the base's config."""
+    from .adapters import check_fits, read_adapter
+    from .gguf_lora import export_gguf_lora
+    from .hub import base_for
+    from .sources import open_source
+    if not args.adapter:
+        raise QLoraError("--format gguf-lora exports an adapter: give --adapter DIR")
+    if args.ollama:
+        raise QLoraError("--ollama writes a Modelfile for a whole model; for an adapter add the line "
+                         "'ADAPTER <file>.gguf' to the Modelfile of its base")
+    peft_cfg, pairs = read_adapter(args.adapter)
+    src = base_for(args.model, args.adapter)
+    if src is None:
+        from .embedded import embedded_model_path
+        src = embedded_model_path()
+    config = open_source(src).config  # the base's sizes and arch; its weights are not read
+    check_fits(args.adapter, src, pairs, config)
+    s = export_gguf_lora(config, peft_cfg, pairs, args.output, args.type or "f16", force=args.force, name=args.name)
+    print(f"wrote {s['path']}: {s['bytes'] / 2**20:.2f} MiB, LoRA of {s['layers']} layers (rank {s['rank']}, "
+          f"alpha {s['alpha']:g}, {s['type']}) for a {s['arch']} base; llama.cpp: --lora {s['path']}; "
+          f"Ollama: ADAPTER {s['path']}")
+    return 0
+
+
 def _run_locked(args) -> int:
     from .hub import local
+    if args.format == "gguf-lora":
+        return _run_lora(args)
+    args.type = args.type or "q4_k_m"
+    if args.type not in EXPORT_TYPES:
+        raise QLoraError(f"--type {args.type} is for --format gguf-lora; a model takes {', '.join(EXPORT_TYPES)}")
     if args.ollama:
         _target(Path(args.output).expanduser().with_suffix(".Modelfile"), args.force)
     if args.model and not Path(local(args.model)).expanduser().exists():
