@@ -30,9 +30,9 @@ PAGES = {"docs/train.md": ["train"], "docs/data.md": ["train"], "docs/optim.md":
          "docs/multi-gpu.md": ["train"],
          "README.md": None}  # None: every command
 # torchrun's, named where `qlora train --gpus` is explained; Slurm's sbatch options and torchrun's
-# rendezvous backend, in docs/multi-gpu.md's cluster examples
+# rendezvous backend, in docs/multi-gpu.md's cluster examples; llama.cpp's --lora in docs/export.md
 OTHER_TOOLS = {"--nproc-per-node", "--rdzv-backend", "--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node",
-               "--cpus-per-task"}
+               "--cpus-per-task", "--lora"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
