@@ -94,4 +94,38 @@ def launch(gpus: int, nnodes: int = 1, node_rank: int = 0, rendezvous: tuple[str
         wait_for_node0(*rendezvous, timeout)
     env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"),
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
-    return subprocess.call(command(gpus, sys.argv[1:], nnodes, node_rank, rendezvous, timeout), env=env)
+    cmd = command(gpus, sys.argv[1:], nnodes, node_rank, rendezvous, timeout)
+    if rendezvous is None:
+        return subprocess.call(cmd, env=env)
+    # node 0 whose peers never come: torchrun's agent ends with a traceback; say it in one line instead
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    said_timeout = _relay(p.stderr, sys.stderr)
+    rc = p.wait()
+    if said_timeout and rc != 0:
+        raise QLoraError(f"--rdzv-endpoint {rendezvous[0]}:{rendezvous[1]}: {said_timeout.rstrip('.')}; not all {nnodes} nodes "
+                         f"joined within --rdzv-timeout {timeout} s (start every node with the same --nnodes and "
+                         "--rdzv-endpoint, each with its own --node-rank)")
+    return rc
+
+
+def _relay(src, dst) -> str | None:
+    """Copy ``src`` to ``dst`` line by line, holding each traceback back until its last line: a
+    rendezvous timeout's traceback is dropped (its message returned), any other is passed on whole."""
+    held: list[str] = []
+    timed_out = None
+    for line in src:
+        if held or line.startswith("Traceback (most recent call last)"):
+            held.append(line)
+            if line[:1].isspace() or line.startswith(("Traceback", "The above exception", "During handling")) \
+                    or not line.strip():
+                continue
+            if "DistStoreError" in line and "Timed out" in line:  # the static rendezvous' timeout
+                timed_out = line.split(":", 1)[1].strip()
+            else:
+                dst.writelines(held)
+            held = []
+            continue
+        dst.write(line)
+        dst.flush()
+    dst.writelines(held)
+    return timed_out

@@ -63,6 +63,20 @@ def test_unreachable_rendezvous_is_one_line_after_the_timeout(setup, tmp_path, c
     assert time.time() - t0 < 15 and not out.exists()
 
 
+@pytest.mark.slow  # torchrun's agent starts and waits for the missing node
+def test_node0_whose_peers_never_come_is_one_line(setup, tmp_path):
+    out, port = tmp_path / "r", free_port()
+    r = subprocess.run([sys.executable, "-m", "qlora.cli", "train", "--data", str(setup / "data.jsonl"), "--model",
+                        str(setup / "model"), "--output", str(out), "--nnodes", "2", "--node-rank", "0",
+                        "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-timeout", "2", "--device", "cpu"],
+                       env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    err = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert err[-1].startswith(f"qlora train: error: --rdzv-endpoint 127.0.0.1:{port}: Timed out") and \
+        "not all 2 nodes joined within --rdzv-timeout 2 s" in err[-1], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--nnodes", "2"], "give --rdzv-endpoint HOST:PORT"),
     (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "--node-rank 2: must be in 0..1"),
