@@ -3,8 +3,9 @@ multiple-choice task built from the demo's 72 held-out questions (qlora.demo_dat
 embedded SmolLM2-135M-Instruct without and with the demo's adapter.
 
 Each held-out question (rendered with the model's chat template, the way the demo trains) has four
-choices: its fact's answer sentence with the right key value, and the same sentence with the key
-values of three other facts (a fixed random pick); ``acc`` = the right one has the highest summed
+choices: its fact's answer sentence with the right key value, and the same sentence with three wrong
+values of the same kind (other digits for numbers, other facts' names/words otherwise; a fixed
+random pick); ``acc`` = the right one has the highest summed
 log-likelihood, ``acc_norm`` = the same per byte.
 
     qlora demo --output runs/demo                       # writes runs/demo/run/adapter
@@ -16,10 +17,25 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def _distractors(key: str, words: list[str], rng: random.Random) -> list[str]:
+    """Three wrong values of the same kind: numbers with other digits ("47 minutes" -> "62 minutes"),
+    names and words from the other facts' word-only values."""
+    if not re.search(r"\d", key):
+        return rng.sample([w for w in words if w != key], 3)
+    out: list[str] = []
+    while len(out) < 3:
+        wrong = re.sub(r"\d+", lambda m: str(rng.randrange(1, 10)) + "".join(str(rng.randrange(10))
+                                                                            for _ in m.group()[1:]), key)
+        if wrong != key and wrong not in out:
+            out.append(wrong)
+    return out
 
 
 def write_task(work: Path, tokenizer, seed: int = 0) -> Path:
@@ -28,9 +44,9 @@ def write_task(work: Path, tokenizer, seed: int = 0) -> Path:
     rng = random.Random(seed)
     facts = {key: answer for _, key, answer in FACTS}
     docs = []
+    words = [k for k in facts if not re.search(r"\d", k)]
     for rec, key in zip(held, keys):
-        others = rng.sample([k for k in facts if k != key], 3)
-        choices = [facts[key]] + [facts[key].replace(key, o) for o in others]
+        choices = [facts[key]] + [facts[key].replace(key, o) for o in _distractors(key, words, rng)]
         order = list(range(4))
         rng.shuffle(order)
         prompt = tokenizer.apply_chat_template(rec["messages"][:2], tokenize=False, add_generation_prompt=True)

@@ -574,3 +574,24 @@ def test_gemma_and_phi3_families(small_tok, tmp_path, model_type, arch):
             if v.dim() == 2:
                 v.copy_(v.to(torch.float16).float())
         torch.testing.assert_close(m2(IDS).logits, m(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_phi3_longrope_factors(small_tok, tmp_path):
+    """A 128k-style Phi-3: llama.cpp's rope_factors_long/short tensors and attention factor."""
+    import math
+    from transformers import AutoModelForCausalLM, Phi3Config
+    long, short = [1.0 + i / 10 for i in range(8)], [1.0 + i / 100 for i in range(8)]
+    cfg = Phi3Config(vocab_size=len(small_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0,
+                     original_max_position_embeddings=256, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "longrope", "long_factor": long, "short_factor": short,
+                                      "rope_theta": 10000.0, "original_max_position_embeddings": 256})
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    out = tmp_path / "phi3.gguf"
+    export_gguf(m.config, m.state_dict().items(), small_tok, out, "f16", progress=False)
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    np.testing.assert_allclose(t["rope_factors_long.weight"], long, rtol=1e-6)
+    np.testing.assert_allclose(t["rope_factors_short.weight"], short, rtol=1e-6)
+    assert _field(r, "phi3.rope.scaling.original_context_length") == 256
+    assert _field(r, "phi3.rope.scaling.attn_factor") == pytest.approx(math.sqrt(1 + math.log(8) / math.log(256)))
