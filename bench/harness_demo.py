@@ -67,7 +67,9 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{label}}}}"
 metric_list:
   - metric: acc
+    higher_is_better: true
   - metric: acc_norm
+    higher_is_better: true
 """)
     return tasks
 
