@@ -257,7 +257,7 @@ def _run_harness(args) -> int:
     model, tok = load_for_inference(args.model, args.adapter, args.device, args.dtype, progress=sys.stderr.isatty(),
                                     log=lambda m: print(m, file=sys.stderr))
     print(f"loaded model in {time.perf_counter() - t0:.1f} s; lm-evaluation-harness: {args.harness}", file=sys.stderr)
-    results = harness.run(model, tok, tasks, args.limit, args.batch_size, args.max_length)
+    results = harness.run(model, tok, tasks, args.limit, args.batch_size, args.max_length, args.dequant_cache)
     if args.json:
         print(json.dumps({t: {k: _finite(v) for k, v in m.items()} for t, m in results.items()}, ensure_ascii=False))
         return 0

@@ -150,14 +150,20 @@ def make_lm(model, tokenizer, batch_size: int = 8, max_length: int = 2048):
     return _lm_class()(model, tokenizer, batch_size=batch_size, max_length=max_length)
 
 
-def run(model, tokenizer, tasks: dict, limit: int | None = None, batch_size: int = 8, max_length: int = 2048) -> dict:
-    """{task: {metric: value}} of the harness's evaluation of our model on the loaded ``tasks``."""
+def run(model, tokenizer, tasks: dict, limit: int | None = None, batch_size: int = 8, max_length: int = 2048,
+        cache: bool = True) -> dict:
+    """{task: {metric: value}} of the harness's evaluation of our model on the loaded ``tasks``
+    (``cache``: the 16-bit copy of the 4-bit weights that qlora eval/generate keep while scoring)."""
+    import torch
     from lm_eval.evaluator import evaluate
+
+    from .generate import inference_cache
     was_training = model.training
     model.eval()
     try:
-        res = evaluate(make_lm(model, tokenizer, batch_size, max_length), tasks, limit=limit, bootstrap_iters=0,
-                       log_samples=False, verbosity="WARNING")
+        with torch.no_grad(), inference_cache(model, cache):
+            res = evaluate(make_lm(model, tokenizer, batch_size, max_length), tasks, limit=limit, bootstrap_iters=0,
+                           log_samples=False, verbosity="WARNING")
     finally:
         model.train(was_training)
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if k != "alias" and "_stderr" not in k
