@@ -173,7 +173,13 @@ def add_cli(sub) -> None:
                                    "references (exact match and containment after normalising case, spaces and "
                                    "trailing punctuation).")
     add_model_args(p)
-    p.add_argument("--data", required=True, metavar="FILE", help=".jsonl, .json, .csv, .tsv or .parquet (required)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help=".jsonl, .json, .csv, .tsv or .parquet (required unless --harness)")
+    p.add_argument("--harness", default=None, metavar="TASK[,TASK]",
+                   help="instead of --data: run these lm-evaluation-harness tasks on the model (+ adapter) "
+                        "(needs the harness extra; --limit, --batch-size, --max-length apply)")
+    p.add_argument("--harness-include", default=None, metavar="DIR",
+                   help="a folder of your own harness task YAML files (e.g. over a local JSONL) (default: none)")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
                    help="record format (default: auto, detected from the keys)")
     p.add_argument("--template", default="auto", choices=TEMPLATES,
@@ -210,6 +216,11 @@ def _run(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise QLoraError(f"--limit must be a positive integer, got {args.limit}")
     check_settings(args.batch_size, args.max_new_tokens, args.max_length)
+    if (args.data is None) == (args.harness is None):
+        raise QLoraError("give --data FILE (loss, perplexity, answers) or --harness TASK[,TASK] (lm-evaluation-harness)"
+                         ", one of the two")
+    if args.harness is not None:
+        return _run_harness(args)
     records, fmt = read_records(args.data, args.format)  # before the model load: fail fast
     records = records[:args.limit] if args.limit else records
     if args.max_new_tokens > 0:
@@ -234,4 +245,24 @@ def _run(args) -> int:
     for i, s in enumerate(m["samples"], 1):
         print(f"\n[{i}] prompt:    {s['prompt']}\n    reference: {s['reference']}\n    answer:    {s['answer']}")
     print(f"({m['seconds']:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _run_harness(args) -> int:
+    """``qlora eval --harness``: the tasks (and their data) first, then the model, then one row per metric."""
+    from . import harness
+    from .generate import load_for_inference
+    tasks = harness.load_tasks(args.harness, args.harness_include)
+    t0 = time.perf_counter()
+    model, tok = load_for_inference(args.model, args.adapter, args.device, args.dtype, progress=sys.stderr.isatty(),
+                                    log=lambda m: print(m, file=sys.stderr))
+    print(f"loaded model in {time.perf_counter() - t0:.1f} s; lm-evaluation-harness: {args.harness}", file=sys.stderr)
+    results = harness.run(model, tok, tasks, args.limit, args.batch_size, args.max_length, args.dequant_cache)
+    if args.json:
+        print(json.dumps({t: {k: _finite(v) for k, v in m.items()} for t, m in results.items()}, ensure_ascii=False))
+        return 0
+    for task, metrics in results.items():
+        for k, v in metrics.items():
+            print(f"{task:24s} {k:16s} {v:.4f}")
+    print(f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0

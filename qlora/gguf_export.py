@@ -13,6 +13,15 @@ Conventions of llama.cpp that the file follows:
   interleaves them: ``W.reshape(heads, 2, d/2, in).swapaxes(1, 2)`` (``heads`` = the KV heads
   for ``k_proj``). transformers' GGUF loader undoes exactly this; qwen2/qwen3 are not permuted.
 * **Tied embeddings**: no ``output.weight``; llama.cpp then reads ``token_embd`` as the output.
+* **Gemma 2/3** (``gemma2``, ``gemma3_text``): every ``*norm.weight`` is stored plus 1 (HF's Gemma RMSNorm
+  multiplies by ``1 + w``, llama.cpp's by ``w``); four norms per block (``attn_norm``,
+  ``post_attention_norm``, ``ffn_norm``, ``post_ffw_norm``, Gemma 3 also ``attn_q_norm``/``attn_k_norm``);
+  embeddings always tied; metadata adds key/value length (head_dim), the attention/final logit
+  soft-capping (Gemma 2) and the sliding window. No Q/K permutation (NEOX rotary).
+* **Phi-3** (``phi3``): the fused ``qkv_proj`` -> ``attn_qkv`` and ``gate_up_proj`` -> ``ffn_up`` as they
+  are; rotary dimension ``partial_rotary_factor * hidden / heads``, the original context length,
+  the sliding window (0 when none); LongRoPE models also get ``rope_factors_long``/``_short`` and the
+  attention factor, as llama.cpp's converter writes them.
 * **Types**: 1-D tensors (norms, biases) are F32. ``f16``/``bf16``/``q8_0`` store every 2-D
   tensor in that type. ``q4_0`` and ``q4_k_m`` follow llama.cpp's ``llama-quantize`` mix: the
   output matrix (or the tied embedding) is Q6_K; for ``q4_k_m`` ``attn_v`` and ``ffn_down`` take
@@ -45,7 +54,11 @@ from .errors import QLoraError
 from .outdir import guard_write, lock_beside
 
 EXPORT_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # HF -> GGUF
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",  # HF model_type -> GGUF arch
+         "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+GEMMA = ("gemma2", "gemma3")
+# tensors llama.cpp wants that a HF checkpoint does not hold, generated from the config
+EXTRA_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 _SKIP = re.compile(r"rotary_emb\.inv_freq$")
 
 
@@ -56,7 +69,7 @@ def _use_more_bits(i: int, n: int) -> bool:
 def tensor_qtype(gguf_name: str, shape: tuple[int, ...], export_type: str, n_layers: int, tied: bool):
     """The GGML type one tensor gets in an ``export_type`` file (see the module docstring)."""
     from gguf import GGMLQuantizationType as T
-    if len(shape) == 1 or gguf_name == "rope_freqs.weight":
+    if len(shape) == 1 or gguf_name in EXTRA_TENSORS:
         return T.F32
     if export_type in ("f16", "bf16"):
         return T.F16 if export_type == "f16" else T.BF16
@@ -141,8 +154,9 @@ def _arch_metadata(w, config, arch: str, warnings: list[str]) -> None:
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     w.add_vocab_size(int(config.vocab_size))
     hd = _head_dim(config)
-    w.add_rope_dimension_count(hd)
-    if arch == "qwen3" or hd != config.hidden_size // config.num_attention_heads:
+    if arch != "phi3":  # phi3: its partial rotary dimension (_family_metadata)
+        w.add_rope_dimension_count(hd)
+    if arch in ("qwen3",) + GEMMA or hd != config.hidden_size // config.num_attention_heads:
         w.add_key_length(hd)
         w.add_value_length(hd)
     rp = _rope(config)
@@ -164,9 +178,12 @@ def _arch_metadata(w, config, arch: str, warnings: list[str]) -> None:
     elif kind == "dynamic":
         warnings.append("dynamic NTK RoPE scaling is not stored in GGUF; contexts past "
                         "max_position_embeddings will differ from transformers")
-    elif kind not in ("default", "llama3"):
+    elif kind not in ("default", "llama3") and not (arch == "phi3" and kind in ("longrope", "su")):
         raise QLoraError(f"RoPE scaling {kind!r} cannot be exported to GGUF by qlora "
                          f"(supported: default, linear, yarn, llama3)")
+    if arch in GEMMA or arch == "phi3":
+        _family_metadata(w, config, arch)
+        return
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
         warnings.append(f"sliding-window attention ({window} tokens) is not stored for the {arch} "
@@ -289,6 +306,41 @@ def _write_tokenizer(w, meta: dict) -> None:
         w.add_chat_template(meta["chat_template"])
 
 
+def _family_metadata(w, config, arch: str) -> None:
+    """What llama.cpp's converter adds for Gemma 2/3 and Phi-3 beyond the common hyper-parameters."""
+    if arch in GEMMA:  # key/value length (head_dim) with the common ones
+        if arch == "gemma2" and getattr(config, "attn_logit_softcapping", None):
+            w.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        if getattr(config, "final_logit_softcapping", None):
+            w.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if arch == "gemma2" or getattr(config, "sliding_window_pattern", None) != 1:
+            w.add_sliding_window(int(config.sliding_window))
+        return
+    rp = _rope(config)
+    w.add_rope_dimension_count(int(rp.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+                                   * config.hidden_size) // config.num_attention_heads)
+    w.add_rope_scaling_orig_ctx_len(int(rp.get("original_max_position_embeddings")
+                                        or getattr(config, "original_max_position_embeddings", None)
+                                        or config.max_position_embeddings))
+    w.add_sliding_window(int(getattr(config, "sliding_window", None) or 0))
+    factors = _phi3_rope_factors(config)
+    if factors is not None:
+        w.add_rope_scaling_attn_factors(factors[2])
+
+
+def _phi3_rope_factors(config):
+    """(long, short, attention factor) of a LongRoPE Phi-3, else None (llama.cpp's converter's values)."""
+    import math
+    rp = _rope(config)
+    if (rp.get("rope_type") or rp.get("type")) not in ("longrope", "su"):
+        return None
+    orig = int(rp.get("original_max_position_embeddings") or config.original_max_position_embeddings)
+    scale = config.max_position_embeddings / orig
+    attn = math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+    return (torch.tensor(rp["long_factor"], dtype=torch.float32), torch.tensor(rp["short_factor"], dtype=torch.float32),
+            attn)
+
+
 # ---------------------------------------------------------------------------------------------
 # export
 
@@ -303,7 +355,11 @@ def _check_config(config) -> str:
 
 def _expected_names(config, arch: str, tied: bool) -> list[str]:
     per = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
-    if arch == "qwen3":
+    if arch in GEMMA:
+        per += ["post_attention_norm", "post_ffw_norm"]
+    if arch == "phi3":  # fused projections
+        per = ["attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"]
+    if arch in ("qwen3", "gemma3"):
         per += ["attn_q_norm", "attn_k_norm"]
     names = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
     return names + [f"blk.{i}.{p}.weight" for i in range(config.num_hidden_layers) for p in per]
@@ -366,6 +422,10 @@ def export_gguf(config, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer, 
         yield from tensors
         if rope_kind == "llama3":
             yield "rope_freqs.weight", _llama3_rope_factors(config)
+        if arch == "phi3" and _phi3_rope_factors(config) is not None:
+            long, short, _ = _phi3_rope_factors(config)
+            yield "rope_factors_long.weight", long
+            yield "rope_factors_short.weight", short
 
     infos, counts, fallbacks, seen = [], Counter(), [], set()
     n_params = 0
@@ -382,13 +442,15 @@ def export_gguf(config, tensors: Iterable[tuple[str, torch.Tensor]], tokenizer, 
                         continue
                     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                         raise QLoraError(f"tensor {hf_name}: expected a floating-point torch tensor")
-                    g = "rope_freqs.weight" if hf_name == "rope_freqs.weight" else \
+                    g = hf_name if hf_name in EXTRA_TENSORS else \
                         name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
                     if g is None:
                         raise QLoraError(f"tensor {hf_name} has no GGUF name for the {arch} architecture")
                     if g in seen:
                         raise QLoraError(f"tensor {hf_name} given twice (as {g})")
                     seen.add(g)
+                    if arch in GEMMA and hf_name.endswith("norm.weight"):  # HF's Gemma norm is x * (1 + w)
+                        t = t.float() + 1.0
                     if arch == "llama" and re.search(r"\.attn_[qk]\.(weight|bias)$", g):
                         t = _permute_qk(t, n_head if ".attn_q." in g else n_kv, hf_name)
                     if g == "token_embd.weight" and t.shape[0] != config.vocab_size:
@@ -554,7 +616,11 @@ def add_cli(sub) -> None:
                                                  "else the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory to merge in before export")
     p.add_argument("--output", "-o", required=True, help="GGUF file to write")
-    p.add_argument("--type", default="q4_k_m", choices=EXPORT_TYPES, help="tensor types (default: q4_k_m)")
+    p.add_argument("--format", default="gguf", choices=("gguf", "gguf-lora"),
+                   help="gguf: the whole model (adapter merged in); gguf-lora: only the adapter, for llama.cpp "
+                        "--lora / Ollama ADAPTER beside a base GGUF you have (default: gguf)")
+    p.add_argument("--type", default=None, choices=sorted(set(EXPORT_TYPES) | {"f32"}),
+                   help="tensor types (default: q4_k_m; gguf-lora: f16, and one of f32, f16, bf16, q8_0)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--ollama", action="store_true", help="also write <output>.Modelfile for `ollama create`")
     p.add_argument("--name", default=None, help="general.name stored in the file (default: from the model)")
@@ -603,8 +669,38 @@ def run(args) -> int:
         return _run_locked(args)
 
 
+def _run_lora(args) -> int:
+    """``--format gguf-lora``: the adapter's factors only, checked against the base's config."""
+    from .adapters import check_fits, read_adapter
+    from .gguf_lora import export_gguf_lora
+    from .hub import base_for
+    from .sources import open_source
+    if not args.adapter:
+        raise QLoraError("--format gguf-lora exports an adapter: give --adapter DIR")
+    if args.ollama:
+        raise QLoraError("--ollama writes a Modelfile for a whole model; for an adapter add the line "
+                         "'ADAPTER <file>.gguf' to the Modelfile of its base")
+    peft_cfg, pairs = read_adapter(args.adapter)
+    src = base_for(args.model, args.adapter)
+    if src is None:
+        from .embedded import embedded_model_path
+        src = embedded_model_path()
+    config = open_source(src).config  # the base's sizes and arch; its weights are not read
+    check_fits(args.adapter, src, pairs, config)
+    s = export_gguf_lora(config, peft_cfg, pairs, args.output, args.type or "f16", force=args.force, name=args.name)
+    print(f"wrote {s['path']}: {s['bytes'] / 2**20:.2f} MiB, LoRA of {s['layers']} layers (rank {s['rank']}, "
+          f"alpha {s['alpha']:g}, {s['type']}) for a {s['arch']} base; llama.cpp: --lora {s['path']}; "
+          f"Ollama: ADAPTER {s['path']}")
+    return 0
+
+
 def _run_locked(args) -> int:
     from .hub import local
+    if args.format == "gguf-lora":
+        return _run_lora(args)
+    args.type = args.type or "q4_k_m"
+    if args.type not in EXPORT_TYPES:
+        raise QLoraError(f"--type {args.type} is for --format gguf-lora; a model takes {', '.join(EXPORT_TYPES)}")
     if args.ollama:
         _target(Path(args.output).expanduser().with_suffix(".Modelfile"), args.force)
     if args.model and not Path(local(args.model)).expanduser().exists():

@@ -113,6 +113,9 @@ class _MLflow:
         import mlflow
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # MLflow 3 keeps its file store only behind this opt-in; the run folder's own store needs no
+            # database server or SQLAlchemy (a user's explicit setting wins)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "qlora"))
         self.run = mlflow.start_run(run_name=out.name)

@@ -342,11 +342,16 @@ def _prepare_output(cfg: TrainConfig, held: contextlib.ExitStack):
 PLOT_EVERY_S = 30.0
 
 
-def _plot(path: Path, rows: list[dict]) -> None:
+# matplotlib draws loss.png only: an optional extra, so a lighter install still trains (without the plot)
+NO_PLOT = "loss.png skipped: matplotlib is not installed (pip install 'qlora[plot]'); metrics.jsonl has the numbers"
+
+
+def _plot(path: Path, rows: list[dict]) -> bool:
+    """Draw the loss curves into ``path`` (atomically); False when matplotlib is missing."""
     try:
         import matplotlib
-    except ImportError:  # a declared dependency; a bare environment still trains, without the plot
-        return
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -372,6 +377,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+    return True
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -980,7 +986,8 @@ class Run:
             save_adapter(self.model, adapter, base_model=cfg.model or "embedded:SmolLM2-135M-Instruct",
                          quant=self.quant, extra={"train": dataclasses.asdict(cfg)}, tensors=lora_full)
             self.tok.save_pretrained(adapter)
-            _plot(out / "loss.png", self.rows)
+            if not _plot(out / "loss.png", self.rows):
+                self.log(NO_PLOT)
         self._compare("after")
         if dist.main:
             from .report import write_report
@@ -1029,7 +1036,10 @@ def add_cli(sub) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (keys as below, with underscores)")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="data-parallel over N processes (launches torchrun; one per GPU, or gloo on CPUs). "
-                        "N processes with --grad-accum G equal one process with --grad-accum N*G")
+                        "N processes with --grad-accum G equal one process with --grad-accum N*G; with --nnodes M, "
+                        "N per machine")
+    from .launch import add_args as add_launch_args
+    add_launch_args(p)  # --nnodes, --node-rank, --rdzv-endpoint, --rdzv-timeout (qlora/launch.py)
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_run)
 
@@ -1069,29 +1079,18 @@ def _warm_up(cfg: TrainConfig):
                         cfg.max_length, shapes)
 
 
-def _launch(n: int) -> int:
-    import subprocess
-    argv = sys.argv[1:]
-    i = argv.index("--gpus") if "--gpus" in argv else None
-    rest = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--gpus=")]
-    env = dict(os.environ, NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"),
-               PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "qlora.cli",
-           *rest]
-    return subprocess.call(cmd, env=env)
-
-
 def _run(args) -> int:
-    if args.gpus is not None:
-        if args.gpus < 1:
-            raise QLoraError("--gpus must be >= 1")
-        if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
-            if torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
-                raise QLoraError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
-            cfg = build_config(TrainConfig, args.config, args)  # bad options fail here, not in N processes
-            if cfg.parallel == "fsdp":
-                _check_fsdp(cfg)
-            return _launch(args.gpus)
+    from . import launch
+    if args.gpus is not None and args.gpus < 1:
+        raise QLoraError("--gpus must be >= 1")
+    rdzv = launch.check(args.gpus or 1, args.nnodes, args.node_rank, args.rdzv_endpoint, args.rdzv_timeout)
+    if ((args.gpus or 1) > 1 or rdzv is not None) and "LOCAL_RANK" not in os.environ:
+        if torch.cuda.is_available() and torch.cuda.device_count() < (args.gpus or 1):
+            raise QLoraError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+        cfg = build_config(TrainConfig, args.config, args)  # bad options fail here, not in N processes
+        if cfg.parallel == "fsdp":
+            _check_fsdp(cfg)
+        return launch.launch(args.gpus or 1, args.nnodes, args.node_rank, rdzv, args.rdzv_timeout)
     cfg = build_config(TrainConfig, args.config, args)
     _warm_up(cfg)
     s = train(cfg, log=lambda m: print(m, file=sys.stderr))

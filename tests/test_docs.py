@@ -3,7 +3,7 @@ and every flag of every command is described on that command's page(s).
 
 Rules (the parsers are the real ones, from qlora.cli.build_parser):
 
-* Pages and their commands: docs/train.md, data.md, optim.md, preference.md -> train; docs/report.md -> report (and train); docs/generate.md -> generate,
+* Pages and their commands: docs/train.md, data.md, optim.md, preference.md, multi-gpu.md -> train; docs/report.md -> report (and train); docs/generate.md -> generate,
   chat, eval; docs/merge.md -> merge; docs/export.md -> export; docs/quantize.md -> quantize;
   docs/memory.md -> plan (and train, whose memory options it explains); README.md -> every command.
 * A flag written after ``qlora CMD`` on the same line (a command line, in a code block or inline) must
@@ -29,8 +29,12 @@ PAGES = {"docs/train.md": ["train"], "docs/data.md": ["train"], "docs/optim.md":
          "docs/export.md": ["export"], "docs/quantize.md": ["quantize"], "docs/memory.md": ["plan", "train"],
          "docs/report.md": ["report", "train"],
          "docs/hub.md": ["train", "generate", "chat", "eval", "merge", "export", "quantize", "plan"],
+         "docs/multi-gpu.md": ["train"],
          "README.md": None}  # None: every command
-OTHER_TOOLS = {"--nproc-per-node"}  # torchrun's, named where `qlora train --gpus` is explained
+# torchrun's, named where `qlora train --gpus` is explained; Slurm's sbatch options and torchrun's
+# rendezvous backend, in docs/multi-gpu.md's cluster examples; llama.cpp's --lora in docs/export.md
+OTHER_TOOLS = {"--nproc-per-node", "--rdzv-backend", "--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node",
+               "--cpus-per-task", "--lora"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 

@@ -503,3 +503,96 @@ def test_big_or_unwritable_gguf_cache_is_skipped(small_tok, tmp_path, monkeypatc
     s.cached = None
     assert gguf_cache.store(path, s.config, {n: s.get(n) for n in s.names()}, None, log=lines.append) is None
     assert "could not cache" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemma 2/3 and Phi-3: read back with gguf's reader (names, order, +1 norms, metadata) and with
+# transformers' GGUF loader (same logits as the source model)
+
+
+def _tiny_family(model_type, vocab):
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Phi3Config
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    cfg = {"gemma2": lambda: Gemma2Config(head_dim=32, sliding_window=128, **common),
+           "gemma3_text": lambda: Gemma3TextConfig(head_dim=32, sliding_window=128, **common),
+           "phi3": lambda: Phi3Config(pad_token_id=0, tie_word_embeddings=False, **common)}[model_type]()
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if model_type != "phi3" else 1.0))
+    return m
+
+
+@pytest.mark.parametrize("model_type,arch", [("gemma2", "gemma2"), ("gemma3_text", "gemma3"), ("phi3", "phi3")])
+def test_gemma_and_phi3_families(small_tok, tmp_path, model_type, arch):
+    from transformers import AutoModelForCausalLM
+    m = _tiny_family(model_type, len(small_tok))
+    out = tmp_path / f"{arch}.gguf"
+    s = export_gguf(m.config, m.state_dict().items(), small_tok, out, "f16", progress=False)
+    assert s["arch"] == arch
+    r = gguf.GGUFReader(str(out))
+    assert _field(r, "general.architecture") == arch
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], 2)
+    sd = m.state_dict()
+    back = {t.name: np.asarray(t.data).astype(np.float32) for t in r.tensors}
+    hf_of = {}
+    for hf, w in sd.items():
+        if hf == "lm_head.weight" and m.config.tie_word_embeddings:
+            continue
+        g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        assert g in back, (hf, g)
+        hf_of[g] = hf
+        want = w.float() + (1.0 if arch != "phi3" and hf.endswith("norm.weight") else 0.0)  # llama.cpp's Gemma norm
+        want = want.to(torch.float16).float() if w.dim() == 2 else want
+        np.testing.assert_array_equal(back[g].reshape(want.shape), want.numpy(), err_msg=g)
+    assert set(back) == set(hf_of)  # nothing more, nothing less
+    # llama.cpp's order: token_embd, then block by block, output_norm (and output) last
+    order = [t.name for t in r.tensors]
+    assert order[0] == "token_embd.weight" and order.index("blk.1.attn_norm.weight") > order.index("blk.0.ffn_down.weight")
+    per = {"gemma2": {"post_attention_norm", "post_ffw_norm", "attn_q", "ffn_gate"},
+           "gemma3": {"post_attention_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm"},
+           "phi3": {"attn_qkv", "ffn_up"}}[arch]
+    assert all(f"blk.0.{p}.weight" in back for p in per)
+    assert ("output.weight" in back) == (arch == "phi3")
+    meta = {k: _field(r, f"{arch}.{k}") for k in ("context_length", "embedding_length", "block_count",
+                                                  "attention.head_count", "attention.head_count_kv")}
+    assert meta == {"context_length": 512, "embedding_length": 64, "block_count": 2, "attention.head_count": 4,
+                    "attention.head_count_kv": 2}
+    if arch in ("gemma2", "gemma3"):
+        assert _field(r, f"{arch}.attention.key_length") == 32 and _field(r, f"{arch}.attention.sliding_window") == 128
+    if arch == "gemma2":
+        assert _field(r, "gemma2.attn_logit_softcapping") == pytest.approx(m.config.attn_logit_softcapping)
+        assert _field(r, "gemma2.final_logit_softcapping") == pytest.approx(m.config.final_logit_softcapping)
+    if arch == "phi3":
+        assert _field(r, "phi3.rope.dimension_count") == 16 and _field(r, "phi3.attention.sliding_window") == 0
+    # transformers' own GGUF loader (it subtracts the Gemma +1 again) gives the source model's logits
+    m2 = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name).eval()
+    with torch.no_grad():
+        for v in m.state_dict().values():
+            if v.dim() == 2:
+                v.copy_(v.to(torch.float16).float())
+        torch.testing.assert_close(m2(IDS).logits, m(IDS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_phi3_longrope_factors(small_tok, tmp_path):
+    """A 128k-style Phi-3: llama.cpp's rope_factors_long/short tensors and attention factor."""
+    import math
+    from transformers import AutoModelForCausalLM, Phi3Config
+    long, short = [1.0 + i / 10 for i in range(8)], [1.0 + i / 100 for i in range(8)]
+    cfg = Phi3Config(vocab_size=len(small_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0,
+                     original_max_position_embeddings=256, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "longrope", "long_factor": long, "short_factor": short,
+                                      "rope_theta": 10000.0, "original_max_position_embeddings": 256})
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    out = tmp_path / "phi3.gguf"
+    export_gguf(m.config, m.state_dict().items(), small_tok, out, "f16", progress=False)
+    r = gguf.GGUFReader(str(out))
+    t = {x.name: np.asarray(x.data) for x in r.tensors}
+    np.testing.assert_allclose(t["rope_factors_long.weight"], long, rtol=1e-6)
+    np.testing.assert_allclose(t["rope_factors_short.weight"], short, rtol=1e-6)
+    assert _field(r, "phi3.rope.scaling.original_context_length") == 256
+    assert _field(r, "phi3.rope.scaling.attn_factor") == pytest.approx(math.sqrt(1 + math.log(8) / math.log(256)))
