@@ -174,7 +174,7 @@ def add_cli(sub) -> None:
                                    "trailing punctuation).")
     add_model_args(p)
     p.add_argument("--data", default=None, metavar="FILE",
-                   help=".jsonl, .json, .csv, .tsv or .parquet (required unless --harness)")
+                   help=".jsonl, .json, .csv, .tsv or .parquet (required unless --harness; no default)")
     p.add_argument("--harness", default=None, metavar="TASK[,TASK]",
                    help="instead of --data: run these lm-evaluation-harness tasks on the model (+ adapter) "
                         "(needs the harness extra; --limit, --batch-size, --max-length apply)")
