@@ -177,7 +177,7 @@ def add_cli(sub) -> None:
                    help=".jsonl, .json, .csv, .tsv or .parquet (required unless --harness; no default)")
     p.add_argument("--harness", default=None, metavar="TASK[,TASK]",
                    help="instead of --data: run these lm-evaluation-harness tasks on the model (+ adapter) "
-                        "(needs the harness extra; --limit, --batch-size, --max-length apply)")
+                        "(needs the harness extra; --limit, --batch-size, --max-length apply; default: none)")
     p.add_argument("--harness-include", default=None, metavar="DIR",
                    help="a folder of your own harness task YAML files (e.g. over a local JSONL) (default: none)")
     p.add_argument("--format", default="auto", choices=("auto",) + FORMATS,
