@@ -90,21 +90,22 @@ def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int 
     return result
 
 
-PREFERENCE_DEFAULTS = dict(epochs=2, lr=5e-4, batch_size=8)  # --method dpo (SFT's: run_demo's own)
+PREFERENCE_DEFAULTS = dict(epochs=2, lr=1e-4, batch_size=8)  # --method dpo (SFT's: run_demo's own)
 
 
-def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 5e-4, rank: int = 16,
+def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 1e-4, rank: int = 16,
                         alpha: float = 32, batch_size: int = 8, device: str = "auto", overwrite: bool = True,
                         progress: bool = True, log=print, compute_dtype: str = "auto", beta: float = 0.1) -> dict:
     """DPO on 72 pairs (two phrasings of each of the 36 FAQ questions; chosen: the short fact signed
-    "— Nimbus Support", rejected: a long answer without it), then the share of greedy answers to the 36
-    held-out phrasings that follow the preference (demo_data.follows_preference), before and after."""
-    from .demo_data import SIGN_OFF, follows_preference, write_preference
+    "— Nimbus Support", rejected: the model's own answer to the question, or a long answer without the sign-off
+    where its own already follows the preference), then the share of greedy answers to the 36 held-out phrasings
+    that follow the preference (demo_data.follows_preference), before and after."""
+    from .demo_data import SIGN_OFF, SYSTEM, follows_preference, preference_questions, write_preference
     from .hardware import resolve
     from .train import TrainConfig, _device, train
     t0 = time.time()
     out = Path(output)
-    pairs_file, held = write_preference(out / "data")
+    pairs_file = out / "data" / "pairs.jsonl"  # written once the model has answered the training questions
     dev = _device(device)
     compute = resolve(compute_dtype, dev)
     cfg = TrainConfig(data=str(pairs_file), output=str(out / "run"), method="dpo", beta=beta, precompute_ref=True,
@@ -114,12 +115,19 @@ def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 5
                       overwrite=overwrite, progress=progress, seed=0, val_split=0.0, compare_prompts=0)
     model, tok = _load(cfg, dev, compute, progress, log)
     t_load = time.time() - t0
+    questions = preference_questions()
+    log(f"      loaded in {t_load:.0f}s")
+    log(f"[2/4] answering the {len(questions)} training questions (the model's own answers become the rejected "
+        "ones, where they are not short and signed) and the held-out ones before preference tuning ...")
+    mine = held_out_answers(model, tok, [{"messages": [{"role": "system", "content": SYSTEM},
+                                                       {"role": "user", "content": q}, {}]} for q in questions],
+                            max_new_tokens=48)
+    _, held = write_preference(out / "data", own=dict(zip(questions, mine)))
     n = len(held)
-    log(f"      loaded in {t_load:.0f}s; data: {out / 'data'} (72 preference pairs, {n} held-out questions)")
-    log(f"[2/4] answering the {n} held-out questions before preference tuning ...")
     before = held_out_answers(model, tok, held, max_new_tokens=48)
     k0 = sum(map(follows_preference, before))
-    log(f"      short and signed \"{SIGN_OFF}\" before: {k0 / n:.0%}")
+    log(f"      data: {out / 'data'} ({len(questions)} preference pairs, {n} held-out questions); short and signed "
+        f"\"{SIGN_OFF}\" before: {k0 / n:.0%}")
     log(f"[3/4] DPO ({epochs:g} epochs, beta {beta:g}, LoRA r={rank} on all linear layers, lr {lr:g}) ...")
     s = train(cfg, log=lambda m: log("      " + m), model=model, tokenizer=tok)
     log("[4/4] answering the held-out questions after preference tuning ...")
@@ -155,7 +163,7 @@ def add_cli(sub) -> None:
                    help="directory for data, run and adapter (default runs/demo, with --method dpo runs/demo-dpo)")
     p.add_argument("--epochs", type=float, default=None,
                    help="passes over the 216 questions (default 3; --method dpo: over the 72 pairs, default 2)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; --method dpo: 5e-4)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; --method dpo: 1e-4)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
     p.add_argument("--batch-size", type=int, default=None,

@@ -120,16 +120,26 @@ def _pair_record(question: str, answer: str) -> list[dict]:
             {"role": "assistant", "content": answer}]
 
 
-def build_preference(seed: int = 0, phrasings: int = 2) -> tuple[list[dict], list[dict]]:
+def preference_questions(phrasings: int = 2) -> list[str]:
+    """The training questions of the preference pairs: ``phrasings`` wordings of each fact's question."""
+    return [p.format(t=t) for t, _, _ in FACTS for p in TRAIN_PHRASINGS[:phrasings]]
+
+
+def build_preference(seed: int = 0, phrasings: int = 2, own: dict[str, str] | None = None
+                     ) -> tuple[list[dict], list[dict]]:
     """(training pairs in the conversational layout, held-out records): ``phrasings`` training questions per
-    fact, and one held-out phrasing per fact (its record's last message is the preferred answer)."""
+    fact, and one held-out phrasing per fact (its record's last message is the preferred answer).
+
+    ``own``: the model's own answers to the training questions (question -> answer). Where given, an answer
+    that does not already follow the preference is the rejected one (on-policy pairs: what the model says now
+    against what it should say); elsewhere a long friendly answer of the templates above."""
     rng = random.Random(seed)
     pairs = []
-    for t, _, a in FACTS:
-        for p in TRAIN_PHRASINGS[:phrasings]:
-            q = p.format(t=t)
-            pairs.append({"chosen": _pair_record(q, f"{a} {SIGN_OFF}"),
-                          "rejected": _pair_record(q, rng.choice(_RAMBLES).format(t=t, a=a))})
+    for (t, _, a), q in zip([f for f in FACTS for _ in range(phrasings)], preference_questions(phrasings)):
+        chosen, ramble = f"{a} {SIGN_OFF}", rng.choice(_RAMBLES).format(t=t, a=a)
+        mine = (own or {}).get(q, "").strip()
+        rejected = mine if mine and not follows_preference(mine) and mine != chosen else ramble
+        pairs.append({"chosen": _pair_record(q, chosen), "rejected": _pair_record(q, rejected)})
     rng.shuffle(pairs)
     held = [{"messages": _pair_record(HELDOUT_PHRASINGS[0].format(t=t), f"{a} {SIGN_OFF}")} for t, _, a in FACTS]
     return pairs, held
@@ -142,11 +152,12 @@ def follows_preference(answer: str, max_words: int = 30) -> bool:
     return bool(re.search(r"[—–-]\s*Nimbus Support$", text)) and len(text.split()) <= max_words
 
 
-def write_preference(directory: str | Path, seed: int = 0) -> tuple[Path, list[dict]]:
+def write_preference(directory: str | Path, seed: int = 0, own: dict[str, str] | None = None
+                     ) -> tuple[Path, list[dict]]:
     """Write the training pairs (pairs.jsonl) and held-out records (heldout.jsonl); (pairs file, held-out)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    pairs, held = build_preference(seed)
+    pairs, held = build_preference(seed, own=own)
     for name, rows in (("pairs.jsonl", pairs), ("heldout.jsonl", held)):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d / "pairs.jsonl", held

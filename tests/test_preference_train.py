@@ -245,3 +245,24 @@ def test_demo_pairs_are_valid_preference_data_and_the_scoring_reads_the_sign_off
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--method {sft,dpo}" in capsys.readouterr().out
+
+
+def test_demo_pairs_take_the_model_s_own_answers_as_rejected(tmp_path):
+    """On-policy pairs: where the model's own answer is not short and signed, it is the rejected one; where it
+    already follows the preference (or is missing), the long template answer is."""
+    from qlora.demo_data import SIGN_OFF, build_preference, preference_questions
+    from qlora.preference_data import read_pairs
+    from qlora.demo_data import write_preference
+    qs = preference_questions()
+    own = {q: f"A long answer number {i} that rambles on." for i, q in enumerate(qs)}
+    own[qs[0]] = f"Short. {SIGN_OFF}"  # already follows the preference: not a rejected answer
+    del own[qs[1]]
+    pairs, _ = build_preference(own=own)
+    by_q = {p["chosen"][1]["content"]: p["rejected"][-1]["content"] for p in pairs}
+    assert len(by_q) == len(qs) == 72
+    assert all(by_q[q] == own[q] for q in qs[2:])
+    template, _ = build_preference()
+    default = {p["chosen"][1]["content"]: p["rejected"][-1]["content"] for p in template}
+    assert by_q[qs[0]] == default[qs[0]] and by_q[qs[1]] == default[qs[1]]
+    path, _ = write_preference(tmp_path, own=own)
+    assert len(read_pairs(path)) == 72  # every pair passes the checks `qlora train --method dpo` makes
