@@ -235,6 +235,30 @@ def summarize(rows: list[dict], formats: list[str], tasks: list[str]) -> None:
         print(f"| {fmt} | " + " | ".join(cells) + f" | {n} |")
 
 
+
+def run_parallel(commands: list, parallel: int, on_row) -> None:
+    """Run each ``(job, command)`` as a subprocess, at most ``parallel`` at once (2 threads each unless
+    OMP_NUM_THREADS says otherwise); ``on_row`` gets the JSON of each finished job's last stdout line, and a
+    failed job's stderr tail is printed."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    running, pending = [], list(commands)
+    while pending or running:
+        while pending and len(running) < parallel:
+            job, cmd = pending.pop(0)
+            running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True), job))
+        time.sleep(1)
+        for p, job in list(running):
+            if p.poll() is None:
+                continue
+            running.remove((p, job))
+            out, err = p.communicate()
+            if p.returncode:
+                print(f"job {job} failed:\n{err[-2000:]}", file=sys.stderr, flush=True)
+            else:
+                on_row(json.loads(out.strip().splitlines()[-1]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU budget: 1 seed, 2 epochs, demo task, 2,048 text tokens")
@@ -282,30 +306,19 @@ def main():
                 fh.write(json.dumps(row) + "\n")
             rows.append(row)
     else:
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-        running, pending = [], list(enumerate(jobs))
-        while pending or running:
-            while pending and len(running) < a.jobs:
-                k, (f, s, t) = pending.pop(0)
-                dev = f"cuda:{k % ngpu}" if ngpu else "cpu"
-                cmd = [sys.executable, __file__, "--one", f"{f}:{s}:{t}:{int(s == 0 and t == tasks[0])}:{dev}",
-                       "--epochs", str(epochs), "--text-tokens", str(n_text), "--out", a.out]  # each job appends its row
-                if a.model:
-                    cmd += ["--model", a.model]
-                if a.tokenizer:
-                    cmd += ["--tokenizer", a.tokenizer]
-                running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True), (f, s, t)))
-            time.sleep(1)
-            for p, job in list(running):
-                if p.poll() is not None:
-                    running.remove((p, job))
-                    out, err = p.communicate()
-                    if p.returncode:
-                        print(f"job {job} failed:\n{err[-2000:]}", file=sys.stderr, flush=True)
-                    else:
-                        print(out.strip().splitlines()[-1], flush=True)
-                        rows.append(json.loads(out.strip().splitlines()[-1]))
+        commands = []
+        for k, (f, s, t) in enumerate(jobs):
+            dev = f"cuda:{k % ngpu}" if ngpu else "cpu"
+            cmd = [sys.executable, __file__, "--one", f"{f}:{s}:{t}:{int(s == 0 and t == tasks[0])}:{dev}",
+                   "--epochs", str(epochs), "--text-tokens", str(n_text), "--out", a.out]  # each job appends its row
+            cmd += ["--model", a.model] if a.model else []
+            cmd += ["--tokenizer", a.tokenizer] if a.tokenizer else []
+            commands.append(((f, s, t), cmd))
+
+        def on_row(row):
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        run_parallel(commands, a.jobs, on_row)
     print(f"\nembedded SmolLM2-135M, tasks {', '.join(tasks)}, {epochs:g} epochs, {seeds} seed(s), "
           f"base perplexity on {n_text} tokens of pydoc_data text")
     summarize(rows, formats, tasks)

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -176,26 +175,12 @@ def main():
         for v, s, t in jobs:
             record(run_job(v, s, t, a.device, a.epochs, a.text_tokens, a.ppl_only))
     else:
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-        running, pending = [], list(enumerate(jobs))
-        while pending or running:
-            while pending and len(running) < a.jobs:
-                k, (v, s, t) = pending.pop(0)
-                dev = f"cuda:{k % ngpu}" if ngpu else "cpu"
-                cmd = [sys.executable, __file__, "--one", f"{v}:{s}:{t}:{dev}", "--epochs", str(a.epochs),
-                       "--text-tokens", str(a.text_tokens), "--out", os.devnull] + (["--ppl-only"] if a.ppl_only else [])
-                running.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True), (v, s, t)))
-            time.sleep(1)
-            for p, job in list(running):
-                if p.poll() is None:
-                    continue
-                running.remove((p, job))
-                out, err = p.communicate()
-                if p.returncode:
-                    print(f"job {job} failed:\n{err[-2000:]}", file=sys.stderr, flush=True)
-                else:
-                    record(json.loads(out.strip().splitlines()[-1]))
+        def command(k, v, s, t):
+            dev = f"cuda:{k % ngpu}" if ngpu else "cpu"
+            return [sys.executable, __file__, "--one", f"{v}:{s}:{t}:{dev}", "--epochs", str(a.epochs),
+                    "--text-tokens", str(a.text_tokens), "--out", os.devnull] + (["--ppl-only"] if a.ppl_only else [])
+        commands = [((v, s, t), command(k, v, s, t)) for k, (v, s, t) in enumerate(jobs)]
+        q.run_parallel(commands, a.jobs, record)
     print(f"\nembedded SmolLM2-135M on {a.device}, {a.epochs:g} epochs, {a.seeds} seed(s), perplexity on "
           f"{a.text_tokens} tokens of pydoc_data text")
     summarize(rows, variants, tasks)
