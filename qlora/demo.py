@@ -119,9 +119,9 @@ def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 1
     log(f"      loaded in {t_load:.0f}s")
     log(f"[2/4] answering the {len(questions)} training questions (the model's own answers become the rejected "
         "ones, where they are not short and signed) and the held-out ones before preference tuning ...")
-    mine = held_out_answers(model, tok, [{"messages": [{"role": "system", "content": SYSTEM},
-                                                       {"role": "user", "content": q}, {}]} for q in questions],
-                            max_new_tokens=48)
+    from .validation import answer
+    mine = answer(model, tok, [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+                               for q in questions], 48, batch_size=24)  # as held_out_answers asks them
     _, held = write_preference(out / "data", own=dict(zip(questions, mine)))
     n = len(held)
     before = held_out_answers(model, tok, held, max_new_tokens=48)

@@ -250,9 +250,8 @@ def test_demo_pairs_are_valid_preference_data_and_the_scoring_reads_the_sign_off
 def test_demo_pairs_take_the_model_s_own_answers_as_rejected(tmp_path):
     """On-policy pairs: where the model's own answer is not short and signed, it is the rejected one; where it
     already follows the preference (or is missing), the long template answer is."""
-    from qlora.demo_data import SIGN_OFF, build_preference, preference_questions
+    from qlora.demo_data import SIGN_OFF, build_preference, preference_questions, write_preference
     from qlora.preference_data import read_pairs
-    from qlora.demo_data import write_preference
     qs = preference_questions()
     own = {q: f"A long answer number {i} that rambles on." for i, q in enumerate(qs)}
     own[qs[0]] = f"Short. {SIGN_OFF}"  # already follows the preference: not a rejected answer
