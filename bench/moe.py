@@ -78,12 +78,13 @@ def memory_cap(dev, cap_gib: float | None):
     if dev.type != "cuda" or cap_gib is None:
         yield
         return
-    total = torch.cuda.get_device_properties(dev).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), dev)
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()  # torch wants an index here
+    total = torch.cuda.get_device_properties(idx).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), idx)
     try:
         yield
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.set_per_process_memory_fraction(1.0, idx)
 
 
 def peak_bytes(dev) -> int | None:

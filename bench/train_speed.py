@@ -39,6 +39,18 @@ SHAPES = {
 }
 
 
+VARIANTS = {"dora": {"dora": True}, "pissa": {"init": "pissa"}, "loftq": {"init": "loftq"}}  # mode suffix -> LoraSettings
+
+
+def mode_variant(mode: str) -> dict:
+    """LoraSettings overrides of a mode's LoRA variant suffix (``qlora+dora``, ``qlora+pissa``, ...)."""
+    parts = mode.split("+")
+    if parts[0] not in ("qlora", "lora16") or any(p not in VARIANTS and p != "offload" for p in parts[1:]):
+        raise SystemExit(f"train_speed.py: error: unknown mode {mode!r} (qlora or lora16, then +offload, "
+                         f"{', '.join('+' + v for v in VARIANTS)})")
+    return {k: v for p in parts[1:] if p in VARIANTS for k, v in VARIANTS[p].items()}
+
+
 def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, profile: bool = False,
         cast_once: bool = True, cuda_graphs: bool = True, memory_phases: bool = False, dropout: float = 0.0,
         keyed: bool = True, profile_detail: bool = False, memory_budget: str | None = None) -> dict:
@@ -68,13 +80,15 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     marks["transformers + qlora imported"] = round(time.time() - T_START, 2)
     t0 = time.time()
     quant = QuantSettings(quant_type="nf4" if mode.startswith("qlora") else None)
-    model = build_random(cfg, quant, LoraSettings(r=16, alpha=16, dropout=dropout), device, "bf16", progress=False)
+    variant = mode_variant(mode)
+    model = build_random(cfg, quant, LoraSettings(r=16, alpha=16, dropout=dropout, **variant), device, "bf16",
+                         progress=False)
     from qlora.offload import enable_checkpointing
     optim = "paged_adamw" if cuda else "adamw"
     plan_kw = dict(rank=16, optim=optim, quant_type=quant.quant_type, dropout=dropout)
-    policy = choose_policy(cfg, seq, batch, memory_budget, device, plan_kw, offload=mode.endswith("+offload"))
+    policy = choose_policy(cfg, seq, batch, memory_budget, device, plan_kw, offload="offload" in mode.split("+"))
     # offload: block inputs to pinned CPU memory; a budget's policy: the last K blocks keep their activations
-    off = enable_checkpointing(model, offload=policy.offload if policy else mode.endswith("+offload"),
+    off = enable_checkpointing(model, offload=policy.offload if policy else "offload" in mode.split("+"),
                                keep=policy.keep_indices if policy else ())
     model.train()
     load_s = time.time() - t0
@@ -82,7 +96,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     params = [p for p in model.parameters() if p.requires_grad]
     # +offload: the paged optimizer's state also waits in CPU memory between steps (page budget 0)
-    pages = 0 if cuda and mode.endswith("+offload") else None
+    pages = 0 if cuda and "offload" in mode.split("+") else None
     opt = make_optimizer(params, optim, lr=2e-4, page_budget_bytes=policy.page_budget if policy else pages)
     g = torch.Generator().manual_seed(0)
     times, first_step_at, loss, phases = [], None, float("nan"), []
@@ -137,7 +151,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     flops = flops_per_token(model, cfg, seq, policy.keep if policy else 0)
     if policy is None:  # the plan's prediction for this mode's settings, beside the measurement
         from qlora.plan import estimate
-        predicted = estimate(cfg, seq, batch, offload=mode.endswith("+offload"), fused_dropout=True,
+        predicted = estimate(cfg, seq, batch, offload="offload" in mode.split("+"), fused_dropout=True,
                              page_budget=pages, **plan_kw)["peak"]
     else:
         predicted = policy.peak
@@ -287,7 +301,8 @@ def main():
                          "(default modes then: qlora)")
     ap.add_argument("--modes", default=None,
                     help="comma list of qlora, lora16, qlora+offload (checkpointed activations and optimizer "
-                         "state in CPU memory); default qlora,lora16")
+                         "state in CPU memory), and the LoRA variants qlora+dora, qlora+pissa, qlora+loftq "
+                         "(issue 30: DoRA's step time; the inits' cost is in load_s); default qlora,lora16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peers", help="output of ../shared/bench/peers/run_peers.sh on the same shape, to compare")
     ap.add_argument("--profile", action="store_true", help="profile the last step (top CUDA kernels)")
@@ -328,6 +343,9 @@ def main():
               f"{r.get('mfu') or '-'} | {r.get('mfu_executed') or '-'} | {policy} | {vr} | {vu} |")
     if "qlora" in res and "lora16" in res:
         print(f"our QLoRA / our 16-bit LoRA: {res['qlora']['tok_s'] / res['lora16']['tok_s']:.2f}x")
+    for m in (m for m in res if mode_variant(m) and "qlora" in res):  # issue 30's target: DoRA <= 1.3x
+        print(f"step of {m} / step of qlora: {res[m]['step_s'] / res['qlora']['step_s']:.2f}x "
+              f"(load + init {res[m]['load_s']} s against {res['qlora']['load_s']} s)")
 
 
 if __name__ == "__main__":

@@ -222,9 +222,10 @@ class _QLoRAMatmul(torch.autograd.Function):
         return gx, gxd, ga, gb, None, None, None, None, None, None
 
 
-def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None) -> torch.Tensor:
+def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None, with_weight=False):
     """``x @ W.T (+ bias) + scaling * (xd @ A.T) @ B.T`` through :class:`_QLoRAMatmul`, its output written
-    after the node is recorded (in place: an out-of-place addmm would copy y first)."""
+    after the node is recorded (in place: an out-of-place addmm would copy y first). ``with_weight``: return
+    ``(y, W)``, the (dequantized) base this call used (DoRA's row norm reuses it instead of dequantizing again)."""
     y, xa = _QLoRAMatmul.apply(x, xd, a, b, scaling, weight, bias, packed, holder, drop)
     with torch.no_grad():
         w = weight if weight is not None else _dequant(packed, holder.state, x.dtype)
@@ -234,7 +235,7 @@ def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None)
         else:
             torch.mm(x2, w.t(), out=y2)
         y2.addmm_(xa, b.t(), alpha=scaling)
-    return y
+    return (y, w) if with_weight else y
 
 
 class QLoRALinear(nn.Module):
@@ -286,6 +287,7 @@ class QLoRALinear(nn.Module):
         else:
             self.lora_A = self.lora_B = None
         self.lora_magnitude = None
+        self._dora_wn2 = None  # DoRA: ((device, dtype), squared row norms of the frozen base in fp32), computed lazily
 
     def init_dora(self) -> None:
         """Turn the adapter into DoRA: magnitude ``m = ||dequant(W) + scaling B A||_row`` (so the output is
@@ -460,11 +462,40 @@ class QLoRALinear(nn.Module):
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """DoRA's output (see the module docstring) through plain autograd ops: the base products run through
-        the frozen 4-bit matmul (no dequantized copy saved for backward); the row norm is computed from one
-        transient dequantization, detached."""
-        from .variants import dora_norm
+        """DoRA's output (see the module docstring). Without active dropout ``y = m / n * (W x + s B A x)``
+        (+ bias): the plain LoRA product (the fused node when training, one dequantization) scaled per row,
+        and ``n`` from that same dequantized W through :func:`variants.dora_norm_factored` (the base's row
+        norms once, then only rank-sized products per call); with dropout the general form."""
         in_dtype, xc = x.dtype, x.to(self.compute_dtype)
+        if not isinstance(self.lora_dropout, nn.Identity) and self.lora_dropout.training:
+            return self._dora_forward_dropout(xc).to(in_dtype)
+        from .variants import dora_norm_factored
+        grad = torch.is_grad_enabled()
+        cached = self._wcache is not None and (self._wcache_grad or not grad)
+        a, b = self._lora_factors()
+        weight = self._wcache if cached else self.weight
+        if grad and switches().fused_lora:
+            z, w = _qlora_matmul(xc, None, a, b, self.scaling, weight, None,
+                                 None if weight is not None else self._raw("weight_packed"), self, with_weight=True)
+        else:  # eval / generate, or QLORA_FUSED_LORA=0 (then W is dequantized once more, without a graph)
+            with torch.no_grad():
+                w = weight if weight is not None else self.base_weight(self.compute_dtype)
+            z = F.linear(xc, w) + self.scaling * ((xc @ a.t()) @ b.t())
+        if self._dora_wn2 is None or self._dora_wn2[0] != (w.device, w.dtype):  # the frozen base's, once
+            with torch.no_grad():
+                self._dora_wn2 = ((w.device, w.dtype), w.float().pow(2).sum(1))
+        norm = dora_norm_factored(self._dora_wn2[1], w, a, b, self.scaling)
+        del w
+        y = z * (self.lora_magnitude / norm).to(self.compute_dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    def _dora_forward_dropout(self, xc: torch.Tensor) -> torch.Tensor:
+        """DoRA with LoRA dropout (peft's form): ``y + (m/n - 1) W xd + m/n s B A xd``, ``xd`` the dropped
+        input; the base products through the frozen 4-bit matmul (no dequantized copy saved for backward),
+        the row norm from one transient dequantization, detached."""
+        from .variants import dora_norm
         grad = torch.is_grad_enabled()
         cached = self._wcache is not None and (self._wcache_grad or not grad)
         a, b = self._lora_factors()
@@ -480,15 +511,13 @@ class QLoRALinear(nn.Module):
         norm = dora_norm(w, self.lora_A, self.lora_B, self.scaling)
         del w
         scale = (self.lora_magnitude / norm).to(self.compute_dtype)
-        dropout = not isinstance(self.lora_dropout, nn.Identity) and self.lora_dropout.training
-        xd = self.lora_dropout(xc) if dropout else xc
+        xd = self.lora_dropout(xc)
         y = base(xc)
-        yd = base(xd) if dropout else y
         lora = (xd @ a.t()) @ b.t()
-        y = y + ((scale - 1) * yd + scale * lora * self.scaling)
+        y = y + ((scale - 1) * base(xd) + scale * lora * self.scaling)
         if self.bias is not None:
             y = y + self.bias
-        return y if y.dtype == in_dtype else y.to(in_dtype)
+        return y
 
     def _decode_gemv(self, xc: torch.Tensor) -> torch.Tensor | None:
         """``xc @ dequant(W).T`` for one row through the CUDA GEMV (``kernels.gemv_cuda``: Hopper and newer;
@@ -516,6 +545,7 @@ class QLoRALinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._gemv = None  # .to() / .cuda() / .half() move or replace the buffers it points at
+        self._dora_wn2 = None
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -79,6 +79,18 @@ def dora_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float)
     return out
 
 
+@torch.no_grad()
+def dora_norm_factored(wn2: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+    """``||W + s B A||_row`` (fp32, no gradient) without forming ``B A``: ``||W||^2 + 2 s <B, W A^T> +
+    s^2 <B, B A A^T>`` per row, with ``wn2 = ||W||^2_row`` (the frozen base's, computed once). Costs one
+    ``out x in x r`` product on the ``W`` the forward already has, instead of full-size fp32 temporaries."""
+    a32, b32 = a.detach().float(), b.detach().float()
+    cross = (b32 * (w @ a.detach().to(w.dtype).t()).float()).sum(1)
+    ba2 = ((b32 @ (a32 @ a32.t())) * b32).sum(1)
+    return (wn2 + (2 * scaling) * cross + (scaling * scaling) * ba2).clamp_min_(0).sqrt_()
+
+
 def dora_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor):
     """The merged DoRA weight ``m / ||W + s B A||_row * (W + s B A)`` in fp32 (peft's ``merge_safe``)."""
     merged = w.float() + scaling * (b.float() @ a.float())

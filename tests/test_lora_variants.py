@@ -144,6 +144,23 @@ def test_dora_norm_by_row_blocks_equals_the_whole(monkeypatch):
     torch.testing.assert_close(variants.dora_norm(w, a, b, 0.5), whole)
 
 
+def test_dora_factored_norm_equals_the_direct_one():
+    """The forward's norm (base row norms once, then rank-sized products) against ||W + s B A|| formed in full."""
+    w, a, b = weight(300, 64), torch.randn(4, 64), 0.3 * torch.randn(300, 4)
+    direct = torch.linalg.norm(w + 0.5 * b @ a, dim=1)
+    got = variants.dora_norm_factored(w.pow(2).sum(1), w, a, b, 0.5)
+    torch.testing.assert_close(got, direct, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", None])
+def test_dora_eval_output_equals_peft(quant_type):
+    """Without gradients (generate, eval) DoRA takes the unfused route: the same output as peft's."""
+    ours, ref, _ = _dora_pair(quant_type, 0.0, quant_type is None)
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), ref.eval()(x), atol=1e-5, rtol=1e-5)
+
+
 def test_lora_plus_groups_equal_peft(setup):
     from peft.optimizers import create_loraplus_optimizer
     from transformers import AutoModelForCausalLM
