@@ -145,3 +145,25 @@ def for_train(cfg, device, config=None) -> Policy | None:
     forced = True if kw.pop("offload") else None  # --offload-activations true: only policies that offload
     return choose(config, cfg.max_length, rows_per_micro_batch(cfg), budget, context=context,
                   checkpointing=kw.pop("grad_checkpointing"), offload=forced, **kw)
+
+
+def card_memory(device) -> int:
+    """Bytes this process may use on a CUDA ``device``: the card's memory, times the allocator's
+    per-process fraction when one is set (``torch.cuda.set_per_process_memory_fraction``)."""
+    import torch
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return int(torch.cuda.get_device_properties(idx).total_memory * torch.cuda.get_per_process_memory_fraction(idx))
+
+
+def plan_page_budget(cfg, config, gpu_mem: int) -> int | None:
+    """Without --memory-budget, the optimizer state a paged optimizer keeps on a ``gpu_mem`` card: what the
+    plan leaves room for beside the step's peak when that is less than all of it, else None (then the pager
+    sizes itself from free memory at each step). Free memory at the first optimizer step is not enough to go by:
+    the state it admits is what the next step's backward lacks (70B r=64 on 46 GiB ran out of memory so)."""
+    kw = plan_kwargs(cfg)
+    if kw["page_budget"] is not None or not str(cfg.optim).startswith("paged"):
+        return None  # --offload-optimizer (all state on the host) or an optimizer that does not page
+    kw.pop("page_budget")
+    est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **kw)
+    resident = est["components"]["optimizer_states"]
+    return resident if resident < est["details"]["optimizer_states_total"] else None

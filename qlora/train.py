@@ -580,6 +580,21 @@ class Run:
         if self.policy is not None:
             self.log(self.policy.describe())
 
+    def _card_pages(self) -> int | None:
+        """The paged optimizer's GPU share the plan leaves on this card (budget.plan_page_budget), on one CUDA
+        device without --memory-budget; None elsewhere, or where the plan cannot model the run."""
+        if self.device.type != "cuda" or self.par.sharded or self.dist.world > 1:
+            return None
+        from .budget import card_memory, plan_page_budget
+        try:
+            pages = plan_page_budget(self.cfg, self.model.config, card_memory(self.device))
+        except (QLoraError, KeyError, AttributeError, TypeError):  # a model the plan does not know: the pager decides
+            return None
+        if pages is not None:
+            self.log(f"optimizer: {_human(pages)} of its state stays on the GPU, the rest waits in CPU memory "
+                     f"(what the plan leaves beside the step's peak on this card)")
+        return pages
+
     def _setup_model(self) -> None:
         """Load (or build, for shape:NAME) the 4-bit model with LoRA, unless one was given; attention,
         embedding offload."""
@@ -688,7 +703,7 @@ class Run:
         par.wrap(model, self.method)
         self.params = par.optimizer_params()
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        pages = policy.page_budget if policy is not None else (0 if cfg.offload_optimizer else None)
+        pages = policy.page_budget if policy is not None else (0 if cfg.offload_optimizer else self._card_pages())
         groups = lora_plus_groups(names, self.params, cfg.lr, cfg.lora_plus_ratio)
         self.optimizer = make_optimizer(groups, cfg.optim, cfg.lr, weight_decay=cfg.weight_decay,
                                         page_budget_bytes=pages)
