@@ -129,12 +129,12 @@ class Preference:
 
 
 def method_for(cfg):
-    """The method ``cfg.method`` names, with its settings (``--beta``, ``--loss``)."""
+    """The method ``cfg.method`` names, with its settings (``--beta``, ``--loss``, ``--sft-weight``)."""
     if cfg.method == "sft":
         return SFT()
     from .preference import DPO, ORPO
     if cfg.method == "dpo":
-        return Preference(DPO(beta=cfg.beta, loss_type=cfg.loss))
+        return Preference(DPO(beta=cfg.beta, loss_type=cfg.loss, sft_weight=cfg.sft_weight))
     if cfg.method == "orpo":
         return Preference(ORPO(beta=cfg.beta))
     from .errors import QLoraError

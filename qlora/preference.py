@@ -137,7 +137,11 @@ class DPO:
     name = "dpo"
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 ref_logps: torch.Tensor | None = None):
+                 ref_logps: torch.Tensor | None = None, sft_weight: float = 0.0):
+        if isinstance(sft_weight, bool) or not isinstance(sft_weight, (int, float)) or not math.isfinite(sft_weight) \
+                or sft_weight < 0:
+            raise QLoraError(f"--sft-weight must be a number >= 0, got {sft_weight!r}")
+        self.sft_weight = float(sft_weight)
         if loss_type not in DPO_LOSSES:
             raise QLoraError(f"unknown DPO loss {loss_type!r}: choose one of {', '.join(DPO_LOSSES)}")
         if not 0.0 <= label_smoothing < 0.5 or (label_smoothing and loss_type != "sigmoid"):
@@ -161,7 +165,12 @@ class DPO:
         losses = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing,
                           lengths=mask.sum(1).to(device).chunk(2))
         cr, rr_ = self.beta * (pc - rc).detach(), self.beta * (pr - rr).detach()
-        return losses.mean(), _reward_metrics(cr, rr_, pc, pr)
+        loss, metrics = losses.mean(), _reward_metrics(cr, rr_, pc, pr)
+        if self.sft_weight:  # TRL's loss_type=[..., "sft"]: the chosen answers' mean NLL per token, weighted
+            nll = -pc.sum() / mask[:pc.shape[0]].sum().to(device).clamp(min=1)
+            loss = loss + self.sft_weight * nll
+            metrics["nll_loss"] = nll.detach()
+        return loss, metrics
 
 
 class ORPO:

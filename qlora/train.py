@@ -87,6 +87,9 @@ class TrainConfig:
     beta: float = opt(0.1, "DPO/ORPO strength: DPO's inverse temperature on the log-ratio to the reference, ORPO's "
                       "weight of the odds-ratio term", group="preference")
     loss: str = opt("sigmoid", "DPO loss: sigmoid (the DPO paper's) or ipo", ["sigmoid", "ipo"], group="preference")
+    sft_weight: float = opt(0.0, "DPO: add this weight times the chosen answers' mean NLL per token to the loss (TRL's "
+                            "loss_type [sigmoid, sft] with loss_weights [1, W]; RPO's alpha): keeps the chosen answers "
+                            "likely while the margin grows; 0 = plain DPO", group="preference", metavar="W")
     precompute_ref: bool = opt(False, "DPO: compute the reference log-probs (model with LoRA off) once per pair before "
                                "training and keep them in OUT/ref_logps.safetensors, instead of one extra forward "
                                "pass per micro-batch", group="preference")
@@ -444,6 +447,10 @@ def _check_method(cfg: TrainConfig, need, number) -> None:
     need(cfg.method in ("sft", "dpo", "orpo"), "method", "one of sft, dpo, orpo", cfg.method)
     need(number(cfg.beta) and cfg.beta > 0, "beta", "a finite number > 0", cfg.beta)
     need(cfg.loss in ("sigmoid", "ipo"), "loss", "one of sigmoid, ipo", cfg.loss)
+    need(number(cfg.sft_weight) and cfg.sft_weight >= 0, "sft_weight", "a finite number >= 0", cfg.sft_weight)
+    if cfg.sft_weight and cfg.method != "dpo":
+        raise QLoraError(f"--sft-weight {cfg.sft_weight} adds an NLL term to DPO: use it with --method dpo "
+                         f"(ORPO has its own; SFT is all NLL)")
     if cfg.loss != "sigmoid" and cfg.method != "dpo":
         raise QLoraError(f"--loss {cfg.loss} is a DPO loss: use it with --method dpo")
     if cfg.precompute_ref and cfg.method != "dpo":

@@ -100,12 +100,14 @@ def rel_close(a, b, rtol=1e-5):
 
 
 # ------------------------------------------------------------------------------ TRL parity
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_dpo_loss_and_lora_grads_equal_trl(tiny, tok, batch, tmp_path, loss_type):
+@pytest.mark.parametrize("loss_type,sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.7)])
+def test_dpo_loss_and_lora_grads_equal_trl(tiny, tok, batch, tmp_path, loss_type, sft_weight):
+    """sft_weight: TRL's loss_type [sigmoid, sft] with loss_weights [1, w] (the chosen answers' NLL added)."""
     from trl import DPOConfig, DPOTrainer
     ds = datasets.Dataset.from_list([conversational(p) for p in PAIRS])
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.2, loss_type=[loss_type], report_to=[], use_cpu=True,
-                     max_length=64, bf16=False, fp16=False)
+    types = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else dict(loss_type=[loss_type])
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.2, report_to=[], use_cpu=True,
+                     max_length=64, bf16=False, fp16=False, **types)
     ref = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), args=args,
                      train_dataset=ds, processing_class=tok, peft_config=lora_config())
     # our tokenization is TRL's on this data: same prompt and answer tokens
@@ -115,8 +117,10 @@ def test_dpo_loss_and_lora_grads_equal_trl(tiny, tok, batch, tmp_path, loss_type
     t_loss = ref.compute_loss(ref.model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                           "completion_mask": (batch["labels"] != -100).long()})
     t_loss.backward()
-    method = P.DPO(beta=0.2, loss_type=loss_type)
+    method = P.DPO(beta=0.2, loss_type=loss_type, sft_weight=sft_weight)
     loss, metrics = method.loss(m, batch, "cpu")
+    if sft_weight:  # the NLL term moved the loss: not the plain DPO value
+        assert abs(float(loss) - float(P.DPO(beta=0.2).loss(m, batch, "cpu")[0])) > 0.1
     loss.backward()
     rel_close(loss, t_loss)
     assert float(loss) > 0.05  # a real preference signal, not log 2 from identical policy and reference
