@@ -95,7 +95,8 @@ PREFERENCE_DEFAULTS = dict(epochs=2, lr=1e-4, batch_size=8)  # --method dpo (SFT
 
 def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 1e-4, rank: int = 16,
                         alpha: float = 32, batch_size: int = 8, device: str = "auto", overwrite: bool = True,
-                        progress: bool = True, log=print, compute_dtype: str = "auto", beta: float = 0.1) -> dict:
+                        progress: bool = True, log=print, compute_dtype: str = "auto", beta: float = 0.1,
+                        sft_weight: float = 0.0) -> dict:
     """DPO on 72 pairs (two phrasings of each of the 36 FAQ questions; chosen: the short fact signed
     "— Nimbus Support", rejected: the model's own answer to the question, or a long answer without the sign-off
     where its own already follows the preference), then the share of greedy answers to the 36 held-out phrasings
@@ -109,6 +110,7 @@ def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 1
     dev = _device(device)
     compute = resolve(compute_dtype, dev)
     cfg = TrainConfig(data=str(pairs_file), output=str(out / "run"), method="dpo", beta=beta, precompute_ref=True,
+                      sft_weight=sft_weight,
                       rank=rank, alpha=alpha, dropout=0.0, lr=lr, compute_dtype=compute.dtype, batch_size=batch_size,
                       grad_accum=1, epochs=epochs, max_length=192, optim="adamw", warmup_ratio=0.0,
                       grad_checkpointing=dev.type == "cuda", save_every=0, keep_last=1, device=str(dev),
