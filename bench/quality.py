@@ -160,7 +160,7 @@ def extract_breakdown(answers, held, refs) -> dict:
 
 def run_job(fmt: str, seed: int, task: str, device: str, epochs: float, n_text: int, model_path: str | None,
             measure_base: bool, tokenizer: str | None = None) -> dict:
-    from qlora.data import Batches, load_examples
+    from qlora.data import Batches, load_examples, pad_id
     from qlora.demo import accuracy, held_out_answers
     from qlora.demo_data import write
     from qlora.embedded import embedded_model_path
@@ -190,7 +190,7 @@ def run_job(fmt: str, seed: int, task: str, device: str, epochs: float, n_text: 
     else:
         raise SystemExit(f"unknown task {task!r}")
     held_ex, _ = load_examples(held_file, tok, max_length=128)
-    held_batches = list(Batches(held_ex, 8, tok.pad_token_id, shuffle=False, max_length=128).epoch(0))
+    held_batches = list(Batches(held_ex, 8, pad_id(tok), shuffle=False, max_length=128).epoch(0))
     qt, dq = FORMATS[fmt]
     quant = QuantSettings(quant_type=qt, double_quant=dq)
     model = build_from_source(source, quant, LoraSettings(16, 32, 0.0), device, "auto", seed, progress=False)

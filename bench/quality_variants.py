@@ -67,7 +67,7 @@ def _task(task: str, work: Path, tok):
 
 def run_job(variant: str, seed: int, task: str, device: str, epochs: float, n_text: int,
             ppl_only: bool = False) -> dict:
-    from qlora.data import Batches
+    from qlora.data import Batches, pad_id
     from qlora.demo import held_out_answers
     from qlora.embedded import embedded_model_path
     from qlora.loss import evaluate_loss
@@ -96,7 +96,7 @@ def run_job(variant: str, seed: int, task: str, device: str, epochs: float, n_te
     held_path.write_text("".join(json.dumps(r) + "\n" for r in held))
     from qlora.data import load_examples
     held_ex, _ = load_examples(held_path, tok, max_length=128)
-    held_batches = list(Batches(held_ex, 8, tok.pad_token_id, shuffle=False, max_length=128).epoch(0))
+    held_batches = list(Batches(held_ex, 8, pad_id(tok), shuffle=False, max_length=128).epoch(0))
     row["final_train_loss"] = s["final_loss"]
     row["heldout_loss"] = round(evaluate_loss(model, held_batches, device), 4)
     row["heldout_acc"] = round(score(held_out_answers(model, tok, held, max_new_tokens=48)), 4)

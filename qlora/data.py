@@ -47,6 +47,14 @@ class Record(dict):
     where: str = "?"
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (padding is masked out either way)."""
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise QLoraError("the tokenizer has neither a pad nor an EOS token: cannot pad batches")
+    return pid
+
+
 def _record(obj, where: str) -> Record:
     if not isinstance(obj, dict):
         raise QLoraError(f"{where}: expected a JSON object {{...}}, got {type(obj).__name__}")

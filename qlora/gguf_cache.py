@@ -43,13 +43,23 @@ def _hash(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewr
     return h.hexdigest()
 
 
+def _version(dist: str) -> str:
+    """A distribution's version; for a source tree on PYTHONPATH (no metadata) the module's own, else "source"
+    (a cache made so is keyed apart from any installed version's)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        import importlib
+        return "source-" + str(getattr(importlib.import_module(dist), "__version__", "unknown"))
+
+
 def cache_dir(path: Path) -> Path | None:
     """The folder that holds (or will hold) ``path``'s converted copy; None for files too big to cache."""
     if path.stat().st_size > CACHE_MAX_BYTES:
         return None
-    from importlib.metadata import version
     # the conversion is transformers' (with the gguf package's reader); ours only stores it
-    key = f"{FORMAT}|{version('qlora')}|{version('transformers')}|{version('gguf')}|{_file_hash(path)}"
+    key = f"{FORMAT}|{_version('qlora')}|{_version('transformers')}|{_version('gguf')}|{_file_hash(path)}"
     return cache_root() / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 

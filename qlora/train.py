@@ -664,7 +664,8 @@ class Run:
         from . import validation
         cfg, tok = self.cfg, self.tok
         records, data_fmt, val_records = self.records
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        from .data import pad_id
+        self.pad_id = pad_id(tok)
         if val_records is not None:
             (val_recs, val_fmt), self.held = val_records, None
         else:

@@ -596,3 +596,20 @@ def test_phi3_longrope_factors(small_tok, tmp_path):
     np.testing.assert_allclose(t["rope_factors_short.weight"], short, rtol=1e-6)
     assert _field(r, "phi3.rope.scaling.original_context_length") == 256
     assert _field(r, "phi3.rope.scaling.attn_factor") == pytest.approx(math.sqrt(1 + math.log(8) / math.log(256)))
+
+
+def test_gguf_cache_key_from_a_source_tree_without_metadata(monkeypatch):
+    """Run from a checkout on PYTHONPATH (no installed qlora): the cache is keyed by the module's own version,
+    apart from an installed one's, instead of failing (bench scripts on the GPU machine run so)."""
+    import importlib.metadata as md
+
+    from qlora import __version__, gguf_cache
+    real = md.version
+
+    def version(name):
+        if name == "qlora":
+            raise md.PackageNotFoundError(name)
+        return real(name)
+    monkeypatch.setattr(md, "version", version)
+    assert gguf_cache._version("qlora") == f"source-{__version__}"
+    assert gguf_cache._version("transformers") == real("transformers")
