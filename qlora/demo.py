@@ -90,13 +90,15 @@ def run_demo(output="runs/demo", epochs: float = 3, lr: float = 1e-3, rank: int 
     return result
 
 
-PREFERENCE_DEFAULTS = dict(epochs=2, lr=1e-4, batch_size=8)  # --method dpo (SFT's: run_demo's own)
+# --method dpo (SFT's: run_demo's own). DPO alone left the 135M model at 0% at every lr/epochs/beta tried
+# (BENCHMARKS, DPO demo grid); with the chosen answers' NLL term (--sft-weight 1) 5e-4 reaches 100%
+PREFERENCE_DEFAULTS = dict(epochs=2, lr=5e-4, batch_size=8, sft_weight=1.0)
 
 
-def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 1e-4, rank: int = 16,
+def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 5e-4, rank: int = 16,
                         alpha: float = 32, batch_size: int = 8, device: str = "auto", overwrite: bool = True,
                         progress: bool = True, log=print, compute_dtype: str = "auto", beta: float = 0.1,
-                        sft_weight: float = 0.0) -> dict:
+                        sft_weight: float = 1.0) -> dict:
     """DPO on 72 pairs (two phrasings of each of the 36 FAQ questions; chosen: the short fact signed
     "— Nimbus Support", rejected: the model's own answer to the question, or a long answer without the sign-off
     where its own already follows the preference), then the share of greedy answers to the 36 held-out phrasings
@@ -130,7 +132,8 @@ def run_preference_demo(output="runs/demo-dpo", epochs: float = 2, lr: float = 1
     k0 = sum(map(follows_preference, before))
     log(f"      data: {out / 'data'} ({len(questions)} preference pairs, {n} held-out questions); short and signed "
         f"\"{SIGN_OFF}\" before: {k0 / n:.0%}")
-    log(f"[3/4] DPO ({epochs:g} epochs, beta {beta:g}, LoRA r={rank} on all linear layers, lr {lr:g}) ...")
+    log(f"[3/4] DPO ({epochs:g} epochs, beta {beta:g}, chosen-answer NLL weight {sft_weight:g}, LoRA r={rank} on all "
+        f"linear layers, lr {lr:g}) ...")
     s = train(cfg, log=lambda m: log("      " + m), model=model, tokenizer=tok)
     log("[4/4] answering the held-out questions after preference tuning ...")
     after = held_out_answers(model, tok, held, max_new_tokens=48)
@@ -165,7 +168,10 @@ def add_cli(sub) -> None:
                    help="directory for data, run and adapter (default runs/demo, with --method dpo runs/demo-dpo)")
     p.add_argument("--epochs", type=float, default=None,
                    help="passes over the 216 questions (default 3; --method dpo: over the 72 pairs, default 2)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; --method dpo: 1e-4)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; --method dpo: 5e-4)")
+    p.add_argument("--sft-weight", type=float, default=None,
+                   help="--method dpo: weight of the chosen answers' NLL added to the DPO loss (qlora train "
+                        "--sft-weight; default 1; 0 = DPO alone)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default 32)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -187,10 +193,13 @@ def _run(args) -> int:
             setattr(args, k, v)
     if args.epochs <= 0:
         raise QLoraError("--epochs must be > 0")
+    if args.sft_weight is not None and not dpo:
+        raise QLoraError("--sft-weight applies to --method dpo")
     run = run_preference_demo if dpo else run_demo
+    extra = dict(sft_weight=args.sft_weight) if dpo else {}
     run(args.output or ("runs/demo-dpo" if dpo else "runs/demo"), args.epochs, args.lr, args.rank, args.alpha,
         args.batch_size, args.device, progress=not args.no_progress, log=lambda m: print(m, flush=True),
-        compute_dtype=args.compute_dtype)
+        compute_dtype=args.compute_dtype, **extra)
     return 0
 
 
