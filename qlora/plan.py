@@ -92,8 +92,11 @@ ACT = {
     "block_h": 27.7, "block_i": 9.35,
     # extra when LoRA dropout > 0 (each adapted linear drops its own copy of its input)
     "dropout_h": 14.4, "dropout_i": 0.6,
-    # without checkpointing: saved per block, and the backward transient of one block
-    "saved_h": 17.2, "saved_i": 8.0, "nockpt_block_h": 8.4, "nockpt_block_i": 1.6,
+    # without checkpointing: saved per block, and the backward transient of one block. saved_*: fitted to kept
+    # blocks on an H100 (train_speed --memory-budget 24GiB / auto, 23 and 32 kept; BENCHMARKS): 2I + ~2.9H less
+    # than the CPU autograd count (kept_block_bytes_per_token: 17.2H + 8I), the fused SwiGLU and norm kernels
+    # saving fewer tensors
+    "saved_h": 14.3, "saved_i": 6.0, "nockpt_block_h": 8.4, "nockpt_block_i": 1.6,
     # the loss backward: final norm (fp32) input and its backward, the loss' hidden states and gradient
     "tail_h": 16.0,
 }
@@ -400,10 +403,9 @@ def kept_block_bytes_per_token(hidden: int, intermediate: int, heads: int, kv_he
     q/k/v); RoPE'd q and k, v, the attention output (also o_proj's input: SDPA's output layout makes the
     head merge a view) and its logsumexp (fp32 per head); again 4H + 4 + 2H for the second norm; gate
     and up outputs, silu(gate) and the product (2I each); the LoRA intermediates x@A (r per adapted
-    linear, 16-bit). For Llama-3-8B (GQA 4:1) that is 17H + 8I + small terms: the calibrated
-    :data:`ACT` ``saved_h``/``saved_i`` (17.2, 8.0), which the estimate uses, agree. A CPU test checks
-    this count against the tensors autograd actually saves; the GPU's (flash attention) must be
-    calibrated with bench/memory.py."""
+    linear, 16-bit). For Llama-3-8B (GQA 4:1) that is 17H + 8I + small terms. A CPU test checks this
+    count against the tensors autograd actually saves; on a GPU the fused kernels save less, and the
+    estimate uses :data:`ACT` ``saved_h``/``saved_i`` as measured there (14.3H + 6I)."""
     q, kv = heads * head_dim, kv_heads * head_dim
     attn = 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * heads
     norms = 2 * (4 * hidden + 4 + 2 * hidden)
