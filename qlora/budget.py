@@ -152,7 +152,8 @@ def card_memory(device) -> int:
     per-process fraction when one is set (``torch.cuda.set_per_process_memory_fraction``)."""
     import torch
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    return int(torch.cuda.get_device_properties(idx).total_memory * torch.cuda.get_per_process_memory_fraction(idx))
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # (newer torch only)
+    return int(torch.cuda.get_device_properties(idx).total_memory * (fraction(idx) if fraction else 1.0))
 
 
 def plan_page_budget(cfg, config, gpu_mem: int) -> int | None:

@@ -595,7 +595,8 @@ class Run:
         from .budget import card_memory, plan_page_budget
         try:
             pages = plan_page_budget(self.cfg, self.model.config, card_memory(self.device))
-        except (QLoraError, KeyError, AttributeError, TypeError):  # a model the plan does not know: the pager decides
+        except (QLoraError, KeyError, AttributeError, TypeError, ValueError):  # a model the plan does not know:
+            # the pager decides, as before there was this plan
             return None
         if pages is not None:
             self.log(f"optimizer: {_human(pages)} of its state stays on the GPU, the rest waits in CPU memory "
