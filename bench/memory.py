@@ -46,7 +46,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from qlora import plan  # noqa: E402
-from qlora.linear import QLoRALinear  # noqa: E402
+from qlora.linear import LoraDropout, QLoRALinear  # noqa: E402
 from qlora.model import LoraSettings, QuantSettings, build_random  # noqa: E402
 from qlora.offload import ActivationOffloader, HostEmbedding, enable_checkpointing, offload_embeddings  # noqa: E402
 from qlora.optim import make_optimizer  # noqa: E402
@@ -408,7 +408,7 @@ def kept_block_counts(cfg, d: dict, tokens: int) -> dict:
 def set_rank_dropout(model, p: float) -> None:
     for m in model.modules():
         if isinstance(m, QLoRALinear) and m.r > 0:
-            m.lora_dropout = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+            m.lora_dropout = LoraDropout(p) if p > 0 else torch.nn.Identity()  # (the layer's own kind: fused_args)
 
 
 def row_8b(cfg, model):
