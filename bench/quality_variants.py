@@ -87,10 +87,11 @@ def run_job(variant: str, seed: int, task: str, device: str, epochs: float, n_te
            "load_init_s": round(time.time() - t_init, 1), "ppl_init": round(q.perplexity(model, tok, n_text), 3)}
     if ppl_only:
         return row
-    cfg = TrainConfig(data=str(train_file), output=str(work / "run"), rank=16, alpha=32, dropout=0.0, lr=1e-3,
-                      batch_size=8, grad_accum=1, epochs=epochs, max_length=128, optim="adamw",
-                      grad_checkpointing=False, save_every=0, keep_last=1, device=device, overwrite=True,
-                      progress=False, seed=seed, quant_type=qt or "none", **cfg_kw)
+    settings = dict(data=str(train_file), output=str(work / "run"), rank=16, alpha=32, dropout=0.0, lr=1e-3,
+                    batch_size=8, grad_accum=1, epochs=epochs, max_length=128, optim="adamw",
+                    grad_checkpointing=False, save_every=0, keep_last=1, device=device, overwrite=True,
+                    progress=False, seed=seed, quant_type=qt or "none")
+    cfg = TrainConfig(**{**settings, **cfg_kw})  # the variant's own settings win (LoftQ's alpha 16)
     s = train(cfg, log=lambda m: None, model=model, tokenizer=tok)
     held_path = work / "data" / "held.jsonl"
     held_path.write_text("".join(json.dumps(r) + "\n" for r in held))
