@@ -447,7 +447,7 @@ def _check_method(cfg: TrainConfig, need, number) -> None:
     need(cfg.method in ("sft", "dpo", "orpo"), "method", "one of sft, dpo, orpo", cfg.method)
     need(number(cfg.beta) and cfg.beta > 0, "beta", "a finite number > 0", cfg.beta)
     need(cfg.loss in ("sigmoid", "ipo"), "loss", "one of sigmoid, ipo", cfg.loss)
-    need(number(cfg.sft_weight) and cfg.sft_weight >= 0, "sft_weight", "a finite number >= 0", cfg.sft_weight)
+    need(number(cfg.sft_weight) and cfg.sft_weight >= 0, "sft-weight", "a finite number >= 0", cfg.sft_weight)
     if cfg.sft_weight and cfg.method != "dpo":
         raise QLoraError(f"--sft-weight {cfg.sft_weight} adds an NLL term to DPO: use it with --method dpo "
                          f"(ORPO has its own; SFT is all NLL)")

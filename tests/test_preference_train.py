@@ -98,18 +98,21 @@ def _mean_core(core, model, batches, weights):
     return out.pop("loss"), out
 
 
-@pytest.mark.parametrize("method,kw", [("dpo", {}), ("orpo", {}), ("dpo", dict(precompute_ref=True, loss="ipo"))])
+@pytest.mark.parametrize("method,kw", [("dpo", {}), ("orpo", {}), ("dpo", dict(precompute_ref=True, loss="ipo")),
+                                       ("dpo", dict(sft_weight=0.5))])
 def test_step_and_eval_metrics_equal_the_core_method_on_the_same_batches(d, tmp_path, method, kw):
     """One step of two micro-batches of 3 pairs (the step's loss: the mean over its 6 pairs; its metrics: the
     mean of the micro-batches'), then an evaluation of the 6 pairs as validation data (pair-weighted means),
     each recomputed here with the core method on batches built from the file."""
     model, tok = _model(d)
     pairs, _ = load_pairs(d / "six.jsonl", tok, max_length=1024)
-    core = P.DPO(beta=0.2, loss_type=kw.get("loss", "sigmoid")) if method == "dpo" else P.ORPO(beta=0.2)
+    core = (P.DPO(beta=0.2, loss_type=kw.get("loss", "sigmoid"), sft_weight=kw.get("sft_weight", 0.0))
+            if method == "dpo" else P.ORPO(beta=0.2))
     micro = PairBatches(pairs, 3, tok.pad_token_id, seed=42).epoch(0)
     assert [len(b["index"]) for b in micro] == [3, 3]
     want_loss, want = _mean_core(core, model, micro, [0.5, 0.5])
-    if method == "dpo":  # the mean over the step's pairs is the loss of one batch of all of them
+    if method == "dpo" and not kw.get("sft_weight"):  # the mean over the step's pairs is the loss of one batch of
+        # all of them (not with the NLL term: a token mean per micro-batch, as TRL's)
         whole, _ = _mean_core(core, model, PairBatches(pairs, 6, tok.pad_token_id, seed=42).epoch(0), [1.0])
         assert whole == pytest.approx(want_loss, rel=1e-6)
     s = train(cfg(d, tmp_path / "r", data=str(d / "six.jsonl"), val_data=str(d / "six.jsonl"), method=method, beta=0.2,
@@ -177,7 +180,8 @@ BAD_SETTINGS = [
     (dict(method="ppo"), "--method"), (dict(method="orpo", loss="ipo"), "--loss ipo is a DPO loss"),
     (dict(method="sft", loss="ipo"), "--loss"), (dict(method="orpo", precompute_ref=True), "--precompute-ref"),
     (dict(loss="hinge"), "--loss"), (dict(packing=True), "--packing"), (dict(train_on_prompt=True), "--train-on-prompt"),
-    (dict(format="chat"), "--format"),
+    (dict(format="chat"), "--format"), (dict(method="orpo", sft_weight=1.0), "--sft-weight"),
+    (dict(sft_weight=-0.5), "--sft-weight"), (dict(sft_weight=float("inf")), "--sft-weight"),
 ]
 
 
