@@ -101,8 +101,9 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         for r, q in enumerate(seqs):
             ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
             mask[r, width - len(q):] = 1
+        # use_cache given here: generate follows generation_config, not config.use_cache (see gguf_cache.store)
         out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, do_sample=False,
-                             eos_token_id=stops, pad_token_id=pad)
+                             eos_token_id=stops, pad_token_id=pad, use_cache=True)
         for r, i in enumerate(rows):
             gen = out[r, width:].tolist()
             cut = next((k for k, t in enumerate(gen) if t in stops), len(gen))

@@ -260,7 +260,8 @@ def generate_full(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
             else:
                 input_ids = torch.tensor([ids], dtype=torch.long, device=device)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-                kw = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, do_sample=temperature > 0)
+                kw = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, do_sample=temperature > 0,
+                          use_cache=True)  # (generation_config may say otherwise: see gguf_cache.store)
                 if temperature > 0:
                     kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
                 out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw)

@@ -78,7 +78,10 @@ def store(path: Path, config, tensors: dict, tokenizer, log=None) -> Path | None
     if d is None or d.exists():
         return None
     cfg = json.loads(config.to_json_string(use_diff=True))
-    cfg.pop("_name_or_path", None)
+    # use_cache is a run-time switch (model.skeleton turns it off for training on this very config); stored, a
+    # false would become the cached model's generation default: generation without the KV cache, ~10x slower
+    for key in ("_name_or_path", "use_cache"):
+        cfg.pop(key, None)
     try:
         with CheckpointWriter(d, "4GB") as w:
             for name, t in tensors.items():

@@ -613,3 +613,27 @@ def test_gguf_cache_key_from_a_source_tree_without_metadata(monkeypatch):
     monkeypatch.setattr(md, "version", version)
     assert gguf_cache._version("qlora") == "source-unknown"  # (the package defines no __version__)
     assert gguf_cache._version("transformers") == real("transformers")
+
+
+def test_model_from_the_gguf_cache_generates_with_the_kv_cache(small_tok, tmp_path, monkeypatch):
+    """Building a model turns config.use_cache off (training); the cached conversion must not keep that, or every
+    later run generates without the KV cache (each step re-reads the whole sequence: ~10x slower on a CPU)."""
+    import json
+
+    from qlora.evaluate import greedy_answers
+    from qlora.model import LoraSettings, QuantSettings, load_model
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    m = _tiny("llama", len(small_tok), tie_word_embeddings=False)
+    path = tmp_path / "tiny.gguf"
+    export_gguf(m.config, m.state_dict().items(), small_tok, path, "q8_0", progress=False)
+    kw = dict(quant=QuantSettings(compute_dtype="fp32"), lora=LoraSettings(r=4), dtype="fp32", progress=False)
+    load_model(str(path), **kw)  # converts and stores
+    stored = next((tmp_path / "cache" / "qlora" / "gguf").glob("*/config.json"))
+    assert json.loads(stored.read_text()).get("use_cache", True) is True
+    model, tok = load_model(str(path), **kw)  # from the cache
+    model.eval()
+    rows = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda mod, i, o: rows.append(i[0].shape[1]))
+    prompt = small_tok("The capital of France is")["input_ids"]
+    greedy_answers(model, tok, [prompt, prompt[:3]], 5)
+    assert rows[0] == len(prompt) and len(rows) > 1 and set(rows[1:]) == {1}  # prefill, then one token a step
