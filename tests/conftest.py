@@ -57,14 +57,5 @@ def setup(tmp_path_factory):
 def adapter_dir(tiny, tmp_path_factory):
     """An adapter with non-zero B on q_proj and down_proj of the module's ``tiny`` model (its first
     item: the model directory), saved in the PEFT format."""
-    from qlora.adapters import save_adapter
-    from qlora.linear import QLoRALinear
-    from qlora.model import LoraSettings, load_model
-    path = tiny[0]
-    m, _ = load_model(str(path), lora=LoraSettings(r=4, alpha=8, target="q_proj,down_proj"), dtype="fp32",
-                      progress=False)
-    g = torch.Generator().manual_seed(1)
-    for mod in m.modules():
-        if isinstance(mod, QLoRALinear) and mod.r:
-            mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 0.5
-    return save_adapter(m, tmp_path_factory.mktemp("ad") / "adapter")
+    from helpers import save_random_adapter
+    return save_random_adapter(tiny[0], tmp_path_factory.mktemp("ad") / "adapter", seed=1)

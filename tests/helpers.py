@@ -48,6 +48,20 @@ def make_model_dir(path, template=TEMPLATE, seed=0, hidden=64):
     return path
 
 
+def save_random_adapter(model_path, out, seed):
+    """An adapter on q_proj and down_proj of the model at ``model_path`` with non-zero B (so it changes the
+    model's outputs), saved in the PEFT format to ``out``; returns the adapter folder."""
+    from qlora.adapters import save_adapter
+    from qlora.model import LoraSettings, load_model
+    m, _ = load_model(str(model_path), lora=LoraSettings(r=4, alpha=8, target="q_proj,down_proj"), dtype="fp32",
+                      progress=False)
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, QLoRALinear) and mod.r:
+            mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 0.5
+    return save_adapter(m, out)
+
+
 def load(path, adapter=None):
     return load_for_inference(str(path), adapter, device="cpu", dtype="fp32", progress=False)
 

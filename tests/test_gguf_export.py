@@ -285,17 +285,21 @@ def _tiny(model_type, vocab, hidden=64, layers=2, **kw):
 @pytest.mark.parametrize("model_type,kw", [("llama", {"tie_word_embeddings": False}),
                                            ("mistral", {}), ("qwen2", {}), ("qwen3", {"head_dim": 128})])
 def test_tiny_families_round_trip(small_tok, tmp_path, model_type, kw):
-    from transformers import AutoModelForCausalLM
     m = _tiny(model_type, len(small_tok), **kw)
     out = tmp_path / f"{model_type}.gguf"
     export_gguf(m.config, m.state_dict().items(), small_tok, out, "f16", progress=False)
-    m2 = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name).eval()
-    ids = IDS
+    _assert_f16_file_gives_the_logits(m, out)
+
+
+def _assert_f16_file_gives_the_logits(m, out):
+    """transformers' own GGUF loader on the f16 file ``out`` gives ``m``'s logits once ``m``'s matrices are rounded
+    to f16 as the file stores them (``m`` is changed so)."""
+    m2 = _load(out)
     with torch.no_grad():
         for v in m.state_dict().values():
             if v.dim() == 2:
                 v.copy_(v.to(torch.float16).float())
-        torch.testing.assert_close(m2(ids).logits, m(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(m2(IDS).logits, m(IDS).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_k_quants_inside_a_file(small_tok, tmp_path):
@@ -528,7 +532,6 @@ def _tiny_family(model_type, vocab):
 
 @pytest.mark.parametrize("model_type,arch", [("gemma2", "gemma2"), ("gemma3_text", "gemma3"), ("phi3", "phi3")])
 def test_gemma_and_phi3_families(small_tok, tmp_path, model_type, arch):
-    from transformers import AutoModelForCausalLM
     m = _tiny_family(model_type, len(small_tok))
     out = tmp_path / f"{arch}.gguf"
     s = export_gguf(m.config, m.state_dict().items(), small_tok, out, "f16", progress=False)
@@ -569,12 +572,7 @@ def test_gemma_and_phi3_families(small_tok, tmp_path, model_type, arch):
     if arch == "phi3":
         assert _field(r, "phi3.rope.dimension_count") == 16 and _field(r, "phi3.attention.sliding_window") == 0
     # transformers' own GGUF loader (it subtracts the Gemma +1 again) gives the source model's logits
-    m2 = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name).eval()
-    with torch.no_grad():
-        for v in m.state_dict().values():
-            if v.dim() == 2:
-                v.copy_(v.to(torch.float16).float())
-        torch.testing.assert_close(m2(IDS).logits, m(IDS).logits, atol=1e-4, rtol=1e-4)
+    _assert_f16_file_gives_the_logits(m, out)
 
 
 def test_phi3_longrope_factors(small_tok, tmp_path):

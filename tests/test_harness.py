@@ -10,7 +10,7 @@ import torch
 from qlora.cli import main
 from qlora.errors import QLoraError
 
-from helpers import load, make_model_dir, reference_model
+from helpers import load, make_model_dir, reference_model, save_random_adapter
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm_eval is not installed (pip install 'qlora[harness]')")
 
@@ -52,17 +52,8 @@ def tiny(tmp_path_factory, adapter_dir_module):
 @pytest.fixture(scope="module")
 def adapter_dir_module(tmp_path_factory):
     """A tiny model and an adapter with non-zero B (so the adapter changes the scores)."""
-    from qlora.adapters import save_adapter
-    from qlora.linear import QLoRALinear
-    from qlora.model import LoraSettings, load_model
     path = make_model_dir(tmp_path_factory.mktemp("h") / "m")
-    m, _ = load_model(str(path), lora=LoraSettings(r=4, alpha=8, target="q_proj,down_proj"), dtype="fp32",
-                      progress=False)
-    g = torch.Generator().manual_seed(3)
-    for mod in m.modules():
-        if isinstance(mod, QLoRALinear) and mod.r:
-            mod.lora_B.data = torch.randn(mod.lora_B.shape, generator=g) * 0.5
-    return path, save_adapter(m, tmp_path_factory.mktemp("ad") / "adapter")
+    return path, save_random_adapter(path, tmp_path_factory.mktemp("ad") / "adapter", seed=3)
 
 
 def ref_logp(ref, ids: list[int], n_cont: int) -> float:
