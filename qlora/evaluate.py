@@ -101,7 +101,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
         for r, q in enumerate(seqs):
             ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
             mask[r, width - len(q):] = 1
-        # use_cache given here: generate follows generation_config, not config.use_cache (see gguf_cache.store)
+        # use_cache given here: generate follows generation_config (which a model's config may have turned off)
         out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, do_sample=False,
                              eos_token_id=stops, pad_token_id=pad, use_cache=True)
         for r, i in enumerate(rows):
@@ -119,7 +119,7 @@ def evaluate(model, tokenizer, records, fmt: str, max_new_tokens: int = 64, batc
     ``max_new_tokens = 0`` skips generation (exact_match/contains None)."""
     import torch
 
-    from .data import tokenize_records
+    from .data import pad_id, tokenize_records
     from .generate import encode_messages, inference_cache, resolve_layout
     from .loss import token_loss
     if not records:
@@ -129,20 +129,18 @@ def evaluate(model, tokenizer, records, fmt: str, max_new_tokens: int = 64, batc
         check_references(records, fmt)
     t0 = time.perf_counter()
     examples, stats = tokenize_records(records, fmt, tokenizer, max_length=max_length, template=template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     pairs = [split_record(r, fmt) for r in records] if fmt != "text" and max_new_tokens > 0 else []
     layout = resolve_layout(tokenizer, template, fallback="plain") if pairs else None
     prompts = [encode_messages(tokenizer, msgs, layout) for msgs, _ in pairs]
-    was_training, use_cache = model.training, model.config.use_cache
+    was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), inference_cache(model, cache):
             nll, tokens = token_loss(model, examples, pad, batch_size, progress)
-            model.config.use_cache = True
             answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
     finally:
         model.train(was_training)
-        model.config.use_cache = use_cache
     loss = nll / tokens
     refs = [ref for _, ref in pairs]
     m = len(answers)

@@ -243,9 +243,8 @@ def generate_full(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
     stops = stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
     streamer = _Streamer(tokenizer, stream, set(stops))
-    was_training, use_cache = model.training, model.config.use_cache
+    was_training = model.training
     model.eval()
-    model.config.use_cache = True
     try:
         with torch.no_grad(), inference_cache(model, cache), lora_cast(model):  # LoRA factors cast once
             # (asked here: the static KV cache must fit in what the dequant cache left free)
@@ -261,14 +260,13 @@ def generate_full(model, tokenizer, prompt: str, max_new_tokens: int = 256, temp
                 input_ids = torch.tensor([ids], dtype=torch.long, device=device)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
                 kw = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, do_sample=temperature > 0,
-                          use_cache=True)  # (generation_config may say otherwise: see gguf_cache.store)
+                          use_cache=True)  # (generation_config may say otherwise)
                 if temperature > 0:
                     kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
                 out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kw)
                 new = out[0, len(ids):].tolist()
     finally:
         model.train(was_training)
-        model.config.use_cache = use_cache
     seconds = time.perf_counter() - t0
     cut = next((i for i, t in enumerate(new) if t in streamer.stops), len(new))
     text = tokenizer.decode(new[:cut], skip_special_tokens=True)

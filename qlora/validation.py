@@ -127,22 +127,20 @@ def questions(records, fmt: str) -> list[tuple[list[dict], str]]:
 def answer(model, tok, conversations: list[list[dict]], max_new_tokens: int, template: str = "auto",
            batch_size: int = 24) -> list[str]:
     """Greedy answers of ``model`` to ``conversations`` (each ending with a user turn), with the KV cache,
-    in eval mode; the model's mode and cache setting are restored."""
+    in eval mode; the model's mode is restored."""
     import torch
 
     from .evaluate import greedy_answers
     from .generate import encode_messages, inference_cache, resolve_layout
     layout = resolve_layout(tok, template, fallback="plain")
     prompts = [encode_messages(tok, msgs, layout) for msgs in conversations]
-    was_training, use_cache = model.training, model.config.use_cache
+    was_training = model.training
     model.eval()
-    model.config.use_cache = True
     try:
         with torch.no_grad(), inference_cache(model):
             return greedy_answers(model, tok, prompts, max_new_tokens, batch_size)
     finally:
         model.train(was_training)
-        model.config.use_cache = use_cache
 
 
 def answer_metrics(answers: list[str], refs: list[str]) -> dict:
