@@ -3,6 +3,7 @@
     python bench/dpo_speed.py --out dpo.jsonl                 # 8B shape, seq 1024, 2 pairs, rows ours,sft,trl
     python bench/dpo_speed.py --precompute-ref                # + a row with precomputed reference log-probs
     python bench/dpo_speed.py --small                         # a tiny shape on the CPU: checks the script
+    python bench/dpo_speed.py --rows ours-pre,sft,trl --memory-budget auto  # our rows spend memory on speed
 
 Rows (``--rows``), each in its own subprocess so that each peak of ``torch.cuda.max_memory_allocated`` is its own:
 
@@ -213,7 +214,8 @@ def run_ours(a, row: str) -> dict:
                       warmup_ratio=0.0, optim="adamw" if a.small else "paged_adamw", compute_dtype=dtype,
                       batch_size=a.pairs * (2 if method == "sft" else 1), grad_accum=1, max_steps=a.steps,
                       max_length=a.seq, grad_checkpointing=True, cuda_graphs=not a.no_cuda_graphs, output=str(out),
-                      val_split=0.0, save_every=0, progress=False, device=device, seed=a.seed)
+                      val_split=0.0, save_every=0, progress=False, device=device, seed=a.seed,
+                      memory_budget=a.memory_budget)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.time()
@@ -241,7 +243,9 @@ def run_ours(a, row: str) -> dict:
     return dict(row=row, stack="qlora", method=method, reference="precomputed" if row == "ours-pre" else
                 ("live (adapters off)" if method == "dpo" else None), shape=a.shape, seq=a.seq, pairs=a.pairs,
                 rank=a.rank, steps=a.steps, step_s=round(step, 4), tok_s=round(2 * a.pairs * a.seq / step, 1),
-                peak_gib=peak_gib(device), build_s=round(build_s, 1),
+                peak_gib=peak_gib(device), build_s=round(build_s, 1), memory_budget=a.memory_budget,
+                **({"policy": run.policy.describe(), "plan_peak_gib": round(run.policy.peak / 2**30, 2)}
+                   if run.policy is not None else {}),
                 **({"ref_precompute_s": round(setup_s, 1)} if row == "ours-pre" else {}),
                 cuda_graphs=run.graphed is not None, loss=rows[-1]["loss"], times=[round(x, 4) for x in times])
 
@@ -418,6 +422,9 @@ def parse(argv=None):
     ap.add_argument("--precompute-ref", action="store_true", help="also the row ours-pre (reference log-probs "
                     "precomputed before training)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="our SFT row without CUDA graphs")
+    ap.add_argument("--memory-budget", default="off", metavar="off|auto|SIZE",
+                    help="our rows' --memory-budget (qlora train's: blocks that fit keep their activations instead "
+                         "of being recomputed; default off: every block recomputed, as TRL's row)")
     ap.add_argument("--small", action="store_true", help="a tiny shape on the CPU (checks the script end to end)")
     ap.add_argument("--model-dir", help="HF folder of the random weights for TRL (default /tmp/dpo_speed_SHAPE; "
                     "written once, reused)")
@@ -432,7 +439,8 @@ def parse(argv=None):
     a.model_dir = Path(a.model_dir or f"/tmp/dpo_speed_{a.shape}")
     a.passthrough = [f"--shape={a.shape}", f"--seq={a.seq}", f"--pairs={a.pairs}", f"--steps={a.steps}",
                      f"--warmup={a.warmup}", f"--rank={a.rank}", f"--beta={a.beta}", f"--seed={a.seed}",
-                     f"--model-dir={a.model_dir}"] + (["--small"] if a.small else []) + \
+                     f"--model-dir={a.model_dir}", f"--memory-budget={a.memory_budget}"] + \
+                    (["--small"] if a.small else []) + \
                     (["--no-cuda-graphs"] if a.no_cuda_graphs else [])
     return a
 

@@ -22,6 +22,10 @@ Variants (all NF4 + double quantization, block 64, except ``bf16``):
     python bench/quality_variants.py --device cpu --seeds 1 --tasks demo --epochs 1 --text-tokens 2048
     python bench/quality_variants.py --device cuda --jobs 12     # 6 variants x 3 seeds x 2 tasks
     python bench/quality_variants.py --ppl-only --seeds 1 --tasks demo   # the perplexity at init only
+    python bench/quality_variants.py --device cuda --jobs 12 --variants nf4,pissa@2e-4,lora+@1e-4  # lr sweep
+
+A variant written ``NAME@LR`` trains at learning rate LR instead of the shared 1e-3 (its rows and table line
+keep the whole spec, so ``pissa@2e-4`` and ``pissa`` are separate lines).
 
 Each job prints one JSON line and appends it to ``--out`` (JSONL); the markdown table (mean ± std over seeds)
 comes last; ``--summarize ROWS.jsonl`` prints the table of saved rows.
@@ -65,6 +69,15 @@ def _task(task: str, work: Path, tok):
     return train_file, held, lambda answers: q.json_accuracy(answers, refs)
 
 
+def split_spec(spec: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME@LR`` -> (variant name, learning rate; the shared 1e-3 when none is given)."""
+    name, _, lr = spec.partition("@")
+    try:
+        return name, float(lr) if lr else 1e-3
+    except ValueError:
+        raise SystemExit(f"variant {spec!r}: the learning rate after @ is not a number") from None
+
+
 def run_job(variant: str, seed: int, task: str, device: str, epochs: float, n_text: int,
             ppl_only: bool = False) -> dict:
     from qlora.data import Batches, pad_id
@@ -79,7 +92,8 @@ def run_job(variant: str, seed: int, task: str, device: str, epochs: float, n_te
     tok = source.load_tokenizer()
     work = Path(tempfile.mkdtemp(prefix=f"qlora-variants-{variant}-{seed}-{task}-"))
     train_file, held, score = _task(task, work, tok)
-    qt, lora_kw, cfg_kw = VARIANTS[variant]
+    name, lr = split_spec(variant)
+    qt, lora_kw, cfg_kw = VARIANTS[name]
     lora = LoraSettings(**{**dict(r=16, alpha=32, dropout=0.0), **lora_kw})
     t_init = time.time()
     model = build_from_source(source, QuantSettings(quant_type=qt), lora, device, "auto", seed, progress=False)
@@ -87,7 +101,8 @@ def run_job(variant: str, seed: int, task: str, device: str, epochs: float, n_te
            "load_init_s": round(time.time() - t_init, 1), "ppl_init": round(q.perplexity(model, tok, n_text), 3)}
     if ppl_only:
         return row
-    settings = dict(data=str(train_file), output=str(work / "run"), rank=16, alpha=32, dropout=0.0, lr=1e-3,
+    row["lr"] = lr
+    settings = dict(data=str(train_file), output=str(work / "run"), rank=16, alpha=32, dropout=0.0, lr=lr,
                     batch_size=8, grad_accum=1, epochs=epochs, max_length=128, optim="adamw",
                     grad_checkpointing=False, save_every=0, keep_last=1, device=device, overwrite=True,
                     progress=False, seed=seed, quant_type=qt or "none")
@@ -113,8 +128,9 @@ def summarize(rows: list[dict], variants: list[str], tasks: list[str]) -> None:
         sd = f" ± {statistics.stdev(v) * scale:{f}}" if len(v) > 1 else ""
         return f"{statistics.mean(v) * scale:{f}}{unit}{sd}"
     ppl = {v: [r["ppl_init"] for r in rows if r["variant"] == v] for v in variants}
-    p4 = statistics.mean(ppl["nf4"]) if ppl.get("nf4") else None
-    p16 = statistics.mean(ppl["bf16"]) if ppl.get("bf16") else None
+    base = {v: [r["ppl_init"] for r in rows if split_spec(r["variant"])[0] == v] for v in ("nf4", "bf16")}
+    p4 = statistics.mean(base["nf4"]) if base["nf4"] else None
+    p16 = statistics.mean(base["bf16"]) if base["bf16"] else None
     print("| variant | ppl at init | 4-bit gap closed | " +
           " | ".join(f"{t} held-out acc | {t} train s" for t in tasks) + " | seeds |")
     print("|---|---|---|" + "---|---|" * len(tasks) + "---|")
@@ -147,7 +163,7 @@ def main():
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # VARIANT:SEED:TASK:DEVICE
     a = ap.parse_args()
     variants, tasks = a.variants.split(","), a.tasks.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if split_spec(v)[0] not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     if a.summarize:
