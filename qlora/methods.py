@@ -133,9 +133,10 @@ def method_for(cfg):
     if cfg.method == "sft":
         return SFT()
     from .preference import DPO, ORPO
+    share = getattr(cfg, "share_prompt", True)
     if cfg.method == "dpo":
-        return Preference(DPO(beta=cfg.beta, loss_type=cfg.loss, sft_weight=cfg.sft_weight))
+        return Preference(DPO(beta=cfg.beta, loss_type=cfg.loss, sft_weight=cfg.sft_weight, share_prompt=share))
     if cfg.method == "orpo":
-        return Preference(ORPO(beta=cfg.beta))
+        return Preference(ORPO(beta=cfg.beta, share_prompt=share))
     from .errors import QLoraError
     raise QLoraError(f"--method {cfg.method!r}: choose one of sft, dpo, orpo")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import shared_prefix
 from .data import IGNORE
 from .errors import QLoraError
 from .linear import QLoRALinear
@@ -81,10 +82,34 @@ def answer_mask(batch: dict) -> torch.Tensor:
     return batch["labels"][:, 1:] != IGNORE
 
 
-def sequence_logps(model, batch: dict, device=None) -> torch.Tensor:
-    """Sum of the answer tokens' log-probs of every row, fp32 [2B] (chosen rows first)."""
+def sequence_logps(model, batch: dict, device=None, share_prompt: bool = False) -> torch.Tensor:
+    """Sum of the answer tokens' log-probs of every row, fp32 [2B] (chosen rows first). ``share_prompt``: where
+    the attention takes a mask and it saves enough, each pair's shared prompt runs once
+    (:mod:`qlora.shared_prefix`)."""
     device = device if device is not None else batch["input_ids"].device
+    if share_prompt and shared_prefix.usable(model):
+        dtype = model.get_input_embeddings().weight.dtype
+        packed = shared_prefix.pack(batch, shared_prefix.mask_dtype(model, dtype))
+        if packed is not None:
+            return packed_logps(model, packed, device)
     return row_logps(model, batch, device, [answer_mask(batch)])[0]
+
+
+def packed_logps(model, packed: dict, device) -> torch.Tensor:
+    """:func:`sequence_logps` of a :func:`qlora.shared_prefix.pack` batch: one forward over the packed rows,
+    each sequence's scored tokens read at the positions that predict them."""
+    inputs = {k: packed[k].to(device) for k in ("input_ids", "position_ids", "attention_mask")}
+    B = inputs["input_ids"].shape[0]
+    rows = [(k % B, s.to(device), t.to(device)) for k, (s, t) in enumerate(zip(packed["src"], packed["tgt"]))]
+    if _chunked_ok(model):
+        from .kernels.loss import chunked_linear_cross_entropy
+        h = model.model(**inputs, use_cache=False).last_hidden_state
+        w = model.get_output_embeddings().weight
+        grad = torch.is_grad_enabled()
+        return torch.stack([-chunked_linear_cross_entropy(h[b][s], w, t, reduction="sum", grad_in_forward=grad)
+                            for b, s, t in rows])
+    logits = model(**inputs, use_cache=False).logits
+    return torch.stack([torch.log_softmax(logits[b][s].float(), -1).gather(1, t.unsqueeze(1)).sum() for b, s, t in rows])
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -137,7 +162,7 @@ class DPO:
     name = "dpo"
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 ref_logps: torch.Tensor | None = None, sft_weight: float = 0.0):
+                 ref_logps: torch.Tensor | None = None, sft_weight: float = 0.0, share_prompt: bool = False):
         if isinstance(sft_weight, bool) or not isinstance(sft_weight, (int, float)) or not math.isfinite(sft_weight) \
                 or sft_weight < 0:
             raise QLoraError(f"--sft-weight must be a number >= 0, got {sft_weight!r}")
@@ -148,7 +173,7 @@ class DPO:
             raise QLoraError(f"label smoothing must be in [0, 0.5) and used with the sigmoid loss only, "
                              f"got {label_smoothing} with {loss_type}")
         self.beta, self.loss_type, self.label_smoothing = _check_beta(beta), loss_type, float(label_smoothing)
-        self.ref_logps = ref_logps
+        self.ref_logps, self.share_prompt = ref_logps, bool(share_prompt)
 
     def reference(self, model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of the batch's chosen and rejected answers, [B] each."""
@@ -156,11 +181,11 @@ class DPO:
             ref = self.ref_logps[batch["index"]].to(device)
             return ref[:, 0], ref[:, 1]
         with torch.no_grad(), adapters_off(model):
-            return sequence_logps(model, batch, device).chunk(2)
+            return sequence_logps(model, batch, device, self.share_prompt).chunk(2)
 
     def loss(self, model, batch: dict, device) -> tuple[torch.Tensor, dict]:
         mask = answer_mask(batch)
-        pc, pr = sequence_logps(model, batch, device).chunk(2)
+        pc, pr = sequence_logps(model, batch, device, self.share_prompt).chunk(2)
         rc, rr = self.reference(model, batch, device)
         losses = dpo_loss(pc, pr, rc, rr, self.beta, self.loss_type, self.label_smoothing,
                           lengths=mask.sum(1).to(device).chunk(2))
@@ -179,15 +204,18 @@ class ORPO:
     chosen answer only, like our SFT loss."""
     name = "orpo"
 
-    def __init__(self, beta: float = 0.1, nll_on_prompt: bool = False):
+    def __init__(self, beta: float = 0.1, nll_on_prompt: bool = False, share_prompt: bool = False):
         self.beta, self.nll_on_prompt = _check_beta(beta), bool(nll_on_prompt)
+        self.share_prompt = bool(share_prompt)
 
     def loss(self, model, batch: dict, device) -> tuple[torch.Tensor, dict]:
         mask = answer_mask(batch)
         masks = [mask]
-        if self.nll_on_prompt:  # every real next token that is not an answer token
+        if self.nll_on_prompt:  # every real next token that is not an answer token (scored per row: no sharing)
             masks.append((batch["attention_mask"][:, 1:] == 1) & ~mask)
-        sums = row_logps(model, batch, device, masks)
+            sums = row_logps(model, batch, device, masks)
+        else:
+            sums = [sequence_logps(model, batch, device, self.share_prompt)]
         n = mask.sum(1).to(device)
         B = n.shape[0] // 2
         nll_sum, nll_n = -sums[0][:B].sum(), n[:B].sum()
@@ -205,13 +233,13 @@ class ORPO:
 
 # ------------------------------------------------------------------- precomputed reference
 @torch.no_grad()
-def precompute_reference(model, batches, device) -> torch.Tensor:
+def precompute_reference(model, batches, device, share_prompt: bool = False) -> torch.Tensor:
     """Reference log-probs of every pair, [N, 2] fp32 (chosen, rejected) with row i for ``batches.pairs[i]``:
     one pass of the adapter-free model over one epoch of ``batches`` (a :class:`PairBatches`)."""
     out = torch.full((len(batches.pairs), 2), float("nan"), dtype=torch.float32)
     with adapters_off(model):
         for b in batches.epoch(0):
-            out[b["index"]] = torch.stack(sequence_logps(model, b, device).float().cpu().chunk(2), dim=1)
+            out[b["index"]] = torch.stack(sequence_logps(model, b, device, share_prompt).float().cpu().chunk(2), dim=1)
     return out
 
 

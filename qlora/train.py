@@ -93,6 +93,10 @@ class TrainConfig:
     precompute_ref: bool = opt(False, "DPO: compute the reference log-probs (model with LoRA off) once per pair before "
                                "training and keep them in OUT/ref_logps.safetensors, instead of one extra forward "
                                "pass per micro-batch", group="preference")
+    share_prompt: bool = opt(True, "DPO/ORPO: run the prompt a pair's two answers share once, the rejected answer "
+                             "attending to it through a mask (same log-probs, fewer tokens; used where it saves at "
+                             "least an eighth of a batch's tokens and the attention is sdpa or eager)",
+                             group="preference")
     # model
     model: str | None = opt(None, "base model: HF dir, GGUF file, 4-bit checkpoint or Hub id org/name[@revision] (default: embedded "
                                   "SmolLM2-135M-Instruct); "
@@ -743,7 +747,7 @@ class Run:
             was = self.model.training
             self.model.eval()
             with dequant_cache(self.model, enabled=self._cache_on()):  # as the steps will (a CPU: ~10x faster)
-                ref = precompute_reference(self.model, self.batches, self.device)
+                ref = precompute_reference(self.model, self.batches, self.device, self.cfg.share_prompt)
             self.model.train(was)
             if self.dist.main:
                 save_reference(path, ref, digest)

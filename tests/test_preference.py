@@ -100,9 +100,11 @@ def rel_close(a, b, rtol=1e-5):
 
 
 # ------------------------------------------------------------------------------ TRL parity
-@pytest.mark.parametrize("loss_type,sft_weight", [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.7)])
-def test_dpo_loss_and_lora_grads_equal_trl(tiny, tok, batch, tmp_path, loss_type, sft_weight):
-    """sft_weight: TRL's loss_type [sigmoid, sft] with loss_weights [1, w] (the chosen answers' NLL added)."""
+@pytest.mark.parametrize("loss_type,sft_weight,share", [("sigmoid", 0.0, False), ("ipo", 0.0, False),
+                                                        ("sigmoid", 0.7, False), ("sigmoid", 0.0, True)])
+def test_dpo_loss_and_lora_grads_equal_trl(tiny, tok, batch, tmp_path, loss_type, sft_weight, share):
+    """sft_weight: TRL's loss_type [sigmoid, sft] with loss_weights [1, w] (the chosen answers' NLL added);
+    share: each pair's prompt run once (qlora.shared_prefix), TRL running both sequences whole."""
     from trl import DPOConfig, DPOTrainer
     ds = datasets.Dataset.from_list([conversational(p) for p in PAIRS])
     types = dict(loss_type=[loss_type, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else dict(loss_type=[loss_type])
@@ -117,7 +119,10 @@ def test_dpo_loss_and_lora_grads_equal_trl(tiny, tok, batch, tmp_path, loss_type
     t_loss = ref.compute_loss(ref.model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                                           "completion_mask": (batch["labels"] != -100).long()})
     t_loss.backward()
-    method = P.DPO(beta=0.2, loss_type=loss_type, sft_weight=sft_weight)
+    method = P.DPO(beta=0.2, loss_type=loss_type, sft_weight=sft_weight, share_prompt=share)
+    if share:  # the packed path is the one taken
+        from qlora import shared_prefix
+        assert shared_prefix.pack(batch, torch.bool) is not None
     loss, metrics = method.loss(m, batch, "cpu")
     if sft_weight:  # the NLL term moved the loss: not the plain DPO value
         assert abs(float(loss) - float(P.DPO(beta=0.2).loss(m, batch, "cpu")[0])) > 0.1
@@ -154,8 +159,10 @@ def test_orpo_loss_and_lora_grads_equal_trl(tiny, tok, batch, tmp_path):
     grads_match(m, ref.model)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "nll_loss", "log_odds_ratio", "log_odds_chosen"):
         rel_close(metrics[k], t_metrics[k], 1e-4)
-    # the default NLL (answer tokens only) is the mean cross-entropy of the chosen answers, as transformers scores it
+    # the default NLL (answer tokens only) is the mean cross-entropy of the chosen answers, as transformers scores it;
+    # with each pair's prompt run once, the same
     loss2, metrics2 = P.ORPO(beta=0.3).loss(m, batch, "cpu")
+    rel_close(P.ORPO(beta=0.3, share_prompt=True).loss(m, batch, "cpu")[0], loss2)
     with torch.no_grad():
         hf_nll = m(input_ids=batch["input_ids"][:B], attention_mask=batch["attention_mask"][:B],
                    labels=batch["labels"][:B]).loss
@@ -367,3 +374,55 @@ def test_plain_template_trains_on_the_answer_only(tok, tmp_path):
         assert tok.decode(trained) == f"{answer} <|im_end|>"  # the answer and the EOS that ends it
         # "### Instruction:" is not in the tiny vocabulary (<unk>), the prompt is, before the answer
         assert tok.decode(e.input_ids).endswith(f"{PAIRS[0]['prompt']} <unk> <unk> {answer} <|im_end|>")
+
+
+# ------------------------------------------------------------------- a pair's prompt run once
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_gives_each_sequences_log_probs_and_lora_grads(tiny, batch, attention):
+    """Packed (the rejected tail attends to the shared prompt only, bool mask for sdpa, additive for eager)
+    against each sequence run alone, one row per forward: the log-probs and the LoRA gradients."""
+    from qlora import shared_prefix
+    from qlora.compat import set_attention_implementation
+    m = ours(tiny)
+    set_attention_implementation(m.config, attention)
+    packed = shared_prefix.pack(batch, shared_prefix.mask_dtype(m, torch.float32))
+    B = len(PAIRS)
+    assert packed["input_ids"].shape[0] == B and packed["saved_tokens"] > 0.25 * int(batch["attention_mask"].sum())
+    got = P.sequence_logps(m, batch, share_prompt=True)
+    got.sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    want = []
+    for row in range(2 * B):  # each sequence alone, unpadded: no mask at all
+        n = int(batch["attention_mask"][row].sum())
+        one = {k: batch[k][row:row + 1, :n] for k in ("input_ids", "labels", "attention_mask")}
+        want.append(P.row_logps(m, one, "cpu", [P.answer_mask(one)])[0][0])
+    torch.stack(want).sum().backward()
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+    assert len(grads) == 28
+    for n, p in m.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item())
+    set_attention_implementation(m.config, "sdpa")
+
+
+def test_shared_prompt_layout_and_when_it_is_not_used(batch):
+    """Positions restart at the shared prefix for the rejected tail; a tail token never sees the chosen answer;
+    pairs sharing too little run unpacked."""
+    from qlora import shared_prefix
+    packed = shared_prefix.pack(batch, torch.bool)
+    B = len(PAIRS)
+    for b in range(B):
+        lc, lr = (int(batch["attention_mask"][r].sum()) for r in (b, B + b))
+        p = shared_prefix.common_prefix(batch["input_ids"][b, :lc], batch["input_ids"][B + b, :lr])
+        assert 0 < p < min(lc, lr)
+        pos, mask = packed["position_ids"][b], packed["attention_mask"][b, 0]
+        assert pos[:lc].tolist() == list(range(lc)) and pos[lc:lc + lr - p].tolist() == list(range(p, lr))
+        assert packed["input_ids"][b, lc:lc + lr - p].tolist() == batch["input_ids"][B + b, p:lr].tolist()
+        tail = slice(lc, lc + lr - p)
+        assert not mask[tail, p:lc].any() and mask[tail, :p].all()  # prompt yes, chosen answer no
+        k = lc + min(2, lr - p - 1)  # a tail query: causal within the tail
+        assert mask[k, lc:k + 1].all() and not mask[k, k + 1:].any()
+    unrelated = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
+    unrelated["input_ids"][B:, 1:] = (unrelated["input_ids"][B:, 1:] + 1) % 50  # second tokens on differ
+    assert shared_prefix.pack(unrelated, torch.bool) is None
