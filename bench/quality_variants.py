@@ -152,6 +152,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (with --jobs, spread over the visible GPUs)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    ap.add_argument("--first-seed", type=int, default=0, help="start the seeds here (K..K+N-1): add seeds to a grid")
     ap.add_argument("--tasks", default="demo,extract", help="comma list of demo,extract")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
     ap.add_argument("--epochs", type=float, default=3.0)
@@ -181,9 +182,10 @@ def main():
         v, s, t, dev = a.one.split(":", 3)
         record(run_job(v, int(s), t, dev, a.epochs, a.text_tokens, a.ppl_only))
         return
-    jobs = [(v, s, t) for t in tasks for s in range(a.seeds) for v in variants]
+    seeds = range(a.first_seed, a.first_seed + a.seeds)
+    jobs = [(v, s, t) for t in tasks for s in seeds for v in variants]
     if a.ppl_only:  # the perplexity does not depend on the task
-        jobs = [(v, s, tasks[0]) for s in range(a.seeds) for v in variants]
+        jobs = [(v, s, tasks[0]) for s in seeds for v in variants]
     ngpu = 0
     if a.device.startswith("cuda"):
         import torch
