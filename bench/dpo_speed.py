@@ -9,7 +9,9 @@ Rows (``--rows``), each in its own subprocess so that each peak of ``torch.cuda.
 
 * ``ours``     DPO (sigmoid loss) through qlora's training path (:class:`qlora.train.Run`: ``train_step`` ->
                ``MicroStep`` -> :class:`qlora.methods.Preference`), reference = the same model with LoRA off,
-               computed in the step; ``ours-pre`` (with ``--precompute-ref``): reference log-probs computed once
+               computed in the step, each pair's shared prompt run once (``--share-prompt``, the default);
+               ``ours-whole``: the same with every sequence run whole (``--share-prompt false``, what TRL does);
+               ``ours-pre`` (with ``--precompute-ref``): reference log-probs computed once
                before the first step (not in the step time; its seconds are reported as ``ref_precompute_s``).
 * ``sft``      our SFT step on the same tokens (each pair's two sequences as SFT rows, loss on the answers),
                with what ``qlora train`` uses by default (CUDA graphs where they apply): for "our DPO step
@@ -210,6 +212,7 @@ def run_ours(a, row: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"dpo_speed_{row}_")) / "run"
     # model=None: the model is given to the run (its log line then names the embedded default model)
     cfg = TrainConfig(data="synthetic", method=method, beta=a.beta, loss="sigmoid", precompute_ref=row == "ours-pre",
+                      share_prompt=row != "ours-whole",
                       model=None, rank=a.rank, alpha=16.0, dropout=0.0, lr=2e-4, max_grad_norm=0.3,
                       warmup_ratio=0.0, optim="adamw" if a.small else "paged_adamw", compute_dtype=dtype,
                       batch_size=a.pairs * (2 if method == "sft" else 1), grad_accum=1, max_steps=a.steps,
@@ -244,6 +247,7 @@ def run_ours(a, row: str) -> dict:
                 ("live (adapters off)" if method == "dpo" else None), shape=a.shape, seq=a.seq, pairs=a.pairs,
                 rank=a.rank, steps=a.steps, step_s=round(step, 4), tok_s=round(2 * a.pairs * a.seq / step, 1),
                 peak_gib=peak_gib(device), build_s=round(build_s, 1), memory_budget=a.memory_budget,
+                share_prompt=cfg.share_prompt if method == "dpo" else None,
                 **({"policy": run.policy.describe(), "plan_peak_gib": round(run.policy.peak / 2**30, 2)}
                    if run.policy is not None else {}),
                 **({"ref_precompute_s": round(setup_s, 1)} if row == "ours-pre" else {}),
@@ -418,7 +422,7 @@ def parse(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", default="ours,sft,trl", help="comma list of ours, ours-pre, sft, trl")
+    ap.add_argument("--rows", default="ours,sft,trl", help="comma list of ours, ours-whole, ours-pre, sft, trl")
     ap.add_argument("--precompute-ref", action="store_true", help="also the row ours-pre (reference log-probs "
                     "precomputed before training)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="our SFT row without CUDA graphs")
@@ -454,9 +458,9 @@ def main(argv=None) -> int:
     rows = [r for r in a.rows.split(",") if r]
     if a.precompute_ref and "ours-pre" not in rows:
         rows.insert(rows.index("ours") + 1 if "ours" in rows else 0, "ours-pre")
-    unknown = set(rows) - {"ours", "ours-pre", "sft", "trl"}
+    unknown = set(rows) - {"ours", "ours-whole", "ours-pre", "sft", "trl"}
     if unknown:
-        raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))} (choose from ours, ours-pre, sft, trl)")
+        raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))} (choose from ours, ours-whole, ours-pre, sft, trl)")
     if "trl" in rows:
         write_hf(a, a.model_dir)
     results = []
