@@ -190,7 +190,8 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
 
 def budget_list(text: str | None, peers: dict) -> list[tuple[str | None, str | None]]:
     """``--memory-budget`` as (row label, budget) pairs: None alone without the flag; ``peer`` becomes the
-    GiB of the Unsloth row's peak (``peak_gib`` in --peers)."""
+    budget whose allocated peak is the Unsloth row's (``peak_gib`` in --peers): a budget covers the plan's
+    slack and the CUDA context on top of the allocations (qlora.plan.required_bytes)."""
     if text is None:
         return [(None, None)]
     out = []
@@ -199,7 +200,9 @@ def budget_list(text: str | None, peers: dict) -> list[tuple[str | None, str | N
             peak = peers.get("unsloth", {}).get("peak_gib")
             if peak is None:
                 raise SystemExit("train_speed.py: error: --memory-budget peer needs --peers with an unsloth row")
-            out.append((f"unsloth's peak {peak} GiB", f"{peak}GiB"))
+            from qlora.plan import CONTEXT_BYTES, SLACK
+            budget = peak * (1 + SLACK) + CONTEXT_BYTES / 2**30
+            out.append((f"peak <= unsloth's {peak} GiB", f"{budget:.3f}GiB"))
         else:
             out.append((b, b))
     return out
@@ -315,9 +318,10 @@ def main():
     ap.add_argument("--memory-budget", metavar="off|auto|SIZE|peer[,...]",
                     help="as qlora train --memory-budget: the plan chooses how many blocks keep their activations, "
                          "offload and optimizer paging; the row gives the policy, predicted and measured peak "
-                         "(default modes then: qlora). A comma list gives one row per budget; 'peer' is Unsloth's "
-                         "measured peak from --peers (our whole run, CUDA context and slack included, then fits "
-                         "in the memory Unsloth's allocations alone reached)")
+                         "(default modes then: qlora). A comma list gives one row per budget; 'peer': the budget "
+                         "whose predicted peak allocation is Unsloth's measured one (--peers), i.e. that peak plus "
+                         "the plan's slack and CUDA context, so both peaks are the same counter "
+                         "(torch.cuda.max_memory_allocated)")
     ap.add_argument("--modes", default=None,
                     help="comma list of qlora, lora16, qlora+offload (checkpointed activations and optimizer "
                          "state in CPU memory), and the LoRA variants qlora+dora, qlora+pissa, qlora+loftq "
