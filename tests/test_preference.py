@@ -426,3 +426,25 @@ def test_shared_prompt_layout_and_when_it_is_not_used(batch):
     unrelated = {k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}
     unrelated["input_ids"][B:, 1:] = (unrelated["input_ids"][B:, 1:] + 1) % 50  # second tokens on differ
     assert shared_prefix.pack(unrelated, torch.bool) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_shared_prompt_on_cuda_gives_each_sequences_log_probs(tiny, batch, dtype):
+    """On a GPU, SDPA takes the packed mask through its masked kernel: the log-probs are still those of each
+    sequence run alone (NF4 base; bf16 within its rounding)."""
+    m = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+    apply_qlora(m, QuantSettings(quant_type="nf4", compute_dtype=dtype), LoraSettings(dropout=0.0, **LORA), seed=0)
+    m.to("cuda")
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, QLoRALinear) and mod.r:
+                mod.lora_B.normal_(0, 0.3)
+        got = P.sequence_logps(m, batch, "cuda", share_prompt=True)
+        want = []
+        for row in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][row].sum())
+            one = {k: batch[k][row:row + 1, :n] for k in ("input_ids", "labels", "attention_mask")}
+            want.append(P.row_logps(m, one, "cuda", [P.answer_mask(one)])[0][0])
+    tol = 1e-4 if dtype == "fp32" else 3e-2
+    torch.testing.assert_close(got.float(), torch.stack(want).float(), rtol=tol, atol=tol * 10)
