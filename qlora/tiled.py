@@ -12,7 +12,9 @@ How (:class:`_TiledMLP`, one autograd node per MLP call):
   *unfilled*; :func:`mlp_forward` then fills it chunk by chunk without an autograd graph. A checkpointed
   block's recompute (torch's non-reentrant checkpoint stops once the block's last saved tensor is saved
   again) therefore stops at this node, before the chunks run: the MLP forward runs twice per step, as
-  without tiling (forward, and again in backward); without checkpointing it runs one more time.
+  without tiling (forward, and again in backward; down_proj's GEMM, which the untiled recompute skips,
+  runs in each chunk's), and each chunk dequantizes the three weights again; without checkpointing the
+  MLP forward runs one more time.
 * backward, chunk by chunk, runs the chunk's MLP again with autograd on and back-propagates the chunk's
   rows of the output gradient with ``torch.autograd.grad`` to the chunk's input and to the trainable
   tensors the MLP uses. Those tensors are inputs of the node (the LoRA factors in the compute dtype as the
