@@ -24,9 +24,9 @@ def _config(layers=2):
                                     max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def _model(dropout=0.0, dtype="fp32"):
-    m = build_random(_config(), QuantSettings(compute_dtype=dtype), LoraSettings(r=4, alpha=8, dropout=dropout),
-                     dtype=dtype, progress=False)
+def _model(dropout=0.0, dtype="fp32", dora=False):
+    m = build_random(_config(), QuantSettings(compute_dtype=dtype),
+                     LoraSettings(r=4, alpha=8, dropout=dropout, dora=dora), dtype=dtype, progress=False)
     with torch.no_grad():  # B = 0 at init would make A's gradients zero: give B values
         for n, p in m.named_parameters():
             if n.endswith("lora_B"):
@@ -78,6 +78,27 @@ def test_tiled_equals_untiled(mode):
     got = _loss_and_grads(model, batch, casts=mode == "casts", off=off)
     assert tiled_calls(model) > 0
     _close(got, ref)
+
+
+def test_tiled_equals_untiled_with_dora():
+    """DoRA's magnitude is a parameter the MLP uses as it is: an input of the tiled node of its own."""
+    model, batch = _model(dora=True), _batch()
+    ref = _loss_and_grads(model, batch)
+    assert any("magnitude" in n for n in ref[1])
+    _force(model)
+    _close(_loss_and_grads(model, batch), ref)
+
+
+def test_bf16_tiled_is_close_to_untiled():
+    """bf16 compute (as on a GPU): the same values up to bf16 rounding of the chunks' GEMMs."""
+    model, batch = _model(dtype="bf16"), _batch()
+    ref = _loss_and_grads(model, batch, casts=True)
+    _force(model)
+    loss, grads = _loss_and_grads(model, batch, casts=True)
+    torch.testing.assert_close(loss, ref[0], rtol=1e-2, atol=0)
+    for n, g in ref[1].items():
+        err = (grads[n].float() - g.float()).norm() / g.float().norm()
+        assert err < 2e-2, (n, err)
 
 
 def test_tiled_forward_without_grad_equals_untiled():
