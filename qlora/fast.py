@@ -126,8 +126,8 @@ def use_tiled_mlp(model: nn.Module, above: int = TILE_ABOVE, chunk: int = CHUNK_
     check_tiling(above, chunk)
     n = 0
     for m in model.modules():
-        if not _is_mlp(m):
-            continue
+        if not (_is_mlp(m) and hasattr(m.up_proj, "out_features") and hasattr(m.down_proj, "out_features")):
+            continue  # (tiling reads the intermediate and output sizes from them)
         if "_qlora_mlp_inner" not in m.__dict__:
             current = m.__dict__.get("forward")
             # a plain function, not a bound method: stored on its module, a bound method is a reference cycle

@@ -22,7 +22,8 @@ principles, in bytes, from the model's config only (a skeleton on the ``meta`` d
   hidden states, RoPE tables); and the peak inside the one block being recomputed and
   back-propagated, ``N*(a_h*H + a_i*I)`` bytes. The per-token constants in :data:`ACT` come from
   counting the tensors alive at that moment (HF decoder block, QLoRA linear, SDPA) and were then
-  calibrated against ``max_memory_allocated`` on an H100 (``bench/memory.py``, docs/memory.md).
+  calibrated against ``max_memory_allocated`` on an H100 (``bench/memory.py``, docs/memory.md). Long
+  micro-batches run the MLP over chunks of tokens (qlora.tiled): their ``a_i*I`` term counts one chunk.
 * **workspace**: the dequantized 16-bit copy of the largest block weight (alive during its matmul),
   the chunked loss (``rows*V*12`` bytes for one chunk of logits, ``rows = 2^24 // V``), the
   gradient of the hidden states, the optimizer's per-chunk temporaries, cuBLAS workspace.
