@@ -15,7 +15,9 @@ Rows (``--rows``, comma separated; ``--all`` = all of them):
 
 * ``calib``   one decoder block of the 8B shape (and a variant with another intermediate size),
               recomputed and back-propagated at several token counts, plus the loss tail: the
-              measurements the plan's activation constants are fitted to (not the table rows).
+              measurements the plan's activation constants are fitted to (not the table rows);
+              ``calib_block_tiled``: the 8B block with its MLP tiled (qlora.tiled), beside the plan's
+              tiled terms (to calibrate them).
 * ``8b``      Llama-3.1-8B shape, seq 2048 x batch 2, r=16, offload, paged 8-bit, under 6.5 GiB.
 * ``spike``   8B, batch 1, seq 2048 with one step at 8192 in the middle, under a tight cap:
               paged AdamW (on OOM: every optimizer page to CPU, retry the batch) vs plain AdamW.
@@ -25,7 +27,9 @@ Rows (``--rows``, comma separated; ``--all`` = all of them):
               (``--consumer-70b none|only``: without it, or it alone). Not in ``--all``.
 * ``long``    8B at batch 1: one step at ``--long-tokens`` (default 204800) with offload, after a
               probe at 32k tokens that predicts its time; ``--long-search`` binary-searches the
-              longest sequence instead (each probe is a full step: slow).
+              longest sequence instead (each probe is a full step: slow). Sequences past ~18.7k
+              tokens run the MLP tiled, as ``qlora train`` does (each row logs ``tiled_mlp_calls``);
+              ``--mlp-tiling off`` runs every row untiled (and predicts it so), for comparison.
 
 The rows share one 8B model (its LoRA rank is changed in place); the whole script keeps to
 ``--time-limit`` seconds, skipping rows that would not end in time.
@@ -47,12 +51,15 @@ import torch  # noqa: E402
 
 from qlora import plan  # noqa: E402
 from qlora.linear import LoraDropout, QLoRALinear  # noqa: E402
+from qlora.fast import tiled_calls, use_tiled_mlp  # noqa: E402
+from qlora.tiled import CHUNK_ELEMENTS, TILE_ABOVE, chunk_bounds, tile_rows  # noqa: E402
 from qlora.model import LoraSettings, QuantSettings, build_random  # noqa: E402
 from qlora.offload import ActivationOffloader, HostEmbedding, enable_checkpointing, offload_embeddings  # noqa: E402
 from qlora.optim import make_optimizer  # noqa: E402
 from qlora.loss import loss_sum  # noqa: E402
 
 GiB = 1 << 30
+NEVER = 1 << 62  # --mlp-tiling off: a tiling threshold no call reaches
 T0 = time.time()
 ARGS = None
 OUT = None
@@ -169,10 +176,16 @@ def build(shape: str, rank: int, layers: int | None = None, embed_offload: bool 
     model = build_random(cfg, QuantSettings(), LoraSettings(r=rank, alpha=16, dropout=0.0), device=ARGS.device,
                          dtype="bf16", progress=False)
     model.train()
+    if not tiling_on():  # build_random routes the MLPs through the tiled MLP, as qlora train's loading does
+        use_tiled_mlp(model, above=NEVER)
     if embed_offload:
         offload_embeddings(model)  # the input table waits in CPU memory (untied shapes only)
     sync()
     return cfg, model, time.time() - t
+
+
+def tiling_on() -> bool:
+    return ARGS.mlp_tiling == "on"
 
 
 def build_row(name, cfg, model, seconds) -> dict:
@@ -268,7 +281,8 @@ def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_d
     seq = max(seqs)
     emb = isinstance(model.get_input_embeddings(), HostEmbedding)
     est = plan.estimate(cfg, seq, batch, rank, optim, offload=offload, embed_offload=emb, lora_dtype=lora_dtype,
-                        page_budget=page_budget, first_step=len(seqs) == 1)
+                        page_budget=page_budget, first_step=len(seqs) == 1, mlp_tiling=tiling_on())
+    tiled_before = tiled_calls(model)
     r = train_steps(model, cfg, seqs, batch, optim, offload, cap, page_budget, oom_retry)
     steady = r["times"][1:] or r["times"]
     med = sorted(steady)[len(steady) // 2] if steady else None
@@ -280,7 +294,9 @@ def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_d
                tok_s=round(batch * seqs[-1] / med, 1) if med else None,
                step_s=[round(t, 2) for t in r["times"]], losses=r["losses"], state_bytes=r["state_bytes"],
                offloaded_per_step=r.get("offloaded_per_step"), max_reserved=r["reserved"],
-               start_allocated=r.get("start_allocated"), start_reserved=r.get("start_reserved"), **extra)
+               start_allocated=r.get("start_allocated"), start_reserved=r.get("start_reserved"),
+               tiled_mlp_calls=tiled_calls(model) - tiled_before, mlp_chunk_tokens=est["details"]["mlp_chunk_tokens"],
+               **extra)
     log(row)
     if cap is not None and r["status"].startswith("OOM") and not oom_retry and left() > 90:
         # over the cap: measure the same steps without it, so the plan can still be checked
@@ -383,6 +399,7 @@ def row_calib():
         log(dict(row="calib_block", shape=shape, hidden=cfg.hidden_size, inter=cfg.intermediate_size, tokens=tokens[0],
                  checkpoint=True, dropout=0.05, peak=d["peak"], per_token=round(d["peak"] / tokens[0], 1)))
         if inter is None:
+            row_calib_tiled(model, cfg, shape, tokens)
             for n in tokens:
                 for offload in (False, True):
                     p = tail_delta(model, cfg, n, offload)
@@ -390,6 +407,25 @@ def row_calib():
                              offload=offload, peak=p, per_token=round(p / n, 1)))
         del model
         free()
+
+
+def row_calib_tiled(model, cfg, shape: str, tokens: list[int]) -> None:
+    """One checkpointed block with its MLP forced tiled (default chunks; smaller on the CPU), at the calib
+    token counts and 4x the last: the measured peak beside the plan's tiled block (block_h*H per token plus
+    one chunk's block_i*I), the numbers that calibrate the tiled terms."""
+    from qlora.plan import ACT
+    i = cfg.intermediate_size
+    chunk = CHUNK_ELEMENTS if ARGS.device != "cpu" else 64 * i
+    use_tiled_mlp(model, above=1, chunk=chunk)
+    for n in tokens + [4 * tokens[-1]]:
+        rows = max(b - a for a, b in chunk_bounds(n, tile_rows(n, i, 1, chunk)))
+        before = tiled_calls(model)
+        d = block_delta(model, cfg, n, checkpoint=True)
+        planned = n * ACT["block_h"] * cfg.hidden_size + rows * ACT["block_i"] * i
+        log(dict(row="calib_block_tiled", shape=shape, hidden=cfg.hidden_size, inter=i, tokens=n, chunk_tokens=rows,
+                 tiled_calls=tiled_calls(model) - before, peak=d["peak"], forward=d.get("forward"),
+                 per_token=round(d["peak"] / n, 1), planned=round(planned), ratio=round(d["peak"] / planned, 3)))
+    use_tiled_mlp(model, above=TILE_ABOVE if tiling_on() else NEVER)  # back to the run's setting
 
 
 def kept_block_counts(cfg, d: dict, tokens: int) -> dict:
@@ -439,6 +475,8 @@ def row_spike(cfg, model):
 def row_long(cfg, model):
     """Longest sequence at batch 1 with offload (80 GB GPU, no cap)."""
     set_rank(model, 16)
+    if ARGS.device == "cpu" and tiling_on():  # the CPU's short sequences stand in for long ones: tiled from 1024
+        use_tiled_mlp(model, above=1024 * cfg.intermediate_size, chunk=256 * cfg.intermediate_size)
     probes = [256, 1024] if ARGS.device == "cpu" else [8192, 32768]
     times = []
     for n in probes:
@@ -576,7 +614,8 @@ def replay(path: str) -> None:
         cfg.num_hidden_layers = r["layers"]
         est = plan.estimate(cfg, r["seq"], r["batch"], r["rank"], r["optim"], offload=r["offload"],
                             embed_offload=r.get("embed_offload", False), lora_dtype=r.get("lora_dtype", "fp32"),
-                            page_budget=r.get("page_budget"), first_step=len(r["seqs"]) == 1)
+                            page_budget=r.get("page_budget"), first_step=len(r["seqs"]) == 1,
+                            mlp_tiling=r.get("mlp_chunk_tokens", 0) > 0)  # (rows from before tiling: untiled)
         p = est["peak"] / GiB
         print(f"| {r['row']} | {r['shape']} | {r['seq']} x {r['batch']} | {r['rank']} ({r.get('lora_dtype', 'fp32')}) | "
               f"{r['optim']} | {'yes' if r['offload'] else 'no'} | {r['cap_gib'] or '-'} | {r['status']} | "
@@ -594,6 +633,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=510, help="seconds for the whole script (default 510)")
     ap.add_argument("--long-tokens", type=int, default=204800, help="tokens of the long row (default 204800)")
     ap.add_argument("--long-search", action="store_true", help="binary-search the longest sequence (slow)")
+    ap.add_argument("--mlp-tiling", default="on", choices=["on", "off"],
+                    help="on (default): long sequences run the MLP tiled, as qlora train does; off: never (to compare)")
     ap.add_argument("--cpu", action="store_true", help="run tiny shapes on the CPU (checks the script)")
     ap.add_argument("--small-shape", default="smollm2-135m", help="shape for --cpu (default smollm2-135m)")
     ap.add_argument("--cpu-seq", type=int, default=128)

@@ -4,7 +4,10 @@ the instance — no subclassing — and, for RoPE, the modeling module's ``apply
 (which falls back to the original wherever the kernel does not apply, e.g. on a CPU). The kernels
 compute what the modules compute (RMSNorm in fp32, cast back, times the weight;
 ``down(silu(gate(x)) * up(x))``), and each call falls back to the torch reference when the kernels
-are unavailable (CPU, no Triton, ``QLORA_KERNELS=0``)."""
+are unavailable (CPU, no Triton, ``QLORA_KERNELS=0``).
+
+:func:`use_tiled_mlp` routes the same MLP modules through :func:`qlora.tiled.mlp_forward`, which runs
+their forward (fused or not) over chunks of the tokens when a call is long (see qlora.tiled)."""
 from __future__ import annotations
 
 import weakref
@@ -13,6 +16,7 @@ import torch.nn as nn
 
 from .compat import modeling_function, set_modeling_function
 from .settings import switches
+from .tiled import CHUNK_ELEMENTS, TILE_ABOVE, check_tiling, mlp_forward
 
 # norms of the form weight * normalize(x) (Gemma's 1 + weight differs: left alone)
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
@@ -89,7 +93,51 @@ def use_fused_kernels(model: nn.Module) -> dict:
         if name in _NORMS and hasattr(m, "variance_epsilon"):
             m.forward = _Forward(_norm_forward, m)
             n["rmsnorm"] += 1
-        elif name.endswith("MLP") and act == "silu" and all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj")):
-            m.forward = _Forward(_mlp_forward, m)
+        elif _is_mlp(m) and act == "silu":
+            _set_mlp_forward(m, _mlp_forward)
             n["swiglu_mlp"] += 1
     return n
+
+
+def _is_mlp(m: nn.Module) -> bool:
+    """A per-token gated MLP (Llama's ``down(act(gate(x)) * up(x))`` and its kin)."""
+    return type(m).__name__.endswith("MLP") and all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _set_mlp_forward(m: nn.Module, fn) -> None:
+    """Make ``fn(m, x)`` the MLP's forward; for a tiled MLP, the forward it runs per chunk."""
+    if "_qlora_mlp_inner" in m.__dict__:
+        m._qlora_mlp_inner = fn
+    else:
+        m.forward = _Forward(fn, m)
+
+
+def _tiled_mlp_forward(self, x):
+    above, chunk = self._qlora_tiling
+    return mlp_forward(self, self._qlora_mlp_inner, x, above, chunk)
+
+
+def use_tiled_mlp(model: nn.Module, above: int = TILE_ABOVE, chunk: int = CHUNK_ELEMENTS) -> int:
+    """Route each per-token MLP of ``model`` through the sequence-tiled MLP (qlora.tiled): a call on more
+    than ``above`` tokens x intermediate size runs over chunks of about ``chunk`` of them; any other call
+    runs the MLP's forward as it was (the fused kernels' if :func:`use_fused_kernels` ran, before or
+    after). Calling again changes the thresholds (tests force tiling with small ones). Returns how many
+    MLPs were routed."""
+    check_tiling(above, chunk)
+    n = 0
+    for m in model.modules():
+        if not (_is_mlp(m) and hasattr(m.up_proj, "out_features") and hasattr(m.down_proj, "out_features")):
+            continue  # (tiling reads the intermediate and output sizes from them)
+        if "_qlora_mlp_inner" not in m.__dict__:
+            current = m.__dict__.get("forward")
+            # a plain function, not a bound method: stored on its module, a bound method is a reference cycle
+            m._qlora_mlp_inner = current.fn if isinstance(current, _Forward) else type(m).forward
+            m.forward = _Forward(_tiled_mlp_forward, m)
+        m._qlora_tiling = (above, chunk)
+        n += 1
+    return n
+
+
+def tiled_calls(model: nn.Module) -> int:
+    """How many MLP calls of ``model`` ran tiled so far (eager calls; for benchmarks and tests)."""
+    return sum(getattr(m, "_qlora_tiled_calls", 0) for m in model.modules())

@@ -98,6 +98,19 @@ def keyed_dropout(model: nn.Module, key: torch.Tensor | None):
         return
     for i, m in enumerate(m for m in model.modules() if isinstance(m, LoraDropout)):
         m.salt = i + 1
+    with dropout_key_as(key):
+        yield
+
+
+def current_dropout_key() -> torch.Tensor | None:
+    """The key of the active :func:`keyed_dropout` context (None outside one)."""
+    return _DROPOUT_KEY[0]
+
+
+@contextlib.contextmanager
+def dropout_key_as(key: torch.Tensor | None):
+    """Within this context keyed LoRA dropout draws from ``key`` (the layers' salts stay as
+    :func:`keyed_dropout` set them): a tiled MLP gives each chunk a key of its own (qlora.tiled)."""
     prev, _DROPOUT_KEY[0] = _DROPOUT_KEY[0], key
     try:
         yield
@@ -625,6 +638,29 @@ def row_kernels():
         yield
     finally:
         _ROW_KERNELS[0] -= 1
+
+
+def adapter_factors(module: nn.Module) -> tuple[list["QLoRALinear"], list[torch.Tensor]]:
+    """The QLoRA layers of ``module`` whose adapter is active and the LoRA factors each would use now, in
+    its compute dtype: ``(layers, [A0, B0, A1, B1, ...])`` (views of one cast under :class:`lora_cast`,
+    else fresh casts, or the parameters themselves when no cast is needed)."""
+    layers = [m for m in module.modules() if isinstance(m, QLoRALinear) and m.r > 0 and not m.disable_adapter]
+    return layers, [t for m in layers for t in m._lora_factors()]
+
+
+@contextlib.contextmanager
+def lora_factors_as(layers: list["QLoRALinear"], factors: list[torch.Tensor]):
+    """Inside: each of ``layers`` uses the given compute-dtype factors ``[A0, B0, A1, B1, ...]`` (forward,
+    with or without gradients), as :func:`adapter_factors` lists them. A tiled MLP (qlora.tiled) passes
+    leaves of its own chunk graph, so their gradients come back to it instead of to the parameters."""
+    before = [(m._lora_c, m._lora_c_grad) for m in layers]
+    for i, m in enumerate(layers):
+        m._lora_c, m._lora_c_grad = (factors[2 * i], factors[2 * i + 1]), True
+    try:
+        yield
+    finally:
+        for m, (c, g) in zip(layers, before):
+            m._lora_c, m._lora_c_grad = c, g
 
 
 class lora_cast:

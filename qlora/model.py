@@ -319,9 +319,10 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
         model.get_submodule(mod_name).bias = b.to(device, parse_dtype(quant.compute_dtype))
     _finish(model, config, device, dtype)
     freeze_base(model)
+    from .fast import use_fused_kernels, use_tiled_mlp
     if device.type == "cuda":  # fused RMSNorm / SwiGLU (each call falls back when QLORA_KERNELS=0)
-        from .fast import use_fused_kernels
         use_fused_kernels(model)
+    use_tiled_mlp(model)  # long sequences: the MLP over chunks of tokens (a no-op for shorter ones)
     model.qlora_unused_tensors = unused
     return model
 

@@ -22,7 +22,8 @@ principles, in bytes, from the model's config only (a skeleton on the ``meta`` d
   hidden states, RoPE tables); and the peak inside the one block being recomputed and
   back-propagated, ``N*(a_h*H + a_i*I)`` bytes. The per-token constants in :data:`ACT` come from
   counting the tensors alive at that moment (HF decoder block, QLoRA linear, SDPA) and were then
-  calibrated against ``max_memory_allocated`` on an H100 (``bench/memory.py``, docs/memory.md).
+  calibrated against ``max_memory_allocated`` on an H100 (``bench/memory.py``, docs/memory.md). Long
+  micro-batches run the MLP over chunks of tokens (qlora.tiled): their ``a_i*I`` term counts one chunk.
 * **workspace**: the dequantized 16-bit copy of the largest block weight (alive during its matmul),
   the chunked loss (``rows*V*12`` bytes for one chunk of logits, ``rows = 2^24 // V``), the
   gradient of the hidden states, the optimizer's per-chunk temporaries, cuBLAS workspace.
@@ -100,6 +101,18 @@ ACT = {
     # the loss backward: final norm (fp32) input and its backward, the loss' hidden states and gradient
     "tail_h": 16.0,
 }
+# Sequence-tiled MLP (qlora.tiled; long micro-batches, see tiled_rows): the block keeps no I-sized tensor for the
+# whole sequence, only for one chunk of ``rows`` tokens. Counted from first principles (not yet measured; to be
+# calibrated on a GPU with bench/memory.py's "long" row), at the two candidates for the block's backward peak:
+# * the tiled MLP's backward: the attention part's saved tensors, the MLP input (saved by the node), the norm
+#   input, the block's output gradient and the MLP input's gradient (one 2H buffer filled chunk by chunk), plus
+#   one chunk's recomputed MLP and its backward. Untiled, the same moment holds the same H-sized tensors but two
+#   input gradients (gate's and up's) and their sum instead of one buffer: no more H-terms than block_h measured;
+# * the attention's backward (after the MLP's): its saved tensors, the output and q/k/v gradients and SDPA's
+#   transients (dq in fp32, GQA's per-head dk/dv): about 23H for Llama-3-8B, under block_h as well.
+# So a tiled block is modelled as N * block_h * H (an upper bound) plus rows * block_i * I for the chunk; a kept
+# (not checkpointed) block saves N * saved_h * H (no I-terms: the MLP saves only its input) and LoRA dropout's
+# unfused copies lose their I-term (the MLP's are per chunk).
 CE_BYTES_PER_LOGIT = 32        # one chunk of logits: fwd and bwd temporaries (measured; 16-bit + fp32 copies)
 CE_CHUNK_ELEMENTS = 1 << 24    # as qlora.kernels.loss.CHUNK_ELEMENTS
 DEQUANT_AT_PEAK = 0.4          # share of the largest dequantized weight alive at the block's peak (measured)
@@ -269,7 +282,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
              target: str = "all-linear", dropout: float = 0.0, grad_checkpointing: bool = True,
              offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
              page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
-             counts: dict | None = None, fused_dropout: bool | None = None, keep_blocks: int = 0) -> dict:
+             counts: dict | None = None, fused_dropout: bool | None = None, keep_blocks: int = 0,
+             mlp_tiling: bool = True) -> dict:
     """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
 
     Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
@@ -285,7 +299,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     LoRA dropout runs inside the LoRA products (``qlora train`` on a GPU with 16-bit compute) and keeps
     no dropped copy of each input; False: it does (CPU, fp32 compute); None: fused unless
     ``QLORA_FUSED_DROPOUT=0``. ``keep_blocks``: with checkpointing, the last K blocks keep all their
-    activations (no recompute; :func:`activation_model`).
+    activations (no recompute; :func:`activation_model`). ``mlp_tiling``: long micro-batches run the MLP
+    over chunks of tokens, as ``qlora train`` does (:func:`tiled_rows`); False: never (the untiled model).
     """
     for name, v in (("seq", seq), ("batch", batch)):
         if not is_int(v) or v < 1:
@@ -308,7 +323,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     # alive in the block, and the router keeps its logits and fp32 probabilities
     routed = n_tok * (c.get("routed_k", 0) * 4 * h + c.get("experts", 0) * 6)
     act = activation_model(c, n_tok, L if not grad_checkpointing else keep_blocks, offload,
-                           unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout, routed=routed)
+                           unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout, routed=routed,
+                           tile=mlp_tiling)
     keep_blocks, offload, saved_all, block = act["keep"], act["offload"], act["saved"], act["one_block"]
     tail = int(n_tok * h * ACT["tail_h"])
     host_act = act["host"] + (n_tok * h * 6 if offload else 0)  # the tail's saved tensors (they come back for
@@ -347,18 +363,28 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     comps = {k: int(b) for k, b in comps.items()}
     return dict(peak=sum(comps.values()), phase=phase, components=comps,
                 details=dict(tokens=n_tok, saved_block_inputs=saved_all, saved_outside_blocks=tail + rope,
-                             one_block=block, dequantized_weight=dequant, loss_chunk=ce,
+                             one_block=block, mlp_chunk_tokens=act["tile_rows"], dequantized_weight=dequant,
+                             loss_chunk=ce,
                              lora_parameters=sum(c["lora_numels"]), quantized_parameters=c["quantized_params"],
                              optimizer_states_total=states),
                 host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb),
                 settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
                               dropout=dropout, grad_checkpointing=grad_checkpointing, offload=offload,
-                              keep_blocks=keep_blocks,
+                              keep_blocks=keep_blocks, mlp_tiled=bool(act["tile_rows"]),
                               embed_offload=bool(host_emb), lora_dtype=lora_dtype))
 
 
+def tiled_rows(c: dict, n_tok: int) -> int:
+    """Tokens per chunk of the sequence-tiled MLP on micro-batches of ``n_tok`` tokens (qlora.tiled's rule),
+    0 when untiled. Dense models only: a mixture of experts is modelled untiled."""
+    if c.get("experts"):
+        return 0
+    from .tiled import tile_rows
+    return min(n_tok, tile_rows(n_tok, c["intermediate"]))
+
+
 def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False,
-                     routed: int = 0) -> dict:
+                     routed: int = 0, tile: bool = True) -> dict:
     """Activation bytes of a step whose last ``keep`` blocks keep all their activations (no recompute)
     and whose other ``L - keep`` blocks are checkpointed (their inputs, ``N*H*2`` bytes each, in pinned
     host memory with ``offload``). ``keep = L`` is no checkpointing at all.
@@ -370,17 +396,22 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
     gradients, transient)`` at the candidates for the peak of the backward through the blocks, the
     block processed first (the last, kept), the first checkpointed one (the kept ones freed) and block 0.
     ``routed``: a mixture-of-experts block's extra transient bytes (its routed copies, the router's outputs).
+    ``tile``: model the sequence-tiled MLP where the runtime tiles (:func:`tiled_rows`; the comment at
+    :data:`ACT`); ``tile_rows`` in the result is its chunk (0: untiled).
     """
     L, h, i = c["layers"], c["hidden"], c["intermediate"]
     if not is_int(keep) or not 0 <= keep <= L:
         raise QLoraError(f"blocks kept without recompute must be in [0, {L}], got {keep!r}")
     offload = bool(offload) and keep < L          # (offload without checkpointing is not modelled)
-    kept = n_tok * (ACT["saved_h"] * h + ACT["saved_i"] * i)
+    rows = tiled_rows(c, n_tok) if tile else 0
+    per_i = 0 if rows else n_tok                  # tokens whose MLP intermediates are alive at once, per term
+    chunk = rows * ACT["block_i"] * i             # a tiled MLP's chunk (its recompute and backward)
+    kept = n_tok * ACT["saved_h"] * h + per_i * ACT["saved_i"] * i
     inp = 0 if offload else n_tok * h * 2         # a checkpointed block's input
-    ckpt = n_tok * (ACT["block_h"] * h + ACT["block_i"] * i) + (2 * n_tok * h * 2 if offload else 0)
+    ckpt = n_tok * ACT["block_h"] * h + per_i * ACT["block_i"] * i + chunk + (2 * n_tok * h * 2 if offload else 0)
     # (offload: the input being used + the next one prefetched)
-    nockpt = n_tok * (ACT["nockpt_block_h"] * h + ACT["nockpt_block_i"] * i)
-    drop = n_tok * (ACT["dropout_h"] * h + ACT["dropout_i"] * i) * max(keep, 1) if unfused_dropout else 0
+    nockpt = n_tok * ACT["nockpt_block_h"] * h + per_i * ACT["nockpt_block_i"] * i + chunk
+    drop = (n_tok * ACT["dropout_h"] * h + per_i * ACT["dropout_i"] * i) * max(keep, 1) if unfused_dropout else 0
     drop += routed
     saved = int(keep * kept + (L - keep) * inp)
     moments = []
@@ -390,7 +421,7 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
         moments.append((saved // L, L, int(nockpt + drop)))
     else:
         moments += [(int((L - keep) * inp), keep + 1, int(ckpt + drop)), (int(inp), L, int(ckpt + drop))]
-    return dict(keep=keep, offload=offload, saved=saved, moments=moments,
+    return dict(keep=keep, offload=offload, saved=saved, moments=moments, tile_rows=rows,
                 one_block=int((nockpt if keep == L else ckpt) + drop),
                 host=int((L - keep) * n_tok * h * 2) if offload else 0)
 
@@ -591,6 +622,7 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
         if host["optimizer_states"] else "",
         "activations": (f"saved by the blocks {_gib(d['saved_block_inputs'])}, outside blocks "
                         f"{_gib(d['saved_outside_blocks'])}, one block {_gib(d['one_block'])}"
+                        + (f" (MLP tiled, {d['mlp_chunk_tokens']} tokens a chunk)" if d.get("mlp_chunk_tokens") else "")
                         + (f"; {_gib(host['activations'])} offloaded to CPU" if host["activations"] else "")),
         "frozen_16bit": f"input embeddings in CPU memory ({_gib(host['embeddings'])})" if host["embeddings"] else "",
         "workspace": f"dequantized weight {_gib(d['dequantized_weight'])}, loss chunk {_gib(d['loss_chunk'])}",

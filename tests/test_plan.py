@@ -102,6 +102,34 @@ def test_activation_terms_follow_their_formulas():
         assert sum(est["components"].values()) == est["peak"]
 
 
+def test_tiled_mlp_terms():
+    """Long micro-batches: the MLP's I-sized tensors are modelled for one chunk, not for every token; shorter
+    ones are estimated as before. Issue 29: 8B at 409,600 tokens (batch 1, r 16, offload) fits 80 GB."""
+    from qlora.tiled import CHUNK_ELEMENTS, tile_rows
+    cfg = plan.shape_config("llama-3.1-8b")
+    H, I = 4096, 14336
+    kw = dict(rank=16, dropout=0.0, offload=True, gpu_mem=80 * 10 ** 9)
+    for n in (4096, 16384):  # untiled: the same estimate with tiling modelled or not
+        assert tile_rows(n, I) == 0
+        assert plan.estimate(cfg, n, 1, **kw) == plan.estimate(cfg, n, 1, mlp_tiling=False, **kw)
+    n = 409600
+    tiled, untiled = plan.estimate(cfg, n, 1, **kw), plan.estimate(cfg, n, 1, mlp_tiling=False, **kw)
+    rows = CHUNK_ELEMENTS // I
+    assert tiled["details"]["mlp_chunk_tokens"] == rows and untiled["details"]["mlp_chunk_tokens"] == 0
+    assert untiled["details"]["one_block"] - tiled["details"]["one_block"] == pytest.approx(
+        (n - rows) * plan.ACT["block_i"] * I, abs=2)
+    assert plan.fits(tiled, 80 * 10 ** 9) and not plan.fits(untiled, 80 * 10 ** 9)
+    assert tiled["settings"]["mlp_tiled"] and not untiled["settings"]["mlp_tiled"]
+    assert plan.max_fit(cfg, 80 * 10 ** 9, batch=1, rank=16, dropout=0.0, offload=True) >= 400_000
+    # a block kept without recompute saves no I-sized tensor when tiled
+    c = plan.counts_for(cfg, rank=16)
+    kept = plan.activation_model(c, n, 32, offload=False)
+    assert kept["saved"] == pytest.approx(32 * n * plan.ACT["saved_h"] * H, abs=32)
+    # a mixture of experts is modelled untiled
+    moe = plan.counts_for(plan.shape_config("mixtral-8x7b"), rank=16)
+    assert plan.tiled_rows(moe, n) == 0
+
+
 def test_max_fit_is_the_edge_of_fitting():
     cfg = plan.shape_config("llama-3.2-1b")
     kw = dict(rank=16, optim="paged_adamw8bit")
