@@ -231,3 +231,35 @@ def test_bad_thresholds_are_refused():
             use_tiled_mlp(model, above=bad)
         with pytest.raises(QLoraError, match="MLP tiling"):
             use_tiled_mlp(model, chunk=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_tiled_equals_untiled_on_cuda_with_the_fused_kernels(dtype):
+    """On a GPU (fused SwiGLU and norm kernels, keyed dropout off, checkpointing with offload): the tiled MLP
+    gives the untiled loss and LoRA gradients (fp32 to 1e-4; bf16 to its rounding)."""
+    m = build_random(_config(), QuantSettings(quant_type="nf4", compute_dtype=dtype), LoraSettings(r=4, alpha=8,
+                     dropout=0.0), "cuda", dtype, progress=False)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).to(p) * 0.05)
+    m.train()
+    assert use_fused_kernels(m)["swiglu_mlp"] == 2
+    off = enable_checkpointing(m, offload=True)
+    batch = {k: v.cuda() for k, v in _batch().items()}
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        with off.hooks(), lora_cast(m):
+            loss = loss_sum(m, batch, "cuda")
+            loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in m.named_parameters() if p.requires_grad}
+    ref = run()
+    _force(m)
+    got = run()
+    assert tiled_calls(m) > 0
+    tol = 1e-4 if dtype == "fp32" else 2e-2
+    torch.testing.assert_close(got[0], ref[0], rtol=tol, atol=0)
+    for n, g in ref[1].items():
+        assert ((got[1][n] - g).norm() / g.norm()) < tol * 5, n
