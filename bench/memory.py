@@ -633,6 +633,10 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=510, help="seconds for the whole script (default 510)")
     ap.add_argument("--long-tokens", type=int, default=204800, help="tokens of the long row (default 204800)")
     ap.add_argument("--long-search", action="store_true", help="binary-search the longest sequence (slow)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="blocks of the 8B shape for the 8b/spike/long rows (default all 32): a step at 400k tokens "
+                         "takes ~10 min with 32; fewer blocks check the same per-block peak in a quarter of it "
+                         "(the plan predicts each row for the blocks it has)")
     ap.add_argument("--mlp-tiling", default="on", choices=["on", "off"],
                     help="on (default): long sequences run the MLP tiled, as qlora train does; off: never (to compare)")
     ap.add_argument("--cpu", action="store_true", help="run tiny shapes on the CPU (checks the script)")
@@ -683,7 +687,7 @@ def main(argv=None) -> int:
                 if shared is None:
                     small = ARGS.device == "cpu"
                     cfg, model, built = build(ARGS.small_shape if small else "llama-3.1-8b", rank=16,
-                                              layers=2 if small else None)
+                                              layers=2 if small else ARGS.layers)
                     log(build_row("8b_build", cfg, model, built))
                     BUILD_S["8b"] = built
                     shared = (cfg, model)
