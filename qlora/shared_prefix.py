@@ -35,6 +35,16 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+def common_prefix_len(a, b) -> int:
+    """Number of leading ids two id lists share (the data's count, before any batch)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def usable(model) -> bool:
     """Whether the model's attention takes a custom 4D mask (sdpa and eager do; flash-attention kernels
     take none)."""

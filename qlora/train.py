@@ -244,6 +244,18 @@ def _step_with_retry(run_step, optimizer, device, log):
             log("out of GPU memory in this step: moved the optimizer state to CPU memory, running the step again")
 
 
+def _shared_prompt_note(cfg, stats: dict) -> str:
+    """The data line's note on --share-prompt (pairs only): how many of the pairs' tokens it runs once."""
+    shared = stats.get("shared_prompt_tokens")
+    if shared is None or not stats.get("tokens"):
+        return ""
+    if not cfg.share_prompt:
+        return "; --share-prompt false: every sequence runs whole"
+    from .shared_prefix import MIN_SAVED
+    return (f"; shared prompts: {shared} of {stats['tokens']} tokens ({shared / stats['tokens']:.0%}) run once per pair "
+            f"(a batch saving under {MIN_SAVED:.1%} runs whole)")
+
+
 class MicroStep:
     """``step(batch, scale) -> detached loss``: forward and backward of one micro-batch, the loss sum
     times ``scale`` (1 / the step's trained tokens; a 0-dim device tensor when a CUDA graph captures
@@ -687,7 +699,8 @@ class Run:
                  + validation.describe(validation.parse_split(cfg.val_split), len(self.records[0]), len(val),
                                        cfg.val_data)
                  + (f"; {stats['documents']} documents, {stats['tokens']} tokens in {stats['windows']} "
-                    f"{'rows' if cfg.packing else 'windows'} of up to {cfg.max_length}" if "windows" in stats else ""))
+                    f"{'rows' if cfg.packing else 'windows'} of up to {cfg.max_length}" if "windows" in stats else "")
+                 + _shared_prompt_note(cfg, stats))
         from .fitcheck import Watch
         self.watch = Watch(cfg, self.out, self.log, self.dist.main)  # fit warnings, early stop
         self.validator = validation.Validator(cfg, val_recs, val_fmt, sft=self.method.name == "sft"

@@ -4,6 +4,7 @@ test_preference.py) recomputed on the same batches, exact resume (live and preco
 settings and records refused in one line before the model loads, the flags in --help; and the DPO demo's
 data and scoring (not the demo run itself: minutes)."""
 import json
+import re
 import math
 import shutil
 
@@ -62,7 +63,9 @@ def quiet(m):
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_loss_falls_and_the_preference_is_learned(d, tmp_path, method):
-    s = train(cfg(d, tmp_path / "r", method=method, max_steps=6, grad_accum=2, lr=1e-2, save_every=0), log=quiet)
+    logs = []
+    s = train(cfg(d, tmp_path / "r", method=method, max_steps=6, grad_accum=2, lr=1e-2, save_every=0), log=logs.append)
+    assert any(re.search(r"shared prompts: [1-9]\d* of \d+ tokens \(\d+%\) run once", m) for m in logs), logs
     r = rows(tmp_path / "r")
     losses = [x["loss"] for x in r]
     assert len(losses) == 6 and sum(losses[-3:]) / 3 < losses[0] * 0.9, losses
