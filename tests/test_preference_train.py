@@ -4,8 +4,8 @@ test_preference.py) recomputed on the same batches, exact resume (live and preco
 settings and records refused in one line before the model loads, the flags in --help; and the DPO demo's
 data and scoring (not the demo run itself: minutes)."""
 import json
-import re
 import math
+import re
 import shutil
 
 import pytest
