@@ -88,10 +88,12 @@ def sequence_logps(model, batch: dict, device=None, share_prompt: bool = False) 
     (:mod:`qlora.shared_prefix`)."""
     device = device if device is not None else batch["input_ids"].device
     if share_prompt and shared_prefix.usable(model):
-        dtype = model.get_input_embeddings().weight.dtype
-        packed = shared_prefix.pack(batch, shared_prefix.mask_dtype(model, dtype))
-        if packed is not None:
-            return packed_logps(model, packed, device)
+        dtype = shared_prefix.mask_dtype(model, model.get_input_embeddings().weight.dtype)
+        key = f"_packed_{dtype}"  # DPO's policy and reference passes share one packing of the batch
+        if key not in batch:
+            batch[key] = shared_prefix.pack(batch, dtype)
+        if batch[key] is not None:
+            return packed_logps(model, batch[key], device)
     return row_logps(model, batch, device, [answer_mask(batch)])[0]
 
 
