@@ -9,8 +9,9 @@ Rows (``--rows``), each in its own subprocess so that each peak of ``torch.cuda.
 
 * ``ours``     DPO (sigmoid loss) through qlora's training path (:class:`qlora.train.Run`: ``train_step`` ->
                ``MicroStep`` -> :class:`qlora.methods.Preference`), reference = the same model with LoRA off,
-               computed in the step, each pair's shared prompt run once (``--share-prompt``, the default);
-               ``ours-whole``: the same with every sequence run whole (``--share-prompt false``, what TRL does);
+               computed in the step, with qlora train's default ``--share-prompt auto``; ``ours-shared``:
+               each pair's shared prompt run once (``--share-prompt true``; auto does not on CUDA);
+               ``ours-whole``: every sequence run whole (``--share-prompt false``, what TRL does);
                ``ours-pre`` (with ``--precompute-ref``): reference log-probs computed once
                before the first step (not in the step time; its seconds are reported as ``ref_precompute_s``).
 * ``sft``      our SFT step on the same tokens (each pair's two sequences as SFT rows, loss on the answers),
@@ -212,7 +213,7 @@ def run_ours(a, row: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"dpo_speed_{row}_")) / "run"
     # model=None: the model is given to the run (its log line then names the embedded default model)
     cfg = TrainConfig(data="synthetic", method=method, beta=a.beta, loss="sigmoid", precompute_ref=row == "ours-pre",
-                      share_prompt=row != "ours-whole",
+                      share_prompt={"ours-whole": "false", "ours-shared": "true"}.get(row, "auto"),
                       model=None, rank=a.rank, alpha=16.0, dropout=0.0, lr=2e-4, max_grad_norm=0.3,
                       warmup_ratio=0.0, optim="adamw" if a.small else "paged_adamw", compute_dtype=dtype,
                       batch_size=a.pairs * (2 if method == "sft" else 1), grad_accum=1, max_steps=a.steps,
@@ -422,7 +423,8 @@ def parse(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", default="ours,sft,trl", help="comma list of ours, ours-whole, ours-pre, sft, trl")
+    ap.add_argument("--rows", default="ours,sft,trl", help="comma list of ours, ours-shared, ours-whole, ours-pre, sft, "
+                    "trl")
     ap.add_argument("--precompute-ref", action="store_true", help="also the row ours-pre (reference log-probs "
                     "precomputed before training)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="our SFT row without CUDA graphs")
@@ -458,9 +460,9 @@ def main(argv=None) -> int:
     rows = [r for r in a.rows.split(",") if r]
     if a.precompute_ref and "ours-pre" not in rows:
         rows.insert(rows.index("ours") + 1 if "ours" in rows else 0, "ours-pre")
-    unknown = set(rows) - {"ours", "ours-whole", "ours-pre", "sft", "trl"}
+    unknown = set(rows) - {"ours", "ours-shared", "ours-whole", "ours-pre", "sft", "trl"}
     if unknown:
-        raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))} (choose from ours, ours-whole, ours-pre, sft, trl)")
+        raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))} (choose from ours, ours-shared, ours-whole, ours-pre, sft, trl)")
     if "trl" in rows:
         write_hf(a, a.model_dir)
     results = []

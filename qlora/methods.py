@@ -135,7 +135,7 @@ def method_for(cfg):
     if cfg.method == "sft":
         return SFT()
     from .preference import DPO, ORPO
-    share = getattr(cfg, "share_prompt", True)
+    share = getattr(cfg, "share_prompt", "auto")  # (resolved per device: qlora.shared_prefix.wanted)
     if cfg.method == "dpo":
         return Preference(DPO(beta=cfg.beta, loss_type=cfg.loss, sft_weight=cfg.sft_weight, share_prompt=share))
     if cfg.method == "orpo":

@@ -82,12 +82,12 @@ def answer_mask(batch: dict) -> torch.Tensor:
     return batch["labels"][:, 1:] != IGNORE
 
 
-def sequence_logps(model, batch: dict, device=None, share_prompt: bool = False) -> torch.Tensor:
-    """Sum of the answer tokens' log-probs of every row, fp32 [2B] (chosen rows first). ``share_prompt``: where
-    the attention takes a mask and it saves enough, each pair's shared prompt runs once
-    (:mod:`qlora.shared_prefix`)."""
+def sequence_logps(model, batch: dict, device=None, share_prompt: bool | str = False) -> torch.Tensor:
+    """Sum of the answer tokens' log-probs of every row, fp32 [2B] (chosen rows first). ``share_prompt`` (True,
+    False or "auto": :func:`qlora.shared_prefix.wanted`): where the attention takes a mask and it saves enough,
+    each pair's shared prompt runs once (:mod:`qlora.shared_prefix`)."""
     device = device if device is not None else batch["input_ids"].device
-    if share_prompt and shared_prefix.usable(model):
+    if shared_prefix.wanted(share_prompt, device) and shared_prefix.usable(model):
         dtype = shared_prefix.mask_dtype(model, model.get_input_embeddings().weight.dtype)
         key = f"_packed_{dtype}"  # DPO's policy and reference passes share one packing of the batch
         if key not in batch:
@@ -164,7 +164,7 @@ class DPO:
     name = "dpo"
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 ref_logps: torch.Tensor | None = None, sft_weight: float = 0.0, share_prompt: bool = False):
+                 ref_logps: torch.Tensor | None = None, sft_weight: float = 0.0, share_prompt: bool | str = False):
         if isinstance(sft_weight, bool) or not isinstance(sft_weight, (int, float)) or not math.isfinite(sft_weight) \
                 or sft_weight < 0:
             raise QLoraError(f"--sft-weight must be a number >= 0, got {sft_weight!r}")
@@ -175,7 +175,7 @@ class DPO:
             raise QLoraError(f"label smoothing must be in [0, 0.5) and used with the sigmoid loss only, "
                              f"got {label_smoothing} with {loss_type}")
         self.beta, self.loss_type, self.label_smoothing = _check_beta(beta), loss_type, float(label_smoothing)
-        self.ref_logps, self.share_prompt = ref_logps, bool(share_prompt)
+        self.ref_logps, self.share_prompt = ref_logps, share_prompt  # (True, False or "auto")
 
     def reference(self, model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of the batch's chosen and rejected answers, [B] each."""
@@ -206,9 +206,9 @@ class ORPO:
     chosen answer only, like our SFT loss."""
     name = "orpo"
 
-    def __init__(self, beta: float = 0.1, nll_on_prompt: bool = False, share_prompt: bool = False):
+    def __init__(self, beta: float = 0.1, nll_on_prompt: bool = False, share_prompt: bool | str = False):
         self.beta, self.nll_on_prompt = _check_beta(beta), bool(nll_on_prompt)
-        self.share_prompt = bool(share_prompt)
+        self.share_prompt = share_prompt  # (True, False or "auto")
 
     def loss(self, model, batch: dict, device) -> tuple[torch.Tensor, dict]:
         mask = answer_mask(batch)
@@ -235,7 +235,7 @@ class ORPO:
 
 # ------------------------------------------------------------------- precomputed reference
 @torch.no_grad()
-def precompute_reference(model, batches, device, share_prompt: bool = False) -> torch.Tensor:
+def precompute_reference(model, batches, device, share_prompt: bool | str = False) -> torch.Tensor:
     """Reference log-probs of every pair, [N, 2] fp32 (chosen, rejected) with row i for ``batches.pairs[i]``:
     one pass of the adapter-free model over one epoch of ``batches`` (a :class:`PairBatches`)."""
     out = torch.full((len(batches.pairs), 2), float("nan"), dtype=torch.float32)

@@ -14,7 +14,8 @@ they share). :func:`pack` lays pair ``b`` out as one row ``chosen + rejected[P:]
 Every hidden state is then the one the unpacked sequence computes (same tokens, positions and context), so
 the log-probs equal those of two separate rows up to float rounding, from ``P`` fewer tokens per pair: for
 typical preference data (a long prompt, two short answers) most of the second sequence. The cost is the mask:
-SDPA leaves its flash kernel for the one that takes a mask, and the mask holds ``B * S * S`` bytes.
+SDPA leaves its flash kernel for the one that takes a mask (on a GPU that made the step slower than running
+the sequences whole, so ``auto`` packs only off CUDA: :func:`wanted`), and the mask holds ``B * S * S`` bytes.
 """
 from __future__ import annotations
 
@@ -43,6 +44,17 @@ def common_prefix_len(a, b) -> int:
             break
         n += 1
     return n
+
+
+def wanted(setting, device) -> bool:
+    """Whether ``--share-prompt`` (True, False, "true", "false" or "auto") packs pairs on ``device``. auto: not on a CUDA
+    device, where SDPA then leaves its flash kernel for the masked one and the step got slower than running
+    both sequences whole (H100, 8B, seq 1024 with a half-length prompt: 0.73 s against 0.52 s; BENCHMARKS.md),
+    though it needed less memory."""
+    setting = {"true": True, "false": False}.get(str(setting).lower(), setting)
+    if setting == "auto":
+        return torch.device(device).type != "cuda"
+    return bool(setting)
 
 
 def usable(model) -> bool:

@@ -93,10 +93,11 @@ class TrainConfig:
     precompute_ref: bool = opt(False, "DPO: compute the reference log-probs (model with LoRA off) once per pair before "
                                "training and keep them in OUT/ref_logps.safetensors, instead of one extra forward "
                                "pass per micro-batch", group="preference")
-    share_prompt: bool = opt(True, "DPO/ORPO: run the prompt a pair's two answers share once, the rejected answer "
-                             "attending to it through a mask (same log-probs, fewer tokens; used where it saves at "
-                             "least an eighth of a batch's tokens and the attention is sdpa or eager)",
-                             group="preference")
+    share_prompt: str = opt("auto", "DPO/ORPO: run the prompt a pair's two answers share once, the rejected answer "
+                            "attending to it through a mask (same log-probs, fewer tokens, less memory; used where it "
+                            "saves at least an eighth of a batch's tokens and the attention is sdpa or eager). auto: "
+                            "off on CUDA, where SDPA's masked kernel made the step slower than the flash kernel on "
+                            "whole sequences; on elsewhere", ["auto", "true", "false"], group="preference")
     # model
     model: str | None = opt(None, "base model: HF dir, GGUF file, 4-bit checkpoint or Hub id org/name[@revision] (default: embedded "
                                   "SmolLM2-135M-Instruct); "
@@ -244,14 +245,15 @@ def _step_with_retry(run_step, optimizer, device, log):
             log("out of GPU memory in this step: moved the optimizer state to CPU memory, running the step again")
 
 
-def _shared_prompt_note(cfg, stats: dict) -> str:
+def _shared_prompt_note(cfg, device, stats: dict) -> str:
     """The data line's note on --share-prompt (pairs only): how many of the pairs' tokens it runs once."""
+    from .shared_prefix import MIN_SAVED, wanted
     shared = stats.get("shared_prompt_tokens")
     if shared is None or not stats.get("tokens"):
         return ""
-    if not cfg.share_prompt:
-        return "; --share-prompt false: every sequence runs whole"
-    from .shared_prefix import MIN_SAVED
+    if not wanted(cfg.share_prompt, device):
+        why = " (auto: off on CUDA, where the masked attention is slower)" if cfg.share_prompt == "auto" else ""
+        return f"; --share-prompt {cfg.share_prompt}: every sequence runs whole{why}"
     return (f"; shared prompts: {shared} of {stats['tokens']} tokens ({shared / stats['tokens']:.0%}) run once per pair "
             f"(a batch saving under {MIN_SAVED:.1%} runs whole)")
 
@@ -700,7 +702,7 @@ class Run:
                                        cfg.val_data)
                  + (f"; {stats['documents']} documents, {stats['tokens']} tokens in {stats['windows']} "
                     f"{'rows' if cfg.packing else 'windows'} of up to {cfg.max_length}" if "windows" in stats else "")
-                 + _shared_prompt_note(cfg, stats))
+                 + _shared_prompt_note(cfg, self.device, stats))
         from .fitcheck import Watch
         self.watch = Watch(cfg, self.out, self.log, self.dist.main)  # fit warnings, early stop
         self.validator = validation.Validator(cfg, val_recs, val_fmt, sft=self.method.name == "sft"
@@ -760,7 +762,7 @@ class Run:
             was = self.model.training
             self.model.eval()
             with dequant_cache(self.model, enabled=self._cache_on()):  # as the steps will (a CPU: ~10x faster)
-                ref = precompute_reference(self.model, self.batches, self.device, self.cfg.share_prompt)
+                ref = precompute_reference(self.model, self.batches, self.device, self.method.core.share_prompt)
             self.model.train(was)
             if self.dist.main:
                 save_reference(path, ref, digest)
