@@ -125,6 +125,8 @@ def build_config(cls, yaml_path=None, cli: argparse.Namespace | dict | None = No
                 v = tp(v)
             elif v is not None and tp is bool and not isinstance(v, bool):
                 v = _parse_bool(v)
+            elif isinstance(v, bool) and tp is str and choices and str(v).lower() in choices:
+                v = str(v).lower()  # `share_prompt: true` in YAML: the option's "true"
             elif v is not None and tp is str and not isinstance(v, str) \
                     and not (names[k].metadata.get("or_number") and is_number(v)):
                 raise TypeError  # `data: {a: 1}`, `output: 123`: a path or a name is a string

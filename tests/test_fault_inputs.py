@@ -118,6 +118,17 @@ def test_yaml_value_of_the_wrong_kind_names_file_and_key(tmp_path, capsys, text,
     assert "internal error" not in capsys.readouterr().err
 
 
+def test_yaml_boolean_for_an_auto_true_false_option(tmp_path):
+    """`share_prompt: true` (a YAML boolean) is the option's "true"; a word it does not know is refused."""
+    y = tmp_path / "c.yaml"
+    for text, want in (("true", "true"), ("false", "false"), ("auto", "auto"), ("yes", "true")):
+        y.write_text(f"share_prompt: {text}\n")
+        assert build_config(TrainConfig, y).share_prompt == want
+    y.write_text("share_prompt: maybe\n")
+    with pytest.raises(QLoraError, match="option share_prompt: 'maybe' is not one of auto, true, false"):
+        build_config(TrainConfig, y)
+
+
 def test_binary_config_file_is_one_line(tmp_path, capsys):
     y = tmp_path / "c.yaml"
     y.write_bytes(bytes(range(256)) * 4)
