@@ -22,6 +22,16 @@ TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {%
 EOS = 2
 
 
+def nonzero_lora_b(model):
+    """``model`` in train mode with every LoRA B drawn (seeded by its name, scale 0.05): with B = 0, as at init,
+    A's gradients would be zero and a gradient comparison could not fail."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    return model.train()
+
+
 def make_tokenizer(template=TEMPLATE):
     """WordLevel over WORDS, whitespace/punctuation split, <s> in front, a one-line chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

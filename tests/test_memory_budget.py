@@ -18,7 +18,7 @@ from qlora.plan import (GiB, activation_model, counts_for, estimate, fits, kept_
                         plan_kwargs, required_bytes, shape_config)
 from qlora.train import train
 
-from helpers import cfg, losses
+from helpers import cfg, losses, nonzero_lora_b
 
 LAYERS = 3
 
@@ -32,11 +32,7 @@ def _config(layers=LAYERS, hidden=64):
 def _model(dtype):
     m = build_random(_config(), QuantSettings(compute_dtype=dtype), LoraSettings(r=4, alpha=8, dropout=0.0),
                      device="cpu", dtype=dtype, progress=False)
-    with torch.no_grad():  # B = 0 at init would make A's gradients zero: give B values
-        for n, p in m.named_parameters():
-            if n.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-    return m.train()
+    return nonzero_lora_b(m)
 
 
 def _batch(b=2, t=16):

@@ -10,6 +10,8 @@ from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.offload import ActivationOffloader, HostEmbedding, enable_checkpointing, offload_activations, offload_embeddings
 from qlora.loss import loss_sum
 
+from helpers import nonzero_lora_b
+
 
 def _config(layers=3, hidden=64, vocab=96):
     return transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers,
@@ -21,12 +23,7 @@ def _model(cfg, device="cpu", r=4):
     # bf16 as on a GPU (the byte counts below are bf16's), whatever the CPU's auto dtype; tiny, so fast anywhere
     m = build_random(cfg, QuantSettings(compute_dtype="bf16"), LoraSettings(r=r, alpha=8, dropout=0.0), device=device,
                      dtype="bf16", progress=False)
-    with torch.no_grad():  # B = 0 at init would make A's gradients zero: give B values
-        for n, p in m.named_parameters():
-            if n.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-    m.train()
-    return m
+    return nonzero_lora_b(m)
 
 
 def _batch(cfg, b=2, t=24, seed=0):
@@ -215,11 +212,7 @@ def test_recompute_skips_the_last_layer_s_gemm(monkeypatch, target):
     def build():
         m = build_random(cfg, QuantSettings(), LoraSettings(r=4, alpha=8, dropout=0.0, target=target),
                          device="cpu", progress=False)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if n.endswith("lora_B"):
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-        return m.train()
+        return nonzero_lora_b(m)
 
     plain = build()
     ref_loss, ref_grads = _loss_and_grads(plain, batch)

@@ -14,6 +14,8 @@ from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.offload import ActivationOffloader, enable_checkpointing
 from qlora.tiled import CHUNK_ELEMENTS, TILE_ABOVE, chunk_bounds, chunk_key, tile_rows
 
+from helpers import nonzero_lora_b
+
 HIDDEN, INTER, T = 64, 96, 40
 CHUNK = 7  # tokens per chunk when forced: 2 x 40 tokens -> 12 chunks, of 6 or 7 tokens
 
@@ -27,12 +29,7 @@ def _config(layers=2):
 def _model(dropout=0.0, dtype="fp32", dora=False):
     m = build_random(_config(), QuantSettings(compute_dtype=dtype),
                      LoraSettings(r=4, alpha=8, dropout=dropout, dora=dora), dtype=dtype, progress=False)
-    with torch.no_grad():  # B = 0 at init would make A's gradients zero: give B values
-        for n, p in m.named_parameters():
-            if n.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-    m.train()
-    return m
+    return nonzero_lora_b(m)
 
 
 def _force(model):
@@ -240,11 +237,7 @@ def test_tiled_equals_untiled_on_cuda_with_the_fused_kernels(dtype):
     gives the untiled loss and LoRA gradients (fp32 to 1e-4; bf16 to its rounding)."""
     m = build_random(_config(), QuantSettings(quant_type="nf4", compute_dtype=dtype), LoraSettings(r=4, alpha=8,
                      dropout=0.0), "cuda", dtype, progress=False)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))).to(p) * 0.05)
-    m.train()
+    nonzero_lora_b(m)
     assert use_fused_kernels(m)["swiglu_mlp"] == 2
     off = enable_checkpointing(m, offload=True)
     batch = {k: v.cuda() for k, v in _batch().items()}
