@@ -107,8 +107,8 @@ class Preference:
         from .preference_data import tokenize_pairs
         pairs, stats = tokenize_pairs(records, tokenizer, max_length=cfg.max_length, truncate=cfg.truncate,
                                       template=cfg.template)
-        from .shared_prefix import common_prefix_len
-        shared = sum(common_prefix_len(p.chosen.input_ids, p.rejected.input_ids) for p in pairs)
+        from .shared_prefix import common_prefix
+        shared = sum(common_prefix(p.chosen.input_ids, p.rejected.input_ids) for p in pairs)
         return pairs, dict(stats, examples=stats["kept"], shared_prompt_tokens=shared)
 
     def batches(self, examples: list, cfg, pad_id: int, train: bool):

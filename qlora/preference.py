@@ -54,27 +54,31 @@ def _chunked_ok(model) -> bool:
     return _chunked_loss_ok(model)
 
 
-def row_logps(model, batch: dict, device, masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """For each mask [R, T-1] (over next-token positions: position t scores token t + 1), the per-row sum of
-    the log-probs of the tokens it selects, fp32 [R], from one forward pass. Where the architecture allows
-    (train.loss_sum's check) the LM head runs in chunks on the selected positions only
-    (:func:`kernels.loss.chunked_linear_cross_entropy`), so no full logits tensor exists; else the logits are
-    scored row by row."""
-    ids = batch["input_ids"].to(device)
-    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}
-    tgt = ids[:, 1:]
-    masks = [m.to(device) for m in masks]
+def scored_sums(model, inputs: dict, rows: list) -> torch.Tensor:
+    """One forward pass over ``inputs``; for each ``(row, positions, targets)`` of ``rows``, the sum of the
+    log-probs of ``targets`` as predicted at ``positions`` of that row, fp32 [len(rows)]. Where the
+    architecture allows (train.loss_sum's check) the LM head runs in chunks on those positions only
+    (:func:`kernels.loss.chunked_linear_cross_entropy`), so no full logits tensor exists; else the logits
+    are scored row by row."""
     if _chunked_ok(model):
         from .kernels.loss import chunked_linear_cross_entropy
-        h = model.model(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        h = model.model(**inputs, use_cache=False).last_hidden_state
         w = model.get_output_embeddings().weight
         grad = torch.is_grad_enabled()
-        return [torch.stack([-chunked_linear_cross_entropy(h[b][m[b]], w, tgt[b][m[b]], reduction="sum",
-                                                           grad_in_forward=grad) for b in range(ids.shape[0])])
-                for m in masks]
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
-    return [torch.stack([torch.log_softmax(logits[b][m[b]].float(), -1).gather(1, tgt[b][m[b]].unsqueeze(1)).sum()
-                         for b in range(ids.shape[0])]) for m in masks]
+        return torch.stack([-chunked_linear_cross_entropy(h[b][s], w, t, reduction="sum", grad_in_forward=grad)
+                            for b, s, t in rows])
+    logits = model(**inputs, use_cache=False).logits
+    return torch.stack([torch.log_softmax(logits[b][s].float(), -1).gather(1, t.unsqueeze(1)).sum() for b, s, t in rows])
+
+
+def row_logps(model, batch: dict, device, masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """For each mask [R, T-1] (over next-token positions: position t scores token t + 1), the per-row sum of
+    the log-probs of the tokens it selects, fp32 [R], from one forward pass (:func:`scored_sums`)."""
+    ids = batch["input_ids"].to(device)
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}
+    tgt, R = ids[:, 1:], ids.shape[0]
+    rows = [(b, m[b].nonzero().squeeze(1), tgt[b][m[b]]) for m in (m.to(device) for m in masks) for b in range(R)]
+    return list(scored_sums(model, inputs, rows).split(R))
 
 
 def answer_mask(batch: dict) -> torch.Tensor:
@@ -102,16 +106,8 @@ def packed_logps(model, packed: dict, device) -> torch.Tensor:
     each sequence's scored tokens read at the positions that predict them."""
     inputs = {k: packed[k].to(device) for k in ("input_ids", "position_ids", "attention_mask")}
     B = inputs["input_ids"].shape[0]
-    rows = [(k % B, s.to(device), t.to(device)) for k, (s, t) in enumerate(zip(packed["src"], packed["tgt"]))]
-    if _chunked_ok(model):
-        from .kernels.loss import chunked_linear_cross_entropy
-        h = model.model(**inputs, use_cache=False).last_hidden_state
-        w = model.get_output_embeddings().weight
-        grad = torch.is_grad_enabled()
-        return torch.stack([-chunked_linear_cross_entropy(h[b][s], w, t, reduction="sum", grad_in_forward=grad)
-                            for b, s, t in rows])
-    logits = model(**inputs, use_cache=False).logits
-    return torch.stack([torch.log_softmax(logits[b][s].float(), -1).gather(1, t.unsqueeze(1)).sum() for b, s, t in rows])
+    return scored_sums(model, inputs, [(k % B, s.to(device), t.to(device))
+                                       for k, (s, t) in enumerate(zip(packed["src"], packed["tgt"]))])
 
 
 # ----------------------------------------------------------------------------------- losses

@@ -29,15 +29,8 @@ from .data import IGNORE
 MIN_SAVED = 0.125
 
 
-def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Number of leading tokens two 1-D id tensors share."""
-    n = min(len(a), len(b))
-    differ = (a[:n] != b[:n]).nonzero()
-    return int(differ[0]) if len(differ) else n
-
-
-def common_prefix_len(a, b) -> int:
-    """Number of leading ids two id lists share (the data's count, before any batch)."""
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Number of leading ids two id lists share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -71,7 +64,7 @@ def pack(batch: dict, dtype: torch.dtype, min_saved: float = MIN_SAVED) -> dict 
     ids, labels, am = batch["input_ids"], batch["labels"], batch["attention_mask"]
     B = ids.shape[0] // 2
     lens = am.sum(1).tolist()
-    prefixes = [common_prefix(ids[b, :lens[b]], ids[B + b, :lens[B + b]]) for b in range(B)]
+    prefixes = [common_prefix(ids[b, :lens[b]].tolist(), ids[B + b, :lens[B + b]].tolist()) for b in range(B)]
     if sum(prefixes) < min_saved * sum(lens):
         return None
     S = max(lens[b] + lens[B + b] - p for b, p in enumerate(prefixes))

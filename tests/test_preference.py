@@ -414,7 +414,7 @@ def test_shared_prompt_layout_and_when_it_is_not_used(batch):
     B = len(PAIRS)
     for b in range(B):
         lc, lr = (int(batch["attention_mask"][r].sum()) for r in (b, B + b))
-        p = shared_prefix.common_prefix(batch["input_ids"][b, :lc], batch["input_ids"][B + b, :lr])
+        p = shared_prefix.common_prefix(batch["input_ids"][b, :lc].tolist(), batch["input_ids"][B + b, :lr].tolist())
         assert 0 < p < min(lc, lr)
         pos, mask = packed["position_ids"][b], packed["attention_mask"][b, 0]
         assert pos[:lc].tolist() == list(range(lc)) and pos[lc:lc + lr - p].tolist() == list(range(p, lr))
