@@ -23,6 +23,7 @@ from . import moe, nf4
 from .compat import set_module_tensor
 from .errors import QLoraError
 from .linear import QLoRALinear
+from .settings import switches
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -322,7 +323,11 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     from .fast import use_fused_kernels, use_tiled_mlp
     if device.type == "cuda":  # fused RMSNorm / SwiGLU (each call falls back when QLORA_KERNELS=0)
         use_fused_kernels(model)
-    use_tiled_mlp(model)  # long sequences: the MLP over chunks of tokens (a no-op for shorter ones)
+    if switches().tile_all:  # QLORA_TILE_ALL: every call tiled, FORCED_ROWS tokens a chunk (tests)
+        from .tiled import FORCED_ROWS
+        use_tiled_mlp(model, above=1, chunk=FORCED_ROWS * getattr(config, "intermediate_size", 1))
+    else:
+        use_tiled_mlp(model)  # long sequences: the MLP over chunks of tokens (a no-op for shorter ones)
     model.qlora_unused_tensors = unused
     return model
 

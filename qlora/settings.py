@@ -18,6 +18,9 @@ gives the default. The list (field: variable, default -- what it does):
 * ``pycache``: ``QLORA_PYCACHE`` (on) -- the CLI keeps compiled bytecode in a cache of its own.
 * ``keep_imports``: ``QLORA_KEEP_IMPORTS`` (off) -- the CLI hides no unused packages.
 * ``warmup``: ``QLORA_WARMUP`` (on) -- CUDA and Triton warmed up in the background while a run starts.
+* ``tile_all``: ``QLORA_TILE_ALL`` (off) -- every MLP call of a loaded model runs sequence-tiled (qlora.tiled),
+  in chunks of :data:`qlora.tiled.FORCED_ROWS` tokens, not only long ones: tiling on tiny models, in child
+  processes too (tests under torchrun).
 
 The object is read from the environment on first use; a program (or a test) that changes
 ``os.environ`` afterwards calls :func:`refresh`.
@@ -49,6 +52,7 @@ class Switches:
     pycache: bool = _field("QLORA_PYCACHE", True)
     keep_imports: bool = _field("QLORA_KEEP_IMPORTS", False)
     warmup: bool = _field("QLORA_WARMUP", True)
+    tile_all: bool = _field("QLORA_TILE_ALL", False)
 
 
 def _flag(value: str | None, default: bool) -> bool:

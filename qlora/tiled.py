@@ -21,7 +21,10 @@ How (:class:`_TiledMLP`, one autograd node per MLP call):
   layers would use them, :func:`qlora.linear.adapter_factors`; any other trainable parameter as it is), so
   their gradients, summed over the chunks in fp32, reach the parameters through the ordinary graph (the one
   cast of :class:`qlora.linear.lora_cast`, DDP's hooks) exactly once per step. Tensors saved inside a chunk
-  stay on the device (activation offload's hooks are bypassed: the chunk is gone a moment later).
+  stay on the device (activation offload's hooks are bypassed: the chunk is gone a moment later). The frozen
+  weights and norms are read from the module then: under FSDP2 the block's shards are gathered again by
+  that time (its pre-backward hook fires on the gradients of the block's outputs, before any node inside
+  the block, checkpoint recompute included; tests/test_distributed.py).
 
 Results: per token the same math as the untiled MLP; without dropout the losses and gradients agree to
 the order of floating-point sums (GEMMs of fewer rows; tests compare fp32 to 1e-5). LoRA dropout draws its
@@ -50,6 +53,8 @@ TILE_ABOVE = 1 << 28
 # Each chunk: about this many tokens x intermediate size (~0.6 GiB of intermediates; 4681 tokens for 8B,
 # thousands of rows per GEMM, so the matmuls keep their speed and the chunk loop's overhead stays small).
 CHUNK_ELEMENTS = 1 << 26
+# Tokens per chunk when QLORA_TILE_ALL forces every call tiled (tests: several chunks on tiny micro-batches).
+FORCED_ROWS = 16
 _MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd: chunk keys far apart from each other
 
 

@@ -55,6 +55,7 @@ from .config import COMPUTE_DTYPES, add_dataclass_args, build_config, is_int, is
 from .errors import QLoraError
 from .hardware import resolve
 from .run_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .settings import switches
 from .validation import AUTO_FROM, AUTO_MAX, AUTO_MIN
 from .variants import BASE_FILE
 
@@ -627,7 +628,7 @@ class Run:
         from .model import load_model
         cfg, device, main = self.cfg, self.device, self.dist.main
         dtype = cfg.compute_dtype
-        shape = (cfg.model or "").startswith("shape:")
+        shape, given = (cfg.model or "").startswith("shape:"), self.model is not None
         if self.model is None and device.type == "cuda" and not shape and self.policy is None:
             from .plan import check_train_config
             try:
@@ -647,6 +648,9 @@ class Run:
                                               progress=cfg.progress and main,
                                               on_block=self.par.block_hook())  # one process's bars (each rank loads the same)
         model = self.model
+        if switches().tile_all and not given:
+            from .tiled import FORCED_ROWS
+            self.log(f"QLORA_TILE_ALL: every MLP call runs tiled, {FORCED_ROWS} tokens a chunk")
         self._variant_base()
         attn = cfg.attention if cfg.attention != "auto" else (
             "eager" if device.type == "cpu" and cfg.max_length <= 512 else "sdpa")

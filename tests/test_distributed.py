@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torchrun(args, tmp):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MASTER_PORT="29517")
+def torchrun(args, tmp, extra_env=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MASTER_PORT="29517", **(extra_env or {}))
     r = subprocess.run([sys.executable, "-m", "qlora.cli", "train", "--gpus", "2", *args], env=env, cwd=tmp,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -94,6 +94,28 @@ def test_fsdp_two_processes_equal_one_and_resume_across_modes(setup, untied, tmp
     shutil.rmtree(one / "checkpoints" / "step-0000006")
     torchrun([*common, "--grad-accum", "1", "--output", str(one), "--parallel", "fsdp", "--resume"], tmp_path)
     assert all(close(x[0], y[0]) for x, y in zip(a, rows(one))), (a, rows(one))
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_fsdp_with_tiled_mlp_equals_one_process_untiled(setup, tmp_path, checkpointing):
+    """The sequence-tiled MLP under FSDP2 (QLORA_TILE_ALL: every MLP call tiled, 16 tokens a chunk): its
+    backward runs the MLP again, reading the block's 4-bit weights and norms from the module, which FSDP
+    resharded after forward and gathers again when the block's backward starts (before the tiled node's).
+    Losses and final adapters equal 1 untiled process's at the same global batch."""
+    one = tmp_path / "one"
+    train(cfg(setup, one, grad_accum=2, dropout=0.0, grad_checkpointing=checkpointing), log=lambda m: None)
+    two = tmp_path / "two"
+    r = torchrun(["--data", str(setup / "data.jsonl"), "--model", str(setup / "model"), *TINY_ARGS,
+                  "--grad-checkpointing", str(checkpointing).lower(), "--compute-dtype", "fp32", "--optim", "adamw",
+                  "--device", "cpu", "--grad-accum", "1", "--output", str(two), "--parallel", "fsdp"], tmp_path,
+                 {"QLORA_TILE_ALL": "1"})
+    assert "every MLP call runs tiled" in r.stderr
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+    from safetensors.torch import load_file
+    fa, fb = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (one, two))
+    assert fa.keys() == fb.keys() and all((fa[k] - fb[k]).abs().max() < 1e-4 for k in fa)
 
 
 def test_fsdp_refuses_what_it_cannot_shard(setup, tmp_path):

@@ -1,7 +1,8 @@
 """Sequence-tiled MLP (qlora.tiled): forced on a tiny random Llama with tiny thresholds, the loss and every
 LoRA gradient equal the untiled ones (fp32), with checkpointing, activation offload and the LoRA casts;
 dropout masks agree between forward and backward; a checkpointed block's recompute stops before the
-chunks; ordinary sizes never take the tiled path; the tiled block saves less."""
+chunks; ordinary sizes never take the tiled path; the tiled block saves less; QLORA_TILE_ALL tiles every
+call. (Under FSDP2: tests/test_distributed.py.)"""
 import pytest
 import torch
 import transformers
@@ -12,7 +13,7 @@ from qlora.linear import keyed_dropout, lora_cast
 from qlora.loss import loss_sum
 from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.offload import ActivationOffloader, enable_checkpointing
-from qlora.tiled import CHUNK_ELEMENTS, TILE_ABOVE, chunk_bounds, chunk_key, tile_rows
+from qlora.tiled import CHUNK_ELEMENTS, FORCED_ROWS, TILE_ABOVE, chunk_bounds, chunk_key, tile_rows
 
 from helpers import nonzero_lora_b
 
@@ -219,6 +220,18 @@ def test_tiled_block_saves_less():
     # each layer's MLP no longer keeps gate, up, silu(gate) and the product (4 x N x I fp32), nor the normed
     # input twice more (gate/up/down LoRA inputs share it), only its input once
     assert before - after >= len(model.model.layers) * 4 * 2 * T * INTER * 4
+
+
+def test_tile_all_switch_tiles_every_call(switch):
+    """QLORA_TILE_ALL (how the torchrun tests tile a tiny model in their child processes): a loaded model's
+    every MLP call runs tiled, FORCED_ROWS tokens a chunk, with the untiled loss and gradients."""
+    batch = _batch()
+    ref = _loss_and_grads(_model(), batch)
+    switch("QLORA_TILE_ALL", "1")
+    model = _model()
+    assert [layer.mlp._qlora_tiling for layer in model.model.layers] == [(1, FORCED_ROWS * INTER)] * 2
+    _close(_loss_and_grads(model, batch), ref)
+    assert tiled_calls(model) == 2
 
 
 def test_bad_thresholds_are_refused():
