@@ -14,6 +14,9 @@ Rows (``--rows``), each in its own subprocess so that each peak of ``torch.cuda.
                ``ours-whole``: every sequence run whole (``--share-prompt false``, what TRL does);
                ``ours-pre`` (with ``--precompute-ref``): reference log-probs computed once
                before the first step (not in the step time; its seconds are reported as ``ref_precompute_s``).
+               The suffixes combine, and ``@BUDGET`` gives one row its own ``--memory-budget``:
+               ``ours-pre-shared@auto`` is DPO with a precomputed reference, each prompt run once, and every
+               block that fits keeping its activations.
 * ``sft``      our SFT step on the same tokens (each pair's two sequences as SFT rows, loss on the answers),
                with what ``qlora train`` uses by default (CUDA graphs where they apply): for "our DPO step
                <= 1.6x our SFT step".
@@ -50,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -196,6 +200,17 @@ def ours_examples(method: str, pairs):
     return [Pair(seq(p, c), seq(p, r), "synthetic") for p, c, r in pairs]
 
 
+ROW = re.compile(r"^(ours(-pre)?(-shared|-whole)?|sft|trl)(@[^,@]+)?$")
+
+
+def row_options(row: str, budget: str) -> dict:
+    """What a row name asks of our run: ``ours[-pre][-shared|-whole][@BUDGET]`` (-pre: --precompute-ref;
+    -shared/-whole: --share-prompt true/false, else auto; @BUDGET: this row's --memory-budget, else ``budget``)."""
+    m = ROW.match(row)
+    return dict(precompute=bool(m.group(2)), share={"-shared": "true", "-whole": "false"}.get(m.group(3), "auto"),
+                budget=m.group(4)[1:] if m.group(4) else budget)
+
+
 def run_ours(a, row: str) -> dict:
     """One of our rows through qlora.train.Run, its data the synthetic pairs' token ids (:class:`Given`)."""
     import contextlib
@@ -205,21 +220,22 @@ def run_ours(a, row: str) -> dict:
     from qlora.model import LoraSettings, QuantSettings, build_random
     from qlora.train import Run, TrainConfig
     device = device_of(a)
-    method = "sft" if row == "sft" else "dpo"
+    method = "sft" if row.split("@")[0] == "sft" else "dpo"
     config = shape_config(a)
     pairs = make_pairs(config.vocab_size, eos_id(config), a.seq, a.pairs * a.steps, a.seed)
     examples = ours_examples(method, pairs)
     dtype = "fp32" if a.small else "bf16"
     out = Path(tempfile.mkdtemp(prefix=f"dpo_speed_{row}_")) / "run"
     # model=None: the model is given to the run (its log line then names the embedded default model)
-    cfg = TrainConfig(data="synthetic", method=method, beta=a.beta, loss="sigmoid", precompute_ref=row == "ours-pre",
-                      share_prompt={"ours-whole": "false", "ours-shared": "true"}.get(row, "auto"),
+    opts = row_options(row, a.memory_budget)
+    cfg = TrainConfig(data="synthetic", method=method, beta=a.beta, loss="sigmoid", precompute_ref=opts["precompute"],
+                      share_prompt=opts["share"],
                       model=None, rank=a.rank, alpha=16.0, dropout=0.0, lr=2e-4, max_grad_norm=0.3,
                       warmup_ratio=0.0, optim="adamw" if a.small else "paged_adamw", compute_dtype=dtype,
                       batch_size=a.pairs * (2 if method == "sft" else 1), grad_accum=1, max_steps=a.steps,
                       max_length=a.seq, grad_checkpointing=True, cuda_graphs=not a.no_cuda_graphs, output=str(out),
                       val_split=0.0, save_every=0, progress=False, device=device, seed=a.seed,
-                      memory_budget=a.memory_budget)
+                      memory_budget=opts["budget"])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.time()
@@ -244,14 +260,14 @@ def run_ours(a, row: str) -> dict:
             sync(device)
             times.append(time.time() - t)
     step = median_after(times, a.warmup)
-    return dict(row=row, stack="qlora", method=method, reference="precomputed" if row == "ours-pre" else
+    return dict(row=row, stack="qlora", method=method, reference="precomputed" if opts["precompute"] else
                 ("live (adapters off)" if method == "dpo" else None), shape=a.shape, seq=a.seq, pairs=a.pairs,
                 rank=a.rank, steps=a.steps, step_s=round(step, 4), tok_s=round(2 * a.pairs * a.seq / step, 1),
-                peak_gib=peak_gib(device), build_s=round(build_s, 1), memory_budget=a.memory_budget,
+                peak_gib=peak_gib(device), build_s=round(build_s, 1), memory_budget=opts["budget"],
                 share_prompt=cfg.share_prompt if method == "dpo" else None,
                 **({"policy": run.policy.describe(), "plan_peak_gib": round(run.policy.peak / 2**30, 2)}
                    if run.policy is not None else {}),
-                **({"ref_precompute_s": round(setup_s, 1)} if row == "ours-pre" else {}),
+                **({"ref_precompute_s": round(setup_s, 1)} if opts["precompute"] else {}),
                 cuda_graphs=run.graphed is not None, loss=rows[-1]["loss"], times=[round(x, 4) for x in times])
 
 
@@ -423,8 +439,9 @@ def parse(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", default="ours,sft,trl", help="comma list of ours, ours-shared, ours-whole, ours-pre, sft, "
-                    "trl")
+    ap.add_argument("--rows", default="ours,sft,trl", help="comma list of ours[-pre][-shared|-whole][@BUDGET], "
+                    "sft[@BUDGET] and trl (-pre: precomputed reference; -shared/-whole: --share-prompt true/false; "
+                    "@BUDGET: that row's --memory-budget, e.g. ours-pre-shared@auto)")
     ap.add_argument("--precompute-ref", action="store_true", help="also the row ours-pre (reference log-probs "
                     "precomputed before training)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="our SFT row without CUDA graphs")
@@ -460,9 +477,9 @@ def main(argv=None) -> int:
     rows = [r for r in a.rows.split(",") if r]
     if a.precompute_ref and "ours-pre" not in rows:
         rows.insert(rows.index("ours") + 1 if "ours" in rows else 0, "ours-pre")
-    unknown = set(rows) - {"ours", "ours-shared", "ours-whole", "ours-pre", "sft", "trl"}
+    unknown = [r for r in rows if not ROW.match(r) or r.startswith("trl@")]
     if unknown:
-        raise SystemExit(f"unknown rows: {', '.join(sorted(unknown))} (choose from ours, ours-shared, ours-whole, ours-pre, sft, trl)")
+        raise SystemExit(f"unknown rows: {', '.join(unknown)} (ours[-pre][-shared|-whole][@BUDGET], sft[@BUDGET], trl)")
     if "trl" in rows:
         write_hf(a, a.model_dir)
     results = []
