@@ -85,7 +85,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
                          progress=False)
     from qlora.offload import enable_checkpointing
     optim = "paged_adamw" if cuda else "adamw"
-    plan_kw = dict(rank=16, optim=optim, quant_type=quant.quant_type, dropout=dropout)
+    plan_kw = dict(rank=16, optim=optim, quant_type=quant.quant_type, dropout=dropout, dora=bool(variant.get("dora")))
     policy = choose_policy(cfg, seq, batch, memory_budget, device, plan_kw, offload="offload" in mode.split("+"))
     # offload: block inputs to pinned CPU memory; a budget's policy: the last K blocks keep their activations
     off = enable_checkpointing(model, offload=policy.offload if policy else "offload" in mode.split("+"),

@@ -206,12 +206,15 @@ def _summary(config_json: str, model_type: str, dtype: str) -> dict:
 
 def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: str | None = "nf4",
                 blocksize: int = 64, double_quant: bool = True, dtype: str = "bf16", device: str = "cuda",
-                lora_dtype: str = "fp32") -> dict:
+                lora_dtype: str = "fp32", dora: bool = False) -> dict:
     """Exact bytes of the frozen model and the LoRA tensors as :func:`qlora.model.build_random` /
     ``load_model`` create them (``device="cpu"`` shares the code tables between layers; on a GPU
     each layer holds its own). Also lists the LoRA tensor sizes (for the optimizer). LoRA factors
     are fp32 by default; ``lora_dtype="bf16"`` halves them and their gradients (the QLoRA paper's
-    65B setting), the optimizer states stay fp32."""
+    65B setting), the optimizer states stay fp32. ``dora``: each adapted linear also trains a magnitude
+    per output row (in the LoRA dtype) and keeps its base's squared row norms in fp32
+    (qlora.linear.QLoRALinear._dora_wn2); ``adapted_out``: the output width summed over the adapted linears of
+    one block (what DoRA's forward saves per token; 0 without DoRA)."""
     from .model import parse_dtype, select_targets
     dt, ldt = parse_dtype(dtype), parse_dtype(lora_dtype)
     if not is_int(rank) or rank < 0:
@@ -223,7 +226,7 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
     targets = select_targets(names, target) if rank > 0 else set()
     out = dict(weights_4bit=0, dq_constants=0, frozen_16bit=summ["other"], lora_params=0, quantized_params=0,
                lora_numels=[], largest_linear=0, layers=int(config.num_hidden_layers), tied=summ["tied"],
-               input_embedding=_nbytes(summ["embedding_numel"], dt))
+               input_embedding=_nbytes(summ["embedding_numel"], dt), adapted_out=0)
     for n, fan_in, fan_out, bias in summ["linears"]:
         k = fan_in * fan_out
         out["largest_linear"] = max(out["largest_linear"], k)
@@ -241,10 +244,13 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
         if bias:
             out["frozen_16bit"] += _nbytes(fan_out, dt)
         if n in targets:
-            out["lora_numels"] += [rank * fan_in, fan_out * rank]
+            out["lora_numels"] += [rank * fan_in, fan_out * rank] + ([fan_out] if dora else [])
+            out["adapted_out"] += fan_out
+            out["frozen_16bit"] += 4 * fan_out if dora else 0  # the base's squared row norms, fp32
     if quant_type is not None and device == "cpu":         # code tables shared by all layers
         out["dq_constants"] += 64 + (1024 if double_quant else 0)
     out["lora_params"] = _nbytes(sum(out["lora_numels"]), ldt)
+    out["adapted_out"] = out["adapted_out"] // max(1, out["layers"]) if dora else 0
     out["vocab"] = int(config.vocab_size)
     out["hidden"] = int(config.hidden_size)
     out["intermediate"] = int(getattr(config, "intermediate_size", 4 * config.hidden_size))
@@ -259,9 +265,10 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
 
 
 def counts_for(config, rank: int = 64, target: str = "all-linear", quant_type: str | None = "nf4",
-               blocksize: int = 64, double_quant: bool = True, lora_dtype: str = "fp32", **_) -> dict:
+               blocksize: int = 64, double_quant: bool = True, lora_dtype: str = "fp32", dora: bool = False,
+               **_) -> dict:
     """:func:`count_model` with the keyword arguments of :func:`estimate` (others ignored)."""
-    return count_model(config, rank, target, quant_type, blocksize, double_quant, lora_dtype=lora_dtype)
+    return count_model(config, rank, target, quant_type, blocksize, double_quant, lora_dtype=lora_dtype, dora=dora)
 
 
 def optimizer_state_bytes(lora_numels: list[int], optim: str) -> int:
@@ -283,7 +290,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
              offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
              page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
              counts: dict | None = None, fused_dropout: bool | None = None, keep_blocks: int = 0,
-             mlp_tiling: bool = True) -> dict:
+             mlp_tiling: bool = True, dora: bool = False) -> dict:
     """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
 
     Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
@@ -301,6 +308,10 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     ``QLORA_FUSED_DROPOUT=0``. ``keep_blocks``: with checkpointing, the last K blocks keep all their
     activations (no recompute; :func:`activation_model`). ``mlp_tiling``: long micro-batches run the MLP
     over chunks of tokens, as ``qlora train`` does (:func:`tiled_rows`); False: never (the untiled model).
+    ``dora``: DoRA adapters (:func:`count_model`): every adapted linear also saves its 16-bit output before the
+    magnitude scaling (for the magnitude's gradient), in each kept block and in the block being back-propagated;
+    with LoRA dropout (peft's form, qlora.linear.QLoRALinear._dora_forward_dropout) two outputs (the base's and
+    the LoRA product's on the dropped input; the dropped input replaces the input plain LoRA saves).
     """
     for name, v in (("seq", seq), ("batch", batch)):
         if not is_int(v) or v < 1:
@@ -309,7 +320,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
         raise QLoraError(f"unknown optimizer {optim!r}: choose one of {', '.join(OPTIMS)}")
     if not 0.0 <= dropout < 1.0:
         raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    c = counts or count_model(config, rank, target, quant_type, blocksize, double_quant, lora_dtype=lora_dtype)
+    c = counts or count_model(config, rank, target, quant_type, blocksize, double_quant, lora_dtype=lora_dtype,
+                              dora=dora)
     n_tok, h, i, L, v = batch * seq, c["hidden"], c["intermediate"], c["layers"], c["vocab"]
     grads = c["lora_params"]  # one gradient per LoRA parameter, in its dtype
     states = optimizer_state_bytes(c["lora_numels"], optim)
@@ -324,7 +336,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     routed = n_tok * (c.get("routed_k", 0) * 4 * h + c.get("experts", 0) * 6)
     act = activation_model(c, n_tok, L if not grad_checkpointing else keep_blocks, offload,
                            unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout, routed=routed,
-                           tile=mlp_tiling)
+                           tile=mlp_tiling, dora_per_token=2 * c["adapted_out"] * (2 if dropout > 0 else 1))
     keep_blocks, offload, saved_all, block = act["keep"], act["offload"], act["saved"], act["one_block"]
     tail = int(n_tok * h * ACT["tail_h"])
     host_act = act["host"] + (n_tok * h * 6 if offload else 0)  # the tail's saved tensors (they come back for
@@ -371,7 +383,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                 settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
                               dropout=dropout, grad_checkpointing=grad_checkpointing, offload=offload,
                               keep_blocks=keep_blocks, mlp_tiled=bool(act["tile_rows"]),
-                              embed_offload=bool(host_emb), lora_dtype=lora_dtype))
+                              embed_offload=bool(host_emb), lora_dtype=lora_dtype, dora=bool(dora)))
 
 
 def tiled_rows(c: dict, n_tok: int) -> int:
@@ -384,7 +396,7 @@ def tiled_rows(c: dict, n_tok: int) -> int:
 
 
 def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False,
-                     routed: int = 0, tile: bool = True) -> dict:
+                     routed: int = 0, tile: bool = True, dora_per_token: int = 0) -> dict:
     """Activation bytes of a step whose last ``keep`` blocks keep all their activations (no recompute)
     and whose other ``L - keep`` blocks are checkpointed (their inputs, ``N*H*2`` bytes each, in pinned
     host memory with ``offload``). ``keep = L`` is no checkpointing at all.
@@ -397,7 +409,9 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
     block processed first (the last, kept), the first checkpointed one (the kept ones freed) and block 0.
     ``routed``: a mixture-of-experts block's extra transient bytes (its routed copies, the router's outputs).
     ``tile``: model the sequence-tiled MLP where the runtime tiles (:func:`tiled_rows`; the comment at
-    :data:`ACT`); ``tile_rows`` in the result is its chunk (0: untiled).
+    :data:`ACT`); ``tile_rows`` in the result is its chunk (0: untiled). ``dora_per_token``: what DoRA's
+    linears save per token, more in every kept block and in the block being back-propagated (with the tiled
+    MLP an upper bound: its linears' tensors live one chunk at a time).
     """
     L, h, i = c["layers"], c["hidden"], c["intermediate"]
     if not is_int(keep) or not 0 <= keep <= L:
@@ -413,6 +427,8 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
     nockpt = n_tok * ACT["nockpt_block_h"] * h + per_i * ACT["nockpt_block_i"] * i + chunk
     drop = (n_tok * ACT["dropout_h"] * h + per_i * ACT["dropout_i"] * i) * max(keep, 1) if unfused_dropout else 0
     drop += routed
+    dora = n_tok * dora_per_token
+    kept, ckpt, nockpt = kept + dora, ckpt + dora, nockpt + dora
     saved = int(keep * kept + (L - keep) * inp)
     moments = []
     if keep:
@@ -585,7 +601,8 @@ def plan_kwargs(cfg) -> dict:
                 grad_checkpointing=cfg.grad_checkpointing, offload=getattr(cfg, "offload_activations", False),
                 embed_offload=getattr(cfg, "offload_embeddings", False),
                 page_budget=0 if getattr(cfg, "offload_optimizer", False) else None,
-                fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("auto", "bf16", "fp16") else False)
+                fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("auto", "bf16", "fp16") else False,
+                dora=bool(getattr(cfg, "dora", False)))
 
 
 def model_config(src: str | None):
@@ -663,6 +680,9 @@ def add_cli(sub) -> None:
     p.add_argument("--offload-optimizer", default="false", choices=["true", "false"],
                    help="paged optimizer state in CPU memory between steps (train's --offload-optimizer; default false)")
     p.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA factors' dtype (default fp32)")
+    p.add_argument("--dora", default="false", choices=["true", "false"],
+                   help="DoRA adapters (train's --dora): a magnitude per output row, and each adapted linear's output "
+                        "saved for its gradient (default false)")
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="print the policy `qlora train --memory-budget` would choose for this budget (auto: this "
                         "machine's free GPU memory): blocks kept without recompute, offload, optimizer paging")
@@ -689,7 +709,7 @@ def run(args) -> int:
               blocksize=args.blocksize, double_quant=args.double_quant == "true", target=args.target,
               dropout=args.dropout, grad_checkpointing=args.grad_checkpointing == "true",
               offload=args.offload == "true", embed_offload=args.offload_embeddings == "true",
-              lora_dtype=args.lora_dtype)
+              lora_dtype=args.lora_dtype, dora=args.dora == "true")
     if args.offload_optimizer == "true":
         from .optim import check_offload
         check_offload(args.optim, True)

@@ -55,6 +55,57 @@ def test_model_bytes_equal_a_built_model(cfg_fn, target, dq, tied):
     assert counts["quantized_params"] == sum(m.in_features * m.out_features for m in q)
 
 
+def _saved_bytes(fn, model) -> int:
+    """Bytes of the tensors autograd saves while ``fn`` runs, but ``model``'s own (weights saved by reference)."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            seen.setdefault(t.untyped_storage().data_ptr(), t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_bytes_equal_a_built_model_and_its_saved_outputs(dropout):
+    """DoRA: a magnitude per output row (trained, in the LoRA dtype), the base's squared row norms (fp32) and,
+    per token, each adapted linear's 16-bit output saved for the magnitude's gradient (with dropout: two outputs,
+    the dropped input in place of the input)."""
+    cfg = _llama()
+    model = build_random(cfg, QuantSettings(compute_dtype="bf16"), LoraSettings(r=4, dora=True, dropout=0.0),
+                         dtype="bf16", progress=False)
+    model(input_ids=torch.randint(0, 101, (1, 5)))  # the row norms are computed on first use
+    plain, dora = plan.count_model(cfg, rank=4, device="cpu"), plan.count_model(cfg, rank=4, device="cpu", dora=True)
+    q = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    lora = [p for p in model.parameters() if p.requires_grad]
+    assert dora["lora_params"] == _storages(lora) and sorted(dora["lora_numels"]) == sorted(p.numel() for p in lora)
+    assert dora["frozen_16bit"] - plain["frozen_16bit"] == sum(m._dora_wn2[1].numel() * 4 for m in q)
+    assert dora["adapted_out"] == sum(m.out_features for m in q) // cfg.num_hidden_layers
+    drop = build_random(cfg, QuantSettings(compute_dtype="bf16"), LoraSettings(r=4, dora=True, dropout=dropout),
+                        dtype="bf16", progress=False) if dropout else model
+    layer = next(m for m in drop.modules() if isinstance(m, QLoRALinear) and m.in_features != m.out_features)
+
+    def extra(n: int) -> int:  # saved bytes of DoRA's forward over plain LoRA's, on n tokens
+        x = torch.randn(n, layer.in_features, dtype=torch.bfloat16)
+        with_dora = _saved_bytes(lambda: layer(x), drop)
+        magnitude, layer.lora_magnitude = layer.lora_magnitude, None
+        layer.lora_dropout.eval()  # plain LoRA, its dropout fused into its products as on a GPU: nothing more saved
+        without = _saved_bytes(lambda: layer(x), drop)
+        layer.lora_magnitude = magnitude
+        layer.lora_dropout.train()
+        return with_dora - without
+    # per token (the rank- and row-sized terms cancel between two lengths)
+    assert extra(15) - extra(7) == 8 * 2 * layer.out_features * (2 if dropout else 1)
+    big = plan.shape_config("llama-3.1-8b")
+    outs = 3 * 4096 + 2 * 1024 + 2 * 14336
+    a, b = plan.estimate(big, 2048, 2, 16, dropout=dropout), plan.estimate(big, 2048, 2, 16, dropout=dropout, dora=True)
+    assert b["details"]["one_block"] - a["details"]["one_block"] == 4096 * 2 * outs * (2 if dropout else 1)
+    assert sum(b["components"].values()) == b["peak"] and b["settings"]["dora"]
+
+
 @pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
 def test_gradient_and_optimizer_bytes_equal_a_real_step(optim):
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
