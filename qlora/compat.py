@@ -31,6 +31,15 @@ def set_attention_implementation(config, name: str) -> None:
     config._attn_implementation_internal = name
 
 
+def sdpa_attention():
+    """transformers' own SDPA attention function (``transformers.integrations.sdpa_attention.
+    sdpa_attention_forward``, transformers 5.25: what the "sdpa" attention implementation runs; its grouped
+    query heads, scaling and ``is_causal`` handling), reached by its module path: the public
+    ``AttentionInterface()["sdpa"]`` may hold a wrapper (qlora.shared_prefix.install puts one there)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward
+
+
 def checkpoint_function(block):
     """The function a transformers ``GradientCheckpointingLayer`` runs its forward through once
     gradient checkpointing is on (``block._gradient_checkpointing_func``, transformers 5.25; None

@@ -88,12 +88,13 @@ def answer_mask(batch: dict) -> torch.Tensor:
 
 def sequence_logps(model, batch: dict, device=None, share_prompt: bool | str = False) -> torch.Tensor:
     """Sum of the answer tokens' log-probs of every row, fp32 [2B] (chosen rows first). ``share_prompt`` (True,
-    False or "auto": :func:`qlora.shared_prefix.wanted`): where the attention takes a mask and it saves enough,
-    each pair's shared prompt runs once (:mod:`qlora.shared_prefix`)."""
+    False or "auto": :func:`qlora.shared_prefix.wanted`): where the attention allows it (sdpa: pair attention;
+    eager: a 4D mask) and it saves enough, each pair's shared prompt runs once (:mod:`qlora.shared_prefix`)."""
     device = device if device is not None else batch["input_ids"].device
-    if shared_prefix.wanted(share_prompt, device) and shared_prefix.usable(model):
-        dtype = shared_prefix.mask_dtype(model, model.get_input_embeddings().weight.dtype)
-        key = f"_packed_{dtype}"  # DPO's policy and reference passes share one packing of the batch
+    how = shared_prefix.path(model) if shared_prefix.wanted(share_prompt, device) else None
+    if how is not None:
+        dtype = None if how == "pairs" else model.get_input_embeddings().weight.dtype
+        key = "_packed_pairs" if dtype is None else f"_packed_{dtype}"  # DPO's policy and reference passes share one packing of the batch
         if key not in batch:
             batch[key] = shared_prefix.pack(batch, dtype)
         if batch[key] is not None:
@@ -105,9 +106,18 @@ def packed_logps(model, packed: dict, device) -> torch.Tensor:
     """:func:`sequence_logps` of a :func:`qlora.shared_prefix.pack` batch: one forward over the packed rows,
     each sequence's scored tokens read at the positions that predict them."""
     inputs = {k: packed[k].to(device) for k in ("input_ids", "position_ids", "attention_mask")}
+    layout = packed.get("pair_layout")
+    if layout is not None:  # a forward keyword: transformers hands it to every attention call, recomputes too
+        shared_prefix.install()
+        inputs["pair_layout"] = layout = layout.to(device)
     B = inputs["input_ids"].shape[0]
-    return scored_sums(model, inputs, [(k % B, s.to(device), t.to(device))
+    sums = scored_sums(model, inputs, [(k % B, s.to(device), t.to(device))
                                        for k, (s, t) in enumerate(zip(packed["src"], packed["tgt"]))])
+    if layout is not None and not layout.calls:  # else every token attended to the whole row: wrong log-probs
+        raise QLoraError(f"--share-prompt: the attention of {type(model).__name__} never received the pair layout "
+                         "(its forward does not pass extra keywords down to an sdpa attention function): use "
+                         "--share-prompt false")
+    return sums
 
 
 # ----------------------------------------------------------------------------------- losses

@@ -95,10 +95,11 @@ class TrainConfig:
                                "training and keep them in OUT/ref_logps.safetensors, instead of one extra forward "
                                "pass per micro-batch", group="preference")
     share_prompt: str = opt("auto", "DPO/ORPO: run the prompt a pair's two answers share once, the rejected answer "
-                            "attending to it through a mask (same log-probs, fewer tokens, less memory; used where it "
-                            "saves at least an eighth of a batch's tokens and the attention is sdpa or eager). auto: "
-                            "off on CUDA, where SDPA's masked kernel made the step slower than the flash kernel on "
-                            "whole sequences; on elsewhere", ["auto", "true", "false"], group="preference")
+                            "attending to it but not to the chosen answer (same log-probs, fewer tokens; used where it "
+                            "saves at least an eighth of a batch's tokens; sdpa attention: mask-free pair attention, "
+                            "eager: a 4D mask). auto: off on CUDA, where the masked version made the step slower "
+                            "(pair attention's GPU speed is yet to be measured); on elsewhere",
+                            ["auto", "true", "false"], group="preference")
     # model
     model: str | None = opt(None, "base model: HF dir, GGUF file, 4-bit checkpoint or Hub id org/name[@revision] (default: embedded "
                                   "SmolLM2-135M-Instruct); "
@@ -253,7 +254,7 @@ def _shared_prompt_note(cfg, device, stats: dict) -> str:
     if shared is None or not stats.get("tokens"):
         return ""
     if not wanted(cfg.share_prompt, device):
-        why = " (auto: off on CUDA, where the masked attention is slower)" if cfg.share_prompt == "auto" else ""
+        why = " (auto: off on CUDA)" if cfg.share_prompt == "auto" else ""
         return f"; --share-prompt {cfg.share_prompt}: every sequence runs whole{why}"
     return (f"; shared prompts: {shared} of {stats['tokens']} tokens ({shared / stats['tokens']:.0%}) run once per pair "
             f"(a batch saving under {MIN_SAVED:.1%} runs whole)")

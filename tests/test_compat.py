@@ -52,6 +52,39 @@ def test_attention_implementation_switch_reaches_the_attention_call():
     torch.testing.assert_close(got, ref)
 
 
+def test_forward_keywords_reach_the_attention_function_and_its_recompute():
+    """qlora.shared_prefix's pair attention relies on these: transformers' own sdpa function is at its module
+    path; an extra keyword of the model's forward reaches every attention call, also the recompute of a
+    checkpointed block in backward; an all-ones 2D mask makes the sdpa mask code build no mask."""
+    fn = compat.sdpa_attention()
+    assert {"is_causal", "scaling"} <= set(inspect.signature(fn).parameters), \
+        moved("transformers.integrations.sdpa_attention.sdpa_attention_forward")
+    m, seen = tiny_llama(), []
+
+    def spy(module, q, k, v, mask, qlora_probe=None, **kw):
+        seen.append((module.layer_idx, qlora_probe, mask, torch.is_grad_enabled()))
+        return fn(module, q, k, v, mask, **kw)
+
+    from transformers.masking_utils import AttentionMaskInterface
+    transformers.AttentionInterface.register("qlora_compat_kwargs", spy)
+    AttentionMaskInterface.register("qlora_compat_kwargs", AttentionMaskInterface()["sdpa"])  # sdpa's masks
+    compat.set_attention_implementation(m.config, "qlora_compat_kwargs")
+    try:
+        m.train()
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        out = m(ids, position_ids=torch.tensor([[0, 1, 2, 1, 2]]), attention_mask=torch.ones_like(ids),
+                qlora_probe="p", use_cache=False).logits
+        forward = len(seen)
+        out.sum().backward()
+    finally:
+        compat.set_attention_implementation(m.config, "sdpa")
+    assert [s[:2] for s in seen[:forward]] == [(0, "p"), (1, "p")], moved("forward keywords passed to the attention")
+    assert sorted(s[:2] for s in seen[forward:]) == [(0, "p"), (1, "p")], \
+        moved("forward keywords replayed by the checkpointed recompute")
+    assert all(s[2] is None for s in seen), moved("sdpa_mask skipping an all-ones 2D mask")
+
+
 def test_checkpoint_function_wraps_each_blocks_recomputation():
     m = tiny_llama()
     m.train()

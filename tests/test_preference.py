@@ -377,33 +377,191 @@ def test_plain_template_trains_on_the_answer_only(tok, tmp_path):
 
 
 # ------------------------------------------------------------------- a pair's prompt run once
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_shared_prompt_gives_each_sequences_log_probs_and_lora_grads(tiny, batch, attention):
-    """Packed (the rejected tail attends to the shared prompt only, bool mask for sdpa, additive for eager)
-    against each sequence run alone, one row per forward: the log-probs and the LoRA gradients."""
+UNEVEN = [  # shared prefixes of many lengths: a long prompt whose answers share their first words (the prefix runs
+    # into the answers and outruns the next pair's whole chosen sequence), a short prompt with a long chosen answer,
+    # a rejected answer longer than its chosen one
+    {"prompt": "what is the price of the blue widget and the red gadget in the city of rome , paris or berlin ?",
+     "chosen": "the answer is ten dollars .", "rejected": "the answer is seven"},
+    {"prompt": "who ?", "chosen": "the user of the red widget", "rejected": "no"},
+    {"prompt": "what color is the gadget ?", "chosen": "red", "rejected": "it is green and blue , not red"},
+]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory, tok):
+    pairs, _ = tokenize_pairs(read_pairs(_write(tmp_path_factory.mktemp("uneven") / "p.jsonl", UNEVEN)), tok,
+                              max_length=64)
+    return PairBatches(pairs, len(pairs), tok.pad_token_id, seed=0).epoch(0)[0]
+
+
+def each_alone(m, batch, device="cpu") -> torch.Tensor:
+    """Every sequence of ``batch`` run alone, unpadded (no mask at all): its answer log-probs [2B]."""
+    want = []
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        one = {k: batch[k][row:row + 1, :n] for k in ("input_ids", "labels", "attention_mask")}
+        want.append(P.row_logps(m, one, device, [P.answer_mask(one)])[0][0])
+    return torch.stack(want)
+
+
+def lora_grads(m) -> dict:
+    out = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    assert len(out) == 28  # A and B of 14 linears
+    return out
+
+
+def assert_grads_close(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-5 * g.abs().max().item())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_pair_attention_gives_each_sequences_log_probs_and_lora_grads(tiny, uneven, checkpointing, monkeypatch):
+    """sdpa: pair attention (no mask; every SDPA call causal) against each sequence run alone, log-probs and
+    LoRA gradients, with grouped-query heads (the tiny model: 2 kv heads for 4 query heads) and padding. With
+    non-reentrant gradient checkpointing backward recomputes each block, pair attention included."""
+    from qlora import shared_prefix
+    from qlora.offload import enable_checkpointing
+    B = uneven["input_ids"].shape[0] // 2
+    lens = uneven["attention_mask"].sum(1).tolist()
+    ids, labels = uneven["input_ids"], uneven["labels"]
+    prefixes = [shared_prefix.common_prefix(ids[b, :lens[b]].tolist(), ids[B + b, :lens[B + b]].tolist())
+                for b in range(B)]
+    assert max(prefixes) > min(lens[:B]) and len(set(prefixes)) == B and len(set(lens)) == 2 * B
+    assert any(labels[b, p - 1] != -100 for b, p in enumerate(prefixes))  # a prefix running into the answers
+    m = ours(tiny)
+    assert shared_prefix.path(m) == "pairs" and m.config.num_key_value_heads < m.config.num_attention_heads
+    if checkpointing:
+        m.train()
+        enable_checkpointing(m)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    got = P.sequence_logps(m, uneven, share_prompt=True)
+    forward = len(calls)
+    got.sum().backward()
+    monkeypatch.undo()
+    layers = m.config.num_hidden_layers
+    assert forward == 2 * layers and len(calls) == (4 if checkpointing else 2) * layers  # two sequences a layer
+    assert set(calls) == {(True, True)}  # no mask, causal: the calls SDPA's flash kernel takes on CUDA
+    grads = lora_grads(m)
+    ref = ours(tiny)  # the same weights, no checkpointing, each sequence alone
+    want = each_alone(ref, uneven)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, lora_grads(ref))
+
+
+def test_masked_path_gives_each_sequences_log_probs_and_lora_grads(tiny, batch):
+    """eager: the 4D (additive) mask; the log-probs and LoRA gradients of each sequence run alone."""
     from qlora import shared_prefix
     from qlora.compat import set_attention_implementation
     m = ours(tiny)
-    set_attention_implementation(m.config, attention)
-    packed = shared_prefix.pack(batch, shared_prefix.mask_dtype(m, torch.float32))
+    set_attention_implementation(m.config, "eager")
+    assert shared_prefix.path(m) == "mask"
+    packed = shared_prefix.pack(batch, torch.float32)
     B = len(PAIRS)
     assert packed["input_ids"].shape[0] == B and packed["saved_tokens"] > 0.25 * int(batch["attention_mask"].sum())
-    got = P.sequence_logps(m, batch, share_prompt=True)
+    mine = {k: v for k, v in batch.items() if not k.startswith("_packed")}  # (other tests cache their packing)
+    got = P.sequence_logps(m, mine, share_prompt=True)
+    assert "_packed_torch.float32" in mine and "_packed_pairs" not in mine
     got.sum().backward()
-    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    m.zero_grad()
-    want = []
-    for row in range(2 * B):  # each sequence alone, unpadded: no mask at all
-        n = int(batch["attention_mask"][row].sum())
-        one = {k: batch[k][row:row + 1, :n] for k in ("input_ids", "labels", "attention_mask")}
-        want.append(P.row_logps(m, one, "cpu", [P.answer_mask(one)])[0][0])
-    torch.stack(want).sum().backward()
-    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
-    assert len(grads) == 28
-    for n, p in m.named_parameters():
-        if n in grads:
-            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item())
-    set_attention_implementation(m.config, "sdpa")
+    grads = lora_grads(m)
+    want = each_alone(m, batch)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, lora_grads(m))
+
+
+def known_pairs() -> dict:
+    """Two pairs: chosen 1 2 3 / rejected 1 2 7 8 (prefix 2), chosen 4 5 6 7 8 / rejected 4 9 (prefix 1); every
+    token but the first scored."""
+    seqs = [[1, 2, 3], [4, 5, 6, 7, 8], [1, 2, 7, 8], [4, 9]]
+    ids, labels = torch.zeros((4, 5), dtype=torch.long), torch.full((4, 5), -100)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        labels[r, 1:len(s)] = ids[r, 1:len(s)]
+    return {"input_ids": ids, "labels": labels, "attention_mask": (labels != -100).long().index_fill_(1, torch.tensor([0]), 1)}
+
+
+def test_pair_layout_of_a_known_batch():
+    from qlora import shared_prefix
+    packed = shared_prefix.pack(known_pairs(), None)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 7, 8, 0], [4, 5, 6, 7, 8, 9]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 2, 3, 4], [0, 1, 2, 3, 4, 1]]
+    assert packed["attention_mask"].tolist() == [[1] * 6] * 2  # all ones: transformers builds no mask
+    lay = packed["pair_layout"]
+    assert lay.chosen_len == 5  # chosen: the rows' first 5 positions
+    assert lay.rejected_index.tolist() == [[0, 1, 3, 4], [0, 5, 0, 0]]  # prefix, then the tail; 0 pads
+    # chosen outputs at 0..4, rejected at 5..8: row 0's tail is rejected positions 2, 3; row 1's is position 1
+    assert lay.out_index.tolist() == [[0, 1, 2, 7, 8, 0], [0, 1, 2, 3, 4, 6]]
+    assert [s.tolist() for s in packed["src"]] == [[0, 1], [0, 1, 2, 3], [0, 1, 3], [0]]
+
+
+def test_pair_attention_is_each_sequences_causal_attention():
+    """Random packed q/k/v (4 query heads, 2 kv heads) against softmax attention computed apart on each
+    unpacked sequence: the outputs, finite padding, and the gradients of q/k/v."""
+    from types import SimpleNamespace
+    from qlora import shared_prefix
+    packed = shared_prefix.pack(known_pairs(), None)
+    lay, (B, S), H, Hkv, D = packed["pair_layout"], packed["input_ids"].shape, 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, S, D, generator=g, dtype=torch.float64, requires_grad=True) for h in (H, Hkv, Hkv))
+    out, _ = shared_prefix.pair_attention(SimpleNamespace(num_key_value_groups=H // Hkv), q, k, v, lay,
+                                          scaling=D ** -0.5)
+    assert out.shape == (B, S, H, D) and torch.isfinite(out).all()
+
+    def attend(pos):  # causal softmax attention of one sequence, made of these row positions of row b
+        qs, ks, vs = (x[b][:, pos] for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(H // Hkv, 0), vs.repeat_interleave(H // Hkv, 0)
+        scores = (qs @ ks.transpose(1, 2)) * D ** -0.5
+        scores = scores.masked_fill(torch.ones(len(pos), len(pos), dtype=torch.bool).triu(1), float("-inf"))
+        return (scores.softmax(-1) @ vs).transpose(0, 1)  # [L, H, D]
+
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got_loss, want_loss = 0, 0
+    for b, (lc, lr, p) in enumerate(((3, 4, 2), (5, 2, 1))):
+        n = lc + lr - p
+        chosen, rejected = attend(list(range(lc))), attend(list(range(p)) + list(range(lc, n)))
+        torch.testing.assert_close(out[b, :lc], chosen)
+        torch.testing.assert_close(out[b, lc:n], rejected[p:])
+        got_loss = got_loss + (out[b, :n] * w[b, :n]).sum()
+        want_loss = want_loss + (chosen * w[b, :lc]).sum() + (rejected[p:] * w[b, lc:n]).sum()
+    got = torch.autograd.grad(got_loss, (q, k, v))
+    for a, e in zip(got, torch.autograd.grad(want_loss, (q, k, v))):
+        torch.testing.assert_close(a, e)
+
+
+def test_pair_attention_refuses_a_window_shorter_than_the_sequences():
+    from types import SimpleNamespace
+    from qlora import shared_prefix
+    lay = shared_prefix.pack(known_pairs(), None)["pair_layout"]
+    q = torch.zeros(2, 2, 6, 4)
+    with pytest.raises(QLoraError, match="sliding window .*--share-prompt false"):
+        shared_prefix.pair_attention(SimpleNamespace(), q, q, q, lay, sliding_window=3)
+    shared_prefix.pair_attention(SimpleNamespace(), q, q, q, lay, sliding_window=5)  # covers every sequence
+
+
+def test_pair_layout_that_never_reaches_the_attention_is_an_error(tiny, batch, monkeypatch):
+    """A model whose attention drops the forward's extra keywords would attend over the whole packed row
+    (every tail token seeing the chosen answer): refused, not silently wrong."""
+    from qlora import shared_prefix
+    from qlora.compat import sdpa_attention
+    m = ours(tiny)
+    shared_prefix.install()
+    from transformers import AttentionInterface
+
+    def drops(module, q, k, v, mask, pair_layout=None, **kw):
+        return sdpa_attention()(module, q, k, v, mask, **kw)
+    drops.qlora_pairs = True  # (so that install leaves it in place)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", drops)
+    with torch.no_grad(), pytest.raises(QLoraError, match="never received the pair layout.*--share-prompt false"):
+        P.sequence_logps(m, batch, share_prompt=True)
 
 
 def test_shared_prompt_layout_and_when_it_is_not_used(batch):
@@ -428,11 +586,7 @@ def test_shared_prompt_layout_and_when_it_is_not_used(batch):
     assert shared_prefix.pack(unrelated, torch.bool) is None
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_shared_prompt_on_cuda_gives_each_sequences_log_probs(tiny, batch, dtype):
-    """On a GPU, SDPA takes the packed mask through its masked kernel: the log-probs are still those of each
-    sequence run alone (NF4 base; bf16 within its rounding)."""
+def cuda_model(tiny, dtype):
     m = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
     apply_qlora(m, QuantSettings(quant_type="nf4", compute_dtype=dtype), LoraSettings(dropout=0.0, **LORA), seed=0)
     m.to("cuda")
@@ -440,11 +594,37 @@ def test_shared_prompt_on_cuda_gives_each_sequences_log_probs(tiny, batch, dtype
         for mod in m.modules():
             if isinstance(mod, QLoRALinear) and mod.r:
                 mod.lora_B.normal_(0, 0.3)
+    return m
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_on_cuda_gives_each_sequences_log_probs(tiny, uneven, dtype, attention):
+    """On a GPU, pair attention (sdpa) and the masked path (eager): the log-probs are still those of each
+    sequence run alone (NF4 base; bf16 within its rounding)."""
+    from qlora.compat import set_attention_implementation
+    m = cuda_model(tiny, dtype)
+    set_attention_implementation(m.config, attention)
+    batch = {k: v for k, v in uneven.items() if not k.startswith("_packed")}  # (other tests cache their packing)
+    with torch.no_grad():
         got = P.sequence_logps(m, batch, "cuda", share_prompt=True)
-        want = []
-        for row in range(batch["input_ids"].shape[0]):
-            n = int(batch["attention_mask"][row].sum())
-            one = {k: batch[k][row:row + 1, :n] for k in ("input_ids", "labels", "attention_mask")}
-            want.append(P.row_logps(m, one, "cuda", [P.answer_mask(one)])[0][0])
+        want = each_alone(m, uneven, "cuda")
+    assert f"_packed_{'pairs' if attention == 'sdpa' else 'torch.' + ('float32' if dtype == 'fp32' else 'bfloat16')}" in batch
     tol = 1e-4 if dtype == "fp32" else 3e-2
-    torch.testing.assert_close(got.float(), torch.stack(want).float(), rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.gpu
+def test_pair_attention_on_cuda_runs_sdpas_flash_kernel(tiny, uneven):
+    """bf16, forward and backward with SDPA restricted to its flash kernel (which takes no mask: a masked call
+    would find no kernel): pair attention runs, with the same log-probs as the sequences run alone."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    m = cuda_model(tiny, "bf16")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        got = P.sequence_logps(m, dict(uneven), "cuda", share_prompt=True)
+        got.sum().backward()
+    assert sum(p.grad is not None and p.grad.abs().max() > 0 for p in m.parameters()) == 28
+    with torch.no_grad():
+        want = each_alone(m, uneven, "cuda")
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=0.3)
