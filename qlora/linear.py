@@ -240,6 +240,9 @@ def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None,
     after the node is recorded (in place: an out-of-place addmm would copy y first). ``with_weight``: return
     ``(y, W)``, the (dequantized) base this call used (DoRA's row norm reuses it instead of dequantizing again)."""
     y, xa = _QLoRAMatmul.apply(x, xd, a, b, scaling, weight, bias, packed, holder, drop)
+    if holder._output_unused and not with_weight:  # only back-propagated through: no value needed (output_unused)
+        with torch.no_grad():
+            return y.zero_()
     with torch.no_grad():
         w = weight if weight is not None else _dequant(packed, holder.state, x.dtype)
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
@@ -277,6 +280,7 @@ class QLoRALinear(nn.Module):
         self._lora_c_grad = False  # whether _lora_c was cast with gradients on (else: use it only with them off)
         self._carriers: dict = {}  # name -> (shape, dtype, nbytes) of integer tensors held as bf16 bytes (FSDP2)
         self.lora_magnitude: nn.Parameter | None = None  # DoRA's magnitude (see init_dora)
+        self._output_unused = False  # see output_unused()
         # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
         # non-persistent: the base is always re-read from its source, adapters are saved apart).
         for k in self.BASE_TENSORS:
@@ -646,6 +650,19 @@ def adapter_factors(module: nn.Module) -> tuple[list["QLoRALinear"], list[torch.
     else fresh casts, or the parameters themselves when no cast is needed)."""
     layers = [m for m in module.modules() if isinstance(m, QLoRALinear) and m.r > 0 and not m.disable_adapter]
     return layers, [t for m in layers for t in m._lora_factors()]
+
+
+@contextlib.contextmanager
+def output_unused(layer: "QLoRALinear"):
+    """Inside: ``layer``'s training forward (the fused LoRA node) leaves the frozen base's product out of its
+    output, which comes back zeros: for a caller that only back-propagates through it (qlora.tiled's chunk
+    backward, down_proj's output being the chunk's output). The gradients do not depend on that value (the
+    input's needs W, not W x), so the base's dequantization and GEMM are saved."""
+    before, layer._output_unused = layer._output_unused, True
+    try:
+        yield
+    finally:
+        layer._output_unused = before
 
 
 @contextlib.contextmanager

@@ -12,9 +12,9 @@ How (:class:`_TiledMLP`, one autograd node per MLP call):
   *unfilled*; :func:`mlp_forward` then fills it chunk by chunk without an autograd graph. A checkpointed
   block's recompute (torch's non-reentrant checkpoint stops once the block's last saved tensor is saved
   again) therefore stops at this node, before the chunks run: the MLP forward runs twice per step, as
-  without tiling (forward, and again in backward; down_proj's GEMM, which the untiled recompute skips,
-  runs in each chunk's), and each chunk dequantizes the three weights again; without checkpointing the
-  MLP forward runs one more time.
+  without tiling (forward, and again in backward, where down_proj's frozen product is left out as the
+  untiled recompute leaves it: :meth:`_Tiling._down_unused`), and each chunk dequantizes gate's and up's
+  weights again; without checkpointing the MLP forward runs one more time.
 * backward, chunk by chunk, runs the chunk's MLP again with autograd on and back-propagates the chunk's
   rows of the output gradient with ``torch.autograd.grad`` to the chunk's input and to the trainable
   tensors the MLP uses. Those tensors are inputs of the node (the LoRA factors in the compute dtype as the
@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 
 from .errors import QLoraError
-from .linear import LoraDropout, adapter_factors, current_dropout_key, dropout_key_as, lora_factors_as
+from .linear import (LoraDropout, QLoRALinear, adapter_factors, current_dropout_key, dropout_key_as, lora_factors_as,
+                     output_unused)
 
 # Tile when a call's tokens x intermediate size exceed this: the untiled MLP's intermediates at the
 # block's backward peak (~9.35 bytes per element) would pass ~2.3 GiB. Llama-3.1-8B (I 14336) tiles from
@@ -55,6 +56,10 @@ TILE_ABOVE = 1 << 28
 CHUNK_ELEMENTS = 1 << 26
 # Tokens per chunk when QLORA_TILE_ALL forces every call tiled (tests: several chunks on tiny micro-batches).
 FORCED_ROWS = 16
+# MLP classes whose forward returns down_proj's output as it is (``down(act(gate(x)) * up(x))``): their chunk
+# backward needs no value of it, so down_proj's frozen product is left out there (qlora.linear.output_unused)
+DOWN_IS_OUTPUT = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen2MoeMLP", "Qwen3MoeMLP", "GemmaMLP",
+                  "Gemma2MLP", "Gemma3MLP"}
 _MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd: chunk keys far apart from each other
 
 
@@ -134,6 +139,16 @@ class _Tiling:
                 with self._key(i):
                     y2[a:b].copy_(self.inner(self.mlp, x2[a:b]))
 
+    def _down_unused(self):
+        """Inside the chunk backward: down_proj's frozen product left out of the chunk's output, whose value
+        nothing reads (only its gradient is taken) -- one dequantization and GEMM fewer per chunk -- where the
+        MLP returns down_proj's output as it is and down_proj is a plain (not DoRA) adapted QLoRA layer."""
+        down = self.mlp.down_proj
+        if (type(self.mlp).__name__ in DOWN_IS_OUTPUT and isinstance(down, QLoRALinear) and down.r > 0
+                and down.lora_magnitude is None and not down.disable_adapter):
+            return output_unused(down)
+        return contextlib.nullcontext()
+
     def backward(self, x, gy, factors, wanted, need_x):
         """``(grad of x or None, [grad of each of wanted])``: chunk by chunk, the MLP again with autograd and
         its backward from the chunk's rows of ``gy``; the wanted gradients summed in fp32."""
@@ -141,7 +156,7 @@ class _Tiling:
         gx = torch.empty_like(x2) if need_x else None
         sums = [None] * len(wanted)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_on_device, _on_device), \
-                lora_factors_as(self.layers, factors), self._replayed_rng():
+                lora_factors_as(self.layers, factors), self._replayed_rng(), self._down_unused():
             for i, (a, b) in enumerate(self.bounds):
                 xc = x2[a:b].detach().requires_grad_(need_x)
                 with self._key(i):
