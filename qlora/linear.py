@@ -240,6 +240,10 @@ def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None,
     after the node is recorded (in place: an out-of-place addmm would copy y first). ``with_weight``: return
     ``(y, W)``, the (dequantized) base this call used (DoRA's row norm reuses it instead of dequantizing again)."""
     y, xa = _QLoRAMatmul.apply(x, xd, a, b, scaling, weight, bias, packed, holder, drop)
+    kept = holder._outputs[1].get(holder) if holder._outputs[1] is not None and not with_weight else None
+    if kept:  # the block's recompute: the output its forward kept (keep_outputs)
+        with torch.no_grad():
+            return y.copy_(kept.pop(0))
     if holder._output_unused and not with_weight:  # only back-propagated through: no value needed (output_unused)
         with torch.no_grad():
             return y.zero_()
@@ -251,6 +255,8 @@ def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None,
         else:
             torch.mm(x2, w.t(), out=y2)
         y2.addmm_(xa, b.t(), alpha=scaling)
+    if holder._outputs[0] is not None and not with_weight:
+        holder._outputs[0].setdefault(holder, []).append(y.detach())
     return (y, w) if with_weight else y
 
 
@@ -281,6 +287,7 @@ class QLoRALinear(nn.Module):
         self._carriers: dict = {}  # name -> (shape, dtype, nbytes) of integer tensors held as bf16 bytes (FSDP2)
         self.lora_magnitude: nn.Parameter | None = None  # DoRA's magnitude (see init_dora)
         self._output_unused = False  # see output_unused()
+        self._outputs: tuple[dict | None, dict | None] = (None, None)  # see keep_outputs()
         # Frozen base: either a packed 4-bit weight with its state, or a 16-bit weight (buffers,
         # non-persistent: the base is always re-read from its source, adapters are saved apart).
         for k in self.BASE_TENSORS:
@@ -663,6 +670,25 @@ def output_unused(layer: "QLoRALinear"):
         yield
     finally:
         layer._output_unused = before
+
+
+@contextlib.contextmanager
+def keep_outputs(layers: list["QLoRALinear"], into: dict | None = None, take_from: dict | None = None):
+    """Selective recompute of a checkpointed block (qlora.offload.enable_checkpointing's ``keep_gemms``).
+    With ``into`` (the block's forward, with gradients): each of ``layers`` appends its output (the fused
+    LoRA node's) to ``into[layer]``. With ``take_from`` (that call's recompute in backward): a layer with an
+    output there builds its autograd node as usual but copies that output instead of dequantizing and
+    multiplying again, and drops it. One dict per checkpointed call, so forwards that run before their
+    backwards (a DPO step's) each get their own outputs back. Same values as recomputing (the same GEMM on
+    the same inputs), for the memory of the outputs between forward and backward."""
+    before = [m._outputs for m in layers]
+    for m in layers:
+        m._outputs = (into, take_from)
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._outputs = b
 
 
 @contextlib.contextmanager

@@ -227,7 +227,8 @@ def _no_recompute(function, *args, **kwargs):
 
 
 def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: int = DEFAULT_MIN_BYTES,
-                         offloader: ActivationOffloader | None = None, keep=()) -> ActivationOffloader | None:
+                         offloader: ActivationOffloader | None = None, keep=(),
+                         keep_gemms=()) -> ActivationOffloader | None:
     """Turn on per-block gradient checkpointing (non-reentrant) of a transformers model and, with
     ``offload``, move each block's saved input to pinned CPU memory until its backward.
 
@@ -235,6 +236,12 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
     keep all their activations and backward recomputes nothing for them (the memory budget's policy,
     qlora.budget, keeps the last K blocks). The math is the same op for op, so losses and gradients are
     bit for bit those of recomputing. Their activations are never offloaded.
+
+    ``keep_gemms``: indices of checkpointed blocks whose MLP gate and up projections keep their outputs from
+    the forward until the block's recompute, which then skips those two GEMMs (over half of a Llama block's
+    weights) and their dequantization (:func:`qlora.linear.keep_outputs`; same values, so the same losses
+    and gradients): ``2 * I`` 16-bit values a token a block of memory, against a kept block's
+    ``~14H + 6I``. Blocks whose gate/up carry no plain LoRA adapter (none, or DoRA) recompute as usual.
 
     Returns the :class:`ActivationOffloader` used (``offloader`` if given), or None without
     offload. Its ``hooks()`` can also wrap the loss computation to offload the tensors saved
@@ -251,9 +258,12 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
     if not blocks:
         raise QLoraError(f"{type(model).__name__}: no checkpointed decoder blocks found")
     keep = set(keep)
-    bad = sorted(k for k in keep if not is_int(k) or not 0 <= k < len(blocks))
+    keep_gemms = set(keep_gemms)
+    bad = sorted(k for k in keep | keep_gemms if not is_int(k) or not 0 <= k < len(blocks))
     if bad:
         raise QLoraError(f"blocks to keep must be indices in [0, {len(blocks)}), got {bad}")
+    if keep & keep_gemms:
+        raise QLoraError(f"blocks both kept whole and kept for their MLP GEMMs: {sorted(keep & keep_gemms)}")
     off = None
     if offload and len(keep) < len(blocks):
         off = offloader or ActivationOffloader(min_bytes, static=True)  # static: what a CUDA graph of the step needs
@@ -261,9 +271,39 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
     for i, block in enumerate(blocks):
         inner = getattr(block, "_qlora_checkpoint_func", checkpoint_function(block))  # undo an earlier wrap
         block._qlora_checkpoint_func = inner
-        set_checkpoint_function(block, _no_recompute if i in keep else
-                                _offloaded(inner, off) if off is not None else inner)
+        fn = inner
+        if i in keep_gemms and gemm_layers(block):
+            fn = _keeping_gemms(inner, gemm_layers(block))
+        set_checkpoint_function(block, _no_recompute if i in keep else _offloaded(fn, off) if off is not None else fn)
     return off if offload else None
+
+
+def gemm_layers(block: nn.Module) -> list:
+    """The block's MLP gate and up projections that can keep their outputs for the recompute: QLoRA layers
+    with a plain (not DoRA) adapter, whose forward is the fused LoRA node."""
+    from .linear import QLoRALinear
+    mlp = getattr(block, "mlp", None)
+    layers = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
+    return [m for m in layers if isinstance(m, QLoRALinear) and m.r > 0 and m.lora_magnitude is None]
+
+
+def _keeping_gemms(inner, layers: list):
+    """``inner`` (a block's checkpoint function) whose forward keeps ``layers``' outputs for the recompute
+    (:func:`qlora.linear.keep_outputs`): the checkpoint calls the block's function twice, forward then
+    recompute, and each checkpointed call gets its own store."""
+    from .linear import keep_outputs
+
+    def keeping_checkpoint(function, *args, **kw):
+        if not torch.is_grad_enabled():  # no backward will recompute: nothing to keep
+            return inner(function, *args, **kw)
+        store, calls = {}, []
+
+        def run(*a, **k):
+            calls.append(1)
+            with keep_outputs(layers, into=store) if len(calls) == 1 else keep_outputs(layers, take_from=store):
+                return function(*a, **k)
+        return inner(run, *args, **kw)
+    return keeping_checkpoint
 
 
 def _offloaded(inner, off: ActivationOffloader):

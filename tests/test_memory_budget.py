@@ -94,9 +94,63 @@ def test_kept_blocks_give_the_same_losses_and_gradients_bit_for_bit(monkeypatch,
             assert got is None  # every block kept: nothing to offload
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_blocks_keeping_their_mlp_gemms_give_the_same_losses_and_gradients_bit_for_bit(monkeypatch, dtype, offload):
+    """keep_gemms (selective recompute): the same loss and gradients as no checkpointing, bit for bit, whichever
+    blocks keep their gate/up outputs; those blocks' recompute dequantizes gate and up no more (backward only),
+    the others' still do; a forward without gradients keeps nothing; two forwards before one backward (a DPO
+    step's policy passes) each get their own outputs back."""
+    model, batch = _model(dtype), _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    where = {m.weight_packed.data_ptr(): n for n, m in model.named_modules() if isinstance(m, lin.QLoRALinear)}
+    count, real = {"on": False}, lin._dequant
+
+    def counting(packed, state, dt):
+        if count["on"]:
+            name = where[packed.data_ptr()]
+            key = (int(name.split("layers.")[1].split(".")[0]), name.rsplit(".", 1)[-1])
+            count[key] = count.get(key, 0) + 1
+        return real(packed, state, dt)
+    monkeypatch.setattr(lin, "_dequant", counting)
+    for gemms in ([0], [0, 2], list(range(LAYERS))):
+        off = ActivationOffloader(min_bytes=0, include_cpu=True) if offload else None
+        enable_checkpointing(model, offload=offload, offloader=off, keep=[1] if 1 not in gemms else [],
+                             keep_gemms=gemms)
+        for key in [key for key in count if key != "on"]:
+            del count[key]
+        loss, grads = _loss_and_grads(model, batch, count)
+        assert torch.equal(loss, ref_loss), gemms
+        for n, g in ref_grads.items():
+            assert torch.equal(grads[n], g), (gemms, n)
+        for layer in range(LAYERS):
+            whole = layer == 1 and 1 not in gemms  # kept whole: nothing recomputed
+            for name in ("gate_proj", "up_proj"):
+                assert count[(layer, name)] == (1 if layer in gemms or whole else 2), (gemms, layer, count)
+            assert count[(layer, "q_proj")] == (1 if whole else 2), (gemms, layer, count)
+    with torch.no_grad():  # (evaluation, a DPO reference pass): nothing kept for a backward that never comes
+        loss_sum(model, batch, "cpu")
+    assert all(m._outputs == (None, None) for m in model.modules() if isinstance(m, lin.QLoRALinear))
+    other = _batch(t=16)
+    other["input_ids"] = other["input_ids"].flip(1)
+    model.zero_grad(set_to_none=True)
+    (loss_sum(model, batch, "cpu") + 0.5 * loss_sum(model, other, "cpu")).backward()
+    both = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    enable_checkpointing(model)  # every block recomputed
+    model.zero_grad(set_to_none=True)
+    (loss_sum(model, batch, "cpu") + 0.5 * loss_sum(model, other, "cpu")).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, both[n]), n
+
+
 def test_bad_keep_indices_are_one_line():
     with pytest.raises(QLoraError, match=r"blocks to keep must be indices in \[0, 3\)"):
         enable_checkpointing(_model("fp32"), keep=[3])
+    with pytest.raises(QLoraError, match=r"blocks to keep must be indices in \[0, 3\)"):
+        enable_checkpointing(_model("fp32"), keep_gemms=[-1])
+    with pytest.raises(QLoraError, match=r"both kept whole and kept for their MLP GEMMs: \[2\]"):
+        enable_checkpointing(_model("fp32"), keep=[2], keep_gemms=[2])
 
 
 def test_kept_block_count_matches_what_autograd_saves():
