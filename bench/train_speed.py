@@ -89,7 +89,8 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     policy = choose_policy(cfg, seq, batch, memory_budget, device, plan_kw, offload="offload" in mode.split("+"))
     # offload: block inputs to pinned CPU memory; a budget's policy: the last K blocks keep their activations
     off = enable_checkpointing(model, offload=policy.offload if policy else "offload" in mode.split("+"),
-                               keep=policy.keep_indices if policy else ())
+                               keep=policy.keep_indices if policy else (),
+                               keep_gemms=policy.gemm_indices if policy else ())
     model.train()
     load_s = time.time() - t0
     marks["model built"] = round(time.time() - T_START, 2)
@@ -148,7 +149,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
     steady = sorted(times[2:]) if len(times) > 2 else times
     med = steady[len(steady) // 2]
     tok_s = batch * seq / med
-    flops = flops_per_token(model, cfg, seq, policy.keep if policy else 0)
+    flops = flops_per_token(model, cfg, seq, policy.keep if policy else 0, policy.gemms if policy else 0)
     if policy is None:  # the plan's prediction for this mode's settings, beside the measurement
         from qlora.plan import estimate
         predicted = estimate(cfg, seq, batch, offload="offload" in mode.split("+"), fused_dropout=True,
@@ -166,7 +167,8 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
              mfu_executed=round(tok_s * flops["executed"] / PEAK_FLOPS, 3) if cuda else None,
              flops_per_token=flops,
              **({"memory_budget_gib": round(policy.budget / 2**30, 2), "policy": policy.describe(),
-                 "kept_blocks": policy.keep, "offload": policy.offload} if policy else {}),
+                 "kept_blocks": policy.keep, "gemm_blocks": policy.gemms, "offload": policy.offload}
+                if policy else {}),
              cuda_graphs=dict(graphed.stats, failed=graphed.failed) if graphed is not None else False,
              dropout=dropout, keyed_dropout=keyed,
              **({"memory_phases": phases} if memory_phases else {}))
@@ -229,12 +231,13 @@ def choose_policy(cfg, seq: int, batch: int, budget: str | None, device: str, pl
                   offload=True if offload else None, fused_dropout=True, **plan_kw)
 
 
-def flops_per_token(model, cfg, seq: int, kept: int) -> dict:
+def flops_per_token(model, cfg, seq: int, kept: int, gemms: int = 0) -> dict:
     """Matmul FLOPs per token of one training step. ``6n``: the usual 6N (N = block linears + lm_head) plus
     attention (fwd + bwd, 12*L*seq*H); ``executed``: what runs, with the frozen base's missing weight
     gradients and the recompute counted: forward 2N, input-gradient backward 2N, LoRA 6 per parameter,
     the recompute of the L - kept checkpointed blocks (their linears but down_proj, whose GEMM the recompute
-    skips), causal attention forward 2*seq*H, backward 4*seq*H and again 2*seq*H when recomputed, per layer."""
+    skips, and gate/up too in the ``gemms`` blocks keeping their outputs), causal attention forward 2*seq*H, backward
+    4*seq*H and again 2*seq*H when recomputed, per layer."""
     L, H = cfg.num_hidden_layers, cfg.hidden_size
     linears = [m for m in model.modules() if hasattr(m, "lora_A")]
     n_blocks = sum(m.in_features * m.out_features for m in linears)
@@ -242,8 +245,10 @@ def flops_per_token(model, cfg, seq: int, kept: int) -> dict:
                  if hasattr(m, "lora_A") and n.endswith("down_proj"))
     n = n_blocks + cfg.vocab_size * H
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_gate_up = sum(m.in_features * m.out_features for n, m in model.named_modules()
+                    if hasattr(m, "lora_A") and n.endswith(("gate_proj", "up_proj")))
     recomputed = (L - kept) / L
-    executed = (4 * n + 6 * lora + 2 * (n_blocks - n_down) * recomputed
+    executed = (4 * n + 6 * lora + 2 * (n_blocks - n_down) * recomputed - 2 * n_gate_up * gemms / L
                 + L * seq * H * (2 + 4 + 2 * recomputed))
     return {"6n": int(6 * n + 12 * L * seq * H), "executed": int(executed)}
 
@@ -363,7 +368,8 @@ def main():
     for name, r in rows:
         vr = f"{r['tok_s'] / ref:.2f}x" if ref else "-"
         vu = f"{r['tok_s'] / uns:.2f}x" if uns else "-"
-        policy = f"{r['kept_blocks']} kept{', offload' if r['offload'] else ''}" if "kept_blocks" in r else "-"
+        policy = (f"{r['kept_blocks']} kept{', ' + str(r['gemm_blocks']) + ' keep gate/up' if r.get('gemm_blocks') else ''}"
+                  f"{', offload' if r['offload'] else ''}" if "kept_blocks" in r else "-")
         print(f"| {name} | {r['tok_s']:,.0f} | {r.get('peak_gib', '-')} | {r.get('plan_peak_gib', '-')} | "
               f"{r.get('mfu') or '-'} | {r.get('mfu_executed') or '-'} | {policy} | {vr} | {vu} |")
     if "qlora" in res and "lora16" in res:

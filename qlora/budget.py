@@ -6,12 +6,19 @@ math, so losses and gradients are bit for bit those of full recompute):
 * ``keep``: the last K decoder blocks keep all their activations (no recompute in backward); the other
   ``L - K`` are checkpointed. The last ones because backward reaches them first: their activations are
   freed before the checkpointed blocks' recompute peaks (qlora.plan.activation_model).
+* ``gemms``: of the checkpointed blocks, the G just below the kept ones keep their MLP gate/up outputs from
+  forward to recompute, which then skips those two GEMMs (``keep_gemms`` of qlora.offload.enable_checkpointing:
+  ``4 * I`` bytes a token a block, against a kept block's ~``14H + 6I``).
 * ``offload``: the checkpointed blocks' inputs wait in pinned CPU memory (qlora.offload).
 * the optimizer state a paged optimizer keeps on the device; the rest waits in CPU memory (qlora.optim).
 
-The choice is lexicographic, fastest first: the most kept blocks (each one saves a block's forward in
-backward, ~1/4 of its FLOPs), then inputs on the device rather than offloaded, and, for that, as much
-optimizer state on the device as fits (:func:`qlora.plan.estimate` with the budget as ``gpu_mem``
+The choice maximizes the recompute saved, in units of one block's recompute: a kept block saves 1 (~1/4 of
+its FLOPs in the step), a block keeping its MLP GEMMs the share of the recompute those two GEMMs are
+(:func:`gemm_share`, 0.70 for Llama-3-8B at 2048 tokens) for about 40% of a kept block's memory, so at small
+budgets many GEMM-keeping blocks beat a few kept ones. For each number of kept blocks: inputs on the device
+rather than offloaded unless offloading leaves room for more GEMM-keeping blocks, then the most GEMM-keeping
+blocks that fit; ties go to more kept blocks, then to inputs on the device;
+and, for that, as much optimizer state on the device as fits (:func:`qlora.plan.estimate` with the budget as ``gpu_mem``
 spills only what does not fit). More budget never keeps fewer blocks. The predictions are
 :func:`qlora.plan.estimate`'s; the kept block's constants come from counting and still need a GPU
 calibration (docs/memory.md).
@@ -70,6 +77,7 @@ class Policy:
     layers: int
     keep: int
     offload: bool
+    gemms: int
     page_budget: int | None
     states_on_host: int
     peak: int
@@ -81,10 +89,17 @@ class Policy:
         """The blocks that keep their activations (the last ``keep``), as enable_checkpointing(keep=...) takes them."""
         return range(self.layers - self.keep, self.layers)
 
+    @property
+    def gemm_indices(self) -> range:
+        """The checkpointed blocks that keep their MLP gate/up outputs (enable_checkpointing(keep_gemms=...)): the
+        ``gemms`` just below the kept ones, which backward reaches first."""
+        return range(self.layers - self.keep - self.gemms, self.layers - self.keep)
+
     def describe(self) -> str:
         """The run header's line."""
         recomputed = self.layers - self.keep
         where = "" if not recomputed else (", their inputs in CPU memory" if self.offload else ", inputs on the device")
+        where += f", {self.gemms} of them keeping their MLP gate/up outputs" if self.gemms else ""
         states = (f"optimizer state: {self.states_on_host / GiB:.2f} GiB in CPU memory" if self.states_on_host
                   else "optimizer state on the device")
         return (f"memory budget {self.budget / GiB:.1f} GiB: {self.keep} of {self.layers} blocks keep their activations, "
@@ -99,17 +114,25 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
     ``checkpointing=False`` allows only keeping every block; ``offload`` True/False forces the block
     inputs' place (None: the budget decides); ``kw``: :func:`qlora.plan.estimate`'s settings (an
     explicit ``page_budget``, e.g. 0 for --offload-optimizer, is kept). Raises one line when nothing fits."""
-    kw = {k: v for k, v in kw.items() if k not in ("grad_checkpointing", "keep_blocks", "gpu_mem")}
+    kw = {k: v for k, v in kw.items() if k not in ("grad_checkpointing", "keep_blocks", "keep_gemms", "gpu_mem")}
     kw.setdefault("counts", counts_for(config, **kw))
     layers = int(config.num_hidden_layers)
     offloads = [False, True] if offload is None else [bool(offload)]
-    last = None
+    share = gemm_share(config, seq)
+    last, best = None, None  # best: (recompute saved, keep, off, gemms, est)
     for keep in range(layers, -1 if checkpointing else layers - 1, -1):
+        if best is not None and keep + share * (layers - keep) <= best[0]:
+            break  # fewer kept blocks cannot save more, even with every other block keeping its GEMMs
         for off in offloads if keep < layers else offloads[:1]:
             est = estimate(config, seq, batch, keep_blocks=keep, offload=off, gpu_mem=budget, **kw)
             last = est
-            if fits(est, budget, context):
-                return _policy(est, budget, layers, keep, off, context, kw)
+            if fits(est, budget, context):  # (offloading the inputs may leave room for more GEMM-keeping blocks)
+                gemms, est = _most_gemms(config, seq, batch, budget, context, keep, off, est, kw)
+                if best is None or keep + share * gemms > best[0]:
+                    best = (keep + share * gemms, keep, off, gemms, est)
+    if best is not None:
+        _, keep, off, gemms, est = best
+        return _policy(est, budget, layers, keep, off, context, kw, gemms)
     least = ("every block recomputed" if checkpointing else "--grad-checkpointing false") + (
         ", block inputs in CPU memory" if checkpointing and True in offloads else "")
     raise QLoraError(f"--memory-budget {budget / GiB:.1f} GiB is too small for this run: even with {least} and the optimizer "
@@ -118,13 +141,40 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
                      f"larger budget, a smaller batch or shorter sequences")
 
 
-def _policy(est: dict, budget: int, layers: int, keep: int, off: bool, context: int, kw: dict) -> Policy:
+def gemm_share(config, seq: int) -> float:
+    """The share of a checkpointed block's recompute that keeping its MLP gate/up outputs saves: those two
+    GEMMs' FLOPs over the recompute's (the block linears but down_proj, whose GEMM the recompute skips, and the
+    causal attention's ``2 * seq * H_q * D`` a token)."""
+    h, i = int(config.hidden_size), int(getattr(config, "intermediate_size", 4 * config.hidden_size))
+    heads = int(config.num_attention_heads)
+    d = int(getattr(config, "head_dim", None) or h // heads)
+    q, kv = heads * d, int(getattr(config, "num_key_value_heads", None) or heads) * d
+    gate_up = 2 * h * i
+    return gate_up / (h * (q + 2 * kv) + q * h + gate_up + seq * q)
+
+
+def _most_gemms(config, seq: int, batch: int, budget: int, context: int, keep: int, off: bool, est: dict,
+                kw: dict) -> tuple[int, dict]:
+    """The most checkpointed blocks (of ``L - keep``) that can also keep their MLP GEMMs' outputs within the
+    budget, and that policy's estimate (``est``, the one with none, when none can)."""
+    if not kw["counts"].get("gemms_keepable") or est["details"]["mlp_chunk_tokens"]:
+        return 0, est  # gate/up without a plain adapter, or a tiled MLP: nothing to keep
+    lo, hi, best = 0, int(config.num_hidden_layers) - keep, est
+    while lo < hi:  # memory grows with each block: the largest that fits, by bisection
+        mid = (lo + hi + 1) // 2
+        e = estimate(config, seq, batch, keep_blocks=keep, keep_gemms=mid, offload=off, gpu_mem=budget, **kw)
+        lo, hi, best = (mid, hi, e) if fits(e, budget, context) else (lo, mid - 1, best)
+    return lo, best
+
+
+def _policy(est: dict, budget: int, layers: int, keep: int, off: bool, context: int, kw: dict,
+            gemms: int = 0) -> Policy:
     states_total = est["details"]["optimizer_states_total"]
     resident = est["components"]["optimizer_states"]
     paged = kw.get("optim", "paged_adamw").startswith("paged")
     explicit = kw.get("page_budget")
     page_budget = explicit if explicit is not None else (resident if paged and resident < states_total else None)
-    return Policy(budget=budget, layers=layers, keep=keep, offload=est["settings"]["offload"] and off,
+    return Policy(budget=budget, layers=layers, keep=keep, offload=est["settings"]["offload"] and off, gemms=gemms,
                   page_budget=page_budget, states_on_host=est["host"]["optimizer_states"], peak=est["peak"],
                   phase=est["phase"], required=required_bytes(est, context))
 

@@ -251,6 +251,9 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
         out["dq_constants"] += 64 + (1024 if double_quant else 0)
     out["lora_params"] = _nbytes(sum(out["lora_numels"]), ldt)
     out["adapted_out"] = out["adapted_out"] // max(1, out["layers"]) if dora else 0
+    # a checkpointed block can keep its MLP gate/up outputs for the recompute (offload.enable_checkpointing's
+    # keep_gemms) where both carry a plain (not DoRA) adapter
+    out["gemms_keepable"] = not dora and all(any(n.endswith(f"mlp.{p}") for n in targets) for p in ("gate_proj", "up_proj"))
     out["vocab"] = int(config.vocab_size)
     out["hidden"] = int(config.hidden_size)
     out["intermediate"] = int(getattr(config, "intermediate_size", 4 * config.hidden_size))
@@ -290,7 +293,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
              offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
              page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
              counts: dict | None = None, fused_dropout: bool | None = None, keep_blocks: int = 0,
-             mlp_tiling: bool = True, dora: bool = False) -> dict:
+             mlp_tiling: bool = True, dora: bool = False, keep_gemms: int = 0) -> dict:
     """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
 
     Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
@@ -308,7 +311,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     ``QLORA_FUSED_DROPOUT=0``. ``keep_blocks``: with checkpointing, the last K blocks keep all their
     activations (no recompute; :func:`activation_model`). ``mlp_tiling``: long micro-batches run the MLP
     over chunks of tokens, as ``qlora train`` does (:func:`tiled_rows`); False: never (the untiled model).
-    ``dora``: DoRA adapters (:func:`count_model`): every adapted linear also saves its 16-bit output before the
+    ``keep_gemms``: of the checkpointed blocks, this many keep their MLP gate/up outputs for the recompute
+    (:func:`activation_model`). ``dora``: DoRA adapters (:func:`count_model`): every adapted linear also saves its 16-bit output before the
     magnitude scaling (for the magnitude's gradient), in each kept block and in the block being back-propagated;
     with LoRA dropout (peft's form, qlora.linear.QLoRALinear._dora_forward_dropout) two outputs (the base's and
     the LoRA product's on the dropped input; the dropped input replaces the input plain LoRA saves).
@@ -336,7 +340,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     routed = n_tok * (c.get("routed_k", 0) * 4 * h + c.get("experts", 0) * 6)
     act = activation_model(c, n_tok, L if not grad_checkpointing else keep_blocks, offload,
                            unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout, routed=routed,
-                           tile=mlp_tiling, dora_per_token=2 * c["adapted_out"] * (2 if dropout > 0 else 1))
+                           tile=mlp_tiling, dora_per_token=2 * c["adapted_out"] * (2 if dropout > 0 else 1),
+                           gemms=keep_gemms if grad_checkpointing and c.get("gemms_keepable") else 0)
     keep_blocks, offload, saved_all, block = act["keep"], act["offload"], act["saved"], act["one_block"]
     tail = int(n_tok * h * ACT["tail_h"])
     host_act = act["host"] + (n_tok * h * 6 if offload else 0)  # the tail's saved tensors (they come back for
@@ -382,7 +387,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                 host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb),
                 settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
                               dropout=dropout, grad_checkpointing=grad_checkpointing, offload=offload,
-                              keep_blocks=keep_blocks, mlp_tiled=bool(act["tile_rows"]),
+                              keep_blocks=keep_blocks, keep_gemms=act["gemms"], mlp_tiled=bool(act["tile_rows"]),
                               embed_offload=bool(host_emb), lora_dtype=lora_dtype, dora=bool(dora)))
 
 
@@ -396,7 +401,7 @@ def tiled_rows(c: dict, n_tok: int) -> int:
 
 
 def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False,
-                     routed: int = 0, tile: bool = True, dora_per_token: int = 0) -> dict:
+                     routed: int = 0, tile: bool = True, dora_per_token: int = 0, gemms: int = 0) -> dict:
     """Activation bytes of a step whose last ``keep`` blocks keep all their activations (no recompute)
     and whose other ``L - keep`` blocks are checkpointed (their inputs, ``N*H*2`` bytes each, in pinned
     host memory with ``offload``). ``keep = L`` is no checkpointing at all.
@@ -411,11 +416,16 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
     ``tile``: model the sequence-tiled MLP where the runtime tiles (:func:`tiled_rows`; the comment at
     :data:`ACT`); ``tile_rows`` in the result is its chunk (0: untiled). ``dora_per_token``: what DoRA's
     linears save per token, more in every kept block and in the block being back-propagated (with the tiled
-    MLP an upper bound: its linears' tensors live one chunk at a time).
+    MLP an upper bound: its linears' tensors live one chunk at a time). ``gemms``: of the ``L - keep``
+    checkpointed blocks, the ones just below the kept ones (backward reaches them first) keep their MLP gate
+    and up outputs, ``N*4*I`` bytes each, until their recompute (counted, not calibrated; none when tiled: the
+    tiled MLP's recompute stops before its chunks and keeps nothing).
     """
     L, h, i = c["layers"], c["hidden"], c["intermediate"]
     if not is_int(keep) or not 0 <= keep <= L:
         raise QLoraError(f"blocks kept without recompute must be in [0, {L}], got {keep!r}")
+    if not is_int(gemms) or not 0 <= gemms <= L - keep:
+        raise QLoraError(f"blocks keeping their MLP GEMMs must be in [0, {L - keep}], got {gemms!r}")
     offload = bool(offload) and keep < L          # (offload without checkpointing is not modelled)
     rows = tiled_rows(c, n_tok) if tile else 0
     per_i = 0 if rows else n_tok                  # tokens whose MLP intermediates are alive at once, per term
@@ -429,15 +439,16 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
     drop += routed
     dora = n_tok * dora_per_token
     kept, ckpt, nockpt = kept + dora, ckpt + dora, nockpt + dora
-    saved = int(keep * kept + (L - keep) * inp)
+    stash = gemms * per_i * 4 * i                 # gate and up outputs (16-bit) of the blocks keeping their GEMMs
+    saved = int(keep * kept + (L - keep) * inp + stash)
     moments = []
     if keep:
         moments.append((saved, 1, int(nockpt + drop)))
     if keep == L:
         moments.append((saved // L, L, int(nockpt + drop)))
     else:
-        moments += [(int((L - keep) * inp), keep + 1, int(ckpt + drop)), (int(inp), L, int(ckpt + drop))]
-    return dict(keep=keep, offload=offload, saved=saved, moments=moments, tile_rows=rows,
+        moments += [(int((L - keep) * inp + stash), keep + 1, int(ckpt + drop)), (int(inp), L, int(ckpt + drop))]
+    return dict(keep=keep, offload=offload, saved=saved, moments=moments, tile_rows=rows, gemms=gemms if per_i else 0,
                 one_block=int((nockpt if keep == L else ckpt) + drop),
                 host=int((L - keep) * n_tok * h * 2) if offload else 0)
 
@@ -763,12 +774,12 @@ def _run_budget(args, config, name: str, kw: dict) -> int:
     forced = True if kw.pop("offload") else None
     policy = choose(config, args.seq, args.batch, value, checkpointing=kw.pop("grad_checkpointing"),
                     offload=forced, **kw)
-    est = estimate(config, args.seq, args.batch, gpu_mem=value, keep_blocks=policy.keep, offload=policy.offload,
-                   grad_checkpointing=True, **kw)
+    est = estimate(config, args.seq, args.batch, gpu_mem=value, keep_blocks=policy.keep, keep_gemms=policy.gemms,
+                   offload=policy.offload, grad_checkpointing=True, **kw)
     if args.json:
         out = {k: est[k] for k in ("peak", "phase", "components", "details", "host", "settings")}
         out.update(required=required_bytes(est), memory_budget=value,
-                   policy=dict(keep=policy.keep, layers=policy.layers, offload=policy.offload,
+                   policy=dict(keep=policy.keep, gemms=policy.gemms, layers=policy.layers, offload=policy.offload,
                                page_budget=policy.page_budget, states_on_host=policy.states_on_host))
         print(json.dumps(out))
         return 0

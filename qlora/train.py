@@ -726,7 +726,8 @@ class Run:
         self.off, policy = None, self.policy
         if policy is not None:  # the budget's choice (it honours --grad-checkpointing false and the offload flags)
             from .offload import enable_checkpointing
-            self.off = enable_checkpointing(model, offload=policy.offload, keep=policy.keep_indices)
+            self.off = enable_checkpointing(model, offload=policy.offload, keep=policy.keep_indices,
+                                            keep_gemms=policy.gemm_indices)
         elif cfg.grad_checkpointing:
             from .offload import enable_checkpointing
             self.off = enable_checkpointing(model, offload=cfg.offload_activations)

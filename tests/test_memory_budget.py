@@ -207,26 +207,40 @@ def test_activation_model_ends_are_the_old_estimates_and_memory_grows_with_kept_
         activation_model(c, 4096, 33, offload=False)
 
 
-def test_more_budget_keeps_more_blocks_and_the_choice_fits_and_is_the_most_that_does():
+def test_more_budget_saves_more_recompute_and_the_choice_fits_and_is_the_best_that_does():
+    """For each budget the chosen mix of kept blocks and blocks keeping their MLP GEMMs fits, saves the most
+    recompute (kept + share x GEMM-keeping) of every mix that fits (each number of kept blocks with the most
+    GEMM-keeping blocks that fit beside it), and more budget never saves less."""
+    from qlora.budget import gemm_share
     config = shape_config("8b")
     kw = dict(rank=16, dropout=0.0, counts=counts_for(shape_config("8b"), rank=16))
-    chosen = []
+    share = gemm_share(config, 2048)
+    assert 0.6 < share < 0.8  # gate/up: ~3/4 of a Llama-3-8B block's recompute GEMMs
+    saved = []
     for gib in range(8, 44, 2):
         budget = gib * GiB
         p = choose(config, 2048, 2, budget, **kw)
-        est = estimate(config, 2048, 2, keep_blocks=p.keep, offload=p.offload, gpu_mem=budget, **kw)
+        est = estimate(config, 2048, 2, keep_blocks=p.keep, keep_gemms=p.gemms, offload=p.offload, gpu_mem=budget, **kw)
         assert fits(est, budget) and p.peak == est["peak"] and p.required <= budget
-        if p.keep < 32:  # one more kept block does not fit, offloaded or not
+        assert list(p.gemm_indices) == list(range(32 - p.keep - p.gemms, 32 - p.keep))
+        for keep in range(33):  # no other mix that fits saves more
             for off in (False, True):
-                assert not fits(estimate(config, 2048, 2, keep_blocks=p.keep + 1, offload=off, gpu_mem=budget, **kw),
-                                budget)
-        chosen.append(p)
-    keeps = [p.keep for p in chosen]
-    assert keeps == sorted(keeps) and keeps[0] < 8 and keeps[-1] == 32, keeps
-    assert list(chosen[0].keep_indices) == list(range(32 - keeps[0], 32))
+                fit = [g for g in range(33 - keep) if fits(estimate(config, 2048, 2, keep_blocks=keep, keep_gemms=g,
+                                                                    offload=off, gpu_mem=budget, **kw), budget)]
+                if fit:
+                    assert keep + share * max(fit) <= p.keep + share * p.gemms + 1e-9, (gib, keep, off, p)
+        saved.append(p.keep + share * p.gemms)
+    assert saved == sorted(saved) and saved[-1] == 32, saved
+    small = choose(config, 2048, 2, 12 * GiB, **kw)
+    assert small.gemms > small.keep  # at a small budget GEMM-keeping blocks give more for their memory
     forced = choose(config, 2048, 2, 24 * GiB, offload=True, **kw)
-    assert forced.offload and forced.keep >= chosen[8].keep  # offload frees device memory: at least as many kept
+    assert forced.offload
     assert choose(config, 2048, 2, 80 * GiB, checkpointing=False, **kw).keep == 32
+    # gate/up without a plain adapter (q,v only; DoRA): no GEMM-keeping blocks
+    qv = dict(kw, target="q_proj,v_proj", counts=counts_for(config, rank=16, target="q_proj,v_proj"))
+    assert choose(config, 2048, 2, 12 * GiB, **qv).gemms == 0
+    dora = dict(kw, dora=True, counts=counts_for(config, rank=16, dora=True))
+    assert choose(config, 2048, 2, 12 * GiB, **dora).gemms == 0
 
 
 def test_too_small_a_budget_is_one_line_before_the_model_loads(setup, tmp_path, monkeypatch, capsys):
