@@ -240,11 +240,13 @@ def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None,
     after the node is recorded (in place: an out-of-place addmm would copy y first). ``with_weight``: return
     ``(y, W)``, the (dequantized) base this call used (DoRA's row norm reuses it instead of dequantizing again)."""
     y, xa = _QLoRAMatmul.apply(x, xd, a, b, scaling, weight, bias, packed, holder, drop)
-    kept = holder._outputs[1].get(holder) if holder._outputs[1] is not None and not with_weight else None
+    # (holder: the layer, or None for a bare product; DoRA's with_weight needs the product and W: neither applies)
+    into, take_from = (None, None) if with_weight else getattr(holder, "_outputs", (None, None))
+    kept = take_from.get(holder) if take_from is not None else None
     if kept:  # the block's recompute: the output its forward kept (keep_outputs)
         with torch.no_grad():
             return y.copy_(kept.pop(0))
-    if holder._output_unused and not with_weight:  # only back-propagated through: no value needed (output_unused)
+    if getattr(holder, "_output_unused", False) and not with_weight:  # only back-propagated through (output_unused)
         with torch.no_grad():
             return y.zero_()
     with torch.no_grad():
@@ -255,8 +257,8 @@ def _qlora_matmul(x, xd, a, b, scaling, weight, bias, packed, holder, drop=None,
         else:
             torch.mm(x2, w.t(), out=y2)
         y2.addmm_(xa, b.t(), alpha=scaling)
-    if holder._outputs[0] is not None and not with_weight:
-        holder._outputs[0].setdefault(holder, []).append(y.detach())
+    if into is not None:
+        into.setdefault(holder, []).append(y.detach())
     return (y, w) if with_weight else y
 
 
