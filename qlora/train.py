@@ -153,8 +153,9 @@ class TrainConfig:
                                   group="optimization")
     memory_budget: str = opt("off", "memory the run may use on its device: off (the flags above decide), auto (the "
                              "device's free memory minus 5%%) or a size like 24GiB; the run then keeps the activations "
-                             "of as many blocks as fit (no recompute), offloads block inputs and pages optimizer state "
-                             "only as needed (qlora plan's estimate; the choice is printed)", group="optimization",
+                             "of the blocks that fit (no recompute) and, in others, their MLP gate/up outputs (a "
+                             "cheaper recompute), offloads block inputs and pages optimizer state only as needed "
+                             "(qlora plan's estimate; the choice is printed)", group="optimization",
                              metavar="off|auto|SIZE")
     cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
                             "host launches): packed rows are padded to --max-length, other batches to one of a few "
