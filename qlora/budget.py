@@ -17,9 +17,10 @@ its FLOPs in the step), a block keeping its MLP GEMMs the share of the recompute
 (:func:`gemm_share`, 0.70 for Llama-3-8B at 2048 tokens) for about 40% of a kept block's memory, so at small
 budgets many GEMM-keeping blocks beat a few kept ones. For each number of kept blocks: inputs on the device
 rather than offloaded unless offloading leaves room for more GEMM-keeping blocks, then the most GEMM-keeping
-blocks that fit; ties go to more kept blocks, then to inputs on the device;
-and, for that, as much optimizer state on the device as fits (:func:`qlora.plan.estimate` with the budget as ``gpu_mem``
-spills only what does not fit). More budget never keeps fewer blocks. The predictions are
+blocks that fit; ties go to more kept blocks, then to inputs on the device; and, for that, as much optimizer
+state on the device as fits (:func:`qlora.plan.estimate` with the budget as ``gpu_mem`` spills only what does not
+fit). More budget never saves less recompute (it may keep fewer whole blocks, for more GEMM-keeping ones). The
+predictions are
 :func:`qlora.plan.estimate`'s; the kept block's constants come from counting and still need a GPU
 calibration (docs/memory.md).
 """
