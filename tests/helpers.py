@@ -32,6 +32,31 @@ def nonzero_lora_b(model):
     return model.train()
 
 
+class DequantCounter:
+    """How often each 4-bit weight of ``model`` is dequantized (``qlora.linear._dequant``, patched through
+    ``monkeypatch``) while ``on``: ``counts[(block index, layer name)]``, ``by_name()`` summed over the blocks.
+    Which weights a forward or a backward dequantizes says which GEMMs a recompute ran."""
+
+    def __init__(self, monkeypatch, model, on: bool = True):
+        import qlora.linear as lin
+        where = {m.weight_packed.data_ptr(): n for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+        self.on, self.counts, real = on, {}, lin._dequant
+
+        def counting(packed, state, dtype):
+            if self.on:
+                name = where[packed.data_ptr()]
+                key = (int(name.split("layers.")[1].split(".")[0]), name.rsplit(".", 1)[-1])
+                self.counts[key] = self.counts.get(key, 0) + 1
+            return real(packed, state, dtype)
+        monkeypatch.setattr(lin, "_dequant", counting)
+
+    def by_name(self) -> dict:
+        out = {}
+        for (_, name), n in self.counts.items():
+            out[name] = out.get(name, 0) + n
+        return out
+
+
 def make_tokenizer(template=TEMPLATE):
     """WordLevel over WORDS, whitespace/punctuation split, <s> in front, a one-line chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

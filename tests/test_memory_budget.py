@@ -18,7 +18,7 @@ from qlora.plan import (GiB, activation_model, counts_for, estimate, fits, kept_
                         plan_kwargs, required_bytes, shape_config)
 from qlora.train import train
 
-from helpers import cfg, losses, nonzero_lora_b
+from helpers import DequantCounter, cfg, losses, nonzero_lora_b
 
 LAYERS = 3
 
@@ -42,15 +42,17 @@ def _batch(b=2, t=16):
     return {"input_ids": ids, "labels": labels}
 
 
-def _loss_and_grads(model, batch, count=None):
-    """Loss, LoRA gradients and, with ``count`` (a dict), how often each block's layers dequantize in backward."""
+def _loss_and_grads(model, batch, count: DequantCounter | None = None):
+    """Loss, LoRA gradients and, with ``count``, how often each block's layers dequantize in backward (its
+    counts start again)."""
     model.zero_grad(set_to_none=True)
     loss = loss_sum(model, batch, "cpu")
     if count is not None:
-        count["on"] = True
+        count.counts.clear()
+        count.on = True
     loss.backward()
     if count is not None:
-        count["on"] = False
+        count.on = False
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -63,31 +65,20 @@ def test_kept_blocks_give_the_same_losses_and_gradients_bit_for_bit(monkeypatch,
     checkpointed blocks' inputs are offloaded."""
     model, batch = _model(dtype), _batch()
     ref_loss, ref_grads = _loss_and_grads(model, batch)  # no checkpointing: nothing is recomputed
-    where = {m.weight_packed.data_ptr(): n for n, m in model.named_modules() if isinstance(m, lin.QLoRALinear)}
-    count, real = {"on": False}, lin._dequant
-
-    def counting(packed, state, dt):
-        if count["on"]:
-            name = where[packed.data_ptr()]
-            key = (int(name.split("layers.")[1].split(".")[0]), name.rsplit(".", 1)[-1])
-            count[key] = count.get(key, 0) + 1
-        return real(packed, state, dt)
-    monkeypatch.setattr(lin, "_dequant", counting)
+    count = DequantCounter(monkeypatch, model, on=False)
     for k in range(LAYERS + 1):
         keep = range(LAYERS - k, LAYERS)
         off = ActivationOffloader(min_bytes=0, include_cpu=True) if offload else None
         got = enable_checkpointing(model, offload=offload, offloader=off, keep=keep)
-        for key in [key for key in count if key != "on"]:
-            del count[key]
         loss, grads = _loss_and_grads(model, batch, count)
         assert torch.equal(loss, ref_loss), k
         for n, g in ref_grads.items():
             assert torch.equal(grads[n], g), (k, n)
         for layer in range(LAYERS):
             kept = layer in keep
-            assert count[(layer, "down_proj")] == 1, (k, layer, count)
+            assert count.counts[(layer, "down_proj")] == 1, (k, layer, count.counts)
             for name in ("q_proj", "o_proj", "gate_proj", "up_proj"):
-                assert count[(layer, name)] == (1 if kept else 2), (k, layer, name, count)
+                assert count.counts[(layer, name)] == (1 if kept else 2), (k, layer, name, count.counts)
         if offload and k < LAYERS:
             assert got is off and off.stats["packed"] == LAYERS - k
         elif offload:
@@ -103,22 +94,11 @@ def test_blocks_keeping_their_mlp_gemms_give_the_same_losses_and_gradients_bit_f
     step's policy passes) each get their own outputs back."""
     model, batch = _model(dtype), _batch()
     ref_loss, ref_grads = _loss_and_grads(model, batch)
-    where = {m.weight_packed.data_ptr(): n for n, m in model.named_modules() if isinstance(m, lin.QLoRALinear)}
-    count, real = {"on": False}, lin._dequant
-
-    def counting(packed, state, dt):
-        if count["on"]:
-            name = where[packed.data_ptr()]
-            key = (int(name.split("layers.")[1].split(".")[0]), name.rsplit(".", 1)[-1])
-            count[key] = count.get(key, 0) + 1
-        return real(packed, state, dt)
-    monkeypatch.setattr(lin, "_dequant", counting)
+    count = DequantCounter(monkeypatch, model, on=False)
     for gemms in ([0], [0, 2], list(range(LAYERS))):
         off = ActivationOffloader(min_bytes=0, include_cpu=True) if offload else None
         enable_checkpointing(model, offload=offload, offloader=off, keep=[1] if 1 not in gemms else [],
                              keep_gemms=gemms)
-        for key in [key for key in count if key != "on"]:
-            del count[key]
         loss, grads = _loss_and_grads(model, batch, count)
         assert torch.equal(loss, ref_loss), gemms
         for n, g in ref_grads.items():
@@ -126,8 +106,8 @@ def test_blocks_keeping_their_mlp_gemms_give_the_same_losses_and_gradients_bit_f
         for layer in range(LAYERS):
             whole = layer == 1 and 1 not in gemms  # kept whole: nothing recomputed
             for name in ("gate_proj", "up_proj"):
-                assert count[(layer, name)] == (1 if layer in gemms or whole else 2), (gemms, layer, count)
-            assert count[(layer, "q_proj")] == (1 if whole else 2), (gemms, layer, count)
+                assert count.counts[(layer, name)] == (1 if layer in gemms or whole else 2), (gemms, layer, count.counts)
+            assert count.counts[(layer, "q_proj")] == (1 if whole else 2), (gemms, layer, count.counts)
     with torch.no_grad():  # (evaluation, a DPO reference pass): nothing kept for a backward that never comes
         loss_sum(model, batch, "cpu")
     assert all(m._outputs == (None, None) for m in model.modules() if isinstance(m, lin.QLoRALinear))

@@ -10,7 +10,7 @@ from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.offload import ActivationOffloader, HostEmbedding, enable_checkpointing, offload_activations, offload_embeddings
 from qlora.loss import loss_sum
 
-from helpers import nonzero_lora_b
+from helpers import DequantCounter, nonzero_lora_b
 
 
 def _config(layers=3, hidden=64, vocab=96):
@@ -205,7 +205,6 @@ def test_recompute_skips_the_last_layer_s_gemm(monkeypatch, target):
     dequantizes or multiplies down_proj, the last layer of a Llama block, with or without an adapter on it:
     in backward down_proj's weight is dequantized once (for the input gradient), every other layer's twice
     (recompute, input gradient); losses and gradients equal those without checkpointing, bit for bit."""
-    import qlora.linear as lin
     cfg = _config()
     batch = _batch(cfg)
 
@@ -218,21 +217,12 @@ def test_recompute_skips_the_last_layer_s_gemm(monkeypatch, target):
     ref_loss, ref_grads = _loss_and_grads(plain, batch)
     model = build()
     enable_checkpointing(model, offload=False)
-    names = {m.weight_packed.data_ptr(): n for n, m in model.named_modules() if isinstance(m, lin.QLoRALinear)}
-    counts, real = {}, lin._dequant
-    backward = [False]
-
-    def counting(packed, state, dtype):
-        if backward[0]:
-            name = names[packed.data_ptr()].rsplit(".", 1)[-1]
-            counts[name] = counts.get(name, 0) + 1
-        return real(packed, state, dtype)
-
-    monkeypatch.setattr(lin, "_dequant", counting)
+    count = DequantCounter(monkeypatch, model, on=False)
     model.zero_grad(set_to_none=True)
     loss = loss_sum(model, batch, "cpu")
-    backward[0] = True
+    count.on = True
     loss.backward()
+    counts = count.by_name()
     layers = cfg.num_hidden_layers
     assert counts["down_proj"] == layers, counts
     for name in ("o_proj", "gate_proj", "up_proj"):  # their inputs need gradients in every block

@@ -15,7 +15,7 @@ from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.offload import ActivationOffloader, enable_checkpointing
 from qlora.tiled import CHUNK_ELEMENTS, FORCED_ROWS, TILE_ABOVE, chunk_bounds, chunk_key, tile_rows
 
-from helpers import nonzero_lora_b
+from helpers import DequantCounter, nonzero_lora_b
 
 HIDDEN, INTER, T = 64, 96, 40
 CHUNK = 7  # tokens per chunk when forced: 2 x 40 tokens -> 12 chunks, of 6 or 7 tokens
@@ -129,27 +129,17 @@ def test_chunk_backward_leaves_down_projs_frozen_product_out(monkeypatch):
     """In each chunk's backward down_proj's output is only back-propagated through: its base weight is
     dequantized once per chunk (for the input's gradient), not twice, as gate's and up's are (their outputs
     feed the SwiGLU); the gradients stay those of the untiled MLP (test_tiled_equals_untiled)."""
-    import qlora.linear as linear
     model, batch = _model(), _batch()
     enable_checkpointing(model)
     _force(model)
-    names = {}
-    for i, layer in enumerate(model.model.layers):
-        for n in ("gate_proj", "down_proj"):
-            names[getattr(layer.mlp, n).weight_packed.data_ptr()] = n
-    counts, real = {"gate_proj": 0, "down_proj": 0}, linear._dequant
-
-    def counting(packed, state, dtype):
-        name = names.get(packed.data_ptr())
-        if name:
-            counts[name] += 1
-        return real(packed, state, dtype)
-    monkeypatch.setattr(linear, "_dequant", counting)
+    count = DequantCounter(monkeypatch, model)
     loss = loss_sum(model, batch, "cpu")
-    before = dict(counts)  # the forward's chunks: one dequantization of each weight per chunk
+    before = count.by_name()  # the forward's chunks: one dequantization of each weight per chunk
     loss.backward()
+    counts = count.by_name()
     chunks, layers = len(chunk_bounds(2 * T, CHUNK)), len(model.model.layers)
-    assert before == {"gate_proj": chunks * layers, "down_proj": chunks * layers}
+    assert {n: before[n] for n in ("gate_proj", "down_proj")} == {"gate_proj": chunks * layers,
+                                                                   "down_proj": chunks * layers}
     assert counts["gate_proj"] - before["gate_proj"] == 2 * chunks * layers  # recomputed forward + backward
     assert counts["down_proj"] - before["down_proj"] == chunks * layers  # backward only
 
