@@ -661,6 +661,12 @@ def adapter_factors(module: nn.Module) -> tuple[list["QLoRALinear"], list[torch.
     return layers, [t for m in layers for t in m._lora_factors()]
 
 
+def fused_node_layer(m: nn.Module) -> bool:
+    """Whether ``m`` is a QLoRA layer whose training forward is the fused LoRA node (a plain adapter: rank > 0, no
+    DoRA), the one :func:`output_unused` and :func:`keep_outputs` act on."""
+    return isinstance(m, QLoRALinear) and m.r > 0 and m.lora_magnitude is None
+
+
 @contextlib.contextmanager
 def output_unused(layer: "QLoRALinear"):
     """Inside: ``layer``'s training forward (the fused LoRA node) leaves the frozen base's product out of its

@@ -271,9 +271,8 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
     for i, block in enumerate(blocks):
         inner = getattr(block, "_qlora_checkpoint_func", checkpoint_function(block))  # undo an earlier wrap
         block._qlora_checkpoint_func = inner
-        fn = inner
-        if i in keep_gemms and gemm_layers(block):
-            fn = _keeping_gemms(inner, gemm_layers(block))
+        layers = gemm_layers(block) if i in keep_gemms else []
+        fn = _keeping_gemms(inner, layers) if layers else inner
         set_checkpoint_function(block, _no_recompute if i in keep else _offloaded(fn, off) if off is not None else fn)
     return off if offload else None
 
@@ -281,10 +280,9 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
 def gemm_layers(block: nn.Module) -> list:
     """The block's MLP gate and up projections that can keep their outputs for the recompute: QLoRA layers
     with a plain (not DoRA) adapter, whose forward is the fused LoRA node."""
-    from .linear import QLoRALinear
+    from .linear import fused_node_layer
     mlp = getattr(block, "mlp", None)
-    layers = [getattr(mlp, n, None) for n in ("gate_proj", "up_proj")]
-    return [m for m in layers if isinstance(m, QLoRALinear) and m.r > 0 and m.lora_magnitude is None]
+    return [m for m in (getattr(mlp, n, None) for n in ("gate_proj", "up_proj")) if fused_node_layer(m)]
 
 
 def _keeping_gemms(inner, layers: list):

@@ -44,8 +44,8 @@ import torch
 import torch.nn as nn
 
 from .errors import QLoraError
-from .linear import (LoraDropout, QLoRALinear, adapter_factors, current_dropout_key, dropout_key_as, lora_factors_as,
-                     output_unused)
+from .linear import (LoraDropout, adapter_factors, current_dropout_key, dropout_key_as, fused_node_layer,
+                     lora_factors_as, output_unused)
 
 # Tile when a call's tokens x intermediate size exceed this: the untiled MLP's intermediates at the
 # block's backward peak (~9.35 bytes per element) would pass ~2.3 GiB. Llama-3.1-8B (I 14336) tiles from
@@ -144,8 +144,7 @@ class _Tiling:
         nothing reads (only its gradient is taken) -- one dequantization and GEMM fewer per chunk -- where the
         MLP returns down_proj's output as it is and down_proj is a plain (not DoRA) adapted QLoRA layer."""
         down = self.mlp.down_proj
-        if (type(self.mlp).__name__ in DOWN_IS_OUTPUT and isinstance(down, QLoRALinear) and down.r > 0
-                and down.lora_magnitude is None and not down.disable_adapter):
+        if type(self.mlp).__name__ in DOWN_IS_OUTPUT and fused_node_layer(down) and not down.disable_adapter:
             return output_unused(down)
         return contextlib.nullcontext()
 
