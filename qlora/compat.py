@@ -136,6 +136,29 @@ def raw_stream_getter():
     return lambda index: torch.cuda.current_stream(index).cuda_stream
 
 
+def register_host_memory(t) -> bool:
+    """Page-lock the memory of the CPU tensor ``t`` in place for fast, asynchronous copies to the GPU
+    (``torch.cuda.cudart().cudaHostRegister``, torch 2.13, CUDA builds; GPU only). ``tensor.pin_memory()``
+    copies into PyTorch's pinned allocator, which rounds every block up to a power of two (a 440 MB block
+    of a 70B model takes 512 MB); registering keeps the exact size. False where it fails (then the caller
+    pins a copy). Undo with :func:`unregister_host_memory` before the memory is freed."""
+    import torch
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return int(getattr(err, "value", err)) == 0
+
+
+def unregister_host_memory(ptr: int) -> None:
+    """Undo :func:`register_host_memory` for the memory at ``ptr`` (``cudaHostUnregister``; GPU only)."""
+    import torch
+    try:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+
+
 def ddp_ignore(module, names: list[str]) -> None:
     """Have DistributedDataParallel leave the named parameters and buffers of ``module`` alone (no
     broadcast at init, no gradient buckets): ``DDP._set_params_and_buffers_to_ignore_for_model``
