@@ -11,6 +11,10 @@ math, so losses and gradients are bit for bit those of full recompute):
   ``4 * I`` bytes a token a block, against a kept block's ~``14H + 6I``).
 * ``offload``: the checkpointed blocks' inputs wait in pinned CPU memory (qlora.offload).
 * the optimizer state a paged optimizer keeps on the device; the rest waits in CPU memory (qlora.optim).
+* ``stream``: when even the cheapest of these (every block recomputed, inputs offloaded, state paged out) does not
+  fit, the blocks' frozen weights wait in pinned CPU memory and are copied in block by block as they run
+  (qlora.stream, ``--offload-weights``; every block recomputed, two blocks' weights on the device): the fastest
+  policy with streaming then, chosen as above with no kept blocks.
 
 The choice maximizes the recompute saved, in units of one block's recompute: a kept block saves 1 (~1/4 of
 its FLOPs in the step), a block keeping its MLP GEMMs the share of the recompute those two GEMMs are
@@ -84,6 +88,9 @@ class Policy:
     peak: int
     phase: str
     required: int
+    stream: bool = False
+    weight_slots: int = 0  # with stream: the slots' bytes on the device
+    weight_host: int = 0  # with stream: the blocks' bytes in pinned CPU memory
 
     @property
     def keep_indices(self) -> range:
@@ -103,25 +110,30 @@ class Policy:
         where += f", {self.gemms} of them keeping their MLP gate/up outputs" if self.gemms else ""
         states = (f"optimizer state: {self.states_on_host / GiB:.2f} GiB in CPU memory" if self.states_on_host
                   else "optimizer state on the device")
+        weights = (f"; block weights streamed from CPU memory ({self.weight_host / GiB:.2f} GiB there, "
+                   f"{self.weight_slots / GiB:.2f} GiB of slots on the device)" if self.stream else "")
         return (f"memory budget {self.budget / GiB:.1f} GiB: {self.keep} of {self.layers} blocks keep their activations, "
-                f"{recomputed} recomputed{where}; {states}; predicted peak {self.peak / GiB:.2f} GiB at the "
+                f"{recomputed} recomputed{where}{weights}; {states}; predicted peak {self.peak / GiB:.2f} GiB at the "
                 f"{self.phase} (needs {self.required / GiB:.2f} GiB with slack and context)")
 
 
 def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_BYTES, checkpointing: bool = True,
-           offload: bool | None = None, **kw) -> Policy:
+           offload: bool | None = None, stream: bool | None = None, **kw) -> Policy:
     """The fastest policy whose predicted need (:func:`qlora.plan.required_bytes`) fits ``budget`` bytes.
 
     ``checkpointing=False`` allows only keeping every block; ``offload`` True/False forces the block
-    inputs' place (None: the budget decides); ``kw``: :func:`qlora.plan.estimate`'s settings (an
-    explicit ``page_budget``, e.g. 0 for --offload-optimizer, is kept). Raises one line when nothing fits."""
-    kw = {k: v for k, v in kw.items() if k not in ("grad_checkpointing", "keep_blocks", "keep_gemms", "gpu_mem")}
+    inputs' place (None: the budget decides); ``stream``: True only policies that stream the block weights
+    (every block recomputed), False none, None (default) streaming where nothing else fits (and checkpointing
+    is on); ``kw``: :func:`qlora.plan.estimate`'s settings (an explicit ``page_budget``, e.g. 0 for
+    --offload-optimizer, is kept). Raises one line when nothing fits."""
+    kw = {k: v for k, v in kw.items() if k not in ("grad_checkpointing", "keep_blocks", "keep_gemms", "gpu_mem",
+                                                   "offload_weights")}
     kw.setdefault("counts", counts_for(config, **kw))
     layers = int(config.num_hidden_layers)
     offloads = [False, True] if offload is None else [bool(offload)]
     share = gemm_share(config, seq)
     last, best = None, None  # best: (recompute saved, keep, off, gemms, est)
-    for keep in range(layers, -1 if checkpointing else layers - 1, -1):
+    for keep in range(layers, -1 if checkpointing else layers - 1, -1) if not stream else ():
         if best is not None and keep + share * (layers - keep) <= best[0]:
             break  # fewer kept blocks cannot save more, even with every other block keeping its GEMMs
         for off in offloads if keep < layers else offloads[:1]:
@@ -131,11 +143,22 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
                 gemms, est = _most_gemms(config, seq, batch, budget, context, keep, off, est, kw)
                 if best is None or keep + share * gemms > best[0]:
                     best = (keep + share * gemms, keep, off, gemms, est)
+    streamed = best is None and checkpointing and stream is not False
+    if streamed:  # nothing fits with the weights on the device (or streaming asked for): every block recomputed
+        swk = dict(kw, offload_weights=True)
+        for off in offloads:
+            est = estimate(config, seq, batch, offload=off, gpu_mem=budget, **swk)
+            last = est
+            if fits(est, budget, context):
+                gemms, est = _most_gemms(config, seq, batch, budget, context, 0, off, est, swk)
+                if best is None or share * gemms > best[0]:
+                    best = (share * gemms, 0, off, gemms, est)
     if best is not None:
         _, keep, off, gemms, est = best
         return _policy(est, budget, layers, keep, off, context, kw, gemms)
     least = ("every block recomputed" if checkpointing else "--grad-checkpointing false") + (
-        ", block inputs in CPU memory" if checkpointing and True in offloads else "")
+        ", block inputs in CPU memory" if checkpointing and True in offloads else "") + (
+        ", the block weights streamed from CPU memory" if streamed else "")
     raise QLoraError(f"--memory-budget {budget / GiB:.1f} GiB is too small for this run: even with {least} and the optimizer "
                      f"state paged out as far as it can be, it needs about {required_bytes(last, context) / GiB:.1f} "
                      f"GiB (peak {last['peak'] / GiB:.1f} GiB at the {last['phase']}, plus slack and context); give a "
@@ -177,7 +200,8 @@ def _policy(est: dict, budget: int, layers: int, keep: int, off: bool, context: 
     page_budget = explicit if explicit is not None else (resident if paged and resident < states_total else None)
     return Policy(budget=budget, layers=layers, keep=keep, offload=est["settings"]["offload"] and off, gemms=gemms,
                   page_budget=page_budget, states_on_host=est["host"]["optimizer_states"], peak=est["peak"],
-                  phase=est["phase"], required=required_bytes(est, context))
+                  phase=est["phase"], required=required_bytes(est, context), stream=est["settings"]["offload_weights"],
+                  weight_slots=est["components"]["weight_slots"], weight_host=est["host"]["weights"])
 
 
 def for_train(cfg, device, config=None) -> Policy | None:
@@ -191,11 +215,26 @@ def for_train(cfg, device, config=None) -> Policy | None:
     if budget <= 0:
         raise QLoraError(f"--memory-budget auto: no free memory on {device}")
     config = config if config is not None else model_config(cfg.model)
-    context = CONTEXT_BYTES if getattr(device, "type", str(device)) == "cuda" else 0
+    cuda = getattr(device, "type", str(device)) == "cuda"
+    context = CONTEXT_BYTES if cuda else 0
     kw = plan_kwargs(cfg)
+    kw.pop("offload_weights")
     forced = True if kw.pop("offload") else None  # --offload-activations true: only policies that offload
+    # --offload-weights: true only policies that stream, false none; auto: where nothing else fits (on a GPU)
+    stream = {"true": True, "false": False}.get(str(getattr(cfg, "offload_weights", "false")).lower())
+    if stream is None and not cuda:
+        stream = False
     return choose(config, cfg.max_length, rows_per_micro_batch(cfg), budget, context=context,
-                  checkpointing=kw.pop("grad_checkpointing"), offload=forced, **kw)
+                  checkpointing=kw.pop("grad_checkpointing") or bool(stream), offload=forced, stream=stream, **kw)
+
+
+def stream_needed(cfg, config, gpu_mem: int, context: int = CONTEXT_BYTES) -> tuple[bool, dict]:
+    """``--offload-weights auto`` without a budget: whether to stream the block weights, because the run of
+    :class:`qlora.train.TrainConfig` ``cfg`` does not fit ``gpu_mem`` even with every block recomputed and the
+    block inputs offloaded (its optimizer and other flags as given) -- and that estimate."""
+    kw = dict(plan_kwargs(cfg), grad_checkpointing=True, offload=True, offload_weights=False)
+    est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **kw)
+    return not fits(est, gpu_mem, context), est
 
 
 def card_memory(device) -> int:

@@ -49,16 +49,20 @@ Batch = dict
 
 
 def supported(device: torch.device, *, parallel: bool = False, host_embeddings: bool = False, dropout: float = 0.0,
-              checkpointing: bool = True, keyed_dropout: bool = False) -> tuple[bool, str]:
+              checkpointing: bool = True, keyed_dropout: bool = False,
+              streamed_weights: bool = False) -> tuple[bool, str]:
     """Whether the training micro-step can be replayed from a CUDA graph, and if not, why. ``keyed_dropout``:
     LoRA dropout draws keyed masks (``linear.keyed_dropout``), which a checkpoint's recompute repeats
-    without restoring the RNG state."""
+    without restoring the RNG state. ``streamed_weights``: the blocks' weights are streamed (qlora.stream),
+    whose hooks decide on the host, block by block, which slot to fill and which views the layers use."""
     if device.type != "cuda":
         return False, "not a CUDA device"
     if parallel:
         return False, "several processes (gradient sync hooks)"
     if host_embeddings:
         return False, "input embeddings in CPU memory (the lookup waits for the host)"
+    if streamed_weights:
+        return False, "block weights streamed from CPU memory (the host picks each block's slot as it runs)"
     if dropout > 0 and checkpointing and not keyed_dropout:
         return False, "LoRA dropout with gradient checkpointing (the recompute restores the RNG state on the host)"
     return True, ""

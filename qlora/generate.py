@@ -176,10 +176,13 @@ def inference_cache(model, enabled: bool = True):
     On a GPU the copies take only the memory there is: free memory less a reserve for activations, the KV
     cache and the CUDA graph (``CACHE_RESERVE_GIB``, or ``CACHE_RESERVE_SHARE`` of the GPU if more). Layers
     beyond that are dequantized at every forward instead (slower, never out of memory), and stderr says
-    how many got a copy: an 8B model's copies need ~15 GiB, more than a 16 GB GPU has beside the model."""
+    how many got a copy: an 8B model's copies need ~15 GiB, more than a 16 GB GPU has beside the model.
+    None for a model whose weights are streamed (qlora.stream): they are on the device only while their block runs."""
     from .linear import QLoRALinear, dequant_cache
     if not enabled or any(m._wcache is not None for m in model.modules() if isinstance(m, QLoRALinear)):
         return contextlib.nullcontext()
+    if getattr(model, "qlora_streamer", None) is not None:  # weights streamed (qlora.stream): only the resident
+        return contextlib.nullcontext()  # blocks' are on the device, each dequantized as it runs
     cache = dequant_cache(model)
     cache.layers = [m for m in cache.layers if not m.prepare_decode()]
     packed = [m for m in cache.layers if m.weight_packed is not None]

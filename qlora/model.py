@@ -227,14 +227,16 @@ def _finish(model: nn.Module, config, device, dtype) -> None:
     """Tie embeddings, fill non-persistent buffers left on meta, check completeness."""
     if getattr(config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    meta_buffers = [n for n, b in model.named_buffers() if b.is_meta]
+    from .stream import NotResident  # (a streamed block's base tensors wait in host memory: not missing)
+    meta_buffers = [n for n, b in model.named_buffers() if b.is_meta and not isinstance(b, NotResident)]
     if meta_buffers:
         donor = _donor_buffers(config, dtype)
         for n in meta_buffers:
             src = donor.get(_BLOCK.sub(lambda m: f"{m.group(1)}0{m.group(2)}", n, count=1))
             if src is not None:
                 _set_tensor(model, n, src.to(device))
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_meta and not isinstance(t, NotResident)]
     if missing:
         raise QLoraError(f"the model files lack {len(missing)} tensor(s) the architecture needs, "
                          f"e.g. {', '.join(missing[:3])}")
@@ -242,13 +244,20 @@ def _finish(model: nn.Module, config, device, dtype) -> None:
 
 def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
                       device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
-                      seed: int = 0, progress: bool = True, on_block=None) -> nn.Module:
+                      seed: int = 0, progress: bool = True, on_block=None, stream=None) -> nn.Module:
     """Fill a meta skeleton from ``source`` (HF dir, GGUF or 4-bit checkpoint), quantizing block
     linears on ``device`` one at a time. LoRA init uses ``seed``.
 
     ``on_block(module)`` is called for each transformer block (``model.layers.N``) as soon as all
     of its tensors are in place, e.g. to shard it across processes (FSDP2) before the next block
-    is read, so no process ever holds the whole model."""
+    is read, so no process ever holds the whole model.
+
+    ``stream``: a :class:`qlora.stream.WeightStreamer` (``--offload-weights``). Each block's quantized
+    tensors move to its host memory as soon as the block is complete, so the device holds about one block
+    beside the weights outside the blocks while the model is built; the streamer is installed on the
+    finished model."""
+    if stream is not None and on_block is not None:
+        raise QLoraError("weight streaming does not run with FSDP2 (--parallel fsdp): its base tensors are sharded")
     from tqdm.auto import tqdm
     device = torch.device(device)
     quant, dtype = resolve_dtypes(quant, dtype, device)
@@ -264,7 +273,8 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     gen = torch.Generator().manual_seed(seed)
     unused = []
     pending: dict[str, set] = {}  # block prefix -> names still to read
-    if on_block is not None:
+    block_done = on_block if on_block is not None else (stream.take_block if stream is not None else None)
+    if block_done is not None:
         for n in model.state_dict():
             m = _BLOCK_PREFIX.match(n)
             if m:
@@ -281,7 +291,7 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
             del pending[prefix]
             for mod_name in [k for k in biases if k.startswith(prefix + ".")]:
                 model.get_submodule(mod_name).bias = biases.pop(mod_name).to(device, parse_dtype(quant.compute_dtype))
-            on_block(model.get_submodule(prefix))
+            block_done(model.get_submodule(prefix))
 
     for name in tqdm(source.names(), desc="loading", unit="tensor", disable=not progress, leave=False):
         mod_name = by_weight.get(name)
@@ -329,6 +339,8 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     else:
         use_tiled_mlp(model)  # long sequences: the MLP over chunks of tokens (a no-op for shorter ones)
     model.qlora_unused_tensors = unused
+    if stream is not None:
+        stream.install(model)  # (takes any block the source left incomplete)
     return model
 
 
@@ -358,27 +370,27 @@ class RandomSource:
 
 def build_random(config, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", seed: int = 0,
-                 std: float = 0.02, progress: bool = True, on_block=None) -> nn.Module:
+                 std: float = 0.02, progress: bool = True, on_block=None, stream=None) -> nn.Module:
     """A model with random weights built directly in 4-bit, one layer at a time (for benchmarks of
     8B–70B shapes): each linear's random 16-bit weight exists only until it is quantized
     (weights: :class:`RandomSource`)."""
     device = torch.device(device)
     quant, dtype = resolve_dtypes(quant, dtype, device)
     src = RandomSource(config, dtype, device, seed, std)
-    return build_from_source(src, quant, lora, device, dtype, seed, progress, on_block)
+    return build_from_source(src, quant, lora, device, dtype, seed, progress, on_block, stream)
 
 
 def load_model(src=None, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
                device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto", seed: int = 0,
-               progress: bool = True, on_block=None):
+               progress: bool = True, on_block=None, stream=None):
     """Load ``src`` (HF dir, GGUF file, 4-bit checkpoint; None = the embedded SmolLM2-135M) as a
-    QLoRA model. Returns ``(model, tokenizer)``."""
+    QLoRA model. Returns ``(model, tokenizer)``. ``on_block``, ``stream``: see :func:`build_from_source`."""
     from .sources import open_source
     if src is None:
         from .embedded import embedded_model_path
         src = embedded_model_path()
     source = open_source(src)
-    model = build_from_source(source, quant, lora, device, dtype, seed, progress, on_block)
+    model = build_from_source(source, quant, lora, device, dtype, seed, progress, on_block, stream)
     tokenizer = source.load_tokenizer()
     model.qlora_source = str(src)
     return model, tokenizer

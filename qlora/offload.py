@@ -235,7 +235,8 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
     ``keep``: indices of decoder blocks (0-based, in model order) that are *not* checkpointed: they
     keep all their activations and backward recomputes nothing for them (the memory budget's policy,
     qlora.budget, keeps the last K blocks). The math is the same op for op, so losses and gradients are
-    bit for bit those of recomputing. Their activations are never offloaded.
+    bit for bit those of recomputing. Their activations are never offloaded. A model whose weights are
+    streamed (qlora.stream) keeps none.
 
     ``keep_gemms``: indices of checkpointed blocks whose MLP gate and up projections keep their outputs from
     the forward until the block's recompute, which then skips those two GEMMs (over half of a Llama block's
@@ -264,6 +265,9 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
         raise QLoraError(f"blocks to keep must be indices in [0, {len(blocks)}), got {bad}")
     if keep & keep_gemms:
         raise QLoraError(f"blocks both kept whole and kept for their MLP GEMMs: {sorted(keep & keep_gemms)}")
+    if keep and getattr(model, "qlora_streamer", None) is not None:
+        from .stream import _KEPT
+        raise QLoraError(_KEPT.format(i=min(keep)))
     off = None
     if offload and len(keep) < len(blocks):
         off = offloader or ActivationOffloader(min_bytes, static=True)  # static: what a CUDA graph of the step needs

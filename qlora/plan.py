@@ -45,6 +45,8 @@ from .config import is_int, is_number
 from .errors import QLoraError
 from .settings import switches
 
+STREAM_SLOTS = 2  # weight streaming's device slots (qlora.stream.DEFAULT_SLOTS)
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -215,7 +217,7 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
     per output row (in the LoRA dtype) and keeps its base's squared row norms in fp32
     (qlora.linear.QLoRALinear._dora_wn2); ``adapted_out``: the output width summed over the adapted linears of
     one block (what DoRA's forward saves per token; 0 without DoRA)."""
-    from .model import parse_dtype, select_targets
+    from .model import _BLOCK_PREFIX, parse_dtype, select_targets
     dt, ldt = parse_dtype(dtype), parse_dtype(lora_dtype)
     if not is_int(rank) or rank < 0:
         raise QLoraError(f"LoRA rank must be an integer >= 0, got {rank!r}")
@@ -226,12 +228,18 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
     targets = select_targets(names, target) if rank > 0 else set()
     out = dict(weights_4bit=0, dq_constants=0, frozen_16bit=summ["other"], lora_params=0, quantized_params=0,
                lora_numels=[], largest_linear=0, layers=int(config.num_hidden_layers), tied=summ["tied"],
-               input_embedding=_nbytes(summ["embedding_numel"], dt), adapted_out=0)
+               input_embedding=_nbytes(summ["embedding_numel"], dt), adapted_out=0, block_16bit=0)
+    streamed: dict[str, int] = {}  # block prefix -> its base tensors' bytes in a weight-streaming buffer
     for n, fan_in, fan_out, bias in summ["linears"]:
         k = fan_in * fan_out
         out["largest_linear"] = max(out["largest_linear"], k)
+        block = _BLOCK_PREFIX.match(n).group(1)
+        streamed[block] = streamed.get(block, 0) + streamed_linear_bytes(k, fan_out, bias, quant_type, blocksize,
+                                                                         double_quant, dt)
+        out["block_16bit"] += _nbytes(fan_out, dt) if bias else 0
         if quant_type is None:
             out["frozen_16bit"] += _nbytes(k, dt)
+            out["block_16bit"] += _nbytes(k, dt)
         else:
             out["quantized_params"] += k
             out["weights_4bit"] += (k + 1) // 2             # two codes per byte
@@ -249,6 +257,8 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
             out["frozen_16bit"] += 4 * fan_out if dora else 0  # the base's squared row norms, fp32
     if quant_type is not None and device == "cpu":         # code tables shared by all layers
         out["dq_constants"] += 64 + (1024 if double_quant else 0)
+    out["largest_block"] = max(streamed.values(), default=0)  # weight streaming: one slot
+    out["blocks_bytes"] = sum(streamed.values())  # weight streaming: the host buffers
     out["lora_params"] = _nbytes(sum(out["lora_numels"]), ldt)
     out["adapted_out"] = out["adapted_out"] // max(1, out["layers"]) if dora else 0
     # a checkpointed block can keep its MLP gate/up outputs for the recompute (offload.enable_checkpointing's
@@ -265,6 +275,22 @@ def count_model(config, rank: int = 64, target: str = "all-linear", quant_type: 
     heads = int(config.num_attention_heads)
     out["head_dim"] = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return out
+
+
+def streamed_linear_bytes(k: int, fan_out: int, bias: bool, quant_type: str | None, blocksize: int,
+                          double_quant: bool, dtype) -> int:
+    """Bytes one block linear with ``k`` weights takes in a weight-streaming buffer (qlora.stream: each base tensor
+    at an aligned offset, the code tables per layer): packed codes ``ceil(k/2)`` and the code table (16 fp32),
+    uint8 block scales ``ceil(k/blocksize)`` with their fp32 second-level scales (one per 256) and the 256-entry
+    fp32 table of DQ (fp32 scales without DQ), or a 16-bit weight where not quantized; the bias."""
+    from .stream import aligned
+    if quant_type is None:
+        n = aligned(_nbytes(k, dtype))
+    else:
+        nb = -(-k // blocksize)
+        n = aligned((k + 1) // 2) + aligned(64)  # codes, code table
+        n += aligned(nb) + aligned(4 * -(-nb // 256)) + aligned(1024) if double_quant else aligned(4 * nb)
+    return n + (aligned(_nbytes(fan_out, dtype)) if bias else 0)
 
 
 def counts_for(config, rank: int = 64, target: str = "all-linear", quant_type: str | None = "nf4",
@@ -293,7 +319,7 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
              offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
              page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
              counts: dict | None = None, fused_dropout: bool | None = None, keep_blocks: int = 0,
-             mlp_tiling: bool = True, dora: bool = False, keep_gemms: int = 0) -> dict:
+             mlp_tiling: bool = True, dora: bool = False, keep_gemms: int = 0, offload_weights: bool = False) -> dict:
     """Predicted peak of ``torch.cuda.max_memory_allocated`` for one training step (bytes).
 
     Returns ``{"peak", "phase", "components": {name: bytes}, "details": {...}, "host": {...}}``
@@ -316,6 +342,10 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     magnitude scaling (for the magnitude's gradient), in each kept block and in the block being back-propagated;
     with LoRA dropout (peft's form, qlora.linear.QLoRALinear._dora_forward_dropout) two outputs (the base's and
     the LoRA product's on the dropped input; the dropped input replaces the input plain LoRA saves).
+    ``offload_weights``: the blocks' frozen base tensors are streamed from pinned CPU memory (qlora.stream): on the
+    device only :data:`STREAM_SLOTS` slots of the largest block's bytes (component ``weight_slots``) instead of the
+    4-bit weights, DQ constants and 16-bit block tensors (biases, a 16-bit base); ``host["weights"]`` is what
+    waits in CPU memory. Needs every block checkpointed (no ``keep_blocks``).
     """
     for name, v in (("seq", seq), ("batch", batch)):
         if not is_int(v) or v < 1:
@@ -326,6 +356,9 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
         raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
     c = counts or count_model(config, rank, target, quant_type, blocksize, double_quant, lora_dtype=lora_dtype,
                               dora=dora)
+    if offload_weights and (not grad_checkpointing or keep_blocks):
+        raise QLoraError("streamed block weights (--offload-weights) need every block recomputed in backward: "
+                         "gradient checkpointing on and no blocks kept")
     n_tok, h, i, L, v = batch * seq, c["hidden"], c["intermediate"], c["layers"], c["vocab"]
     grads = c["lora_params"]  # one gradient per LoRA parameter, in its dtype
     states = optimizer_state_bytes(c["lora_numels"], optim)
@@ -353,9 +386,14 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
 
     host_emb = c["input_embedding"] if embed_offload and not c["tied"] else 0
 
+    # weight streaming: the blocks' base tensors wait in host memory, the device holds the slots
+    slots = STREAM_SLOTS * c["largest_block"] if offload_weights else 0
+    on_device = dict(weights_4bit=0, dq_constants=0, frozen_16bit=c["frozen_16bit"] - c["block_16bit"] - host_emb) \
+        if offload_weights else dict(weights_4bit=c["weights_4bit"], dq_constants=c["dq_constants"],
+                                     frozen_16bit=c["frozen_16bit"] - host_emb)
+
     def phases(resident_states: int) -> list[tuple[str, dict]]:
-        base = dict(weights_4bit=c["weights_4bit"], dq_constants=c["dq_constants"],
-                    frozen_16bit=c["frozen_16bit"] - host_emb, lora_params=c["lora_params"],
+        base = dict(on_device, weight_slots=slots, lora_params=c["lora_params"],
                     optimizer_states=0 if first_step else resident_states)
         # backward through the blocks: inputs are freed and gradients appear block by block;
         # the sum is largest at one end (first block processed, or last)
@@ -384,11 +422,13 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                              loss_chunk=ce,
                              lora_parameters=sum(c["lora_numels"]), quantized_parameters=c["quantized_params"],
                              optimizer_states_total=states),
-                host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb),
+                host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb,
+                          weights=c["blocks_bytes"] if offload_weights else 0),
                 settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
                               dropout=dropout, grad_checkpointing=grad_checkpointing, offload=offload,
                               keep_blocks=keep_blocks, keep_gemms=act["gemms"], mlp_tiled=bool(act["tile_rows"]),
-                              embed_offload=bool(host_emb), lora_dtype=lora_dtype, dora=bool(dora)))
+                              embed_offload=bool(host_emb), lora_dtype=lora_dtype, dora=bool(dora),
+                              offload_weights=bool(offload_weights)))
 
 
 def tiled_rows(c: dict, n_tok: int) -> int:
@@ -548,6 +588,8 @@ def suggestions(config, seq: int, batch: int, gpu_mem: int, context: int = CONTE
         out.append("gradient checkpointing: --grad-checkpointing true")
     if not kw.get("offload", False) and ok(offload=True, grad_checkpointing=True):
         out.append("activation offload to CPU memory: --offload-activations true")
+    if not kw.get("offload_weights", False) and ok(offload_weights=True, grad_checkpointing=True):
+        out.append("the blocks' frozen weights streamed from CPU memory: --offload-weights true")
     if not kw.get("embed_offload", False) and ok(embed_offload=True):
         out.append("the input embedding table in CPU memory: --offload-embeddings true")
     if kw.get("optim", "paged_adamw") != "paged_adamw8bit" and ok(optim="paged_adamw8bit"):
@@ -576,12 +618,12 @@ def check_fits(config, seq: int, batch: int, gpu_mem: int, context: int = CONTEX
     if tips:
         return msg + "; any of these would fit: " + "; ".join(tips)
     least = dict(kw, optim="paged_adamw8bit", offload=True, grad_checkpointing=True, dropout=0.0,
-                 embed_offload=True, page_budget=0)
+                 embed_offload=True, page_budget=0, offload_weights=True)
     floor = required_bytes(estimate(config, min(seq, 512), 1, **least), context)
-    frozen = sum(est["components"][k] for k in ("weights_4bit", "dq_constants", "frozen_16bit"))
+    frozen = sum(est["components"][k] for k in ("weights_4bit", "dq_constants", "frozen_16bit", "weight_slots"))
     return (msg + f"; nothing simple fits: the frozen model alone takes {_gib(frozen)}, and even batch 1 x "
-            f"{min(seq, 512)} tokens with offload and paged 8-bit states needs {_gib(floor)} — use a GPU with at "
-            f"least that much memory, or a smaller model")
+            f"{min(seq, 512)} tokens with offload, streamed block weights and paged 8-bit states needs "
+            f"{_gib(floor)} — use a GPU with at least that much memory, or a smaller model")
 
 
 def check_train_config(cfg, config=None, gpu_mem: int | None = None) -> str | None:
@@ -613,7 +655,8 @@ def plan_kwargs(cfg) -> dict:
                 embed_offload=getattr(cfg, "offload_embeddings", False),
                 page_budget=0 if getattr(cfg, "offload_optimizer", False) else None,
                 fused_dropout=None if getattr(cfg, "compute_dtype", "bf16") in ("auto", "bf16", "fp16") else False,
-                dora=bool(getattr(cfg, "dora", False)))
+                dora=bool(getattr(cfg, "dora", False)),
+                offload_weights=str(getattr(cfg, "offload_weights", "false")).lower() == "true")
 
 
 def model_config(src: str | None):
@@ -631,7 +674,7 @@ def model_config(src: str | None):
 # CLI
 
 LABELS = [("weights_4bit", "4-bit weights (packed codes)"), ("dq_constants", "DQ constants (block scales)"),
-          ("frozen_16bit", "16-bit embeddings, head, norms"), ("lora_params", "LoRA parameters"),
+          ("weight_slots", "streamed block slots"), ("frozen_16bit", "16-bit embeddings, head, norms"), ("lora_params", "LoRA parameters"),
           ("gradients", "LoRA gradients"), ("optimizer_states", "optimizer states"),
           ("activations", "activations"), ("workspace", "workspace")]
 
@@ -644,7 +687,8 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
              f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}"
              + (f" ({s['keep_blocks']} blocks kept without recompute)" if s["grad_checkpointing"] and s.get("keep_blocks")
                 else "") + f", offload {'on' if s['offload'] else 'off'}"
-             + (", embeddings on CPU" if s["embed_offload"] else "")]
+             + (", embeddings on CPU" if s["embed_offload"] else "")
+             + (", block weights streamed from CPU memory" if s.get("offload_weights") else "")]
     notes = {
         "optimizer_states": f"{host['optimizer_states'] / GiB:.2f} GiB paged out to CPU memory"
         if host["optimizer_states"] else "",
@@ -654,8 +698,12 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
                         + (f"; {_gib(host['activations'])} offloaded to CPU" if host["activations"] else "")),
         "frozen_16bit": f"input embeddings in CPU memory ({_gib(host['embeddings'])})" if host["embeddings"] else "",
         "workspace": f"dequantized weight {_gib(d['dequantized_weight'])}, loss chunk {_gib(d['loss_chunk'])}",
+        "weight_slots": f"{STREAM_SLOTS} x the largest block ({comps['weight_slots'] / STREAM_SLOTS / MiB:.1f} MiB); "
+                        f"the blocks' {_gib(host['weights'])} in pinned CPU memory" if host.get("weights") else "",
     }
     for key, label in LABELS:
+        if key == "weight_slots" and not s.get("offload_weights"):
+            continue
         lines.append(f"  {label:<32} {comps[key] / GiB:8.2f} GiB  {notes.get(key, '')}".rstrip())
     lines.append(f"  {'predicted peak (at the ' + est['phase'] + ')':<32} {est['peak'] / GiB:8.2f} GiB  "
                  f"torch.cuda.max_memory_allocated")
@@ -690,6 +738,10 @@ def add_cli(sub) -> None:
                    help="keep the input embedding table in CPU memory (untied embeddings; default false)")
     p.add_argument("--offload-optimizer", default="false", choices=["true", "false"],
                    help="paged optimizer state in CPU memory between steps (train's --offload-optimizer; default false)")
+    p.add_argument("--offload-weights", default="auto", choices=["auto", "true", "false"],
+                   help="stream the blocks' frozen weights from pinned CPU memory, two blocks on the GPU at a time "
+                        "(train's --offload-weights): true plans the run so; auto (default) plans it without, and "
+                        "--memory-budget may choose it when nothing else fits")
     p.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA factors' dtype (default fp32)")
     p.add_argument("--dora", default="false", choices=["true", "false"],
                    help="DoRA adapters (train's --dora): a magnitude per output row, and each adapted linear's output "
@@ -720,7 +772,7 @@ def run(args) -> int:
               blocksize=args.blocksize, double_quant=args.double_quant == "true", target=args.target,
               dropout=args.dropout, grad_checkpointing=args.grad_checkpointing == "true",
               offload=args.offload == "true", embed_offload=args.offload_embeddings == "true",
-              lora_dtype=args.lora_dtype, dora=args.dora == "true")
+              lora_dtype=args.lora_dtype, dora=args.dora == "true", offload_weights=args.offload_weights == "true")
     if args.offload_optimizer == "true":
         from .optim import check_offload
         check_offload(args.optim, True)
@@ -772,15 +824,18 @@ def _run_budget(args, config, name: str, kw: dict) -> int:
         value = auto_budget(torch.device("cuda", torch.cuda.current_device()))
     kw = dict(kw)
     forced = True if kw.pop("offload") else None
-    policy = choose(config, args.seq, args.batch, value, checkpointing=kw.pop("grad_checkpointing"),
-                    offload=forced, **kw)
+    kw.pop("offload_weights")
+    stream = {"true": True, "false": False}.get(args.offload_weights)
+    policy = choose(config, args.seq, args.batch, value, checkpointing=kw.pop("grad_checkpointing") or bool(stream),
+                    offload=forced, stream=stream, **kw)
     est = estimate(config, args.seq, args.batch, gpu_mem=value, keep_blocks=policy.keep, keep_gemms=policy.gemms,
-                   offload=policy.offload, grad_checkpointing=True, **kw)
+                   offload=policy.offload, grad_checkpointing=True, offload_weights=policy.stream, **kw)
     if args.json:
         out = {k: est[k] for k in ("peak", "phase", "components", "details", "host", "settings")}
         out.update(required=required_bytes(est), memory_budget=value,
                    policy=dict(keep=policy.keep, gemms=policy.gemms, layers=policy.layers, offload=policy.offload,
-                               page_budget=policy.page_budget, states_on_host=policy.states_on_host))
+                               page_budget=policy.page_budget, states_on_host=policy.states_on_host,
+                               offload_weights=policy.stream))
         print(json.dumps(out))
         return 0
     for line in format_plan(est, name, value):

@@ -21,6 +21,8 @@ gives the default. The list (field: variable, default -- what it does):
 * ``tile_all``: ``QLORA_TILE_ALL`` (off) -- every MLP call of a loaded model runs sequence-tiled (qlora.tiled),
   in chunks of :data:`qlora.tiled.FORCED_ROWS` tokens, not only long ones: tiling on tiny models, in child
   processes too (tests under torchrun).
+* ``stream_cpu``: ``QLORA_STREAM_CPU`` (off) -- ``qlora train --offload-weights true`` runs on a CPU device too,
+  streaming between CPU buffers (qlora.stream's CPU mode: nothing saved; how the tests run that path of the run).
 
 The object is read from the environment on first use; a program (or a test) that changes
 ``os.environ`` afterwards calls :func:`refresh`.
@@ -53,6 +55,7 @@ class Switches:
     keep_imports: bool = _field("QLORA_KEEP_IMPORTS", False)
     warmup: bool = _field("QLORA_WARMUP", True)
     tile_all: bool = _field("QLORA_TILE_ALL", False)
+    stream_cpu: bool = _field("QLORA_STREAM_CPU", False)
 
 
 def _flag(value: str | None, default: bool) -> bool:

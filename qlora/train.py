@@ -151,6 +151,14 @@ class TrainConfig:
     offload_optimizer: bool = opt(False, "keep a paged optimizer's state in CPU memory between steps (8 bytes per "
                                   "LoRA parameter off the GPU during forward/backward; copied in and out each step)",
                                   group="optimization")
+    offload_weights: str = opt("auto", "keep each decoder block's frozen 4-bit weights in pinned CPU memory and copy "
+                               "them into the GPU as the block runs, two blocks there at a time, the next copy "
+                               "overlapping the current block's compute (every block is then recomputed in backward; "
+                               "each step copies the blocks about twice): true, false, or auto = only when the plan says "
+                               "the run does not fit the GPU (or --memory-budget) with them there, even with every "
+                               "block recomputed and activations offloaded. CUDA, one process (true is refused on a "
+                               "CPU device, where the weights are in CPU memory already)", ["auto", "true", "false"],
+                               group="optimization")
     memory_budget: str = opt("off", "memory the run may use on its device: off (the flags above decide), auto (the "
                              "device's free memory minus 5%%) or a size like 24GiB; the run then keeps the activations "
                              "of the blocks that fit (no recompute) and, in others, their MLP gate/up outputs (a "
@@ -221,12 +229,13 @@ def _human(n: float) -> str:
 
 def _check_fsdp(cfg: TrainConfig) -> None:
     bad = [("8bit" in cfg.optim, f"--optim {cfg.optim}"),
-           (cfg.cache_dequant == "on", "--cache-dequant on"),
+           (cfg.cache_dequant == "on", "--cache-dequant on"), (cfg.offload_weights == "true", "--offload-weights true"),
            (cfg.dora, "--dora"), (cfg.init != "gaussian", f"--init {cfg.init}")]
     for cond, what in bad:
         if cond:
             raise QLoraError(f"--parallel fsdp does not support {what} (use --optim adamw or paged_adamw, "
-                             "--cache-dequant off, --init gaussian, no --dora)")
+                             "--cache-dequant off, --init gaussian, no --dora; FSDP2 shards the weights instead "
+                             "of streaming them)")
 
 
 def _step_with_retry(run_step, optimizer, device, log):
@@ -319,7 +328,8 @@ def _graphed(cfg: TrainConfig, par, device, step: MicroStep, params, off, scaler
         return None
     from .cuda_graphs import GraphedMicroStep, bucket_count, supported
     ok, why = supported(device, parallel=par.mode != "none", host_embeddings=cfg.offload_embeddings,
-                        dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing, keyed_dropout=keyed)
+                        dropout=cfg.dropout, checkpointing=cfg.grad_checkpointing, keyed_dropout=keyed,
+                        streamed_weights=cfg.offload_weights == "true")
     if ok and scaler is not None:
         ok, why = False, "fp16 loss scaling"
     if ok and not cfg.packing and off is not None:  # the offloader's pinned buffers are sized for one shape
@@ -438,6 +448,8 @@ def check_config(cfg: TrainConfig) -> None:
     need(is_number(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, "max-grad-norm", "a number >= 0 (0: no clipping)", cfg.max_grad_norm)
     _check_method(cfg, need, number)
     _check_variants(cfg, need, number)
+    need(cfg.offload_weights in ("auto", "true", "false"), "offload-weights", "one of auto, true, false",
+         cfg.offload_weights)
     _device(cfg.device)  # a name torch does not know, or CUDA asked for without one
     from .budget import parse_budget
     parse_budget(cfg.memory_budget)
@@ -517,6 +529,7 @@ class Run:
         self.tokens_seen, self.last_loss, self.last_eval, self.ck_path = 0, float("nan"), None, None
         self.eval_metrics: dict = {}
         self.stop = {"signal": None}
+        self.stream, self.streamer = False, None  # --offload-weights (decided in setup)
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -601,12 +614,86 @@ class Run:
             self.log(describe(self.device))
 
     def _setup_budget(self) -> None:
-        """--memory-budget: the policy (blocks kept without recompute, offload, optimizer paging) chosen from
-        the model's config before the model loads; a budget nothing fits is one line here."""
+        """--memory-budget: the policy (blocks kept without recompute, offload, optimizer paging, weight streaming)
+        chosen from the model's config before the model loads; a budget nothing fits is one line here. Then
+        --offload-weights (:meth:`_setup_weights`)."""
         from .budget import for_train
+        self._stream_allowed()
         self.policy = for_train(self.cfg, self.device, self.model.config if self.model is not None else None)
         if self.policy is not None:
             self.log(self.policy.describe())
+        self._setup_weights()
+
+    def _stream_allowed(self) -> None:
+        """--offload-weights where streaming cannot run: true is one line, auto turns into false."""
+        cfg = self.cfg
+        if cfg.offload_weights == "false":
+            return
+        why = None
+        if self.device.type != "cuda" and not switches().stream_cpu:
+            why = (f"the run is on {self.device}, where the weights are in CPU memory already (it streams them into "
+                   "a GPU)")
+        elif self.par.sharded:
+            why = "--parallel fsdp shards the weights instead"
+        elif self.dist.world > 1:
+            why = "it streams one process's weights: run it with one process (no --gpus N)"
+        elif cfg.init != "gaussian":
+            why = (f"--init {cfg.init} keeps the corrected base it writes to {BASE_FILE} in the model, which "
+                   "streaming moves to CPU buffers (use --init gaussian)")
+        elif cfg.cache_dequant == "on":
+            why = "--cache-dequant on keeps a 16-bit copy of every weight on the device"
+        if why is None:
+            return
+        if cfg.offload_weights == "true":
+            raise QLoraError(f"--offload-weights true: {why}")
+        self.cfg = dataclasses.replace(cfg, offload_weights="false")
+
+    def _setup_weights(self) -> None:
+        """--offload-weights (qlora.stream), decided before the model loads (the build then moves each block's
+        weights to pinned CPU memory as soon as the block is complete): the budget's policy decides under
+        --memory-budget; ``auto`` streams when the plan says the run does not fit this GPU otherwise, even with
+        every block recomputed and the block inputs offloaded. The choice is resolved in the config (config.yaml
+        records true or false) and said in the header on a GPU; streaming turns gradient checkpointing on."""
+        cfg, value = self.cfg, self.cfg.offload_weights
+        config = self.model.config if self.model is not None else None
+        reason = ""
+        if self.policy is not None:
+            stream = self.policy.stream
+            reason = "the memory budget's policy"
+        elif value == "auto" and self.device.type == "cuda":
+            from .budget import card_memory, stream_needed
+            from .plan import model_config, required_bytes
+            try:
+                config = config if config is not None else model_config(cfg.model)
+                gpu = card_memory(self.device)
+                stream, est = stream_needed(cfg, config, gpu)
+                need = required_bytes(est)
+            except (QLoraError, KeyError, AttributeError, TypeError, ValueError):  # a model the plan does not know
+                stream, need, gpu = False, None, None
+            if need is not None:
+                reason = (f"auto: with them on the GPU the run needs {need / 2**30:.1f} GiB even with every block "
+                          f"recomputed and the block inputs offloaded; the GPU has {gpu / 2**30:.1f} GiB"
+                          if stream else "auto: the run fits with them on the GPU")
+        else:
+            stream = value == "true"
+        self.stream = bool(stream)
+        self.cfg = dataclasses.replace(cfg, offload_weights="true" if stream else "false",
+                                       grad_checkpointing=cfg.grad_checkpointing or bool(stream))
+        if stream and not cfg.grad_checkpointing:
+            self.log("--offload-weights: gradient checkpointing on (a streamed block is recomputed in backward)")
+        if not stream:
+            if reason:
+                self.log(f"weights: on the GPU ({reason})")
+            return
+        try:
+            from .plan import counts_for, model_config, plan_kwargs
+            c = counts_for(config if config is not None else model_config(cfg.model), **plan_kwargs(self.cfg))
+            sizes = (f"the {c['layers']} blocks' {c['blocks_bytes'] / 2**30:.2f} GiB wait in pinned CPU memory, 2 slots "
+                     f"of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")
+        except (QLoraError, KeyError, AttributeError, TypeError, ValueError):
+            sizes = "they wait in pinned CPU memory, 2 blocks at a time on the device"
+        self.log(f"weights: streamed from CPU memory ({reason or '--offload-weights true'}): {sizes}; every block "
+                 f"is recomputed in backward, and each step copies the blocks about twice")
 
     def _card_pages(self) -> int | None:
         """The paged optimizer's GPU share the plan leaves on this card (budget.plan_page_budget), on one CUDA
@@ -631,6 +718,10 @@ class Run:
         cfg, device, main = self.cfg, self.device, self.dist.main
         dtype = cfg.compute_dtype
         shape, given = (cfg.model or "").startswith("shape:"), self.model is not None
+        self.streamer = None
+        if self.stream:  # (the build moves each block's weights to CPU memory as soon as it is complete)
+            from .stream import WeightStreamer
+            self.streamer = WeightStreamer(include_cpu=device.type == "cpu")
         if self.model is None and device.type == "cuda" and not shape and self.policy is None:
             from .plan import check_train_config
             try:
@@ -643,12 +734,15 @@ class Run:
             from .model import build_random
             from .plan import shape_config
             self.model = build_random(shape_config(cfg.model[6:]), self.quant, self.lora, device, dtype, cfg.seed,
-                                      progress=cfg.progress and main, on_block=self.par.block_hook())
+                                      progress=cfg.progress and main, on_block=self.par.block_hook(),
+                                      stream=self.streamer)
             self.tok = self._tokenizer_from(cfg.tokenizer_from) if cfg.tokenizer_from else None
         elif self.model is None:
             self.model, self.tok = load_model(cfg.model, self.quant, self.lora, device, dtype, cfg.seed,
-                                              progress=cfg.progress and main,
-                                              on_block=self.par.block_hook())  # one process's bars (each rank loads the same)
+                                              progress=cfg.progress and main, on_block=self.par.block_hook(),
+                                              stream=self.streamer)  # one process's bars (each rank loads the same)
+        elif self.streamer is not None:  # a model given to train: its blocks' weights leave the device now
+            self.streamer.install(self.model)
         model = self.model
         if switches().tile_all and not given:
             from .tiled import FORCED_ROWS
@@ -713,6 +807,9 @@ class Run:
         self.watch = Watch(cfg, self.out, self.log, self.dist.main)  # fit warnings, early stop
         self.validator = validation.Validator(cfg, val_recs, val_fmt, sft=self.method.name == "sft"
                                               and not self.par.sharded) if val_recs else None
+        if self.stream and self.validator is not None and (cfg.eval_samples or cfg.compare_prompts):
+            self.log("note: with streamed weights, greedy answers (--eval-samples, --compare-prompts) copy every block "
+                     "for every token they generate: slow for a large model (0 skips them)")
         self.batches = self.method.batches(examples, cfg, self.pad_id, train=True)
         self.val_batches = list(self.method.batches(val, cfg, self.pad_id, train=False).epoch(0)) if val else []
         micro_per_step = cfg.grad_accum * self.dist.world  # global micro-batches per optimizer step
@@ -822,8 +919,8 @@ class Run:
     def _cache_on(self) -> bool:
         """``--cache-dequant``: keep the dequantized base weights for the run (auto: on a CPU)."""
         cfg = self.cfg
-        return not self.par.sharded and (cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto"
-                                                                       and self.device.type == "cpu"))
+        return not self.par.sharded and not self.stream and (
+            cfg.cache_dequant == "on" or (cfg.cache_dequant == "auto" and self.device.type == "cpu"))
 
     def fit(self) -> bool:
         """Run the steps to the end; False when a signal stopped the run (a checkpoint was saved)."""
