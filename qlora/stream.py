@@ -133,6 +133,14 @@ class _Ask:
         self.streamer.request(self.index)
 
 
+def _aligned_empty(n: int, device: torch.device) -> torch.Tensor:
+    """``n`` uninitialised bytes on ``device`` starting at a multiple of :data:`ALIGN` (CUDA's allocator already
+    aligns to 512; the CPU's to 64)."""
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8, device=device)
+    start = (-raw.data_ptr()) % ALIGN
+    return raw[start:start + n]
+
+
 def _unregister(ptrs: list[int]) -> None:
     while ptrs:
         unregister_host_memory(ptrs.pop())
@@ -285,9 +293,11 @@ class WeightStreamer:
             for p in blk.parts:
                 p.placeholder.where = f"block {blk.index}"
         size = max(b.nbytes for b in self.blocks)
-        self.slots = [_Slot(k, torch.empty(size, dtype=torch.uint8, device=self.device)) for k in range(self.n_slots)]
+        self.slots = [_Slot(k, _aligned_empty(size, self.device)) for k in range(self.n_slots)]
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
+            for slot in self.slots:  # freed only once the copy stream's work on it is done too
+                slot.data.record_stream(self._stream)
         for blk, module in zip(self.blocks, blocks):
             ask = _Ask(self, blk.index)
             seen = set()

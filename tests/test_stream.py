@@ -1,0 +1,548 @@
+"""Weight streaming (qlora.stream, --offload-weights): losses and LoRA gradients bit for bit those of the model whose
+weights stay put (fp32/bf16, checkpointing, activation offload, GEMM-keeping blocks, two optimizer steps, DPO with
+its reference pass, MoE, DoRA); which blocks are copied when; a block no slot holds has no weights to read; the
+refusals; the plan's slots and host bytes against a built model's buffers; the budget's choice; the build moving
+each block out as it completes; `qlora train` / `qlora plan`. CPU tests use the streamer's CPU mode (CPU slots,
+plain copies); the GPU tests at the end check the CUDA path (pinned memory, side stream, events) and its memory."""
+import json
+
+import pytest
+import torch
+import transformers
+
+from qlora.budget import choose, for_train
+from qlora.cli import main
+from qlora.errors import QLoraError
+from qlora.linear import QLoRALinear
+from qlora.loss import loss_sum
+from qlora.model import LoraSettings, QuantSettings, build_random
+from qlora.offload import ActivationOffloader, enable_checkpointing
+from qlora.optim import make_optimizer
+from qlora.plan import GiB, counts_for, estimate, fits, shape_config
+from qlora.stream import ALIGN, NotResident, WeightStreamer, aligned
+from qlora.train import TrainConfig, _check_fsdp, train
+
+from helpers import cfg, losses, nonzero_lora_b
+
+LAYERS = 4
+
+
+def _config(layers=LAYERS, hidden=64, arch="llama"):
+    kw = dict(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=96, max_position_embeddings=512, tie_word_embeddings=False)
+    if arch == "qwen2":  # q/k/v with biases
+        return transformers.Qwen2Config(**kw)
+    if arch == "qwen3_moe":
+        kw.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16)
+        return transformers.Qwen3MoeConfig(**kw)
+    return transformers.LlamaConfig(**kw)
+
+
+def _model(dtype="fp32", stream=None, config=None, quant=None, **lora):
+    quant = quant or QuantSettings(compute_dtype=dtype)
+    m = build_random(config or _config(), quant, LoraSettings(**dict(dict(r=4, alpha=8, dropout=0.0), **lora)),
+                     device="cpu", dtype=dtype, progress=False, stream=stream)
+    return nonzero_lora_b(m)
+
+
+def _pair(dtype="fp32", **kw):
+    """The same model twice: weights in place, and streamed (CPU mode)."""
+    return _model(dtype, **kw), _model(dtype, stream=WeightStreamer(include_cpu=True), **kw)
+
+
+def _batch(b=2, t=16, seed=0):
+    ids = torch.randint(0, 96, (b, t), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _step(model, opt, loss_fn):
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model)
+    loss.backward()
+    grads = _grads(model)
+    opt.step()
+    return loss.detach(), grads
+
+
+def _assert_same_steps(plain, streamed, loss_fn, steps=2):
+    """``steps`` optimizer steps (AdamW) of both models: the same loss and every LoRA gradient, bit for bit."""
+    opts = [make_optimizer([p for p in m.parameters() if p.requires_grad], "adamw", 1e-2) for m in (plain, streamed)]
+    for k in range(steps):
+        (la, ga), (lb, gb) = (_step(m, o, loss_fn) for m, o in zip((plain, streamed), opts))
+        assert torch.equal(la, lb), (k, la, lb)
+        assert ga.keys() == gb.keys() and ga
+        for n in ga:
+            assert torch.equal(ga[n], gb[n]), (k, n)
+
+
+def _fetches(streamer) -> list[int]:
+    """Spy: the indices of the blocks copied into a slot, in order."""
+    seen, real = [], streamer._fetch
+
+    def fetch(blk, slot):
+        seen.append(blk.index)
+        real(blk, slot)
+    streamer._fetch = fetch
+    return seen
+
+
+# ------------------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("gemms", [(), (1, 2)])
+def test_streamed_steps_equal_unstreamed_bit_for_bit(dtype, offload, gemms):
+    """Checkpointing (every block), with or without activation offload (CPU copies) and with blocks keeping their
+    MLP GEMMs: two AdamW steps give the same losses and gradients as the model whose weights never move."""
+    plain, streamed = _pair(dtype)
+    for m in (plain, streamed):
+        off = ActivationOffloader(min_bytes=0, include_cpu=True) if offload else None
+        got = enable_checkpointing(m, offload=offload, offloader=off, keep_gemms=gemms)
+        if offload:
+            m._off = got
+    batch = _batch()
+
+    def loss_fn(m):
+        if not offload:
+            return loss_sum(m, batch, "cpu")
+        m._off.begin_step()
+        with m._off.hooks():
+            return loss_sum(m, batch, "cpu")
+    _assert_same_steps(plain, streamed, loss_fn)
+    st = streamed.qlora_streamer
+    assert st.stats["fetched"] == LAYERS + 2 + 2 + 2 and st.stats["misses"] == 1  # (the order: next test)
+    if offload:
+        assert streamed._off.stats["packed"] == plain._off.stats["packed"] > 0
+
+
+def test_blocks_are_copied_once_in_forward_and_once_for_the_recompute():
+    """Two slots, 4 blocks: forward copies each block as the previous one runs (block 0 when asked for: a miss);
+    backward recomputes 3, 2, 1, 0 and finds the last two still resident from forward, copying 1 and 0 ahead; the
+    next step's forward finds 0 and 1 still there. So a step copies L-2 blocks in forward and L-2 in backward (the
+    first step L in forward), and the compute stream waits for a copy only on the first step's block 0."""
+    plain, streamed = _pair()
+    for m in (plain, streamed):
+        enable_checkpointing(m)
+    st = streamed.qlora_streamer
+    seen = _fetches(st)
+    batch = _batch()
+    loss_sum(streamed, batch, "cpu").backward()
+    assert seen == [0, 1, 2, 3, 1, 0] and st.stats["misses"] == 1 and st.stats["prefetched"] == 5
+    assert st.resident() == [0, 1]
+    seen.clear()
+    loss_sum(streamed, batch, "cpu").backward()
+    assert seen == [2, 3, 1, 0] and st.stats["misses"] == 1
+    assert st.stats["bytes"] == sum(st.blocks[i].nbytes for i in [0, 1, 2, 3, 1, 0, 2, 3, 1, 0])
+    assert st.stats["fetched"] == 10
+
+
+def test_two_forwards_before_one_backward_and_a_no_grad_pass_in_between():
+    """A step with two forwards (a DPO step's policy passes, each checkpointed) and an evaluation-like no-grad
+    pass between them: the same gradients; the second forward's blocks are recomputed first, then the first's."""
+    plain, streamed = _pair()
+    for m in (plain, streamed):
+        enable_checkpointing(m)
+    a, b = _batch(seed=0), _batch(seed=1)
+
+    def loss_fn(m):
+        first = loss_sum(m, a, "cpu")
+        with torch.no_grad():
+            loss_sum(m, b, "cpu")
+        return first + 0.5 * loss_sum(m, b, "cpu")
+    _assert_same_steps(plain, streamed, loss_fn)
+
+
+def test_dpo_policy_and_reference_passes_equal_unstreamed(tmp_path):
+    """DPO through qlora's preference method: the policy forward (checkpointed), the reference forward with the
+    adapters off and no gradients, backward: the same loss and gradients; the reference pass copies every block
+    once more (4 + 4 + 2 copies in the first step, 2 + 4 + 2 in the next)."""
+    from qlora.methods import Preference
+    from qlora.preference import DPO
+    from qlora.preference_data import PairBatches, read_pairs, tokenize_pairs
+    from tiny import tiny_tokenizer
+    tok = tiny_tokenizer()
+    rows = [{"prompt": "what is the capital of rome ?", "chosen": "the answer is rome .", "rejected": "paris"},
+            {"prompt": "what color is the widget ?", "chosen": "blue .", "rejected": "it is green and red"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, _ = tokenize_pairs(read_pairs(tmp_path / "pairs.jsonl"), tok, max_length=64)
+    batch = PairBatches(pairs, 2, tok.pad_token_id, seed=0).epoch(0)[0]
+    config = _config()
+    config.vocab_size = len(tok)
+    plain, streamed = _pair(config=config)
+    for m in (plain, streamed):
+        enable_checkpointing(m)
+    st = streamed.qlora_streamer
+    seen = _fetches(st)
+    dpo = Preference(DPO(beta=0.1))
+    _assert_same_steps(plain, streamed, lambda m: dpo.loss(m, batch, "cpu")[0])
+    assert seen == [0, 1, 2, 3] + [0, 1, 2, 3] + [1, 0] + [2, 3] + [0, 1, 2, 3] + [1, 0]
+
+
+def test_moe_experts_and_dora_are_streamed_with_their_blocks():
+    """Routed experts (one QLoRA linear per expert, in the block) move with their block; DoRA's magnitudes stay, and
+    the base's row norms it keeps are computed while the block is resident: the same steps as without streaming."""
+    batch = _batch()
+    for kw in (dict(config=_config(arch="qwen3_moe")), dict(dora=True), dict(config=_config(arch="qwen2"))):
+        plain, streamed = _pair(**kw)
+        for m in (plain, streamed):
+            enable_checkpointing(m)
+        _assert_same_steps(plain, streamed, lambda m: loss_sum(m, batch, "cpu"))
+        if kw.get("dora"):
+            norms = [m._dora_wn2 for m in streamed.modules() if isinstance(m, QLoRALinear) and m.r]
+            assert norms and all(n is not None and not isinstance(n[1], NotResident) for n in norms)
+
+
+def test_sixteen_bit_base_is_streamed_too():
+    plain, streamed = _pair(quant=QuantSettings(quant_type=None, compute_dtype="fp32"))
+    for m in (plain, streamed):
+        enable_checkpointing(m)
+    batch = _batch()
+    _assert_same_steps(plain, streamed, lambda m: loss_sum(m, batch, "cpu"), steps=1)
+    layer = streamed.model.layers[3].mlp.up_proj
+    assert layer.weight_packed is None and isinstance(layer.weight, NotResident)
+
+
+# ------------------------------------------------------------------------------------- what is where
+
+
+def test_built_model_holds_no_block_weights_and_each_block_left_as_it_was_complete(monkeypatch):
+    """With a streamer, the build moves each block's base tensors to host memory as soon as the block is complete
+    (when block k is taken, blocks 0..k-1 hold placeholders already and blocks k+1.. are not built yet), so the
+    device holds the weights outside the blocks and about one block; afterwards no block is resident."""
+    from qlora import model as qm
+    st, made, states = WeightStreamer(include_cpu=True), [], []
+    real_take, real_skeleton = st.take_block, qm.skeleton
+
+    def skeleton(config, dtype=torch.bfloat16):  # the last skeleton made is the model being built
+        made.append(real_skeleton(config, dtype))
+        return made[-1]
+
+    def take(block):
+        layers = [m for m in made[-1].modules() if isinstance(m, QLoRALinear)]
+        states.append((len(layers), sum(isinstance(m.weight_packed, NotResident) for m in layers)))
+        real_take(block)
+    monkeypatch.setattr(qm, "skeleton", skeleton)
+    st.take_block = take
+    model = _model(stream=st)
+    assert states[:LAYERS] == [(7, 0), (14, 7), (21, 14), (28, 21)]  # 7 linears a block
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    assert len(layers) == 7 * LAYERS
+    for m in layers:
+        for name in m.BASE_TENSORS:
+            t = getattr(m, name)
+            assert t is None or isinstance(t, NotResident), name
+    assert st.resident() == [] and st.stats["fetched"] == 0
+    assert st.host_bytes == sum(b.host.numel() for b in st.blocks)
+    assert len(st.slots) == 2 and all(s.data.numel() == st.slot_bytes for s in st.slots)
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):  # outside the blocks: real tensors
+        if not isinstance(t, NotResident):
+            assert not t.is_meta, n
+
+
+def test_a_block_no_slot_holds_has_no_weights_to_read():
+    model = _model(stream=WeightStreamer(include_cpu=True))
+    enable_checkpointing(model)
+    st = model.qlora_streamer
+    loss_sum(model, _batch(), "cpu").backward()
+    assert st.resident() == [0, 1]
+    resident, gone = model.model.layers[0].mlp.down_proj, model.model.layers[3].mlp.down_proj
+    slot = st.blocks[0].slot.data
+    p = resident.weight_packed
+    assert not isinstance(p, NotResident) and slot.data_ptr() <= p.data_ptr() < slot.data_ptr() + slot.numel()
+    assert p.data_ptr() % ALIGN == 0
+    assert isinstance(gone.weight_packed, NotResident) and gone.weight_packed.shape == p.shape
+    for use in (lambda: gone.base_weight(), lambda: gone.weight_packed.device, lambda: gone.absmax + 1,
+                lambda: gone.weight_packed.data_ptr(), lambda: gone.merged_weight()):
+        with pytest.raises(QLoraError, match="block 3: its frozen weights are not on the device now") as e:
+            use()
+        assert "\n" not in str(e.value)
+    with torch.no_grad():  # a forward asks for its block: it is copied in, and then the layer reads it
+        model(input_ids=_batch()["input_ids"])
+    assert 3 in st.resident()
+
+
+def test_remove_gives_each_layer_its_own_tensors_back():
+    plain, streamed = _pair()
+    for m in (plain, streamed):
+        enable_checkpointing(m)
+    batch = _batch()
+    loss_sum(streamed, batch, "cpu").backward()
+    st = streamed.qlora_streamer
+    st.remove()
+    assert not hasattr(streamed, "qlora_streamer") and not st.slots
+    assert not any(isinstance(b, NotResident) for b in streamed.buffers())
+    mine = dict(streamed.named_buffers(remove_duplicate=False))
+    for n, a in plain.named_buffers(remove_duplicate=False):  # (on the CPU the code tables are shared: not here)
+        assert torch.equal(a, mine[n]), n
+    streamed.eval()  # (no hooks left: an eval-mode forward with gradients is no longer refused)
+    with torch.enable_grad():
+        streamed(input_ids=batch["input_ids"])
+
+
+def test_a_saved_slot_view_outliving_its_block_is_refused_by_autograd():
+    """The safety net: a layer run with gradients outside a checkpoint (here directly) saves a view of its slot;
+    once other blocks' copies have refilled that slot, backward refuses the stale tensor (the slot's version
+    counter moved) instead of computing with other weights."""
+    model = _model(stream=WeightStreamer(include_cpu=True))
+    enable_checkpointing(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    y = layer(torch.randn(2, 64))
+    with torch.no_grad():
+        model(input_ids=_batch()["input_ids"])  # blocks 0..3 in turn: block 0's slot now holds block 2
+    assert 0 not in model.qlora_streamer.resident()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def test_refusals_are_one_line():
+    model = _model(stream=WeightStreamer(include_cpu=True))
+    errors = []
+    with pytest.raises(QLoraError, match="block 3 keeps its activations") as e:
+        enable_checkpointing(model, keep=[3])
+    errors.append(e)
+    model.eval()  # a forward with gradients that no checkpoint will recompute
+    with pytest.raises(QLoraError, match="block 0 runs with gradients but is not checkpointed") as e:
+        model(input_ids=_batch()["input_ids"])
+    errors.append(e)
+    plain = _model()
+    enable_checkpointing(plain, keep=[2])
+    with pytest.raises(QLoraError, match="block 2 keeps its activations") as e:
+        WeightStreamer(include_cpu=True).install(plain)
+    errors.append(e)
+    with pytest.raises(QLoraError, match="on the CPU, where it saves nothing") as e:
+        WeightStreamer().install(_model())
+    errors.append(e)
+    sharded = _model()
+    for m in sharded.modules():
+        if isinstance(m, QLoRALinear):
+            m.to_carriers()  # (what --parallel fsdp does to each layer before sharding it)
+    with pytest.raises(QLoraError, match="FSDP2") as e:
+        WeightStreamer(include_cpu=True).install(sharded)
+    errors.append(e)
+    with pytest.raises(QLoraError, match="FSDP2") as e:
+        build_random(_config(), QuantSettings(compute_dtype="fp32"), None, device="cpu", dtype="fp32",
+                     progress=False, on_block=lambda b: None, stream=WeightStreamer(include_cpu=True))
+    errors.append(e)
+    with pytest.raises(QLoraError, match="--parallel fsdp does not support --offload-weights true") as e:
+        _check_fsdp(TrainConfig(data="x", parallel="fsdp", offload_weights="true"))
+    errors.append(e)
+    with pytest.raises(QLoraError, match="at least 2 slots") as e:
+        WeightStreamer(slots=1)
+    errors.append(e)
+    assert all("\n" not in str(e.value) for e in errors)
+
+
+# ------------------------------------------------------------------------------------------ plan, budget
+
+
+def _block_bytes_of(model) -> list[int]:
+    """Each decoder block's base tensors, counted from the built model's own buffers: every tensor's bytes rounded
+    up to the streamer's alignment (its place in a block buffer)."""
+    out = []
+    for block in model.model.layers:
+        n = 0
+        for m in block.modules():
+            if isinstance(m, QLoRALinear):
+                n += sum(aligned(t.numel() * t.element_size()) for t in (getattr(m, k) for k in m.BASE_TENSORS)
+                         if t is not None)
+        out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("arch,quant", [("llama", QuantSettings(compute_dtype="bf16")),
+                                        ("qwen2", QuantSettings(compute_dtype="bf16")),
+                                        ("llama", QuantSettings(double_quant=False, compute_dtype="bf16")),
+                                        ("llama", QuantSettings(blocksize=128, compute_dtype="bf16")),
+                                        ("llama", QuantSettings(quant_type=None, compute_dtype="bf16"))])
+def test_plan_slots_are_two_of_the_largest_block_of_the_built_model(arch, quant):
+    """estimate(offload_weights=True): the weights on the device are 2 x the largest block's bytes and the host
+    holds all blocks, both equal to the bytes of the built model's buffers (counted in the test) and to what the
+    streamer allocates; the 4-bit weights, DQ constants and the blocks' 16-bit tensors leave the device."""
+    config = _config(arch=arch, hidden=128)
+    kw = dict(rank=4, quant_type=quant.quant_type, blocksize=quant.blocksize, double_quant=quant.double_quant,
+              dropout=0.0)
+    plain = _model("bf16", config=config, quant=quant)
+    blocks = _block_bytes_of(plain)
+    on = estimate(config, 64, 2, offload_weights=True, **kw)
+    off = estimate(config, 64, 2, **kw)
+    assert on["components"]["weight_slots"] == 2 * max(blocks)
+    assert on["host"]["weights"] == sum(blocks) and off["host"]["weights"] == 0
+    assert on["components"]["weights_4bit"] == on["components"]["dq_constants"] == 0
+    block_16 = sum(t.numel() * t.element_size() for m in plain.modules() if isinstance(m, QLoRALinear)
+                   for t in (m.weight, m.bias) if t is not None)
+    assert off["components"]["frozen_16bit"] - on["components"]["frozen_16bit"] == block_16
+    assert off["components"]["weight_slots"] == 0 and sum(on["components"].values()) == on["peak"]
+    st = WeightStreamer(include_cpu=True).install(plain)
+    assert st.slot_bytes == max(blocks) and st.host_bytes == sum(blocks)
+    with pytest.raises(QLoraError, match="need every block recomputed"):
+        estimate(config, 64, 2, offload_weights=True, keep_blocks=1, **kw)
+
+
+def test_budget_streams_exactly_when_recomputing_everything_does_not_fit():
+    """For budgets around the edge: the policy streams exactly when the cheapest policy with the weights on the
+    device (every block recomputed, inputs offloaded, optimizer state paged out as needed) does not fit; with
+    streaming asked for it streams at any budget that fits; a budget streaming does not fit either is one line."""
+    config = shape_config("70b")
+    kw = dict(rank=16, dropout=0.0, embed_offload=True)
+    kw["counts"] = counts_for(config, **kw)
+
+    def cheapest_fits(budget):
+        return fits(estimate(config, 2048, 1, offload=True, gpu_mem=budget, **kw), budget)
+    seen = set()
+    for gib in (12, 24, 36, 40, 44, 48):
+        budget = gib * GiB
+        p = choose(config, 2048, 1, budget, **kw)
+        assert p.stream == (not cheapest_fits(budget)), gib
+        assert p.keep == 0 or not p.stream
+        seen.add(p.stream)
+        if p.stream:
+            assert p.weight_slots == 2 * kw["counts"]["largest_block"] and p.weight_host == kw["counts"]["blocks_bytes"]
+            assert "block weights streamed from CPU memory" in p.describe()
+    assert seen == {True, False}
+    forced = choose(config, 2048, 1, 80 * GiB, stream=True, **kw)
+    assert forced.stream and forced.keep == 0
+    assert not choose(config, 2048, 1, 80 * GiB, **kw).stream
+    with pytest.raises(QLoraError, match="too small for this run: even with every block recomputed, block inputs in "
+                                         "CPU memory, the block weights streamed") as e:
+        choose(config, 2048, 1, 4 * GiB, **kw)
+    assert "\n" not in str(e.value)
+    with pytest.raises(QLoraError, match="too small"):
+        choose(config, 2048, 1, 24 * GiB, stream=False, **kw)
+    on_cpu = for_train(TrainConfig(data="x", model="shape:70b", max_length=2048, batch_size=1, rank=16, dropout=0.0,
+                                   memory_budget="40GiB", offload_embeddings=True), torch.device("cpu"))
+    assert not on_cpu.stream  # (nothing to stream on a CPU: the budget does not consider it there)
+
+
+def test_plan_cli_offload_weights(capsys):
+    args = ["plan", "--shape", "70b", "--seq", "2048", "--batch", "1", "--rank", "16", "--dropout", "0",
+            "--offload", "true", "--offload-embeddings", "true", "--gpu-mem", "24GiB"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "--offload-weights true" in out  # the advice names it
+    assert main(args + ["--offload-weights", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "streamed block slots" in out and "in pinned CPU memory" in out and "fits in 24.0 GiB" in out
+    assert main(args + ["--offload-weights", "true", "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    c = counts_for(shape_config("70b"), rank=16)
+    assert js["components"]["weight_slots"] == 2 * c["largest_block"] and js["host"]["weights"] == c["blocks_bytes"]
+    assert js["settings"]["offload_weights"] is True and sum(js["components"].values()) == js["peak"]
+    assert main(args[:-2] + ["--memory-budget", "24GiB", "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["policy"]["offload_weights"] is True and js["components"]["weights_4bit"] == 0
+
+
+# ------------------------------------------------------------------------------------------ qlora train
+
+
+def test_train_streams_with_the_same_losses_and_says_so(setup, tmp_path, switch):
+    """`qlora train --offload-weights true` (on the CPU through QLORA_STREAM_CPU): the losses of the run whose
+    weights stay put, the decision in the header, checkpointing forced on, the resolved value in config.yaml; DPO
+    too. Without the switch a CPU run refuses true in one line and auto streams nothing."""
+    kw = dict(max_steps=3, save_every=0, grad_checkpointing=False)
+    train(cfg(setup, tmp_path / "plain", **kw), log=lambda m: None)
+    switch("QLORA_STREAM_CPU", "1")
+    lines = []
+    s = train(cfg(setup, tmp_path / "stream", offload_weights="true", **kw), log=lines.append)
+    assert losses(tmp_path / "stream") == losses(tmp_path / "plain")
+    head = [m for m in lines if m.startswith("weights: streamed from CPU memory (--offload-weights true)")]
+    assert len(head) == 1 and "recomputed in backward" in head[0]
+    assert any("gradient checkpointing on" in m for m in lines)
+    saved = (tmp_path / "stream" / "config.yaml").read_text()
+    assert "offload_weights: 'true'" in saved and "grad_checkpointing: true" in saved
+    st = s["model"].qlora_streamer
+    assert st.stats["fetched"] > 0
+    switch("QLORA_STREAM_CPU", None)
+    with pytest.raises(QLoraError, match="--offload-weights true: the run is on cpu") as e:
+        train(cfg(setup, tmp_path / "refused", offload_weights="true", **kw), log=lambda m: None)
+    assert "\n" not in str(e.value)
+    s = train(cfg(setup, tmp_path / "auto", **kw), log=lambda m: None)
+    assert getattr(s["model"], "qlora_streamer", None) is None
+    assert "offload_weights: 'false'" in (tmp_path / "auto" / "config.yaml").read_text()
+
+
+def test_train_dpo_streams_with_the_same_losses(tmp_path, switch):
+    from tiny import make_tiny_model
+    make_tiny_model(tmp_path / "model", layers=4)
+    rows = [{"prompt": f"what is the capital of {c} ?", "chosen": f"the answer is {c} .", "rejected": "paris"}
+            for c in ("rome", "berlin", "rome", "berlin")]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(data=str(tmp_path / "pairs.jsonl"), model=str(tmp_path / "model"), method="dpo", batch_size=2,
+              grad_accum=1, max_steps=2, save_every=0, val_split="0")
+    train(cfg(tmp_path, tmp_path / "plain", **kw), log=lambda m: None)
+    switch("QLORA_STREAM_CPU", "1")
+    s = train(cfg(tmp_path, tmp_path / "stream", offload_weights="true", **kw), log=lambda m: None)
+    assert losses(tmp_path / "stream") == losses(tmp_path / "plain")
+    assert s["model"].qlora_streamer.stats["fetched"] >= 3 * 4
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+def _cuda_model(stream=None, layers=4, hidden=256, inter=None):
+    config = _config(layers=layers, hidden=hidden)
+    config.intermediate_size = inter or 4 * hidden
+    m = build_random(config, QuantSettings(compute_dtype="bf16"), LoraSettings(r=8, alpha=16, dropout=0.0),
+                     device="cuda", dtype="bf16", progress=False, stream=stream)
+    return nonzero_lora_b(m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", [False, True])
+def test_cuda_streamed_steps_equal_unstreamed_bit_for_bit(offload):
+    """bf16 on CUDA: pinned host buffers, the side stream and its events; with activation offload (its own side
+    stream) too. Two AdamW steps: the same losses and gradients, bit for bit."""
+    plain, streamed = _cuda_model(), _cuda_model(stream=WeightStreamer())
+    st = streamed.qlora_streamer
+    assert st.device.type == "cuda" and all(b.host.is_pinned() for b in st.blocks)
+    for m in (plain, streamed):
+        m._off = enable_checkpointing(m, offload=offload)
+    batch = {k: v.cuda() for k, v in _batch(b=2, t=128).items()}
+
+    def loss_fn(m):
+        if m._off is None:
+            return loss_sum(m, batch, "cuda")
+        m._off.begin_step()
+        with m._off.hooks():
+            return loss_sum(m, batch, "cuda")
+    _assert_same_steps(plain, streamed, loss_fn)
+    torch.cuda.synchronize()
+    assert st.stats["misses"] == 1 and st.stats["fetched"] == 4 + 2 + 2 + 2
+
+
+@pytest.mark.gpu
+def test_cuda_streaming_saves_about_the_block_weights():
+    """The peak of a training step (and of the build) with streaming is below the unstreamed one by about the
+    blocks' weights less the two slots."""
+    def measure(stream):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        m = _cuda_model(stream=WeightStreamer() if stream else None, layers=8, hidden=1024)
+        build_peak = torch.cuda.max_memory_allocated() - before
+        enable_checkpointing(m)
+        batch = {k: v.cuda() for k, v in _batch(b=1, t=64).items()}
+        torch.cuda.reset_peak_memory_stats()
+        loss_sum(m, batch, "cuda").backward()
+        torch.cuda.synchronize()
+        step_peak = torch.cuda.max_memory_allocated() - before
+        st = getattr(m, "qlora_streamer", None)
+        sizes = (st.host_bytes, st.slot_bytes) if st is not None else None
+        del m
+        return build_peak, step_peak, sizes
+    build_plain, step_plain, _ = measure(False)
+    build_stream, step_stream, (host, slot) = measure(True)
+    saved = host - 2 * slot
+    assert saved > 0.5 * host  # 8 blocks: the slots are a quarter of them
+    assert 0.8 * saved <= step_plain - step_stream <= 1.2 * saved, (step_plain, step_stream, saved)
+    assert build_stream < build_plain - 0.5 * saved, (build_plain, build_stream, saved)
