@@ -168,7 +168,7 @@ class TrainConfig:
     cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
                             "host launches): packed rows are padded to --max-length, other batches to one of a few "
                             "bucket lengths (a graph each, one memory pool); needs one process, bf16, no "
-                            "--offload-embeddings, and --packing with --offload-activations; otherwise (or with "
+                            "--offload-embeddings, no streamed weights, and --packing with --offload-activations; otherwise (or with "
                             "false) steps run eagerly", group="optimization")
     cache_dequant: str = opt("auto", "keep dequantized base weights in memory during training (same math, "
                              "+2 bytes/param; auto: on for CPU, off for GPU)", ["auto", "on", "off"], group="optimization")

@@ -301,6 +301,29 @@ def test_a_saved_slot_view_outliving_its_block_is_refused_by_autograd():
         y.sum().backward()
 
 
+def test_generation_streams_the_blocks_without_caches_or_graphs():
+    """Greedy decoding from a streamed model (transformers' generate: each step runs every block, copying it in)
+    gives the plain model's tokens; no dequantized-weight cache (only resident blocks have weights) and no
+    CUDA-graph decoding (the host picks the slots), each with its reason; nor a graphed training step."""
+    from qlora.cuda_graphs import supported
+    from qlora.decoding import unsupported
+    from qlora.generate import inference_cache
+    plain, streamed = _pair()
+    ids = _batch(b=1, t=8)["input_ids"]
+    out = []
+    for m in (plain, streamed):
+        m.eval()
+        with torch.no_grad(), inference_cache(m):
+            out.append(m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                  use_cache=True, pad_token_id=0, eos_token_id=1))
+    assert torch.equal(out[0], out[1])
+    assert streamed.qlora_streamer.stats["fetched"] > LAYERS * 6 // 2
+    assert all(m._wcache is None for m in streamed.modules() if isinstance(m, QLoRALinear))
+    assert "streamed from CPU memory" in unsupported(streamed, 64)
+    ok, why = supported(torch.device("cuda"), streamed_weights=True)
+    assert not ok and "streamed from CPU memory" in why
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 
