@@ -13,7 +13,11 @@ Rows (``--rows``), each in its own subprocess so that each peak of ``torch.cuda.
                each pair's shared prompt run once (``--share-prompt true``; auto does not on CUDA);
                ``ours-whole``: every sequence run whole (``--share-prompt false``, what TRL does);
                ``ours-pre`` (with ``--precompute-ref``): reference log-probs computed once
-               before the first step (not in the step time; its seconds are reported as ``ref_precompute_s``).
+               before the first step (not in the step time; its seconds are reported as ``ref_precompute_s``);
+               ``-stream`` (last): the blocks' frozen weights streamed from pinned CPU memory
+               (``--offload-weights true``, the model built straight into host memory) and the input embeddings
+               in CPU memory (``--offload-embeddings``), e.g. ``ours-pre-shared-stream``: the peak without the 4-bit
+               blocks on the GPU, and what the copies cost (``copied_gib_per_step``).
                The suffixes combine, and ``@BUDGET`` gives one row its own ``--memory-budget``:
                ``ours-pre-shared@auto`` is DPO with a precomputed reference, each prompt run once, and every
                block that fits keeping its activations.
@@ -200,15 +204,16 @@ def ours_examples(method: str, pairs):
     return [Pair(seq(p, c), seq(p, r), "synthetic") for p, c, r in pairs]
 
 
-ROW = re.compile(r"^(ours(-pre)?(-shared|-whole)?|sft|trl)(@[^,@]+)?$")
+ROW = re.compile(r"^(ours(-pre)?(-shared|-whole)?(-stream)?|sft|trl)(@[^,@]+)?$")
 
 
 def row_options(row: str, budget: str) -> dict:
-    """What a row name asks of our run: ``ours[-pre][-shared|-whole][@BUDGET]`` (-pre: --precompute-ref;
-    -shared/-whole: --share-prompt true/false, else auto; @BUDGET: this row's --memory-budget, else ``budget``)."""
+    """What a row name asks of our run: ``ours[-pre][-shared|-whole][-stream][@BUDGET]`` (-pre: --precompute-ref;
+    -shared/-whole: --share-prompt true/false, else auto; -stream: --offload-weights true and --offload-embeddings;
+    @BUDGET: this row's --memory-budget, else ``budget``)."""
     m = ROW.match(row)
     return dict(precompute=bool(m.group(2)), share={"-shared": "true", "-whole": "false"}.get(m.group(3), "auto"),
-                budget=m.group(4)[1:] if m.group(4) else budget)
+                stream=bool(m.group(4)), budget=m.group(5)[1:] if m.group(5) else budget)
 
 
 def run_ours(a, row: str) -> dict:
@@ -228,6 +233,10 @@ def run_ours(a, row: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"dpo_speed_{row}_")) / "run"
     # model=None: the model is given to the run (its log line then names the embedded default model)
     opts = row_options(row, a.memory_budget)
+    if opts["stream"] and device == "cpu":  # --small: the streaming path between CPU buffers (a check of the script)
+        os.environ["QLORA_STREAM_CPU"] = "1"
+        from qlora import settings
+        settings.refresh()
     cfg = TrainConfig(data="synthetic", method=method, beta=a.beta, loss="sigmoid", precompute_ref=opts["precompute"],
                       share_prompt=opts["share"],
                       model=None, rank=a.rank, alpha=16.0, dropout=0.0, lr=2e-4, max_grad_norm=0.3,
@@ -235,13 +244,17 @@ def run_ours(a, row: str) -> dict:
                       batch_size=a.pairs * (2 if method == "sft" else 1), grad_accum=1, max_steps=a.steps,
                       max_length=a.seq, grad_checkpointing=True, cuda_graphs=not a.no_cuda_graphs, output=str(out),
                       val_split=0.0, save_every=0, progress=False, device=device, seed=a.seed,
-                      memory_budget=opts["budget"])
+                      memory_budget=opts["budget"], offload_weights="true" if opts["stream"] else "false",
+                      offload_embeddings=opts["stream"])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.time()
     # the weights write_hf gave TRL: build_random draws from RandomSource with the same seed, on the same device
+    # (-stream: each block's weights go to pinned host memory as soon as it is built; the run finds them streamed)
+    from qlora.stream import WeightStreamer
+    streamer = WeightStreamer(include_cpu=device == "cpu") if opts["stream"] else None
     model = build_random(config, QuantSettings(compute_dtype=dtype), LoraSettings(r=a.rank, alpha=16.0, dropout=0.0),
-                         device, dtype, seed=a.seed, progress=False)
+                         device, dtype, seed=a.seed, progress=False, stream=streamer)
     build_s = time.time() - t
     from qlora.methods import method_for
     run = Run(cfg, log=lambda m: print(m, file=sys.stderr), model=model,
@@ -250,6 +263,7 @@ def run_ours(a, row: str) -> dict:
     run.setup()  # with ours-pre: the reference log-probs of every pair, before the first step
     setup_s = time.time() - t
     times, rows = [], []
+    copied = streamer.stats["bytes"] if streamer is not None else 0
     with contextlib.ExitStack() as stack:
         run._enter(stack)  # what Run.fit runs its steps inside (dequant cache, micro-step, CUDA graphs)
         run.t_loop = time.time()
@@ -268,6 +282,9 @@ def run_ours(a, row: str) -> dict:
                 **({"policy": run.policy.describe(), "plan_peak_gib": round(run.policy.peak / 2**30, 2)}
                    if run.policy is not None else {}),
                 **({"ref_precompute_s": round(setup_s, 1)} if opts["precompute"] else {}),
+                **({"offload_weights": True, "host_weights_gib": round(streamer.host_bytes / 2**30, 3),
+                    "copied_gib_per_step": round((streamer.stats["bytes"] - copied) / a.steps / 2**30, 3)}
+                   if streamer is not None else {}),
                 cuda_graphs=run.graphed is not None, loss=rows[-1]["loss"], times=[round(x, 4) for x in times])
 
 
@@ -439,9 +456,10 @@ def parse(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", default="ours,sft,trl", help="comma list of ours[-pre][-shared|-whole][@BUDGET], "
+    ap.add_argument("--rows", default="ours,sft,trl", help="comma list of ours[-pre][-shared|-whole][-stream][@BUDGET], "
                     "sft[@BUDGET] and trl (-pre: precomputed reference; -shared/-whole: --share-prompt true/false; "
-                    "@BUDGET: that row's --memory-budget, e.g. ours-pre-shared@auto)")
+                    "-stream: block weights streamed from CPU memory, input embeddings there too; "
+                    "@BUDGET: that row's --memory-budget, e.g. ours-pre-shared@auto, ours-pre-shared-stream)")
     ap.add_argument("--precompute-ref", action="store_true", help="also the row ours-pre (reference log-probs "
                     "precomputed before training)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="our SFT row without CUDA graphs")
@@ -479,7 +497,8 @@ def main(argv=None) -> int:
         rows.insert(rows.index("ours") + 1 if "ours" in rows else 0, "ours-pre")
     unknown = [r for r in rows if not ROW.match(r) or r.startswith("trl@")]
     if unknown:
-        raise SystemExit(f"unknown rows: {', '.join(unknown)} (ours[-pre][-shared|-whole][@BUDGET], sft[@BUDGET], trl)")
+        raise SystemExit(f"unknown rows: {', '.join(unknown)} (ours[-pre][-shared|-whole][-stream][@BUDGET], sft[@BUDGET], "
+                         "trl)")
     if "trl" in rows:
         write_hf(a, a.model_dir)
     results = []

@@ -25,6 +25,11 @@ Rows (``--rows``, comma separated; ``--all`` = all of them):
 * ``consumer`` the GPU capped as a 24 GiB card: 8B at batch 1, r=16 at `qlora plan`'s longest sequence
               (with and without activation offload) and 10% past it; then 70B, r=64, seq 2048 under 46 GiB
               (``--consumer-70b none|only``: without it, or it alone). Not in ``--all``.
+* ``stream70b`` the 70B shape on a 24 GiB card (the allocator capped as in ``consumer``, the build too) with its
+              block weights streamed from pinned CPU memory (qlora.stream, ``--offload-weights``): seq 2048 x
+              batch 1, r=16, activation offload, input embeddings in CPU memory, paged AdamW with the plan's page
+              budget, ``--steps-70b`` steps; step time, tok/s, measured peak beside the plan, the build's peak,
+              the bytes copied per step. Not in ``--all``.
 * ``long``    8B at batch 1: one step at ``--long-tokens`` (default 204800) with offload, after a
               probe at 32k tokens that predicts its time; ``--long-search`` binary-searches the
               longest sequence instead (each probe is a full step: slow). Sequences past ~18.7k
@@ -116,7 +121,7 @@ def storage_bytes(*objs) -> int:
         else:
             ts = [o]
         for t in ts:
-            if t is None or t.device.type == "meta":
+            if t is None or t.is_meta:  # (also a streamed block's placeholders: its weights wait in host memory)
                 continue
             s = t.untyped_storage()
             if s.data_ptr() not in seen:
@@ -166,7 +171,7 @@ def attention_backends():
 # models and steps
 
 
-def build(shape: str, rank: int, layers: int | None = None, embed_offload: bool = True, **overrides):
+def build(shape: str, rank: int, layers: int | None = None, embed_offload: bool = True, stream=None, **overrides):
     cfg = plan.shape_config(shape)
     if layers:
         cfg.num_hidden_layers = layers
@@ -174,7 +179,7 @@ def build(shape: str, rank: int, layers: int | None = None, embed_offload: bool 
         setattr(cfg, k, v)
     t = time.time()
     model = build_random(cfg, QuantSettings(), LoraSettings(r=rank, alpha=16, dropout=0.0), device=ARGS.device,
-                         dtype="bf16", progress=False)
+                         dtype="bf16", progress=False, stream=stream)
     model.train()
     if not tiling_on():  # build_random routes the MLPs through the tiled MLP, as qlora train's loading does
         use_tiled_mlp(model, above=NEVER)
@@ -277,11 +282,12 @@ def train_steps(model, cfg, seqs: list[int], batch: int, optim: str, offload: bo
 
 
 def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_dtype="fp32", page_budget=None,
-           oom_retry=False, **extra) -> dict:
+           oom_retry=False, offload_weights=False, **extra) -> dict:
     seq = max(seqs)
     emb = isinstance(model.get_input_embeddings(), HostEmbedding)
     est = plan.estimate(cfg, seq, batch, rank, optim, offload=offload, embed_offload=emb, lora_dtype=lora_dtype,
-                        page_budget=page_budget, first_step=len(seqs) == 1, mlp_tiling=tiling_on())
+                        page_budget=page_budget, first_step=len(seqs) == 1, mlp_tiling=tiling_on(),
+                        offload_weights=offload_weights)
     tiled_before = tiled_calls(model)
     r = train_steps(model, cfg, seqs, batch, optim, offload, cap, page_budget, oom_retry)
     steady = r["times"][1:] or r["times"]
@@ -296,12 +302,12 @@ def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_d
                offloaded_per_step=r.get("offloaded_per_step"), max_reserved=r["reserved"],
                start_allocated=r.get("start_allocated"), start_reserved=r.get("start_reserved"),
                tiled_mlp_calls=tiled_calls(model) - tiled_before, mlp_chunk_tokens=est["details"]["mlp_chunk_tokens"],
-               **extra)
+               **({"offload_weights": True} if offload_weights else {}), **extra)
     log(row)
     if cap is not None and r["status"].startswith("OOM") and not oom_retry and left() > 90:
         # over the cap: measure the same steps without it, so the plan can still be checked
         report(name + "_uncapped", cfg, model, seqs[:2], batch, rank, optim, offload, None, lora_dtype, page_budget,
-               **extra)
+               offload_weights=offload_weights, **extra)
     return row
 
 
@@ -602,6 +608,49 @@ def row_consumer_70b(small: bool):
     free()
 
 
+def row_stream70b():
+    """The 70B shape on a 24 GiB card with its block weights streamed from pinned CPU memory (qlora.stream): seq 2048
+    x batch 1, r=16, activation offload, input embeddings in CPU memory, paged AdamW keeping the state the plan
+    leaves room for; the allocator capped at what a 24 GiB card leaves after the CUDA context, for the build too
+    (which moves each block to host memory as soon as it is complete). ``--cpu``: the small shape cut to 4 blocks,
+    streamed between CPU buffers (a check of the script)."""
+    from qlora.stream import WeightStreamer
+    small = ARGS.device == "cpu"
+    shape, seq, layers = ("llama-3.1-70b", 2048, None) if not small else (ARGS.small_shape, ARGS.cpu_seq, 4)
+    if BUILD_S.get("8b") and BUILD_S["8b"] * 12 + 90 > left():
+        log(dict(row="24g_70b_stream", status="skipped: time limit"))
+        return
+    gpu = 24 * GiB
+    cap = None if small else card_cap(gpu)
+    st = WeightStreamer(include_cpu=small)
+    if not small:
+        torch.cuda.reset_peak_memory_stats()
+    with memory_cap(cap):
+        cfg, model, built = build(shape, rank=16, layers=layers, embed_offload=True, stream=st)
+    c = plan.counts_for(cfg, rank=16)
+    emb = isinstance(model.get_input_embeddings(), HostEmbedding) and not c["tied"]
+    static = c["frozen_16bit"] - c["block_16bit"] - (c["input_embedding"] if emb else 0) + c["lora_params"] \
+        + 2 * c["largest_block"]
+    row = dict(row="24g_70b_stream_build", seconds=round(built, 1), plan_bytes=static, host_gib=round(st.host_bytes / GiB, 3),
+               plan_host_gib=round(c["blocks_bytes"] / GiB, 3), slot_mib=round(st.slot_bytes / 2**20, 1),
+               pinned=st.pinned, storage_bytes=storage_bytes(model) + sum(s.data.numel() for s in st.slots))
+    if not small:
+        row.update(allocated=torch.cuda.memory_allocated(), build_peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 3))
+    log(row)
+    budget = plan.page_budget(cfg, seq, 1, gpu, rank=16, embed_offload=True, offload=True, offload_weights=True)
+    before = dict(st.stats)
+    r = report("24g_70b_stream_r16", cfg, model, [seq] * ARGS.steps_70b, 1, 16, "paged_adamw", True, cap,
+               page_budget=budget, oom_retry=True, offload_weights=True, gpu_gib=24)
+    steps = max(1, len(r["step_s"]))
+    copied = st.stats["bytes"] - before.get("bytes", 0)
+    log(dict(row="24g_70b_stream_copies", copied_gib_per_step=round(copied / steps / GiB, 2),
+             fetched_per_step=round((st.stats["fetched"] - before.get("fetched", 0)) / steps, 1),
+             misses=st.stats["misses"] - before.get("misses", 0),
+             copied_gb_s_over_the_fastest_step=round(copied / steps / 1e9 / min(r["step_s"] or [1]), 1)))
+    del model, st  # (the pinned host buffers go with the streamer)
+    free()
+
+
 def replay(path: str) -> None:
     """Recompute the predictions of a results file with the current plan; print a Markdown table."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
@@ -615,7 +664,8 @@ def replay(path: str) -> None:
         est = plan.estimate(cfg, r["seq"], r["batch"], r["rank"], r["optim"], offload=r["offload"],
                             embed_offload=r.get("embed_offload", False), lora_dtype=r.get("lora_dtype", "fp32"),
                             page_budget=r.get("page_budget"), first_step=len(r["seqs"]) == 1,
-                            mlp_tiling=r.get("mlp_chunk_tokens", 0) > 0)  # (rows from before tiling: untiled)
+                            mlp_tiling=r.get("mlp_chunk_tokens", 0) > 0,  # (rows from before tiling: untiled)
+                            offload_weights=r.get("offload_weights", False))
         p = est["peak"] / GiB
         print(f"| {r['row']} | {r['shape']} | {r['seq']} x {r['batch']} | {r['rank']} ({r.get('lora_dtype', 'fp32')}) | "
               f"{r['optim']} | {'yes' if r['offload'] else 'no'} | {r['cap_gib'] or '-'} | {r['status']} | "
@@ -663,19 +713,19 @@ def main(argv=None) -> int:
     env["transformers"] = transformers.__version__
     log(env)
     for name in rows:
-        if name not in ("calib", "8b", "spike", "70b", "long", "consumer"):
+        if name not in ("calib", "8b", "spike", "70b", "long", "consumer", "stream70b"):
             raise SystemExit(f"unknown row {name!r}")
     shared = None
-    order = [r for r in ("calib", "8b", "spike", "70b", "long", "consumer") if r in rows]
+    order = [r for r in ("calib", "8b", "spike", "70b", "long", "consumer", "stream70b") if r in rows]
     for name in order:
         try:
             if name == "calib":
                 row_calib()
-            elif name == "consumer":
+            elif name in ("consumer", "stream70b"):
                 if shared is not None:
                     shared[1].to("cpu")
                     free()
-                row_consumer()
+                row_consumer() if name == "consumer" else row_stream70b()
             elif name == "70b":
                 if shared is not None:  # make room: the shared 8B model waits in CPU memory
                     shared[1].to("cpu")

@@ -186,7 +186,7 @@ class WeightStreamer:
         self.stats: Counter = Counter()
         self.current: int | None = None
         self.direction = 1
-        self.pinned = "registered"  # how the host buffers are page-locked ("pin_memory copies" when registering failed)
+        self.pinned = None  # how the host buffers are page-locked: "registered", or "pin_memory copies" (on a GPU)
         self._taken: dict[int, _Block] = {}
         self._hooks: list = []
         self._clock = 0
@@ -215,6 +215,7 @@ class WeightStreamer:
             if device.type not in ("cpu", "cuda"):
                 raise QLoraError(f"weight streaming runs on CUDA devices, not {device}")
             self.device = device
+            self.pinned = "registered" if device.type == "cuda" else "no (CPU mode)"
         elif device != self.device:
             raise QLoraError(f"weight streaming: blocks on {device} and on {self.device}: one device only")
 

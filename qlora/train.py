@@ -625,8 +625,13 @@ class Run:
         self._setup_weights()
 
     def _stream_allowed(self) -> None:
-        """--offload-weights where streaming cannot run: true is one line, auto turns into false."""
+        """--offload-weights where streaming cannot run: true is one line, auto turns into false; a model given to
+        the run whose weights are streamed already (qlora.stream) makes it true."""
         cfg = self.cfg
+        if self.model is not None and getattr(self.model, "qlora_streamer", None) is not None:
+            if cfg.offload_weights == "false":
+                raise QLoraError("--offload-weights false: the model given to the run streams its weights already")
+            self.cfg = cfg = dataclasses.replace(cfg, offload_weights="true")
         if cfg.offload_weights == "false":
             return
         why = None
@@ -742,7 +747,8 @@ class Run:
                                               progress=cfg.progress and main, on_block=self.par.block_hook(),
                                               stream=self.streamer)  # one process's bars (each rank loads the same)
         elif self.streamer is not None:  # a model given to train: its blocks' weights leave the device now
-            self.streamer.install(self.model)
+            installed = getattr(self.model, "qlora_streamer", None)  # (or they left as it was built)
+            self.streamer = installed if installed is not None else self.streamer.install(self.model)
         model = self.model
         if switches().tile_all and not given:
             from .tiled import FORCED_ROWS
