@@ -155,7 +155,7 @@ def unregister_host_memory(ptr: int) -> None:
     import torch
     try:
         torch.cuda.cudart().cudaHostUnregister(ptr)
-    except (AttributeError, RuntimeError, TypeError):
+    except Exception:  # (a CUDA context going away: nothing left to unregister)
         pass
 
 

@@ -136,6 +136,8 @@ class _Ask:
 def _aligned_empty(n: int, device: torch.device) -> torch.Tensor:
     """``n`` uninitialised bytes on ``device`` starting at a multiple of :data:`ALIGN` (CUDA's allocator already
     aligns to 512; the CPU's to 64)."""
+    if device.type == "cuda":
+        return torch.empty(n, dtype=torch.uint8, device=device)
     raw = torch.empty(n + ALIGN, dtype=torch.uint8, device=device)
     start = (-raw.data_ptr()) % ALIGN
     return raw[start:start + n]
@@ -194,6 +196,7 @@ class WeightStreamer:
         self._model = None
         self._registered: list[int] = []
         self._finalizer = weakref.finalize(self, _unregister, self._registered)
+        self._finalizer.atexit = False  # (at exit the process's memory goes anyway; CUDA may be torn down by then)
 
     # -- host side ----------------------------------------------------------------------------------------
 

@@ -673,8 +673,8 @@ class Run:
                 gpu = card_memory(self.device)
                 stream, est = stream_needed(cfg, config, gpu)
                 need = required_bytes(est)
-            except (QLoraError, KeyError, AttributeError, TypeError, ValueError):  # a model the plan does not know
-                stream, need, gpu = False, None, None
+            except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):  # a model the plan
+                stream, need, gpu = False, None, None  # does not know: its weights stay on the GPU
             if need is not None:
                 reason = (f"auto: with them on the GPU the run needs {need / 2**30:.1f} GiB even with every block "
                           f"recomputed and the block inputs offloaded; the GPU has {gpu / 2**30:.1f} GiB"
@@ -695,7 +695,7 @@ class Run:
             c = counts_for(config if config is not None else model_config(cfg.model), **plan_kwargs(self.cfg))
             sizes = (f"the {c['layers']} blocks' {c['blocks_bytes'] / 2**30:.2f} GiB wait in pinned CPU memory, 2 slots "
                      f"of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")
-        except (QLoraError, KeyError, AttributeError, TypeError, ValueError):
+        except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
             sizes = "they wait in pinned CPU memory, 2 blocks at a time on the device"
         self.log(f"weights: streamed from CPU memory ({reason or '--offload-weights true'}): {sizes}; every block "
                  f"is recomputed in backward, and each step copies the blocks about twice")

@@ -203,6 +203,23 @@ def test_raw_stream_getter_is_the_current_stream():
 
 
 @pytest.mark.gpu
+def test_host_memory_is_page_locked_in_place():
+    """qlora.stream's host buffers: cudaHostRegister through torch.cuda.cudart() pins a CPU tensor's own memory
+    (torch then reports it pinned and copies it asynchronously), and unregistering undoes it."""
+    t = torch.full((1 << 20,), 7, dtype=torch.uint8)
+    assert compat.register_host_memory(t), moved("torch.cuda.cudart().cudaHostRegister")
+    try:
+        assert t.is_pinned(), moved("cudaHostRegister (torch does not see the memory as pinned)")
+        d = torch.zeros(1 << 20, dtype=torch.uint8, device="cuda")
+        d.copy_(t, non_blocking=True)
+        torch.cuda.synchronize()
+        assert bool(d.eq(7).all())
+    finally:
+        compat.unregister_host_memory(t.data_ptr())
+    assert not t.is_pinned(), moved("torch.cuda.cudart().cudaHostUnregister")
+
+
+@pytest.mark.gpu
 def test_compiled_kernel_runs_and_reports_shared_memory():
     kern = compat.compile_cuda_kernel('extern "C" __global__ void qlora_compat(float* x) { x[0] = 3.0f; }',
                                       "qlora_compat")
