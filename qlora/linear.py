@@ -620,6 +620,9 @@ class dequant_cache:
     model, never on a GPU short of memory. Released on exit."""
 
     def __init__(self, model: nn.Module, enabled: bool = True, training: bool = False):
+        if enabled and getattr(model, "qlora_streamer", None) is not None:
+            raise QLoraError("the model's weights are streamed from CPU memory (--offload-weights): only the blocks "
+                             "running are on the device, so there is no dequantized copy of them to keep")
         self.layers = [m for m in model.modules() if isinstance(m, QLoRALinear)] if enabled else []
         self.training = training
 

@@ -130,7 +130,7 @@ def test_activation_terms_follow_their_formulas():
     L, H = 32, 4096
     a = plan.estimate(cfg, 2048, 2, 16, "adamw")
     assert a["details"]["saved_block_inputs"] == L * 4096 * H * 2
-    assert a["host"] == {"activations": 0, "optimizer_states": 0, "embeddings": 0}
+    assert a["host"] == {"activations": 0, "optimizer_states": 0, "embeddings": 0, "weights": 0}
     b = plan.estimate(cfg, 2048, 2, 16, "adamw", offload=True, embed_offload=True)
     assert b["details"]["saved_block_inputs"] == 0
     assert b["host"]["activations"] >= L * 4096 * H * 2 and b["host"]["embeddings"] == 128256 * H * 2

@@ -320,6 +320,10 @@ def test_generation_streams_the_blocks_without_caches_or_graphs():
     assert streamed.qlora_streamer.stats["fetched"] > LAYERS * 6 // 2
     assert all(m._wcache is None for m in streamed.modules() if isinstance(m, QLoRALinear))
     assert "streamed from CPU memory" in unsupported(streamed, 64)
+    from qlora.linear import dequant_cache
+    with pytest.raises(QLoraError, match="no dequantized copy"):
+        dequant_cache(streamed)
+    dequant_cache(streamed, enabled=False)
     ok, why = supported(torch.device("cuda"), streamed_weights=True)
     assert not ok and "streamed from CPU memory" in why
 
@@ -547,7 +551,10 @@ def test_cuda_streamed_steps_equal_unstreamed_bit_for_bit(offload):
 def test_cuda_streaming_saves_about_the_block_weights():
     """The peak of a training step (and of the build) with streaming is below the unstreamed one by about the
     blocks' weights less the two slots."""
+    import gc
+
     def measure(stream):
+        gc.collect()  # (garbage of earlier tests or rows must not be freed inside the measured window)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
