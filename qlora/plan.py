@@ -770,7 +770,8 @@ def run(args) -> int:
         raise QLoraError("--rank must be >= 0 and --blocksize >= 1")
     kw = dict(rank=args.rank, optim=args.optim, quant_type=None if args.quant_type == "none" else args.quant_type,
               blocksize=args.blocksize, double_quant=args.double_quant == "true", target=args.target,
-              dropout=args.dropout, grad_checkpointing=args.grad_checkpointing == "true",
+              dropout=args.dropout,  # (streamed weights need every block recomputed: true turns checkpointing on)
+              grad_checkpointing=args.grad_checkpointing == "true" or args.offload_weights == "true",
               offload=args.offload == "true", embed_offload=args.offload_embeddings == "true",
               lora_dtype=args.lora_dtype, dora=args.dora == "true", offload_weights=args.offload_weights == "true")
     if args.offload_optimizer == "true":
