@@ -438,6 +438,12 @@ def table(results: list[dict], a) -> str:
     if "ours" in by and "sft" in by:
         ratio = by["ours"]["step_s"] / by["sft"]["step_s"]
         lines.append(f"our DPO step / our SFT step on the same tokens: {ratio:.2f}x (target <= 1.6x)")
+    for name, r in by.items():  # each -stream row beside the same row without streaming
+        base = by.get(name.replace("-stream", "", 1)) if "-stream" in name else None
+        if base is not None and r["peak_gib"] and base["peak_gib"]:
+            lines.append(f"{name}: peak {r['peak_gib']} GiB against {base['peak_gib']} ({base['peak_gib'] - r['peak_gib']:.2f} "
+                         f"GiB less), step {r['step_s'] / base['step_s']:.2f}x as long, {r['copied_gib_per_step']} GiB "
+                         f"copied a step")
     if "ours" in by and trl:
         mem = (f", peak {by['ours']['peak_gib'] / trl['peak_gib']:.2f}x TRL's (target <= 0.5x)"
                if by["ours"]["peak_gib"] and trl["peak_gib"] else "")

@@ -498,6 +498,16 @@ def test_train_streams_with_the_same_losses_and_says_so(setup, tmp_path, switch)
     assert "offload_weights: 'false'" in (tmp_path / "auto" / "config.yaml").read_text()
 
 
+@pytest.mark.parametrize("kw,why", [(dict(cache_dequant="on"), "--cache-dequant on keeps a 16-bit copy"),
+                                    (dict(init="pissa"), "--init pissa keeps the corrected base")])
+def test_train_refuses_true_beside_what_streaming_cannot_run_with(setup, tmp_path, switch, kw, why):
+    """One line before the model loads; auto then streams nothing."""
+    switch("QLORA_STREAM_CPU", "1")
+    with pytest.raises(QLoraError, match=f"--offload-weights true: {why}") as e:
+        train(cfg(setup, tmp_path / "a", offload_weights="true", max_steps=1, **kw), log=lambda m: None)
+    assert "\n" not in str(e.value)
+
+
 def test_train_dpo_streams_with_the_same_losses(tmp_path, switch):
     from tiny import make_tiny_model
     make_tiny_model(tmp_path / "model", layers=4)
