@@ -10,7 +10,7 @@ Rows (``--rows``), each in its own subprocess so that each peak of ``torch.cuda.
 * ``ours``     DPO (sigmoid loss) through qlora's training path (:class:`qlora.train.Run`: ``train_step`` ->
                ``MicroStep`` -> :class:`qlora.methods.Preference`), reference = the same model with LoRA off,
                computed in the step, with qlora train's default ``--share-prompt auto``; ``ours-shared``:
-               each pair's shared prompt run once (``--share-prompt true``; auto does not on CUDA);
+               each pair's shared prompt run once (``--share-prompt true``; auto does the same with sdpa attention);
                ``ours-whole``: every sequence run whole (``--share-prompt false``, what TRL does);
                ``ours-pre`` (with ``--precompute-ref``): reference log-probs computed once
                before the first step (not in the step time; its seconds are reported as ``ref_precompute_s``);

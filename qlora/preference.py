@@ -91,7 +91,7 @@ def sequence_logps(model, batch: dict, device=None, share_prompt: bool | str = F
     False or "auto": :func:`qlora.shared_prefix.wanted`): where the attention allows it (sdpa: pair attention;
     eager: a 4D mask) and it saves enough, each pair's shared prompt runs once (:mod:`qlora.shared_prefix`)."""
     device = device if device is not None else batch["input_ids"].device
-    how = shared_prefix.path(model) if shared_prefix.wanted(share_prompt, device) else None
+    how = shared_prefix.path(model) if shared_prefix.wanted(share_prompt, device, model) else None
     if how is not None:
         dtype = None if how == "pairs" else model.get_input_embeddings().weight.dtype
         key = "_packed_pairs" if dtype is None else f"_packed_{dtype}"  # DPO's policy and reference passes share one packing of the batch

@@ -56,14 +56,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def wanted(setting, device) -> bool:
-    """Whether ``--share-prompt`` (True, False, "true", "false" or "auto") packs pairs on ``device``. auto: not on a
-    CUDA device, where the masked path made the step slower than running both sequences whole (H100, 8B, seq
-    1024 with a half-length prompt: 0.73 s against 0.52 s; BENCHMARKS.md), though it needed less memory. That
-    was before pair attention, which sdpa models now take; its GPU speed is yet to be measured."""
+def wanted(setting, device, model=None) -> bool:
+    """Whether ``--share-prompt`` (True, False, "true", "false" or "auto") packs pairs of ``model`` on ``device``.
+    auto: packs, except on a CUDA device where the model's attention would take the masked path (eager, or no
+    model given), which made the step slower than running both sequences whole (H100, 8B, seq 1024 with a
+    half-length prompt: 0.73 s against 0.52 s). With pair attention (sdpa) packing is faster there too
+    (0.461 s against 0.481 s, 0.35 GiB less; BENCHMARKS.md, session 19)."""
     setting = {"true": True, "false": False}.get(str(setting).lower(), setting)
     if setting == "auto":
-        return torch.device(device).type != "cuda"
+        return torch.device(device).type != "cuda" or (model is not None and path(model) == "pairs")
     return bool(setting)
 
 

@@ -97,8 +97,8 @@ class TrainConfig:
     share_prompt: str = opt("auto", "DPO/ORPO: run the prompt a pair's two answers share once, the rejected answer "
                             "attending to it but not to the chosen answer (same log-probs, fewer tokens; used where it "
                             "saves at least an eighth of a batch's tokens; sdpa attention: mask-free pair attention, "
-                            "eager: a 4D mask). auto: off on CUDA, where the masked version made the step slower "
-                            "(pair attention's GPU speed is yet to be measured); on elsewhere",
+                            "eager: a 4D mask). auto: on, except on CUDA with eager attention, where the masked version "
+                            "made the step slower",
                             ["auto", "true", "false"], group="preference")
     # model
     model: str | None = opt(None, "base model: HF dir, GGUF file, 4-bit checkpoint or Hub id org/name[@revision] (default: embedded "
@@ -257,14 +257,14 @@ def _step_with_retry(run_step, optimizer, device, log):
             log("out of GPU memory in this step: moved the optimizer state to CPU memory, running the step again")
 
 
-def _shared_prompt_note(cfg, device, stats: dict) -> str:
+def _shared_prompt_note(cfg, device, stats: dict, model=None) -> str:
     """The data line's note on --share-prompt (pairs only): how many of the pairs' tokens it runs once."""
     from .shared_prefix import MIN_SAVED, wanted
     shared = stats.get("shared_prompt_tokens")
     if shared is None or not stats.get("tokens"):
         return ""
-    if not wanted(cfg.share_prompt, device):
-        why = " (auto: off on CUDA)" if cfg.share_prompt == "auto" else ""
+    if not wanted(cfg.share_prompt, device, model):
+        why = " (auto: off on CUDA without sdpa's pair attention)" if cfg.share_prompt == "auto" else ""
         return f"; --share-prompt {cfg.share_prompt}: every sequence runs whole{why}"
     return (f"; shared prompts: {shared} of {stats['tokens']} tokens ({shared / stats['tokens']:.0%}) run once per pair "
             f"(a batch saving under {MIN_SAVED:.1%} runs whole)")
@@ -808,7 +808,7 @@ class Run:
                                        cfg.val_data)
                  + (f"; {stats['documents']} documents, {stats['tokens']} tokens in {stats['windows']} "
                     f"{'rows' if cfg.packing else 'windows'} of up to {cfg.max_length}" if "windows" in stats else "")
-                 + _shared_prompt_note(cfg, self.device, stats))
+                 + _shared_prompt_note(cfg, self.device, stats, self.model))
         from .fitcheck import Watch
         self.watch = Watch(cfg, self.out, self.log, self.dist.main)  # fit warnings, early stop
         self.validator = validation.Validator(cfg, val_recs, val_fmt, sft=self.method.name == "sft"

@@ -628,3 +628,17 @@ def test_pair_attention_on_cuda_runs_sdpas_flash_kernel(tiny, uneven):
     with torch.no_grad():
         want = each_alone(m, uneven, "cuda")
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=0.3)
+
+
+def test_share_prompt_auto_packs_unless_cuda_would_take_the_mask(tiny):
+    """--share-prompt auto: packs on the CPU, and on CUDA only where the model's attention is pair attention (sdpa);
+    the masked path (eager) on CUDA ran slower than whole sequences (BENCHMARKS.md), so there it does not."""
+    from qlora import shared_prefix
+    from qlora.compat import set_attention_implementation
+    m = ours(tiny)
+    assert shared_prefix.path(m) == "pairs"
+    assert shared_prefix.wanted("auto", "cpu", m) and shared_prefix.wanted("auto", "cuda", m)
+    assert not shared_prefix.wanted("auto", "cuda")  # (no model: nothing says the mask is avoided)
+    set_attention_implementation(m.config, "eager")
+    assert shared_prefix.wanted("auto", "cpu", m) and not shared_prefix.wanted("auto", "cuda", m)
+    assert shared_prefix.wanted("true", "cuda", m) and not shared_prefix.wanted(False, "cpu", m)
