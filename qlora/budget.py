@@ -18,8 +18,8 @@ math, so losses and gradients are bit for bit those of full recompute):
 
 The choice maximizes the recompute saved, in units of one block's recompute: a kept block saves 1 (~1/4 of
 its FLOPs in the step), a block keeping its MLP GEMMs the share of the recompute those two GEMMs are
-(:func:`gemm_share`, 0.70 for Llama-3-8B at 2048 tokens) for about 40% of a kept block's memory, so at small
-budgets many GEMM-keeping blocks beat a few kept ones. For each number of kept blocks: inputs on the device
+(:func:`gemm_share`: measured 0.29 for Llama-3-8B at 2048 tokens on an H100, though those GEMMs are 0.70 of its
+FLOPs) for about 40% of a kept block's memory. For each number of kept blocks: inputs on the device
 rather than offloaded unless offloading leaves room for more GEMM-keeping blocks, then the most GEMM-keeping
 blocks that fit; ties go to more kept blocks, then to inputs on the device; and, for that, as much optimizer
 state on the device as fits (:func:`qlora.plan.estimate` with the budget as ``gpu_mem`` spills only what does not
@@ -165,16 +165,30 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
                      f"larger budget, a smaller batch or shorter sequences")
 
 
-def gemm_share(config, seq: int) -> float:
-    """The share of a checkpointed block's recompute that keeping its MLP gate/up outputs saves: those two
-    GEMMs' FLOPs over the recompute's (the block linears but down_proj, whose GEMM the recompute skips, and the
-    causal attention's ``2 * seq * H_q * D`` a token)."""
+# What keeping a block's MLP gate/up outputs saved of its recompute's *time*, over what those two GEMMs are of its
+# FLOPs: the rest of a recompute (attention, norms, dequantization, the checkpoint's own work) costs more time than
+# its FLOPs say, and the kept outputs are copied in (H100, 8B, 2 x 2048: 0.29 of the time saved by keeping whole
+# blocks, against 0.70 of the FLOPs; bench/recompute_policies.py, BENCHMARKS.md session 19)
+GEMM_TIME_OVER_FLOPS = 0.41
+
+
+def gemm_flop_share(config, seq: int) -> float:
+    """The share of a checkpointed block's recompute FLOPs that its MLP gate/up GEMMs are: those two GEMMs over the
+    recompute's (the block linears but down_proj, whose GEMM the recompute skips, and the causal attention's
+    ``2 * seq * H_q * D`` a token)."""
     h, i = int(config.hidden_size), int(getattr(config, "intermediate_size", 4 * config.hidden_size))
     heads = int(config.num_attention_heads)
     d = int(getattr(config, "head_dim", None) or h // heads)
     q, kv = heads * d, int(getattr(config, "num_key_value_heads", None) or heads) * d
     gate_up = 2 * h * i
     return gate_up / (h * (q + 2 * kv) + q * h + gate_up + seq * q)
+
+
+def gemm_share(config, seq: int) -> float:
+    """The share of a checkpointed block's recompute time that keeping its MLP gate/up outputs saves, the unit
+    :func:`choose` weighs a GEMM-keeping block by (a kept block: 1): the FLOP share (:func:`gemm_flop_share`) times
+    :data:`GEMM_TIME_OVER_FLOPS`, measured."""
+    return gemm_flop_share(config, seq) * GEMM_TIME_OVER_FLOPS
 
 
 def _most_gemms(config, seq: int, batch: int, budget: int, context: int, keep: int, off: bool, est: dict,
