@@ -85,6 +85,29 @@ def test_kept_blocks_give_the_same_losses_and_gradients_bit_for_bit(monkeypatch,
             assert got is None  # every block kept: nothing to offload
 
 
+def test_kept_blocks_stay_on_the_device_under_an_offloader_around_the_whole_step():
+    """The training step wraps its whole loss in the offloader's hooks (qlora.train.MicroStep): a kept block's
+    activations must still stay where they are (the plan counts them on the device), so each block kept instead of
+    checkpointed packs exactly one tensor less (its input), and the results are those without offload."""
+    model, batch = _model("fp32"), _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+    packed = []
+    for k in range(LAYERS):
+        off = ActivationOffloader(min_bytes=0, include_cpu=True)
+        enable_checkpointing(model, offload=True, offloader=off, keep=range(LAYERS - k, LAYERS))
+        model.zero_grad(set_to_none=True)
+        with off.hooks():
+            loss = loss_sum(model, batch, "cpu")
+        loss.backward()
+        assert torch.equal(loss.detach(), ref_loss)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.equal(p.grad, ref_grads[n]), (k, n)
+        assert off.stats["unpacked"] == off.stats["packed"]
+        packed.append(off.stats["packed"])
+    assert packed == [packed[0] - k for k in range(LAYERS)], packed
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("offload", [False, True])
 def test_blocks_keeping_their_mlp_gemms_give_the_same_losses_and_gradients_bit_for_bit(monkeypatch, dtype, offload):
