@@ -59,10 +59,11 @@ def auto_budget(device) -> int:
         free, total = torch.cuda.mem_get_info(device)
         return int(free + CONTEXT_BYTES - AUTO_MARGIN * total)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(_mem_available() - AUTO_MARGIN * total)
+    return int(host_available() - AUTO_MARGIN * total)
 
 
-def _mem_available() -> int:
+def host_available() -> int:
+    """Bytes of CPU memory available now (``MemAvailable``; free pages where /proc/meminfo is missing)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

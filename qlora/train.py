@@ -156,8 +156,8 @@ class TrainConfig:
                                "overlapping the current block's compute (every block is then recomputed in backward; "
                                "each step copies the blocks about twice): true, false, or auto = only when the plan says "
                                "the run does not fit the GPU (or --memory-budget) with them there, even with every "
-                               "block recomputed and activations offloaded. CUDA, one process (true is refused on a "
-                               "CPU device, where the weights are in CPU memory already)", ["auto", "true", "false"],
+                               "block recomputed and activations offloaded. CUDA (true is refused on a CPU device, where the "
+                               "weights are in CPU memory already); with --gpus N each process pins its own copy", ["auto", "true", "false"],
                                group="optimization")
     memory_budget: str = opt("off", "memory the run may use on its device: off (the flags above decide), auto (the "
                              "device's free memory minus 5%%) or a size like 24GiB; the run then keeps the activations "
@@ -236,6 +236,19 @@ def _check_fsdp(cfg: TrainConfig) -> None:
             raise QLoraError(f"--parallel fsdp does not support {what} (use --optim adamw or paged_adamw, "
                              "--cache-dequant off, --init gaussian, no --dora; FSDP2 shards the weights instead "
                              "of streaming them)")
+
+
+def _check_host_memory(blocks_bytes: int, processes: int) -> None:
+    """--offload-weights: the streamed blocks are page-locked in CPU memory, one copy per process of this machine;
+    where that is more than the memory available, one line now rather than the system's out-of-memory killer
+    (or a failed page-lock) while the model loads."""
+    from .budget import host_available
+    need, have = blocks_bytes * processes, host_available()
+    if need > have:
+        each = f" ({processes} processes, {blocks_bytes / 2**30:.1f} GiB each)" if processes > 1 else ""
+        raise QLoraError(f"--offload-weights: the streamed blocks need {need / 2**30:.1f} GiB of pinned CPU memory"
+                         f"{each} but {have / 2**30:.1f} GiB is available; free memory, use fewer processes, or a "
+                         f"smaller model")
 
 
 def _step_with_retry(run_step, optimizer, device, log):
@@ -640,8 +653,6 @@ class Run:
                    "a GPU)")
         elif self.par.sharded:
             why = "--parallel fsdp shards the weights instead"
-        elif self.dist.world > 1:
-            why = "it streams one process's weights: run it with one process (no --gpus N)"
         elif cfg.init != "gaussian":
             why = (f"--init {cfg.init} keeps the corrected base it writes to {BASE_FILE} in the model, which "
                    "streaming moves to CPU buffers (use --init gaussian)")
@@ -696,7 +707,9 @@ class Run:
             sizes = (f"the {c['layers']} blocks' {c['blocks_bytes'] / 2**30:.2f} GiB wait in pinned CPU memory, 2 slots "
                      f"of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
-            sizes = "they wait in pinned CPU memory, 2 blocks at a time on the device"
+            c, sizes = None, "they wait in pinned CPU memory, 2 blocks at a time on the device"
+        if c is not None:
+            _check_host_memory(c["blocks_bytes"], int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.log(f"weights: streamed from CPU memory ({reason or '--offload-weights true'}): {sizes}; every block "
                  f"is recomputed in backward, and each step copies the blocks about twice")
 

@@ -118,6 +118,23 @@ def test_fsdp_with_tiled_mlp_equals_one_process_untiled(setup, tmp_path, checkpo
     assert fa.keys() == fb.keys() and all((fa[k] - fb[k]).abs().max() < 1e-4 for k in fa)
 
 
+def test_two_processes_streaming_their_weights_equal_one_that_does_not(setup, tmp_path):
+    """--offload-weights true under data parallel: each process streams its own copy of the blocks (on the CPU
+    between CPU buffers, QLORA_STREAM_CPU), and the two together give one unstreamed process's losses."""
+    kw = ["--rank", "4", "--alpha", "8", "--lr", "3e-3", "--batch-size", "4", "--max-steps", "4", "--save-every", "0",
+          "--compute-dtype", "fp32", "--progress", "false", "--optim", "adamw", "--warmup-ratio", "0", "--dropout", "0",
+          "--device", "cpu", "--data", str(setup / "data.jsonl"), "--model", str(setup / "model")]
+    one = tmp_path / "one"
+    train(cfg(setup, one, grad_accum=2, dropout=0.0, max_steps=4, save_every=0), log=lambda m: None)
+    two = tmp_path / "two"
+    r = torchrun(kw + ["--output", str(two), "--grad-accum", "1", "--offload-weights", "true"], tmp_path,
+                 {"QLORA_STREAM_CPU": "1"})
+    assert "weights: streamed from CPU memory" in r.stdout + r.stderr
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 4
+    assert all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+
+
 def test_fsdp_refuses_what_it_cannot_shard(setup, tmp_path):
     r = subprocess.run([sys.executable, "-m", "qlora.cli", "train", "--gpus", "2", "--data", str(setup / "data.jsonl"),
                         "--model", str(setup / "model"), "--output", str(tmp_path / "x"), "--device", "cpu",

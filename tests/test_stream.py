@@ -498,6 +498,23 @@ def test_train_streams_with_the_same_losses_and_says_so(setup, tmp_path, switch)
     assert "offload_weights: 'false'" in (tmp_path / "auto" / "config.yaml").read_text()
 
 
+def test_train_refuses_streaming_that_the_cpu_memory_cannot_hold(setup, tmp_path, switch, monkeypatch):
+    """The streamed blocks are page-locked in CPU memory, one copy per process of the machine: more than is
+    available is one line before the model loads, naming both sizes."""
+    from qlora import budget
+    from qlora.plan import counts_for, model_config
+    switch("QLORA_STREAM_CPU", "1")
+    blocks = counts_for(model_config(str(setup / "model")), rank=4)["blocks_bytes"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(budget, "host_available", lambda: int(1.5 * blocks))
+    with pytest.raises(QLoraError, match=r"--offload-weights: the streamed blocks need .* \(2 processes, .*available"
+                       ) as e:
+        train(cfg(setup, tmp_path / "a", offload_weights="true", max_steps=1), log=lambda m: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "a" / "adapter").exists()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    train(cfg(setup, tmp_path / "b", offload_weights="true", max_steps=1, save_every=0), log=lambda m: None)
+
+
 @pytest.mark.parametrize("kw,why", [(dict(cache_dequant="on"), "--cache-dequant on keeps a 16-bit copy"),
                                     (dict(init="pissa"), "--init pissa keeps the corrected base")])
 def test_train_refuses_true_beside_what_streaming_cannot_run_with(setup, tmp_path, switch, kw, why):
