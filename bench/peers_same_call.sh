@@ -20,5 +20,5 @@ fi
 echo "== unsloth" >> "$F"
 PYTHONPATH=/tmp/site_c python3 "$P/peers/unsloth_qlora.py" $SIZE $SEQ $BATCH $STEPS 2>&1 | grep -E 'RESULT|Error' >> "$F"
 cat "$F"
-python3 bench/train_speed.py --shape $SIZE --seq $SEQ --batch $BATCH --steps $STEPS --memory-budget $BUDGETS --peers "$F" \
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python3 bench/train_speed.py --shape $SIZE --seq $SEQ --batch $BATCH --steps $STEPS --memory-budget $BUDGETS --peers "$F" \
   2>&1 | tee "$O/ours_${SIZE}_${SEQ}x${BATCH}.txt" | grep -v '^{'
