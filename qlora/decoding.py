@@ -53,7 +53,8 @@ def kv_bytes(model, max_len: int) -> int:
 def unsupported(model, max_len: int) -> str | None:
     """Why :func:`decode` cannot run ``model`` with ``max_len`` cache positions, or None when it can."""
     import torch
-    if getattr(model, "qlora_streamer", None) is not None:
+    from .stream import streamer_of
+    if streamer_of(model) is not None:
         return "block weights streamed from CPU memory (each step's blocks are copied in by the host)"
     cfg = model.config
     impl = attention_implementation(cfg)

@@ -181,7 +181,8 @@ def inference_cache(model, enabled: bool = True):
     from .linear import QLoRALinear, dequant_cache
     if not enabled or any(m._wcache is not None for m in model.modules() if isinstance(m, QLoRALinear)):
         return contextlib.nullcontext()
-    if getattr(model, "qlora_streamer", None) is not None:  # weights streamed (qlora.stream): only the resident
+    from .stream import streamer_of
+    if streamer_of(model) is not None:  # weights streamed (qlora.stream): only the resident
         return contextlib.nullcontext()  # blocks' are on the device, each dequantized as it runs
     cache = dequant_cache(model)
     cache.layers = [m for m in cache.layers if not m.prepare_decode()]

@@ -620,7 +620,8 @@ class dequant_cache:
     model, never on a GPU short of memory. Released on exit."""
 
     def __init__(self, model: nn.Module, enabled: bool = True, training: bool = False):
-        if enabled and getattr(model, "qlora_streamer", None) is not None:
+        from .stream import streamer_of
+        if enabled and streamer_of(model) is not None:
             raise QLoraError("the model's weights are streamed from CPU memory (--offload-weights): only the blocks "
                              "running are on the device, so there is no dequantized copy of them to keep")
         self.layers = [m for m in model.modules() if isinstance(m, QLoRALinear)] if enabled else []

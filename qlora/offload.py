@@ -274,9 +274,10 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
         raise QLoraError(f"blocks to keep must be indices in [0, {len(blocks)}), got {bad}")
     if keep & keep_gemms:
         raise QLoraError(f"blocks both kept whole and kept for their MLP GEMMs: {sorted(keep & keep_gemms)}")
-    if keep and getattr(model, "qlora_streamer", None) is not None:
-        from .stream import _KEPT
-        raise QLoraError(_KEPT.format(i=min(keep)))
+    if keep:
+        from .stream import _KEPT, streamer_of
+        if streamer_of(model) is not None:
+            raise QLoraError(_KEPT.format(i=min(keep)))
     off = None
     if offload and len(keep) < len(blocks):
         off = offloader or ActivationOffloader(min_bytes, static=True)  # static: what a CUDA graph of the step needs

@@ -45,7 +45,7 @@ from .config import is_int, is_number
 from .errors import QLoraError
 from .settings import switches
 
-STREAM_SLOTS = 2  # weight streaming's device slots (qlora.stream.DEFAULT_SLOTS)
+STREAM_SLOTS = 2  # weight streaming's device slots (qlora.stream's default; the plan counts them)
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -45,10 +45,11 @@ import torch.nn as nn
 from .compat import checkpoint_function, register_host_memory, set_module_tensor, unregister_host_memory
 from .config import is_int
 from .errors import QLoraError
+from .plan import STREAM_SLOTS
 
 ALIGN = 256          # byte alignment of each tensor in a block's buffer (and so in a slot)
 PAGE = 4096          # host buffers are page-aligned and page-sized: registrations never share a page
-DEFAULT_SLOTS = 2    # double buffering: the block being computed and the next one being copied
+DEFAULT_SLOTS = STREAM_SLOTS  # double buffering: the block being computed and the next one being copied
 
 
 def aligned(n: int) -> int:
@@ -282,7 +283,7 @@ class WeightStreamer:
         from .offload import _no_recompute
         if self.blocks:
             raise QLoraError("this WeightStreamer is installed already")
-        if getattr(model, "qlora_streamer", None) is not None:
+        if streamer_of(model) is not None:
             raise QLoraError("this model's weights are streamed already")
         blocks = decoder_blocks(model)
         if not blocks:

@@ -641,7 +641,8 @@ class Run:
         """--offload-weights where streaming cannot run: true is one line, auto turns into false; a model given to
         the run whose weights are streamed already (qlora.stream) makes it true."""
         cfg = self.cfg
-        if self.model is not None and getattr(self.model, "qlora_streamer", None) is not None:
+        from .stream import streamer_of
+        if self.model is not None and streamer_of(self.model) is not None:
             if cfg.offload_weights == "false":
                 raise QLoraError("--offload-weights false: the model given to the run streams its weights already")
             self.cfg = cfg = dataclasses.replace(cfg, offload_weights="true")
@@ -701,13 +702,14 @@ class Run:
             if reason:
                 self.log(f"weights: on the GPU ({reason})")
             return
+        from .plan import STREAM_SLOTS
         try:
             from .plan import counts_for, model_config, plan_kwargs
             c = counts_for(config if config is not None else model_config(cfg.model), **plan_kwargs(self.cfg))
-            sizes = (f"the {c['layers']} blocks' {c['blocks_bytes'] / 2**30:.2f} GiB wait in pinned CPU memory, 2 slots "
-                     f"of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")
+            sizes = (f"the {c['layers']} blocks' {c['blocks_bytes'] / 2**30:.2f} GiB wait in pinned CPU memory, "
+                     f"{STREAM_SLOTS} slots of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
-            c, sizes = None, "they wait in pinned CPU memory, 2 blocks at a time on the device"
+            c, sizes = None, f"they wait in pinned CPU memory, {STREAM_SLOTS} blocks at a time on the device"
         if c is not None:
             _check_host_memory(c["blocks_bytes"], int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.log(f"weights: streamed from CPU memory ({reason or '--offload-weights true'}): {sizes}; every block "
@@ -760,7 +762,8 @@ class Run:
                                               progress=cfg.progress and main, on_block=self.par.block_hook(),
                                               stream=self.streamer)  # one process's bars (each rank loads the same)
         elif self.streamer is not None:  # a model given to train: its blocks' weights leave the device now
-            installed = getattr(self.model, "qlora_streamer", None)  # (or they left as it was built)
+            from .stream import streamer_of
+            installed = streamer_of(self.model)  # (or they left as it was built)
             self.streamer = installed if installed is not None else self.streamer.install(self.model)
         model = self.model
         if switches().tile_all and not given:
