@@ -3,14 +3,16 @@
     python bench/attention_backends.py                       # seq 2048 x 2, 32768 x 1, 131072 x 1
     python bench/attention_backends.py --shapes 4096x2 --heads 32,8,128
 
-For each shape and each backend torch offers (flash, cuDNN, memory-efficient), one JSON line: the median time of
+For each shape and each backend (``default``: torch's own choice, as a training step gets it; flash, cuDNN,
+memory-efficient), one JSON line: the aten op it dispatched to, the median time of
 forward + backward after warm-up, the attention TFLOP/s on the causal count (forward 2 * S^2 * H * D, backward 2.5x
-that), and the largest difference of the output and of the query gradient from the flash kernel's (bf16). GQA is
+that), and the largest difference of the output and of the query gradient from the first backend's (bf16). GQA is
 given as torch's ``enable_gqa`` where the backend takes it (keys/values repeated otherwise, as transformers does).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -18,8 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def allowed(name: str):
+    """``default`` leaves torch's own choice (what a training step gets); the others force one kernel."""
+    return contextlib.nullcontext() if BACKENDS[name] is None else sdpa_kernel([BACKENDS[name]])
+
+
+def kernel_of(q, k, v, gqa: bool) -> str:
+    """The aten attention op torch dispatched to (``_cudnn_attention_forward``, ``_flash_attention_forward``, ...)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(q, k, v, gqa)
+    names = {e.name for e in prof.events() if e.name.endswith("attention_forward")}
+    return ",".join(sorted(names)) or "?"
 
 
 def step(q, k, v, gqa: bool):
@@ -34,7 +50,8 @@ def step(q, k, v, gqa: bool):
 def time_backend(name: str, q, k, v, reps: int) -> dict:
     for gqa in (True, False):
         try:
-            with sdpa_kernel([BACKENDS[name]]):
+            with allowed(name):
+                kernel = kernel_of(q, k, v, gqa)
                 out = step(q, k, v, gqa)
                 torch.cuda.synchronize()
                 times = []
@@ -46,7 +63,7 @@ def time_backend(name: str, q, k, v, reps: int) -> dict:
                     out = step(q, k, v, gqa)
                     torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
-            return dict(backend=name, gqa=gqa, s=sorted(times)[len(times) // 2], out=out.detach(), dq=q.grad.clone())
+            return dict(backend=name, kernel=kernel, gqa=gqa, s=sorted(times)[len(times) // 2], out=out.detach(), dq=q.grad.clone())
         except RuntimeError as e:
             err = str(e).splitlines()[0][:160]
     return dict(backend=name, error=err)
@@ -57,6 +74,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="2048x2,32768x1,131072x1", help="SEQxBATCH list")
     ap.add_argument("--heads", default="32,8,128", help="query heads, key/value heads, head dim")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {', '.join(BACKENDS)}")
     a = ap.parse_args()
     hq, hkv, d = map(int, a.heads.split(","))
     print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -68,8 +86,8 @@ def main() -> None:
                    for h in (hq, hkv, hkv))
         flops = 2 * s * s * hq * d * b * 3.5  # causal forward 2 S^2 H D, backward 2.5x
         ref = None
-        for name in BACKENDS:
-            r = time_backend(name, q, k, v, a.reps if s <= 32768 else 2)
+        for name in a.backends.split(","):
+            r = time_backend(name, q, k, v, a.reps if s <= 32768 else 1)
             if "error" not in r:
                 out, dq = r.pop("out"), r.pop("dq")
                 ref = ref or (out, dq)

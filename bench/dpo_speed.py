@@ -267,12 +267,18 @@ def run_ours(a, row: str) -> dict:
     with contextlib.ExitStack() as stack:
         run._enter(stack)  # what Run.fit runs its steps inside (dequant cache, micro-step, CUDA graphs)
         run.t_loop = time.time()
-        for _ in range(a.steps):
+        for i in range(a.steps):
             sync(device)
-            t = time.time()
-            rows.append(run.train_step())
-            sync(device)
-            times.append(time.time() - t)
+            prof = profiler(device) if a.profile and i == a.steps - 1 else contextlib.nullcontext()
+            with prof:
+                t = time.time()
+                rows.append(run.train_step())
+                sync(device)
+                times.append(time.time() - t)
+    profiled = {}
+    if a.profile:
+        from bench.train_speed import profile_summary
+        profiled = profile_summary(prof, times[-1], top=20)
     step = median_after(times, a.warmup)
     return dict(row=row, stack="qlora", method=method, reference="precomputed" if opts["precompute"] else
                 ("live (adapters off)" if method == "dpo" else None), shape=a.shape, seq=a.seq, pairs=a.pairs,
@@ -285,7 +291,15 @@ def run_ours(a, row: str) -> dict:
                 **({"offload_weights": True, "host_weights_gib": round(streamer.host_bytes / 2**30, 3),
                     "copied_gib_per_step": round((streamer.stats["bytes"] - copied) / a.steps / 2**30, 3)}
                    if streamer is not None else {}),
-                cuda_graphs=run.graphed is not None, loss=rows[-1]["loss"], times=[round(x, 4) for x in times])
+                cuda_graphs=run.graphed is not None, loss=rows[-1]["loss"], times=[round(x, 4) for x in times],
+                **profiled)
+
+
+def profiler(device: str):
+    """torch's profiler over one step: CPU ops, and CUDA kernels and copies on a GPU."""
+    import torch
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    return torch.profiler.profile(activities=acts)
 
 
 class Given:
@@ -404,8 +418,9 @@ def run_trl(a) -> dict:
 def child(a, row: str) -> dict | None:
     """Run ``row`` in a fresh process (its own CUDA memory and peak); its RESULT line, or None if it failed."""
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", row] + a.passthrough
+    root = str(Path(__file__).resolve().parents[1])  # `bench.train_speed` for --profile
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     p = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=None if a.verbose else subprocess.PIPE,
                        text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(MARK)]
@@ -477,6 +492,8 @@ def parse(argv=None):
                     "written once, reused)")
     ap.add_argument("--out", help="append one JSON line per row to this file")
     ap.add_argument("--verbose", action="store_true", help="show the rows' own output")
+    ap.add_argument("--profile", action="store_true", help="profile each of our rows' last step (top kernels, the "
+                    "device's busy time against the step's)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.small:  # seconds on a CPU: bitsandbytes' CPU 4-bit path takes ~5 s a step even for this shape
@@ -488,7 +505,7 @@ def parse(argv=None):
                      f"--warmup={a.warmup}", f"--rank={a.rank}", f"--beta={a.beta}", f"--seed={a.seed}",
                      f"--model-dir={a.model_dir}", f"--memory-budget={a.memory_budget}"] + \
                     (["--small"] if a.small else []) + \
-                    (["--no-cuda-graphs"] if a.no_cuda_graphs else [])
+                    (["--no-cuda-graphs"] if a.no_cuda_graphs else []) + (["--profile"] if a.profile else [])
     return a
 
 

@@ -173,15 +173,7 @@ def run(shape: str, seq: int, batch: int, steps: int, mode: str, device: str, pr
              dropout=dropout, keyed_dropout=keyed,
              **({"memory_phases": phases} if memory_phases else {}))
     if prof is not None:
-        evs = prof.key_averages()
-        r["profile_top"] = [
-            (e.key[:80], round(e.self_device_time_total / 1e3, 1), e.count) for e in
-            sorted(evs, key=lambda e: -e.self_device_time_total)[:30]]
-        # self device time of all kernels (ms) against the step's wall time: the gap is launch/idle time
-        kernels = [e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA]
-        r["profile_gpu_busy_ms"] = round(sum(e.self_device_time_total for e in kernels) / 1e3, 1)
-        r["profile_kernel_launches"] = sum(e.count for e in kernels)
-        r["profile_step_ms"] = round(times[-1] * 1e3, 1)
+        r.update(profile_summary(prof, times[-1]))
         if profile_detail:
             r.update(profile_detail_tables(prof))
     del model, opt, graphed, casts
@@ -274,6 +266,21 @@ def _caller(e) -> str:
             frames.append(par.name[:60])
             par = par.cpu_parent
     return " <- ".join(frames)
+
+
+def profile_summary(prof, step_s: float, top: int = 30) -> dict:
+    """The top ops by self device time, and the device time of all kernels against the step's wall time (the gap
+    is launch or idle time)."""
+    import torch
+    evs = prof.key_averages()
+    kernels = [e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"profile_top": [(e.key[:80], round(e.self_device_time_total / 1e3, 1), e.count)
+                            for e in sorted(evs, key=lambda e: -e.self_device_time_total)[:top]],
+            "profile_cpu_top": [(e.key[:80], round(e.self_cpu_time_total / 1e3, 1), e.count)
+                                for e in sorted(evs, key=lambda e: -e.self_cpu_time_total)[:12]],
+            "profile_gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1e3, 1),
+            "profile_kernel_launches": sum(e.count for e in kernels),
+            "profile_step_ms": round(step_s * 1e3, 1)}
 
 
 def profile_detail_tables(prof) -> dict:
