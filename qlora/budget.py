@@ -34,8 +34,8 @@ import os
 from dataclasses import dataclass
 
 from .errors import QLoraError
-from .plan import (CONTEXT_BYTES, GiB, counts_for, estimate, fits, parse_size, plan_kwargs, required_bytes,
-                   rows_per_micro_batch)
+from .plan import (CONTEXT_BYTES, GiB, counts_for, estimate, fits, host_bytes, parse_size, plan_kwargs,
+                   required_bytes, rows_per_micro_batch)
 
 AUTO_MARGIN = 0.05  # of the device's memory left unplanned under `auto`: other processes, fragmentation beyond SLACK
 
@@ -82,7 +82,7 @@ class Policy:
     budget: int
     layers: int
     keep: int
-    offload: bool
+    offload: int  # of the checkpointed blocks, how many (the first ones) have their inputs in CPU memory
     gemms: int
     page_budget: int | None
     states_on_host: int
@@ -107,7 +107,9 @@ class Policy:
     def describe(self) -> str:
         """The run header's line."""
         recomputed = self.layers - self.keep
-        where = "" if not recomputed else (", their inputs in CPU memory" if self.offload else ", inputs on the device")
+        where = "" if not recomputed else (
+            ", their inputs in CPU memory" if self.offload >= recomputed else
+            f", the inputs of the first {self.offload} in CPU memory" if self.offload else ", inputs on the device")
         where += f", {self.gemms} of them keeping their MLP gate/up outputs" if self.gemms else ""
         states = (f"optimizer state: {self.states_on_host / GiB:.2f} GiB in CPU memory" if self.states_on_host
                   else "optimizer state on the device")
@@ -119,51 +121,123 @@ class Policy:
 
 
 def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_BYTES, checkpointing: bool = True,
-           offload: bool | None = None, stream: bool | None = None, **kw) -> Policy:
+           offload: bool | None = None, stream: bool | None = None, host_mem: int | None = None, **kw) -> Policy:
     """The fastest policy whose predicted need (:func:`qlora.plan.required_bytes`) fits ``budget`` bytes.
 
     ``checkpointing=False`` allows only keeping every block; ``offload`` True/False forces the block
-    inputs' place (None: the budget decides); ``stream``: True only policies that stream the block weights
-    (every block recomputed), False none, None (default) streaming where nothing else fits (and checkpointing
-    is on); ``kw``: :func:`qlora.plan.estimate`'s settings (an explicit ``page_budget``, e.g. 0 for
+    inputs' place (None: the budget decides how many go to CPU memory, the fewest that fit); ``stream``: True
+    only policies that stream the block weights (every block recomputed), False none, None (default) streaming
+    where nothing else fits (and checkpointing is on); ``host_mem``: the CPU memory the run may fill (offloaded
+    inputs, streamed weights, paged optimizer state, a host embedding table; :func:`qlora.plan.host_bytes`), None
+    unchecked; ``kw``: :func:`qlora.plan.estimate`'s settings (an explicit ``page_budget``, e.g. 0 for
     --offload-optimizer, is kept). Raises one line when nothing fits."""
     kw = {k: v for k, v in kw.items() if k not in ("grad_checkpointing", "keep_blocks", "keep_gemms", "gpu_mem",
                                                    "offload_weights")}
     kw.setdefault("counts", counts_for(config, **kw))
     layers = int(config.num_hidden_layers)
-    offloads = [False, True] if offload is None else [bool(offload)]
     share = gemm_share(config, seq)
-    last, best = None, None  # best: (recompute saved, keep, off, gemms, est)
+    room = _Room(config, seq, batch, budget, context, host_mem, offload)
+    best = None  # (recompute saved, keep, offloaded inputs, gemms, est)
     for keep in range(layers, -1 if checkpointing else layers - 1, -1) if not stream else ():
         if best is not None and keep + share * (layers - keep) <= best[0]:
             break  # fewer kept blocks cannot save more, even with every other block keeping its GEMMs
-        for off in offloads if keep < layers else offloads[:1]:
-            est = estimate(config, seq, batch, keep_blocks=keep, offload=off, gpu_mem=budget, **kw)
-            last = est
-            if fits(est, budget, context):  # (offloading the inputs may leave room for more GEMM-keeping blocks)
-                gemms, est = _most_gemms(config, seq, batch, budget, context, keep, off, est, kw)
-                if best is None or keep + share * gemms > best[0]:
-                    best = (keep + share * gemms, keep, off, gemms, est)
+        for off, gemms, est in room.placements(keep, kw):
+            if best is None or keep + share * gemms > best[0]:  # (ties: more kept blocks, then fewer offloaded)
+                best = (keep + share * gemms, keep, off, gemms, est)
     streamed = best is None and checkpointing and stream is not False
     if streamed:  # nothing fits with the weights on the device (or streaming asked for): every block recomputed
-        swk = dict(kw, offload_weights=True)
-        for off in offloads:
-            est = estimate(config, seq, batch, offload=off, gpu_mem=budget, **swk)
-            last = est
-            if fits(est, budget, context):
-                gemms, est = _most_gemms(config, seq, batch, budget, context, 0, off, est, swk)
-                if best is None or share * gemms > best[0]:
-                    best = (share * gemms, 0, off, gemms, est)
+        for off, gemms, est in room.placements(0, dict(kw, offload_weights=True)):
+            if best is None or share * gemms > best[0]:
+                best = (share * gemms, 0, off, gemms, est)
     if best is not None:
         _, keep, off, gemms, est = best
         return _policy(est, budget, layers, keep, off, context, kw, gemms)
-    least = ("every block recomputed" if checkpointing else "--grad-checkpointing false") + (
-        ", block inputs in CPU memory" if checkpointing and True in offloads else "") + (
-        ", the block weights streamed from CPU memory" if streamed else "")
-    raise QLoraError(f"--memory-budget {budget / GiB:.1f} GiB is too small for this run: even with {least} and the optimizer "
-                     f"state paged out as far as it can be, it needs about {required_bytes(last, context) / GiB:.1f} "
-                     f"GiB (peak {last['peak'] / GiB:.1f} GiB at the {last['phase']}, plus slack and context); give a "
-                     f"larger budget, a smaller batch or shorter sequences")
+    raise QLoraError(room.too_small(checkpointing, streamed))
+
+
+class _Room:
+    """Where a policy's tensors fit: the device budget (with slack and context) and ``host_mem`` of CPU memory.
+    ``last`` is the estimate tried last, the cheapest on the device (for the message when nothing fits)."""
+
+    def __init__(self, config, seq: int, batch: int, budget: int, context: int, host_mem: int | None,
+                 offload: bool | None):
+        self.config, self.seq, self.batch, self.budget, self.context = config, seq, batch, budget, context
+        self.host_mem, self.forced, self.last, self.host_short = host_mem, offload, None, False
+
+    def estimate(self, keep: int, off: int, kw: dict, gemms: int = 0) -> dict:
+        return estimate(self.config, self.seq, self.batch, keep_blocks=keep, keep_gemms=gemms, offload=off,
+                        gpu_mem=self.budget, **kw)
+
+    def fits(self, est: dict) -> bool:
+        on_host = self.host_mem is None or host_bytes(est) <= self.host_mem
+        self.host_short |= fits(est, self.budget, self.context) and not on_host
+        return fits(est, self.budget, self.context) and on_host
+
+    def fewest(self, keep: int, kw: dict, lo: int, hi: int, gemms: int = 0) -> tuple[int, dict] | None:
+        """The fewest offloaded inputs in [lo, hi] that fit, and that estimate. Between the ends device memory falls
+        as inputs leave and host memory rises; the ends are tried on their own: the first offloaded input comes back
+        in its backward beside the next one's prefetch, and with all of them offloaded the first checkpointed block's
+        backward does so too, but the loss backward holds one input less."""
+        m = int(self.config.num_hidden_layers) - keep
+
+        def fitting(n: int) -> tuple[int, dict] | None:
+            est = self.last = self.estimate(keep, n, kw, gemms)
+            return (n, est) if self.fits(est) else None
+
+        if lo == 0 and (found := fitting(0)):
+            return found
+        found, a, b = None, max(lo, 1), min(hi, m - 1)
+        while a <= b:
+            mid = (a + b) // 2
+            est = self.last = self.estimate(keep, mid, kw, gemms)
+            if fits(est, self.budget, self.context):
+                found, b = ((mid, est) if self.fits(est) else found), mid - 1
+            else:
+                a = mid + 1
+        return found or (fitting(m) if hi == m and m > 0 else None)
+
+    def most_on_host(self, keep: int, kw: dict, lo: int, hi: int) -> int:
+        """The most offloaded inputs in [lo, hi] the CPU memory holds (``lo`` is known to)."""
+        if self.host_mem is None:
+            return hi
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if host_bytes(self.estimate(keep, mid, kw)) <= self.host_mem else (lo, mid - 1)
+        return lo
+
+    def placements(self, keep: int, kw: dict) -> list[tuple[int, int, dict]]:
+        """``(offloaded inputs, GEMM-keeping blocks, estimate)`` worth weighing with ``keep`` kept blocks: the fewest
+        offloaded inputs that fit, with the most GEMM-keeping blocks that then fit; and, where offloading more
+        leaves room for more GEMM-keeping blocks, the fewest offloaded inputs that fit those."""
+        m = int(self.config.num_hidden_layers) - keep
+        lo, hi = {None: (0, m), True: (m, m), False: (0, 0)}[self.forced]
+        first = self.fewest(keep, kw, lo, hi)
+        if first is None:
+            return []
+        n0, est0 = first
+        g0, est0 = _most_gemms(self, keep, n0, est0, kw)
+        out = [(n0, g0, est0)]
+        top = self.most_on_host(keep, kw, n0, hi)
+        if top > n0:  # (all inputs offloaded or all but one: either may leave the most room, fewest() says why)
+            g1 = max(_most_gemms(self, keep, n, self.estimate(keep, n, kw), kw)[0] for n in {top, max(n0, top - 1)})
+            more = self.fewest(keep, kw, n0, top, g1) if g1 > g0 else None
+            if more is not None:
+                out.append((more[0], g1, more[1]))
+        return out
+
+    def too_small(self, checkpointing: bool, streamed: bool) -> str:
+        least = ("every block recomputed" if checkpointing else "--grad-checkpointing false") + (
+            ", block inputs in CPU memory" if checkpointing and self.forced is not False else "") + (
+            ", the block weights streamed from CPU memory" if streamed else "")
+        last = self.last
+        if self.host_short:
+            return (f"--memory-budget {self.budget / GiB:.1f} GiB: the policies that fit it need more CPU memory than "
+                    f"the {self.host_mem / GiB:.1f} GiB available (about {host_bytes(last) / GiB:.1f} GiB for "
+                    f"{least}); free CPU memory, or use a larger budget, a smaller batch or shorter sequences")
+        return (f"--memory-budget {self.budget / GiB:.1f} GiB is too small for this run: even with {least} and the "
+                f"optimizer state paged out as far as it can be, it needs about {required_bytes(last, self.context) / GiB:.1f} "
+                f"GiB (peak {last['peak'] / GiB:.1f} GiB at the {last['phase']}, plus slack and context); give a "
+                f"larger budget, a smaller batch or shorter sequences")
 
 
 # What keeping a block's MLP gate/up outputs saved of its recompute's *time*, over what those two GEMMs are of its
@@ -192,28 +266,27 @@ def gemm_share(config, seq: int) -> float:
     return gemm_flop_share(config, seq) * GEMM_TIME_OVER_FLOPS
 
 
-def _most_gemms(config, seq: int, batch: int, budget: int, context: int, keep: int, off: bool, est: dict,
-                kw: dict) -> tuple[int, dict]:
+def _most_gemms(room: _Room, keep: int, off: int, est: dict, kw: dict) -> tuple[int, dict]:
     """The most checkpointed blocks (of ``L - keep``) that can also keep their MLP GEMMs' outputs within the
-    budget, and that policy's estimate (``est``, the one with none, when none can)."""
+    budget, ``off`` inputs offloaded, and that policy's estimate (``est``, the one with none, when none can)."""
     if not kw["counts"].get("gemms_keepable") or est["details"]["mlp_chunk_tokens"]:
         return 0, est  # gate/up without a plain adapter, or a tiled MLP: nothing to keep
-    lo, hi, best = 0, int(config.num_hidden_layers) - keep, est
+    lo, hi, best = 0, int(room.config.num_hidden_layers) - keep, est
     while lo < hi:  # memory grows with each block: the largest that fits, by bisection
         mid = (lo + hi + 1) // 2
-        e = estimate(config, seq, batch, keep_blocks=keep, keep_gemms=mid, offload=off, gpu_mem=budget, **kw)
-        lo, hi, best = (mid, hi, e) if fits(e, budget, context) else (lo, mid - 1, best)
+        e = room.estimate(keep, off, kw, mid)
+        lo, hi, best = (mid, hi, e) if room.fits(e) else (lo, mid - 1, best)
     return lo, best
 
 
-def _policy(est: dict, budget: int, layers: int, keep: int, off: bool, context: int, kw: dict,
+def _policy(est: dict, budget: int, layers: int, keep: int, off: int, context: int, kw: dict,
             gemms: int = 0) -> Policy:
     states_total = est["details"]["optimizer_states_total"]
     resident = est["components"]["optimizer_states"]
     paged = kw.get("optim", "paged_adamw").startswith("paged")
     explicit = kw.get("page_budget")
     page_budget = explicit if explicit is not None else (resident if paged and resident < states_total else None)
-    return Policy(budget=budget, layers=layers, keep=keep, offload=est["settings"]["offload"] and off, gemms=gemms,
+    return Policy(budget=budget, layers=layers, keep=keep, offload=est["settings"]["offload_blocks"], gemms=gemms,
                   page_budget=page_budget, states_on_host=est["host"]["optimizer_states"], peak=est["peak"],
                   phase=est["phase"], required=required_bytes(est, context), stream=est["settings"]["offload_weights"],
                   weight_slots=est["components"]["weight_slots"], weight_host=est["host"]["weights"])
@@ -239,8 +312,11 @@ def for_train(cfg, device, config=None) -> Policy | None:
     stream = {"true": True, "false": False}.get(str(getattr(cfg, "offload_weights", "false")).lower())
     if stream is None and not cuda:
         stream = False
+    # the CPU memory each of this machine's processes may fill (on the CPU the budget is that memory already)
+    host = host_available() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cuda else None
     return choose(config, cfg.max_length, rows_per_micro_batch(cfg), budget, context=context,
-                  checkpointing=kw.pop("grad_checkpointing") or bool(stream), offload=forced, stream=stream, **kw)
+                  checkpointing=kw.pop("grad_checkpointing") or bool(stream), offload=forced, stream=stream,
+                  host_mem=host, **kw)
 
 
 def stream_needed(cfg, config, gpu_mem: int, context: int = CONTEXT_BYTES) -> tuple[bool, dict]:

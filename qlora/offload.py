@@ -44,6 +44,7 @@ import torch.nn as nn
 from .compat import checkpoint_function, local_tensor, set_checkpoint_function
 from .config import is_int
 from .errors import QLoraError
+from .plan import offloaded_count
 
 DEFAULT_MIN_BYTES = 1 << 20  # smaller saved tensors stay where they are: copies would cost more than they free
 
@@ -235,11 +236,16 @@ def _no_recompute(function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: int = DEFAULT_MIN_BYTES,
+def enable_checkpointing(model: nn.Module, offload: bool | int = False, *, min_bytes: int = DEFAULT_MIN_BYTES,
                          offloader: ActivationOffloader | None = None, keep=(),
                          keep_gemms=()) -> ActivationOffloader | None:
     """Turn on per-block gradient checkpointing (non-reentrant) of a transformers model and, with
     ``offload``, move each block's saved input to pinned CPU memory until its backward.
+
+    ``offload``: True offloads every checkpointed block's input; an integer K only the first K checkpointed
+    blocks' (in model order: their inputs wait longest between forward and backward), the others' inputs stay
+    on the device, shielded from an enclosing offloader's hooks (the training step wraps its whole loss in one);
+    False or 0 none. Where each input lives changes no value.
 
     ``keep``: indices of decoder blocks (0-based, in model order) that are *not* checkpointed: they
     keep all their activations and backward recomputes nothing for them (the memory budget's policy,
@@ -278,8 +284,10 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
         from .stream import _KEPT, streamer_of
         if streamer_of(model) is not None:
             raise QLoraError(_KEPT.format(i=min(keep)))
+    checkpointed = [i for i in range(len(blocks)) if i not in keep]
+    offloaded = set(checkpointed[:offloaded_count(offload, len(checkpointed))])
     off = None
-    if offload and len(keep) < len(blocks):
+    if offloaded:
         off = offloader or ActivationOffloader(min_bytes, static=True)  # static: what a CUDA graph of the step needs
         off.exclude(model)
     for i, block in enumerate(blocks):
@@ -287,8 +295,18 @@ def enable_checkpointing(model: nn.Module, offload: bool = False, *, min_bytes: 
         block._qlora_checkpoint_func = inner
         layers = gemm_layers(block) if i in keep_gemms else []
         fn = _keeping_gemms(inner, layers) if layers else inner
-        set_checkpoint_function(block, _no_recompute if i in keep else _offloaded(fn, off) if off is not None else fn)
-    return off if offload else None
+        fn = _offloaded(fn, off) if i in offloaded else _resident(fn) if off is not None else fn
+        set_checkpoint_function(block, _no_recompute if i in keep else fn)
+    return off
+
+
+def _resident(inner):
+    """``inner`` (a block's checkpoint function) whose saved input stays on its device even inside an offloader's
+    hooks (identity hooks take precedence)."""
+    def resident_checkpoint(function, *args, **kw):
+        with torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+            return inner(function, *args, **kw)
+    return resident_checkpoint
 
 
 def gemm_layers(block: nn.Module) -> list:

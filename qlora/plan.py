@@ -316,7 +316,7 @@ def optimizer_state_bytes(lora_numels: list[int], optim: str) -> int:
 def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_adamw", *,
              quant_type: str | None = "nf4", blocksize: int = 64, double_quant: bool = True,
              target: str = "all-linear", dropout: float = 0.0, grad_checkpointing: bool = True,
-             offload: bool = False, embed_offload: bool = False, gpu_mem: int | None = None,
+             offload: bool | int = False, embed_offload: bool = False, gpu_mem: int | None = None,
              page_budget: int | None = None, lora_dtype: str = "fp32", first_step: bool = False,
              counts: dict | None = None, fused_dropout: bool | None = None, keep_blocks: int = 0,
              mlp_tiling: bool = True, dora: bool = False, keep_gemms: int = 0, offload_weights: bool = False) -> dict:
@@ -328,6 +328,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     CPU memory (offloaded activations, paged optimizer states). With a paged optimizer and
     ``gpu_mem``, states stay on the GPU only as far as they fit (see :func:`page_budget`); an
     explicit ``page_budget`` (the optimizer's ``page_budget_bytes``) caps them instead.
+    ``offload``: the checkpointed blocks' inputs wait in pinned CPU memory, True all of them, an integer K the
+    first K (:func:`offloaded_count`; ``settings["offload_blocks"]`` is that count).
     ``embed_offload``: the input embedding table sits in CPU memory
     (:func:`qlora.offload.offload_embeddings`; ignored for tied embeddings). ``lora_dtype``: see
     :func:`count_model`. ``first_step``: the first step, whose forward and backward run before
@@ -375,9 +377,9 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                            unfused_dropout=dropout > 0 and rank > 0 and not fused_dropout, routed=routed,
                            tile=mlp_tiling, dora_per_token=2 * c["adapted_out"] * (2 if dropout > 0 else 1),
                            gemms=keep_gemms if grad_checkpointing and c.get("gemms_keepable") else 0)
-    keep_blocks, offload, saved_all, block = act["keep"], act["offload"], act["saved"], act["one_block"]
+    keep_blocks, offloaded, saved_all, block = act["keep"], act["offload"], act["saved"], act["one_block"]
     tail = int(n_tok * h * ACT["tail_h"])
-    host_act = act["host"] + (n_tok * h * 6 if offload else 0)  # the tail's saved tensors (they come back for
+    host_act = act["host"] + (n_tok * h * 6 if offloaded else 0)  # the tail's saved tensors (they come back for
     # the loss backward, so its peak does not change)
 
     ce_rows = min(n_tok, max(1, CE_CHUNK_ELEMENTS // v))
@@ -425,7 +427,8 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                 host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb,
                           weights=c["blocks_bytes"] if offload_weights else 0),
                 settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
-                              dropout=dropout, grad_checkpointing=grad_checkpointing, offload=offload,
+                              dropout=dropout, grad_checkpointing=grad_checkpointing, offload=bool(offloaded),
+                              offload_blocks=offloaded, layers=L,
                               keep_blocks=keep_blocks, keep_gemms=act["gemms"], mlp_tiled=bool(act["tile_rows"]),
                               embed_offload=bool(host_emb), lora_dtype=lora_dtype, dora=bool(dora),
                               offload_weights=bool(offload_weights)))
@@ -440,11 +443,23 @@ def tiled_rows(c: dict, n_tok: int) -> int:
     return min(n_tok, tile_rows(n_tok, c["intermediate"]))
 
 
+def offloaded_count(offload: bool | int, checkpointed: int) -> int:
+    """How many of ``checkpointed`` blocks ``offload`` (True: all, False: none, K: K) sends to CPU memory; a bad
+    value is one line."""
+    if isinstance(offload, bool) or offload is None:
+        return checkpointed if offload else 0
+    if not is_int(offload) or not 0 <= offload <= checkpointed:
+        raise QLoraError(f"blocks whose inputs go to CPU memory must be True, False or a count in [0, {checkpointed}] "
+                         f"(the checkpointed blocks), got {offload!r}")
+    return int(offload)
+
+
 def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False,
                      routed: int = 0, tile: bool = True, dora_per_token: int = 0, gemms: int = 0) -> dict:
     """Activation bytes of a step whose last ``keep`` blocks keep all their activations (no recompute)
     and whose other ``L - keep`` blocks are checkpointed (their inputs, ``N*H*2`` bytes each, in pinned
-    host memory with ``offload``). ``keep = L`` is no checkpointing at all.
+    host memory with ``offload``: True all, an integer K the first K of them, :func:`offloaded_count`).
+    ``keep = L`` is no checkpointing at all.
 
     A kept block saves ``N*(saved_h*H + saved_i*I)`` bytes (:data:`ACT`; counted from first principles,
     see :func:`kept_block_bytes_per_token`, and to be calibrated on a GPU). Returns ``saved`` (what is
@@ -466,31 +481,34 @@ def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_drop
         raise QLoraError(f"blocks kept without recompute must be in [0, {L}], got {keep!r}")
     if not is_int(gemms) or not 0 <= gemms <= L - keep:
         raise QLoraError(f"blocks keeping their MLP GEMMs must be in [0, {L - keep}], got {gemms!r}")
-    offload = bool(offload) and keep < L          # (offload without checkpointing is not modelled)
+    n_off = offloaded_count(offload, L - keep)    # (offload without checkpointing is not modelled)
     rows = tiled_rows(c, n_tok) if tile else 0
     per_i = 0 if rows else n_tok                  # tokens whose MLP intermediates are alive at once, per term
     chunk = rows * ACT["block_i"] * i             # a tiled MLP's chunk (its recompute and backward)
     kept = n_tok * ACT["saved_h"] * h + per_i * ACT["saved_i"] * i
-    inp = 0 if offload else n_tok * h * 2         # a checkpointed block's input
-    ckpt = n_tok * ACT["block_h"] * h + per_i * ACT["block_i"] * i + chunk + (2 * n_tok * h * 2 if offload else 0)
-    # (offload: the input being used + the next one prefetched)
+    inp = n_tok * h * 2                           # a checkpointed block's input
+    ckpt = n_tok * ACT["block_h"] * h + per_i * ACT["block_i"] * i + chunk
+    copies = 2 * inp                              # an offloaded block's backward: its input back + the next prefetched
     nockpt = n_tok * ACT["nockpt_block_h"] * h + per_i * ACT["nockpt_block_i"] * i + chunk
     drop = (n_tok * ACT["dropout_h"] * h + per_i * ACT["dropout_i"] * i) * max(keep, 1) if unfused_dropout else 0
     drop += routed
     dora = n_tok * dora_per_token
     kept, ckpt, nockpt = kept + dora, ckpt + dora, nockpt + dora
     stash = gemms * per_i * 4 * i                 # gate and up outputs (16-bit) of the blocks keeping their GEMMs
-    saved = int(keep * kept + (L - keep) * inp + stash)
+    resident = (L - keep - n_off) * inp           # the inputs on the device (the offloaded ones are the first blocks)
+    saved = int(keep * kept + resident + stash)
     moments = []
     if keep:
         moments.append((saved, 1, int(nockpt + drop)))
     if keep == L:
         moments.append((saved // L, L, int(nockpt + drop)))
-    else:
-        moments += [(int((L - keep) * inp + stash), keep + 1, int(ckpt + drop)), (int(inp), L, int(ckpt + drop))]
-    return dict(keep=keep, offload=offload, saved=saved, moments=moments, tile_rows=rows, gemms=gemms if per_i else 0,
-                one_block=int((nockpt if keep == L else ckpt) + drop),
-                host=int((L - keep) * n_tok * h * 2) if offload else 0)
+    else:  # the first checkpointed block (offloaded only when all are), and block 0 (offloaded when any is)
+        all_off = n_off == L - keep
+        moments += [(int(resident + stash), keep + 1, int(ckpt + drop + (copies if all_off else 0))),
+                    (int(0 if n_off else inp), L, int(ckpt + drop + (copies if n_off else 0)))]
+    return dict(keep=keep, offload=n_off, saved=saved, moments=moments, tile_rows=rows, gemms=gemms if per_i else 0,
+                one_block=int((nockpt if keep == L else ckpt + (copies if n_off else 0)) + drop),
+                host=int(n_off * inp))
 
 
 def kept_block_bytes_per_token(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
@@ -521,6 +539,21 @@ def required_bytes(est: dict, context: int = CONTEXT_BYTES) -> int:
     return int(est["peak"] * (1 + SLACK) + context)
 
 
+HOST_PARTS = {"activations": "offloaded activations", "weights": "streamed block weights",
+              "optimizer_states": "paged-out optimizer state", "embeddings": "input embeddings"}
+
+
+def host_parts(host: dict) -> str:
+    """``est["host"]`` in words: its non-zero parts with their sizes."""
+    return "; ".join(f"{HOST_PARTS[k]} {v / GiB:.1f} GiB" for k, v in host.items() if v)
+
+
+def host_bytes(est: dict) -> int:
+    """CPU memory an estimated run fills beside the model's own load: offloaded activations, streamed block weights,
+    paged-out optimizer state and an input embedding table kept there (``est["host"]``)."""
+    return int(sum(est["host"].values()))
+
+
 def fits(est: dict, gpu_mem: int, context: int = CONTEXT_BYTES) -> bool:
     return required_bytes(est, context) <= gpu_mem
 
@@ -536,16 +569,18 @@ def page_budget(config, seq: int, batch: int, gpu_mem: int, **kw) -> int:
 
 
 def max_fit(config, gpu_mem: int, seq: int | None = None, batch: int | None = None,
-            context: int = CONTEXT_BYTES, limit: int = 1 << 22, **kw) -> int:
+            context: int = CONTEXT_BYTES, limit: int = 1 << 22, host_mem: int | None = None, **kw) -> int:
     """Largest batch at ``seq`` (pass ``seq``) or longest sequence at ``batch`` (pass ``batch``;
-    a multiple of 128 when above 128) that fits in ``gpu_mem``; 0 if none."""
+    a multiple of 128 when above 128) that fits in ``gpu_mem`` (and, given ``host_mem``, whose CPU-memory
+    parts fit that); 0 if none."""
     if (seq is None) == (batch is None):
         raise QLoraError("max_fit: give exactly one of seq and batch")
     kw.setdefault("counts", counts_for(config, **kw))
 
     def ok(x: int) -> bool:
         s, b = (seq, x) if seq is not None else (x, batch)
-        return fits(estimate(config, s, b, gpu_mem=gpu_mem, **kw), gpu_mem, context)
+        est = estimate(config, s, b, gpu_mem=gpu_mem, **kw)
+        return fits(est, gpu_mem, context) and (host_mem is None or host_bytes(est) <= host_mem)
 
     lo, hi = 0, 1
     while hi <= limit and ok(hi):
@@ -679,6 +714,14 @@ LABELS = [("weights_4bit", "4-bit weights (packed codes)"), ("dq_constants", "DQ
           ("activations", "activations"), ("workspace", "workspace")]
 
 
+def _offload_words(s: dict) -> str:
+    """``on``, ``off``, or ``on for K of the M checkpointed blocks' inputs`` (a budget's partial offload)."""
+    n, m = s.get("offload_blocks", 0), s.get("layers", 0) - s.get("keep_blocks", 0)
+    if not s["offload"]:
+        return "off"
+    return "on" if not m or n >= m else f"on for {n} of the {m} checkpointed blocks' inputs"
+
+
 def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEXT_BYTES) -> list[str]:
     s, d, comps, host = est["settings"], est["details"], est["components"], est["host"]
     lines = [f"{name}: seq {s['seq']} x batch {s['batch']} ({d['tokens']} tokens), "
@@ -686,7 +729,7 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
              f"LoRA r={s['rank']} on {s['target']} ({d['lora_parameters'] / 1e6:.1f}M), {s['optim']}, "
              f"checkpointing {'on' if s['grad_checkpointing'] else 'off'}"
              + (f" ({s['keep_blocks']} blocks kept without recompute)" if s["grad_checkpointing"] and s.get("keep_blocks")
-                else "") + f", offload {'on' if s['offload'] else 'off'}"
+                else "") + f", offload {_offload_words(s)}"
              + (", embeddings on CPU" if s["embed_offload"] else "")
              + (", block weights streamed from CPU memory" if s.get("offload_weights") else "")]
     notes = {
@@ -709,6 +752,8 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
                  f"torch.cuda.max_memory_allocated")
     lines.append(f"  {'GPU memory needed':<32} {required_bytes(est, context) / GiB:8.2f} GiB  "
                  f"+{SLACK:.0%} allocator slack, +{_gib(context)} CUDA context")
+    if host_bytes(est):
+        lines.append(f"  {'CPU memory needed':<32} {host_bytes(est) / GiB:8.2f} GiB  {host_parts(host)}")
     return lines
 
 
@@ -750,6 +795,10 @@ def add_cli(sub) -> None:
                    help="print the policy `qlora train --memory-budget` would choose for this budget (auto: this "
                         "machine's free GPU memory): blocks kept without recompute, offload, optimizer paging")
     p.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory, e.g. 24GiB, 80GB (default: this machine's GPU)")
+    p.add_argument("--host-mem", metavar="SIZE",
+                   help="CPU memory the run may fill (offloaded activations, streamed weights, paged-out optimizer "
+                        "state), e.g. 64GiB: the run, the largest batch and longest sequence and --memory-budget's "
+                        "policy must fit it too (default: not checked; the plan prints what is needed)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(func=run)
 
@@ -762,6 +811,7 @@ def run(args) -> int:
         config = shape_config(args.shape or "embedded")
         name = config.qlora_shape
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
+    host_mem = parse_size(args.host_mem) if args.host_mem else None
     if gpu_mem is None:
         import torch
         if torch.cuda.is_available():
@@ -780,25 +830,31 @@ def run(args) -> int:
         kw["page_budget"] = 0
     kw["counts"] = counts_for(config, **kw)
     if args.memory_budget:
-        return _run_budget(args, config, name, kw)
+        return _run_budget(args, config, name, kw, host_mem)
     est = estimate(config, args.seq, args.batch, gpu_mem=gpu_mem, **kw)
-    ok = None if gpu_mem is None else fits(est, gpu_mem)
+    host_ok = host_mem is None or host_bytes(est) <= host_mem
+    ok = None if gpu_mem is None else fits(est, gpu_mem) and host_ok
     if args.json:
         out = {k: est[k] for k in ("peak", "phase", "components", "details", "host", "settings")}
-        out.update(required=required_bytes(est), gpu_mem=gpu_mem, fits=ok)
+        out.update(required=required_bytes(est), gpu_mem=gpu_mem, fits=ok, host_required=host_bytes(est),
+                   host_mem=host_mem)
         if gpu_mem is not None:
-            out["max_batch"] = max_fit(config, gpu_mem, seq=args.seq, **kw)
-            out["max_seq"] = max_fit(config, gpu_mem, batch=args.batch, **kw)
+            out["max_batch"] = max_fit(config, gpu_mem, seq=args.seq, host_mem=host_mem, **kw)
+            out["max_seq"] = max_fit(config, gpu_mem, batch=args.batch, host_mem=host_mem, **kw)
         print(json.dumps(out))
-        return 0 if ok in (None, True) else 1
+        return 0 if ok in (None, True) and host_ok else 1
     for line in format_plan(est, name, gpu_mem):
         print(line)
+    if not host_ok:
+        print(f"does NOT fit in --host-mem {_gib(host_mem)} of CPU memory: it needs {_gib(host_bytes(est))} there "
+              f"({host_parts(est['host'])}); --memory-budget offloads only what must leave the GPU")
+        return 1
     if gpu_mem is None:
         need = required_bytes(est)
         print(f"no --gpu-mem given and no GPU here: a GPU with at least {_gib(need)} is needed")
         return 0
-    mb = max_fit(config, gpu_mem, seq=args.seq, **kw)
-    ms = max_fit(config, gpu_mem, batch=args.batch, **kw)
+    mb = max_fit(config, gpu_mem, seq=args.seq, host_mem=host_mem, **kw)
+    ms = max_fit(config, gpu_mem, batch=args.batch, host_mem=host_mem, **kw)
     if ok:
         room = f"headroom {_gib(gpu_mem - required_bytes(est))}"
         if est["host"]["optimizer_states"]:
@@ -812,7 +868,7 @@ def run(args) -> int:
     return 1
 
 
-def _run_budget(args, config, name: str, kw: dict) -> int:
+def _run_budget(args, config, name: str, kw: dict, host_mem: int | None = None) -> int:
     """`qlora plan --memory-budget`: the policy train would choose, and the estimate of the run with it."""
     from .budget import auto_budget, choose, parse_budget
     value = parse_budget(args.memory_budget)
@@ -828,7 +884,7 @@ def _run_budget(args, config, name: str, kw: dict) -> int:
     kw.pop("offload_weights")
     stream = {"true": True, "false": False}.get(args.offload_weights)
     policy = choose(config, args.seq, args.batch, value, checkpointing=kw.pop("grad_checkpointing") or bool(stream),
-                    offload=forced, stream=stream, **kw)
+                    offload=forced, stream=stream, host_mem=host_mem, **kw)
     est = estimate(config, args.seq, args.batch, gpu_mem=value, keep_blocks=policy.keep, keep_gemms=policy.gemms,
                    offload=policy.offload, grad_checkpointing=True, offload_weights=policy.stream, **kw)
     if args.json:

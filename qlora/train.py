@@ -238,17 +238,24 @@ def _check_fsdp(cfg: TrainConfig) -> None:
                              "of streaming them)")
 
 
-def _check_host_memory(blocks_bytes: int, processes: int) -> None:
-    """--offload-weights: the streamed blocks are page-locked in CPU memory, one copy per process of this machine;
-    where that is more than the memory available, one line now rather than the system's out-of-memory killer
-    (or a failed page-lock) while the model loads."""
+def _check_host_memory(host: dict, processes: int) -> None:
+    """What the run keeps in CPU memory (the plan's ``host`` parts: page-locked activations and streamed weights,
+    paged-out optimizer state, an input embedding table), one copy per process of this machine: where that is more
+    than the memory available, one line now rather than the system's out-of-memory killer (or a failed page-lock)
+    mid-run."""
     from .budget import host_available
-    need, have = blocks_bytes * processes, host_available()
+    from .plan import host_parts
+    need, have = sum(host.values()) * processes, host_available()
     if need > have:
-        each = f" ({processes} processes, {blocks_bytes / 2**30:.1f} GiB each)" if processes > 1 else ""
-        raise QLoraError(f"--offload-weights: the streamed blocks need {need / 2**30:.1f} GiB of pinned CPU memory"
-                         f"{each} but {have / 2**30:.1f} GiB is available; free memory, use fewer processes, or a "
-                         f"smaller model")
+        per = f", each of {processes} processes" if processes > 1 else ""
+        raise QLoraError(f"the run needs {need / 2**30:.1f} GiB of CPU memory ({host_parts(host)}{per}) but "
+                         f"{have / 2**30:.1f} GiB is available; free memory, use fewer processes or a shorter "
+                         f"--max-length, or give --memory-budget (it offloads only what must leave the GPU)")
+
+
+def _local_processes() -> int:
+    """This machine's processes of the run (torchrun's LOCAL_WORLD_SIZE), each with its own CPU-memory copies."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def _step_with_retry(run_step, optimizer, device, log):
@@ -636,6 +643,24 @@ class Run:
         if self.policy is not None:
             self.log(self.policy.describe())
         self._setup_weights()
+        self._check_host()
+
+    def _check_host(self) -> None:
+        """Without a budget (whose policy fits CPU memory itself): what the plan says the run keeps in CPU memory
+        (:func:`_check_host_memory`; on the CPU only streamed weights count: there the rest is where it would be
+        anyway). A model the plan does not know is not checked."""
+        cfg, cuda = self.cfg, self.device.type == "cuda"
+        if self.policy is not None or not (cuda or self.stream):
+            return
+        from .budget import card_memory
+        from .plan import estimate, model_config, plan_kwargs, rows_per_micro_batch
+        try:
+            config = self.model.config if self.model is not None else model_config(cfg.model)
+            est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg),
+                           gpu_mem=card_memory(self.device) if cuda else None, **plan_kwargs(cfg))
+        except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
+            return
+        _check_host_memory(est["host"] if cuda else {"weights": est["host"]["weights"]}, _local_processes())
 
     def _stream_allowed(self) -> None:
         """--offload-weights where streaming cannot run: true is one line, auto turns into false; a model given to
@@ -709,9 +734,7 @@ class Run:
             sizes = (f"the {c['layers']} blocks' {c['blocks_bytes'] / 2**30:.2f} GiB wait in pinned CPU memory, "
                      f"{STREAM_SLOTS} slots of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
-            c, sizes = None, f"they wait in pinned CPU memory, {STREAM_SLOTS} blocks at a time on the device"
-        if c is not None:
-            _check_host_memory(c["blocks_bytes"], int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            sizes = f"they wait in pinned CPU memory, {STREAM_SLOTS} blocks at a time on the device"
         self.log(f"weights: streamed from CPU memory ({reason or '--offload-weights true'}): {sizes}; every block "
                  f"is recomputed in backward, and each step copies the blocks about twice")
 

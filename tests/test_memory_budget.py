@@ -227,8 +227,8 @@ def test_more_budget_saves_more_recompute_and_the_choice_fits_and_is_the_best_th
         est = estimate(config, 2048, 2, keep_blocks=p.keep, keep_gemms=p.gemms, offload=p.offload, gpu_mem=budget, **kw)
         assert fits(est, budget) and p.peak == est["peak"] and p.required <= budget
         assert list(p.gemm_indices) == list(range(32 - p.keep - p.gemms, 32 - p.keep))
-        for keep in range(33):  # no other mix that fits saves more
-            for off in (False, True):
+        for keep in range(33):  # no other mix that fits saves more (any count of offloaded inputs, at some budgets)
+            for off in range(33 - keep) if gib in (8, 12, 16) else (False, True):
                 fit = [g for g in range(33 - keep) if fits(estimate(config, 2048, 2, keep_blocks=keep, keep_gemms=g,
                                                                     offload=off, gpu_mem=budget, **kw), budget)]
                 if fit:
@@ -300,7 +300,7 @@ def test_train_header_policy_and_same_losses_as_without_a_budget(setup, tmp_path
     train(cfg(setup, tmp_path / "b", memory_budget=f"{budget:.3f}MiB", **run), log=log.append)
     header = [m for m in log if m.startswith("memory budget")]
     assert len(header) == 1 and "1 of 2 blocks keep their activations, 1 recomputed" in header[0], log
-    assert list(seen["keep"]) == [1] and seen["offload"] is False
+    assert list(seen["keep"]) == [1] and seen["offload"] == 0
     assert losses(tmp_path / "b") == losses(ref)
     rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all("mem_gib" not in r and "plan_peak_gib" not in r for r in rows)
@@ -385,3 +385,140 @@ def test_plan_page_budget_without_a_budget_leaves_the_steps_peak_room():
     assert plan_page_budget(off, c70, 46 * GiB) is None
     plain = TrainConfig(rank=64, max_length=2048, batch_size=1, optim="adamw")
     assert plan_page_budget(plain, c70, 46 * GiB) is None
+
+
+def test_some_offloaded_inputs_give_the_same_losses_and_only_the_first_blocks_leave():
+    """enable_checkpointing(offload=K): the first K checkpointed blocks' inputs go to the offloader, the others stay
+    on the device although the whole loss runs inside the offloader's hooks (as qlora.train.MicroStep runs it): each
+    K packs one tensor more than K - 1, all of them as many as offload=True; losses and gradients are bit for bit
+    those without checkpointing; kept blocks are not counted among the checkpointed."""
+    from qlora.compat import checkpoint_function
+    model, batch = _model("fp32"), _batch()
+    ref_loss, ref_grads = _loss_and_grads(model, batch)
+
+    def run(offload, keep=()):
+        off = ActivationOffloader(min_bytes=0, include_cpu=True)
+        got = enable_checkpointing(model, offload=offload, offloader=off, keep=keep)
+        model.zero_grad(set_to_none=True)
+        with off.hooks():
+            loss = loss_sum(model, batch, "cpu")
+        loss.backward()
+        assert torch.equal(loss.detach(), ref_loss), offload
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.equal(p.grad, ref_grads[n]), (offload, n)
+        names = [checkpoint_function(b).__name__ for b in model.model.layers]
+        return got is off, off.stats["packed"], names
+
+    packed = []
+    for k in range(1, LAYERS + 1):
+        returned, n, names = run(k)
+        assert returned and names == ["offloaded_checkpoint"] * k + ["resident_checkpoint"] * (LAYERS - k), names
+        packed.append(n)
+    assert packed == [packed[0] + k for k in range(LAYERS)], packed
+    assert run(True)[1] == packed[-1]
+    returned, n, names = run(1, keep=[2])  # block 2 kept: of blocks 0 and 1, only block 0's input leaves
+    assert returned and names[:2] == ["offloaded_checkpoint", "resident_checkpoint"] and n == packed[0]
+    assert enable_checkpointing(model, offload=0) is None
+
+
+@pytest.mark.parametrize("value", [-1, LAYERS + 1, 1.5, "2"])
+def test_bad_offload_counts_are_one_line(value):
+    with pytest.raises(QLoraError, match=r"count in \[0, 3\]") as e:
+        enable_checkpointing(_model("fp32"), offload=value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(QLoraError, match=r"count in \[0, 2\]"):
+        enable_checkpointing(_model("fp32"), offload=3, keep=[2])
+
+
+def test_activation_model_counts_the_offloaded_inputs():
+    """K offloaded inputs: K inputs in CPU memory (plus the tail's tensors, as with all of them), the rest on the
+    device; the device's peak falls with every input offloaded past the first (which costs a copy's room in its
+    backward), K = all is offload=True; the plan prints the partial count."""
+    from qlora.plan import format_plan, host_bytes
+    config = shape_config("8b")
+    kw = dict(rank=16, dropout=0.0, counts=counts_for(config, rank=16))
+    c, inp = kw["counts"], 4096 * 4096 * 2
+    for k in (0, 1, 7, 22):
+        act = activation_model(c, 4096, 10, offload=k)
+        assert act["offload"] == k and act["host"] == k * inp
+        assert act["saved"] == activation_model(c, 4096, 10, offload=False)["saved"] - k * inp
+    assert activation_model(c, 4096, 10, offload=22) == activation_model(c, 4096, 10, offload=True)
+    peaks = [estimate(config, 2048, 2, keep_blocks=4, offload=k, **kw)["peak"] for k in range(29)]
+    assert all(a > b for a, b in zip(peaks[1:28], peaks[2:28])), peaks
+    est = estimate(config, 2048, 2, keep_blocks=4, offload=5, **kw)
+    assert est["settings"]["offload_blocks"] == 5 and est["host"]["activations"] == 5 * inp + 4096 * 4096 * 6
+    assert host_bytes(est) == sum(est["host"].values())
+    assert "offload on for 5 of the 28 checkpointed blocks' inputs" in format_plan(est, "8b", None)[0]
+    assert format_plan(estimate(config, 2048, 2, offload=True, **kw), "8b", None)[0].endswith(", offload on")
+
+
+def test_the_budget_offloads_the_fewest_inputs_that_fit_within_the_cpu_memory():
+    """Of the policies that save the most recompute, the one with the fewest offloaded inputs (none fewer fits the
+    same mix); ``host_mem`` bounds what the policy puts in CPU memory, less of it never saves more, and a budget
+    whose policies all need more CPU memory than there is is one line that says so."""
+    from qlora.plan import host_bytes
+    config = shape_config("8b")
+    kw = dict(rank=16, dropout=0.0, counts=counts_for(config, rank=16))
+    partial = 0
+    for gib in (8, 10, 12, 16):
+        p = choose(config, 2048, 2, gib * GiB, **kw)
+        partial += 0 < p.offload < 32 - p.keep  # some, not all: the rest stay on the device
+        for fewer in range(p.offload):
+            assert not fits(estimate(config, 2048, 2, keep_blocks=p.keep, keep_gemms=p.gemms, offload=fewer,
+                                     gpu_mem=gib * GiB, **kw), gib * GiB), (gib, fewer, p)
+        assert (f"the inputs of the first {p.offload} in CPU memory" if p.offload < 32 - p.keep else
+                "their inputs in CPU memory") in p.describe()
+    assert partial >= 3
+    saved = []
+    for host in (None, 8, 6, 4, 2):
+        p = choose(config, 8192, 4, 24 * GiB, host_mem=host and host * GiB, **kw)
+        est = estimate(config, 8192, 4, keep_blocks=p.keep, keep_gemms=p.gemms, offload=p.offload, gpu_mem=24 * GiB,
+                       offload_weights=p.stream, **kw)
+        assert (host is None or host_bytes(est) <= host * GiB) and p.peak == est["peak"], (host, p)
+        saved.append(p.keep + p.gemms)
+    assert saved == sorted(saved, reverse=True) and saved[0] > saved[-1] > 0, saved
+    with pytest.raises(QLoraError, match=r"need more CPU memory than the 2\.0 GiB available") as e:
+        choose(config, 8192, 4, 16 * GiB, host_mem=2 * GiB, **kw)
+    assert "\n" not in str(e.value)
+    # 8B at 409,600 tokens on an 80 GB card: ~91 GiB of CPU memory (most inputs offloaded), not less
+    assert choose(config, 409600, 1, 74 * GiB, host_mem=100 * GiB, **kw).offload
+    with pytest.raises(QLoraError, match="CPU memory"):
+        choose(config, 409600, 1, 74 * GiB, host_mem=80 * GiB, **kw)
+
+
+def test_check_host_memory_names_the_parts_and_the_processes(monkeypatch):
+    """The run's CPU-memory parts, times this machine's processes, against what is available: one line naming them."""
+    from qlora import budget
+    from qlora.train import _check_host_memory
+    monkeypatch.setattr(budget, "host_available", lambda: 10 * GiB)
+    _check_host_memory({"activations": 4 * GiB, "weights": 0, "optimizer_states": GiB, "embeddings": 0}, 2)
+    with pytest.raises(QLoraError, match=r"needs 12\.0 GiB of CPU memory \(offloaded activations 4\.0 GiB; paged-out "
+                                         r"optimizer state 2\.0 GiB, each of 2 processes\) but 10\.0 GiB") as e:
+        _check_host_memory({"activations": 4 * GiB, "weights": 0, "optimizer_states": 2 * GiB, "embeddings": 0}, 2)
+    assert "\n" not in str(e.value)
+
+
+def test_plan_prints_and_checks_the_cpu_memory(capsys):
+    """`qlora plan` prints what the run keeps in CPU memory; --host-mem checks it (exit 1, one line naming both
+    sizes), bounds the longest sequence and goes to --memory-budget's choice."""
+    args = ["plan", "--shape", "8b", "--seq", "409600", "--batch", "1", "--rank", "16", "--dropout", "0",
+            "--gpu-mem", "80GB"]
+    assert main(args + ["--offload", "true"]) == 0
+    out = capsys.readouterr().out
+    need = float(next(line for line in out.splitlines() if "CPU memory needed" in line).split()[3])
+    assert 100 < need < 120  # every one of the 32 inputs (3.1 GiB each) and the tail's tensors
+    longest = int(out.rsplit("longest sequence at batch 1: ", 1)[1])
+    assert main(args + ["--offload", "true", "--host-mem", f"{need + 1}GiB"]) == 0
+    bounded = int(capsys.readouterr().out.rsplit("longest sequence at batch 1: ", 1)[1])
+    assert 409600 <= bounded < longest
+    assert main(args + ["--offload", "true", "--host-mem", "64GiB"]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("does NOT fit in --host-mem 64.0 GiB of CPU memory: it needs 109.4 GiB")
+    assert main(args + ["--offload", "true", "--host-mem", "64GiB", "--json"]) == 1
+    js = json.loads(capsys.readouterr().out)
+    assert js["host_required"] == pytest.approx(need * GiB, rel=1e-3) and js["host_mem"] == 64 * GiB
+    assert main(args + ["--memory-budget", "74GiB", "--host-mem", "100GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "the inputs of the first" in out.splitlines()[-1]
+    assert float(next(line for line in out.splitlines() if "CPU memory needed" in line).split()[3]) <= 100

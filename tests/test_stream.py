@@ -507,8 +507,8 @@ def test_train_refuses_streaming_that_the_cpu_memory_cannot_hold(setup, tmp_path
     blocks = counts_for(model_config(str(setup / "model")), rank=4)["blocks_bytes"]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(budget, "host_available", lambda: int(1.5 * blocks))
-    with pytest.raises(QLoraError, match=r"--offload-weights: the streamed blocks need .* \(2 processes, .*available"
-                       ) as e:
+    with pytest.raises(QLoraError, match=r"the run needs .* GiB of CPU memory \(streamed block weights .* GiB, each "
+                       r"of 2 processes\) but .* GiB is available") as e:
         train(cfg(setup, tmp_path / "a", offload_weights="true", max_steps=1), log=lambda m: None)
     assert "\n" not in str(e.value) and not (tmp_path / "a" / "adapter").exists()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
