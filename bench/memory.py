@@ -220,11 +220,14 @@ def batch_of(cfg, seq: int, batch: int, seed: int = 0) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def train_steps(model, cfg, seqs: list[int], batch: int, optim: str, offload: bool, cap: int | None,
-                page_budget: int | None = None, oom_retry: bool = False, clip: float = 0.3) -> dict:
-    """Train ``len(seqs)`` steps (step k on a batch of ``batch`` x ``seqs[k]``) and measure."""
+def train_steps(model, cfg, seqs: list[int], batch: int, optim: str, offload: bool | int, cap: int | None,
+                page_budget: int | None = None, oom_retry: bool = False, clip: float = 0.3, keep: int = 0) -> dict:
+    """Train ``len(seqs)`` steps (step k on a batch of ``batch`` x ``seqs[k]``) and measure. ``offload``: True every
+    checkpointed block's input in CPU memory, K the first K; ``keep``: the last blocks not checkpointed."""
     dev = torch.device(ARGS.device)
-    off = enable_checkpointing(model, offload=offload, offloader=ActivationOffloader() if offload else None)
+    layers = cfg.num_hidden_layers
+    off = enable_checkpointing(model, offload=offload, offloader=ActivationOffloader() if offload else None,
+                               keep=range(layers - keep, layers))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, optim, lr=1e-4, page_budget_bytes=page_budget)
     res = dict(times=[], losses=[], retries=0, status="ok", phase_peaks=[])
@@ -282,21 +285,22 @@ def train_steps(model, cfg, seqs: list[int], batch: int, optim: str, offload: bo
 
 
 def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_dtype="fp32", page_budget=None,
-           oom_retry=False, offload_weights=False, **extra) -> dict:
+           oom_retry=False, offload_weights=False, keep=0, **extra) -> dict:
     seq = max(seqs)
     emb = isinstance(model.get_input_embeddings(), HostEmbedding)
     est = plan.estimate(cfg, seq, batch, rank, optim, offload=offload, embed_offload=emb, lora_dtype=lora_dtype,
                         page_budget=page_budget, first_step=len(seqs) == 1, mlp_tiling=tiling_on(),
-                        offload_weights=offload_weights)
+                        offload_weights=offload_weights, keep_blocks=keep)
     tiled_before = tiled_calls(model)
-    r = train_steps(model, cfg, seqs, batch, optim, offload, cap, page_budget, oom_retry)
+    r = train_steps(model, cfg, seqs, batch, optim, offload, cap, page_budget, oom_retry, keep=keep)
     steady = r["times"][1:] or r["times"]
     med = sorted(steady)[len(steady) // 2] if steady else None
     row = dict(row=name, shape=cfg.qlora_shape, layers=cfg.num_hidden_layers, seq=seq, seqs=seqs, batch=batch,
                rank=rank, lora_dtype=lora_dtype, optim=optim, offload=offload, embed_offload=emb, page_budget=page_budget,
                cap_gib=None if cap is None else round(cap / GiB, 2), status=r["status"], retries=r["retries"],
                measured_gib=round(r["peak"] / GiB, 3), predicted_gib=round(est["peak"] / GiB, 3),
-               ratio=round(r["peak"] / est["peak"], 3), phase=est["phase"],
+               ratio=round(r["peak"] / est["peak"], 3), phase=est["phase"], kept_blocks=keep,
+               host_gib=round(plan.host_bytes(est) / GiB, 2),
                tok_s=round(batch * seqs[-1] / med, 1) if med else None,
                step_s=[round(t, 2) for t in r["times"]], losses=r["losses"], state_bytes=r["state_bytes"],
                offloaded_per_step=r.get("offloaded_per_step"), max_reserved=r["reserved"],
@@ -511,7 +515,16 @@ def row_long(cfg, model):
     if guess(target) > left():
         log(dict(row="long", status=f"skipped: a step at {target} would take ~{guess(target):.0f}s, {left():.0f}s left"))
         return
-    report("long", cfg, model, [target], 1, 16, "paged_adamw8bit", True, None, expected_s=round(guess(target)))
+    offload, keep, extra = True, 0, {}
+    if ARGS.long_policy == "budget" and ARGS.device != "cpu":  # what --memory-budget picks on this card and host
+        from qlora.budget import card_memory, choose, host_available
+        # (a tenth of the card left unplanned: the tiled terms are measured only on 4 blocks, kept blocks not at all)
+        pol = choose(cfg, target, 1, int(0.9 * card_memory(torch.device("cuda"))), host_mem=host_available(), rank=16,
+                     optim="paged_adamw8bit", dropout=0.0, mlp_tiling=tiling_on(), stream=False,
+                     embed_offload=isinstance(model.get_input_embeddings(), HostEmbedding))
+        offload, keep, extra = pol.offload, pol.keep, dict(policy=pol.describe())
+    report("long", cfg, model, [target], 1, 16, "paged_adamw8bit", offload, None, expected_s=round(guess(target)),
+           keep=keep, **extra)
 
 
 def row_70b():
@@ -683,6 +696,10 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=510, help="seconds for the whole script (default 510)")
     ap.add_argument("--long-tokens", type=int, default=204800, help="tokens of the long row (default 204800)")
     ap.add_argument("--long-search", action="store_true", help="binary-search the longest sequence (slow)")
+    ap.add_argument("--long-policy", default="all", choices=["all", "budget"],
+                    help="the long row's activations: every block input in CPU memory (all, default), or the policy "
+                         "--memory-budget picks for this card and this machine's CPU memory (budget: only the inputs "
+                         "that must leave the GPU)")
     ap.add_argument("--layers", type=int, default=None,
                     help="blocks of the 8B shape for the 8b/spike/long rows (default all 32): a step at 400k tokens "
                          "takes ~10 min with 32; fewer blocks check the same per-block peak in a quarter of it "
