@@ -306,7 +306,7 @@ def report(name: str, cfg, model, seqs, batch, rank, optim, offload, cap, lora_d
                offloaded_per_step=r.get("offloaded_per_step"), max_reserved=r["reserved"],
                start_allocated=r.get("start_allocated"), start_reserved=r.get("start_reserved"),
                tiled_mlp_calls=tiled_calls(model) - tiled_before, mlp_chunk_tokens=est["details"]["mlp_chunk_tokens"],
-               **({"offload_weights": True} if offload_weights else {}), **extra)
+               **({"offload_weights": offload_weights} if offload_weights else {}), **extra)
     log(row)
     if cap is not None and r["status"].startswith("OOM") and not oom_retry and left() > 90:
         # over the cap: measure the same steps without it, so the plan can still be checked
@@ -635,25 +635,36 @@ def row_stream70b():
         return
     gpu = 24 * GiB
     cap = None if small else card_cap(gpu)
-    st = WeightStreamer(include_cpu=small)
+    n, only = True, None
+    if ARGS.stream_blocks == "fewest":  # as many blocks as the budget streams for this card (the others resident)
+        from qlora.budget import choose
+        cfg0 = plan.shape_config(shape)
+        if layers:
+            cfg0.num_hidden_layers = layers
+        n = choose(cfg0, seq, 1, gpu if not small else 4 * GiB, rank=16, dropout=0.0, embed_offload=True,
+                   offload=True).stream or True
+        only = None if n is True or n == cfg0.num_hidden_layers else plan.streamed_blocks(cfg0.num_hidden_layers, n)
+    st = WeightStreamer(include_cpu=small, only=only)
     if not small:
         torch.cuda.reset_peak_memory_stats()
     with memory_cap(cap):
         cfg, model, built = build(shape, rank=16, layers=layers, embed_offload=True, stream=st)
     c = plan.counts_for(cfg, rank=16)
     emb = isinstance(model.get_input_embeddings(), HostEmbedding) and not c["tied"]
-    static = c["frozen_16bit"] - c["block_16bit"] - (c["input_embedding"] if emb else 0) + c["lora_params"] \
-        + 2 * c["largest_block"]
+    left = 1 - plan.streamed_count(n, c["layers"]) / c["layers"]  # the blocks not streamed keep their weights
+    static = int(c["frozen_16bit"] - c["block_16bit"] * (1 - left) - (c["input_embedding"] if emb else 0)
+                 + (c["weights_4bit"] + c["dq_constants"]) * left + c["lora_params"] + 2 * c["largest_block"])
     row = dict(row="24g_70b_stream_build", seconds=round(built, 1), plan_bytes=static, host_gib=round(st.host_bytes / GiB, 3),
-               plan_host_gib=round(c["blocks_bytes"] / GiB, 3), slot_mib=round(st.slot_bytes / 2**20, 1),
+               plan_host_gib=round(c["blocks_bytes"] * plan.streamed_count(n, c["layers"]) / c["layers"] / GiB, 3),
+               streamed_blocks=len(st.blocks), slot_mib=round(st.slot_bytes / 2**20, 1),
                pinned=st.pinned, storage_bytes=storage_bytes(model) + sum(s.data.numel() for s in st.slots))
     if not small:
         row.update(allocated=torch.cuda.memory_allocated(), build_peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 3))
     log(row)
-    budget = plan.page_budget(cfg, seq, 1, gpu, rank=16, embed_offload=True, offload=True, offload_weights=True)
+    budget = plan.page_budget(cfg, seq, 1, gpu, rank=16, embed_offload=True, offload=True, offload_weights=n)
     before = dict(st.stats)
     r = report("24g_70b_stream_r16", cfg, model, [seq] * ARGS.steps_70b, 1, 16, "paged_adamw", True, cap,
-               page_budget=budget, oom_retry=True, offload_weights=True, gpu_gib=24)
+               page_budget=budget, oom_retry=True, offload_weights=n, gpu_gib=24)
     steps = max(1, len(r["step_s"]))
     copied = st.stats["bytes"] - before.get("bytes", 0)
     log(dict(row="24g_70b_stream_copies", copied_gib_per_step=round(copied / steps / GiB, 2),
@@ -696,6 +707,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=510, help="seconds for the whole script (default 510)")
     ap.add_argument("--long-tokens", type=int, default=204800, help="tokens of the long row (default 204800)")
     ap.add_argument("--long-search", action="store_true", help="binary-search the longest sequence (slow)")
+    ap.add_argument("--stream-blocks", default="all", choices=["all", "fewest"],
+                    help="the stream70b row: stream every block's weights (all, default) or only as many as the "
+                         "memory budget streams for a 24 GiB card (fewest; the others stay on the device)")
     ap.add_argument("--long-policy", default="all", choices=["all", "budget"],
                     help="the long row's activations: every block input in CPU memory (all, default), or the policy "
                          "--memory-budget picks for this card and this machine's CPU memory (budget: only the inputs "

@@ -89,9 +89,9 @@ class Policy:
     peak: int
     phase: str
     required: int
-    stream: bool = False
+    stream: int = 0  # how many blocks stream their weights from CPU memory (qlora.plan.streamed_blocks: which)
     weight_slots: int = 0  # with stream: the slots' bytes on the device
-    weight_host: int = 0  # with stream: the blocks' bytes in pinned CPU memory
+    weight_host: int = 0  # with stream: the streamed blocks' bytes in pinned CPU memory
 
     @property
     def keep_indices(self) -> range:
@@ -113,7 +113,8 @@ class Policy:
         where += f", {self.gemms} of them keeping their MLP gate/up outputs" if self.gemms else ""
         states = (f"optimizer state: {self.states_on_host / GiB:.2f} GiB in CPU memory" if self.states_on_host
                   else "optimizer state on the device")
-        weights = (f"; block weights streamed from CPU memory ({self.weight_host / GiB:.2f} GiB there, "
+        which = "block weights" if self.stream >= self.layers else f"the weights of {self.stream} of the {self.layers} blocks"
+        weights = (f"; {which} streamed from CPU memory ({self.weight_host / GiB:.2f} GiB there, "
                    f"{self.weight_slots / GiB:.2f} GiB of slots on the device)" if self.stream else "")
         return (f"memory budget {self.budget / GiB:.1f} GiB: {self.keep} of {self.layers} blocks keep their activations, "
                 f"{recomputed} recomputed{where}{weights}; {states}; predicted peak {self.peak / GiB:.2f} GiB at the "
@@ -145,8 +146,10 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
             if best is None or keep + share * gemms > best[0]:  # (ties: more kept blocks, then fewer offloaded)
                 best = (keep + share * gemms, keep, off, gemms, est)
     streamed = best is None and checkpointing and stream is not False
-    if streamed:  # nothing fits with the weights on the device (or streaming asked for): every block recomputed
-        for off, gemms, est in room.placements(0, dict(kw, offload_weights=True)):
+    if streamed:  # nothing fits with the weights on the device (or streaming asked for): every block recomputed,
+        # the weights of as few blocks streamed as fit (of all of them where streaming was asked for)
+        n = layers if stream else room.fewest_streamed(kw)
+        for off, gemms, est in room.placements(0, dict(kw, offload_weights=n or layers)):
             if best is None or share * gemms > best[0]:
                 best = (share * gemms, 0, off, gemms, est)
     if best is not None:
@@ -195,6 +198,18 @@ class _Room:
             else:
                 a = mid + 1
         return found or (fitting(m) if hi == m and m > 0 else None)
+
+    def fewest_streamed(self, kw: dict) -> int | None:
+        """The fewest blocks whose weights, streamed, let a policy (every block recomputed) fit; None: not even all.
+        (Each streamed block frees its weights on the device for the same two slots.)"""
+        lo, hi, found = 1, int(self.config.num_hidden_layers), None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if self.placements(0, dict(kw, offload_weights=mid)):
+                found, hi = mid, mid - 1
+            else:
+                lo = mid + 1
+        return found
 
     def most_on_host(self, keep: int, kw: dict, lo: int, hi: int) -> int:
         """The most offloaded inputs in [lo, hi] the CPU memory holds (``lo`` is known to)."""
@@ -288,7 +303,7 @@ def _policy(est: dict, budget: int, layers: int, keep: int, off: int, context: i
     page_budget = explicit if explicit is not None else (resident if paged and resident < states_total else None)
     return Policy(budget=budget, layers=layers, keep=keep, offload=est["settings"]["offload_blocks"], gemms=gemms,
                   page_budget=page_budget, states_on_host=est["host"]["optimizer_states"], peak=est["peak"],
-                  phase=est["phase"], required=required_bytes(est, context), stream=est["settings"]["offload_weights"],
+                  phase=est["phase"], required=required_bytes(est, context), stream=est["settings"]["streamed_blocks"],
                   weight_slots=est["components"]["weight_slots"], weight_host=est["host"]["weights"])
 
 
@@ -319,13 +334,22 @@ def for_train(cfg, device, config=None) -> Policy | None:
                   host_mem=host, **kw)
 
 
-def stream_needed(cfg, config, gpu_mem: int, context: int = CONTEXT_BYTES) -> tuple[bool, dict]:
-    """``--offload-weights auto`` without a budget: whether to stream the block weights, because the run of
+def stream_needed(cfg, config, gpu_mem: int, context: int = CONTEXT_BYTES) -> tuple[int, dict]:
+    """``--offload-weights auto`` without a budget: how many blocks must stream their weights, because the run of
     :class:`qlora.train.TrainConfig` ``cfg`` does not fit ``gpu_mem`` even with every block recomputed and the
-    block inputs offloaded (its optimizer and other flags as given) -- and that estimate."""
+    block inputs offloaded (its optimizer and other flags as given): 0 where it fits, else the fewest with which it
+    does (all where even that does not) -- and the estimate without streaming."""
     kw = dict(plan_kwargs(cfg), grad_checkpointing=True, offload=True, offload_weights=False)
     est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **kw)
-    return not fits(est, gpu_mem, context), est
+    if fits(est, gpu_mem, context):
+        return 0, est
+    layers = int(config.num_hidden_layers)
+    lo, hi = 1, layers
+    while lo < hi:  # device memory falls with every block streamed
+        mid = (lo + hi) // 2
+        e = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **dict(kw, offload_weights=mid))
+        lo, hi = (lo, mid) if fits(e, gpu_mem, context) else (mid + 1, hi)
+    return lo, est
 
 
 def card_memory(device) -> int:

@@ -291,7 +291,10 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
             del pending[prefix]
             for mod_name in [k for k in biases if k.startswith(prefix + ".")]:
                 model.get_submodule(mod_name).bias = biases.pop(mod_name).to(device, parse_dtype(quant.compute_dtype))
-            block_done(model.get_submodule(prefix))
+            if on_block is None:  # the streamer: which block this is (it may stream only some of them)
+                stream.take_block(model.get_submodule(prefix), index=int(prefix.rsplit(".", 1)[1]))
+            else:
+                block_done(model.get_submodule(prefix))
 
     for name in tqdm(source.names(), desc="loading", unit="tensor", disable=not progress, leave=False):
         mod_name = by_weight.get(name)

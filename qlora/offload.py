@@ -250,8 +250,8 @@ def enable_checkpointing(model: nn.Module, offload: bool | int = False, *, min_b
     ``keep``: indices of decoder blocks (0-based, in model order) that are *not* checkpointed: they
     keep all their activations and backward recomputes nothing for them (the memory budget's policy,
     qlora.budget, keeps the last K blocks). The math is the same op for op, so losses and gradients are
-    bit for bit those of recomputing. Their activations are never offloaded. A model whose weights are
-    streamed (qlora.stream) keeps none.
+    bit for bit those of recomputing. Their activations are never offloaded. Blocks whose weights are
+    streamed (qlora.stream) cannot be kept.
 
     ``keep_gemms``: indices of checkpointed blocks whose MLP gate and up projections keep their outputs from
     the forward until the block's recompute, which then skips those two GEMMs (over half of a Llama block's
@@ -282,8 +282,10 @@ def enable_checkpointing(model: nn.Module, offload: bool | int = False, *, min_b
         raise QLoraError(f"blocks both kept whole and kept for their MLP GEMMs: {sorted(keep & keep_gemms)}")
     if keep:
         from .stream import _KEPT, streamer_of
-        if streamer_of(model) is not None:
-            raise QLoraError(_KEPT.format(i=min(keep)))
+        streamer = streamer_of(model)
+        streamed = sorted(i for i in keep if streamer is not None and streamer.streams(i))
+        if streamed:
+            raise QLoraError(_KEPT.format(i=streamed[0]))
     checkpointed = [i for i in range(len(blocks)) if i not in keep]
     offloaded = set(checkpointed[:offloaded_count(offload, len(checkpointed))])
     off = None

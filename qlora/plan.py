@@ -344,10 +344,12 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
     magnitude scaling (for the magnitude's gradient), in each kept block and in the block being back-propagated;
     with LoRA dropout (peft's form, qlora.linear.QLoRALinear._dora_forward_dropout) two outputs (the base's and
     the LoRA product's on the dropped input; the dropped input replaces the input plain LoRA saves).
-    ``offload_weights``: the blocks' frozen base tensors are streamed from pinned CPU memory (qlora.stream): on the
-    device only :data:`STREAM_SLOTS` slots of the largest block's bytes (component ``weight_slots``) instead of the
-    4-bit weights, DQ constants and 16-bit block tensors (biases, a 16-bit base); ``host["weights"]`` is what
-    waits in CPU memory. Needs every block checkpointed (no ``keep_blocks``).
+    ``offload_weights``: the blocks' frozen base tensors are streamed from pinned CPU memory (qlora.stream), True
+    every block's, an integer K those of K blocks (:func:`streamed_blocks`): on the device :data:`STREAM_SLOTS`
+    slots of the largest block's bytes (component ``weight_slots``) instead of those blocks' 4-bit weights, DQ
+    constants and 16-bit tensors (biases, a 16-bit base); ``host["weights"]`` is what waits in CPU memory;
+    ``settings["streamed_blocks"]`` the count. The streamed blocks must be checkpointed (at most ``L - K``
+    blocks kept).
     """
     for name, v in (("seq", seq), ("batch", batch)):
         if not is_int(v) or v < 1:
@@ -358,10 +360,11 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
         raise QLoraError(f"LoRA dropout must be in [0, 1), got {dropout}")
     c = counts or count_model(config, rank, target, quant_type, blocksize, double_quant, lora_dtype=lora_dtype,
                               dora=dora)
-    if offload_weights and (not grad_checkpointing or keep_blocks):
-        raise QLoraError("streamed block weights (--offload-weights) need every block recomputed in backward: "
-                         "gradient checkpointing on and no blocks kept")
     n_tok, h, i, L, v = batch * seq, c["hidden"], c["intermediate"], c["layers"], c["vocab"]
+    n_stream = streamed_count(offload_weights, L)
+    if n_stream and (not grad_checkpointing or n_stream > L - keep_blocks):
+        raise QLoraError("streamed block weights (--offload-weights) need their blocks recomputed in backward: "
+                         f"gradient checkpointing on and no more blocks kept than are not streamed ({L - n_stream})")
     grads = c["lora_params"]  # one gradient per LoRA parameter, in its dtype
     states = optimizer_state_bytes(c["lora_numels"], optim)
     eight = 8 if optim.endswith("8bit") else 32
@@ -388,11 +391,12 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
 
     host_emb = c["input_embedding"] if embed_offload and not c["tied"] else 0
 
-    # weight streaming: the blocks' base tensors wait in host memory, the device holds the slots
-    slots = STREAM_SLOTS * c["largest_block"] if offload_weights else 0
-    on_device = dict(weights_4bit=0, dq_constants=0, frozen_16bit=c["frozen_16bit"] - c["block_16bit"] - host_emb) \
-        if offload_weights else dict(weights_4bit=c["weights_4bit"], dq_constants=c["dq_constants"],
-                                     frozen_16bit=c["frozen_16bit"] - host_emb)
+    # weight streaming: the streamed blocks' base tensors wait in host memory, the device holds the slots and
+    # the other blocks' (the blocks are alike: each holds 1/L of the quantized weights)
+    slots = STREAM_SLOTS * c["largest_block"] if n_stream else 0
+    left = (L - n_stream) / L
+    on_device = dict(weights_4bit=int(c["weights_4bit"] * left), dq_constants=int(c["dq_constants"] * left),
+                     frozen_16bit=int(c["frozen_16bit"] - c["block_16bit"] * (1 - left) - host_emb))
 
     def phases(resident_states: int) -> list[tuple[str, dict]]:
         base = dict(on_device, weight_slots=slots, lora_params=c["lora_params"],
@@ -425,13 +429,13 @@ def estimate(config, seq: int, batch: int, rank: int = 64, optim: str = "paged_a
                              lora_parameters=sum(c["lora_numels"]), quantized_parameters=c["quantized_params"],
                              optimizer_states_total=states),
                 host=dict(activations=int(host_act), optimizer_states=states - resident, embeddings=host_emb,
-                          weights=c["blocks_bytes"] if offload_weights else 0),
+                          weights=int(c["blocks_bytes"] * n_stream / L)),
                 settings=dict(seq=seq, batch=batch, rank=rank, optim=optim, quant_type=quant_type, target=target,
                               dropout=dropout, grad_checkpointing=grad_checkpointing, offload=bool(offloaded),
                               offload_blocks=offloaded, layers=L,
                               keep_blocks=keep_blocks, keep_gemms=act["gemms"], mlp_tiled=bool(act["tile_rows"]),
                               embed_offload=bool(host_emb), lora_dtype=lora_dtype, dora=bool(dora),
-                              offload_weights=bool(offload_weights)))
+                              offload_weights=bool(n_stream), streamed_blocks=n_stream))
 
 
 def tiled_rows(c: dict, n_tok: int) -> int:
@@ -441,6 +445,25 @@ def tiled_rows(c: dict, n_tok: int) -> int:
         return 0
     from .tiled import tile_rows
     return min(n_tok, tile_rows(n_tok, c["intermediate"]))
+
+
+def streamed_count(offload_weights: bool | int, layers: int) -> int:
+    """How many of ``layers`` blocks ``offload_weights`` (True: all, False: none, K: K) streams; a bad value is one
+    line."""
+    if isinstance(offload_weights, bool) or offload_weights is None:
+        return layers if offload_weights else 0
+    if not is_int(offload_weights) or not 0 <= offload_weights <= layers:
+        raise QLoraError(f"streamed blocks must be True, False or a count in [0, {layers}], got {offload_weights!r}")
+    return int(offload_weights)
+
+
+def streamed_blocks(layers: int, n: int, keep: int = 0) -> list[int]:
+    """Which ``n`` of ``layers`` blocks stream their weights: spread evenly over the first ``layers - keep`` (the
+    checkpointed ones), so that a resident block's compute can hide the next streamed block's copy."""
+    room = layers - keep
+    if not 0 <= n <= room:
+        raise QLoraError(f"{n} streamed blocks do not fit among {room} checkpointed ones")
+    return [j * room // n for j in range(n)] if n else []
 
 
 def offloaded_count(offload: bool | int, checkpointed: int) -> int:
@@ -722,6 +745,13 @@ def _offload_words(s: dict) -> str:
     return "on" if not m or n >= m else f"on for {n} of the {m} checkpointed blocks' inputs"
 
 
+def _streamed_words(s: dict) -> str:
+    n, layers = s.get("streamed_blocks", 0), s.get("layers", 0)
+    if n and n < layers:
+        return f", the weights of {n} of the {layers} blocks streamed from CPU memory"
+    return ", block weights streamed from CPU memory"
+
+
 def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEXT_BYTES) -> list[str]:
     s, d, comps, host = est["settings"], est["details"], est["components"], est["host"]
     lines = [f"{name}: seq {s['seq']} x batch {s['batch']} ({d['tokens']} tokens), "
@@ -731,7 +761,7 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
              + (f" ({s['keep_blocks']} blocks kept without recompute)" if s["grad_checkpointing"] and s.get("keep_blocks")
                 else "") + f", offload {_offload_words(s)}"
              + (", embeddings on CPU" if s["embed_offload"] else "")
-             + (", block weights streamed from CPU memory" if s.get("offload_weights") else "")]
+             + (_streamed_words(s) if s.get("offload_weights") else "")]
     notes = {
         "optimizer_states": f"{host['optimizer_states'] / GiB:.2f} GiB paged out to CPU memory"
         if host["optimizer_states"] else "",

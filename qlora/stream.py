@@ -108,13 +108,15 @@ class _Block:
 
     def __init__(self, module: nn.Module, parts: list[_Part], host: torch.Tensor, nbytes: int):
         self.module, self.parts, self.host, self.nbytes = weakref.ref(module), parts, host, nbytes
-        self.index: int | None = None
+        self.index: int | None = None  # the decoder block's index in the model
+        self.pos: int | None = None  # its place among the streamed blocks
         self.slot: _Slot | None = None
         self.views: dict[int, list[torch.Tensor]] = {}  # slot number -> the parts' views of it
 
 
 class _Slot:
-    """One device buffer; ``block``: the block index it holds; ``ready``: the event of its last copy (CUDA)."""
+    """One device buffer; ``block``: the place among the streamed blocks of the block it holds; ``ready``: the event
+    of its last copy (CUDA)."""
 
     def __init__(self, number: int, data: torch.Tensor):
         self.number, self.data = number, data
@@ -177,12 +179,16 @@ class WeightStreamer:
     ``stats``: ``requests`` (a block asked for while another was current), ``hits`` (it was resident), ``misses``
     (it was copied then: the compute stream waited for the whole copy), ``prefetched`` (copies started ahead),
     ``fetched`` (all copies into a slot) and ``bytes`` (their bytes). ``include_cpu``: stream a model on the CPU
-    too, with CPU slots and plain copies (for tests)."""
+    too, with CPU slots and plain copies (for tests). ``only``: the decoder blocks (indices) to stream, the others
+    keep their weights on the device (None: all; :func:`qlora.plan.streamed_blocks` spreads a count of them)."""
 
-    def __init__(self, slots: int = DEFAULT_SLOTS, include_cpu: bool = False):
+    def __init__(self, slots: int = DEFAULT_SLOTS, include_cpu: bool = False, only=None):
         if not is_int(slots) or slots < 2:
             raise QLoraError(f"weight streaming needs at least 2 slots (one computing, one being filled), got {slots!r}")
+        if only is not None and (not all(is_int(i) and i >= 0 for i in only) or not only):
+            raise QLoraError(f"blocks to stream must be block indices (at least one), got {only!r}")
         self.n_slots, self.include_cpu = slots, include_cpu
+        self.only = None if only is None else frozenset(int(i) for i in only)
         self.device: torch.device | None = None
         self.blocks: list[_Block] = []
         self.slots: list[_Slot] = []
@@ -238,11 +244,16 @@ class WeightStreamer:
         self.pinned = "pin_memory copies"
         return torch.empty(n, dtype=torch.uint8, pin_memory=True)
 
-    def take_block(self, module: nn.Module) -> None:
+    def streams(self, index: int) -> bool:
+        """Whether decoder block ``index`` is (to be) streamed."""
+        return self.only is None or index in self.only
+
+    def take_block(self, module: nn.Module, index: int | None = None) -> None:
         """Move the base tensors of ``module``'s QLoRA layers into one host buffer and leave placeholders in their
-        place (a module without any, e.g. a vision tower's layer, is left alone; a block already taken too)."""
+        place (a module without any, e.g. a vision tower's layer, is left alone; a block already taken too, and
+        decoder block ``index`` when it is not among those to stream)."""
         from .linear import QLoRALinear
-        if id(module) in self._taken:
+        if id(module) in self._taken or (index is not None and not self.streams(index)):
             return
         layers = [m for m in module.modules() if isinstance(m, QLoRALinear)]
         tensors = [(m, n, getattr(m, n)) for m in layers for n in m.BASE_TENSORS if getattr(m, n) is not None]
@@ -288,12 +299,22 @@ class WeightStreamer:
         blocks = decoder_blocks(model)
         if not blocks:
             raise QLoraError(f"{type(model).__name__}: no decoder blocks with QLoRA layers to stream")
+        if self.only is not None and max(self.only) >= len(blocks):
+            raise QLoraError(f"blocks to stream {sorted(self.only)}: the model has {len(blocks)} decoder blocks")
+        streamed = []
         for i, b in enumerate(blocks):
+            if not self.streams(i):
+                if id(b) in self._taken:
+                    raise QLoraError(f"block {i} was taken to CPU memory but is not among the blocks to stream")
+                continue
             if checkpoint_function(b) is _no_recompute:
                 raise QLoraError(_KEPT.format(i=i))
             self.take_block(b)
             self._taken[id(b)].index = i
-        self.blocks = [self._taken[id(b)] for b in blocks]
+            streamed.append(b)
+        self.blocks = [self._taken[id(b)] for b in streamed]
+        for k, blk in enumerate(self.blocks):
+            blk.pos = k  # its place among the streamed blocks (what the hooks ask by and a slot holds)
         for blk in self.blocks:  # placeholders name their block by its index now
             for p in blk.parts:
                 p.placeholder.where = f"block {blk.index}"
@@ -303,8 +324,8 @@ class WeightStreamer:
             self._stream = torch.cuda.Stream(self.device)
             for slot in self.slots:  # freed only once the copy stream's work on it is done too
                 slot.data.record_stream(self._stream)
-        for blk, module in zip(self.blocks, blocks):
-            ask = _Ask(self, blk.index)
+        for k, blk in enumerate(self.blocks):  # (a hook asks by the block's place among the streamed ones)
+            ask = _Ask(self, k)
             seen = set()
             for p in blk.parts:
                 layer = p.layer()
@@ -348,7 +369,7 @@ class WeightStreamer:
             layer = p.layer()
             set_module_tensor(layer, p.name, v)
             layer._gemv = None  # (a one-row GEMV plan points at the slot it was made for)
-        blk.slot, slot.block = slot, blk.index
+        blk.slot, slot.block = slot, blk.pos
 
     def _unbind(self, blk: _Block) -> None:
         for p in blk.parts:
@@ -391,12 +412,13 @@ class WeightStreamer:
         if not (getattr(m, "gradient_checkpointing", False) and m.training
                 and checkpoint_function(m) not in (None, _no_recompute)):
             raise QLoraError(f"block {blk.index} runs with gradients but is not checkpointed: with its weights "
-                             f"streamed (--offload-weights) every block must be recomputed in backward (gradient "
+                             f"streamed (--offload-weights) a block must be recomputed in backward (gradient "
                              f"checkpointing on, no kept blocks, the model in train mode)")
 
     def request(self, i: int) -> None:
-        """Make block ``i`` resident for the compute stream (its layers' buffers are views of a slot, the stream
-        waits for their copy) and start copying the next block in the current direction into another slot."""
+        """Make the ``i``-th streamed block resident for the compute stream (its layers' buffers are views of a slot,
+        the stream waits for their copy) and start copying the next streamed block in the current direction into
+        another slot (blocks not streamed run between them, their compute hiding the copy too)."""
         blk = self.blocks[i]
         if torch.is_grad_enabled():
             self._check_recomputed(blk)
@@ -426,8 +448,8 @@ class WeightStreamer:
             self.stats["prefetched"] += 1
 
     def resident(self) -> list[int]:
-        """Indices of the blocks a slot holds now."""
-        return sorted(s.block for s in self.slots if s.block is not None)
+        """Decoder-block indices of the streamed blocks a slot holds now."""
+        return sorted(self.blocks[s.block].index for s in self.slots if s.block is not None)
 
     def describe(self) -> str:
         gib = self.host_bytes / 2**30
@@ -436,8 +458,8 @@ class WeightStreamer:
                 f"{self.n_slots} slots of {self.slot_bytes / 2**20:.1f} MiB on {self.device}")
 
 
-_KEPT = ("block {i} keeps its activations (not checkpointed): with its weights streamed (--offload-weights) every "
-         "block must be recomputed in backward (no kept blocks: --memory-budget keeps none then)")
+_KEPT = ("block {i} keeps its activations (not checkpointed): with its weights streamed (--offload-weights) the "
+         "block must be recomputed in backward (keep only blocks whose weights stay on the device)")
 
 
 def streamer_of(model: nn.Module) -> WeightStreamer | None:

@@ -550,6 +550,7 @@ class Run:
         self.eval_metrics: dict = {}
         self.stop = {"signal": None}
         self.stream, self.streamer = False, None  # --offload-weights (decided in setup)
+        self.stream_only = None  # with stream: the blocks that stream (None: all)
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -656,8 +657,11 @@ class Run:
         from .plan import estimate, model_config, plan_kwargs, rows_per_micro_batch
         try:
             config = self.model.config if self.model is not None else model_config(cfg.model)
+            kw = plan_kwargs(cfg)
+            if self.stream and self.stream_only is not None:
+                kw["offload_weights"] = len(self.stream_only)
             est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg),
-                           gpu_mem=card_memory(self.device) if cuda else None, **plan_kwargs(cfg))
+                           gpu_mem=card_memory(self.device) if cuda else None, **kw)
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
             return
         _check_host_memory(est["host"] if cuda else {"weights": est["host"]["weights"]}, _local_processes())
@@ -727,16 +731,22 @@ class Run:
             if reason:
                 self.log(f"weights: on the GPU ({reason})")
             return
-        from .plan import STREAM_SLOTS
+        from .plan import STREAM_SLOTS, streamed_blocks
         try:
             from .plan import counts_for, model_config, plan_kwargs
             c = counts_for(config if config is not None else model_config(cfg.model), **plan_kwargs(self.cfg))
-            sizes = (f"the {c['layers']} blocks' {c['blocks_bytes'] / 2**30:.2f} GiB wait in pinned CPU memory, "
-                     f"{STREAM_SLOTS} slots of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
+            c = None
+        n = c["layers"] if c is None or stream is True else min(int(stream), c["layers"])
+        self.stream_only = None if c is None or n == c["layers"] else streamed_blocks(c["layers"], n)
+        if c is None:
             sizes = f"they wait in pinned CPU memory, {STREAM_SLOTS} blocks at a time on the device"
-        self.log(f"weights: streamed from CPU memory ({reason or '--offload-weights true'}): {sizes}; every block "
-                 f"is recomputed in backward, and each step copies the blocks about twice")
+        else:
+            which = f"the {n} blocks'" if self.stream_only is None else f"{n} of the {c['layers']} blocks'"
+            sizes = (f"{which} {c['blocks_bytes'] * n / c['layers'] / 2**30:.2f} GiB wait in pinned CPU memory, "
+                     f"{STREAM_SLOTS} slots of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")
+        self.log(f"weights: streamed from CPU memory ({reason or '--offload-weights true'}): {sizes}; each streamed "
+                 f"block is recomputed in backward, and each step copies it about twice")
 
     def _card_pages(self) -> int | None:
         """The paged optimizer's GPU share the plan leaves on this card (budget.plan_page_budget), on one CUDA
@@ -764,7 +774,7 @@ class Run:
         self.streamer = None
         if self.stream:  # (the build moves each block's weights to CPU memory as soon as it is complete)
             from .stream import WeightStreamer
-            self.streamer = WeightStreamer(include_cpu=device.type == "cpu")
+            self.streamer = WeightStreamer(include_cpu=device.type == "cpu", only=self.stream_only)
         if self.model is None and device.type == "cuda" and not shape and self.policy is None:
             from .plan import check_train_config
             try:

@@ -224,10 +224,10 @@ def test_built_model_holds_no_block_weights_and_each_block_left_as_it_was_comple
         made.append(real_skeleton(config, dtype))
         return made[-1]
 
-    def take(block):
+    def take(block, index=None):
         layers = [m for m in made[-1].modules() if isinstance(m, QLoRALinear)]
         states.append((len(layers), sum(isinstance(m.weight_packed, NotResident) for m in layers)))
-        real_take(block)
+        real_take(block, index=index)
     monkeypatch.setattr(qm, "skeleton", skeleton)
     st.take_block = take
     model = _model(stream=st)
@@ -411,7 +411,7 @@ def test_plan_slots_are_two_of_the_largest_block_of_the_built_model(arch, quant)
     assert off["components"]["weight_slots"] == 0 and sum(on["components"].values()) == on["peak"]
     st = WeightStreamer(include_cpu=True).install(plain)
     assert st.slot_bytes == max(blocks) and st.host_bytes == sum(blocks)
-    with pytest.raises(QLoraError, match="need every block recomputed"):
+    with pytest.raises(QLoraError, match="need their blocks recomputed"):
         estimate(config, 64, 2, offload_weights=True, keep_blocks=1, **kw)
 
 
@@ -429,15 +429,19 @@ def test_budget_streams_exactly_when_recomputing_everything_does_not_fit():
     for gib in (12, 24, 36, 40, 44, 48):
         budget = gib * GiB
         p = choose(config, 2048, 1, budget, **kw)
-        assert p.stream == (not cheapest_fits(budget)), gib
+        assert bool(p.stream) == (not cheapest_fits(budget)), gib
         assert p.keep == 0 or not p.stream
-        seen.add(p.stream)
-        if p.stream:
-            assert p.weight_slots == 2 * kw["counts"]["largest_block"] and p.weight_host == kw["counts"]["blocks_bytes"]
-            assert "block weights streamed from CPU memory" in p.describe()
+        seen.add(bool(p.stream))
+        if p.stream:  # as few blocks as fit: one fewer does not, even with every input offloaded
+            c = kw["counts"]
+            assert p.weight_slots == 2 * c["largest_block"] and p.weight_host == int(c["blocks_bytes"] * p.stream / 80)
+            assert not fits(estimate(config, 2048, 1, offload=True, offload_weights=p.stream - 1, gpu_mem=budget,
+                                     **kw), budget), (gib, p.stream)
+            assert f"the weights of {p.stream} of the 80 blocks streamed from CPU memory" in p.describe()
     assert seen == {True, False}
+    assert choose(config, 2048, 1, 24 * GiB, **kw).stream < choose(config, 2048, 1, 12 * GiB, **kw).stream < 80
     forced = choose(config, 2048, 1, 80 * GiB, stream=True, **kw)
-    assert forced.stream and forced.keep == 0
+    assert forced.stream == 80 and forced.keep == 0 and "; block weights streamed" in forced.describe()
     assert not choose(config, 2048, 1, 80 * GiB, **kw).stream
     with pytest.raises(QLoraError, match="too small for this run: even with every block recomputed, block inputs in "
                                          "CPU memory, the block weights streamed") as e:
@@ -466,7 +470,102 @@ def test_plan_cli_offload_weights(capsys):
     assert js["settings"]["offload_weights"] is True and sum(js["components"].values()) == js["peak"]
     assert main(args[:-2] + ["--memory-budget", "24GiB", "--json"]) == 0
     js = json.loads(capsys.readouterr().out)
-    assert js["policy"]["offload_weights"] is True and js["components"]["weights_4bit"] == 0
+    n = js["policy"]["offload_weights"]  # the fewest blocks streamed that fit; the others' weights on the device
+    assert 0 < n < 80 and js["settings"]["streamed_blocks"] == n
+    assert js["components"]["weights_4bit"] == int(c["weights_4bit"] * (80 - n) / 80)
+
+
+def test_some_blocks_streamed_equal_unstreamed_and_only_they_move():
+    """WeightStreamer(only=...): the blocks named stream (placeholders while no slot holds them, copied in turn),
+    the others keep their own device tensors and run as they are; two AdamW steps give the unstreamed model's
+    losses and gradients bit for bit; a step copies only the streamed blocks; the blocks not streamed may keep
+    their activations, a streamed one may not (one line)."""
+    plain = _model()
+    only = [0, 2, 3]
+    part = _model(stream=WeightStreamer(include_cpu=True, only=only))
+    st = part.qlora_streamer
+    assert [b.index for b in st.blocks] == only
+    layers = part.model.layers
+    for i, block in enumerate(layers):
+        placeholders = [isinstance(m.weight_packed, NotResident) for m in block.modules() if isinstance(m, QLoRALinear)]
+        assert all(placeholders) if i in only else not any(placeholders), i
+    for m in (plain, part):
+        enable_checkpointing(m, keep=[1])  # block 1 keeps its weights on the device: it may be kept
+    seen = _fetches(st)
+    batch = _batch()
+    _assert_same_steps(plain, part, lambda m: loss_sum(m, batch, "cpu"))
+    assert set(seen) <= set(only) and 1 not in seen and seen
+    assert st.stats["bytes"] == sum(st.blocks[only.index(i)].nbytes for i in seen)
+    assert all(m.weight_packed.device.type == "cpu" and not isinstance(m.weight_packed, NotResident)
+               for m in layers[1].modules() if isinstance(m, QLoRALinear))
+    with pytest.raises(QLoraError, match="block 2 keeps its activations .* weights streamed") as e:
+        enable_checkpointing(part, keep=[2, 3])
+    assert "\n" not in str(e.value)
+
+
+def test_streamed_blocks_are_spread_and_bad_sets_are_one_line():
+    from qlora.plan import streamed_blocks
+    assert streamed_blocks(32, 8) == [0, 4, 8, 12, 16, 20, 24, 28] and streamed_blocks(32, 32) == list(range(32))
+    assert streamed_blocks(32, 0) == [] and streamed_blocks(32, 4, keep=16) == [0, 4, 8, 12]
+    spread = streamed_blocks(80, 39)
+    assert len(set(spread)) == 39 and max(spread) < 80 and max(b - a for a, b in zip(spread, spread[1:])) <= 3
+    with pytest.raises(QLoraError, match="do not fit among 16"):
+        streamed_blocks(32, 17, keep=16)
+    for only in ([], [-1], ["a"]):
+        with pytest.raises(QLoraError, match="blocks to stream must be block indices"):
+            WeightStreamer(include_cpu=True, only=only)
+    with pytest.raises(QLoraError, match=r"blocks to stream \[1, 9\]: the model has 4 decoder blocks"):
+        _model(stream=WeightStreamer(include_cpu=True, only=[1, 9]))
+
+
+def test_plan_counts_some_streamed_blocks():
+    """K of L blocks streamed: their share of the 4-bit weights, DQ constants and block 16-bit tensors leaves the
+    device for CPU memory (the blocks are alike), the two slots stay; 0 is no streaming, L (or True) all; the
+    streamed blocks must be checkpointed."""
+    config = shape_config("8b")
+    kw = dict(rank=16, dropout=0.0, counts=counts_for(config, rank=16))
+    c = kw["counts"]
+    none, all_ = (estimate(config, 2048, 2, offload_weights=x, **kw) for x in (0, True))
+    assert estimate(config, 2048, 2, offload_weights=32, **kw) == all_
+    assert none["peak"] == estimate(config, 2048, 2, **kw)["peak"] and none["host"]["weights"] == 0
+    for k in (1, 8, 31):
+        e = estimate(config, 2048, 2, offload_weights=k, **kw)
+        assert e["components"]["weights_4bit"] == int(c["weights_4bit"] * (32 - k) / 32)
+        assert e["host"]["weights"] == int(c["blocks_bytes"] * k / 32)
+        assert e["components"]["weight_slots"] == 2 * c["largest_block"] and e["settings"]["streamed_blocks"] == k
+        assert e["peak"] > all_["peak"]
+    peaks = [estimate(config, 2048, 2, offload_weights=k, **kw)["peak"] for k in range(1, 33)]
+    assert all(a > b for a, b in zip(peaks, peaks[1:]))  # each block streamed frees its weights; the slots are fixed
+    assert peaks[0] > none["peak"]  # one block streamed costs its two slots: streaming pays from the third block
+    assert estimate(config, 2048, 2, offload_weights=8, keep_blocks=24, **kw)["settings"]["keep_blocks"] == 24
+    with pytest.raises(QLoraError, match=r"no more blocks kept than are not streamed \(24\)"):
+        estimate(config, 2048, 2, offload_weights=8, keep_blocks=25, **kw)
+
+
+def test_train_streams_the_blocks_its_policy_names(setup, tmp_path, switch, monkeypatch):
+    """A policy streaming 1 of the tiny model's 2 blocks (the budget's choice where the weights of all blocks need
+    not leave): the run's streamer takes exactly qlora.plan.streamed_blocks(L, 1), the header says so, and the
+    losses are those of the run whose weights stay put."""
+    import dataclasses
+
+    from qlora import budget
+    from qlora.plan import streamed_blocks
+    kw = dict(max_steps=2, save_every=0)
+    train(cfg(setup, tmp_path / "plain", **kw), log=lambda m: None)
+    switch("QLORA_STREAM_CPU", "1")
+    real = budget.for_train
+
+    def one_streamed(c, device, config=None):
+        return dataclasses.replace(real(c, device, config), keep=0, gemms=0, stream=1)
+    monkeypatch.setattr(budget, "for_train", one_streamed)
+    lines = []
+    s = train(cfg(setup, tmp_path / "part", memory_budget="100GiB", **kw), log=lines.append)
+    st = s["model"].qlora_streamer
+    layers = len(s["model"].model.layers)
+    assert [b.index for b in st.blocks] == streamed_blocks(layers, 1) == [0] and layers == 2
+    head = [m for m in lines if m.startswith("weights: streamed from CPU memory (the memory budget's policy)")]
+    assert len(head) == 1 and "1 of the 2 blocks'" in head[0], lines
+    assert losses(tmp_path / "part") == losses(tmp_path / "plain")
 
 
 # ------------------------------------------------------------------------------------------ qlora train
@@ -575,6 +674,21 @@ def test_cuda_streamed_steps_equal_unstreamed_bit_for_bit(offload):
     assert st.stats["misses"] == 1 and st.stats["fetched"] == 4 + 2 + 2 + 2
     if offload:
         assert streamed._off.stats["packed"] == plain._off.stats["packed"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_some_blocks_streamed_equal_unstreamed_bit_for_bit():
+    """bf16 on CUDA, blocks 1 and 3 of 4 streamed (the others' weights on the device, block 2 kept without
+    recompute): two AdamW steps, the same losses and gradients bit for bit; only the streamed blocks are copied."""
+    plain, part = _cuda_model(), _cuda_model(stream=WeightStreamer(only=[1, 3]))
+    st = part.qlora_streamer
+    for m in (plain, part):
+        enable_checkpointing(m, keep=[2])
+    seen = _fetches(st)
+    batch = {k: v.cuda() for k, v in _batch(b=2, t=128).items()}
+    _assert_same_steps(plain, part, lambda m: loss_sum(m, batch, "cuda"))
+    torch.cuda.synchronize()
+    assert set(seen) == {1, 3}
 
 
 @pytest.mark.gpu
