@@ -252,7 +252,8 @@ def run_ours(a, row: str) -> dict:
     # the weights write_hf gave TRL: build_random draws from RandomSource with the same seed, on the same device
     # (-stream: each block's weights go to pinned host memory as soon as it is built; the run finds them streamed)
     from qlora.stream import WeightStreamer
-    streamer = WeightStreamer(include_cpu=device == "cpu") if opts["stream"] else None
+    streamer = WeightStreamer(include_cpu=device == "cpu", only=streamed_only(cfg, device, config)) \
+        if opts["stream"] else None
     model = build_random(config, QuantSettings(compute_dtype=dtype), LoraSettings(r=a.rank, alpha=16.0, dropout=0.0),
                          device, dtype, seed=a.seed, progress=False, stream=streamer)
     build_s = time.time() - t
@@ -293,6 +294,22 @@ def run_ours(a, row: str) -> dict:
                    if streamer is not None else {}),
                 cuda_graphs=run.graphed is not None, loss=rows[-1]["loss"], times=[round(x, 4) for x in times],
                 **profiled)
+
+
+def streamed_only(cfg, device: str, config) -> list[int] | None:
+    """With a memory budget, the blocks whose weights its policy streams (the fewest that fit, spread: what
+    ``qlora train --memory-budget`` builds); None (all of them) without one, or where it streams every block."""
+    if cfg.memory_budget == "off":
+        return None
+    import dataclasses
+
+    import torch
+
+    from qlora.budget import for_train
+    from qlora.plan import streamed_blocks
+    pol = for_train(dataclasses.replace(cfg, offload_weights="auto"), torch.device(device), config)
+    layers = int(config.num_hidden_layers)
+    return streamed_blocks(layers, pol.stream) if pol is not None and 0 < pol.stream < layers else None
 
 
 def profiler(device: str):

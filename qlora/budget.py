@@ -127,8 +127,9 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
 
     ``checkpointing=False`` allows only keeping every block; ``offload`` True/False forces the block
     inputs' place (None: the budget decides how many go to CPU memory, the fewest that fit); ``stream``: True
-    only policies that stream the block weights (every block recomputed), False none, None (default) streaming
-    where nothing else fits (and checkpointing is on); ``host_mem``: the CPU memory the run may fill (offloaded
+    only policies that stream the weights of every block (every block recomputed), an integer K of K blocks (a
+    model streamed so already), False none, None (default) streaming the fewest blocks that fit where nothing else
+    fits (and checkpointing is on); ``host_mem``: the CPU memory the run may fill (offloaded
     inputs, streamed weights, paged optimizer state, a host embedding table; :func:`qlora.plan.host_bytes`), None
     unchecked; ``kw``: :func:`qlora.plan.estimate`'s settings (an explicit ``page_budget``, e.g. 0 for
     --offload-optimizer, is kept). Raises one line when nothing fits."""
@@ -148,7 +149,7 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
     streamed = best is None and checkpointing and stream is not False
     if streamed:  # nothing fits with the weights on the device (or streaming asked for): every block recomputed,
         # the weights of as few blocks streamed as fit (of all of them where streaming was asked for)
-        n = layers if stream else room.fewest_streamed(kw)
+        n = (layers if stream is True else int(stream)) if stream else room.fewest_streamed(kw)
         for off, gemms, est in room.placements(0, dict(kw, offload_weights=n or layers)):
             if best is None or share * gemms > best[0]:
                 best = (share * gemms, 0, off, gemms, est)
@@ -307,9 +308,10 @@ def _policy(est: dict, budget: int, layers: int, keep: int, off: int, context: i
                   weight_slots=est["components"]["weight_slots"], weight_host=est["host"]["weights"])
 
 
-def for_train(cfg, device, config=None) -> Policy | None:
+def for_train(cfg, device, config=None, streamed: int | None = None) -> Policy | None:
     """The policy of a :class:`qlora.train.TrainConfig` on ``device`` (None with ``--memory-budget off``);
-    ``config``: the model's transformers config (read from ``cfg.model`` when None, no weights)."""
+    ``config``: the model's transformers config (read from ``cfg.model`` when None, no weights); ``streamed``: the
+    number of blocks a model given to the run streams already (they decide, not --offload-weights)."""
     value = parse_budget(cfg.memory_budget)
     if value == "off":
         return None
@@ -327,6 +329,8 @@ def for_train(cfg, device, config=None) -> Policy | None:
     stream = {"true": True, "false": False}.get(str(getattr(cfg, "offload_weights", "false")).lower())
     if stream is None and not cuda:
         stream = False
+    if streamed:
+        stream = streamed
     # the CPU memory each of this machine's processes may fill (on the CPU the budget is that memory already)
     host = host_available() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cuda else None
     return choose(config, cfg.max_length, rows_per_micro_batch(cfg), budget, context=context,

@@ -551,6 +551,7 @@ class Run:
         self.stop = {"signal": None}
         self.stream, self.streamer = False, None  # --offload-weights (decided in setup)
         self.stream_only = None  # with stream: the blocks that stream (None: all)
+        self.given_streamed = None  # a model given to the run streamed already: how many of its blocks
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -640,7 +641,8 @@ class Run:
         --offload-weights (:meth:`_setup_weights`)."""
         from .budget import for_train
         self._stream_allowed()
-        self.policy = for_train(self.cfg, self.device, self.model.config if self.model is not None else None)
+        self.policy = for_train(self.cfg, self.device, self.model.config if self.model is not None else None,
+                                streamed=self.given_streamed)
         if self.policy is not None:
             self.log(self.policy.describe())
         self._setup_weights()
@@ -675,6 +677,7 @@ class Run:
             if cfg.offload_weights == "false":
                 raise QLoraError("--offload-weights false: the model given to the run streams its weights already")
             self.cfg = cfg = dataclasses.replace(cfg, offload_weights="true")
+            self.given_streamed = len(streamer_of(self.model).blocks)  # (its streamed blocks are fixed)
         if cfg.offload_weights == "false":
             return
         why = None
@@ -721,7 +724,7 @@ class Run:
                           f"recomputed and the block inputs offloaded; the GPU has {gpu / 2**30:.1f} GiB"
                           if stream else "auto: the run fits with them on the GPU")
         else:
-            stream = value == "true"
+            stream = self.given_streamed or value == "true"
         self.stream = bool(stream)
         self.cfg = dataclasses.replace(cfg, offload_weights="true" if stream else "false",
                                        grad_checkpointing=cfg.grad_checkpointing or bool(stream))

@@ -452,6 +452,9 @@ def test_budget_streams_exactly_when_recomputing_everything_does_not_fit():
     on_cpu = for_train(TrainConfig(data="x", model="shape:70b", max_length=2048, batch_size=1, rank=16, dropout=0.0,
                                    memory_budget="40GiB", offload_embeddings=True), torch.device("cpu"))
     assert not on_cpu.stream  # (nothing to stream on a CPU: the budget does not consider it there)
+    given = for_train(TrainConfig(data="x", model="shape:70b", max_length=2048, batch_size=1, rank=16, dropout=0.0,
+                                  memory_budget="40GiB", offload_embeddings=True), torch.device("cpu"), streamed=20)
+    assert given.stream == 20 and given.keep == 0  # a model given to the run streams 20 blocks: the policy's count
 
 
 def test_plan_cli_offload_weights(capsys):
@@ -555,8 +558,8 @@ def test_train_streams_the_blocks_its_policy_names(setup, tmp_path, switch, monk
     switch("QLORA_STREAM_CPU", "1")
     real = budget.for_train
 
-    def one_streamed(c, device, config=None):
-        return dataclasses.replace(real(c, device, config), keep=0, gemms=0, stream=1)
+    def one_streamed(c, device, config=None, streamed=None):
+        return dataclasses.replace(real(c, device, config, streamed), keep=0, gemms=0, stream=1)
     monkeypatch.setattr(budget, "for_train", one_streamed)
     lines = []
     s = train(cfg(setup, tmp_path / "part", memory_budget="100GiB", **kw), log=lines.append)
