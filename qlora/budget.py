@@ -74,6 +74,11 @@ def host_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def local_processes() -> int:
+    """This machine's processes of the run (torchrun's LOCAL_WORLD_SIZE), each with its own CPU-memory copies."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 @dataclass(frozen=True)
 class Policy:
     """What :func:`choose` picked. ``page_budget``: the optimizer's ``page_budget_bytes`` (None: no limit
@@ -332,7 +337,7 @@ def for_train(cfg, device, config=None, streamed: int | None = None) -> Policy |
     if streamed:
         stream = streamed
     # the CPU memory each of this machine's processes may fill (on the CPU the budget is that memory already)
-    host = host_available() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if cuda else None
+    host = host_available() // local_processes() if cuda else None
     return choose(config, cfg.max_length, rows_per_micro_batch(cfg), budget, context=context,
                   checkpointing=kw.pop("grad_checkpointing") or bool(stream), offload=forced, stream=stream,
                   host_mem=host, **kw)

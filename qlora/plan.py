@@ -825,10 +825,11 @@ def add_cli(sub) -> None:
                    help="print the policy `qlora train --memory-budget` would choose for this budget (auto: this "
                         "machine's free GPU memory): blocks kept without recompute, offload, optimizer paging")
     p.add_argument("--gpu-mem", metavar="SIZE", help="GPU memory, e.g. 24GiB, 80GB (default: this machine's GPU)")
-    p.add_argument("--host-mem", metavar="SIZE",
+    p.add_argument("--host-mem", metavar="SIZE|auto",
                    help="CPU memory the run may fill (offloaded activations, streamed weights, paged-out optimizer "
-                        "state), e.g. 64GiB: the run, the largest batch and longest sequence and --memory-budget's "
-                        "policy must fit it too (default: not checked; the plan prints what is needed)")
+                        "state), e.g. 64GiB, or auto (this machine's available memory): the run, the largest batch "
+                        "and longest sequence and --memory-budget's policy must fit it too (default: not checked; the "
+                        "plan prints what is needed)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.set_defaults(func=run)
 
@@ -841,7 +842,7 @@ def run(args) -> int:
         config = shape_config(args.shape or "embedded")
         name = config.qlora_shape
     gpu_mem = parse_size(args.gpu_mem) if args.gpu_mem else None
-    host_mem = parse_size(args.host_mem) if args.host_mem else None
+    host_mem = _host_mem(args.host_mem)
     if gpu_mem is None:
         import torch
         if torch.cuda.is_available():
@@ -896,6 +897,16 @@ def run(args) -> int:
     kw.pop("counts")
     print(f"does NOT fit in {_gib(gpu_mem)}: " + check_fits(config, args.seq, args.batch, gpu_mem, **kw))
     return 1
+
+
+def _host_mem(value: str | None) -> int | None:
+    """``--host-mem``: a size, ``auto`` (this machine's available CPU memory), or None (not checked)."""
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        from .budget import host_available
+        return host_available()
+    return parse_size(value)
 
 
 def _run_budget(args, config, name: str, kw: dict, host_mem: int | None = None) -> int:

@@ -253,11 +253,6 @@ def _check_host_memory(host: dict, processes: int) -> None:
                          f"--max-length, or give --memory-budget (it offloads only what must leave the GPU)")
 
 
-def _local_processes() -> int:
-    """This machine's processes of the run (torchrun's LOCAL_WORLD_SIZE), each with its own CPU-memory copies."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-
-
 def _step_with_retry(run_step, optimizer, device, log):
     """Run a step's forward/backward passes. On a CUDA out-of-memory (a long batch, a spike): drop the
     partial gradients, move every optimizer page to CPU memory, free the cache and run the step
@@ -666,7 +661,8 @@ class Run:
                            gpu_mem=card_memory(self.device) if cuda else None, **kw)
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
             return
-        _check_host_memory(est["host"] if cuda else {"weights": est["host"]["weights"]}, _local_processes())
+        from .budget import local_processes
+        _check_host_memory(est["host"] if cuda else {"weights": est["host"]["weights"]}, local_processes())
 
     def _stream_allowed(self) -> None:
         """--offload-weights where streaming cannot run: true is one line, auto turns into false; a model given to

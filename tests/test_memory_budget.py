@@ -499,7 +499,7 @@ def test_check_host_memory_names_the_parts_and_the_processes(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_plan_prints_and_checks_the_cpu_memory(capsys):
+def test_plan_prints_and_checks_the_cpu_memory(capsys, monkeypatch):
     """`qlora plan` prints what the run keeps in CPU memory; --host-mem checks it (exit 1, one line naming both
     sizes), bounds the longest sequence and goes to --memory-budget's choice."""
     args = ["plan", "--shape", "8b", "--seq", "409600", "--batch", "1", "--rank", "16", "--dropout", "0",
@@ -518,6 +518,10 @@ def test_plan_prints_and_checks_the_cpu_memory(capsys):
     assert main(args + ["--offload", "true", "--host-mem", "64GiB", "--json"]) == 1
     js = json.loads(capsys.readouterr().out)
     assert js["host_required"] == pytest.approx(need * GiB, rel=1e-3) and js["host_mem"] == 64 * GiB
+    from qlora import budget
+    monkeypatch.setattr(budget, "host_available", lambda: 64 * GiB)  # --host-mem auto: this machine's available
+    assert main(args + ["--offload", "true", "--host-mem", "auto"]) == 1
+    assert "does NOT fit in --host-mem 64.0 GiB" in capsys.readouterr().out
     assert main(args + ["--memory-budget", "74GiB", "--host-mem", "100GiB"]) == 0
     out = capsys.readouterr().out
     assert "the inputs of the first" in out.splitlines()[-1]
