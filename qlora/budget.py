@@ -127,7 +127,8 @@ class Policy:
 
 
 def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_BYTES, checkpointing: bool = True,
-           offload: bool | None = None, stream: bool | None = None, host_mem: int | None = None, **kw) -> Policy:
+           offload: bool | None = None, stream: bool | int | None = None, host_mem: int | None = None,
+           **kw) -> Policy:
     """The fastest policy whose predicted need (:func:`qlora.plan.required_bytes`) fits ``budget`` bytes.
 
     ``checkpointing=False`` allows only keeping every block; ``offload`` True/False forces the block

@@ -447,14 +447,19 @@ def tiled_rows(c: dict, n_tok: int) -> int:
     return min(n_tok, tile_rows(n_tok, c["intermediate"]))
 
 
+def _count(value: bool | int, total: int, what: str) -> int:
+    """``value`` as a count of ``total`` (True: all, False/None: none, K: K); a bad value is one line naming
+    ``what``."""
+    if isinstance(value, bool) or value is None:
+        return total if value else 0
+    if not is_int(value) or not 0 <= value <= total:
+        raise QLoraError(f"{what} must be True, False or a count in [0, {total}], got {value!r}")
+    return int(value)
+
+
 def streamed_count(offload_weights: bool | int, layers: int) -> int:
-    """How many of ``layers`` blocks ``offload_weights`` (True: all, False: none, K: K) streams; a bad value is one
-    line."""
-    if isinstance(offload_weights, bool) or offload_weights is None:
-        return layers if offload_weights else 0
-    if not is_int(offload_weights) or not 0 <= offload_weights <= layers:
-        raise QLoraError(f"streamed blocks must be True, False or a count in [0, {layers}], got {offload_weights!r}")
-    return int(offload_weights)
+    """How many of ``layers`` blocks ``offload_weights`` (True: all, False: none, K: K) streams."""
+    return _count(offload_weights, layers, "streamed blocks")
 
 
 def streamed_blocks(layers: int, n: int, keep: int = 0) -> list[int]:
@@ -467,14 +472,8 @@ def streamed_blocks(layers: int, n: int, keep: int = 0) -> list[int]:
 
 
 def offloaded_count(offload: bool | int, checkpointed: int) -> int:
-    """How many of ``checkpointed`` blocks ``offload`` (True: all, False: none, K: K) sends to CPU memory; a bad
-    value is one line."""
-    if isinstance(offload, bool) or offload is None:
-        return checkpointed if offload else 0
-    if not is_int(offload) or not 0 <= offload <= checkpointed:
-        raise QLoraError(f"blocks whose inputs go to CPU memory must be True, False or a count in [0, {checkpointed}] "
-                         f"(the checkpointed blocks), got {offload!r}")
-    return int(offload)
+    """How many of ``checkpointed`` blocks ``offload`` (True: all, False: none, K: K) sends to CPU memory."""
+    return _count(offload, checkpointed, "blocks whose inputs go to CPU memory (of the checkpointed ones)")
 
 
 def activation_model(c: dict, n_tok: int, keep: int, offload: bool, unfused_dropout: bool = False,

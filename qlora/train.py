@@ -655,8 +655,9 @@ class Run:
         try:
             config = self.model.config if self.model is not None else model_config(cfg.model)
             kw = plan_kwargs(cfg)
-            if self.stream and self.stream_only is not None:
-                kw["offload_weights"] = len(self.stream_only)
+            if self.stream:  # (the blocks that stream: a given model's, the chosen ones, or all)
+                kw["offload_weights"] = self.given_streamed or (
+                    len(self.stream_only) if self.stream_only is not None else True)
             est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg),
                            gpu_mem=card_memory(self.device) if cuda else None, **kw)
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
