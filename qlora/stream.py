@@ -185,6 +185,7 @@ class WeightStreamer:
     def __init__(self, slots: int = DEFAULT_SLOTS, include_cpu: bool = False, only=None):
         if not is_int(slots) or slots < 2:
             raise QLoraError(f"weight streaming needs at least 2 slots (one computing, one being filled), got {slots!r}")
+        only = None if only is None else list(only)
         if only is not None and (not all(is_int(i) and i >= 0 for i in only) or not only):
             raise QLoraError(f"blocks to stream must be block indices (at least one), got {only!r}")
         self.n_slots, self.include_cpu = slots, include_cpu
