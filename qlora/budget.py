@@ -314,15 +314,18 @@ def _policy(est: dict, budget: int, layers: int, keep: int, off: int, context: i
                   weight_slots=est["components"]["weight_slots"], weight_host=est["host"]["weights"])
 
 
-def for_train(cfg, device, config=None, streamed: int | None = None) -> Policy | None:
+def for_train(cfg, device, config=None, streamed: int | None = None, agree=None) -> Policy | None:
     """The policy of a :class:`qlora.train.TrainConfig` on ``device`` (None with ``--memory-budget off``);
     ``config``: the model's transformers config (read from ``cfg.model`` when None, no weights); ``streamed``: the
-    number of blocks a model given to the run streams already (they decide, not --offload-weights)."""
+    number of blocks a model given to the run streams already (they decide, not --offload-weights); ``agree``: the
+    smallest of a value over the run's processes (:meth:`qlora.distributed.Dist.min`), so that all of them choose
+    the same policy from the free memory each sees (the same blocks recomputed, offloaded and streamed)."""
     value = parse_budget(cfg.memory_budget)
     if value == "off":
         return None
     from .plan import model_config
-    budget = auto_budget(device) if value == "auto" else value
+    agree = agree or (lambda x: x)
+    budget = agree(auto_budget(device)) if value == "auto" else value
     if budget <= 0:
         raise QLoraError(f"--memory-budget auto: no free memory on {device}")
     config = config if config is not None else model_config(cfg.model)
@@ -338,7 +341,7 @@ def for_train(cfg, device, config=None, streamed: int | None = None) -> Policy |
     if streamed:
         stream = streamed
     # the CPU memory each of this machine's processes may fill (on the CPU the budget is that memory already)
-    host = host_available() // local_processes() if cuda else None
+    host = agree(host_available() // local_processes()) if cuda else None
     return choose(config, cfg.max_length, rows_per_micro_batch(cfg), budget, context=context,
                   checkpointing=kw.pop("grad_checkpointing") or bool(stream), offload=forced, stream=stream,
                   host_mem=host, **kw)

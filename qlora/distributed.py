@@ -42,12 +42,19 @@ class Dist:
         return name
 
     def sum(self, x: float) -> float:
+        return self._reduce(x, tdist.ReduceOp.SUM)
+
+    def min(self, x: int) -> int:
+        """The smallest ``x`` of all processes (an integer: bytes, counts), so that they decide alike."""
+        return int(self._reduce(x, tdist.ReduceOp.MIN))
+
+    def _reduce(self, x: float, op) -> float:
         if not self.active:
             return x
         t = torch.tensor([float(x)], dtype=torch.float64)
         if tdist.get_backend() == "nccl":
             t = t.cuda()
-        tdist.all_reduce(t)
+        tdist.all_reduce(t, op=op)
         return t.item()
 
     def barrier(self) -> None:

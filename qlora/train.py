@@ -637,7 +637,7 @@ class Run:
         from .budget import for_train
         self._stream_allowed()
         self.policy = for_train(self.cfg, self.device, self.model.config if self.model is not None else None,
-                                streamed=self.given_streamed)
+                                streamed=self.given_streamed, agree=self.dist.min)
         if self.policy is not None:
             self.log(self.policy.describe())
         self._setup_weights()

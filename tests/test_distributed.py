@@ -160,3 +160,38 @@ def test_two_gpus_equal_one(setup, tmp_path, mode):
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 6
     assert all(abs(x - y) <= 2e-3 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+
+
+AGREE = """
+import json, torch
+from qlora import budget
+from qlora.distributed import Dist
+from qlora.plan import shape_config
+from qlora.train import TrainConfig
+d = Dist.from_env("cpu")
+budget.host_available = lambda: (12 + 6 * d.rank) * 2**30  # each process sees different free memory
+cfg = TrainConfig(data="x", model="shape:8b", max_length=8192, batch_size=4, rank=16, dropout=0.0, memory_budget="auto")
+alone = budget.for_train(cfg, torch.device("cpu"), shape_config("8b"))
+p = budget.for_train(cfg, torch.device("cpu"), shape_config("8b"), agree=d.min)
+row = dict(rank=d.rank, alone=alone.budget, alone_keep=alone.keep, budget=p.budget, keep=p.keep, gemms=p.gemms,
+           offload=p.offload, least=d.min(10 + d.rank))
+open(f"rank{d.rank}.json", "w").write(json.dumps(row))
+d.close()
+"""
+
+
+def test_processes_agree_on_the_memory_budget_policy(tmp_path):
+    """--memory-budget auto under several processes: each sees its own free memory, and they would choose different
+    policies from it; Dist.min makes them choose from the smallest, so every process keeps, offloads and streams
+    the same blocks."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29518", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert rows[0]["alone"] < rows[1]["alone"] and rows[0]["alone_keep"] < rows[1]["alone_keep"]  # alone: they differ
+    for key in ("budget", "keep", "gemms", "offload"):
+        assert rows[0][key] == rows[1][key], (key, rows)
+    assert rows[0]["budget"] == rows[0]["alone"] and rows[0]["least"] == rows[1]["least"] == 10

@@ -558,8 +558,8 @@ def test_train_streams_the_blocks_its_policy_names(setup, tmp_path, switch, monk
     switch("QLORA_STREAM_CPU", "1")
     real = budget.for_train
 
-    def one_streamed(c, device, config=None, streamed=None):
-        return dataclasses.replace(real(c, device, config, streamed), keep=0, gemms=0, stream=1)
+    def one_streamed(c, device, config=None, streamed=None, agree=None):
+        return dataclasses.replace(real(c, device, config, streamed, agree), keep=0, gemms=0, stream=1)
     monkeypatch.setattr(budget, "for_train", one_streamed)
     lines = []
     s = train(cfg(setup, tmp_path / "part", memory_budget="100GiB", **kw), log=lines.append)
