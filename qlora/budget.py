@@ -227,19 +227,38 @@ class _Room:
             lo, hi = (mid, hi) if host_bytes(self.estimate(keep, mid, kw)) <= self.host_mem else (lo, mid - 1)
         return lo
 
+    def least_paged(self, keep: int, kw: dict, n: int, est: dict, top: int) -> tuple[int, dict]:
+        """From ``n`` offloaded inputs that fit (``est``), the fewest in [n, top] with which as little optimizer state
+        is paged out as at ``top``: the room an offloaded input leaves goes to the optimizer state first, whose paging
+        runs in the optimizer step, where the inputs' copies overlap the compute."""
+        paged = est["host"]["optimizer_states"]
+        if not paged or top <= n:
+            return n, est
+        least = self.estimate(keep, top, kw)["host"]["optimizer_states"]
+        lo, hi, best = n + 1, top, (n, est)
+        while lo <= hi and least < paged:
+            mid = (lo + hi) // 2
+            e = self.estimate(keep, mid, kw)
+            if e["host"]["optimizer_states"] <= least and self.fits(e):
+                best, hi = (mid, e), mid - 1
+            else:
+                lo = mid + 1
+        return best
+
     def placements(self, keep: int, kw: dict) -> list[tuple[int, int, dict]]:
         """``(offloaded inputs, GEMM-keeping blocks, estimate)`` worth weighing with ``keep`` kept blocks: the fewest
-        offloaded inputs that fit, with the most GEMM-keeping blocks that then fit; and, where offloading more
-        leaves room for more GEMM-keeping blocks, the fewest offloaded inputs that fit those."""
+        offloaded inputs that fit and page out no more optimizer state than need be (:meth:`least_paged`), with the
+        most GEMM-keeping blocks that then fit; and, where offloading more leaves room for more GEMM-keeping blocks,
+        the fewest offloaded inputs that fit those."""
         m = int(self.config.num_hidden_layers) - keep
         lo, hi = {None: (0, m), True: (m, m), False: (0, 0)}[self.forced]
         first = self.fewest(keep, kw, lo, hi)
         if first is None:
             return []
-        n0, est0 = first
+        top = self.most_on_host(keep, kw, first[0], hi)
+        n0, est0 = self.least_paged(keep, kw, *first, top)
         g0, est0 = _most_gemms(self, keep, n0, est0, kw)
         out = [(n0, g0, est0)]
-        top = self.most_on_host(keep, kw, n0, hi)
         if top > n0:  # (all inputs offloaded or all but one: either may leave the most room, fewest() says why)
             g1 = max(_most_gemms(self, keep, n, self.estimate(keep, n, kw), kw)[0] for n in {top, max(n0, top - 1)})
             more = self.fewest(keep, kw, n0, top, g1) if g1 > g0 else None

@@ -455,7 +455,7 @@ def test_activation_model_counts_the_offloaded_inputs():
 
 def test_the_budget_offloads_the_fewest_inputs_that_fit_within_the_cpu_memory():
     """Of the policies that save the most recompute, the one with the fewest offloaded inputs (none fewer fits the
-    same mix); ``host_mem`` bounds what the policy puts in CPU memory, less of it never saves more, and a budget
+    same mix without paging out more optimizer state, whose copies do not overlap the compute); ``host_mem`` bounds what the policy puts in CPU memory, less of it never saves more, and a budget
     whose policies all need more CPU memory than there is is one line that says so."""
     from qlora.plan import host_bytes
     config = shape_config("8b")
@@ -464,12 +464,12 @@ def test_the_budget_offloads_the_fewest_inputs_that_fit_within_the_cpu_memory():
     for gib in (8, 10, 12, 16):
         p = choose(config, 2048, 2, gib * GiB, **kw)
         partial += 0 < p.offload < 32 - p.keep  # some, not all: the rest stay on the device
-        for fewer in range(p.offload):
-            assert not fits(estimate(config, 2048, 2, keep_blocks=p.keep, keep_gemms=p.gemms, offload=fewer,
-                                     gpu_mem=gib * GiB, **kw), gib * GiB), (gib, fewer, p)
+        for fewer in range(p.offload):  # fewer inputs offloaded: it does not fit, or pages out more optimizer state
+            e = estimate(config, 2048, 2, keep_blocks=p.keep, keep_gemms=p.gemms, offload=fewer, gpu_mem=gib * GiB, **kw)
+            assert not fits(e, gib * GiB) or e["host"]["optimizer_states"] > p.states_on_host, (gib, fewer, p)
         assert (f"the inputs of the first {p.offload} in CPU memory" if p.offload < 32 - p.keep else
                 "their inputs in CPU memory") in p.describe()
-    assert partial >= 3
+    assert partial >= 2
     saved = []
     for host in (None, 8, 6, 4, 2):
         p = choose(config, 8192, 4, 24 * GiB, host_mem=host and host * GiB, **kw)
