@@ -518,9 +518,10 @@ def row_long(cfg, model):
     offload, keep, extra = True, 0, {}
     if ARGS.long_policy == "budget" and ARGS.device != "cpu":  # what --memory-budget picks on this card and host
         from qlora.budget import card_memory, choose, host_available
-        # (a tenth of the card left unplanned: the tiled terms are measured only on 4 blocks, kept blocks not at all)
+        # (a tenth of the card left unplanned and no block kept whole: the tiled terms are measured only on 4 blocks,
+        # a kept block at this length not at all)
         pol = choose(cfg, target, 1, int(0.9 * card_memory(torch.device("cuda"))), host_mem=host_available(), rank=16,
-                     optim="paged_adamw8bit", dropout=0.0, mlp_tiling=tiling_on(), stream=False,
+                     optim="paged_adamw8bit", dropout=0.0, mlp_tiling=tiling_on(), stream=False, most_kept=0,
                      embed_offload=isinstance(model.get_input_embeddings(), HostEmbedding))
         offload, keep, extra = pol.offload, pol.keep, dict(policy=pol.describe())
     report("long", cfg, model, [target], 1, 16, "paged_adamw8bit", offload, None, expected_s=round(guess(target)),

@@ -128,7 +128,7 @@ class Policy:
 
 def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_BYTES, checkpointing: bool = True,
            offload: bool | None = None, stream: bool | int | None = None, host_mem: int | None = None,
-           **kw) -> Policy:
+           most_kept: int | None = None, **kw) -> Policy:
     """The fastest policy whose predicted need (:func:`qlora.plan.required_bytes`) fits ``budget`` bytes.
 
     ``checkpointing=False`` allows only keeping every block; ``offload`` True/False forces the block
@@ -137,7 +137,8 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
     model streamed so already), False none, None (default) streaming the fewest blocks that fit where nothing else
     fits (and checkpointing is on); ``host_mem``: the CPU memory the run may fill (offloaded
     inputs, streamed weights, paged optimizer state, a host embedding table; :func:`qlora.plan.host_bytes`), None
-    unchecked; ``kw``: :func:`qlora.plan.estimate`'s settings (an explicit ``page_budget``, e.g. 0 for
+    unchecked; ``most_kept``: at most this many blocks kept whole (None: any; with checkpointing off all are);
+    ``kw``: :func:`qlora.plan.estimate`'s settings (an explicit ``page_budget``, e.g. 0 for
     --offload-optimizer, is kept). Raises one line when nothing fits."""
     kw = {k: v for k, v in kw.items() if k not in ("grad_checkpointing", "keep_blocks", "keep_gemms", "gpu_mem",
                                                    "offload_weights")}
@@ -146,7 +147,8 @@ def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_
     share = gemm_share(config, seq)
     room = _Room(config, seq, batch, budget, context, host_mem, offload)
     best = None  # (recompute saved, keep, offloaded inputs, gemms, est)
-    for keep in range(layers, -1 if checkpointing else layers - 1, -1) if not stream else ():
+    top = layers if most_kept is None or not checkpointing else max(0, min(layers, int(most_kept)))
+    for keep in range(top, -1 if checkpointing else layers - 1, -1) if not stream else ():
         if best is not None and keep + share * (layers - keep) <= best[0]:
             break  # fewer kept blocks cannot save more, even with every other block keeping its GEMMs
         for off, gemms, est in room.placements(keep, kw):

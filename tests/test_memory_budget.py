@@ -240,6 +240,8 @@ def test_more_budget_saves_more_recompute_and_the_choice_fits_and_is_the_best_th
     forced = choose(config, 2048, 2, 24 * GiB, offload=True, **kw)
     assert forced.offload
     assert choose(config, 2048, 2, 80 * GiB, checkpointing=False, **kw).keep == 32
+    assert choose(config, 2048, 2, 24 * GiB, most_kept=4, **kw).keep == 4  # (29 without the bound)
+    assert choose(config, 2048, 2, 24 * GiB, most_kept=0, **kw).keep == 0
     # gate/up without a plain adapter (q,v only; DoRA): no GEMM-keeping blocks
     qv = dict(kw, target="q_proj,v_proj", counts=counts_for(config, rank=16, target="q_proj,v_proj"))
     assert choose(config, 2048, 2, 12 * GiB, **qv).gemms == 0
