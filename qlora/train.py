@@ -728,7 +728,7 @@ class Run:
         if stream and not cfg.grad_checkpointing:
             self.log("--offload-weights: gradient checkpointing on (a streamed block is recomputed in backward)")
         if not stream:
-            if reason:
+            if reason and self.device.type == "cuda":  # (on a CPU there is nowhere else for them)
                 self.log(f"weights: on the GPU ({reason})")
             return
         from .plan import STREAM_SLOTS, streamed_blocks
