@@ -97,6 +97,7 @@ class Policy:
     stream: int = 0  # how many blocks stream their weights from CPU memory (qlora.plan.streamed_blocks: which)
     weight_slots: int = 0  # with stream: the slots' bytes on the device
     weight_host: int = 0  # with stream: the streamed blocks' bytes in pinned CPU memory
+    host: int = 0  # all the run keeps in CPU memory (qlora.plan.host_bytes)
 
     @property
     def keep_indices(self) -> range:
@@ -121,9 +122,10 @@ class Policy:
         which = "block weights" if self.stream >= self.layers else f"the weights of {self.stream} of the {self.layers} blocks"
         weights = (f"; {which} streamed from CPU memory ({self.weight_host / GiB:.2f} GiB there, "
                    f"{self.weight_slots / GiB:.2f} GiB of slots on the device)" if self.stream else "")
+        host = f"; {self.host / GiB:.2f} GiB in CPU memory in all" if self.host and (self.offload or self.stream) else ""
         return (f"memory budget {self.budget / GiB:.1f} GiB: {self.keep} of {self.layers} blocks keep their activations, "
                 f"{recomputed} recomputed{where}{weights}; {states}; predicted peak {self.peak / GiB:.2f} GiB at the "
-                f"{self.phase} (needs {self.required / GiB:.2f} GiB with slack and context)")
+                f"{self.phase} (needs {self.required / GiB:.2f} GiB with slack and context){host}")
 
 
 def choose(config, seq: int, batch: int, budget: int, *, context: int = CONTEXT_BYTES, checkpointing: bool = True,
@@ -332,7 +334,8 @@ def _policy(est: dict, budget: int, layers: int, keep: int, off: int, context: i
     return Policy(budget=budget, layers=layers, keep=keep, offload=est["settings"]["offload_blocks"], gemms=gemms,
                   page_budget=page_budget, states_on_host=est["host"]["optimizer_states"], peak=est["peak"],
                   phase=est["phase"], required=required_bytes(est, context), stream=est["settings"]["streamed_blocks"],
-                  weight_slots=est["components"]["weight_slots"], weight_host=est["host"]["weights"])
+                  weight_slots=est["components"]["weight_slots"], weight_host=est["host"]["weights"],
+                  host=host_bytes(est))
 
 
 def for_train(cfg, device, config=None, streamed: int | None = None, agree=None) -> Policy | None:

@@ -484,7 +484,9 @@ def test_the_budget_offloads_the_fewest_inputs_that_fit_within_the_cpu_memory():
         choose(config, 8192, 4, 16 * GiB, host_mem=2 * GiB, **kw)
     assert "\n" not in str(e.value)
     # 8B at 409,600 tokens on an 80 GB card: ~91 GiB of CPU memory (most inputs offloaded), not less
-    assert choose(config, 409600, 1, 74 * GiB, host_mem=100 * GiB, **kw).offload
+    long = choose(config, 409600, 1, 74 * GiB, host_mem=100 * GiB, **kw)
+    assert long.offload and 80 * GiB < long.host <= 100 * GiB
+    assert f"; {long.host / GiB:.2f} GiB in CPU memory in all" in long.describe()
     with pytest.raises(QLoraError, match="CPU memory"):
         choose(config, 409600, 1, 74 * GiB, host_mem=80 * GiB, **kw)
 
