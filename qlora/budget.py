@@ -375,16 +375,17 @@ def stream_needed(cfg, config, gpu_mem: int, context: int = CONTEXT_BYTES) -> tu
     """``--offload-weights auto`` without a budget: how many blocks must stream their weights, because the run of
     :class:`qlora.train.TrainConfig` ``cfg`` does not fit ``gpu_mem`` even with every block recomputed and the
     block inputs offloaded (its optimizer and other flags as given): 0 where it fits, else the fewest with which it
-    does (all where even that does not) -- and the estimate without streaming."""
+    does, the block inputs where the run puts them (all where even that does not) -- and the estimate without
+    streaming."""
     kw = dict(plan_kwargs(cfg), grad_checkpointing=True, offload=True, offload_weights=False)
     est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **kw)
     if fits(est, gpu_mem, context):
         return 0, est
-    layers = int(config.num_hidden_layers)
-    lo, hi = 1, layers
+    run = dict(kw, offload=plan_kwargs(cfg)["offload"])  # the count: with the block inputs where the run puts them
+    lo, hi = 1, int(config.num_hidden_layers)
     while lo < hi:  # device memory falls with every block streamed
         mid = (lo + hi) // 2
-        e = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **dict(kw, offload_weights=mid))
+        e = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **dict(run, offload_weights=mid))
         lo, hi = (lo, mid) if fits(e, gpu_mem, context) else (mid + 1, hi)
     return lo, est
 

@@ -723,3 +723,26 @@ def test_cuda_streaming_saves_about_the_block_weights():
     assert saved > 0.5 * host  # 8 blocks: the slots are a quarter of them
     assert 0.8 * saved <= step_plain - step_stream <= 1.2 * saved, (step_plain, step_stream, saved)
     assert build_stream < build_plain - 0.5 * saved, (build_plain, build_stream, saved)
+
+
+def test_auto_streams_the_fewest_blocks_with_the_inputs_where_the_run_puts_them():
+    """--offload-weights auto without a budget: nothing where the run fits with every block recomputed and the block
+    inputs offloaded; else the fewest blocks with which it fits, counted with the block inputs where the run puts
+    them (more blocks when they stay on the device), and one fewer does not fit."""
+    from qlora.budget import stream_needed
+    from qlora.plan import plan_kwargs, rows_per_micro_batch
+    config = shape_config("70b")
+
+    def run(offload, gpu):
+        c = TrainConfig(data="x", model="shape:70b", max_length=2048, batch_size=1, rank=16, dropout=0.0,
+                        offload_embeddings=True, offload_weights="auto", offload_activations=offload)
+        n, _ = stream_needed(c, config, gpu)
+        kw = dict(plan_kwargs(c), grad_checkpointing=True)
+        for k, ok in ((n, True), (n - 1, False)):
+            if 0 < k:
+                e = estimate(config, 2048, rows_per_micro_batch(c), gpu_mem=gpu, **dict(kw, offload_weights=k))
+                assert fits(e, gpu) == ok, (offload, k)
+        return n
+    assert run(True, 80 * GiB) == 0
+    on_host, on_device = run(True, 24 * GiB), run(False, 24 * GiB)
+    assert 0 < on_host < on_device < 80
