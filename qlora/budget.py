@@ -119,10 +119,12 @@ class Policy:
         where += f", {self.gemms} of them keeping their MLP gate/up outputs" if self.gemms else ""
         states = (f"optimizer state: {self.states_on_host / GiB:.2f} GiB in CPU memory" if self.states_on_host
                   else "optimizer state on the device")
-        which = "block weights" if self.stream >= self.layers else f"the weights of {self.stream} of the {self.layers} blocks"
+        which = ("block weights" if self.stream >= self.layers
+                 else f"the weights of {self.stream} of the {self.layers} blocks")
         weights = (f"; {which} streamed from CPU memory ({self.weight_host / GiB:.2f} GiB there, "
                    f"{self.weight_slots / GiB:.2f} GiB of slots on the device)" if self.stream else "")
-        host = f"; {self.host / GiB:.2f} GiB in CPU memory in all" if self.host and (self.offload or self.stream) else ""
+        moved = self.host and (self.offload or self.stream)
+        host = f"; {self.host / GiB:.2f} GiB in CPU memory in all" if moved else ""
         return (f"memory budget {self.budget / GiB:.1f} GiB: {self.keep} of {self.layers} blocks keep their activations, "
                 f"{recomputed} recomputed{where}{weights}; {states}; predicted peak {self.peak / GiB:.2f} GiB at the "
                 f"{self.phase} (needs {self.required / GiB:.2f} GiB with slack and context){host}")
@@ -280,7 +282,8 @@ class _Room:
                     f"the {self.host_mem / GiB:.1f} GiB available (about {host_bytes(last) / GiB:.1f} GiB for "
                     f"{least}); free CPU memory, or use a larger budget, a smaller batch or shorter sequences")
         return (f"--memory-budget {self.budget / GiB:.1f} GiB is too small for this run: even with {least} and the "
-                f"optimizer state paged out as far as it can be, it needs about {required_bytes(last, self.context) / GiB:.1f} "
+                f"optimizer state paged out as far as it can be, it needs about "
+                f"{required_bytes(last, self.context) / GiB:.1f} "
                 f"GiB (peak {last['peak'] / GiB:.1f} GiB at the {last['phase']}, plus slack and context); give a "
                 f"larger budget, a smaller batch or shorter sequences")
 
@@ -385,7 +388,8 @@ def stream_needed(cfg, config, gpu_mem: int, context: int = CONTEXT_BYTES) -> tu
     lo, hi = 1, int(config.num_hidden_layers)
     while lo < hi:  # device memory falls with every block streamed
         mid = (lo + hi) // 2
-        e = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **dict(run, offload_weights=mid))
+        e = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem,
+                     **dict(run, offload_weights=mid))
         lo, hi = (lo, mid) if fits(e, gpu_mem, context) else (mid + 1, hi)
     return lo, est
 

@@ -492,6 +492,20 @@ class _Cutter:
         return text, False
 
 
+def rendering(tokenizer, template: str, max_length) -> tuple["_Tok", bool]:
+    """The checks every tokenization shares (``template`` one of :data:`TEMPLATES`, ``max_length`` an integer >= 2,
+    ``chat`` only with a tokenizer that has a chat template: one line each), the tokenizer's wrapper, and whether
+    the chat template renders (``chat``, or ``auto`` with a template)."""
+    if template not in TEMPLATES:
+        raise QLoraError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise QLoraError(f"max_length must be an integer >= 2, got {max_length!r}")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has_template:
+        raise QLoraError("the tokenizer has no chat template: use --template plain (or auto)")
+    return _Tok(tokenizer), template == "chat" or (template == "auto" and has_template)
+
+
 def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train_on_prompt: bool = False,
                      truncate: bool = True, template: str = "auto", text_mode: str = "truncate",
                      stride: int = 0) -> tuple[list[Example], dict]:
@@ -515,15 +529,8 @@ def tokenize_records(records, fmt: str, tokenizer, max_length: int = 1024, train
     ``documents`` and ``windows``."""
     if fmt not in FORMATS:
         raise QLoraError(f"unknown data format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if template not in TEMPLATES:
-        raise QLoraError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise QLoraError(f"max_length must be an integer >= 2, got {max_length!r}")
-    tk = _Tok(tokenizer)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if template == "chat" and not has_template:
-        raise QLoraError("the tokenizer has no chat template: use --template plain (or auto)")
-    use_chat = fmt != "text" and (template == "chat" or (template == "auto" and has_template))
+    tk, chat = rendering(tokenizer, template, max_length)
+    use_chat = fmt != "text" and chat
     stats = {"records": len(records), "examples": 0, "truncated": 0, "dropped": 0, "longest": 0,
              "tokens": 0, "trained_tokens": 0, "template": "none" if fmt == "text" else
              ("chat" if use_chat else "plain"), "template_fallback": 0, "cut": 0, "empty_responses": 0}

@@ -23,8 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import (IGNORE, TEMPLATES, Batches, Example, _chat_layout, _example, _plain_layout, _ROLES, _Tok,
-                   read_file)
+from .data import IGNORE, Batches, Example, _chat_layout, _example, _plain_layout, _ROLES, read_file, rendering
 from .errors import QLoraError
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -150,15 +149,7 @@ def tokenize_pairs(records: list[PairRecord], tokenizer, max_length: int = 1024,
     answer keeps its beginning), or rejected when not ``truncate``; a pair is dropped when either answer
     has no token left or both kept answers are the same tokens. Stats: pairs, kept, truncated (pairs),
     dropped, longest (tokens before truncation), tokens, trained_tokens, template, template_fallback."""
-    if template not in TEMPLATES:
-        raise QLoraError(f"unknown template {template!r}: choose one of {', '.join(TEMPLATES)}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise QLoraError(f"max_length must be an integer >= 2, got {max_length!r}")
-    tk = _Tok(tokenizer)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if template == "chat" and not has_template:
-        raise QLoraError("the tokenizer has no chat template: use --template plain (or auto)")
-    use_chat = template == "chat" or (template == "auto" and has_template)
+    tk, use_chat = rendering(tokenizer, template, max_length)
     stats = {"pairs": len(records), "kept": 0, "truncated": 0, "dropped": 0, "longest": 0, "tokens": 0,
              "trained_tokens": 0, "template": "chat" if use_chat else "plain", "template_fallback": 0}
     pairs, too_long = [], 0
