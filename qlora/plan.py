@@ -789,8 +789,9 @@ def format_plan(est: dict, name: str, gpu_mem: int | None, context: int = CONTEX
 def add_cli(sub) -> None:
     p = sub.add_parser("plan", help="predict the peak GPU memory of a training run, and whether it fits",
                        description="Predict the peak GPU memory of a QLoRA training step, broken down, from the "
-                                   "model's config alone (no weights are read), say whether it fits in --gpu-mem and "
-                                   "the largest batch and sequence that do. Exit status 0: fits, 1: does not fit.")
+                                   "model's config alone (no weights are read), and the CPU memory it keeps there; "
+                                   "say whether it fits in --gpu-mem (and --host-mem) and the largest batch and "
+                                   "sequence that do. Exit status 0: fits, 1: does not fit.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="SRC", help="model: HF dir, GGUF file, 4-bit checkpoint or Hub id "
                                                     "org/name[@revision] (config only), or shape:NAME (as --shape NAME)")
