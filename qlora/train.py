@@ -151,19 +151,21 @@ class TrainConfig:
     offload_optimizer: bool = opt(False, "keep a paged optimizer's state in CPU memory between steps (8 bytes per "
                                   "LoRA parameter off the GPU during forward/backward; copied in and out each step)",
                                   group="optimization")
-    offload_weights: str = opt("auto", "keep each decoder block's frozen 4-bit weights in pinned CPU memory and copy "
+    offload_weights: str = opt("auto", "keep decoder blocks' frozen 4-bit weights in pinned CPU memory and copy "
                                "them into the GPU as the block runs, two blocks there at a time, the next copy "
-                               "overlapping the current block's compute (every block is then recomputed in backward; "
-                               "each step copies the blocks about twice): true, false, or auto = only when the plan says "
-                               "the run does not fit the GPU (or --memory-budget) with them there, even with every "
-                               "block recomputed and activations offloaded. CUDA (true is refused on a CPU device, where the "
-                               "weights are in CPU memory already); with --gpus N each process pins its own copy", ["auto", "true", "false"],
+                               "overlapping the current block's compute (a streamed block is then recomputed in "
+                               "backward; each step copies it about twice): true (every block), false, or auto = only "
+                               "when the plan says the run does not fit the GPU (or --memory-budget) with them there, "
+                               "even with every block recomputed and activations offloaded, and then the fewest blocks "
+                               "that make it fit. CUDA (true is refused on a CPU device, where the weights are in CPU "
+                               "memory already); with --gpus N each process pins its own copy", ["auto", "true", "false"],
                                group="optimization")
     memory_budget: str = opt("off", "memory the run may use on its device: off (the flags above decide), auto (the "
                              "device's free memory minus 5%%) or a size like 24GiB; the run then keeps the activations "
                              "of the blocks that fit (no recompute) and, in others, their MLP gate/up outputs (a "
-                             "cheaper recompute), offloads block inputs and pages optimizer state only as needed "
-                             "(qlora plan's estimate; the choice is printed)", group="optimization",
+                             "cheaper recompute), offloads block inputs, pages optimizer state and streams block "
+                             "weights only as needed, within this machine's free CPU memory too (qlora plan's "
+                             "estimate; the choice is printed)", group="optimization",
                              metavar="off|auto|SIZE")
     cuda_graphs: bool = opt(True, "on CUDA, replay each micro-batch's forward+backward from a CUDA graph (far fewer "
                             "host launches): packed rows are padded to --max-length, other batches to one of a few "
