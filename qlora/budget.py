@@ -360,7 +360,9 @@ def for_train(cfg, device, config=None, streamed: int | None = None, agree=None)
     context = CONTEXT_BYTES if cuda else 0
     kw = plan_kwargs(cfg)
     kw.pop("offload_weights")
-    forced = True if kw.pop("offload") else None  # --offload-activations true: only policies that offload
+    # --offload-activations true: only policies that offload; on a CPU none (the offloader leaves CPU tensors be)
+    asked = kw.pop("offload")
+    forced = (True if asked else None) if cuda else False
     # --offload-weights: true only policies that stream, false none; auto: where nothing else fits (on a GPU)
     stream = {"true": True, "false": False}.get(str(getattr(cfg, "offload_weights", "false")).lower())
     if stream is None and not cuda:

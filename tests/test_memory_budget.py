@@ -16,7 +16,7 @@ from qlora.model import LoraSettings, QuantSettings, build_random
 from qlora.offload import ActivationOffloader, enable_checkpointing
 from qlora.plan import (GiB, activation_model, counts_for, estimate, fits, kept_block_bytes_per_token, parse_size,
                         plan_kwargs, required_bytes, shape_config)
-from qlora.train import train
+from qlora.train import TrainConfig, train
 
 from helpers import DequantCounter, cfg, losses, nonzero_lora_b
 
@@ -530,3 +530,14 @@ def test_plan_prints_and_checks_the_cpu_memory(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "the inputs of the first" in out.splitlines()[-1]
     assert float(next(line for line in out.splitlines() if "CPU memory needed" in line).split()[3]) <= 100
+
+
+def test_on_a_cpu_the_budget_offloads_nothing():
+    """On a CPU device the block inputs are in CPU memory already (the offloader leaves CPU tensors where they are):
+    a budget there never counts on offloading them, while the same budget on a GPU does."""
+    c = TrainConfig(data="x", model="shape:8b", max_length=2048, batch_size=2, rank=16, dropout=0.0,
+                    memory_budget="12GiB")
+    config = shape_config("8b")
+    cpu, gpu = (for_train(c, torch.device(d), config) for d in ("cpu", "cuda"))
+    assert cpu.offload == 0 and gpu.offload > 0
+    assert "inputs on the device" in cpu.describe() and (cpu.keep, cpu.gemms) < (gpu.keep, gpu.gemms)
