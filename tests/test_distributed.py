@@ -170,7 +170,7 @@ from qlora.plan import shape_config
 from qlora.train import TrainConfig
 d = Dist.from_env("cpu")
 budget.host_available = lambda: (12 + 6 * d.rank) * 2**30  # each process sees different free memory
-cfg = TrainConfig(data="x", model="shape:8b", max_length=8192, batch_size=4, rank=16, dropout=0.0, memory_budget="auto")
+cfg = TrainConfig(data="x", model="shape:8b", max_length=2048, batch_size=2, rank=16, dropout=0.0, memory_budget="auto")
 alone = budget.for_train(cfg, torch.device("cpu"), shape_config("8b"))
 p = budget.for_train(cfg, torch.device("cpu"), shape_config("8b"), agree=d.min)
 row = dict(rank=d.rank, alone=alone.budget, alone_keep=alone.keep, budget=p.budget, keep=p.keep, gemms=p.gemms,
