@@ -548,6 +548,7 @@ class Run:
         self.stop = {"signal": None}
         self.stream, self.streamer = False, None  # --offload-weights (decided in setup)
         self.stream_only = None  # with stream: the blocks that stream (None: all)
+        self.stream_count = True  # with stream: how many blocks stream (True: all)
         self.given_streamed = None  # a model given to the run streamed already: how many of its blocks
 
     # -- setup ---------------------------------------------------------------------------------------
@@ -657,9 +658,8 @@ class Run:
         try:
             config = self.model.config if self.model is not None else model_config(cfg.model)
             kw = plan_kwargs(cfg)
-            if self.stream:  # (the blocks that stream: a given model's, the chosen ones, or all)
-                kw["offload_weights"] = self.given_streamed or (
-                    len(self.stream_only) if self.stream_only is not None else True)
+            if self.stream:
+                kw["offload_weights"] = self.stream_count
             est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg),
                            gpu_mem=card_memory(self.device) if cuda else None, **kw)
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
@@ -739,11 +739,12 @@ class Run:
             c = counts_for(config if config is not None else model_config(cfg.model), **plan_kwargs(self.cfg))
         except (QLoraError, KeyError, AttributeError, TypeError, ValueError, OSError):
             c = None
-        n = c["layers"] if c is None or stream is True else min(int(stream), c["layers"])
-        self.stream_only = None if c is None or n == c["layers"] else streamed_blocks(c["layers"], n)
-        if c is None:
+        if c is None:  # a model the plan does not know: every block streams
             sizes = f"they wait in pinned CPU memory, {STREAM_SLOTS} blocks at a time on the device"
         else:
+            n = c["layers"] if stream is True else min(int(stream), c["layers"])
+            self.stream_count = n
+            self.stream_only = None if n == c["layers"] else streamed_blocks(c["layers"], n)
             which = f"the {n} blocks'" if self.stream_only is None else f"{n} of the {c['layers']} blocks'"
             sizes = (f"{which} {c['blocks_bytes'] * n / c['layers'] / 2**30:.2f} GiB wait in pinned CPU memory, "
                      f"{STREAM_SLOTS} slots of {c['largest_block'] / 2**20:.1f} MiB on the device take them in turn")

@@ -617,6 +617,25 @@ def test_train_refuses_streaming_that_the_cpu_memory_cannot_hold(setup, tmp_path
     train(cfg(setup, tmp_path / "b", offload_weights="true", max_steps=1, save_every=0), log=lambda m: None)
 
 
+def test_train_streams_a_model_the_plan_cannot_count(setup, tmp_path, switch, monkeypatch):
+    """--offload-weights true on a model whose blocks the plan cannot count: every block streams, the header says
+    so without sizes, and the losses are those of the run whose weights stay put."""
+    from qlora import plan
+
+    def unknown(*a, **k):
+        raise QLoraError("unknown architecture")
+    kw = dict(max_steps=2, save_every=0)
+    train(cfg(setup, tmp_path / "plain", **kw), log=lambda m: None)
+    switch("QLORA_STREAM_CPU", "1")
+    monkeypatch.setattr(plan, "counts_for", unknown)
+    lines = []
+    s = train(cfg(setup, tmp_path / "stream", offload_weights="true", **kw), log=lines.append)
+    head = [m for m in lines if m.startswith("weights: streamed from CPU memory")]
+    assert len(head) == 1 and "2 blocks at a time on the device" in head[0], lines
+    assert s["model"].qlora_streamer.only is None and len(s["model"].qlora_streamer.blocks) == 2
+    assert losses(tmp_path / "stream") == losses(tmp_path / "plain")
+
+
 @pytest.mark.parametrize("kw,why", [(dict(cache_dequant="on"), "--cache-dequant on keeps a 16-bit copy"),
                                     (dict(init="pissa"), "--init pissa keeps the corrected base")])
 def test_train_refuses_true_beside_what_streaming_cannot_run_with(setup, tmp_path, switch, kw, why):
