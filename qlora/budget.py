@@ -1,6 +1,6 @@
 """`--memory-budget`: choose per run how much to recompute, offload and page so that the predicted peak fits.
 
-A policy has three parts (all exact: they change where activations and optimizer state live, never the
+A policy has these parts (all exact: they change where activations and optimizer state live, never the
 math, so losses and gradients are bit for bit those of full recompute):
 
 * ``keep``: the last K decoder blocks keep all their activations (no recompute in backward); the other
@@ -9,20 +9,23 @@ math, so losses and gradients are bit for bit those of full recompute):
 * ``gemms``: of the checkpointed blocks, the G just below the kept ones keep their MLP gate/up outputs from
   forward to recompute, which then skips those two GEMMs (``keep_gemms`` of qlora.offload.enable_checkpointing:
   ``4 * I`` bytes a token a block, against a kept block's ~``14H + 6I``).
-* ``offload``: the checkpointed blocks' inputs wait in pinned CPU memory (qlora.offload).
+* ``offload``: the inputs of the first M checkpointed blocks wait in pinned CPU memory (qlora.offload), the
+  others' stay on the device.
 * the optimizer state a paged optimizer keeps on the device; the rest waits in CPU memory (qlora.optim).
 * ``stream``: when even the cheapest of these (every block recomputed, inputs offloaded, state paged out) does not
-  fit, the blocks' frozen weights wait in pinned CPU memory and are copied in block by block as they run
-  (qlora.stream, ``--offload-weights``; every block recomputed, two blocks' weights on the device): the fastest
-  policy with streaming then, chosen as above with no kept blocks.
+  fit, the frozen weights of the fewest blocks that make it fit wait in pinned CPU memory and are copied in as
+  those blocks run (qlora.stream, ``--offload-weights``; two slots on the device): the fastest policy with that
+  streaming then, chosen as above with no kept blocks.
+
+On a GPU all of it must also fit ``host_mem``, the CPU memory the run may fill.
 
 The choice maximizes the recompute saved, in units of one block's recompute: a kept block saves 1 (~1/4 of
 its FLOPs in the step), a block keeping its MLP GEMMs the share of the recompute those two GEMMs are
 (:func:`gemm_share`: measured 0.29 for Llama-3-8B at 2048 tokens on an H100, though those GEMMs are 0.70 of its
-FLOPs) for about 40% of a kept block's memory. For each number of kept blocks: inputs on the device
-rather than offloaded unless offloading leaves room for more GEMM-keeping blocks, then the most GEMM-keeping
-blocks that fit; ties go to more kept blocks, then to inputs on the device; and, for that, as much optimizer
-state on the device as fits (:func:`qlora.plan.estimate` with the budget as ``gpu_mem`` spills only what does not
+FLOPs) for about 40% of a kept block's memory. For each number of kept blocks: the fewest offloaded inputs that
+fit, more where that keeps optimizer state on the device, then the most GEMM-keeping blocks that fit (and more
+offloaded inputs where they leave room for more of those: :meth:`_Room.placements`); ties go to more kept blocks,
+then to fewer offloaded inputs; and, for that, as much optimizer state on the device as fits (:func:`qlora.plan.estimate` with the budget as ``gpu_mem`` spills only what does not
 fit). More budget never saves less recompute (it may keep fewer whole blocks, for more GEMM-keeping ones). The
 predictions are
 :func:`qlora.plan.estimate`'s; the kept block's constants come from counting and still need a GPU
@@ -34,7 +37,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import QLoraError
-from .plan import (CONTEXT_BYTES, GiB, counts_for, estimate, fits, host_bytes, parse_size, plan_kwargs,
+from .plan import (CONTEXT_BYTES, GiB, counts_for, estimate, fits, host_bytes, host_fits, parse_size, plan_kwargs,
                    required_bytes, rows_per_micro_batch)
 
 AUTO_MARGIN = 0.05  # of the device's memory left unplanned under `auto`: other processes, fragmentation beyond SLACK
@@ -185,9 +188,9 @@ class _Room:
                         gpu_mem=self.budget, **kw)
 
     def fits(self, est: dict) -> bool:
-        on_host = self.host_mem is None or host_bytes(est) <= self.host_mem
-        self.host_short |= fits(est, self.budget, self.context) and not on_host
-        return fits(est, self.budget, self.context) and on_host
+        on_device, on_host = fits(est, self.budget, self.context), host_fits(est, self.host_mem)
+        self.host_short |= on_device and not on_host
+        return on_device and on_host
 
     def fewest(self, keep: int, kw: dict, lo: int, hi: int, gemms: int = 0) -> tuple[int, dict] | None:
         """The fewest offloaded inputs in [lo, hi] that fit, and that estimate. Between the ends device memory falls
@@ -230,7 +233,7 @@ class _Room:
             return hi
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if host_bytes(self.estimate(keep, mid, kw)) <= self.host_mem else (lo, mid - 1)
+            lo, hi = (mid, hi) if host_fits(self.estimate(keep, mid, kw), self.host_mem) else (lo, mid - 1)
         return lo
 
     def least_paged(self, keep: int, kw: dict, n: int, est: dict, top: int) -> tuple[int, dict]:
@@ -386,14 +389,12 @@ def stream_needed(cfg, config, gpu_mem: int, context: int = CONTEXT_BYTES) -> tu
     est = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem, **kw)
     if fits(est, gpu_mem, context):
         return 0, est
-    run = dict(kw, offload=plan_kwargs(cfg)["offload"])  # the count: with the block inputs where the run puts them
-    lo, hi = 1, int(config.num_hidden_layers)
-    while lo < hi:  # device memory falls with every block streamed
-        mid = (lo + hi) // 2
-        e = estimate(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem=gpu_mem,
-                     **dict(run, offload_weights=mid))
-        lo, hi = (lo, mid) if fits(e, gpu_mem, context) else (mid + 1, hi)
-    return lo, est
+    # the count: with the block inputs where the run puts them, no block kept (--memory-budget's search, no budget)
+    run = {k: v for k, v in kw.items() if k not in ("grad_checkpointing", "offload", "offload_weights")}
+    run["counts"] = counts_for(config, **run)
+    room = _Room(config, cfg.max_length, rows_per_micro_batch(cfg), gpu_mem, context, None,
+                 bool(plan_kwargs(cfg)["offload"]))
+    return room.fewest_streamed(run) or int(config.num_hidden_layers), est
 
 
 def card_memory(device) -> int:

@@ -242,6 +242,16 @@ def _finish(model: nn.Module, config, device, dtype) -> None:
                          f"e.g. {', '.join(missing[:3])}")
 
 
+def _block_callback(model: nn.Module, on_block, stream):
+    """What runs once block ``prefix`` (``model.layers.N``) is complete: ``on_block(block)``, or the streamer taking
+    block N (it may stream only some of them); None without either."""
+    if on_block is not None:
+        return lambda prefix: on_block(model.get_submodule(prefix))
+    if stream is not None:
+        return lambda prefix: stream.take_block(model.get_submodule(prefix), index=int(prefix.rsplit(".", 1)[1]))
+    return None
+
+
 def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: LoraSettings | None = LoraSettings(),
                       device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto",
                       seed: int = 0, progress: bool = True, on_block=None, stream=None) -> nn.Module:
@@ -273,7 +283,7 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
     gen = torch.Generator().manual_seed(seed)
     unused = []
     pending: dict[str, set] = {}  # block prefix -> names still to read
-    block_done = on_block if on_block is not None else (stream.take_block if stream is not None else None)
+    block_done = _block_callback(model, on_block, stream)
     if block_done is not None:
         for n in model.state_dict():
             m = _BLOCK_PREFIX.match(n)
@@ -291,10 +301,7 @@ def build_from_source(source, quant: QuantSettings = QuantSettings(), lora: Lora
             del pending[prefix]
             for mod_name in [k for k in biases if k.startswith(prefix + ".")]:
                 model.get_submodule(mod_name).bias = biases.pop(mod_name).to(device, parse_dtype(quant.compute_dtype))
-            if on_block is None:  # the streamer: which block this is (it may stream only some of them)
-                stream.take_block(model.get_submodule(prefix), index=int(prefix.rsplit(".", 1)[1]))
-            else:
-                block_done(model.get_submodule(prefix))
+            block_done(prefix)
 
     for name in tqdm(source.names(), desc="loading", unit="tensor", disable=not progress, leave=False):
         mod_name = by_weight.get(name)

@@ -576,6 +576,11 @@ def host_bytes(est: dict) -> int:
     return int(sum(est["host"].values()))
 
 
+def host_fits(est: dict, host_mem: int | None) -> bool:
+    """Whether what an estimated run keeps in CPU memory (:func:`host_bytes`) fits ``host_mem`` (None: unchecked)."""
+    return host_mem is None or host_bytes(est) <= host_mem
+
+
 def fits(est: dict, gpu_mem: int, context: int = CONTEXT_BYTES) -> bool:
     return required_bytes(est, context) <= gpu_mem
 
@@ -602,7 +607,7 @@ def max_fit(config, gpu_mem: int, seq: int | None = None, batch: int | None = No
     def ok(x: int) -> bool:
         s, b = (seq, x) if seq is not None else (x, batch)
         est = estimate(config, s, b, gpu_mem=gpu_mem, **kw)
-        return fits(est, gpu_mem, context) and (host_mem is None or host_bytes(est) <= host_mem)
+        return fits(est, gpu_mem, context) and host_fits(est, host_mem)
 
     lo, hi = 0, 1
     while hi <= limit and ok(hi):
@@ -863,7 +868,7 @@ def run(args) -> int:
     if args.memory_budget:
         return _run_budget(args, config, name, kw, host_mem)
     est = estimate(config, args.seq, args.batch, gpu_mem=gpu_mem, **kw)
-    host_ok = host_mem is None or host_bytes(est) <= host_mem
+    host_ok = host_fits(est, host_mem)
     ok = None if gpu_mem is None else fits(est, gpu_mem) and host_ok
     if args.json:
         out = {k: est[k] for k in ("peak", "phase", "components", "details", "host", "settings")}

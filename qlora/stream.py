@@ -316,8 +316,7 @@ class WeightStreamer:
         self.blocks = [self._taken[id(b)] for b in streamed]
         for k, blk in enumerate(self.blocks):
             blk.pos = k  # its place among the streamed blocks (what the hooks ask by and a slot holds)
-        for blk in self.blocks:  # placeholders name their block by its index now
-            for p in blk.parts:
+            for p in blk.parts:  # placeholders name their block by its index now
                 p.placeholder.where = f"block {blk.index}"
         size = max(b.nbytes for b in self.blocks)
         self.slots = [_Slot(k, _aligned_empty(size, self.device)) for k in range(self.n_slots)]
