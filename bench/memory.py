@@ -650,13 +650,13 @@ def row_stream70b():
         torch.cuda.reset_peak_memory_stats()
     with memory_cap(cap):
         cfg, model, built = build(shape, rank=16, layers=layers, embed_offload=True, stream=st)
-    c = plan.counts_for(cfg, rank=16)
-    emb = isinstance(model.get_input_embeddings(), HostEmbedding) and not c["tied"]
-    left = 1 - plan.streamed_count(n, c["layers"]) / c["layers"]  # the blocks not streamed keep their weights
-    static = int(c["frozen_16bit"] - c["block_16bit"] * (1 - left) - (c["input_embedding"] if emb else 0)
-                 + (c["weights_4bit"] + c["dq_constants"]) * left + c["lora_params"] + 2 * c["largest_block"])
+    # the plan's bytes of the built model: its weights on the device (the blocks not streamed, the slots) and LoRA
+    est = plan.estimate(cfg, seq, 1, 16, embed_offload=isinstance(model.get_input_embeddings(), HostEmbedding),
+                        offload=True, offload_weights=n)
+    static = sum(est["components"][k] for k in ("weights_4bit", "dq_constants", "frozen_16bit", "weight_slots",
+                                                "lora_params"))
     row = dict(row="24g_70b_stream_build", seconds=round(built, 1), plan_bytes=static, host_gib=round(st.host_bytes / GiB, 3),
-               plan_host_gib=round(c["blocks_bytes"] * plan.streamed_count(n, c["layers"]) / c["layers"] / GiB, 3),
+               plan_host_gib=round(est["host"]["weights"] / GiB, 3),
                streamed_blocks=len(st.blocks), slot_mib=round(st.slot_bytes / 2**20, 1),
                pinned=st.pinned, storage_bytes=storage_bytes(model) + sum(s.data.numel() for s in st.slots))
     if not small:
